@@ -1,0 +1,205 @@
+//! `dynexec generate`: stream a completion and report its speed.
+
+use crate::options::{print_json, GlobalOptions};
+use anyhow::{Context, Result};
+use clap::Args;
+use dynexec_core::device::device_name;
+use dynexec_core::sampling::SamplingParams;
+use dynexec_core::trace::Trace;
+use dynexec_models::generation::{generate, GenerateOptions, StopReason};
+use dynexec_models::llama::{load_decoder, LoadedDecoder};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+
+/// The model `generate` and `bench generate` use when none is named.
+pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE], or a
+    /// local GGUF file / transformers folder.
+    #[arg(long, short, default_value = DEFAULT_DECODER)]
+    pub model: String,
+
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn load(&self, global: &GlobalOptions) -> Result<LoadedDecoder> {
+        let device = global.open_device()?;
+        let files = global.hub()?.resolve(&self.model)?;
+        let loaded = load_decoder(&files, self.tokenizer.as_deref(), global.dtype, &device)
+            .with_context(|| format!("loading model `{}`", self.model))?;
+        Ok(loaded)
+    }
+}
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 means greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities sum to P.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise recently generated tokens (1.0 = off; 1.1 is a common choice).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed: the same seed gives the same output.
+    #[arg(long, default_value_t = 299792458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args)]
+#[command(after_help = "Examples:\n  dynexec generate --prompt \"The capital of France is\" --max-tokens 32\n  dynexec generate --chat --prompt \"Give me three fruit names.\" --temperature 0.7 --seed 1\n  dynexec generate --json --prompt \"Once upon a time\" | jq .decode_tokens_per_s")]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The prompt, encoded as given (special-token text such as <|im_start|> is honoured).
+    #[arg(long, short, conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+
+    /// Wrap the prompt as a user turn in the model's chat template (ChatML for SmolLM2).
+    #[arg(long)]
+    pub chat: bool,
+
+    /// System prompt for --chat (default: the template's own, if it has one).
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+
+    /// Maximum number of tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    pub max_tokens: usize,
+
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+
+    /// Save the residual stream after each traced layer (safetensors + .json sidecar).
+    #[arg(long)]
+    pub trace: Option<PathBuf>,
+
+    /// Layers to trace, e.g. 0,10,30 (0 = embeddings; default: every layer).
+    #[arg(long, value_delimiter = ',', requires = "trace")]
+    pub trace_layers: Option<Vec<usize>>,
+}
+
+#[derive(Serialize)]
+struct GenerateReport<'a> {
+    model: &'a str,
+    text: &'a str,
+    token_ids: &'a [u32],
+    prompt_tokens: usize,
+    generated_tokens: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft_ms: f64,
+    device: String,
+    stop_reason: StopReason,
+}
+
+pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading --prompt-file {}", path.display()))?,
+        (None, None) => anyhow::bail!("give a prompt with --prompt TEXT or --prompt-file PATH"),
+    };
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: args.sampling.params(),
+        stop_at_eos: !args.ignore_eos,
+    };
+    options.sampling.validate()?;
+    let LoadedDecoder { model, tokenizer, .. } = args.model.load(global)?;
+    let text = if args.chat { tokenizer.chat_prompt(args.system.as_deref(), &prompt)? } else { prompt };
+    let prompt_ids = tokenizer.encode(&text)?;
+
+    let num_layers = model.num_layers();
+    let mut trace = args.trace.as_ref().map(|_| match &args.trace_layers {
+        Some(layers) => Trace::new(layers.iter().copied()),
+        None => Trace::new(0..=num_layers),
+    });
+    if let Some(bad) = args.trace_layers.iter().flatten().find(|&&l| l > num_layers) {
+        anyhow::bail!("--trace-layers {bad} is past the model's {num_layers} layers (0 = embeddings, {num_layers} = last layer)");
+    }
+
+    let stdout = std::io::stdout();
+    let stream = !global.json;
+    let result = generate(&model, &tokenizer, &prompt_ids, &options, trace.as_mut(), |piece| {
+        if stream {
+            let mut out = stdout.lock();
+            // A closed pipe (e.g. `| head`) ends generation quietly rather than panicking.
+            out.write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| dynexec_core::Error::io("stdout", e))?;
+        }
+        Ok(())
+    })?;
+
+    if let (Some(trace), Some(path)) = (&trace, &args.trace) {
+        let mut all_ids = prompt_ids.clone();
+        all_ids.extend_from_slice(&result.token_ids);
+        let info = trace.save(path, &args.model.model, &all_ids)?;
+        eprintln!("trace: {} layers x {} positions x {} features -> {}", info.layers.len(), info.positions, info.features, path.display());
+    }
+
+    let stats = &result.stats;
+    let device = device_name(model.device());
+    if global.json {
+        print_json(&GenerateReport {
+            model: &args.model.model,
+            text: &result.text,
+            token_ids: &result.token_ids,
+            prompt_tokens: stats.prompt_tokens,
+            generated_tokens: stats.generated_tokens,
+            prefill_tokens_per_s: stats.prefill_tokens_per_s(),
+            decode_tokens_per_s: stats.decode_tokens_per_s(),
+            ttft_ms: stats.ttft_secs * 1000.0,
+            device,
+            stop_reason: result.stop_reason,
+        })?;
+    } else {
+        println!();
+        eprintln!(
+            "prompt {} tokens, prefill {:.1} tok/s | generated {} tokens, decode {:.1} tok/s | ttft {:.0} ms | {} | stop: {:?}",
+            stats.prompt_tokens,
+            stats.prefill_tokens_per_s(),
+            stats.generated_tokens,
+            stats.decode_tokens_per_s(),
+            stats.ttft_secs * 1000.0,
+            device,
+            result.stop_reason
+        );
+    }
+    Ok(())
+}

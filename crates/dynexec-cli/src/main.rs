@@ -1,0 +1,46 @@
+//! `dynexec`: the command-line interface over dynexec's engines.
+//!
+//! Results go to stdout (text, or one JSON object with `--json`); progress and diagnostics go
+//! to stderr.
+
+mod commands;
+mod options;
+
+use clap::{Parser, Subcommand};
+use options::GlobalOptions;
+
+/// Dynamic-execution inference runtime: spend on each input only the compute it needs.
+#[derive(Parser)]
+#[command(name = "dynexec", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOptions,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text with a decoder model, streaming it to stdout.
+    Generate(commands::generate::GenerateArgs),
+    /// Benchmark an engine: baseline and technique side by side in one process.
+    #[command(subcommand)]
+    Bench(commands::bench::BenchCommand),
+    /// List, pull and locate the models of the manifest.
+    #[command(subcommand)]
+    Models(commands::models::ModelsCommand),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    cli.global.apply_threads();
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(&cli.global, args),
+        Command::Bench(cmd) => commands::bench::run(&cli.global, cmd),
+        Command::Models(cmd) => commands::models::run(&cli.global, cmd),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,71 @@
+//! Flags every subcommand shares.
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::Args;
+use dynexec_core::device::DeviceSpec;
+use dynexec_core::hub::Hub;
+
+#[derive(Args, Clone)]
+pub struct GlobalOptions {
+    /// Device to run on: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
+    #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceSpec,
+
+    /// Activation/weight dtype for safetensors models: f32, f16 or bf16 (default: f32 on CPU,
+    /// bf16 on GPUs). GGUF models always compute in f32.
+    #[arg(long, global = true, value_parser = parse_dtype)]
+    pub dtype: Option<DType>,
+
+    /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+}
+
+fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown dtype `{other}`: use f32, f16 or bf16")),
+    }
+}
+
+impl GlobalOptions {
+    /// candle sizes its thread pools from these variables on first use, so they must be set
+    /// before any tensor work.
+    pub fn apply_threads(&self) {
+        if let Some(n) = self.threads.filter(|&n| n > 0) {
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+        }
+    }
+
+    pub fn open_device(&self) -> Result<Device> {
+        Ok(self.device.open()?)
+    }
+
+    pub fn hub(&self) -> Result<Hub> {
+        let mut hub = Hub::from_env()?;
+        hub.progress = !self.quiet;
+        Ok(hub)
+    }
+}
+
+/// Prints a serializable value as one JSON object on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
+}

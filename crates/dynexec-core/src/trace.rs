@@ -1,0 +1,138 @@
+//! Hidden states captured during a forward pass, indexed by (layer, position, feature).
+//!
+//! Layer `i` means "the residual stream after `i` layers": 0 is the embedding output and the
+//! model's layer count is the stream entering the final norm. A trace is saved as one
+//! safetensors file (`layer.N` tensors of shape positions x features) plus a JSON sidecar, so
+//! an analysis can be rerun without the model.
+
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Describes a saved trace.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TraceInfo {
+    pub model: String,
+    pub layers: Vec<usize>,
+    pub positions: usize,
+    pub features: usize,
+    pub token_ids: Vec<u32>,
+}
+
+/// Residual-stream snapshots for chosen layers, appended position by position.
+#[derive(Debug, Clone, Default)]
+pub struct Trace {
+    chunks: BTreeMap<usize, Vec<Tensor>>,
+}
+
+impl Trace {
+    /// A trace that records after each of `layers`.
+    pub fn new(layers: impl IntoIterator<Item = usize>) -> Self {
+        Self {
+            chunks: layers.into_iter().map(|l| (l, Vec::new())).collect(),
+        }
+    }
+
+    pub fn wants(&self, layer: usize) -> bool {
+        self.chunks.contains_key(&layer)
+    }
+
+    pub fn layers(&self) -> Vec<usize> {
+        self.chunks.keys().copied().collect()
+    }
+
+    /// Records `hidden` (`(batch=1, positions, features)` or `(positions, features)`) as the
+    /// next positions of `layer`; ignored when the layer is not traced. Stays on the device.
+    pub fn record(&mut self, layer: usize, hidden: &Tensor) -> Result<()> {
+        if let Some(chunks) = self.chunks.get_mut(&layer) {
+            let hidden = if hidden.rank() == 3 { hidden.squeeze(0)? } else { hidden.clone() };
+            chunks.push(hidden.to_dtype(DType::F32)?);
+        }
+        Ok(())
+    }
+
+    /// The states of one layer as `(positions, features)`, on the CPU.
+    pub fn layer(&self, layer: usize) -> Result<Option<Tensor>> {
+        match self.chunks.get(&layer) {
+            Some(chunks) if !chunks.is_empty() => Ok(Some(Tensor::cat(chunks, 0)?.to_device(&Device::Cpu)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Writes `path` (safetensors) and `path.json` (the [`TraceInfo`]).
+    pub fn save(&self, path: &Path, model: &str, token_ids: &[u32]) -> Result<TraceInfo> {
+        let mut tensors = HashMap::new();
+        let mut positions = 0;
+        let mut features = 0;
+        for layer in self.layers() {
+            if let Some(t) = self.layer(layer)? {
+                (positions, features) = t.dims2()?;
+                tensors.insert(format!("layer.{layer}"), t);
+            }
+        }
+        candle_core::safetensors::save(&tensors, path)?;
+        let info = TraceInfo {
+            model: model.to_string(),
+            layers: self.layers(),
+            positions,
+            features,
+            token_ids: token_ids.to_vec(),
+        };
+        let json_path = sidecar(path);
+        let json = serde_json::to_string_pretty(&info).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        std::fs::write(&json_path, json).map_err(|e| Error::io(&json_path, e))?;
+        Ok(info)
+    }
+
+    /// Reads a saved trace back: its info and `layer -> (positions, features)` tensors.
+    pub fn load(path: &Path) -> Result<(TraceInfo, BTreeMap<usize, Tensor>)> {
+        let json_path = sidecar(path);
+        let text = std::fs::read_to_string(&json_path).map_err(|e| Error::io(&json_path, e))?;
+        let info: TraceInfo = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+            path: json_path.clone(),
+            message: e.to_string(),
+        })?;
+        let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+        let mut layers = BTreeMap::new();
+        for layer in &info.layers {
+            if let Some(t) = tensors.get(&format!("layer.{layer}")) {
+                layers.insert(*layer, t.clone());
+            }
+        }
+        Ok((info, layers))
+    }
+}
+
+fn sidecar(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".json");
+    PathBuf::from(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_only_chosen_layers_and_round_trips() {
+        let mut trace = Trace::new([0, 2]);
+        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((1, 2, 3)).unwrap();
+        let b = Tensor::arange(6f32, 9., &Device::Cpu).unwrap().reshape((1, 1, 3)).unwrap();
+        trace.record(0, &a).unwrap();
+        trace.record(0, &b).unwrap();
+        trace.record(1, &a).unwrap();
+        trace.record(2, &a).unwrap();
+        assert!(!trace.wants(1));
+        assert_eq!(trace.layer(0).unwrap().unwrap().dims(), &[3, 3]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.safetensors");
+        trace.save(&path, "m", &[1, 2, 3]).unwrap();
+        let (info, layers) = Trace::load(&path).unwrap();
+        assert_eq!(info.layers, vec![0, 2]);
+        let l0: Vec<f32> = layers[&0].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(l0, (0..9).map(|i| i as f32).collect::<Vec<_>>());
+        assert_eq!(layers[&2].dims(), &[2, 3]);
+    }
+}

@@ -1,0 +1,17 @@
+//! dynexec-models: layer-addressable models on candle.
+//!
+//! Every model exposes its depth: embed, run layers `a..b` on a hidden state, apply the head.
+//! Early exit stops after any layer, self-speculative drafting runs the first layers, and a
+//! [`dynexec_core::trace::Trace`] taps any layer — no technique re-implements a model.
+//!
+//! - [`linear::Linear`]: the one linear type, dense or quantized (candle's `QMatMul`).
+//! - [`llama::Llama`]: llama-family decoder (SmolLM2, Llama, Mistral, Qwen2) from GGUF or
+//!   safetensors, with a truncatable [`kv_cache::KvCache`].
+//! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
+
+pub mod generation;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+
+pub use dynexec_core::{Error, Result};

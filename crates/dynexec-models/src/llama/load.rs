@@ -1,0 +1,250 @@
+//! Building a [`Llama`] from a GGUF file or from safetensors + `config.json`.
+
+use super::{Attention, DecoderLayer, Llama, LlamaConfig, Mlp, RmsNorm, Rope};
+use crate::linear::Linear;
+use crate::Result;
+use candle_core::quantized::{gguf_file, QTensor};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use dynexec_core::hub::ModelFiles;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_core::Error;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// A decoder and the tokenizer that goes with it.
+pub struct LoadedDecoder {
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// `gguf` or `safetensors`.
+    pub format: &'static str,
+}
+
+/// Loads the decoder in `files`: a GGUF (its tokenizer from the metadata unless
+/// `tokenizer` is given) or safetensors with `config.json` and `tokenizer.json`.
+pub fn load_decoder(files: &ModelFiles, tokenizer: Option<&Path>, dtype: Option<DType>, device: &Device) -> Result<LoadedDecoder> {
+    if let Some(gguf) = files.find(".gguf") {
+        let (model, content) = Llama::load_gguf(gguf, device)?;
+        let tokenizer = match tokenizer {
+            Some(path) => TextTokenizer::from_file(path)?,
+            None => TextTokenizer::from_gguf(&content).map_err(|e| Error::InvalidModel {
+                path: gguf.to_path_buf(),
+                message: e.to_string(),
+            })?,
+        };
+        check_vocab(&model, &tokenizer)?;
+        return Ok(LoadedDecoder {
+            model,
+            tokenizer,
+            format: "gguf",
+        });
+    }
+    let config = files.find("config.json").filter(|p| p.file_name().is_some_and(|n| n == "config.json"));
+    let weights: Vec<PathBuf> = files.find_all(".safetensors").into_iter().map(Path::to_path_buf).collect();
+    let (Some(config), false) = (config, weights.is_empty()) else {
+        return Err(Error::InvalidArgument(format!(
+            "`{}` has no .gguf file and no config.json + .safetensors weights: point to a GGUF file or a transformers model folder",
+            files.name
+        )));
+    };
+    let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+    let model = Llama::load_safetensors(config, &weights, dtype, device)?;
+    let tokenizer_path = match tokenizer {
+        Some(path) => path.to_path_buf(),
+        None => files.find("tokenizer.json").map(Path::to_path_buf).ok_or_else(|| {
+            Error::InvalidArgument(format!("`{}` has no tokenizer.json: pass --tokenizer PATH", files.name))
+        })?,
+    };
+    let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
+    check_vocab(&model, &tokenizer)?;
+    Ok(LoadedDecoder {
+        model,
+        tokenizer,
+        format: "safetensors",
+    })
+}
+
+/// A tokenizer with more ids than the model has embeddings belongs to another model.
+fn check_vocab(model: &Llama, tokenizer: &TextTokenizer) -> Result<()> {
+    let (tok, emb) = (tokenizer.vocab_size(), model.config.vocab_size);
+    if tok > emb {
+        return Err(Error::InvalidArgument(format!(
+            "the tokenizer has {tok} tokens but the model's vocabulary has {emb}: they belong to different models; pass the model's own tokenizer"
+        )));
+    }
+    Ok(())
+}
+
+impl Llama {
+    /// Reads a llama/qwen2 GGUF; returns the parsed content too (its tokenizer metadata).
+    pub fn load_gguf(path: &Path, device: &Device) -> Result<(Self, gguf_file::Content)> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
+        let config = LlamaConfig::from_gguf(&content, path)?;
+        let mut gguf = GgufTensors {
+            content: &content,
+            file,
+            path,
+            device,
+            eps: config.rms_norm_eps as f32,
+        };
+        let embed_q = gguf.tensor("token_embd.weight")?;
+        let embed_tokens = embed_q.dequantize(device)?;
+        let lm_head = match content.tensor_infos.contains_key("output.weight") {
+            true => gguf.linear("output", false)?,
+            false => Linear::from_qtensor(embed_q, None)?,
+        };
+        let final_norm = gguf.norm("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let p = format!("blk.{i}");
+            layers.push(DecoderLayer {
+                input_layernorm: gguf.norm(&format!("{p}.attn_norm.weight"))?,
+                self_attn: Attention {
+                    q_proj: gguf.linear(&format!("{p}.attn_q"), config.qkv_bias)?,
+                    k_proj: gguf.linear(&format!("{p}.attn_k"), config.qkv_bias)?,
+                    v_proj: gguf.linear(&format!("{p}.attn_v"), config.qkv_bias)?,
+                    o_proj: gguf.linear(&format!("{p}.attn_output"), false)?,
+                    num_heads: config.num_heads,
+                    num_kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                },
+                post_attention_layernorm: gguf.norm(&format!("{p}.ffn_norm.weight"))?,
+                mlp: Mlp {
+                    gate_proj: gguf.linear(&format!("{p}.ffn_gate"), false)?,
+                    up_proj: gguf.linear(&format!("{p}.ffn_up"), false)?,
+                    down_proj: gguf.linear(&format!("{p}.ffn_down"), false)?,
+                },
+            });
+        }
+        let rope = Rope::new(&config, DType::F32, device)?;
+        let model = Self {
+            embed_tokens,
+            layers,
+            norm: final_norm,
+            lm_head,
+            rope,
+            config,
+            dtype: DType::F32,
+            device: device.clone(),
+        };
+        Ok((model, content))
+    }
+
+    /// Reads transformers-layout weights (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn load_safetensors(config_path: &Path, weights: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+        let config = LlamaConfig::from_hf_json(config_path)?;
+        for path in weights {
+            if !path.exists() {
+                return Err(Error::MissingFile(path.clone()));
+            }
+        }
+        let describe = |e: candle_core::Error| Error::InvalidModel {
+            path: weights.first().cloned().unwrap_or_default(),
+            message: format!("{e} (the safetensors file may be corrupt, or not this model's weights)"),
+        };
+        // SAFETY: the files are memory-mapped read-only; dynexec never writes to them while
+        // they are mapped (another process truncating them is outside what we can guard).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(describe)?;
+        Self::from_var_builder(config, vb, dtype, device).map_err(|e| match e {
+            Error::Candle(c) => describe(c),
+            other => other,
+        })
+    }
+
+    fn from_var_builder(config: LlamaConfig, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
+        let (h, kv) = (config.hidden_size, config.num_kv_heads * config.head_dim);
+        let q_out = config.num_heads * config.head_dim;
+        let linear = |vb: VarBuilder, out: usize, inp: usize, bias: bool| -> Result<Linear> {
+            let weight = vb.get((out, inp), "weight")?;
+            let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
+            Linear::dense(weight, bias)
+        };
+        let norm = |vb: VarBuilder| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: vb.get(h, "weight")?,
+                eps: config.rms_norm_eps as f32,
+            })
+        };
+        let model_vb = vb.pp("model");
+        let embed_tokens = model_vb.pp("embed_tokens").get((config.vocab_size, h), "weight")?;
+        let mut layers = Vec::with_capacity(config.num_layers);
+        for i in 0..config.num_layers {
+            let lvb = model_vb.pp(format!("layers.{i}"));
+            let avb = lvb.pp("self_attn");
+            let mvb = lvb.pp("mlp");
+            layers.push(DecoderLayer {
+                input_layernorm: norm(lvb.pp("input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: linear(avb.pp("q_proj"), q_out, h, config.qkv_bias)?,
+                    k_proj: linear(avb.pp("k_proj"), kv, h, config.qkv_bias)?,
+                    v_proj: linear(avb.pp("v_proj"), kv, h, config.qkv_bias)?,
+                    o_proj: linear(avb.pp("o_proj"), h, q_out, false)?,
+                    num_heads: config.num_heads,
+                    num_kv_heads: config.num_kv_heads,
+                    head_dim: config.head_dim,
+                },
+                post_attention_layernorm: norm(lvb.pp("post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: linear(mvb.pp("gate_proj"), config.intermediate_size, h, false)?,
+                    up_proj: linear(mvb.pp("up_proj"), config.intermediate_size, h, false)?,
+                    down_proj: linear(mvb.pp("down_proj"), h, config.intermediate_size, false)?,
+                },
+            });
+        }
+        let lm_head = if config.tie_word_embeddings {
+            Linear::dense(embed_tokens.clone(), None)?
+        } else {
+            linear(vb.pp("lm_head"), config.vocab_size, h, false)?
+        };
+        let rope = Rope::new(&config, dtype, device)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: norm(model_vb.pp("norm"))?,
+            lm_head,
+            rope,
+            config,
+            dtype,
+            device: device.clone(),
+        })
+    }
+}
+
+
+/// Reads named tensors out of an open GGUF, with errors that name the file and tensor.
+struct GgufTensors<'a> {
+    content: &'a gguf_file::Content,
+    file: File,
+    path: &'a Path,
+    device: &'a Device,
+    eps: f32,
+}
+
+impl GgufTensors<'_> {
+    fn tensor(&mut self, name: &str) -> Result<QTensor> {
+        self.content.tensor(&mut self.file, name, self.device).map_err(|e| Error::InvalidModel {
+            path: self.path.to_path_buf(),
+            message: format!("tensor `{name}`: {e} (the file may be truncated or corrupt)"),
+        })
+    }
+
+    fn norm(&mut self, name: &str) -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: self.tensor(name)?.dequantize(self.device)?,
+            eps: self.eps,
+        })
+    }
+
+    /// `{prefix}.weight`, plus `{prefix}.bias` when the layer has one.
+    fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
+        let bias = match bias {
+            true => Some(self.tensor(&format!("{prefix}.bias"))?.dequantize(self.device)?),
+            false => None,
+        };
+        Linear::from_qtensor(self.tensor(&format!("{prefix}.weight"))?, bias)
+    }
+}

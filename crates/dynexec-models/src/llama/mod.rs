@@ -1,0 +1,299 @@
+//! Llama-family decoder (SmolLM2, Llama 2/3, Mistral, Qwen2) with addressable depth.
+//!
+//! `embed` → `forward_layers(a..b)` → `head` are separate calls, so early exit, layer-skip
+//! drafting and hidden-state taps reuse this one implementation. State lives outside the
+//! model in a [`KvCache`], so one loaded model serves many sequences.
+
+mod config;
+mod load;
+
+pub use config::{LlamaConfig, RopeStyle};
+pub use load::{load_decoder, LoadedDecoder};
+
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+use dynexec_core::trace::Trace;
+use dynexec_core::Error;
+use std::ops::Range;
+
+#[derive(Debug, Clone)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Rotary position embedding tables, `(context, head_dim / 2)`.
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+impl Rope {
+    fn new(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Self> {
+        let half = cfg.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let positions = Tensor::arange(0u32, cfg.context_length as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((cfg.context_length, 1))?;
+        let angles = positions.matmul(&inv_freq)?;
+        Ok(Self {
+            cos: angles.cos()?.to_dtype(dtype)?,
+            sin: angles.sin()?.to_dtype(dtype)?,
+            style: cfg.rope_style,
+        })
+    }
+
+    /// Rotates `(batch, heads, seq, head_dim)` for positions `offset..offset + seq`.
+    fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let seq = x.dim(2)?;
+        let cos = self.cos.narrow(0, offset, seq)?;
+        let sin = self.sin.narrow(0, offset, seq)?;
+        let x = x.contiguous()?;
+        Ok(match self.style {
+            RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &cos, &sin)?,
+            RopeStyle::HalfSplit => candle_nn::rotary_emb::rope(&x, &cos, &sin)?,
+        })
+    }
+}
+
+impl Attention {
+    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize, offset: usize) -> Result<Tensor> {
+        let (batch, seq, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((batch, seq, n, self.head_dim))?.transpose(1, 2)?) };
+        let q = rope.apply(&heads(self.q_proj.forward(x)?, self.num_heads)?, offset)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, offset)?;
+        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
+        let (k, v) = cache.append(layer, &k, &v)?;
+        let kv_len = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V: the query heads that share a KV head
+        // are stacked along the sequence axis, (b, kv_heads, group * seq, d).
+        let group = self.num_heads / self.num_kv_heads;
+        let q = q.reshape((batch, self.num_kv_heads, group * seq, self.head_dim))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = if seq > 1 {
+            let mask = causal_mask(seq, offset, kv_len, scores.dtype(), scores.device())?;
+            scores
+                .reshape((batch, self.num_kv_heads, group, seq, kv_len))?
+                .broadcast_add(&mask)?
+                .reshape((batch, self.num_kv_heads, group * seq, kv_len))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // (b, kv_heads, group * seq, d)
+        let out = out
+            .reshape((batch, self.num_heads, seq, self.head_dim))?
+            .transpose(1, 2)?
+            .reshape((batch, seq, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// Additive mask `(seq, kv_len)`: query `i` (at position `offset + i`) sees keys `<= offset + i`.
+fn causal_mask(seq: usize, offset: usize, kv_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let rows = Tensor::arange(offset as u32, (offset + seq) as u32, device)?.reshape((seq, 1))?;
+    let cols = Tensor::arange(0u32, kv_len as u32, device)?.reshape((1, kv_len))?;
+    let future = cols.broadcast_gt(&rows)?;
+    let zeros = Tensor::zeros((seq, kv_len), dtype, device)?;
+    let neg_inf = Tensor::full(f32::NEG_INFINITY, (seq, kv_len), device)?.to_dtype(dtype)?;
+    Ok(future.where_cond(&neg_inf, &zeros)?)
+}
+
+/// A loaded llama-family decoder.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    config: LlamaConfig,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Activation dtype (F32 for quantized weights).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Rows of the LM head: the logits' width.
+    pub fn vocab_size(&self) -> usize {
+        self.lm_head.out_features()
+    }
+
+    /// Bytes of all weights as stored (quantized blocks count at their packed size).
+    pub fn weight_bytes(&self) -> usize {
+        let norm = |n: &RmsNorm| n.weight.elem_count() * n.weight.dtype().size_in_bytes();
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                let m = &l.mlp;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|lin| lin.weight_bytes())
+                    .sum::<usize>()
+                    + norm(&l.input_layernorm)
+                    + norm(&l.post_attention_layernorm)
+            })
+            .sum();
+        let embed = self.embed_tokens.elem_count() * self.embed_tokens.dtype().size_in_bytes();
+        let head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
+        layers + embed + head + norm(&self.norm)
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Token ids `(batch, seq)` → hidden states `(batch, seq, hidden)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        let flat = ids.flatten_all()?;
+        let rows = self.embed_tokens.index_select(&flat, 0)?;
+        Ok(rows.reshape((batch, seq, self.config.hidden_size))?)
+    }
+
+    /// Runs layers `layers` on `hidden` (positions continue each layer's cache). Records the
+    /// residual stream after each layer `l` as trace layer `l + 1` (and the input as layer 0
+    /// when the range starts at 0).
+    pub fn forward_layers(&self, hidden: &Tensor, layers: Range<usize>, cache: &mut KvCache, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        if layers.end > self.layers.len() || layers.start > layers.end {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {}..{} is outside the model's {} layers",
+                layers.start,
+                layers.end,
+                self.layers.len()
+            )));
+        }
+        let seq = hidden.dim(1)?;
+        if layers.start == 0 {
+            if let Some(t) = trace.as_deref_mut() {
+                t.record(0, hidden)?;
+            }
+        }
+        let mut x = hidden.clone();
+        for l in layers {
+            let offset = cache.layer_len(l);
+            if offset + seq > self.config.context_length {
+                return Err(Error::ContextOverflow {
+                    prompt_tokens: offset,
+                    requested: seq,
+                    context: self.config.context_length,
+                });
+            }
+            let layer = &self.layers[l];
+            let attn = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &self.rope, cache, l, offset)?;
+            let x_attn = (attn + &x)?;
+            let mlp = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
+            x = (mlp + x_attn)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.record(l + 1, &x)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// Final norm + LM head: hidden `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.
+    pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(&self.norm.forward(hidden)?)
+    }
+
+    /// Runs every layer on new tokens and returns logits for each of them, `(seq, vocab)`.
+    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let hidden = self.run_all_layers(ids, cache, trace)?;
+        Ok(self.head(&hidden)?.squeeze(0)?)
+    }
+
+    /// Like [`Self::forward`] but applies the head to the last position only, `(vocab,)`:
+    /// what a prefill needs, and much cheaper than a full-vocabulary head per prompt token.
+    pub fn forward_last(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let hidden = self.run_all_layers(ids, cache, trace)?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        Ok(self.head(&last)?.flatten_all()?)
+    }
+
+    fn run_all_layers(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::InvalidArgument("no tokens to run: the prompt is empty".to_string()));
+        }
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary of {}: the tokenizer does not match the model",
+                self.config.vocab_size
+            )));
+        }
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let hidden = self.embed(&ids)?;
+        self.forward_layers(&hidden, 0..self.layers.len(), cache, trace)
+    }
+
+    /// Log-softmax-free helper: the most likely next token for each row of `(seq, vocab)`.
+    pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+        Ok(logits.argmax(D::Minus1)?.to_vec1()?)
+    }
+}
