@@ -10,9 +10,11 @@ use common::{max_abs_diff, smollm2_gguf};
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_models::llama::Llama;
 
-/// Logits of both implementations agree this closely (absolute, logits range ~±30): the
-/// same quantized kernels run, only the attention arithmetic is ordered differently.
-const GGUF_LOGIT_TOLERANCE: f32 = 2e-3;
+/// Both implementations run the same quantized kernels on products of the same shapes, so
+/// their logits agree to float rounding (measured: bit-identical). The bound is tight on
+/// purpose: Q4_1 layers quantize activations to Q8_1, which turns any reordering of float
+/// sums into ~1 logit of difference, so a loose bound would hide real divergence.
+const GGUF_LOGIT_TOLERANCE: f32 = 1e-4;
 
 fn peer(path: &std::path::Path) -> ModelWeights {
     let mut file = std::fs::File::open(path).unwrap();

@@ -112,29 +112,31 @@ impl Attention {
         let (k, v) = cache.append(layer, &k, &v)?;
         let kv_len = k.dim(2)?;
 
-        // Grouped-query attention without copying K/V: the query heads that share a KV head
-        // are stacked along the sequence axis, (b, kv_heads, group * seq, d).
+        // K/V are repeated per query head so every product has the shape the reference
+        // implementations use: results stay bit-identical to them. (Stacking the query heads
+        // of a group instead avoids the copy but reorders the sums, and the quantized layers
+        // amplify such reorderings to ~1 logit.)
         let group = self.num_heads / self.num_kv_heads;
-        let q = q.reshape((batch, self.num_kv_heads, group * seq, self.head_dim))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = if seq > 1 {
-            let mask = causal_mask(seq, offset, kv_len, scores.dtype(), scores.device())?;
-            scores
-                .reshape((batch, self.num_kv_heads, group, seq, kv_len))?
-                .broadcast_add(&mask)?
-                .reshape((batch, self.num_kv_heads, group * seq, kv_len))?
-        } else {
-            scores
+        let k = repeat_kv(&k, group)?;
+        let v = repeat_kv(&v, group)?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let scores = match seq {
+            1 => scores,
+            _ => scores.broadcast_add(&causal_mask(seq, offset, kv_len, scores.dtype(), scores.device())?)?,
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // (b, kv_heads, group * seq, d)
-        let out = out
-            .reshape((batch, self.num_heads, seq, self.head_dim))?
-            .transpose(1, 2)?
-            .reshape((batch, seq, self.num_heads * self.head_dim))?;
+        let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((batch, seq, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
+}
+
+/// `(b, kv_heads, n, d)` → `(b, kv_heads * group, n, d)`, each KV head repeated `group` times.
+fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
+    if group == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv_heads, n, d) = x.dims4()?;
+    Ok(Tensor::cat(&vec![x; group], 2)?.reshape((b, kv_heads * group, n, d))?)
 }
 
 /// Additive mask `(seq, kv_len)`: query `i` (at position `offset + i`) sees keys `<= offset + i`.
