@@ -30,7 +30,10 @@ fn manifest_pull_is_served_from_a_prepared_hub_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let hub_dir = tmp.path().join("hf/hub");
     prepare_hub_cache(&hub_dir, "org/tiny", &[("w.bin", b"weights")]);
-    let real_sha = dynexec_core::hub::sha256_file(&hub_dir.join("models--org--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/w.bin")).unwrap();
+    let real_sha = dynexec_core::hub::sha256_file(
+        &hub_dir.join("models--org--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/w.bin"),
+    )
+    .unwrap();
     let manifest = Manifest::parse(
         &format!(
             r#"
@@ -62,7 +65,11 @@ fn hf_references_resolve_from_the_cache_and_fail_clearly_without_it() {
     prepare_hub_cache(
         &hub_dir,
         "org/dense",
-        &[("config.json", b"{}"), ("tokenizer.json", b"{}"), ("model.safetensors", b"")],
+        &[
+            ("config.json", b"{}"),
+            ("tokenizer.json", b"{}"),
+            ("model.safetensors", b""),
+        ],
     );
     prepare_hub_cache(&hub_dir, "org/quant", &[("m.Q8_0.gguf", b"GGUF")]);
     let manifest = Manifest::parse("", "test", tmp.path()).unwrap();
@@ -76,7 +83,13 @@ fn hf_references_resolve_from_the_cache_and_fail_clearly_without_it() {
     assert!(quant.find(".gguf").is_some());
 
     // Not in the cache: hf-hub goes to the (unreachable) network and the error says so.
-    let err = hub.resolve("hf:org/absent:model.gguf").unwrap_err().to_string();
-    assert!(err.contains("hub download of org/absent/model.gguf failed"), "{err}");
+    let err = hub
+        .resolve("hf:org/absent:model.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hub download of org/absent/model.gguf failed"),
+        "{err}"
+    );
     assert!(err.contains("HF_ENDPOINT"), "{err}");
 }

@@ -18,9 +18,14 @@ fn chat_prompt_encodes_exactly_as_the_reference() {
     // tokenizer of SmolLM2-135M-Instruct).
     let tok = smollm2_tokenizer();
     let ids = tok
-        .encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        .encode(
+            "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        )
         .unwrap();
-    assert_eq!(ids, vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]);
+    assert_eq!(
+        ids,
+        vec![1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+    );
 }
 
 #[test]
@@ -28,7 +33,11 @@ fn plain_prompts_get_no_bos_and_no_prefix_space() {
     let tok = smollm2_tokenizer();
     let ids = tok.encode("Hello world").unwrap();
     assert_ne!(ids[0], 1, "SmolLM2's GGUF sets add_bos_token = false");
-    assert_eq!(tok.decode(&ids[..1]).unwrap(), "Hello", "no prefix space may be added");
+    assert_eq!(
+        tok.decode(&ids[..1]).unwrap(),
+        "Hello",
+        "no prefix space may be added"
+    );
     assert_eq!(tok.decode(&ids).unwrap(), "Hello world");
 }
 
@@ -44,7 +53,11 @@ fn digits_are_split_one_by_one() {
 #[test]
 fn text_round_trips_including_multibyte_characters() {
     let tok = smollm2_tokenizer();
-    for text in ["naïve café, 東京 and emoji 🦀!", "  leading spaces\tand\nnewlines", "x=3.14159; y = x**2"] {
+    for text in [
+        "naïve café, 東京 and emoji 🦀!",
+        "  leading spaces\tand\nnewlines",
+        "x=3.14159; y = x**2",
+    ] {
         let ids = tok.encode(text).unwrap();
         assert_eq!(tok.decode(&ids).unwrap(), text);
         // Streaming yields the same text piece by piece, never splitting a character.
@@ -68,5 +81,8 @@ fn chat_template_and_special_ids_come_from_the_metadata() {
     assert!(tok.is_eos(2), "<|im_end|> ends a turn");
     let prompt = tok.chat_prompt(None, "Hi").unwrap();
     assert!(prompt.starts_with("<|im_start|>system\n"), "{prompt}");
-    assert!(prompt.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+    assert!(
+        prompt.ends_with("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        "{prompt}"
+    );
 }

@@ -9,12 +9,16 @@ use std::path::PathBuf;
 pub fn smollm2_files() -> ModelFiles {
     let mut hub = Hub::from_env().expect("manifest");
     hub.progress = false;
-    hub.resolve("smollm2-135m-instruct")
-        .expect("smollm2-135m-instruct must be available: run `dynexec models pull smollm2-135m-instruct`")
+    hub.resolve("smollm2-135m-instruct").expect(
+        "smollm2-135m-instruct must be available: run `dynexec models pull smollm2-135m-instruct`",
+    )
 }
 
 pub fn smollm2_gguf() -> PathBuf {
-    smollm2_files().find(".gguf").expect("gguf file").to_path_buf()
+    smollm2_files()
+        .find(".gguf")
+        .expect("gguf file")
+        .to_path_buf()
 }
 
 /// Largest absolute difference between two tensors of the same shape.

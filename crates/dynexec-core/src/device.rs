@@ -65,13 +65,19 @@ impl DeviceSpec {
             }
             Self::Cuda(ordinal) => {
                 if !candle_core::utils::cuda_is_available() {
-                    return Err(unavailable(self, "this build has no CUDA support; rebuild with `--features cuda`"));
+                    return Err(unavailable(
+                        self,
+                        "this build has no CUDA support; rebuild with `--features cuda`",
+                    ));
                 }
                 Device::new_cuda(ordinal).map_err(|e| unavailable(self, &e.to_string()))
             }
             Self::Metal => {
                 if !candle_core::utils::metal_is_available() {
-                    return Err(unavailable(self, "this build has no Metal support; rebuild with `--features metal` on macOS"));
+                    return Err(unavailable(
+                        self,
+                        "this build has no Metal support; rebuild with `--features metal` on macOS",
+                    ));
                 }
                 Device::new_metal(0).map_err(|e| unavailable(self, &e.to_string()))
             }

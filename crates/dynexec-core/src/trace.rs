@@ -47,7 +47,11 @@ impl Trace {
     /// next positions of `layer`; ignored when the layer is not traced. Stays on the device.
     pub fn record(&mut self, layer: usize, hidden: &Tensor) -> Result<()> {
         if let Some(chunks) = self.chunks.get_mut(&layer) {
-            let hidden = if hidden.rank() == 3 { hidden.squeeze(0)? } else { hidden.clone() };
+            let hidden = if hidden.rank() == 3 {
+                hidden.squeeze(0)?
+            } else {
+                hidden.clone()
+            };
             chunks.push(hidden.to_dtype(DType::F32)?);
         }
         Ok(())
@@ -56,12 +60,16 @@ impl Trace {
     /// The states of one layer as `(positions, features)`, on the CPU.
     pub fn layer(&self, layer: usize) -> Result<Option<Tensor>> {
         match self.chunks.get(&layer) {
-            Some(chunks) if !chunks.is_empty() => Ok(Some(Tensor::cat(chunks, 0)?.to_device(&Device::Cpu)?)),
+            Some(chunks) if !chunks.is_empty() => {
+                Ok(Some(Tensor::cat(chunks, 0)?.to_device(&Device::Cpu)?))
+            }
             _ => Ok(None),
         }
     }
 
-    /// Writes `path` (safetensors) and `path.json` (the [`TraceInfo`]).
+    /// Writes `path` (safetensors) and `path.json` (the [`TraceInfo`]). `token_ids` is the
+    /// sequence the states belong to; it is cut to the positions recorded (a generation's
+    /// last token is sampled but never run through the model).
     pub fn save(&self, path: &Path, model: &str, token_ids: &[u32]) -> Result<TraceInfo> {
         let mut tensors = HashMap::new();
         let mut positions = 0;
@@ -78,10 +86,11 @@ impl Trace {
             layers: self.layers(),
             positions,
             features,
-            token_ids: token_ids.to_vec(),
+            token_ids: token_ids[..positions.min(token_ids.len())].to_vec(),
         };
         let json_path = sidecar(path);
-        let json = serde_json::to_string_pretty(&info).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let json = serde_json::to_string_pretty(&info)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         std::fs::write(&json_path, json).map_err(|e| Error::io(&json_path, e))?;
         Ok(info)
     }
@@ -118,8 +127,14 @@ mod tests {
     #[test]
     fn records_only_chosen_layers_and_round_trips() {
         let mut trace = Trace::new([0, 2]);
-        let a = Tensor::arange(0f32, 6., &Device::Cpu).unwrap().reshape((1, 2, 3)).unwrap();
-        let b = Tensor::arange(6f32, 9., &Device::Cpu).unwrap().reshape((1, 1, 3)).unwrap();
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 3))
+            .unwrap();
+        let b = Tensor::arange(6f32, 9., &Device::Cpu)
+            .unwrap()
+            .reshape((1, 1, 3))
+            .unwrap();
         trace.record(0, &a).unwrap();
         trace.record(0, &b).unwrap();
         trace.record(1, &a).unwrap();
@@ -128,9 +143,14 @@ mod tests {
         assert_eq!(trace.layer(0).unwrap().unwrap().dims(), &[3, 3]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        trace.save(&path, "m", &[1, 2, 3]).unwrap();
+        trace.save(&path, "m", &[1, 2, 3, 4]).unwrap();
         let (info, layers) = Trace::load(&path).unwrap();
         assert_eq!(info.layers, vec![0, 2]);
+        assert_eq!(
+            info.token_ids,
+            vec![1, 2, 3],
+            "cut to the 3 recorded positions"
+        );
         let l0: Vec<f32> = layers[&0].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(l0, (0..9).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(layers[&2].dims(), &[2, 3]);

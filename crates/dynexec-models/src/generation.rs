@@ -68,7 +68,9 @@ pub fn generate(
 ) -> Result<Generation> {
     let context = model.config().context_length;
     if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument("the prompt is empty: give some text to continue".to_string()));
+        return Err(Error::InvalidArgument(
+            "the prompt is empty: give some text to continue".to_string(),
+        ));
     }
     if prompt_ids.len() >= context {
         return Err(Error::ContextOverflow {

@@ -58,7 +58,9 @@ impl Linear {
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
             QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                t.elem_count() * t.dtype().size_in_bytes()
+            }
         }
     }
 

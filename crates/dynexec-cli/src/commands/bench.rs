@@ -18,7 +18,9 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Prefill and decode tokens/s of a decoder (optionally next to candle-transformers'
     /// quantized_llama on the same GGUF), median and spread over several runs.
-    #[command(after_help = "Example:\n  dynexec bench generate --threads 2 --prompt-tokens 64 --gen-tokens 128 --runs 3 --peer")]
+    #[command(
+        after_help = "Example:\n  dynexec bench generate --threads 2 --prompt-tokens 64 --gen-tokens 128 --runs 3 --peer"
+    )]
     Generate(BenchGenerateArgs),
 }
 
@@ -95,7 +97,9 @@ impl Peer {
     fn load(path: &Path, device: &Device) -> Result<Self> {
         let mut file = std::fs::File::open(path)?;
         let content = gguf_file::Content::read(&mut file)?;
-        let weights = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(content, &mut file, device)?;
+        let weights = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
+            content, &mut file, device,
+        )?;
         Ok(Self {
             weights,
             device: device.clone(),
@@ -169,12 +173,18 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     let mut decoders: Vec<Box<dyn Decoder + '_>> = vec![Box::new(Ours(model))];
     if args.peer {
         let files = global.hub()?.resolve(&args.model.model)?;
-        let gguf = files.find(".gguf").context("--peer compares on a GGUF model; this model has no .gguf file")?;
+        let gguf = files
+            .find(".gguf")
+            .context("--peer compares on a GGUF model; this model has no .gguf file")?;
         decoders.push(Box::new(Peer::load(gguf, model.device())?));
     }
 
     let total = ((args.warmup + args.runs) * decoders.len()) as u64;
-    let bar = if global.quiet { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    let bar = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
     if let Ok(style) = ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} runs {msg}") {
         bar.set_style(style.progress_chars("=> "));
     }
@@ -210,7 +220,9 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             }
         })
         .collect();
-    let ratio = |f: fn(&Row) -> f64| (rows.len() > 1 && f(&rows[1]) > 0.0).then(|| f(&rows[0]) / f(&rows[1]));
+    let ratio = |f: fn(&Row) -> f64| {
+        (rows.len() > 1 && f(&rows[1]) > 0.0).then(|| f(&rows[0]) / f(&rows[1]))
+    };
     let report = Report {
         model: args.model.model.clone(),
         format: loaded.format,
@@ -229,9 +241,19 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     }
     println!(
         "model {} ({}) | device {} | threads {} | pp{} tg{} | {} runs + {} warm-up",
-        report.model, report.format, report.device, report.threads, report.prompt_tokens, report.gen_tokens, report.runs, report.warmup
+        report.model,
+        report.format,
+        report.device,
+        report.threads,
+        report.prompt_tokens,
+        report.gen_tokens,
+        report.runs,
+        report.warmup
     );
-    println!("{:<38} {:>22} {:>22}", "implementation", "prefill tok/s", "decode tok/s");
+    println!(
+        "{:<38} {:>22} {:>22}",
+        "implementation", "prefill tok/s", "decode tok/s"
+    );
     for row in &report.rows {
         println!(
             "{:<38} {:>22} {:>22}",
@@ -241,7 +263,12 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         );
     }
     if let (Some(p), Some(d)) = (report.prefill_ratio_vs_peer, report.decode_ratio_vs_peer) {
-        println!("{:<38} {:>22} {:>22}", "ratio dynexec / peer", format!("{p:.2}x"), format!("{d:.2}x"));
+        println!(
+            "{:<38} {:>22} {:>22}",
+            "ratio dynexec / peer",
+            format!("{p:.2}x"),
+            format!("{d:.2}x")
+        );
     }
     Ok(())
 }

@@ -73,7 +73,9 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
-#[command(after_help = "Examples:\n  dynexec generate --prompt \"The capital of France is\" --max-tokens 32\n  dynexec generate --chat --prompt \"Give me three fruit names.\" --temperature 0.7 --seed 1\n  dynexec generate --json --prompt \"Once upon a time\" | jq .decode_tokens_per_s")]
+#[command(
+    after_help = "Examples:\n  dynexec generate --prompt \"The capital of France is\" --max-tokens 32\n  dynexec generate --chat --prompt \"Give me three fruit names.\" --temperature 0.7 --seed 1\n  dynexec generate --json --prompt \"Once upon a time\" | jq .decode_tokens_per_s"
+)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -131,7 +133,8 @@ struct GenerateReport<'a> {
 pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path).with_context(|| format!("reading --prompt-file {}", path.display()))?,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --prompt-file {}", path.display()))?,
         (None, None) => anyhow::bail!("give a prompt with --prompt TEXT or --prompt-file PATH"),
     };
     let options = GenerateOptions {
@@ -140,8 +143,14 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         stop_at_eos: !args.ignore_eos,
     };
     options.sampling.validate()?;
-    let LoadedDecoder { model, tokenizer, .. } = args.model.load(global)?;
-    let text = if args.chat { tokenizer.chat_prompt(args.system.as_deref(), &prompt)? } else { prompt };
+    let LoadedDecoder {
+        model, tokenizer, ..
+    } = args.model.load(global)?;
+    let text = if args.chat {
+        tokenizer.chat_prompt(args.system.as_deref(), &prompt)?
+    } else {
+        prompt
+    };
     let prompt_ids = tokenizer.encode(&text)?;
 
     let num_layers = model.num_layers();
@@ -149,28 +158,46 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         Some(layers) => Trace::new(layers.iter().copied()),
         None => Trace::new(0..=num_layers),
     });
-    if let Some(bad) = args.trace_layers.iter().flatten().find(|&&l| l > num_layers) {
+    if let Some(bad) = args
+        .trace_layers
+        .iter()
+        .flatten()
+        .find(|&&l| l > num_layers)
+    {
         anyhow::bail!("--trace-layers {bad} is past the model's {num_layers} layers (0 = embeddings, {num_layers} = last layer)");
     }
 
     let stdout = std::io::stdout();
     let stream = !global.json;
-    let result = generate(&model, &tokenizer, &prompt_ids, &options, trace.as_mut(), |piece| {
-        if stream {
-            let mut out = stdout.lock();
-            // A closed pipe (e.g. `| head`) ends generation quietly rather than panicking.
-            out.write_all(piece.as_bytes())
-                .and_then(|_| out.flush())
-                .map_err(|e| dynexec_core::Error::io("stdout", e))?;
-        }
-        Ok(())
-    })?;
+    let result = generate(
+        &model,
+        &tokenizer,
+        &prompt_ids,
+        &options,
+        trace.as_mut(),
+        |piece| {
+            if stream {
+                let mut out = stdout.lock();
+                // A closed pipe (e.g. `| head`) ends generation quietly rather than panicking.
+                out.write_all(piece.as_bytes())
+                    .and_then(|_| out.flush())
+                    .map_err(|e| dynexec_core::Error::io("stdout", e))?;
+            }
+            Ok(())
+        },
+    )?;
 
     if let (Some(trace), Some(path)) = (&trace, &args.trace) {
         let mut all_ids = prompt_ids.clone();
         all_ids.extend_from_slice(&result.token_ids);
         let info = trace.save(path, &args.model.model, &all_ids)?;
-        eprintln!("trace: {} layers x {} positions x {} features -> {}", info.layers.len(), info.positions, info.features, path.display());
+        eprintln!(
+            "trace: {} layers x {} positions x {} features -> {}",
+            info.layers.len(),
+            info.positions,
+            info.features,
+            path.display()
+        );
     }
 
     let stats = &result.stats;

@@ -66,9 +66,14 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
                 });
             }
             if global.json {
-                return print_json(&serde_json::json!({ "cache_dir": hub.cache_dir, "models": listed }));
+                return print_json(
+                    &serde_json::json!({ "cache_dir": hub.cache_dir, "models": listed }),
+                );
             }
-            println!("{:<24} {:<6} {:<12} {:>9} {:<7} description", "name", "arch", "format", "size", "cached");
+            println!(
+                "{:<24} {:<6} {:<12} {:>9} {:<7} description",
+                "name", "arch", "format", "size", "cached"
+            );
             for m in &listed {
                 println!(
                     "{:<24} {:<6} {:<12} {:>7.1}MB {:<7} {}",
@@ -97,7 +102,12 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
                 }
                 pulled.push(PulledModel {
                     name: name.clone(),
-                    files: result.files.files.iter().map(|p| p.display().to_string()).collect(),
+                    files: result
+                        .files
+                        .files
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect(),
                     source: result.source,
                 });
             }
@@ -108,7 +118,9 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
         ModelsCommand::Path { model } => {
             let files = hub.resolve(&model)?;
             if global.json {
-                return print_json(&serde_json::json!({ "name": files.name, "files": files.files }));
+                return print_json(
+                    &serde_json::json!({ "name": files.name, "files": files.files }),
+                );
             }
             for f in &files.files {
                 println!("{}", f.display());

@@ -73,10 +73,13 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             message,
         };
-        let cfg: HfConfig = serde_json::from_str(&text).map_err(|e| invalid(format!("not a llama-family config.json: {e}")))?;
+        let cfg: HfConfig = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("not a llama-family config.json: {e}")))?;
         let model_type = cfg.model_type.as_deref().unwrap_or("llama");
         if !matches!(model_type, "llama" | "mistral" | "qwen2") {
-            return Err(invalid(format!("model_type `{model_type}` is not a llama-family decoder (llama, mistral, qwen2)")));
+            return Err(invalid(format!(
+                "model_type `{model_type}` is not a llama-family decoder (llama, mistral, qwen2)"
+            )));
         }
         if cfg.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
             return Err(invalid("rope_scaling is not supported yet".to_string()));
@@ -87,7 +90,9 @@ impl LlamaConfig {
             num_layers: cfg.num_hidden_layers,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads),
-            head_dim: cfg.head_dim.unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
+            head_dim: cfg
+                .head_dim
+                .unwrap_or(cfg.hidden_size / cfg.num_attention_heads.max(1)),
             rms_norm_eps: cfg.rms_norm_eps,
             rope_theta: cfg.rope_theta,
             rope_style: RopeStyle::HalfSplit,
@@ -115,14 +120,24 @@ impl LlamaConfig {
         let rope_style = match arch.as_str() {
             "llama" => RopeStyle::Interleaved,
             "qwen2" => RopeStyle::HalfSplit,
-            other => return Err(invalid(format!("architecture `{other}` is not supported (llama, qwen2 are)"))),
+            other => {
+                return Err(invalid(format!(
+                    "architecture `{other}` is not supported (llama, qwen2 are)"
+                )))
+            }
         };
         let usize_key = |key: &str| -> Result<usize> {
             let full = format!("{arch}.{key}");
-            let value = md.get(&full).ok_or_else(|| invalid(format!("missing metadata `{full}`")))?;
+            let value = md
+                .get(&full)
+                .ok_or_else(|| invalid(format!("missing metadata `{full}`")))?;
             gguf_usize(value).ok_or_else(|| invalid(format!("metadata `{full}` is not an integer")))
         };
-        let f64_key = |key: &str| md.get(&format!("{arch}.{key}")).and_then(|v| v.to_f32().ok()).map(f64::from);
+        let f64_key = |key: &str| {
+            md.get(&format!("{arch}.{key}"))
+                .and_then(|v| v.to_f32().ok())
+                .map(f64::from)
+        };
         let hidden_size = usize_key("embedding_length")?;
         let num_heads = usize_key("attention.head_count")?;
         let head_dim = usize_key("rope.dimension_count").unwrap_or(hidden_size / num_heads.max(1));
@@ -151,14 +166,24 @@ impl LlamaConfig {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
-        if self.num_layers == 0 || self.num_heads == 0 || self.num_kv_heads == 0 || self.hidden_size == 0 {
+        if self.num_layers == 0
+            || self.num_heads == 0
+            || self.num_kv_heads == 0
+            || self.hidden_size == 0
+        {
             return Err("layer, head and hidden sizes must be positive".to_string());
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return Err(format!("{} attention heads are not a multiple of {} KV heads", self.num_heads, self.num_kv_heads));
+            return Err(format!(
+                "{} attention heads are not a multiple of {} KV heads",
+                self.num_heads, self.num_kv_heads
+            ));
         }
         if self.head_dim % 2 != 0 {
-            return Err(format!("head dimension {} is odd; RoPE needs pairs", self.head_dim));
+            return Err(format!(
+                "head dimension {} is odd; RoPE needs pairs",
+                self.head_dim
+            ));
         }
         Ok(())
     }

@@ -22,11 +22,20 @@ pub struct LoadedDecoder {
 
 /// Loads the decoder in `files`: a GGUF (its tokenizer from the metadata unless
 /// `tokenizer` is given) or safetensors with `config.json` and `tokenizer.json`.
-pub fn load_decoder(files: &ModelFiles, tokenizer: Option<&Path>, dtype: Option<DType>, device: &Device) -> Result<LoadedDecoder> {
+pub fn load_decoder(
+    files: &ModelFiles,
+    tokenizer: Option<&Path>,
+    dtype: Option<DType>,
+    device: &Device,
+) -> Result<LoadedDecoder> {
     if let Some(gguf) = files.find(".gguf") {
         let (model, content) = Llama::load_gguf(gguf, device)?;
         let tokenizer = match tokenizer {
-            Some(path) => TextTokenizer::from_file(path)?,
+            Some(path) => {
+                let tokenizer = TextTokenizer::from_file(path)?;
+                check_against_gguf_vocab(&tokenizer, &content, path)?;
+                tokenizer
+            }
             None => TextTokenizer::from_gguf(&content).map_err(|e| Error::InvalidModel {
                 path: gguf.to_path_buf(),
                 message: e.to_string(),
@@ -39,21 +48,37 @@ pub fn load_decoder(files: &ModelFiles, tokenizer: Option<&Path>, dtype: Option<
             format: "gguf",
         });
     }
-    let config = files.find("config.json").filter(|p| p.file_name().is_some_and(|n| n == "config.json"));
-    let weights: Vec<PathBuf> = files.find_all(".safetensors").into_iter().map(Path::to_path_buf).collect();
+    let config = files
+        .find("config.json")
+        .filter(|p| p.file_name().is_some_and(|n| n == "config.json"));
+    let weights: Vec<PathBuf> = files
+        .find_all(".safetensors")
+        .into_iter()
+        .map(Path::to_path_buf)
+        .collect();
     let (Some(config), false) = (config, weights.is_empty()) else {
         return Err(Error::InvalidArgument(format!(
             "`{}` has no .gguf file and no config.json + .safetensors weights: point to a GGUF file or a transformers model folder",
             files.name
         )));
     };
-    let dtype = dtype.unwrap_or(if device.is_cpu() { DType::F32 } else { DType::BF16 });
+    let dtype = dtype.unwrap_or(if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    });
     let model = Llama::load_safetensors(config, &weights, dtype, device)?;
     let tokenizer_path = match tokenizer {
         Some(path) => path.to_path_buf(),
-        None => files.find("tokenizer.json").map(Path::to_path_buf).ok_or_else(|| {
-            Error::InvalidArgument(format!("`{}` has no tokenizer.json: pass --tokenizer PATH", files.name))
-        })?,
+        None => files
+            .find("tokenizer.json")
+            .map(Path::to_path_buf)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "`{}` has no tokenizer.json: pass --tokenizer PATH",
+                    files.name
+                ))
+            })?,
     };
     let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
     check_vocab(&model, &tokenizer)?;
@@ -71,6 +96,36 @@ fn check_vocab(model: &Llama, tokenizer: &TextTokenizer) -> Result<()> {
         return Err(Error::InvalidArgument(format!(
             "the tokenizer has {tok} tokens but the model's vocabulary has {emb}: they belong to different models; pass the model's own tokenizer"
         )));
+    }
+    Ok(())
+}
+
+/// A tokenizer given with `--tokenizer` must spell tokens as the GGUF's own vocabulary does;
+/// sampled ids across the vocabulary are compared.
+fn check_against_gguf_vocab(
+    tokenizer: &TextTokenizer,
+    content: &gguf_file::Content,
+    path: &Path,
+) -> Result<()> {
+    let Some(Ok(tokens)) = content
+        .metadata
+        .get("tokenizer.ggml.tokens")
+        .map(|v| v.to_vec())
+    else {
+        return Ok(());
+    };
+    let step = (tokens.len() / 64).max(1);
+    for id in (0..tokens.len()).step_by(step) {
+        let expected = tokens[id].to_string().ok();
+        let actual = tokenizer.id_to_token(id as u32);
+        if expected != actual.as_ref() {
+            return Err(Error::InvalidArgument(format!(
+                "tokenizer {} does not match the model's vocabulary: id {id} is {:?} there but {:?} in the model; use the model's own tokenizer",
+                path.display(),
+                actual.unwrap_or_default(),
+                expected.cloned().unwrap_or_default()
+            )));
+        }
     }
     Ok(())
 }
@@ -135,7 +190,12 @@ impl Llama {
     }
 
     /// Reads transformers-layout weights (`model.layers.N.self_attn.q_proj.weight`, ...).
-    pub fn load_safetensors(config_path: &Path, weights: &[PathBuf], dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load_safetensors(
+        config_path: &Path,
+        weights: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let config = LlamaConfig::from_hf_json(config_path)?;
         for path in weights {
             if !path.exists() {
@@ -144,23 +204,35 @@ impl Llama {
         }
         let describe = |e: candle_core::Error| Error::InvalidModel {
             path: weights.first().cloned().unwrap_or_default(),
-            message: format!("{e} (the safetensors file may be corrupt, or not this model's weights)"),
+            message: format!(
+                "{e} (the safetensors file may be corrupt, or not this model's weights)"
+            ),
         };
         // SAFETY: the files are memory-mapped read-only; dynexec never writes to them while
         // they are mapped (another process truncating them is outside what we can guard).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }.map_err(describe)?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+            .map_err(describe)?;
         Self::from_var_builder(config, vb, dtype, device).map_err(|e| match e {
             Error::Candle(c) => describe(c),
             other => other,
         })
     }
 
-    fn from_var_builder(config: LlamaConfig, vb: VarBuilder, dtype: DType, device: &Device) -> Result<Self> {
+    fn from_var_builder(
+        config: LlamaConfig,
+        vb: VarBuilder,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let (h, kv) = (config.hidden_size, config.num_kv_heads * config.head_dim);
         let q_out = config.num_heads * config.head_dim;
         let linear = |vb: VarBuilder, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = vb.get((out, inp), "weight")?;
-            let bias = if bias { Some(vb.get(out, "bias")?) } else { None };
+            let bias = if bias {
+                Some(vb.get(out, "bias")?)
+            } else {
+                None
+            };
             Linear::dense(weight, bias)
         };
         let norm = |vb: VarBuilder| -> Result<RmsNorm> {
@@ -170,7 +242,9 @@ impl Llama {
             })
         };
         let model_vb = vb.pp("model");
-        let embed_tokens = model_vb.pp("embed_tokens").get((config.vocab_size, h), "weight")?;
+        let embed_tokens = model_vb
+            .pp("embed_tokens")
+            .get((config.vocab_size, h), "weight")?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
             let lvb = model_vb.pp(format!("layers.{i}"));
@@ -214,7 +288,6 @@ impl Llama {
     }
 }
 
-
 /// Reads named tensors out of an open GGUF, with errors that name the file and tensor.
 struct GgufTensors<'a> {
     content: &'a gguf_file::Content,
@@ -226,10 +299,12 @@ struct GgufTensors<'a> {
 
 impl GgufTensors<'_> {
     fn tensor(&mut self, name: &str) -> Result<QTensor> {
-        self.content.tensor(&mut self.file, name, self.device).map_err(|e| Error::InvalidModel {
-            path: self.path.to_path_buf(),
-            message: format!("tensor `{name}`: {e} (the file may be truncated or corrupt)"),
-        })
+        self.content
+            .tensor(&mut self.file, name, self.device)
+            .map_err(|e| Error::InvalidModel {
+                path: self.path.to_path_buf(),
+                message: format!("tensor `{name}`: {e} (the file may be truncated or corrupt)"),
+            })
     }
 
     fn norm(&mut self, name: &str) -> Result<RmsNorm> {
@@ -242,7 +317,10 @@ impl GgufTensors<'_> {
     /// `{prefix}.weight`, plus `{prefix}.bias` when the layer has one.
     fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
         let bias = match bias {
-            true => Some(self.tensor(&format!("{prefix}.bias"))?.dequantize(self.device)?),
+            true => Some(
+                self.tensor(&format!("{prefix}.bias"))?
+                    .dequantize(self.device)?,
+            ),
             false => None,
         };
         Linear::from_qtensor(self.tensor(&format!("{prefix}.weight"))?, bias)

@@ -26,7 +26,11 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)?)
+        Ok(candle_nn::ops::rms_norm(
+            &x.contiguous()?,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -103,9 +107,18 @@ impl Rope {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, cache: &mut KvCache, layer: usize, offset: usize) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> { Ok(t.reshape((batch, seq, n, self.head_dim))?.transpose(1, 2)?) };
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, n, self.head_dim))?.transpose(1, 2)?)
+        };
         let q = rope.apply(&heads(self.q_proj.forward(x)?, self.num_heads)?, offset)?;
         let k = rope.apply(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, offset)?;
         let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
@@ -122,10 +135,18 @@ impl Attention {
         let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
         let scores = match seq {
             1 => scores,
-            _ => scores.broadcast_add(&causal_mask(seq, offset, kv_len, scores.dtype(), scores.device())?)?,
+            _ => scores.broadcast_add(&causal_mask(
+                seq,
+                offset,
+                kv_len,
+                scores.dtype(),
+                scores.device(),
+            )?)?,
         };
         let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((batch, seq, self.num_heads * self.head_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((batch, seq, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -140,7 +161,13 @@ fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
 }
 
 /// Additive mask `(seq, kv_len)`: query `i` (at position `offset + i`) sees keys `<= offset + i`.
-fn causal_mask(seq: usize, offset: usize, kv_len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+fn causal_mask(
+    seq: usize,
+    offset: usize,
+    kv_len: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     let rows = Tensor::arange(offset as u32, (offset + seq) as u32, device)?.reshape((seq, 1))?;
     let cols = Tensor::arange(0u32, kv_len as u32, device)?.reshape((1, kv_len))?;
     let future = cols.broadcast_gt(&rows)?;
@@ -194,16 +221,28 @@ impl Llama {
             .map(|l| {
                 let a = &l.self_attn;
                 let m = &l.mlp;
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                    .iter()
-                    .map(|lin| lin.weight_bytes())
-                    .sum::<usize>()
+                [
+                    &a.q_proj,
+                    &a.k_proj,
+                    &a.v_proj,
+                    &a.o_proj,
+                    &m.gate_proj,
+                    &m.up_proj,
+                    &m.down_proj,
+                ]
+                .iter()
+                .map(|lin| lin.weight_bytes())
+                .sum::<usize>()
                     + norm(&l.input_layernorm)
                     + norm(&l.post_attention_layernorm)
             })
             .sum();
         let embed = self.embed_tokens.elem_count() * self.embed_tokens.dtype().size_in_bytes();
-        let head = if self.config.tie_word_embeddings { 0 } else { self.lm_head.weight_bytes() };
+        let head = if self.config.tie_word_embeddings {
+            0
+        } else {
+            self.lm_head.weight_bytes()
+        };
         layers + embed + head + norm(&self.norm)
     }
 
@@ -223,7 +262,13 @@ impl Llama {
     /// Runs layers `layers` on `hidden` (positions continue each layer's cache). Records the
     /// residual stream after each layer `l` as trace layer `l + 1` (and the input as layer 0
     /// when the range starts at 0).
-    pub fn forward_layers(&self, hidden: &Tensor, layers: Range<usize>, cache: &mut KvCache, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         if layers.end > self.layers.len() || layers.start > layers.end {
             return Err(Error::InvalidArgument(format!(
                 "layer range {}..{} is outside the model's {} layers",
@@ -249,9 +294,17 @@ impl Llama {
                 });
             }
             let layer = &self.layers[l];
-            let attn = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, &self.rope, cache, l, offset)?;
+            let attn = layer.self_attn.forward(
+                &layer.input_layernorm.forward(&x)?,
+                &self.rope,
+                cache,
+                l,
+                offset,
+            )?;
             let x_attn = (attn + &x)?;
-            let mlp = layer.mlp.forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
+            let mlp = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
             x = (mlp + x_attn)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.record(l + 1, &x)?;
@@ -266,24 +319,44 @@ impl Llama {
     }
 
     /// Runs every layer on new tokens and returns logits for each of them, `(seq, vocab)`.
-    pub fn forward(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let hidden = self.run_all_layers(ids, cache, trace)?;
         Ok(self.head(&hidden)?.squeeze(0)?)
     }
 
     /// Like [`Self::forward`] but applies the head to the last position only, `(vocab,)`:
     /// what a prefill needs, and much cheaper than a full-vocabulary head per prompt token.
-    pub fn forward_last(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward_last(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let hidden = self.run_all_layers(ids, cache, trace)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
         Ok(self.head(&last)?.flatten_all()?)
     }
 
-    fn run_all_layers(&self, ids: &[u32], cache: &mut KvCache, trace: Option<&mut Trace>) -> Result<Tensor> {
+    fn run_all_layers(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         if ids.is_empty() {
-            return Err(Error::InvalidArgument("no tokens to run: the prompt is empty".to_string()));
+            return Err(Error::InvalidArgument(
+                "no tokens to run: the prompt is empty".to_string(),
+            ));
         }
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(Error::InvalidArgument(format!(
                 "token id {bad} is outside the model's vocabulary of {}: the tokenizer does not match the model",
                 self.config.vocab_size

@@ -1,0 +1,394 @@
+//! The `dynexec` binary as a user runs it: output formats, determinism, and a clear error
+//! (never a panic) for each kind of bad input.
+
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn dynexec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynexec"))
+        .args(args)
+        .args(["--device", "cpu", "--quiet"])
+        .output()
+        .expect("run dynexec")
+}
+
+fn dynexec_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynexec"));
+    cmd.args(args).args(["--device", "cpu", "--quiet"]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run dynexec")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "dynexec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Asserts a failure with a message containing `needle`, and no panic.
+fn assert_clear_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "expected `{needle}` in: {stderr}"
+    );
+}
+
+fn smollm2_path() -> String {
+    let out = dynexec(&["models", "path", "smollm2-135m-instruct"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn generate_json_has_every_documented_key_and_greedy_is_deterministic() {
+    let args = [
+        "generate",
+        "--json",
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "8",
+    ];
+    let a = stdout_json(&dynexec(&args));
+    for key in [
+        "text",
+        "token_ids",
+        "prompt_tokens",
+        "generated_tokens",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+        "ttft_ms",
+        "device",
+    ] {
+        assert!(a.get(key).is_some(), "missing `{key}` in {a}");
+    }
+    assert_eq!(a["device"], "cpu");
+    let ids = a["token_ids"].as_array().unwrap();
+    assert_eq!(ids.len() as u64, a["generated_tokens"].as_u64().unwrap());
+    assert!(!ids.is_empty() && ids.len() <= 8);
+    assert!(a["prompt_tokens"].as_u64().unwrap() >= 5);
+    assert!(a["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let b = stdout_json(&dynexec(&args));
+    assert_eq!(
+        a["token_ids"], b["token_ids"],
+        "greedy decoding must be deterministic"
+    );
+}
+
+#[test]
+fn streamed_text_equals_the_json_text() {
+    let args = ["generate", "--prompt", "Once upon a time", "-n", "12"];
+    let out = dynexec(&args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let streamed = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("prefill") && stderr.contains("decode") && stderr.contains("ttft"),
+        "{stderr}"
+    );
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let json = stdout_json(&dynexec(&json_args));
+    assert_eq!(
+        streamed.trim_end_matches('\n'),
+        json["text"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn sampling_with_a_seed_is_reproducible() {
+    let args = [
+        "generate",
+        "--json",
+        "--chat",
+        "--prompt",
+        "Name a fruit.",
+        "-n",
+        "10",
+        "--temperature",
+        "0.9",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+    ];
+    let a = stdout_json(&dynexec(&args));
+    let b = stdout_json(&dynexec(&args));
+    assert_eq!(a["token_ids"], b["token_ids"]);
+}
+
+#[test]
+fn trace_saves_the_requested_layers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.safetensors");
+    let out = dynexec(&[
+        "generate",
+        "--prompt",
+        "Hi there",
+        "-n",
+        "3",
+        "--ignore-eos",
+        "--trace",
+        path.to_str().unwrap(),
+        "--trace-layers",
+        "0,15,30",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("trace.safetensors.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(info["layers"], serde_json::json!([0, 15, 30]));
+    assert_eq!(info["features"], 576);
+    // Prompt tokens plus the generated tokens that were fed back (all but the last).
+    let positions = info["positions"].as_u64().unwrap();
+    assert_eq!(
+        info["token_ids"].as_array().unwrap().len() as u64,
+        positions
+    );
+    assert!(positions >= 4);
+    let bad = dynexec(&[
+        "generate",
+        "--prompt",
+        "Hi",
+        "-n",
+        "1",
+        "--trace",
+        path.to_str().unwrap(),
+        "--trace-layers",
+        "31",
+    ]);
+    assert_clear_error(&bad, "past the model's 30 layers");
+}
+
+#[test]
+fn models_list_and_path() {
+    let list = stdout_json(&dynexec(&["models", "list", "--json"]));
+    let names: Vec<&str> = list["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"smollm2-135m-instruct") && names.contains(&"minilm-l6"),
+        "{names:?}"
+    );
+    assert!(Path::new(&smollm2_path()).exists());
+}
+
+#[test]
+fn bench_generate_reports_ours_and_the_peer() {
+    let report = stdout_json(&dynexec(&[
+        "bench",
+        "generate",
+        "--json",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--peer",
+    ]));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["implementation"], "dynexec");
+    for row in rows {
+        assert!(row["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(row["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(report["decode_ratio_vs_peer"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn unknown_model_names_and_missing_files() {
+    assert_clear_error(
+        &dynexec(&["generate", "-m", "no-such-model", "--prompt", "x"]),
+        "unknown model `no-such-model`",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "-m", "/nonexistent/model.gguf", "--prompt", "x"]),
+        "model file not found",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "-m", "hf:not-a-repo", "--prompt", "x"]),
+        "hf:ORG/REPO",
+    );
+}
+
+#[test]
+fn corrupt_and_truncated_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.gguf");
+    std::fs::write(&garbage, b"this is not a gguf file at all").unwrap();
+    assert_clear_error(
+        &dynexec(&["generate", "-m", garbage.to_str().unwrap(), "--prompt", "x"]),
+        "not a readable GGUF file",
+    );
+
+    let real = std::fs::read(smollm2_path()).unwrap();
+    let truncated = dir.path().join("truncated.gguf");
+    std::fs::write(&truncated, &real[..real.len() / 2]).unwrap();
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "-m",
+            truncated.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "truncated or corrupt",
+    );
+
+    let folder = dir.path().join("dense");
+    std::fs::create_dir(&folder).unwrap();
+    let config = r#"{"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 64, "vocab_size": 50}"#;
+    std::fs::write(folder.join("config.json"), config).unwrap();
+    std::fs::write(folder.join("tokenizer.json"), b"{}").unwrap();
+    std::fs::write(
+        folder.join("model.safetensors"),
+        b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!",
+    )
+    .unwrap();
+    assert_clear_error(
+        &dynexec(&["generate", "-m", folder.to_str().unwrap(), "--prompt", "x"]),
+        "corrupt",
+    );
+
+    std::fs::write(folder.join("config.json"), b"{ not json").unwrap();
+    assert_clear_error(
+        &dynexec(&["generate", "-m", folder.to_str().unwrap(), "--prompt", "x"]),
+        "not a llama-family config.json",
+    );
+}
+
+#[test]
+fn checksum_mismatch_on_pull() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("w.gguf"), b"not the pinned bytes").unwrap();
+    let manifest = dir.path().join("models.toml");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"[[model]]
+name = "pinned"
+architecture = "llama"
+format = "gguf"
+license = "MIT"
+file = [{{ path = "w.gguf", sha256 = "{}", bytes = 20 }}]
+source = [{{ local = "." }}]
+"#,
+            "0".repeat(64)
+        ),
+    )
+    .unwrap();
+    let cache = dir.path().join("cache");
+    let env = [
+        ("DYNEXEC_MANIFEST", manifest.as_path()),
+        ("DYNEXEC_CACHE", cache.as_path()),
+    ];
+    assert_clear_error(
+        &dynexec_env(&["models", "pull", "pinned"], &env),
+        "sha256 mismatch",
+    );
+    assert_clear_error(
+        &dynexec_env(&["generate", "-m", "pinned", "--prompt", "x"], &env),
+        "sha256 mismatch",
+    );
+}
+
+#[test]
+fn bad_devices_and_flags() {
+    assert_clear_error(
+        &dynexec(&["--device", "tpu", "models", "list"]),
+        "unknown device `tpu`",
+    );
+    if !cfg!(feature = "cuda") {
+        let out = Command::new(env!("CARGO_BIN_EXE_dynexec"))
+            .args(["generate", "--device", "cuda", "--prompt", "x"])
+            .output()
+            .unwrap();
+        assert_clear_error(&out, "--features cuda");
+    }
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--temperature=-1"]),
+        "--temperature",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--top-p", "2"]),
+        "--top-p",
+    );
+    assert_clear_error(&dynexec(&["generate"]), "--prompt");
+    assert_clear_error(&dynexec(&["generate", "--prompt", ""]), "empty");
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--max-tokens", "many"]),
+        "invalid value",
+    );
+}
+
+#[test]
+fn prompt_longer_than_the_context() {
+    let long = "hello ".repeat(9000);
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", &long, "-n", "4"]),
+        "context holds 8192",
+    );
+}
+
+#[test]
+fn a_tokenizer_from_another_model_is_refused() {
+    let out = dynexec(&["models", "path", "minilm-l6"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let paths = String::from_utf8(out.stdout).unwrap();
+    let tokenizer = paths
+        .lines()
+        .find(|l| l.ends_with("tokenizer.json"))
+        .unwrap()
+        .to_string();
+    assert_clear_error(
+        &dynexec(&["generate", "--tokenizer", &tokenizer, "--prompt", "x"]),
+        "does not match the model's vocabulary",
+    );
+}
