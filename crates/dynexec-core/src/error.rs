@@ -27,6 +27,10 @@ pub enum Error {
     #[error("could not pull `{model}`; every source failed:\n{attempts}")]
     PullFailed { model: String, attempts: String },
 
+    /// A source could not deliver a file (network, registry client, archive).
+    #[error("{0}")]
+    Fetch(String),
+
     #[error("invalid model manifest {path}: {message}")]
     Manifest { path: String, message: String },
 

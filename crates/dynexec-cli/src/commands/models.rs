@@ -92,6 +92,9 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
             for name in &names {
                 let result = hub.pull(name)?;
                 if !global.json {
+                    for skipped in &result.skipped {
+                        eprintln!("note: skipped {}", skipped.trim());
+                    }
                     match &result.source {
                         Some(source) => eprintln!("pulled {name} from {source}"),
                         None => eprintln!("{name} is already cached"),
