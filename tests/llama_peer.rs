@@ -85,10 +85,15 @@ mod dense {
     use candle_transformers::models::llama as peer_llama;
     use std::collections::HashMap;
 
-    /// A small random llama with GQA, saved as a transformers checkpoint.
-    pub fn write_random_llama(dir: &std::path::Path, tie: bool) {
+    /// A small random llama with GQA, saved as a transformers checkpoint; `qwen2` adds the
+    /// q/k/v biases and the config keys of a Qwen2 model.
+    pub fn write_random_llama(dir: &std::path::Path, tie: bool, qwen2: bool) {
         let config = serde_json::json!({
-            "model_type": "llama",
+            "model_type": if qwen2 { "qwen2" } else { "llama" },
+            "sliding_window": 128,
+            "max_window_layers": 3,
+            "use_sliding_window": false,
+            "hidden_act": "silu",
             "hidden_size": 64,
             "intermediate_size": 96,
             "num_hidden_layers": 3,
@@ -114,6 +119,11 @@ mod dense {
             add(&format!("{p}.self_attn.k_proj.weight"), &[32, 64], 0.1);
             add(&format!("{p}.self_attn.v_proj.weight"), &[32, 64], 0.1);
             add(&format!("{p}.self_attn.o_proj.weight"), &[64, 64], 0.1);
+            if qwen2 {
+                add(&format!("{p}.self_attn.q_proj.bias"), &[64], 0.5);
+                add(&format!("{p}.self_attn.k_proj.bias"), &[32], 0.5);
+                add(&format!("{p}.self_attn.v_proj.bias"), &[32], 0.5);
+            }
             add(&format!("{p}.mlp.gate_proj.weight"), &[96, 64], 0.1);
             add(&format!("{p}.mlp.up_proj.weight"), &[96, 64], 0.1);
             add(&format!("{p}.mlp.down_proj.weight"), &[64, 96], 0.1);
@@ -131,7 +141,7 @@ mod dense {
     fn random_dense_llama_matches_candle_transformers_llama() {
         for tie in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            write_random_llama(dir.path(), tie);
+            write_random_llama(dir.path(), tie, false);
             let weights = vec![dir.path().join("model.safetensors")];
             let ours = Llama::load_safetensors(
                 &dir.path().join("config.json"),
@@ -201,4 +211,49 @@ mod dense {
             }
         }
     }
+}
+
+#[test]
+fn random_qwen2_with_qkv_bias_matches_candle_transformers_qwen2() {
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::qwen2;
+    let dir = tempfile::tempdir().unwrap();
+    dense::write_random_llama(dir.path(), true, true);
+    let weights = vec![dir.path().join("model.safetensors")];
+    let ours = Llama::load_safetensors(
+        &dir.path().join("config.json"),
+        &weights,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(ours.config().qkv_bias);
+    let text = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    let cfg: qwen2::Config = serde_json::from_str(&text).unwrap();
+    let vb =
+        unsafe { VarBuilder::from_mmaped_safetensors(&weights, DType::F32, &Device::Cpu).unwrap() };
+    let mut theirs = qwen2::ModelForCausalLM::new(&cfg, vb).unwrap();
+
+    let ids: Vec<u32> = vec![4, 8, 15, 16, 23, 42];
+    let mut cache = ours.new_cache();
+    let our_last = ours.forward_last(&ids, &mut cache, None).unwrap();
+    let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let their_last = theirs.forward(&input, 0).unwrap().flatten_all().unwrap();
+    let diff = max_abs_diff(&our_last, &their_last);
+    assert!(diff < 1e-4, "qwen2 prefill logits differ by {diff}");
+    let our_next = ours.forward_last(&[7], &mut cache, None).unwrap();
+    let input = Tensor::new(&[7u32], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let their_next = theirs
+        .forward(&input, ids.len())
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+    let diff = max_abs_diff(&our_next, &their_next);
+    assert!(diff < 1e-4, "qwen2 decode logits differ by {diff}");
 }
