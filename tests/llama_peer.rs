@@ -83,65 +83,12 @@ mod dense {
     use super::*;
     use candle_nn::VarBuilder;
     use candle_transformers::models::llama as peer_llama;
-    use std::collections::HashMap;
-
-    /// A small random llama with GQA, saved as a transformers checkpoint; `qwen2` adds the
-    /// q/k/v biases and the config keys of a Qwen2 model.
-    pub fn write_random_llama(dir: &std::path::Path, tie: bool, qwen2: bool) {
-        let config = serde_json::json!({
-            "model_type": if qwen2 { "qwen2" } else { "llama" },
-            "sliding_window": 128,
-            "max_window_layers": 3,
-            "use_sliding_window": false,
-            "hidden_act": "silu",
-            "hidden_size": 64,
-            "intermediate_size": 96,
-            "num_hidden_layers": 3,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": 128,
-            "vocab_size": 50,
-            "tie_word_embeddings": tie,
-        });
-        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-        let dev = Device::Cpu;
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        let mut add = |name: &str, shape: &[usize], scale: f64| {
-            let t = (Tensor::randn(0f32, 1f32, shape, &dev).unwrap() * scale).unwrap();
-            tensors.insert(name.to_string(), t);
-        };
-        add("model.embed_tokens.weight", &[50, 64], 1.0);
-        for i in 0..3 {
-            let p = format!("model.layers.{i}");
-            add(&format!("{p}.self_attn.q_proj.weight"), &[64, 64], 0.1);
-            add(&format!("{p}.self_attn.k_proj.weight"), &[32, 64], 0.1);
-            add(&format!("{p}.self_attn.v_proj.weight"), &[32, 64], 0.1);
-            add(&format!("{p}.self_attn.o_proj.weight"), &[64, 64], 0.1);
-            if qwen2 {
-                add(&format!("{p}.self_attn.q_proj.bias"), &[64], 0.5);
-                add(&format!("{p}.self_attn.k_proj.bias"), &[32], 0.5);
-                add(&format!("{p}.self_attn.v_proj.bias"), &[32], 0.5);
-            }
-            add(&format!("{p}.mlp.gate_proj.weight"), &[96, 64], 0.1);
-            add(&format!("{p}.mlp.up_proj.weight"), &[96, 64], 0.1);
-            add(&format!("{p}.mlp.down_proj.weight"), &[64, 96], 0.1);
-            add(&format!("{p}.input_layernorm.weight"), &[64], 1.0);
-            add(&format!("{p}.post_attention_layernorm.weight"), &[64], 1.0);
-        }
-        add("model.norm.weight", &[64], 1.0);
-        if !tie {
-            add("lm_head.weight", &[50, 64], 0.1);
-        }
-        candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
-    }
 
     #[test]
     fn random_dense_llama_matches_candle_transformers_llama() {
         for tie in [false, true] {
             let dir = tempfile::tempdir().unwrap();
-            write_random_llama(dir.path(), tie, false);
+            common::write_random_llama(dir.path(), tie, false, 50);
             let weights = vec![dir.path().join("model.safetensors")];
             let ours = Llama::load_safetensors(
                 &dir.path().join("config.json"),
@@ -218,7 +165,7 @@ fn random_qwen2_with_qkv_bias_matches_candle_transformers_qwen2() {
     use candle_nn::VarBuilder;
     use candle_transformers::models::qwen2;
     let dir = tempfile::tempdir().unwrap();
-    dense::write_random_llama(dir.path(), true, true);
+    common::write_random_llama(dir.path(), true, true, 50);
     let weights = vec![dir.path().join("model.safetensors")];
     let ours = Llama::load_safetensors(
         &dir.path().join("config.json"),

@@ -34,3 +34,56 @@ pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A small random llama with GQA, saved as a transformers checkpoint; `qwen2` adds the
+/// q/k/v biases and the config keys of a Qwen2 model.
+pub fn write_random_llama(dir: &std::path::Path, tie: bool, qwen2: bool, vocab: usize) {
+    let config = serde_json::json!({
+        "model_type": if qwen2 { "qwen2" } else { "llama" },
+        "sliding_window": 128,
+        "max_window_layers": 3,
+        "use_sliding_window": false,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 128,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tie,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut tensors: std::collections::HashMap<String, candle_core::Tensor> =
+        std::collections::HashMap::new();
+    let mut add = |name: &str, shape: &[usize], scale: f64| {
+        let t = (candle_core::Tensor::randn(0f32, 1f32, shape, &dev).unwrap() * scale).unwrap();
+        tensors.insert(name.to_string(), t);
+    };
+    add("model.embed_tokens.weight", &[vocab, 64], 1.0);
+    for i in 0..3 {
+        let p = format!("model.layers.{i}");
+        add(&format!("{p}.self_attn.q_proj.weight"), &[64, 64], 0.1);
+        add(&format!("{p}.self_attn.k_proj.weight"), &[32, 64], 0.1);
+        add(&format!("{p}.self_attn.v_proj.weight"), &[32, 64], 0.1);
+        add(&format!("{p}.self_attn.o_proj.weight"), &[64, 64], 0.1);
+        if qwen2 {
+            add(&format!("{p}.self_attn.q_proj.bias"), &[64], 0.5);
+            add(&format!("{p}.self_attn.k_proj.bias"), &[32], 0.5);
+            add(&format!("{p}.self_attn.v_proj.bias"), &[32], 0.5);
+        }
+        add(&format!("{p}.mlp.gate_proj.weight"), &[96, 64], 0.1);
+        add(&format!("{p}.mlp.up_proj.weight"), &[96, 64], 0.1);
+        add(&format!("{p}.mlp.down_proj.weight"), &[64, 96], 0.1);
+        add(&format!("{p}.input_layernorm.weight"), &[64], 1.0);
+        add(&format!("{p}.post_attention_layernorm.weight"), &[64], 1.0);
+    }
+    add("model.norm.weight", &[64], 1.0);
+    if !tie {
+        add("lm_head.weight", &[vocab, 64], 0.1);
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+}

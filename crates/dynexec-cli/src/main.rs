@@ -26,6 +26,11 @@ enum Command {
     /// Benchmark an engine: baseline and technique side by side in one process.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Convert a model's linear layers (f32, f16, q8_0, q4_0, q4_1) and write a GGUF.
+    Quantize(commands::quantize::QuantizeArgs),
+    /// Measure model quality (perplexity).
+    #[command(subcommand)]
+    Eval(commands::eval::EvalCommand),
     /// List, pull and locate the models of the manifest.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
@@ -38,6 +43,8 @@ fn main() {
         Command::Generate(args) => commands::generate::run(&cli.global, args),
         Command::Bench(cmd) => commands::bench::run(&cli.global, cmd),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
+        Command::Quantize(args) => commands::quantize::run(&cli.global, args),
+        Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
+use dynexec_quant::WeightFormat;
 
 #[derive(Args, Clone)]
 pub struct GlobalOptions {
@@ -16,6 +17,11 @@ pub struct GlobalOptions {
     /// bf16 on GPUs). GGUF models always compute in f32.
     #[arg(long, global = true, value_parser = parse_dtype)]
     pub dtype: Option<DType>,
+
+    /// Convert every linear layer at load time: f32, f16, q8_0, q4_0 or q4_1 (embeddings and
+    /// norms stay in float). `f32` dequantizes a quantized GGUF.
+    #[arg(long, global = true, value_parser = parse_quant)]
+    pub quant: Option<WeightFormat>,
 
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
     #[arg(long, global = true)]
@@ -31,6 +37,10 @@ pub struct GlobalOptions {
 }
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
+fn parse_quant(s: &str) -> Result<WeightFormat, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 

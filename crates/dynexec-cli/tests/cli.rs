@@ -392,3 +392,160 @@ fn a_tokenizer_from_another_model_is_refused() {
         "does not match the model's vocabulary",
     );
 }
+
+const SAMPLE_TEXT: &str = "The Congress shall have power to lay and collect taxes, duties, imposts and excises, \
+to pay the debts and provide for the common defence and general welfare of the United States; but all duties, \
+imposts and excises shall be uniform throughout the United States. To borrow money on the credit of the United \
+States; to regulate commerce with foreign nations, and among the several states, and with the Indian tribes.";
+
+#[test]
+fn quantize_writes_a_gguf_that_generates_like_in_place_conversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-q8_0.gguf");
+    let report = stdout_json(&dynexec(&[
+        "quantize",
+        "smollm2-135m-instruct",
+        "--to",
+        "q8_0",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(report["format"], "q8_0");
+    assert!(out.exists());
+    let args = [
+        "generate",
+        "--json",
+        "--prompt",
+        "The three primary colors are",
+        "-n",
+        "8",
+    ];
+    let from_file = stdout_json(&dynexec(
+        &[&args[..], &["-m", out.to_str().unwrap()]].concat(),
+    ));
+    let in_place = stdout_json(&dynexec(&[&args[..], &["--quant", "q8_0"]].concat()));
+    assert_eq!(from_file["token_ids"], in_place["token_ids"]);
+
+    assert_clear_error(
+        &dynexec(&[
+            "quantize",
+            "smollm2-135m-instruct",
+            "--to",
+            "q3_k",
+            "--out",
+            "x.gguf",
+        ]),
+        "unknown quantization",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "quantize",
+            "smollm2-135m-instruct",
+            "--to",
+            "q8_0",
+            "--out",
+            "x.bin",
+        ]),
+        ".gguf",
+    );
+    let truncated = dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    assert_clear_error(
+        &dynexec(&[
+            "quantize",
+            truncated.to_str().unwrap(),
+            "--to",
+            "q4_0",
+            "--out",
+            dir.path().join("y.gguf").to_str().unwrap(),
+        ]),
+        "truncated or corrupt",
+    );
+}
+
+#[test]
+fn eval_perplexity_reports_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, SAMPLE_TEXT).unwrap();
+    let report = stdout_json(&dynexec(&[
+        "--quant",
+        "f32",
+        "eval",
+        "perplexity",
+        "--text",
+        text.to_str().unwrap(),
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--json",
+    ]));
+    let ppl = report["perplexity"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 1000.0, "{report}");
+    assert!(report["tokens"].as_u64().unwrap() > 50);
+    assert_eq!(report["quant"], "f32");
+    assert_clear_error(
+        &dynexec(&["eval", "perplexity", "--text", "/nonexistent.txt"]),
+        "fetch-sotu",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "eval",
+            "perplexity",
+            "--text",
+            text.to_str().unwrap(),
+            "--stride",
+            "0",
+        ]),
+        "--stride",
+    );
+}
+
+#[test]
+fn bench_quant_reports_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, SAMPLE_TEXT).unwrap();
+    let report = stdout_json(&dynexec(&[
+        "bench",
+        "quant",
+        "--json",
+        "--formats",
+        "f32,q8_0",
+        "--text",
+        text.to_str().unwrap(),
+        "--eval-tokens",
+        "48",
+        "--context",
+        "32",
+        "--stride",
+        "32",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+    ]));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        for key in [
+            "quant",
+            "weights_bytes",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "perplexity",
+        ] {
+            assert!(row.get(key).is_some(), "missing {key} in {row}");
+        }
+    }
+    assert!(
+        rows[1]["weights_bytes"].as_u64().unwrap() < rows[0]["weights_bytes"].as_u64().unwrap()
+    );
+}

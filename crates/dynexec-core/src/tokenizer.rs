@@ -29,6 +29,8 @@ pub struct TextTokenizer {
     /// Ids that end a generation.
     pub eos_ids: Vec<u32>,
     pub chat_template: Option<ChatTemplate>,
+    /// The model's chat template as written (Jinja), kept for export.
+    pub chat_template_source: Option<String>,
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -71,6 +73,7 @@ impl TextTokenizer {
             bos_to_add: None,
             eos_ids,
             chat_template,
+            chat_template_source: template,
         })
     }
 
@@ -160,6 +163,7 @@ impl TextTokenizer {
             bos_to_add,
             eos_ids,
             chat_template,
+            chat_template_source: template,
         })
     }
 

@@ -3,7 +3,73 @@
 
 use crate::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
+use dynexec_core::Error;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// Formats a linear layer's weight can be converted to in place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightFormat {
+    F32,
+    F16,
+    Q8_0,
+    Q4_0,
+    Q4_1,
+}
+
+impl WeightFormat {
+    pub const ALL: [WeightFormat; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4_1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+        }
+    }
+
+    /// The GGML storage type of this format.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::F32 => GgmlDType::F32,
+            Self::F16 => GgmlDType::F16,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+        }
+    }
+}
+
+impl FromStr for WeightFormat {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "unknown quantization `{s}`: use f32, f16, q8_0, q4_0 or q4_1"
+                ))
+            })
+    }
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Models whose linear layers can be visited (and replaced) one by one, e.g. to quantize them.
+pub trait HasLinears {
+    /// Every linear layer with a stable name (GGUF-style, e.g. `blk.3.ffn_up`).
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+}
 
 /// `y = x W^T + b` with `W` of shape `(out_features, in_features)`.
 #[derive(Debug, Clone)]
@@ -64,11 +130,148 @@ impl Linear {
         }
     }
 
+    /// The weight as an F32 tensor, dequantized if needed.
+    pub fn float_weight(&self) -> Result<Tensor> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
+            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+        })
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The weight as a GGUF tensor in its current format (dense weights as F32 or F16);
+    /// quantized weights are shared, not re-packed, so their bytes stay exactly as they are.
+    pub fn to_qtensor(&self) -> Result<Arc<QTensor>> {
+        Ok(match &self.weight {
+            QMatMul::QTensor(q) => q.clone(),
+            QMatMul::Tensor(t) => {
+                Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?)
+            }
+            QMatMul::TensorF16(t) => {
+                Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F16)?)
+            }
+        })
+    }
+
+    /// This layer with its weight converted to `format` (from its float values, so converting
+    /// a Q4_1 layer to F32 dequantizes it exactly). The bias stays as it is.
+    pub fn convert(&self, format: WeightFormat) -> Result<Linear> {
+        let weight = self.float_weight()?;
+        let ggml = format.ggml();
+        if self.in_features % ggml.block_size() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "cannot store a {}x{} weight as {format}: its input size is not a multiple of the {}-value block",
+                self.out_features,
+                self.in_features,
+                ggml.block_size()
+            )));
+        }
+        let weight = match format {
+            WeightFormat::F32 => QMatMul::Tensor(weight),
+            WeightFormat::F16 => QMatMul::TensorF16(weight.to_dtype(DType::F16)?),
+            _ => QMatMul::QTensor(Arc::new(QTensor::quantize(&weight, ggml)?)),
+        };
+        Ok(Self {
+            weight,
+            bias: self.bias.clone(),
+            out_features: self.out_features,
+            in_features: self.in_features,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn formats_parse_and_name_themselves() {
+        for f in WeightFormat::ALL {
+            assert_eq!(f.name().parse::<WeightFormat>().unwrap(), f);
+        }
+        let err = "q3_k".parse::<WeightFormat>().unwrap_err().to_string();
+        assert!(err.contains("q8_0"), "{err}");
+    }
+
+    #[test]
+    fn conversion_keeps_the_function_and_shrinks_the_weight() {
+        // Deterministic pseudo-random values in [-1, 1].
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 + seed) * 12.9898).sin())
+                .collect()
+        };
+        let w = Tensor::from_vec(values(8 * 64, 0.5), (8, 64), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(values(3 * 64, 7.25), (3, 64), &Device::Cpu).unwrap();
+        let dense = Linear::dense(w, None).unwrap();
+        let reference = dense.forward(&x).unwrap();
+        let scale = reference
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // Relative error bounds: f16 rounding, then 8-bit and 4-bit blocks (with the 8-bit
+        // quantized activations candle's kernels use).
+        for (format, tolerance) in [
+            (WeightFormat::F16, 0.002),
+            (WeightFormat::Q8_0, 0.03),
+            (WeightFormat::Q4_0, 0.3),
+        ] {
+            let q = dense.convert(format).unwrap();
+            assert!(q.weight_bytes() < dense.weight_bytes(), "{format}");
+            let diff = (q.forward(&x).unwrap() - &reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff / scale < tolerance,
+                "{format}: relative error {}",
+                diff / scale
+            );
+        }
+        // Back to F32 from Q8_0 is the dequantized weight, exactly.
+        let q8 = dense.convert(WeightFormat::Q8_0).unwrap();
+        let back = q8.convert(WeightFormat::F32).unwrap();
+        let diff = (q8.float_weight().unwrap() - back.float_weight().unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0);
+    }
+
+    #[test]
+    fn block_sizes_that_do_not_divide_the_input_are_refused() {
+        let w = Tensor::zeros((4, 48), DType::F32, &Device::Cpu).unwrap();
+        let err = Linear::dense(w, None)
+            .unwrap()
+            .convert(WeightFormat::Q8_0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not a multiple of the 32-value block"),
+            "{err}"
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! `dynexec bench ...`: baseline and technique measured side by side in one process.
 
+use super::eval::{evaluate, read_text, WindowArgs};
+use super::generate::load_model;
 use super::generate::ModelArgs;
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
@@ -9,9 +11,10 @@ use clap::{Args, Subcommand};
 use dynexec_core::device::device_name;
 use dynexec_core::stats::Summary;
 use dynexec_models::llama::Llama;
+use dynexec_quant::WeightFormat;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Subcommand)]
@@ -22,6 +25,46 @@ pub enum BenchCommand {
         after_help = "Example:\n  dynexec bench generate --threads 2 --prompt-tokens 64 --gen-tokens 128 --runs 3 --peer"
     )]
     Generate(BenchGenerateArgs),
+    /// Every precision of one decoder side by side: weight bytes in memory, prefill and
+    /// decode tok/s, and perplexity on a held-out text.
+    #[command(
+        after_help = "Example:\n  scripts/fetch-sotu.sh\n  dynexec bench quant --threads 2 --formats f32,q8_0,q4_1 --eval-tokens 1024"
+    )]
+    Quant(BenchQuantArgs),
+}
+
+#[derive(Args)]
+pub struct BenchQuantArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Formats to compare (f32, f16, q8_0, q4_0, q4_1).
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0,q4_1", value_parser = parse_format)]
+    formats: Vec<WeightFormat>,
+    /// Held-out text for perplexity (default: the State of the Union slice of scripts/fetch-sotu.sh).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Tokens of the text to score.
+    #[arg(long, default_value_t = 1024)]
+    eval_tokens: usize,
+    /// Perplexity window.
+    #[arg(long, default_value_t = 512)]
+    context: usize,
+    /// Perplexity window stride (= context: windows do not overlap).
+    #[arg(long, default_value_t = 512)]
+    stride: usize,
+    #[arg(long, default_value_t = 64)]
+    prompt_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Measured speed runs per format (interleaved across formats).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
 #[derive(Args)]
@@ -49,6 +92,7 @@ pub struct BenchGenerateArgs {
 pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(args) => bench_generate(global, args),
+        BenchCommand::Quant(args) => bench_quant(global, args),
     }
 }
 
@@ -164,11 +208,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         "--prompt-tokens + --gen-tokens = {} exceeds the model's context of {context}",
         args.prompt_tokens + args.gen_tokens
     );
-    let mut prompt = Vec::new();
-    while prompt.len() < args.prompt_tokens {
-        prompt.extend(loaded.tokenizer.encode(BENCH_TEXT)?);
-    }
-    prompt.truncate(args.prompt_tokens);
+    let prompt = bench_prompt(&loaded.tokenizer, args.prompt_tokens)?;
 
     let mut decoders: Vec<Box<dyn Decoder + '_>> = vec![Box::new(Ours(model))];
     if args.peer {
@@ -281,3 +321,156 @@ const ZERO: Summary = Summary {
     max: 0.0,
     runs: 0,
 };
+
+/// The synthetic prompt of `len` tokens both benchmarks decode from.
+fn bench_prompt(
+    tokenizer: &dynexec_core::tokenizer::TextTokenizer,
+    len: usize,
+) -> Result<Vec<u32>> {
+    let mut prompt = Vec::new();
+    while prompt.len() < len {
+        prompt.extend(tokenizer.encode(BENCH_TEXT)?);
+    }
+    prompt.truncate(len);
+    Ok(prompt)
+}
+
+#[derive(Serialize)]
+struct QuantRow {
+    quant: WeightFormat,
+    weights_bytes: usize,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    perplexity: f64,
+    perplexity_tokens: usize,
+    prefill: Summary,
+    decode: Summary,
+}
+
+#[derive(Serialize)]
+struct QuantReport {
+    model: String,
+    device: String,
+    threads: usize,
+    text: String,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    runs: usize,
+    rows: Vec<QuantRow>,
+}
+
+fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
+    anyhow::ensure!(
+        args.runs > 0 && !args.formats.is_empty(),
+        "--runs and --formats must not be empty"
+    );
+    let text_path = match &args.text {
+        Some(p) => p.clone(),
+        None => dynexec_core::hub::default_cache_dir().join("data/sotu/heldout.txt"),
+    };
+    let text = read_text(&text_path)?;
+    let models = args
+        .formats
+        .iter()
+        .map(|&f| {
+            load_model(
+                global,
+                &args.model.model,
+                args.model.tokenizer.as_deref(),
+                Some(f),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let prompt = bench_prompt(&models[0].tokenizer, args.prompt_tokens)?;
+
+    let total = ((args.warmup + args.runs) * models.len()) as u64;
+    let bar = if global.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    if let Ok(style) = ProgressStyle::with_template("speed [{bar:30}] {pos}/{len} runs {msg}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let mut speed: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); models.len()];
+    for run in 0..args.warmup + args.runs {
+        for (i, loaded) in models.iter().enumerate() {
+            bar.set_message(args.formats[i].to_string());
+            let (prefill, decode) = Ours(&loaded.model).run(&prompt, args.gen_tokens)?;
+            if run >= args.warmup {
+                speed[i].0.push(args.prompt_tokens as f64 / prefill);
+                speed[i]
+                    .1
+                    .push(args.gen_tokens as f64 / decode.max(f64::EPSILON));
+            }
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+
+    let window = WindowArgs {
+        context: args.context,
+        stride: args.stride,
+        max_tokens: Some(args.eval_tokens),
+    };
+    let mut rows = Vec::new();
+    for (i, loaded) in models.iter().enumerate() {
+        let ppl = evaluate(loaded, &text, &window, global.quiet)
+            .with_context(|| format!("perplexity at {}", args.formats[i]))?;
+        let prefill = Summary::of(&speed[i].0).unwrap_or(ZERO);
+        let decode = Summary::of(&speed[i].1).unwrap_or(ZERO);
+        rows.push(QuantRow {
+            quant: args.formats[i],
+            weights_bytes: loaded.model.weight_bytes(),
+            prefill_tokens_per_s: prefill.median,
+            decode_tokens_per_s: decode.median,
+            perplexity: ppl.perplexity,
+            perplexity_tokens: ppl.tokens,
+            prefill,
+            decode,
+        });
+    }
+    let report = QuantReport {
+        model: args.model.model.clone(),
+        device: device_name(models[0].model.device()),
+        threads: candle_core::utils::get_num_threads(),
+        text: text_path.display().to_string(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        runs: args.runs,
+        rows,
+    };
+    if global.json {
+        return print_json(&report);
+    }
+    println!(
+        "model {} | device {} | threads {} | pp{} tg{} x{} runs | perplexity on {} ({} tokens)",
+        report.model,
+        report.device,
+        report.threads,
+        report.prompt_tokens,
+        report.gen_tokens,
+        report.runs,
+        report.text,
+        report.rows[0].perplexity_tokens
+    );
+    let base = &report.rows[0];
+    println!(
+        "{:<6} {:>10} {:>16} {:>16} {:>11} {:>9} {:>9}",
+        "quant", "weights", "prefill tok/s", "decode tok/s", "perplexity", "ppl Δ", "decode x"
+    );
+    for row in &report.rows {
+        println!(
+            "{:<6} {:>8.1}MB {:>16} {:>16} {:>11.3} {:>8.2}% {:>8.2}x",
+            row.quant.to_string(),
+            row.weights_bytes as f64 / 1e6,
+            format!("{:.1} ± {:.1}", row.prefill.median, row.prefill.stddev),
+            format!("{:.1} ± {:.1}", row.decode.median, row.decode.stddev),
+            row.perplexity,
+            (row.perplexity / base.perplexity - 1.0) * 100.0,
+            row.decode_tokens_per_s / base.decode_tokens_per_s.max(f64::EPSILON)
+        );
+    }
+    println!("(Δ and x are relative to the first row, {})", base.quant);
+    Ok(())
+}

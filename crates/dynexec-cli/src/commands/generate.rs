@@ -8,6 +8,7 @@ use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::Trace;
 use dynexec_models::generation::{generate, GenerateOptions, StopReason};
 use dynexec_models::llama::{load_decoder, LoadedDecoder};
+use dynexec_quant::{quantize_in_place, WeightFormat};
 use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,13 +29,33 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// Loads the model, converted to `--quant` when given.
     pub fn load(&self, global: &GlobalOptions) -> Result<LoadedDecoder> {
-        let device = global.open_device()?;
-        let files = global.hub()?.resolve(&self.model)?;
-        let loaded = load_decoder(&files, self.tokenizer.as_deref(), global.dtype, &device)
-            .with_context(|| format!("loading model `{}`", self.model))?;
-        Ok(loaded)
+        load_model(global, &self.model, self.tokenizer.as_deref(), global.quant)
     }
+}
+
+/// Loads a decoder and converts its linear layers to `quant`. Quantized layers take F32
+/// activations, so a dense model is then loaded in F32 whatever `--dtype` says.
+pub fn load_model(
+    global: &GlobalOptions,
+    model: &str,
+    tokenizer: Option<&std::path::Path>,
+    quant: Option<WeightFormat>,
+) -> Result<LoadedDecoder> {
+    let device = global.open_device()?;
+    let files = global.hub()?.resolve(model)?;
+    let dtype = match quant {
+        Some(_) => Some(candle_core::DType::F32),
+        None => global.dtype,
+    };
+    let mut loaded = load_decoder(&files, tokenizer, dtype, &device)
+        .with_context(|| format!("loading model `{model}`"))?;
+    if let Some(format) = quant {
+        quantize_in_place(&mut loaded.model, format)
+            .with_context(|| format!("converting `{model}` to {format}"))?;
+    }
+    Ok(loaded)
 }
 
 #[derive(Args)]

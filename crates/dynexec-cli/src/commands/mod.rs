@@ -1,5 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod eval;
 pub mod generate;
 pub mod models;
+pub mod quantize;

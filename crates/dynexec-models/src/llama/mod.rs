@@ -11,7 +11,7 @@ pub use config::{LlamaConfig, RopeStyle};
 pub use load::{load_decoder, LoadedDecoder};
 
 use crate::kv_cache::KvCache;
-use crate::linear::Linear;
+use crate::linear::{HasLinears, Linear};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use dynexec_core::trace::Trace;
@@ -238,11 +238,9 @@ impl Llama {
             })
             .sum();
         let embed = self.embed_tokens.elem_count() * self.embed_tokens.dtype().size_in_bytes();
-        let head = if self.config.tie_word_embeddings {
-            0
-        } else {
-            self.lm_head.weight_bytes()
-        };
+        // The head counts on its own: from a GGUF, or once converted, it is a separate copy
+        // (a dense safetensors head tied to the embedding shares it and is counted twice).
+        let head = self.lm_head.weight_bytes();
         layers + embed + head + norm(&self.norm)
     }
 
@@ -367,8 +365,49 @@ impl Llama {
         self.forward_layers(&hidden, 0..self.layers.len(), cache, trace)
     }
 
+    /// The tensors that are not linear weights, GGUF-named: the embedding table and the norms.
+    pub fn float_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("token_embd.weight".to_string(), self.embed_tokens.clone())];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((
+                format!("blk.{i}.attn_norm.weight"),
+                layer.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("blk.{i}.ffn_norm.weight"),
+                layer.post_attention_layernorm.weight.clone(),
+            ));
+        }
+        out.push(("output_norm.weight".to_string(), self.norm.weight.clone()));
+        out
+    }
+
     /// Log-softmax-free helper: the most likely next token for each row of `(seq, vocab)`.
     pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
         Ok(logits.argmax(D::Minus1)?.to_vec1()?)
+    }
+}
+
+impl HasLinears for Llama {
+    /// GGUF names; the LM head is `output` (tied or not).
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            for (name, linear) in [
+                ("attn_q", &mut a.q_proj),
+                ("attn_k", &mut a.k_proj),
+                ("attn_v", &mut a.v_proj),
+                ("attn_output", &mut a.o_proj),
+                ("ffn_gate", &mut m.gate_proj),
+                ("ffn_up", &mut m.up_proj),
+                ("ffn_down", &mut m.down_proj),
+            ] {
+                out.push((format!("blk.{i}.{name}"), linear));
+            }
+        }
+        out.push(("output".to_string(), &mut self.lm_head));
+        out
     }
 }
