@@ -128,7 +128,7 @@ fn dense_checkpoint_exports_to_a_llama_gguf() {
         .unwrap();
     let dense_tokenizer = TextTokenizer::from_file(&dir.path().join("tokenizer.json")).unwrap();
     let weights = vec![dir.path().join("model.safetensors")];
-    let mut dense = Llama::load_safetensors(
+    let dense = Llama::load_safetensors(
         &dir.path().join("config.json"),
         &weights,
         DType::F32,

@@ -549,3 +549,33 @@ fn bench_quant_reports_every_format() {
         rows[1]["weights_bytes"].as_u64().unwrap() < rows[0]["weights_bytes"].as_u64().unwrap()
     );
 }
+
+#[test]
+fn bench_quant_on_the_encoder_reports_cosine_and_speed() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(&text, SAMPLE_TEXT).unwrap();
+    let report = stdout_json(&dynexec(&[
+        "bench",
+        "quant",
+        "-m",
+        "minilm-l6",
+        "--json",
+        "--formats",
+        "f32,q8_0",
+        "--text",
+        text.to_str().unwrap(),
+        "--sentences",
+        "4",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+    ]));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0]["cosine_vs_f32"].as_f64().unwrap(), 1.0);
+    let q8 = rows[1]["cosine_vs_f32"].as_f64().unwrap();
+    assert!(q8 > 0.99 && q8 <= 1.0 + 1e-6, "{q8}");
+    assert!(rows[1]["sentences_per_s"].as_f64().unwrap() > 0.0);
+}

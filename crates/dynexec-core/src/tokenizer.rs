@@ -44,10 +44,13 @@ impl TextTokenizer {
         if !path.exists() {
             return Err(Error::MissingFile(path.to_path_buf()));
         }
-        let inner = Tokenizer::from_file(path).map_err(|e| Error::InvalidModel {
+        let mut inner = Tokenizer::from_file(path).map_err(|e| Error::InvalidModel {
             path: path.to_path_buf(),
             message: format!("not a valid tokenizer.json: {e}"),
         })?;
+        // Single sequences are never padded (e.g. MiniLM's tokenizer.json pads to 128);
+        // batches are padded by the engines that build them.
+        inner.with_padding(None);
         let config = path
             .parent()
             .map(|dir| dir.join("tokenizer_config.json"))

@@ -76,7 +76,8 @@ impl Trace {
         let mut features = 0;
         for layer in self.layers() {
             if let Some(t) = self.layer(layer)? {
-                (positions, features) = t.dims2()?;
+                let (p, f) = t.dims2()?;
+                (positions, features) = (positions.max(p), f);
                 tensors.insert(format!("layer.{layer}"), t);
             }
         }

@@ -7,8 +7,10 @@
 //! - [`linear::Linear`]: the one linear type, dense or quantized (candle's `QMatMul`).
 //! - [`llama::Llama`]: llama-family decoder (SmolLM2, Llama, Mistral, Qwen2) from GGUF or
 //!   safetensors, with a truncatable [`kv_cache::KvCache`].
+//! - [`bert::Bert`]: BERT-family encoder (all-MiniLM-L6-v2) with mean pooling.
 //! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
 
+pub mod bert;
 pub mod generation;
 pub mod kv_cache;
 pub mod linear;

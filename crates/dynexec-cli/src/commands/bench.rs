@@ -61,6 +61,12 @@ pub struct BenchQuantArgs {
     runs: usize,
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Encoders (MiniLM): sentences of the text to embed per run.
+    #[arg(long, default_value_t = 64)]
+    sentences: usize,
+    /// Encoders: sentences per batch.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
 }
 
 fn parse_format(s: &str) -> Result<WeightFormat, String> {
@@ -369,6 +375,10 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
         None => dynexec_core::hub::default_cache_dir().join("data/sotu/heldout.txt"),
     };
     let text = read_text(&text_path)?;
+    let files = global.hub()?.resolve(&args.model.model)?;
+    if is_encoder(&files) {
+        return bench_quant_encoder(global, &args, &files, &text, &text_path);
+    }
     let models = args
         .formats
         .iter()
@@ -472,5 +482,139 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
         );
     }
     println!("(Δ and x are relative to the first row, {})", base.quant);
+    Ok(())
+}
+
+/// A transformers folder whose config.json says `bert` holds an encoder.
+fn is_encoder(files: &dynexec_core::hub::ModelFiles) -> bool {
+    files
+        .find("config.json")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|c| c["model_type"] == "bert")
+}
+
+/// Real sentences from the text: split at sentence ends, short fragments dropped.
+fn sentences_of(text: &str, count: usize) -> Vec<&str> {
+    text.split_inclusive(['.', '?', '!'])
+        .map(str::trim)
+        .filter(|s| s.len() >= 20)
+        .take(count)
+        .collect()
+}
+
+#[derive(Serialize)]
+struct EncoderRow {
+    quant: WeightFormat,
+    weights_bytes: usize,
+    sentences_per_s: f64,
+    /// Mean cosine similarity of each sentence embedding to the f32 model's.
+    cosine_vs_f32: f64,
+    min_cosine_vs_f32: f64,
+    speed: Summary,
+}
+
+fn bench_quant_encoder(
+    global: &GlobalOptions,
+    args: &BenchQuantArgs,
+    files: &dynexec_core::hub::ModelFiles,
+    text: &str,
+    text_path: &Path,
+) -> Result<()> {
+    use dynexec_models::bert::Bert;
+    let sentences = sentences_of(text, args.sentences);
+    anyhow::ensure!(
+        !sentences.is_empty(),
+        "{} has no sentences of 20 characters or more",
+        text_path.display()
+    );
+    let device = global.open_device()?;
+    let config = files.find("config.json").context("no config.json")?;
+    let weights: Vec<PathBuf> = files
+        .find_all(".safetensors")
+        .into_iter()
+        .map(Path::to_path_buf)
+        .collect();
+    let tokenizer_path = args
+        .model
+        .tokenizer
+        .clone()
+        .or_else(|| files.find("tokenizer.json").map(Path::to_path_buf))
+        .context("no tokenizer.json: pass --tokenizer")?;
+    let tokenizer = dynexec_core::tokenizer::TextTokenizer::from_file(&tokenizer_path)?;
+    let reference_model = Bert::load(config, &weights, candle_core::DType::F32, &device)?;
+    let reference = reference_model.sentence_embeddings(&tokenizer, &sentences, args.batch_size)?;
+    let mut models = Vec::new();
+    for &format in &args.formats {
+        let mut m = reference_model.clone();
+        dynexec_quant::quantize_in_place(&mut m, format)?;
+        models.push(m);
+    }
+    let mut speed: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
+    let mut embeddings = Vec::new();
+    for run in 0..args.warmup + args.runs {
+        for (i, m) in models.iter().enumerate() {
+            let start = Instant::now();
+            let e = m.sentence_embeddings(&tokenizer, &sentences, args.batch_size)?;
+            let secs = start.elapsed().as_secs_f64();
+            if run >= args.warmup {
+                speed[i].push(sentences.len() as f64 / secs);
+            }
+            if run == 0 {
+                embeddings.push(e);
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for (i, m) in models.iter().enumerate() {
+        // Both sides are unit vectors, so the row-wise dot product is the cosine.
+        let cosines: Vec<f32> = (&embeddings[i] * &reference)?.sum(1)?.to_vec1()?;
+        let speed_summary = Summary::of(&speed[i]).unwrap_or(ZERO);
+        rows.push(EncoderRow {
+            quant: args.formats[i],
+            weights_bytes: m.weight_bytes(),
+            sentences_per_s: speed_summary.median,
+            cosine_vs_f32: cosines.iter().map(|&c| c as f64).sum::<f64>() / cosines.len() as f64,
+            min_cosine_vs_f32: cosines.iter().cloned().fold(f32::INFINITY, f32::min) as f64,
+            speed: speed_summary,
+        });
+    }
+    let report = serde_json::json!({
+        "model": args.model.model,
+        "device": device_name(&device),
+        "threads": candle_core::utils::get_num_threads(),
+        "text": text_path.display().to_string(),
+        "sentences": sentences.len(),
+        "batch_size": args.batch_size,
+        "runs": args.runs,
+        "rows": rows,
+    });
+    if global.json {
+        return print_json(&report);
+    }
+    println!(
+        "model {} | device {} | threads {} | {} sentences of {} in batches of {} x{} runs",
+        args.model.model,
+        device_name(&device),
+        candle_core::utils::get_num_threads(),
+        sentences.len(),
+        text_path.display(),
+        args.batch_size,
+        args.runs
+    );
+    println!(
+        "{:<6} {:>10} {:>16} {:>14} {:>14}",
+        "quant", "weights", "sentences/s", "cosine vs f32", "min cosine"
+    );
+    for row in &rows {
+        println!(
+            "{:<6} {:>8.1}MB {:>16} {:>14.5} {:>14.5}",
+            row.quant.to_string(),
+            row.weights_bytes as f64 / 1e6,
+            format!("{:.1} ± {:.1}", row.speed.median, row.speed.stddev),
+            row.cosine_vs_f32,
+            row.min_cosine_vs_f32
+        );
+    }
     Ok(())
 }

@@ -1,0 +1,414 @@
+//! BERT-family encoder (all-MiniLM-L6-v2 and friends) with addressable layers.
+//!
+//! `embed` → `forward_layers(a..b)` → pooling are separate calls, so early-exit heads can
+//! read the hidden state after any layer. Padding is handled with an additive attention mask.
+
+use crate::linear::{HasLinears, Linear};
+use crate::Result;
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_core::Error;
+use serde::Deserialize;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// The subset of a transformers BERT `config.json` the encoder needs.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab")]
+    pub type_vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_act() -> String {
+    "gelu".to_string()
+}
+fn default_type_vocab() -> usize {
+    2
+}
+fn default_eps() -> f64 {
+    1e-12
+}
+
+impl BertConfig {
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let invalid = |message: String| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message,
+        };
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| invalid(format!("not a BERT config.json: {e}")))?;
+        if !matches!(
+            cfg.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
+            return Err(invalid(format!(
+                "hidden_act `{}` is not supported (gelu, gelu_new, relu are)",
+                cfg.hidden_act
+            )));
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(invalid(
+                "hidden_size must be a multiple of num_attention_heads".to_string(),
+            ));
+        }
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            bias: vb.get(size, "bias")?,
+            eps: eps as f32,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            &x.contiguous()?,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_output: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// A loaded BERT encoder.
+#[derive(Debug, Clone)]
+pub struct Bert {
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embeddings_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    config: BertConfig,
+    device: Device,
+}
+
+fn linear(vb: VarBuilder, out: usize, inp: usize) -> Result<Linear> {
+    Linear::dense(vb.get((out, inp), "weight")?, Some(vb.get(out, "bias")?))
+}
+
+impl Bert {
+    /// Reads `config.json` and safetensors weights (with or without a `bert.` prefix).
+    pub fn load(
+        config_path: &Path,
+        weights: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let config = BertConfig::from_json(config_path)?;
+        for path in weights {
+            if !path.exists() {
+                return Err(Error::MissingFile(path.clone()));
+            }
+        }
+        let describe = |e: candle_core::Error| Error::InvalidModel {
+            path: weights.first().cloned().unwrap_or_default(),
+            message: format!(
+                "{e} (the safetensors file may be corrupt, or not this model's weights)"
+            ),
+        };
+        // SAFETY: read-only memory map of files dynexec does not modify while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
+            .map_err(describe)?;
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else {
+            vb
+        };
+        Self::from_var_builder(config, vb, device).map_err(|e| match e {
+            Error::Candle(c) => describe(c),
+            other => other,
+        })
+    }
+
+    fn from_var_builder(config: BertConfig, vb: VarBuilder, device: &Device) -> Result<Self> {
+        let (h, i) = (config.hidden_size, config.intermediate_size);
+        let evb = vb.pp("embeddings");
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for n in 0..config.num_hidden_layers {
+            let lvb = vb.pp(format!("encoder.layer.{n}"));
+            let avb = lvb.pp("attention");
+            layers.push(EncoderLayer {
+                query: linear(avb.pp("self.query"), h, h)?,
+                key: linear(avb.pp("self.key"), h, h)?,
+                value: linear(avb.pp("self.value"), h, h)?,
+                attention_output: linear(avb.pp("output.dense"), h, h)?,
+                attention_norm: LayerNorm::load(
+                    avb.pp("output.LayerNorm"),
+                    h,
+                    config.layer_norm_eps,
+                )?,
+                intermediate: linear(lvb.pp("intermediate.dense"), i, h)?,
+                output: linear(lvb.pp("output.dense"), h, i)?,
+                output_norm: LayerNorm::load(lvb.pp("output.LayerNorm"), h, config.layer_norm_eps)?,
+            });
+        }
+        Ok(Self {
+            word_embeddings: evb
+                .pp("word_embeddings")
+                .get((config.vocab_size, h), "weight")?,
+            position_embeddings: evb
+                .pp("position_embeddings")
+                .get((config.max_position_embeddings, h), "weight")?,
+            token_type_embeddings: evb
+                .pp("token_type_embeddings")
+                .get((config.type_vocab_size, h), "weight")?,
+            embeddings_norm: LayerNorm::load(evb.pp("LayerNorm"), h, config.layer_norm_eps)?,
+            layers,
+            config,
+            device: device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &BertConfig {
+        &self.config
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Bytes of every weight as stored.
+    pub fn weight_bytes(&self) -> usize {
+        let t = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let n = |n: &LayerNorm| t(&n.weight) + t(&n.bias);
+        let bias = |l: &Linear| l.bias().map(t).unwrap_or(0);
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                [
+                    &l.query,
+                    &l.key,
+                    &l.value,
+                    &l.attention_output,
+                    &l.intermediate,
+                    &l.output,
+                ]
+                .iter()
+                .map(|x| x.weight_bytes() + bias(x))
+                .sum::<usize>()
+                    + n(&l.attention_norm)
+                    + n(&l.output_norm)
+            })
+            .sum();
+        layers
+            + t(&self.word_embeddings)
+            + t(&self.position_embeddings)
+            + t(&self.token_type_embeddings)
+            + n(&self.embeddings_norm)
+    }
+
+    /// Token ids `(batch, seq)` (token types all 0) → embeddings `(batch, seq, hidden)`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = ids.dims2()?;
+        if seq > self.config.max_position_embeddings {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: seq,
+                requested: 0,
+                context: self.config.max_position_embeddings,
+            });
+        }
+        let h = self.config.hidden_size;
+        let words = self
+            .word_embeddings
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((batch, seq, h))?;
+        let positions = self.position_embeddings.narrow(0, 0, seq)?.unsqueeze(0)?;
+        let types = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
+        let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
+        self.embeddings_norm.forward(&x)
+    }
+
+    /// `(batch, seq)` mask of 1 (token) / 0 (padding) → additive `(batch, 1, 1, seq)` mask.
+    pub fn attention_bias(&self, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq) = mask.dims2()?;
+        let mask = mask.to_dtype(DType::F32)?;
+        // 0 where attended, a large negative number where padded.
+        let bias = ((mask - 1.0)? * 1e9)?;
+        Ok(bias
+            .reshape((batch, 1, 1, seq))?
+            .to_dtype(self.word_embeddings.dtype())?)
+    }
+
+    /// Runs layers `layers` on `hidden` with the additive attention bias of [`Self::attention_bias`].
+    pub fn forward_layers(
+        &self,
+        hidden: &Tensor,
+        attention_bias: &Tensor,
+        layers: Range<usize>,
+    ) -> Result<Tensor> {
+        if layers.end > self.layers.len() || layers.start > layers.end {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {}..{} is outside the encoder's {} layers",
+                layers.start,
+                layers.end,
+                self.layers.len()
+            )));
+        }
+        let mut x = hidden.clone();
+        for l in layers {
+            x = self.layer_forward(&self.layers[l], &x, attention_bias)?;
+        }
+        Ok(x)
+    }
+
+    fn layer_forward(
+        &self,
+        layer: &EncoderLayer,
+        x: &Tensor,
+        attention_bias: &Tensor,
+    ) -> Result<Tensor> {
+        let (batch, seq, hidden) = x.dims3()?;
+        let heads = self.config.num_attention_heads;
+        let head_dim = hidden / heads;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let q = split(layer.query.forward(x)?)?;
+        let k = split(layer.key.forward(x)?)?;
+        let v = split(layer.value.forward(x)?)?;
+        let scores =
+            (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(attention_bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let context = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, seq, hidden))?;
+        let attended = layer
+            .attention_norm
+            .forward(&(layer.attention_output.forward(&context)? + x)?)?;
+        let inner = layer.intermediate.forward(&attended)?;
+        let inner = match self.config.hidden_act.as_str() {
+            "gelu" => inner.gelu_erf()?,
+            "relu" => inner.relu()?,
+            _ => inner.gelu()?,
+        };
+        layer
+            .output_norm
+            .forward(&(layer.output.forward(&inner)? + attended)?)
+    }
+
+    /// Every layer: ids and mask `(batch, seq)` → last hidden state `(batch, seq, hidden)`.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let hidden = self.embed(ids)?;
+        self.forward_layers(&hidden, &self.attention_bias(mask)?, 0..self.layers.len())
+    }
+}
+
+/// Mean of the hidden states over real (unpadded) tokens, `(batch, hidden)`.
+pub fn mean_pool(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let mask = mask.to_dtype(hidden.dtype())?.unsqueeze(D::Minus1)?;
+    let summed = hidden.broadcast_mul(&mask)?.sum(1)?;
+    let counts = mask.sum(1)?.clamp(1e-9, f64::INFINITY)?;
+    Ok(summed.broadcast_div(&counts)?)
+}
+
+/// Rows scaled to unit L2 norm.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    let norm = x
+        .sqr()?
+        .sum_keepdim(D::Minus1)?
+        .sqrt()?
+        .clamp(1e-12, f64::INFINITY)?;
+    Ok(x.broadcast_div(&norm)?)
+}
+
+impl HasLinears for Bert {
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 6);
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in [
+                ("attn_q", &mut l.query),
+                ("attn_k", &mut l.key),
+                ("attn_v", &mut l.value),
+                ("attn_output", &mut l.attention_output),
+                ("ffn_up", &mut l.intermediate),
+                ("ffn_down", &mut l.output),
+            ] {
+                out.push((format!("blk.{i}.{name}"), linear));
+            }
+        }
+        out
+    }
+}
+
+impl Bert {
+    /// Sentence embeddings (mean pooling + L2 norm, as sentence-transformers computes them),
+    /// `(sentences, hidden)`, in batches padded to their longest sentence.
+    pub fn sentence_embeddings(
+        &self,
+        tokenizer: &TextTokenizer,
+        sentences: &[&str],
+        batch_size: usize,
+    ) -> Result<Tensor> {
+        let mut out = Vec::new();
+        for batch in sentences.chunks(batch_size.max(1)) {
+            let encoded = batch
+                .iter()
+                .map(|s| tokenizer.encode(s))
+                .collect::<Result<Vec<_>>>()?;
+            let longest = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
+            let mut ids = Vec::with_capacity(batch.len() * longest);
+            let mut mask = Vec::with_capacity(batch.len() * longest);
+            for e in &encoded {
+                ids.extend(
+                    e.iter()
+                        .copied()
+                        .chain(std::iter::repeat(0).take(longest - e.len())),
+                );
+                mask.extend((0..longest).map(|i| u32::from(i < e.len())));
+            }
+            let ids = Tensor::from_vec(ids, (batch.len(), longest), &self.device)?;
+            let mask = Tensor::from_vec(mask, (batch.len(), longest), &self.device)?;
+            let hidden = self.forward(&ids, &mask)?;
+            out.push(l2_normalize(&mean_pool(&hidden, &mask)?)?);
+        }
+        if out.is_empty() {
+            return Err(Error::InvalidArgument("no sentences to embed".to_string()));
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+}
