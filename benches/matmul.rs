@@ -1,0 +1,49 @@
+//! Linear-layer kernels at SmolLM2's shapes, for every weight format dynexec converts to.
+//! Run: `cargo bench --profile dev --bench matmul` (the dev profile reuses the test build).
+//! Pin threads with RAYON_NUM_THREADS for comparable numbers.
+
+use candle_core::{Device, Tensor};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use dynexec_models::linear::{Linear, WeightFormat};
+
+/// (out_features, in_features): q/o projections, MLP up/gate, MLP down, LM head.
+const SHAPES: [(usize, usize); 4] = [(576, 576), (1536, 576), (576, 1536), (49152, 576)];
+
+fn deterministic(rows: usize, cols: usize, seed: f32) -> Tensor {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i as f32 + seed) * 12.9898).sin() * 0.1)
+        .collect();
+    Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("tensor")
+}
+
+fn matmul(c: &mut Criterion) {
+    for (out_features, in_features) in SHAPES {
+        let dense =
+            Linear::dense(deterministic(out_features, in_features, 0.5), None).expect("linear");
+        let mut group = c.benchmark_group(format!("linear_{out_features}x{in_features}"));
+        group.sample_size(10);
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::F16,
+            WeightFormat::Q8_0,
+            WeightFormat::Q4_1,
+        ] {
+            let layer = dense.convert(format).expect("convert");
+            for batch in [1usize, 8] {
+                let x = deterministic(batch, in_features, 3.0);
+                group.throughput(Throughput::Elements(
+                    (batch * out_features * in_features) as u64,
+                ));
+                group.bench_with_input(
+                    BenchmarkId::new(format.name(), format!("batch{batch}")),
+                    &x,
+                    |b, x| b.iter(|| layer.forward(x).expect("forward")),
+                );
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, matmul);
+criterion_main!(benches);
