@@ -8,13 +8,18 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::{max_abs_diff, smollm2_gguf};
 use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_models::linear::{HasLinears, Q8Kernel};
 use dynexec_models::llama::Llama;
 
-/// Both implementations run the same quantized kernels on products of the same shapes, so
-/// their logits agree to float rounding (measured: bit-identical). The bound is tight on
-/// purpose: Q4_1 layers quantize activations to Q8_1, which turns any reordering of float
-/// sums into ~1 logit of difference, so a loose bound would hide real divergence.
+/// With candle's kernels selected, both implementations run the same quantized kernels on
+/// products of the same shapes, so their logits agree to float rounding (measured:
+/// bit-identical). The bound is tight on purpose: Q4_1 layers quantize activations to Q8_1,
+/// which turns any reordering of float sums into ~1 logit of difference.
 const GGUF_LOGIT_TOLERANCE: f32 = 1e-4;
+
+/// The default Q8_0 kernel against an F32 head with the same (dequantized) weights: only the
+/// order of float sums differs.
+const DEFAULT_KERNEL_LOGIT_TOLERANCE: f32 = 1e-3;
 
 fn peer(path: &std::path::Path) -> ModelWeights {
     let mut file = std::fs::File::open(path).unwrap();
@@ -25,7 +30,8 @@ fn peer(path: &std::path::Path) -> ModelWeights {
 #[test]
 fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
     let path = smollm2_gguf();
-    let (ours, content) = Llama::load_gguf(&path, &Device::Cpu).unwrap();
+    let (mut ours, content) = Llama::load_gguf(&path, &Device::Cpu).unwrap();
+    ours.set_q8_kernel(Q8Kernel::Candle);
     let tokenizer = TextTokenizer::from_gguf(&content).unwrap();
     let mut theirs = peer(&path);
     let prompts = [
@@ -76,6 +82,54 @@ fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
             "logits differ by {worst} for {prompt:?}"
         );
         eprintln!("{prompt:?}: {steps} tokens identical, max |Δlogit| = {worst:.2e}");
+    }
+}
+
+/// dynexec's default Q8_0 kernel (SmolLM2's LM head is Q8_0) computes the same product as
+/// an F32 head holding the dequantized Q8_0 weights, up to float rounding; candle's kernel
+/// quantizes the activations as well and lands ~0.4 logit away.
+#[test]
+fn default_q8_kernel_equals_the_dequantized_head() {
+    let path = smollm2_gguf();
+    let (model, content) = Llama::load_gguf(&path, &Device::Cpu).unwrap();
+    let tokenizer = TextTokenizer::from_gguf(&content).unwrap();
+    let mut exact_head = model.clone();
+    for (name, linear) in exact_head.linears_mut() {
+        if name == "output" {
+            *linear = linear
+                .convert(dynexec_models::linear::WeightFormat::F32)
+                .unwrap();
+        }
+    }
+    let mut candle_head = model.clone();
+    candle_head.set_q8_kernel(Q8Kernel::Candle);
+    for prompt in [
+        "The three primary colors are",
+        "Once upon a time, in a small village,",
+    ] {
+        let ids = tokenizer.encode(prompt).unwrap();
+        let reference = exact_head
+            .forward_last(&ids, &mut exact_head.new_cache(), None)
+            .unwrap();
+        let ours = model
+            .forward_last(&ids, &mut model.new_cache(), None)
+            .unwrap();
+        let candle = candle_head
+            .forward_last(&ids, &mut candle_head.new_cache(), None)
+            .unwrap();
+        let (ours_err, candle_err) = (
+            max_abs_diff(&ours, &reference),
+            max_abs_diff(&candle, &reference),
+        );
+        eprintln!("{prompt:?}: default kernel {ours_err:.2e}, candle kernel {candle_err:.2e}");
+        assert!(
+            ours_err < DEFAULT_KERNEL_LOGIT_TOLERANCE,
+            "{prompt:?}: {ours_err}"
+        );
+        assert!(
+            ours_err < candle_err,
+            "{prompt:?}: default {ours_err} vs candle {candle_err}"
+        );
     }
 }
 

@@ -79,10 +79,10 @@ fn gguf_round_trip_equals_in_place_quantization() {
     }
 }
 
-/// Two bounds, measured separately. Q8_0 *weights* cost little: cosine > 0.999 against f32
-/// (measured 0.9996-0.99999). candle's Q8_0 kernel also quantizes the *activations* to Q8_0
-/// blocks, and on some prompts that costs more (measured down to 0.992 on the third prompt):
-/// the end-to-end bound is 0.99 until dynexec has a Q8_0 x F32 kernel.
+/// Q8_0 costs little: last-position logits stay at cosine > 0.999 of f32, both for the
+/// weights alone (dequantized back to f32) and end to end with dynexec's Q8_0 kernel, which
+/// keeps activations in F32. (candle's kernel, which quantizes activations too, measured down
+/// to 0.992 on the third prompt.)
 #[test]
 fn q8_0_logits_stay_close_to_f32() {
     let src = smollm2_gguf();
@@ -110,7 +110,7 @@ fn q8_0_logits_stay_close_to_f32() {
         );
         eprintln!("{prompt:?}: weights-only cosine {w:.5}, end-to-end {e:.5}");
         assert!(w > 0.999, "{prompt:?}: Q8_0 weights cosine {w}");
-        assert!(e > 0.99, "{prompt:?}: Q8_0 end-to-end cosine {e}");
+        assert!(e > 0.999, "{prompt:?}: Q8_0 end-to-end cosine {e}");
     }
 }
 

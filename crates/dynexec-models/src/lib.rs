@@ -15,5 +15,6 @@ pub mod generation;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod q8_kernel;
 
 pub use dynexec_core::{Error, Result};

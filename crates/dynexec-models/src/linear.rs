@@ -8,6 +8,8 @@ use dynexec_core::Error;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::q8_kernel::Q8F32MatMul;
+
 /// Formats a linear layer's weight can be converted to in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,10 +67,28 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
+/// Which CPU kernel multiplies Q8_0 weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Q8Kernel {
+    /// dynexec's kernel: F32 activations, the accuracy of the Q8_0 weights alone.
+    #[default]
+    F32Activations,
+    /// candle's kernel, which quantizes activations to Q8_0 as well (bit-identical to
+    /// candle-transformers' models; used to check against them).
+    Candle,
+}
+
 /// Models whose linear layers can be visited (and replaced) one by one, e.g. to quantize them.
 pub trait HasLinears {
     /// Every linear layer with a stable name (GGUF-style, e.g. `blk.3.ffn_up`).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Chooses the CPU kernel of every Q8_0 layer.
+    fn set_q8_kernel(&mut self, kernel: Q8Kernel) {
+        for (_, linear) in self.linears_mut() {
+            linear.q8_kernel = kernel;
+        }
+    }
 }
 
 /// `y = x W^T + b` with `W` of shape `(out_features, in_features)`.
@@ -78,6 +98,7 @@ pub struct Linear {
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
+    q8_kernel: Q8Kernel,
 }
 
 impl Linear {
@@ -89,6 +110,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            q8_kernel: Q8Kernel::default(),
         })
     }
 
@@ -100,6 +122,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
+            q8_kernel: Q8Kernel::default(),
         })
     }
 
@@ -179,11 +202,22 @@ impl Linear {
             bias: self.bias.clone(),
             out_features: self.out_features,
             in_features: self.in_features,
+            q8_kernel: self.q8_kernel,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
+        let y = match &self.weight {
+            QMatMul::QTensor(q)
+                if self.q8_kernel == Q8Kernel::F32Activations
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && Q8F32MatMul::supports(q) =>
+            {
+                x.contiguous()?.apply_op1_no_bwd(&Q8F32MatMul(q.clone()))?
+            }
+            weight => weight.forward(x)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,

@@ -1,0 +1,173 @@
+//! Q8_0 weights times F32 activations on the CPU.
+//!
+//! candle's Q8_0 kernel first quantizes the activations to Q8_0 blocks too, and on small
+//! models that costs more quality than the Q8_0 weights themselves (SmolLM2: last-position
+//! logits at cosine 0.992 of f32 on some prompts, against 0.9996 for the weights alone). This
+//! kernel keeps activations in F32: each weight row is expanded to F32 once and dotted with
+//! every activation row, which also makes batched (prefill) products cache-friendly.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+const BLOCK: usize = 32;
+/// A Q8_0 block: an f16 scale then 32 signed bytes.
+const BLOCK_BYTES: usize = 34;
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 16;
+
+/// `y = x W^T` for a Q8_0 weight `W` (rows x cols) and F32 `x` (.., cols).
+pub struct Q8F32MatMul(pub Arc<QTensor>);
+
+impl Q8F32MatMul {
+    /// Accepts Q8_0 weights whose input size is whole blocks.
+    pub fn supports(weight: &QTensor) -> bool {
+        weight.dtype() == GgmlDType::Q8_0
+            && weight.shape().dims().len() == 2
+            && weight.shape().dims()[1] % BLOCK == 0
+    }
+}
+
+impl CustomOp1 for Q8F32MatMul {
+    fn name(&self) -> &'static str {
+        "q8_0-f32-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, cols) = self.0.shape().dims2()?;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&cols) {
+            candle_core::bail!("q8_0 matmul: input {:?} does not end in {cols}", dims);
+        }
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("q8_0 matmul: input must be contiguous");
+        };
+        let x = match storage {
+            CpuStorage::F32(v) => &v[start..end],
+            _ => candle_core::bail!("q8_0 matmul: activations must be f32"),
+        };
+        let m = x.len() / cols;
+        let bytes = self.0.data()?;
+        let mut out_t = vec![0f32; rows * m]; // (rows, m): each task owns whole rows
+        out_t
+            .par_chunks_mut(ROWS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(task, out)| {
+                let first_row = task * ROWS_PER_TASK;
+                let mut row_f32 = vec![0f32; cols];
+                for (r, out_row) in out.chunks_mut(m).enumerate() {
+                    let row_bytes = &bytes[(first_row + r) * (cols / BLOCK) * BLOCK_BYTES..]
+                        [..(cols / BLOCK) * BLOCK_BYTES];
+                    dequantize_row(row_bytes, &mut row_f32);
+                    for (i, y) in out_row.iter_mut().enumerate() {
+                        *y = dot(&row_f32, &x[i * cols..(i + 1) * cols]);
+                    }
+                }
+            });
+        let out = if m == 1 {
+            out_t
+        } else {
+            transpose(&out_t, rows, m)
+        };
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("non-empty dims") = rows;
+        Ok((CpuStorage::F32(out), Shape::from(shape)))
+    }
+}
+
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut dst = vec![0f32; src.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            dst[c * rows + r] = src[r * cols + c];
+        }
+    }
+    dst
+}
+
+fn dequantize_row(blocks: &[u8], out: &mut [f32]) {
+    for (block, out) in blocks
+        .chunks_exact(BLOCK_BYTES)
+        .zip(out.chunks_exact_mut(BLOCK))
+    {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &q) in out.iter_mut().zip(&block[2..]) {
+            *o = d * (q as i8) as f32;
+        }
+    }
+}
+
+/// Dot product with the widest FMA the CPU has.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features the function is compiled for were just detected.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_lanes(a, b)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+/// Eight independent accumulators so the compiler can keep them in one vector register.
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn matches_a_dense_matmul_with_the_dequantized_weight() {
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i as f32 + seed) * 12.9898).sin())
+                .collect()
+        };
+        let w = Tensor::from_vec(values(40 * 96, 0.5), (40, 96), &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let dense_w = q.dequantize(&Device::Cpu).unwrap();
+        for shape in [vec![1, 96], vec![3, 96], vec![2, 5, 96]] {
+            let n: usize = shape.iter().product();
+            let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
+            let ours = x.apply_op1_no_bwd(&Q8F32MatMul(q.clone())).unwrap();
+            let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
+            assert_eq!(ours.dims(), reference.dims());
+            let diff = (ours - reference)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{shape:?}: {diff}");
+        }
+    }
+}
