@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
+use dynexec_models::linear::Q8Kernel;
 use dynexec_quant::WeightFormat;
 
 #[derive(Args, Clone)]
@@ -23,6 +24,11 @@ pub struct GlobalOptions {
     #[arg(long, global = true, value_parser = parse_quant)]
     pub quant: Option<WeightFormat>,
 
+    /// CPU kernel for Q8_0 layers: `f32` keeps activations in F32 (more accurate), `candle`
+    /// quantizes them to Q8_0 too (candle's kernel, bit-identical to candle-transformers).
+    #[arg(long, global = true, default_value = "f32", value_parser = parse_q8_kernel)]
+    pub q8_kernel: Q8Kernel,
+
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
@@ -38,6 +44,14 @@ pub struct GlobalOptions {
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
+fn parse_q8_kernel(s: &str) -> Result<Q8Kernel, String> {
+    match s {
+        "f32" => Ok(Q8Kernel::F32Activations),
+        "candle" => Ok(Q8Kernel::Candle),
+        other => Err(format!("unknown Q8_0 kernel `{other}`: use f32 or candle")),
+    }
 }
 
 fn parse_quant(s: &str) -> Result<WeightFormat, String> {

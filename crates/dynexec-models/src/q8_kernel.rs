@@ -8,7 +8,6 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-use rayon::prelude::*;
 use std::sync::Arc;
 
 const BLOCK: usize = 32;
@@ -53,22 +52,32 @@ impl CustomOp1 for Q8F32MatMul {
         };
         let m = x.len() / cols;
         let bytes = self.0.data()?;
+        let row_bytes = (cols / BLOCK) * BLOCK_BYTES;
         let mut out_t = vec![0f32; rows * m]; // (rows, m): each task owns whole rows
-        out_t
-            .par_chunks_mut(ROWS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                let first_row = task * ROWS_PER_TASK;
-                let mut row_f32 = vec![0f32; cols];
-                for (r, out_row) in out.chunks_mut(m).enumerate() {
-                    let row_bytes = &bytes[(first_row + r) * (cols / BLOCK) * BLOCK_BYTES..]
-                        [..(cols / BLOCK) * BLOCK_BYTES];
-                    dequantize_row(row_bytes, &mut row_f32);
-                    for (i, y) in out_row.iter_mut().enumerate() {
-                        *y = dot(&row_f32, &x[i * cols..(i + 1) * cols]);
+        let out_ptr = out_t.as_mut_ptr() as usize;
+        // candle's own worker pool, the one its quantized kernels use: no second set of
+        // threads competes for the cores.
+        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
+            let mut row_f32 = vec![0f32; if m > 1 { cols } else { 0 }];
+            for task in tasks {
+                for row in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
+                    // SAFETY: tasks cover disjoint row ranges, so each output row has one writer,
+                    // and `out_t` outlives the pool call.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(row * m), m)
+                    };
+                    let blocks = &bytes[row * row_bytes..(row + 1) * row_bytes];
+                    if m == 1 {
+                        out[0] = row_dot(blocks, x);
+                    } else {
+                        dequantize_row(blocks, &mut row_f32);
+                        for (i, y) in out.iter_mut().enumerate() {
+                            *y = dot(&row_f32, &x[i * cols..(i + 1) * cols]);
+                        }
                     }
                 }
-            });
+            }
+        });
         let out = if m == 1 {
             out_t
         } else {
@@ -90,38 +99,78 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     dst
 }
 
-fn dequantize_row(blocks: &[u8], out: &mut [f32]) {
+/// Whether the AVX2 + FMA builds of the loops below can run here.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Compiles a loop twice: for AVX2 + FMA (chosen at run time when the CPU has them) and for
+/// the baseline target. The loops are written so the compiler vectorizes them.
+macro_rules! dispatch {
+    ($name:ident, $avx:ident, $portable:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if has_avx2_fma() {
+                    // SAFETY: the features the function is compiled for were just detected.
+                    return unsafe { $avx($($arg),*) };
+                }
+            }
+            $portable($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $avx($($arg: $ty),*) -> $ret {
+            $portable($($arg),*)
+        }
+    };
+}
+
+dispatch!(row_dot, row_dot_avx2, row_dot_lanes, (blocks: &[u8], x: &[f32]) -> f32);
+dispatch!(dequantize_row, dequantize_row_avx2, dequantize_row_lanes, (blocks: &[u8], out: &mut [f32]) -> ());
+dispatch!(dot, dot_avx2, dot_lanes, (a: &[f32], b: &[f32]) -> f32);
+
+#[inline(always)]
+fn block_scale(block: &[u8]) -> f32 {
+    half::f16::from_le_bytes([block[0], block[1]]).to_f32()
+}
+
+/// One Q8_0 row times one F32 vector, block by block, without expanding the row.
+#[inline(always)]
+fn row_dot_lanes(blocks: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (block, x) in blocks.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(BLOCK)) {
+        let d = block_scale(block);
+        let qs = &block[2..BLOCK_BYTES];
+        let mut sum = [0f32; 8];
+        for j in 0..BLOCK / 8 {
+            for l in 0..8 {
+                sum[l] = ((qs[j * 8 + l] as i8) as f32).mul_add(x[j * 8 + l], sum[l]);
+            }
+        }
+        for l in 0..8 {
+            acc[l] = d.mul_add(sum[l], acc[l]);
+        }
+    }
+    acc.iter().sum()
+}
+
+#[inline(always)]
+fn dequantize_row_lanes(blocks: &[u8], out: &mut [f32]) {
     for (block, out) in blocks
         .chunks_exact(BLOCK_BYTES)
         .zip(out.chunks_exact_mut(BLOCK))
     {
-        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-        for (o, &q) in out.iter_mut().zip(&block[2..]) {
+        let d = block_scale(block);
+        for (o, &q) in out.iter_mut().zip(&block[2..BLOCK_BYTES]) {
             *o = d * (q as i8) as f32;
         }
     }
 }
 
-/// Dot product with the widest FMA the CPU has.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the features the function is compiled for were just detected.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_lanes(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
-/// Eight independent accumulators so the compiler can keep them in one vector register.
+/// Eight independent accumulators so the compiler keeps them in one vector register.
 #[inline(always)]
 fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];

@@ -7,6 +7,7 @@ use dynexec_core::device::device_name;
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::Trace;
 use dynexec_models::generation::{generate, GenerateOptions, StopReason};
+use dynexec_models::linear::HasLinears;
 use dynexec_models::llama::{load_decoder, LoadedDecoder};
 use dynexec_quant::{quantize_in_place, WeightFormat};
 use serde::Serialize;
@@ -55,6 +56,7 @@ pub fn load_model(
         quantize_in_place(&mut loaded.model, format)
             .with_context(|| format!("converting `{model}` to {format}"))?;
     }
+    loaded.model.set_q8_kernel(global.q8_kernel);
     Ok(loaded)
 }
 
