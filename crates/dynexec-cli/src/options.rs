@@ -93,3 +93,15 @@ pub fn print_json(value: &impl serde::Serialize) -> Result<()> {
     println!("{}", serde_json::to_string(value)?);
     Ok(())
 }
+
+/// A progress bar on stderr (hidden with `--quiet`; indicatif also hides it off a terminal).
+pub fn progress_bar(global: &GlobalOptions, len: u64, template: &str) -> indicatif::ProgressBar {
+    if global.quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}

@@ -132,29 +132,14 @@ impl Bert {
         device: &Device,
     ) -> Result<Self> {
         let config = BertConfig::from_json(config_path)?;
-        for path in weights {
-            if !path.exists() {
-                return Err(Error::MissingFile(path.clone()));
-            }
-        }
-        let describe = |e: candle_core::Error| Error::InvalidModel {
-            path: weights.first().cloned().unwrap_or_default(),
-            message: format!(
-                "{e} (the safetensors file may be corrupt, or not this model's weights)"
-            ),
-        };
-        // SAFETY: read-only memory map of files dynexec does not modify while mapped.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
-            .map_err(describe)?;
+        let vb = crate::safetensors::open(weights, dtype, device)?;
         let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
             vb.pp("bert")
         } else {
             vb
         };
-        Self::from_var_builder(config, vb, device).map_err(|e| match e {
-            Error::Candle(c) => describe(c),
-            other => other,
-        })
+        Self::from_var_builder(config, vb, device)
+            .map_err(|e| crate::safetensors::corrupt(weights, e))
     }
 
     fn from_var_builder(config: BertConfig, vb: VarBuilder, device: &Device) -> Result<Self> {

@@ -16,5 +16,6 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod q8_kernel;
+mod safetensors;
 
 pub use dynexec_core::{Error, Result};

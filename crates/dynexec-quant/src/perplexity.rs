@@ -56,26 +56,16 @@ pub fn perplexity(
     let total = tokens.len() - 1;
     let mut nll_sum = 0f64;
     let mut scored = 0usize;
-    let mut prev_end = 0usize;
-    let mut begin = 0usize;
-    loop {
-        let end = (begin + window.context).min(tokens.len());
-        // Tokens scored here: those the previous window did not reach (the window's first
-        // token has no context, so it is never a target).
-        let first_target = prev_end.max(begin + 1);
-        let input = &tokens[begin..end - 1];
-        let targets = &tokens[first_target..end];
+    for span in schedule(tokens.len(), window) {
+        let input = &tokens[span.begin..span.end - 1];
+        let targets = &tokens[span.first_target..span.end];
         let mut cache = model.new_cache();
         let logits = model.forward(input, &mut cache, None)?; // (len, vocab)
-        let logits = logits.narrow(0, first_target - 1 - begin, targets.len())?;
+                                                              // Logits at local position j predict token begin + j + 1.
+        let logits = logits.narrow(0, span.first_target - 1 - span.begin, targets.len())?;
         nll_sum += window_nll(&logits, targets)?;
         scored += targets.len();
-        prev_end = end;
-        progress(end - 1, total);
-        if end == tokens.len() {
-            break;
-        }
-        begin += window.stride;
+        progress(span.end - 1, total);
     }
     let mean_nll = nll_sum / scored as f64;
     Ok(Perplexity {
@@ -85,10 +75,112 @@ pub fn perplexity(
     })
 }
 
+/// One window: tokens `begin..end` are the context, `first_target..end` are scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    begin: usize,
+    end: usize,
+    first_target: usize,
+}
+
+/// The windows over `n` tokens: each scores the tokens the previous one did not reach (a
+/// window's first token has no context, so it is never a target).
+fn schedule(n: usize, window: Window) -> Vec<Span> {
+    let mut spans = Vec::new();
+    let (mut begin, mut prev_end) = (0, 0);
+    loop {
+        let end = (begin + window.context).min(n);
+        let first_target = prev_end.max(begin + 1);
+        // A last window holding a single new token has nothing it can score.
+        if first_target < end {
+            spans.push(Span {
+                begin,
+                end,
+                first_target,
+            });
+        }
+        if end == n {
+            return spans;
+        }
+        prev_end = end;
+        begin += window.stride;
+    }
+}
+
 /// Sum of -log p(target) over rows; computed on the device, one scalar comes back.
 fn window_nll(logits: &Tensor, targets: &[u32]) -> Result<f64> {
     let log_probs = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let idx = Tensor::new(targets, logits.device())?.unsqueeze(1)?;
     let picked = log_probs.gather(&idx, 1)?;
     Ok(-(picked.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn span(begin: usize, end: usize, first_target: usize) -> Span {
+        Span {
+            begin,
+            end,
+            first_target,
+        }
+    }
+
+    #[test]
+    fn overlapping_windows_score_every_token_but_the_first_once() {
+        let spans = schedule(
+            10,
+            Window {
+                context: 4,
+                stride: 2,
+            },
+        );
+        assert_eq!(
+            spans,
+            vec![span(0, 4, 1), span(2, 6, 4), span(4, 8, 6), span(6, 10, 8)]
+        );
+        let scored: usize = spans.iter().map(|s| s.end - s.first_target).sum();
+        assert_eq!(scored, 9);
+    }
+
+    #[test]
+    fn disjoint_windows_skip_each_window_s_first_token() {
+        let spans = schedule(
+            9,
+            Window {
+                context: 4,
+                stride: 4,
+            },
+        );
+        assert_eq!(spans, vec![span(0, 4, 1), span(4, 8, 5)]);
+    }
+
+    #[test]
+    fn bad_windows_are_refused() {
+        assert!(Window {
+            context: 1,
+            stride: 1
+        }
+        .validate(100)
+        .is_err());
+        assert!(Window {
+            context: 8,
+            stride: 9
+        }
+        .validate(100)
+        .is_err());
+        assert!(Window {
+            context: 200,
+            stride: 10
+        }
+        .validate(100)
+        .is_err());
+        assert!(Window {
+            context: 8,
+            stride: 8
+        }
+        .validate(100)
+        .is_ok());
+    }
 }

@@ -3,7 +3,7 @@
 use super::eval::{evaluate, read_text, WindowArgs};
 use super::generate::load_model;
 use super::generate::ModelArgs;
-use crate::options::{print_json, GlobalOptions};
+use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -12,7 +12,6 @@ use dynexec_core::device::device_name;
 use dynexec_core::stats::Summary;
 use dynexec_models::llama::Llama;
 use dynexec_quant::WeightFormat;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -226,14 +225,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     }
 
     let total = ((args.warmup + args.runs) * decoders.len()) as u64;
-    let bar = if global.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    if let Ok(style) = ProgressStyle::with_template("bench [{bar:30}] {pos}/{len} runs {msg}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
+    let bar = progress_bar(global, total, "bench [{bar:30}] {pos}/{len} runs {msg}");
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); decoders.len()];
     // Interleave implementations run by run so drift in machine load hits both alike.
     for run in 0..args.warmup + args.runs {
@@ -394,14 +386,7 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     let prompt = bench_prompt(&models[0].tokenizer, args.prompt_tokens)?;
 
     let total = ((args.warmup + args.runs) * models.len()) as u64;
-    let bar = if global.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    if let Ok(style) = ProgressStyle::with_template("speed [{bar:30}] {pos}/{len} runs {msg}") {
-        bar.set_style(style.progress_chars("=> "));
-    }
+    let bar = progress_bar(global, total, "speed [{bar:30}] {pos}/{len} runs {msg}");
     let mut speed: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); models.len()];
     for run in 0..args.warmup + args.runs {
         for (i, loaded) in models.iter().enumerate() {
@@ -425,7 +410,7 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     };
     let mut rows = Vec::new();
     for (i, loaded) in models.iter().enumerate() {
-        let ppl = evaluate(loaded, &text, &window, global.quiet)
+        let ppl = evaluate(loaded, &text, &window, global)
             .with_context(|| format!("perplexity at {}", args.formats[i]))?;
         let prefill = Summary::of(&speed[i].0).unwrap_or(ZERO);
         let decode = Summary::of(&speed[i].1).unwrap_or(ZERO);

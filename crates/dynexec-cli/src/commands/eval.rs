@@ -1,12 +1,11 @@
 //! `dynexec eval perplexity MODEL --text FILE`.
 
 use super::generate::{load_model, DEFAULT_DECODER};
-use crate::options::{print_json, GlobalOptions};
+use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use dynexec_models::llama::LoadedDecoder;
 use dynexec_quant::perplexity::{perplexity, Perplexity, Window};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -68,7 +67,7 @@ pub fn run(global: &GlobalOptions, cmd: EvalCommand) -> Result<()> {
     let EvalCommand::Perplexity(args) = cmd;
     let text = read_text(&args.text)?;
     let loaded = load_model(global, &args.model, None, global.quant)?;
-    let result = evaluate(&loaded, &text, &args.window, global.quiet)?;
+    let result = evaluate(&loaded, &text, &args.window, global)?;
     let report = Report {
         model: &args.model,
         quant: global.quant.map(|q| q.to_string()),
@@ -112,22 +111,17 @@ pub fn evaluate(
     loaded: &LoadedDecoder,
     text: &str,
     window: &WindowArgs,
-    quiet: bool,
+    global: &GlobalOptions,
 ) -> Result<Perplexity> {
     let mut tokens = loaded.tokenizer.encode(text)?;
     if let Some(max) = window.max_tokens {
         tokens.truncate(max);
     }
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(tokens.len().saturating_sub(1) as u64)
-    };
-    if let Ok(style) =
-        ProgressStyle::with_template("perplexity [{bar:30}] {pos}/{len} tokens {per_sec}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
+    let bar = progress_bar(
+        global,
+        tokens.len().saturating_sub(1) as u64,
+        "perplexity [{bar:30}] {pos}/{len} tokens {per_sec}",
+    );
     let result = perplexity(&loaded.model, &tokens, window.window(), |done, _| {
         bar.set_position(done as u64)
     })?;

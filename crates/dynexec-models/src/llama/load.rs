@@ -197,25 +197,9 @@ impl Llama {
         device: &Device,
     ) -> Result<Self> {
         let config = LlamaConfig::from_hf_json(config_path)?;
-        for path in weights {
-            if !path.exists() {
-                return Err(Error::MissingFile(path.clone()));
-            }
-        }
-        let describe = |e: candle_core::Error| Error::InvalidModel {
-            path: weights.first().cloned().unwrap_or_default(),
-            message: format!(
-                "{e} (the safetensors file may be corrupt, or not this model's weights)"
-            ),
-        };
-        // SAFETY: the files are memory-mapped read-only; dynexec never writes to them while
-        // they are mapped (another process truncating them is outside what we can guard).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(weights, dtype, device) }
-            .map_err(describe)?;
-        Self::from_var_builder(config, vb, dtype, device).map_err(|e| match e {
-            Error::Candle(c) => describe(c),
-            other => other,
-        })
+        let vb = crate::safetensors::open(weights, dtype, device)?;
+        Self::from_var_builder(config, vb, dtype, device)
+            .map_err(|e| crate::safetensors::corrupt(weights, e))
     }
 
     fn from_var_builder(
