@@ -4,7 +4,8 @@
 //! models that costs more quality than the Q8_0 weights themselves (SmolLM2: last-position
 //! logits at cosine 0.992 of f32 on some prompts, against 0.9996 for the weights alone). This
 //! kernel keeps activations in F32: each weight row is expanded to F32 once and dotted with
-//! every activation row, which also makes batched (prefill) products cache-friendly.
+//! every activation row, always in the same order, so batched and one-row products agree
+//! to the bit.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -58,7 +59,8 @@ impl CustomOp1 for Q8F32MatMul {
         // candle's own worker pool, the one its quantized kernels use: no second set of
         // threads competes for the cores.
         candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
-            let mut row_f32 = vec![0f32; if m > 1 { cols } else { 0 }];
+            let mut quants = vec![0f32; cols];
+            let mut scales = vec![0f32; cols / BLOCK];
             for task in tasks {
                 for row in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
                     // SAFETY: tasks cover disjoint row ranges, so each output row has one writer,
@@ -66,14 +68,16 @@ impl CustomOp1 for Q8F32MatMul {
                     let out = unsafe {
                         std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(row * m), m)
                     };
-                    let blocks = &bytes[row * row_bytes..(row + 1) * row_bytes];
-                    if m == 1 {
-                        out[0] = row_dot(blocks, x);
-                    } else {
-                        dequantize_row(blocks, &mut row_f32);
-                        for (i, y) in out.iter_mut().enumerate() {
-                            *y = dot(&row_f32, &x[i * cols..(i + 1) * cols]);
-                        }
+                    expand_row(
+                        &bytes[row * row_bytes..(row + 1) * row_bytes],
+                        &mut quants,
+                        &mut scales,
+                    );
+                    // Every activation row goes through the same arithmetic in the same order,
+                    // so a product does not depend on how many rows are batched with it
+                    // (speculative verification must reproduce one-token decoding exactly).
+                    for (i, y) in out.iter_mut().enumerate() {
+                        *y = row_dot(&quants, &scales, &x[i * cols..(i + 1) * cols]);
                     }
                 }
             }
@@ -128,26 +132,38 @@ macro_rules! dispatch {
     };
 }
 
-dispatch!(row_dot, row_dot_avx2, row_dot_lanes, (blocks: &[u8], x: &[f32]) -> f32);
-dispatch!(dequantize_row, dequantize_row_avx2, dequantize_row_lanes, (blocks: &[u8], out: &mut [f32]) -> ());
-dispatch!(dot, dot_avx2, dot_lanes, (a: &[f32], b: &[f32]) -> f32);
+dispatch!(expand_row, expand_row_avx2, expand_row_lanes, (blocks: &[u8], quants: &mut [f32], scales: &mut [f32]) -> ());
+dispatch!(row_dot, row_dot_avx2, row_dot_lanes, (quants: &[f32], scales: &[f32], x: &[f32]) -> f32);
 
+/// Splits Q8_0 blocks into their values as F32 (unscaled) and one scale per block.
 #[inline(always)]
-fn block_scale(block: &[u8]) -> f32 {
-    half::f16::from_le_bytes([block[0], block[1]]).to_f32()
+fn expand_row_lanes(blocks: &[u8], quants: &mut [f32], scales: &mut [f32]) {
+    for ((block, q), d) in blocks
+        .chunks_exact(BLOCK_BYTES)
+        .zip(quants.chunks_exact_mut(BLOCK))
+        .zip(scales.iter_mut())
+    {
+        *d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        for (o, &b) in q.iter_mut().zip(&block[2..BLOCK_BYTES]) {
+            *o = (b as i8) as f32;
+        }
+    }
 }
 
-/// One Q8_0 row times one F32 vector, block by block, without expanding the row.
+/// One expanded Q8_0 row times one F32 vector: each block's products are summed in eight
+/// lanes, then scaled into eight accumulators (the compiler keeps both in vector registers).
 #[inline(always)]
-fn row_dot_lanes(blocks: &[u8], x: &[f32]) -> f32 {
+fn row_dot_lanes(quants: &[f32], scales: &[f32], x: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
-    for (block, x) in blocks.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(BLOCK)) {
-        let d = block_scale(block);
-        let qs = &block[2..BLOCK_BYTES];
+    for ((q, x), &d) in quants
+        .chunks_exact(BLOCK)
+        .zip(x.chunks_exact(BLOCK))
+        .zip(scales)
+    {
         let mut sum = [0f32; 8];
         for j in 0..BLOCK / 8 {
             for l in 0..8 {
-                sum[l] = ((qs[j * 8 + l] as i8) as f32).mul_add(x[j * 8 + l], sum[l]);
+                sum[l] = q[j * 8 + l].mul_add(x[j * 8 + l], sum[l]);
             }
         }
         for l in 0..8 {
@@ -155,34 +171,6 @@ fn row_dot_lanes(blocks: &[u8], x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum()
-}
-
-#[inline(always)]
-fn dequantize_row_lanes(blocks: &[u8], out: &mut [f32]) {
-    for (block, out) in blocks
-        .chunks_exact(BLOCK_BYTES)
-        .zip(out.chunks_exact_mut(BLOCK))
-    {
-        let d = block_scale(block);
-        for (o, &q) in out.iter_mut().zip(&block[2..BLOCK_BYTES]) {
-            *o = d * (q as i8) as f32;
-        }
-    }
-}
-
-/// Eight independent accumulators so the compiler keeps them in one vector register.
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
@@ -217,6 +205,27 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(diff < 1e-4, "{shape:?}: {diff}");
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
+        let values = |n: usize, seed: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 + seed) * 7.31).sin()).collect()
+        };
+        let w = Tensor::from_vec(values(24 * 64, 0.25), (24, 64), &Device::Cpu).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q8_0).unwrap());
+        let batch = Tensor::from_vec(values(5 * 64, 1.5), (5, 64), &Device::Cpu).unwrap();
+        let batched = batch.apply_op1_no_bwd(&Q8F32MatMul(q.clone())).unwrap();
+        for i in 0..5 {
+            let alone = batch
+                .narrow(0, i, 1)
+                .unwrap()
+                .apply_op1_no_bwd(&Q8F32MatMul(q.clone()))
+                .unwrap();
+            let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "row {i}");
         }
     }
 }
