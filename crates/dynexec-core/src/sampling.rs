@@ -96,6 +96,23 @@ impl Sampler {
         Ok(self.draw(&probs))
     }
 
+    /// The distribution this sampler draws from for a logits row: softmax at the
+    /// temperature, then top-k and top-p filtering, renormalised (speculative sampling
+    /// compares target and draft through it).
+    pub fn distribution(&self, row: &[f32]) -> Vec<f32> {
+        self.filtered_probabilities(row)
+    }
+
+    /// A uniform draw in [0, 1) from the seeded generator.
+    pub fn uniform(&mut self) -> f32 {
+        self.rng.random::<f32>()
+    }
+
+    /// Draws an index from a probability vector with the seeded generator.
+    pub fn draw_from(&mut self, probs: &[f32]) -> u32 {
+        self.draw(probs)
+    }
+
     /// Softmax at the temperature, then top-k and top-p filtering, renormalised.
     fn filtered_probabilities(&self, row: &[f32]) -> Vec<f32> {
         let mut probs = softmax(row, self.params.temperature as f32);

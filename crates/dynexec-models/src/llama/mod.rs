@@ -340,11 +340,34 @@ impl Llama {
         Ok(self.head(&last)?.flatten_all()?)
     }
 
+    /// Logits of the last position after only the first `depth` layers (then the final norm
+    /// and the shared head): a layer-skip draft of this model.
+    pub fn forward_last_at_depth(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        depth: usize,
+    ) -> Result<Tensor> {
+        let hidden = self.run_layers(ids, cache, None, depth.min(self.layers.len()))?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        Ok(self.head(&last)?.flatten_all()?)
+    }
+
     fn run_all_layers(
         &self,
         ids: &[u32],
         cache: &mut KvCache,
         trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        self.run_layers(ids, cache, trace, self.layers.len())
+    }
+
+    fn run_layers(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        trace: Option<&mut Trace>,
+        depth: usize,
     ) -> Result<Tensor> {
         if ids.is_empty() {
             return Err(Error::InvalidArgument(
@@ -362,7 +385,7 @@ impl Llama {
         }
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let hidden = self.embed(&ids)?;
-        self.forward_layers(&hidden, 0..self.layers.len(), cache, trace)
+        self.forward_layers(&hidden, 0..depth, cache, trace)
     }
 
     /// The tensors that are not linear weights, GGUF-named: the embedding table and the norms.

@@ -1,0 +1,220 @@
+//! Drafters: a small model, the target's own quantized copy or first layers, or n-grams of
+//! the prompt and the text so far.
+
+use crate::lookahead::Lookahead;
+use candle_core::{DType, Tensor, D};
+use dynexec_core::sampling::Sampler;
+use dynexec_core::Result;
+use dynexec_models::kv_cache::KvCache;
+use dynexec_models::llama::Llama;
+
+/// Tokens proposed for one step.
+#[derive(Debug, Clone, Default)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    /// The draft's distribution for each token (rejection sampling needs it); `None` when the
+    /// proposal is deterministic or decoding is greedy.
+    pub distributions: Vec<Option<Vec<f32>>>,
+    /// The draft's probability of each of its tokens (1 for deterministic drafters).
+    pub confidences: Vec<f32>,
+}
+
+/// Proposes continuations of a sequence.
+pub trait Drafter {
+    fn name(&self) -> String;
+    /// Proposes up to `max` tokens after `tokens`. With a `sampler` the tokens are sampled
+    /// from the draft's distributions (as the target will be); without, they are greedy.
+    fn propose(
+        &mut self,
+        tokens: &[u32],
+        max: usize,
+        sampler: Option<&mut Sampler>,
+        lookahead: &dyn Lookahead,
+    ) -> Result<Draft>;
+    /// The sequence was rewritten from position `len` on: forget any state past it.
+    fn rollback(&mut self, len: usize) -> Result<()>;
+    /// Forward passes run so far (0 for model-free drafters).
+    fn forwards(&self) -> usize;
+}
+
+/// A llama-family draft model: a separate small model, the target's quantized copy, or the
+/// target's first `depth` layers with its head (layer-skip self-drafting).
+pub struct ModelDrafter {
+    model: Llama,
+    depth: usize,
+    cache: KvCache,
+    name: String,
+    forwards: usize,
+}
+
+/// A draft model must score the same vocabulary as the target: its ids mean the same tokens.
+pub fn check_vocab(target: &Llama, draft: &Llama) -> Result<()> {
+    let (t, d) = (target.vocab_size(), draft.vocab_size());
+    if t != d {
+        return Err(dynexec_core::Error::InvalidArgument(format!(
+            "the draft model's vocabulary has {d} tokens but the target's has {t}: a draft must share the target's tokenizer"
+        )));
+    }
+    Ok(())
+}
+
+impl ModelDrafter {
+    /// Drafts with every layer of `model`.
+    pub fn new(model: Llama, name: impl Into<String>) -> Self {
+        let depth = model.num_layers();
+        Self::with_depth(model, depth, name)
+    }
+
+    /// Drafts with the first `depth` layers of `model`, then its final norm and head.
+    pub fn with_depth(model: Llama, depth: usize, name: impl Into<String>) -> Self {
+        let cache = model.new_cache();
+        Self {
+            depth: depth.clamp(1, model.num_layers()),
+            model,
+            cache,
+            name: name.into(),
+            forwards: 0,
+        }
+    }
+
+    fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
+        self.forwards += 1;
+        self.model
+            .forward_last_at_depth(ids, &mut self.cache, self.depth)
+    }
+}
+
+impl Drafter for ModelDrafter {
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn propose(
+        &mut self,
+        tokens: &[u32],
+        max: usize,
+        mut sampler: Option<&mut Sampler>,
+        lookahead: &dyn Lookahead,
+    ) -> Result<Draft> {
+        let mut draft = Draft::default();
+        if max == 0 || tokens.is_empty() {
+            return Ok(draft);
+        }
+        // The cache holds a prefix of `tokens`; feed what it lacks (at least the last token).
+        let cached = self.cache.len().min(tokens.len() - 1);
+        self.cache.truncate(cached)?;
+        let mut logits = self.logits(&tokens[cached..])?;
+        loop {
+            let (token, confidence, distribution) = match sampler.as_deref_mut() {
+                Some(s) => {
+                    let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+                    let q = s.distribution(&row);
+                    let token = s.draw_from(&q);
+                    (token, q[token as usize], Some(q))
+                }
+                None => {
+                    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+                    let token = probs.argmax(D::Minus1)?.to_scalar::<u32>()?;
+                    let confidence = probs.get(token as usize)?.to_scalar::<f32>()?;
+                    (token, confidence, None)
+                }
+            };
+            draft.tokens.push(token);
+            draft.confidences.push(confidence);
+            draft.distributions.push(distribution);
+            if draft.tokens.len() >= max || !lookahead.keep_drafting(confidence) {
+                return Ok(draft);
+            }
+            logits = self.logits(&[token])?;
+        }
+    }
+
+    fn rollback(&mut self, len: usize) -> Result<()> {
+        self.cache.truncate(len)
+    }
+
+    fn forwards(&self) -> usize {
+        self.forwards
+    }
+}
+
+/// Prompt lookup: find the longest recent n-gram (up to `max_ngram`) that occurred earlier
+/// in the sequence and propose what followed it (up to `max_tokens`). No model, no cost.
+pub struct NgramDrafter {
+    pub max_ngram: usize,
+    pub max_tokens: usize,
+}
+
+impl NgramDrafter {
+    pub fn new(max_ngram: usize, max_tokens: usize) -> Self {
+        Self {
+            max_ngram: max_ngram.max(1),
+            max_tokens: max_tokens.max(1),
+        }
+    }
+
+    /// The continuation of the latest earlier match of the longest matching suffix.
+    pub fn lookup(&self, tokens: &[u32], max: usize) -> Vec<u32> {
+        let len = tokens.len();
+        for n in (1..=self.max_ngram.min(len.saturating_sub(1))).rev() {
+            let suffix = &tokens[len - n..];
+            // Latest start j < len - n whose n tokens equal the suffix.
+            if let Some(j) = (0..len - n).rev().find(|&j| &tokens[j..j + n] == suffix) {
+                let from = j + n;
+                let to = (from + max.min(self.max_tokens)).min(len);
+                if from < to {
+                    return tokens[from..to].to_vec();
+                }
+            }
+        }
+        Vec::new()
+    }
+}
+
+impl Drafter for NgramDrafter {
+    fn name(&self) -> String {
+        format!("ngram:{},{}", self.max_ngram, self.max_tokens)
+    }
+
+    fn propose(
+        &mut self,
+        tokens: &[u32],
+        max: usize,
+        _: Option<&mut Sampler>,
+        _: &dyn Lookahead,
+    ) -> Result<Draft> {
+        let tokens = self.lookup(tokens, max);
+        Ok(Draft {
+            confidences: vec![1.0; tokens.len()],
+            distributions: vec![None; tokens.len()],
+            tokens,
+        })
+    }
+
+    fn rollback(&mut self, _: usize) -> Result<()> {
+        Ok(())
+    }
+
+    fn forwards(&self) -> usize {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_lookup_prefers_the_longest_latest_match() {
+        let d = NgramDrafter::new(3, 4);
+        // "1 2 3" occurred at 0 and 5; the latest earlier match continues with 9 8.
+        assert_eq!(
+            d.lookup(&[1, 2, 3, 4, 7, 1, 2, 3, 9, 8, 1, 2, 3], 10),
+            vec![9, 8, 1, 2]
+        );
+        // Only a 1-gram matches.
+        assert_eq!(d.lookup(&[5, 6, 7, 5], 2), vec![6, 7]);
+        assert!(d.lookup(&[1, 2, 3], 4).is_empty());
+        assert_eq!(d.lookup(&[4, 4], 3), vec![4]);
+    }
+}
