@@ -130,10 +130,11 @@ pub fn generate_speculative(
             if generated.len() >= options.max_tokens {
                 break 'outer;
             }
-        }
-        if tokens.len() >= context {
-            stop_reason = StopReason::ContextFull;
-            break;
+            // Like plain decoding: a token at the last position can be emitted but not fed.
+            if tokens.len() >= context {
+                stop_reason = StopReason::ContextFull;
+                break 'outer;
+            }
         }
         // Never draft past max_tokens (the verification adds one token of its own) or past
         // the context (the verified tokens must fit in the target's cache).
