@@ -579,3 +579,81 @@ fn bench_quant_on_the_encoder_reports_cosine_and_speed() {
     assert!(q8 > 0.99 && q8 <= 1.0 + 1e-6, "{q8}");
     assert!(rows[1]["sentences_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn generate_with_a_draft_matches_plain_greedy_and_reports_speculation() {
+    let prompt = "List the days of the week: Monday, Tuesday, Wednesday, Thursday, Friday, Saturday, Sunday. Again: Monday,";
+    let base = [
+        "generate",
+        "--json",
+        "--quant",
+        "q8_0",
+        "--prompt",
+        prompt,
+        "-n",
+        "16",
+        "--ignore-eos",
+    ];
+    let plain = stdout_json(&dynexec(&base));
+    for (draft, lookahead) in [
+        ("ngram:3,8", "fixed:4"),
+        ("self-quant:q4_0", "heuristic"),
+        ("self-layers:6", "confidence"),
+    ] {
+        let out = stdout_json(&dynexec(
+            &[&base[..], &["--draft", draft, "--lookahead", lookahead]].concat(),
+        ));
+        assert_eq!(
+            out["token_ids"], plain["token_ids"],
+            "{draft} / {lookahead}"
+        );
+        for key in [
+            "draft",
+            "lookahead",
+            "acceptance_rate",
+            "mean_accepted_length",
+            "draft_forwards",
+            "target_forwards",
+        ] {
+            assert!(out.get(key).is_some(), "missing {key}: {out}");
+        }
+        assert!(out["target_forwards"].as_u64().unwrap() <= 17);
+    }
+    assert!(plain.get("draft").is_none());
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--draft", "self-layers:99"]),
+        "self-layers:E",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--draft", "ngram:a,b"]),
+        "ngram:N,K",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "x",
+            "--draft",
+            "ngram",
+            "--lookahead",
+            "fixed:0",
+        ]),
+        "fixed:K",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "x",
+            "--draft",
+            "ngram",
+            "--repeat-penalty",
+            "1.2",
+        ]),
+        "--repeat-penalty",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--draft", "minilm-l6"]),
+        "llama-family",
+    );
+}

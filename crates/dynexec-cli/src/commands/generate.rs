@@ -130,6 +130,19 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub sampling: SamplingArgs,
 
+    /// Speculative decoding with a draft: a model (same tokenizer as the target),
+    /// `self-quant[:q8_0|q4_0|...]` (the target's own quantized copy), `self-layers:E` (the
+    /// target's first E layers and its head) or `ngram[:N,K]` (prompt lookup: n-grams up to
+    /// N, continuations up to K). Output is the same as without it.
+    #[arg(long)]
+    pub draft: Option<String>,
+
+    /// How many tokens to draft per step: `fixed:K`, `heuristic[:START]` (+2 after a fully
+    /// accepted draft, -1 otherwise) or `confidence[:T]` (stop when the draft's probability
+    /// falls below T, default 0.4, re-tuned online).
+    #[arg(long, default_value = "heuristic", requires = "draft")]
+    pub lookahead: String,
+
     /// Save the residual stream after each traced layer (safetensors + .json sidecar).
     #[arg(long)]
     pub trace: Option<PathBuf>,
@@ -151,6 +164,21 @@ struct GenerateReport<'a> {
     ttft_ms: f64,
     device: String,
     stop_reason: StopReason,
+    #[serde(flatten)]
+    speculative: Option<SpeculativeReport>,
+}
+
+/// Keys `generate --json` adds when drafting.
+#[derive(Serialize)]
+struct SpeculativeReport {
+    draft: String,
+    lookahead: String,
+    acceptance_rate: f64,
+    mean_accepted_length: f64,
+    draft_forwards: usize,
+    target_forwards: usize,
+    draft_secs: f64,
+    verify_secs: f64,
 }
 
 pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
@@ -166,9 +194,20 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         stop_at_eos: !args.ignore_eos,
     };
     options.sampling.validate()?;
+    if args.draft.is_some() && args.trace.is_some() {
+        anyhow::bail!("--trace cannot be combined with --draft yet: run the trace without a draft (the output is the same)");
+    }
+    let loaded = args.model.load(global)?;
+    let mut drafting = match &args.draft {
+        Some(spec) => Some((
+            super::speculative::build_drafter(global, spec, &loaded)?,
+            dynexec_spec::lookahead::parse(&args.lookahead)?,
+        )),
+        None => None,
+    };
     let LoadedDecoder {
         model, tokenizer, ..
-    } = args.model.load(global)?;
+    } = loaded;
     let text = if args.chat {
         tokenizer.chat_prompt(args.system.as_deref(), &prompt)?
     } else {
@@ -192,23 +231,52 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
 
     let stdout = std::io::stdout();
     let stream = !global.json;
-    let result = generate(
-        &model,
-        &tokenizer,
-        &prompt_ids,
-        &options,
-        trace.as_mut(),
-        |piece| {
-            if stream {
-                let mut out = stdout.lock();
-                // A closed pipe (e.g. `| head`) ends generation quietly rather than panicking.
-                out.write_all(piece.as_bytes())
-                    .and_then(|_| out.flush())
-                    .map_err(|e| dynexec_core::Error::io("stdout", e))?;
-            }
-            Ok(())
-        },
-    )?;
+    let on_text = |piece: &str| {
+        if stream {
+            let mut out = stdout.lock();
+            // A closed pipe (e.g. `| head`) ends generation quietly rather than panicking.
+            out.write_all(piece.as_bytes())
+                .and_then(|_| out.flush())
+                .map_err(|e| dynexec_core::Error::io("stdout", e))?;
+        }
+        Ok(())
+    };
+    let (result, speculative) = match drafting.as_mut() {
+        Some((drafter, lookahead)) => {
+            let out = dynexec_spec::engine::generate_speculative(
+                &model,
+                drafter.as_mut(),
+                lookahead.as_mut(),
+                &tokenizer,
+                &prompt_ids,
+                &options,
+                on_text,
+            )?;
+            let s = out.spec;
+            let report = SpeculativeReport {
+                acceptance_rate: s.acceptance_rate(),
+                mean_accepted_length: s.mean_accepted_length(),
+                draft: s.draft,
+                lookahead: s.lookahead,
+                draft_forwards: s.draft_forwards,
+                target_forwards: s.target_forwards,
+                draft_secs: s.draft_secs,
+                verify_secs: s.verify_secs,
+            };
+            (out.generation, Some(report))
+        }
+        None => (
+            generate(
+                &model,
+                &tokenizer,
+                &prompt_ids,
+                &options,
+                trace.as_mut(),
+                on_text,
+            )?,
+            None,
+        ),
+    };
 
     if let (Some(trace), Some(path)) = (&trace, &args.trace) {
         let mut all_ids = prompt_ids.clone();
@@ -237,6 +305,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             ttft_ms: stats.ttft_secs * 1000.0,
             device,
             stop_reason: result.stop_reason,
+            speculative,
         })?;
     } else {
         println!();
@@ -250,6 +319,18 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             device,
             result.stop_reason
         );
+        if let Some(s) = &speculative {
+            eprintln!(
+                "draft {} / {}: acceptance {:.1}%, {:.2} drafts accepted per step, {} draft and {} target forwards, {:.0}% of the time drafting",
+                s.draft,
+                s.lookahead,
+                s.acceptance_rate * 100.0,
+                s.mean_accepted_length,
+                s.draft_forwards,
+                s.target_forwards,
+                100.0 * s.draft_secs / (s.draft_secs + s.verify_secs).max(f64::EPSILON)
+            );
+        }
     }
     Ok(())
 }
