@@ -657,3 +657,64 @@ fn generate_with_a_draft_matches_plain_greedy_and_reports_speculation() {
         "llama-family",
     );
 }
+
+#[test]
+fn bench_speculative_compares_drafters_with_plain_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("truthfulqa.jsonl"),
+        "{\"question\": \"What is the capital of France?\"}\n",
+    )
+    .unwrap();
+    let article = SAMPLE_TEXT.replace('"', "'");
+    std::fs::write(
+        dir.path().join("xsum.jsonl"),
+        format!("{{\"document\": \"{article}\", \"summary\": \"x\"}}\n"),
+    )
+    .unwrap();
+    let report = stdout_json(&dynexec(&[
+        "bench",
+        "speculative",
+        "--json",
+        "--target-quant",
+        "q8_0",
+        "--draft",
+        "ngram:3,10",
+        "--lookahead",
+        "fixed:4",
+        "--lookahead",
+        "heuristic",
+        "--questions",
+        "1",
+        "--articles",
+        "1",
+        "--max-tokens",
+        "12",
+        "--prompts-dir",
+        dir.path().to_str().unwrap(),
+    ]));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(
+        rows.len(),
+        2 * (1 + 2),
+        "plain + 2 controllers, for each prompt set"
+    );
+    for row in rows {
+        for key in [
+            "draft",
+            "lookahead",
+            "target_quant",
+            "tokens_per_s",
+            "speedup",
+            "acceptance_rate",
+            "identical_to_plain",
+        ] {
+            assert!(row.get(key).is_some(), "missing {key} in {row}");
+        }
+        assert_eq!(row["identical_to_plain"], true, "{row}");
+    }
+    assert_clear_error(
+        &dynexec(&["bench", "speculative", "--prompts-dir", "/nonexistent"]),
+        "fetch-prompts",
+    );
+}

@@ -30,6 +30,9 @@ pub enum BenchCommand {
         after_help = "Example:\n  scripts/fetch-sotu.sh\n  dynexec bench quant --threads 2 --formats f32,q8_0,q4_1 --eval-tokens 1024"
     )]
     Quant(BenchQuantArgs),
+    /// Speculative decoding: plain decoding vs every drafter x lookahead controller on the
+    /// same target and prompts (TruthfulQA questions, BBC articles to summarize).
+    Speculative(super::bench_speculative::BenchSpeculativeArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +101,7 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(args) => bench_generate(global, args),
         BenchCommand::Quant(args) => bench_quant(global, args),
+        BenchCommand::Speculative(args) => super::bench_speculative::run(global, args),
     }
 }
 

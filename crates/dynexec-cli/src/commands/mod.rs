@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod bench_speculative;
 pub mod eval;
 pub mod generate;
 pub mod models;

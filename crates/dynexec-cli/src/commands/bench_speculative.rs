@@ -1,0 +1,275 @@
+//! `dynexec bench speculative`: plain decoding against every drafter x controller, on the
+//! same target and prompts, in one process.
+
+use super::generate::{load_model, ModelArgs};
+use super::speculative::build_drafter;
+use crate::options::{print_json, progress_bar, GlobalOptions};
+use anyhow::{Context, Result};
+use clap::Args;
+use dynexec_core::device::device_name;
+use dynexec_core::sampling::SamplingParams;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_quant::WeightFormat;
+use dynexec_spec::engine::generate_speculative;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Args)]
+#[command(
+    after_help = "Example:\n  scripts/fetch-prompts.sh\n  dynexec bench speculative --threads 2 --target-quant f32 --target-quant q8_0"
+)]
+pub struct BenchSpeculativeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Target precisions to compare (repeat the flag); each is measured against its own plain decoding.
+    #[arg(long = "target-quant", default_values = ["f32", "q8_0"], value_parser = parse_format)]
+    target_quants: Vec<WeightFormat>,
+    /// Drafters (repeat the flag), as `generate --draft` takes them.
+    #[arg(long = "draft", default_values = ["ngram:3,10", "self-quant:q4_0", "self-layers:8"])]
+    drafts: Vec<String>,
+    /// Lookahead controllers (repeat the flag), as `generate --lookahead` takes them.
+    #[arg(long = "lookahead", default_values = ["fixed:2", "fixed:4", "fixed:8", "heuristic", "confidence"])]
+    lookaheads: Vec<String>,
+    /// Folder with truthfulqa.jsonl and xsum.jsonl (default: where scripts/fetch-prompts.sh puts them).
+    #[arg(long)]
+    prompts_dir: Option<PathBuf>,
+    /// TruthfulQA questions to use.
+    #[arg(long, default_value_t = 2)]
+    questions: usize,
+    /// BBC articles to summarize.
+    #[arg(long, default_value_t = 2)]
+    articles: usize,
+    /// Articles are cut to this many tokens.
+    #[arg(long, default_value_t = 384)]
+    article_tokens: usize,
+    /// Tokens to generate per prompt (greedy).
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+}
+
+fn parse_format(s: &str) -> Result<WeightFormat, String> {
+    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
+/// One prompt set: a name and its prompts, already tokenized with the chat template.
+struct PromptSet {
+    name: &'static str,
+    prompts: Vec<Vec<u32>>,
+}
+
+fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (run scripts/fetch-prompts.sh)", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(count)
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("bad JSON line in {}", path.display()))?;
+            v[field]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("no `{field}` string in {}", path.display()))
+        })
+        .collect()
+}
+
+fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result<Vec<PromptSet>> {
+    let dir = args
+        .prompts_dir
+        .clone()
+        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/prompts"));
+    let chat = |text: &str| -> Result<Vec<u32>> {
+        Ok(tokenizer.encode(&tokenizer.chat_prompt(None, text)?)?)
+    };
+    let questions = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?;
+    let articles = read_jsonl(&dir.join("xsum.jsonl"), "document", args.articles)?;
+    let mut summarize = Vec::new();
+    for article in &articles {
+        let ids = tokenizer.encode(article)?;
+        let cut = tokenizer.decode(&ids[..ids.len().min(args.article_tokens)])?;
+        summarize.push(chat(&format!("Summarize: {cut}"))?);
+    }
+    Ok(vec![
+        PromptSet {
+            name: "truthfulqa",
+            prompts: questions.iter().map(|q| chat(q)).collect::<Result<_>>()?,
+        },
+        PromptSet {
+            name: "summarize",
+            prompts: summarize,
+        },
+    ])
+}
+
+#[derive(Serialize)]
+struct Row {
+    prompts: &'static str,
+    target_quant: WeightFormat,
+    draft: String,
+    lookahead: String,
+    /// Generated tokens per second after the prompt's forward pass.
+    tokens_per_s: f64,
+    speedup: f64,
+    acceptance_rate: f64,
+    mean_accepted_length: f64,
+    identical_to_plain: bool,
+}
+
+pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams::default(),
+        stop_at_eos: true,
+    };
+    let mut rows = Vec::new();
+    let mut device = String::new();
+    for &quant in &args.target_quants {
+        let target = load_model(
+            global,
+            &args.model.model,
+            args.model.tokenizer.as_deref(),
+            Some(quant),
+        )?;
+        device = device_name(target.model.device());
+        let sets = prompt_sets(&args, &target.tokenizer)?;
+        let runs = sets.iter().map(|s| s.prompts.len()).sum::<usize>()
+            * (1 + args.drafts.len() * args.lookaheads.len());
+        let bar = progress_bar(
+            global,
+            runs as u64,
+            &format!("target {quant} [{{bar:30}}] {{pos}}/{{len}} generations {{msg}}"),
+        );
+        for set in &sets {
+            // Plain decoding of the same target: the baseline and the reference output.
+            let (mut plain_tokens, mut plain_secs, mut plain_ids) = (0usize, 0f64, Vec::new());
+            for prompt in &set.prompts {
+                let start = Instant::now();
+                let out = generate(
+                    &target.model,
+                    &target.tokenizer,
+                    prompt,
+                    &options,
+                    None,
+                    |_| Ok(()),
+                )?;
+                // The prompt's forward is the same with or without a draft: time the rest.
+                plain_secs += start.elapsed().as_secs_f64() - out.stats.prefill_secs;
+                plain_tokens += out.token_ids.len();
+                plain_ids.push(out.token_ids);
+                bar.inc(1);
+            }
+            let plain_rate = plain_tokens as f64 / plain_secs;
+            rows.push(Row {
+                prompts: set.name,
+                target_quant: quant,
+                draft: "none".to_string(),
+                lookahead: "-".to_string(),
+                tokens_per_s: plain_rate,
+                speedup: 1.0,
+                acceptance_rate: 0.0,
+                mean_accepted_length: 0.0,
+                identical_to_plain: true,
+            });
+            for draft_spec in &args.drafts {
+                let mut drafter = build_drafter(global, draft_spec, &target)?;
+                for lookahead_spec in &args.lookaheads {
+                    bar.set_message(format!("{draft_spec} / {lookahead_spec}"));
+                    // One controller per prompt set, so online tuning carries across prompts.
+                    let mut lookahead = dynexec_spec::lookahead::parse(lookahead_spec)?;
+                    let (mut tokens, mut secs, mut proposed, mut accepted, mut steps) =
+                        (0usize, 0f64, 0usize, 0usize, 0usize);
+                    let mut identical = true;
+                    for (prompt, reference) in set.prompts.iter().zip(&plain_ids) {
+                        drafter.rollback(0)?;
+                        let start = Instant::now();
+                        let out = generate_speculative(
+                            &target.model,
+                            drafter.as_mut(),
+                            lookahead.as_mut(),
+                            &target.tokenizer,
+                            prompt,
+                            &options,
+                            |_| Ok(()),
+                        )?;
+                        secs += start.elapsed().as_secs_f64() - out.generation.stats.prefill_secs;
+                        tokens += out.generation.token_ids.len();
+                        identical &= &out.generation.token_ids == reference;
+                        proposed += out.spec.proposed;
+                        accepted += out.spec.accepted;
+                        steps += out.spec.steps;
+                        bar.inc(1);
+                    }
+                    let rate = tokens as f64 / secs;
+                    rows.push(Row {
+                        prompts: set.name,
+                        target_quant: quant,
+                        draft: draft_spec.clone(),
+                        lookahead: lookahead.name(),
+                        tokens_per_s: rate,
+                        speedup: rate / plain_rate,
+                        acceptance_rate: if proposed > 0 {
+                            accepted as f64 / proposed as f64
+                        } else {
+                            0.0
+                        },
+                        mean_accepted_length: if steps > 0 {
+                            accepted as f64 / steps as f64
+                        } else {
+                            0.0
+                        },
+                        identical_to_plain: identical,
+                    });
+                }
+            }
+        }
+        bar.finish_and_clear();
+    }
+    if global.json {
+        return print_json(&serde_json::json!({
+            "model": args.model.model,
+            "device": device,
+            "threads": candle_core::utils::get_num_threads(),
+            "max_tokens": args.max_tokens,
+            "rows": rows,
+        }));
+    }
+    println!(
+        "model {} | device {} | threads {} | greedy, up to {} tokens per prompt | {} questions, {} articles",
+        args.model.model,
+        device,
+        candle_core::utils::get_num_threads(),
+        args.max_tokens,
+        args.questions,
+        args.articles
+    );
+    println!(
+        "{:<11} {:<6} {:<18} {:<11} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "prompts",
+        "target",
+        "draft",
+        "lookahead",
+        "tok/s",
+        "speedup",
+        "accept",
+        "acc/step",
+        "identical"
+    );
+    for r in &rows {
+        println!(
+            "{:<11} {:<6} {:<18} {:<11} {:>8.1} {:>7.2}x {:>7.1}% {:>8.2} {:>9}",
+            r.prompts,
+            r.target_quant.to_string(),
+            r.draft,
+            r.lookahead,
+            r.tokens_per_s,
+            r.speedup,
+            r.acceptance_rate * 100.0,
+            r.mean_accepted_length,
+            if r.identical_to_plain { "yes" } else { "NO" }
+        );
+    }
+    Ok(())
+}
