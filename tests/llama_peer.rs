@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::{max_abs_diff, smollm2_gguf};
 use dynexec_core::tokenizer::TextTokenizer;
-use dynexec_models::linear::{HasLinears, Q8Kernel};
+use dynexec_models::linear::{CpuKernels, HasLinears};
 use dynexec_models::llama::Llama;
 
 /// With candle's kernels selected, both implementations run the same quantized kernels on
@@ -31,7 +31,7 @@ fn peer(path: &std::path::Path) -> ModelWeights {
 fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
     let path = smollm2_gguf();
     let (mut ours, content) = Llama::load_gguf(&path, &Device::Cpu).unwrap();
-    ours.set_q8_kernel(Q8Kernel::Candle);
+    ours.set_cpu_kernels(CpuKernels::Candle);
     let tokenizer = TextTokenizer::from_gguf(&content).unwrap();
     let mut theirs = peer(&path);
     let prompts = [
@@ -89,7 +89,7 @@ fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
 /// an F32 head holding the dequantized Q8_0 weights, up to float rounding; candle's kernel
 /// quantizes the activations as well and lands ~0.4 logit away.
 #[test]
-fn default_q8_kernel_equals_the_dequantized_head() {
+fn default_cpu_kernels_equals_the_dequantized_head() {
     let path = smollm2_gguf();
     let (model, content) = Llama::load_gguf(&path, &Device::Cpu).unwrap();
     let tokenizer = TextTokenizer::from_gguf(&content).unwrap();
@@ -102,7 +102,7 @@ fn default_q8_kernel_equals_the_dequantized_head() {
         }
     }
     let mut candle_head = model.clone();
-    candle_head.set_q8_kernel(Q8Kernel::Candle);
+    candle_head.set_cpu_kernels(CpuKernels::Candle);
     for prompt in [
         "The three primary colors are",
         "Once upon a time, in a small village,",

@@ -5,7 +5,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
-use dynexec_models::linear::Q8Kernel;
+use dynexec_models::linear::CpuKernels;
 use dynexec_quant::WeightFormat;
 
 #[derive(Args, Clone)]
@@ -24,10 +24,11 @@ pub struct GlobalOptions {
     #[arg(long, global = true, value_parser = parse_quant)]
     pub quant: Option<WeightFormat>,
 
-    /// CPU kernel for Q8_0 layers: `f32` keeps activations in F32 (more accurate), `candle`
-    /// quantizes them to Q8_0 too (candle's kernel, bit-identical to candle-transformers).
-    #[arg(long, global = true, default_value = "f32", value_parser = parse_q8_kernel)]
-    pub q8_kernel: Q8Kernel,
+    /// CPU kernels: `dynexec` (Q8_0 with F32 activations, more accurate; F32 decoding and
+    /// verification without weight repacking) or `candle` (candle's own, bit-identical to
+    /// candle-transformers).
+    #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]
+    pub cpu_kernels: CpuKernels,
 
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
     #[arg(long, global = true)]
@@ -46,11 +47,13 @@ fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
-fn parse_q8_kernel(s: &str) -> Result<Q8Kernel, String> {
+fn parse_cpu_kernels(s: &str) -> Result<CpuKernels, String> {
     match s {
-        "f32" => Ok(Q8Kernel::F32Activations),
-        "candle" => Ok(Q8Kernel::Candle),
-        other => Err(format!("unknown Q8_0 kernel `{other}`: use f32 or candle")),
+        "dynexec" => Ok(CpuKernels::Dynexec),
+        "candle" => Ok(CpuKernels::Candle),
+        other => Err(format!(
+            "unknown CPU kernels `{other}`: use dynexec or candle"
+        )),
     }
 }
 

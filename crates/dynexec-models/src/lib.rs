@@ -11,11 +11,11 @@
 //! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
 
 pub mod bert;
+pub mod cpu_kernels;
 pub mod generation;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
-pub mod q8_kernel;
 mod safetensors;
 
 pub use dynexec_core::{Error, Result};

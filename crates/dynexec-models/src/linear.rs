@@ -8,7 +8,7 @@ use dynexec_core::Error;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::q8_kernel::Q8F32MatMul;
+use crate::cpu_kernels::{DenseSmallBatch, Q8F32MatMul, SMALL_BATCH};
 
 /// Formats a linear layer's weight can be converted to in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -67,14 +67,16 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
-/// Which CPU kernel multiplies Q8_0 weights.
+/// Which CPU kernels multiply Q8_0 weights and small batches of F32 rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Q8Kernel {
-    /// dynexec's kernel: F32 activations, the accuracy of the Q8_0 weights alone.
+pub enum CpuKernels {
+    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0 with F32 activations (the accuracy of
+    /// the Q8_0 weights alone), and F32 products of a few rows without repacking the weight;
+    /// both give a row the same bits alone or in a batch.
     #[default]
-    F32Activations,
-    /// candle's kernel, which quantizes activations to Q8_0 as well (bit-identical to
-    /// candle-transformers' models; used to check against them).
+    Dynexec,
+    /// candle's kernels everywhere (Q8_0 quantizes activations too): bit-identical to
+    /// candle-transformers' models, used to check against them.
     Candle,
 }
 
@@ -84,9 +86,9 @@ pub trait HasLinears {
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
 
     /// Chooses the CPU kernel of every Q8_0 layer.
-    fn set_q8_kernel(&mut self, kernel: Q8Kernel) {
+    fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
         for (_, linear) in self.linears_mut() {
-            linear.q8_kernel = kernel;
+            linear.cpu_kernels = kernel;
         }
     }
 }
@@ -98,7 +100,7 @@ pub struct Linear {
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
-    q8_kernel: Q8Kernel,
+    cpu_kernels: CpuKernels,
 }
 
 impl Linear {
@@ -110,7 +112,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
-            q8_kernel: Q8Kernel::default(),
+            cpu_kernels: CpuKernels::default(),
         })
     }
 
@@ -122,7 +124,7 @@ impl Linear {
             bias,
             out_features,
             in_features,
-            q8_kernel: Q8Kernel::default(),
+            cpu_kernels: CpuKernels::default(),
         })
     }
 
@@ -202,20 +204,22 @@ impl Linear {
             bias: self.bias.clone(),
             out_features: self.out_features,
             in_features: self.in_features,
-            q8_kernel: self.q8_kernel,
+            cpu_kernels: self.cpu_kernels,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ours = self.cpu_kernels == CpuKernels::Dynexec
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32;
+        let rows = x.elem_count() / self.in_features.max(1);
         let y = match &self.weight {
-            QMatMul::QTensor(q)
-                if self.q8_kernel == Q8Kernel::F32Activations
-                    && x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && Q8F32MatMul::supports(q) =>
-            {
+            QMatMul::QTensor(q) if ours && Q8F32MatMul::supports(q) => {
                 x.contiguous()?.apply_op1_no_bwd(&Q8F32MatMul(q.clone()))?
             }
+            QMatMul::Tensor(w) if ours && w.dtype() == DType::F32 && rows <= SMALL_BATCH => x
+                .contiguous()?
+                .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?,
             weight => weight.forward(x)?,
         };
         Ok(match &self.bias {

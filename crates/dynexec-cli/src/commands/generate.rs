@@ -56,7 +56,7 @@ pub fn load_model(
         quantize_in_place(&mut loaded.model, format)
             .with_context(|| format!("converting `{model}` to {format}"))?;
     }
-    loaded.model.set_q8_kernel(global.q8_kernel);
+    loaded.model.set_cpu_kernels(global.cpu_kernels);
     Ok(loaded)
 }
 
