@@ -107,6 +107,11 @@ fn rows_times_activations(
     out_t
 }
 
+thread_local! {
+    /// A worker's scratch for one expanded Q8_0 row: values as F32 and one scale per block.
+    static EXPANDED_ROW: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
 /// `y = x W^T` for a Q8_0 weight `W` (rows x cols) and F32 `x` (.., cols).
 pub struct Q8F32MatMul(pub Arc<QTensor>);
 
@@ -144,33 +149,21 @@ impl CustomOp1 for Q8F32MatMul {
         let m = x.len() / cols;
         let bytes = self.0.data()?;
         let row_bytes = (cols / BLOCK) * BLOCK_BYTES;
-        let mut out_t = vec![0f32; rows * m]; // (rows, m): each task owns whole rows
-        let out_ptr = out_t.as_mut_ptr() as usize;
-        // candle's own worker pool, the one its quantized kernels use: no second set of
-        // threads competes for the cores.
-        candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
-            let mut quants = vec![0f32; cols];
-            let mut scales = vec![0f32; cols / BLOCK];
-            for task in tasks {
-                for row in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
-                    // SAFETY: tasks cover disjoint row ranges, so each output row has one writer,
-                    // and `out_t` outlives the pool call.
-                    let out = unsafe {
-                        std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(row * m), m)
-                    };
-                    expand_row(
-                        &bytes[row * row_bytes..(row + 1) * row_bytes],
-                        &mut quants,
-                        &mut scales,
-                    );
-                    // Every activation row goes through the same arithmetic in the same order,
-                    // so a product does not depend on how many rows are batched with it
-                    // (speculative verification must reproduce one-token decoding exactly).
-                    for (i, y) in out.iter_mut().enumerate() {
-                        *y = row_dot(&quants, &scales, &x[i * cols..(i + 1) * cols]);
-                    }
-                }
+        let out_t = rows_times_activations(rows, m, |row, out| {
+            let blocks = &bytes[row * row_bytes..(row + 1) * row_bytes];
+            if m == 1 {
+                // One activation row: the same arithmetic as below, without the scratch row.
+                out[0] = row_dot_q8(blocks, x);
+                return;
             }
+            EXPANDED_ROW.with_borrow_mut(|(quants, scales)| {
+                quants.resize(cols, 0.0);
+                scales.resize(cols / BLOCK, 0.0);
+                expand_row(blocks, quants, scales);
+                for (i, y) in out.iter_mut().enumerate() {
+                    *y = row_dot(quants, scales, &x[i * cols..(i + 1) * cols]);
+                }
+            })
         });
         let out = if m == 1 {
             out_t
@@ -196,7 +189,9 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 /// Whether the AVX2 + FMA builds of the loops below can run here.
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// Compiles a loop twice: for AVX2 + FMA (chosen at run time when the CPU has them) and for
@@ -215,7 +210,7 @@ macro_rules! dispatch {
         }
 
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn $avx($($arg: $ty),*) -> $ret {
             $portable($($arg),*)
         }
@@ -225,6 +220,22 @@ macro_rules! dispatch {
 dispatch!(expand_row, expand_row_avx2, expand_row_lanes, (blocks: &[u8], quants: &mut [f32], scales: &mut [f32]) -> ());
 dispatch!(row_dot, row_dot_avx2, row_dot_lanes, (quants: &[f32], scales: &[f32], x: &[f32]) -> f32);
 dispatch!(dot, dot_avx2, dot_lanes, (a: &[f32], b: &[f32]) -> f32);
+dispatch!(row_dot_q8, row_dot_q8_avx2, row_dot_q8_lanes, (blocks: &[u8], x: &[f32]) -> f32);
+
+/// [`row_dot_lanes`] reading the Q8_0 blocks directly: converting an i8 to f32 is exact, so
+/// the result is the same to the bit.
+#[inline(always)]
+fn row_dot_q8_lanes(blocks: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (block, x) in blocks.chunks_exact(BLOCK_BYTES).zip(x.chunks_exact(BLOCK)) {
+        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+        let q = &block[2..BLOCK_BYTES];
+        for l in 0..LANES {
+            acc[l] = d.mul_add((q[l] as i8) as f32 * x[l], acc[l]);
+        }
+    }
+    acc.iter().sum()
+}
 
 /// Thirty-two independent accumulators: four vector registers, so four FMA chains run at once
 /// instead of one chain waiting on its own latency.

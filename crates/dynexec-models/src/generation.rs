@@ -56,16 +56,8 @@ impl Sequence {
     }
 }
 
-/// Generates from `prompt_ids`, calling `on_text` with each piece of text as soon as it is
-/// complete. An error from `on_text` stops generation and is returned.
-pub fn generate(
-    model: &Llama,
-    tokenizer: &TextTokenizer,
-    prompt_ids: &[u32],
-    options: &GenerateOptions,
-    mut trace: Option<&mut Trace>,
-    mut on_text: impl FnMut(&str) -> Result<()>,
-) -> Result<Generation> {
+/// Refuses an empty prompt, or one that leaves no room in the model's context.
+pub fn check_prompt(model: &Llama, prompt_ids: &[u32], options: &GenerateOptions) -> Result<()> {
     let context = model.config().context_length;
     if prompt_ids.is_empty() {
         return Err(Error::InvalidArgument(
@@ -79,6 +71,21 @@ pub fn generate(
             context,
         });
     }
+    Ok(())
+}
+
+/// Generates from `prompt_ids`, calling `on_text` with each piece of text as soon as it is
+/// complete. An error from `on_text` stops generation and is returned.
+pub fn generate(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    prompt_ids: &[u32],
+    options: &GenerateOptions,
+    mut trace: Option<&mut Trace>,
+    mut on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<Generation> {
+    let context = model.config().context_length;
+    check_prompt(model, prompt_ids, options)?;
     let mut sampler = Sampler::new(options.sampling.clone())?;
     let mut seq = Sequence::new(model);
     let mut stream = TokenStream::new(tokenizer);

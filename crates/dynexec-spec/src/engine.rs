@@ -8,7 +8,7 @@ use dynexec_core::sampling::Sampler;
 use dynexec_core::stats::{secs, GenerationStats};
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
-use dynexec_models::generation::{GenerateOptions, Generation, StopReason};
+use dynexec_models::generation::{check_prompt, GenerateOptions, Generation, StopReason};
 use dynexec_models::llama::Llama;
 use serde::Serialize;
 use std::time::Instant;
@@ -68,18 +68,7 @@ pub fn generate_speculative(
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<SpecGeneration> {
     let context = target.config().context_length;
-    if prompt_ids.is_empty() {
-        return Err(Error::InvalidArgument(
-            "the prompt is empty: give some text to continue".to_string(),
-        ));
-    }
-    if prompt_ids.len() >= context {
-        return Err(Error::ContextOverflow {
-            prompt_tokens: prompt_ids.len(),
-            requested: options.max_tokens,
-            context,
-        });
-    }
+    check_prompt(target, prompt_ids, options)?;
     if options.sampling.repetition_penalty != 1.0 {
         return Err(Error::InvalidArgument(
             "--repeat-penalty cannot be combined with --draft yet (the penalty depends on each drafted position)".to_string(),
