@@ -71,14 +71,7 @@ impl candle_core::CustomOp2 for DenseSmallBatch {
                 *y = dot(w_row, &x[i * cols..(i + 1) * cols]);
             }
         });
-        let out = if m == 1 {
-            out_t
-        } else {
-            transpose(&out_t, rows, m)
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("non-empty dims") = rows;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok(into_output(out_t, rows, m, dims))
     }
 }
 
@@ -165,15 +158,27 @@ impl CustomOp1 for Q8F32MatMul {
                 }
             })
         });
-        let out = if m == 1 {
-            out_t
-        } else {
-            transpose(&out_t, rows, m)
-        };
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("non-empty dims") = rows;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        Ok(into_output(out_t, rows, m, dims))
     }
+}
+
+/// `(rows, m)` results → the op's output: the input's shape with `rows` as the last size.
+fn into_output(
+    out_t: Vec<f32>,
+    rows: usize,
+    m: usize,
+    input_dims: &[usize],
+) -> (CpuStorage, Shape) {
+    let out = if m == 1 {
+        out_t
+    } else {
+        transpose(&out_t, rows, m)
+    };
+    let mut shape = input_dims.to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = rows;
+    }
+    (CpuStorage::F32(out), Shape::from(shape))
 }
 
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
