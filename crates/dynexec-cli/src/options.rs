@@ -21,7 +21,7 @@ pub struct GlobalOptions {
 
     /// Convert every linear layer at load time: f32, f16, q8_0, q4_0 or q4_1 (embeddings and
     /// norms stay in float). `f32` dequantizes a quantized GGUF.
-    #[arg(long, global = true, value_parser = parse_quant)]
+    #[arg(long, global = true, value_parser = parse_format)]
     pub quant: Option<WeightFormat>,
 
     /// CPU kernels: `dynexec` (Q8_0 with F32 activations, more accurate; F32 decoding and
@@ -57,7 +57,8 @@ fn parse_cpu_kernels(s: &str) -> Result<CpuKernels, String> {
     }
 }
 
-fn parse_quant(s: &str) -> Result<WeightFormat, String> {
+/// Parses a weight format flag (`--quant`, `--to`, `--formats`, `--target-quant`).
+pub fn parse_format(s: &str) -> Result<WeightFormat, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 

@@ -3,7 +3,7 @@
 use super::eval::{evaluate, read_text, WindowArgs};
 use super::generate::load_model;
 use super::generate::ModelArgs;
-use crate::options::{print_json, progress_bar, GlobalOptions};
+use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -69,10 +69,6 @@ pub struct BenchQuantArgs {
     /// Encoders: sentences per batch.
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-}
-
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
 #[derive(Args)]

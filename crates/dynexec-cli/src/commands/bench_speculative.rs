@@ -3,7 +3,7 @@
 
 use super::generate::{load_model, ModelArgs};
 use super::speculative::build_drafter;
-use crate::options::{print_json, progress_bar, GlobalOptions};
+use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
@@ -47,10 +47,6 @@ pub struct BenchSpeculativeArgs {
     /// Tokens to generate per prompt (greedy).
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
-}
-
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
 /// One prompt set: a name and its prompts, already tokenized with the chat template.

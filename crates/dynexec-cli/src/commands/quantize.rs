@@ -1,7 +1,7 @@
 //! `dynexec quantize MODEL --to FORMAT --out FILE.gguf`.
 
 use super::generate::load_model;
-use crate::options::{print_json, GlobalOptions};
+use crate::options::{parse_format, print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_quant::gguf_export::{export_gguf, ExportSource};
@@ -25,10 +25,6 @@ pub struct QuantizeArgs {
     /// Tokenizer to embed when the model's own is not beside it.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-}
-
-fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
 pub fn run(global: &GlobalOptions, args: QuantizeArgs) -> Result<()> {
