@@ -70,7 +70,7 @@ impl std::fmt::Display for WeightFormat {
 /// Which CPU kernels multiply Q8_0 weights and small batches of F32 rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {
-    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0 with F32 activations (the accuracy of
+    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0 with 16-bit activations (the accuracy of
     /// the Q8_0 weights alone), and F32 products of a few rows without repacking the weight;
     /// both give a row the same bits alone or in a batch.
     #[default]
