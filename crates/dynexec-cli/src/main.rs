@@ -31,6 +31,9 @@ enum Command {
     /// Measure model quality (perplexity).
     #[command(subcommand)]
     Eval(commands::eval::EvalCommand),
+    /// Look inside a model: compare the dynamics (DSA) and geometry (Procrustes, CKA, RSA) of
+    /// its layers' hidden states, across precisions, prompts or models; or of any two arrays.
+    Analyze(commands::analyze::AnalyzeArgs),
     /// List, pull and locate the models of the manifest.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
@@ -45,6 +48,7 @@ fn main() {
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
         Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),
+        Command::Analyze(args) => commands::analyze::run(&cli.global, args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -19,6 +19,10 @@ pub struct TraceInfo {
     pub positions: usize,
     pub features: usize,
     pub token_ids: Vec<u32>,
+    /// How many of the positions are the prompt (the rest were generated). Traces saved
+    /// before this field existed read as 0.
+    #[serde(default)]
+    pub prompt_tokens: usize,
 }
 
 /// Residual-stream snapshots for chosen layers, appended position by position.
@@ -69,8 +73,15 @@ impl Trace {
 
     /// Writes `path` (safetensors) and `path.json` (the [`TraceInfo`]). `token_ids` is the
     /// sequence the states belong to; it is cut to the positions recorded (a generation's
-    /// last token is sampled but never run through the model).
-    pub fn save(&self, path: &Path, model: &str, token_ids: &[u32]) -> Result<TraceInfo> {
+    /// last token is sampled but never run through the model). The first `prompt_tokens`
+    /// positions are the prompt.
+    pub fn save(
+        &self,
+        path: &Path,
+        model: &str,
+        token_ids: &[u32],
+        prompt_tokens: usize,
+    ) -> Result<TraceInfo> {
         let mut tensors = HashMap::new();
         let mut positions = 0;
         let mut features = 0;
@@ -88,6 +99,7 @@ impl Trace {
             positions,
             features,
             token_ids: token_ids[..positions.min(token_ids.len())].to_vec(),
+            prompt_tokens: prompt_tokens.min(positions),
         };
         let json_path = sidecar(path);
         let json = serde_json::to_string_pretty(&info)
@@ -144,7 +156,8 @@ mod tests {
         assert_eq!(trace.layer(0).unwrap().unwrap().dims(), &[3, 3]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.safetensors");
-        trace.save(&path, "m", &[1, 2, 3, 4]).unwrap();
+        trace.save(&path, "m", &[1, 2, 3, 4], 2).unwrap();
+        assert_eq!(Trace::load(&path).unwrap().0.prompt_tokens, 2);
         let (info, layers) = Trace::load(&path).unwrap();
         assert_eq!(info.layers, vec![0, 2]);
         assert_eq!(

@@ -281,7 +281,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     if let (Some(trace), Some(path)) = (&trace, &args.trace) {
         let mut all_ids = prompt_ids.clone();
         all_ids.extend_from_slice(&result.token_ids);
-        let info = trace.save(path, &args.model.model, &all_ids)?;
+        let info = trace.save(path, &args.model.model, &all_ids, prompt_ids.len())?;
         eprintln!(
             "trace: {} layers x {} positions x {} features -> {}",
             info.layers.len(),

@@ -1,0 +1,311 @@
+//! `dynexec analyze`: how a served model's residual stream evolves across its layers, and
+//! whether quantization, another prompt or another model change its dynamics (DSA) or its
+//! geometry (Procrustes, CKA, RSA). `analyze compare` runs the same metrics on any arrays.
+//!
+//! A run captures a trace (the residual stream after every layer over the generated tokens),
+//! saves it with a JSON sidecar, and writes per metric a layer × layer matrix (CSV, PNG
+//! heatmap), every layer against the last, and — with a second system — a layer-by-layer
+//! comparison. `--trace FILE` reruns the analysis from a saved trace, without the model.
+
+mod compare;
+mod heatmap;
+mod report;
+mod settings;
+
+use crate::commands::generate::{load_model, ModelArgs};
+use crate::options::{parse_format, GlobalOptions};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use dynexec_core::sampling::SamplingParams;
+use dynexec_core::trace::{Trace, TraceInfo};
+use dynexec_dsa::{Rank, Trajectories};
+use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_quant::WeightFormat;
+use settings::{DsaArgs, MetricName};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Subcommand)]
+pub enum AnalyzeCommand {
+    /// Compare two recordings (.npy, time x features or trials x time x features).
+    Compare(compare::CompareArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AnalyzeArgs {
+    #[command(subcommand)]
+    pub command: Option<AnalyzeCommand>,
+
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// The prompt whose generation is traced.
+    #[arg(long, short)]
+    pub prompt: Option<String>,
+
+    /// Read the prompt from a file.
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+
+    /// Wrap the prompt as a user turn in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+
+    /// Tokens to generate (greedy; end-of-sequence tokens do not stop it, so every run has
+    /// the same length).
+    #[arg(long, short = 'n', default_value_t = 64)]
+    pub max_tokens: usize,
+
+    /// Analyse a saved trace (from `analyze` or `generate --trace`) instead of running a model.
+    #[arg(long, conflicts_with_all = ["prompt", "prompt_file", "vs_quant", "vs_prompt", "vs_model"])]
+    pub trace: Option<PathBuf>,
+
+    /// Second system, compared layer by layer: the same model converted to this precision
+    /// (f32 vs int8: `--quant f32 --vs-quant q8_0`).
+    #[arg(long, value_parser = parse_format, conflicts_with_all = ["vs_prompt", "vs_model", "vs_trace"])]
+    pub vs_quant: Option<WeightFormat>,
+
+    /// Second system: the same model on another prompt (easy vs hard inputs).
+    #[arg(long, conflicts_with_all = ["vs_model", "vs_trace"])]
+    pub vs_prompt: Option<String>,
+
+    /// Second system: another model on the same prompt (draft vs target); layers are paired
+    /// by relative depth.
+    #[arg(long, conflicts_with = "vs_trace")]
+    pub vs_model: Option<String>,
+
+    /// Second system: a saved trace.
+    #[arg(long)]
+    pub vs_trace: Option<PathBuf>,
+
+    /// Include the prompt's positions (by default only generated tokens are analysed: the
+    /// prompt's first positions carry outlier activations that dominate every metric).
+    #[arg(long)]
+    pub include_prompt: bool,
+
+    /// Folder for the trace, CSV, JSON and PNG outputs.
+    #[arg(long, short, default_value = "dynexec-analysis")]
+    pub out: PathBuf,
+
+    /// Metrics (repeat or comma-separate): dsa, procrustes, cka, rsa or all.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "dsa,procrustes,cka")]
+    pub metric: Vec<MetricName>,
+
+    /// DSA sees each layer's top K principal components: hidden states have more features
+    /// than a generation has positions, and a delay embedding needs more rows than columns.
+    /// (PCA is a rotation plus a cut, and DSA ignores rotations.) Capped so the embedding
+    /// stays tall. Geometry metrics use the full states.
+    #[arg(long, default_value_t = 16)]
+    pub pca: usize,
+
+    /// Skip the PNG heatmaps.
+    #[arg(long)]
+    pub no_plots: bool,
+
+    #[command(flatten)]
+    pub dsa: DsaArgs,
+}
+
+/// The DMD rank for hidden states when no rank flag is given: they have hundreds of features
+/// and tens of positions, so a full-rank fit would be mostly noise.
+const HIDDEN_STATE_RANK: usize = 10;
+
+/// One traced system: its layers' trajectories (positions × features).
+pub struct System {
+    pub info: TraceInfo,
+    pub layers: Vec<(usize, Trajectories)>,
+}
+
+pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
+    if let Some(AnalyzeCommand::Compare(compare_args)) = args.command {
+        return compare::run(global, compare_args);
+    }
+    let dsa = args.dsa.dsa(Rank::Count(HIDDEN_STATE_RANK))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating --out {}", args.out.display()))?;
+
+    let primary_path = match &args.trace {
+        Some(path) => path.clone(),
+        None => {
+            let prompt = read_prompt(&args)?;
+            let path = args.out.join("trace.safetensors");
+            capture(global, &args, &args.model.model, global.quant, &prompt, &path)?;
+            path
+        }
+    };
+    let primary = load_system(&primary_path, args.include_prompt)?;
+
+    let second_path = match (&args.vs_trace, args.vs_quant, &args.vs_prompt, &args.vs_model) {
+        (Some(path), ..) => Some(path.clone()),
+        (None, Some(quant), _, _) => {
+            let path = args.out.join(format!("trace-{quant}.safetensors"));
+            capture(global, &args, &args.model.model, Some(quant), &read_prompt(&args)?, &path)?;
+            Some(path)
+        }
+        (None, None, Some(prompt), _) => {
+            let path = args.out.join("trace-vs-prompt.safetensors");
+            capture(global, &args, &args.model.model, global.quant, prompt, &path)?;
+            Some(path)
+        }
+        (None, None, None, Some(model)) => {
+            let path = args.out.join("trace-vs-model.safetensors");
+            capture(global, &args, model, global.quant, &read_prompt(&args)?, &path)?;
+            Some(path)
+        }
+        _ => None,
+    };
+    let second = second_path
+        .map(|path| load_system(&path, args.include_prompt))
+        .transpose()?;
+    let label = second_label(&args);
+    report::analyse(global, &args, &dsa, &primary, second.as_ref().map(|s| (s, label.as_str())))
+}
+
+fn second_label(args: &AnalyzeArgs) -> String {
+    match (&args.vs_trace, args.vs_quant, &args.vs_prompt, &args.vs_model) {
+        (Some(path), ..) => format!("vs trace {}", path.display()),
+        (None, Some(quant), _, _) => format!("vs {quant}"),
+        (None, None, Some(_), _) => "vs the other prompt".to_string(),
+        (None, None, None, Some(model)) => format!("vs model {model}"),
+        _ => String::new(),
+    }
+}
+
+fn read_prompt(args: &AnalyzeArgs) -> Result<String> {
+    match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Ok(p.clone()),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading --prompt-file {}", path.display())),
+        (None, None) => bail!(
+            "give a prompt with --prompt TEXT or --prompt-file PATH, or a saved trace with --trace FILE"
+        ),
+    }
+}
+
+/// Generates greedily from `prompt` with every layer traced, and saves the trace to `path`.
+fn capture(
+    global: &GlobalOptions,
+    args: &AnalyzeArgs,
+    model_name: &str,
+    quant: Option<WeightFormat>,
+    prompt: &str,
+    path: &Path,
+) -> Result<TraceInfo> {
+    let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
+    let text = if args.chat {
+        loaded.tokenizer.chat_prompt(None, prompt)?
+    } else {
+        prompt.to_string()
+    };
+    let prompt_ids = loaded.tokenizer.encode(&text)?;
+    let mut trace = Trace::new(0..=loaded.model.num_layers());
+    let options = GenerateOptions {
+        max_tokens: args.max_tokens,
+        sampling: SamplingParams::default(),
+        stop_at_eos: false,
+    };
+    let bar = crate::options::progress_bar(
+        global,
+        args.max_tokens as u64,
+        "tracing {prefix} {bar:30} {pos}/{len} tokens",
+    );
+    bar.set_prefix(model_name.to_string());
+    let generation = generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &prompt_ids,
+        &options,
+        Some(&mut trace),
+        |_| {
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
+    bar.finish_and_clear();
+    let mut ids = prompt_ids.clone();
+    ids.extend_from_slice(&generation.token_ids);
+    let info = trace.save(path, model_name, &ids, prompt_ids.len())?;
+    eprintln!(
+        "trace: {} layers x {} positions ({} prompt) x {} features -> {}",
+        info.layers.len(),
+        info.positions,
+        info.prompt_tokens,
+        info.features,
+        path.display()
+    );
+    Ok(info)
+}
+
+/// Reads a saved trace into per-layer trajectories (generated positions only, unless
+/// `include_prompt`).
+fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
+    let (info, tensors) = Trace::load(path)
+        .with_context(|| format!("reading trace {} (and its .json sidecar)", path.display()))?;
+    let start = if include_prompt { 0 } else { info.prompt_tokens };
+    let mut layers = Vec::new();
+    for (layer, tensor) in tensors {
+        let (positions, features) = tensor.dims2()?;
+        if positions <= start + 2 {
+            bail!(
+                "trace {} has {} positions after the {start} skipped: too few to analyse (generate more tokens with -n, or pass --include-prompt)",
+                path.display(),
+                positions.saturating_sub(start)
+            );
+        }
+        let values: Vec<f64> = tensor
+            .narrow(0, start, positions - start)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        layers.push((layer, Trajectories::from_2d(positions - start, features, values)?));
+    }
+    if layers.is_empty() {
+        bail!("trace {} holds no layers", path.display());
+    }
+    Ok(System {
+        info,
+        layers,
+    })
+}
+
+/// Layers of `b` paired with those of `a` by relative depth (equal depths pair one to one).
+pub fn pair_layers(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
+    let (a_last, b_last) = (a.last().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+    let by_layer: BTreeMap<usize, usize> = b.iter().map(|&l| (l, l)).collect();
+    a.iter()
+        .filter_map(|&la| {
+            let target = if a_last == 0 {
+                0
+            } else {
+                ((la as f64) * b_last as f64 / a_last as f64).round() as usize
+            };
+            // The traced layer of b nearest to the target depth.
+            let below = by_layer.range(..=target).next_back().map(|(&l, _)| l);
+            let above = by_layer.range(target..).next().map(|(&l, _)| l);
+            let nearest = match (below, above) {
+                (Some(x), Some(y)) => Some(if target - x <= y - target { x } else { y }),
+                (x, y) => x.or(y),
+            };
+            nearest.map(|lb| (la, lb))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pair_layers;
+
+    #[test]
+    fn layers_pair_by_relative_depth() {
+        let a: Vec<usize> = (0..=30).collect();
+        assert_eq!(pair_layers(&a, &a), a.iter().map(|&l| (l, l)).collect::<Vec<_>>());
+        let b: Vec<usize> = (0..=10).collect();
+        let pairs = pair_layers(&a, &b);
+        assert_eq!(pairs[0], (0, 0));
+        assert_eq!(pairs[15], (15, 5));
+        assert_eq!(pairs[30], (30, 10));
+    }
+}

@@ -1,0 +1,338 @@
+//! The analysis of traced systems: distance matrices over layers, every layer against the
+//! last, layer-by-layer comparison with a second system; written as CSV, JSON and PNG, and
+//! summarised on stdout.
+
+use super::heatmap::{write_png, Heatmap};
+use super::settings::library_metrics;
+use super::{pair_layers, AnalyzeArgs, System};
+use crate::options::{print_json, GlobalOptions};
+use anyhow::{Context, Result};
+use dynexec_dsa::{
+    cka_linear, distance_matrix, procrustes_angular, rsa, Dsa, Metric, RdmComparison,
+    RdmDistance, Trajectories,
+};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Serialize)]
+struct Analysis<'a> {
+    model: &'a str,
+    positions: usize,
+    features: usize,
+    layers: Vec<usize>,
+    /// metric -> layer × layer matrix.
+    matrices: BTreeMap<&'static str, Vec<Vec<f64>>>,
+    /// metric -> every layer against the last layer.
+    vs_final: BTreeMap<&'static str, Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paired: Option<Paired>,
+    files: Vec<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Paired {
+    label: String,
+    model: String,
+    rows: Vec<PairedRow>,
+}
+
+#[derive(Serialize)]
+struct PairedRow {
+    layer_a: usize,
+    layer_b: usize,
+    #[serde(flatten)]
+    values: BTreeMap<&'static str, f64>,
+}
+
+pub fn analyse(
+    global: &GlobalOptions,
+    args: &AnalyzeArgs,
+    dsa: &Dsa,
+    primary: &System,
+    second: Option<(&System, &str)>,
+) -> Result<()> {
+    let metrics = library_metrics(&args.metric);
+    let layers: Vec<usize> = primary.layers.iter().map(|(l, _)| *l).collect();
+    let systems: Vec<Trajectories> = primary.layers.iter().map(|(_, t)| t.clone()).collect();
+    let n = systems.len();
+    eprintln!(
+        "comparing {n} layers pairwise ({} metrics, {} positions each)...",
+        metrics.len(),
+        systems[0].time()
+    );
+    let (dsa_metrics, geometry_metrics): (Vec<Metric>, Vec<Metric>) =
+        metrics.iter().partition(|m| is_dsa(**m));
+    let components = dsa_components(args, dsa, systems[0].time());
+    let reduced: Vec<Trajectories> = if dsa_metrics.is_empty() {
+        Vec::new()
+    } else {
+        systems
+            .iter()
+            .map(|t| principal_components(t, components))
+            .collect::<Result<_>>()?
+    };
+    let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, global.threads)
+        .context("computing the layer x layer DSA matrices")?;
+    matrices.extend(
+        distance_matrix(&systems, dsa, &geometry_metrics, global.threads)
+            .context("computing the layer x layer geometry matrices")?,
+    );
+
+    let mut analysis = Analysis {
+        model: &primary.info.model,
+        positions: systems[0].time(),
+        features: systems[0].features(),
+        layers: layers.clone(),
+        matrices: BTreeMap::new(),
+        vs_final: BTreeMap::new(),
+        paired: None,
+        files: Vec::new(),
+    };
+    let labels: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
+    let mut missing_font = false;
+    for matrix in &matrices {
+        let name = matrix.metric.name();
+        let rows: Vec<Vec<f64>> = (0..n)
+            .map(|i| (0..n).map(|j| matrix.get(i, j)).collect())
+            .collect();
+        let csv = args.out.join(format!("layers-{name}.csv"));
+        write_csv(&csv, "layer", &labels, &rows)?;
+        analysis.files.push(csv);
+        if !args.no_plots {
+            let png = args.out.join(format!("layers-{name}.png"));
+            let title = format!("{} - {name} between layers", primary.info.model);
+            let drew_text = write_png(
+                &Heatmap {
+                    title: &title,
+                    labels: &labels,
+                    axis: "layer (0 = embeddings)",
+                    values: &matrix.values,
+                },
+                &png,
+            )?;
+            missing_font |= !drew_text;
+            analysis.files.push(png);
+        }
+        analysis
+            .vs_final
+            .insert(name, (0..n).map(|i| matrix.get(i, n - 1)).collect());
+        analysis.matrices.insert(name, rows);
+    }
+    if missing_font {
+        eprintln!("note: no TrueType font found (set DYNEXEC_FONT=/path/to/font.ttf): heatmaps have no text");
+    }
+
+    if let Some((other, label)) = second {
+        let other_layers: Vec<usize> = other.layers.iter().map(|(l, _)| *l).collect();
+        let by_layer: BTreeMap<usize, &Trajectories> =
+            other.layers.iter().map(|(l, t)| (*l, t)).collect();
+        let mut rows = Vec::new();
+        for (i, (la, lb)) in pair_layers(&layers, &other_layers).into_iter().enumerate() {
+            let (x, y) = (&systems[i], by_layer[&lb]);
+            rows.push(PairedRow {
+                layer_a: la,
+                layer_b: lb,
+                values: pair_metrics(dsa, components, &metrics, x, y)
+                    .with_context(|| format!("comparing layer {la} with layer {lb}"))?,
+            });
+        }
+        let csv = args.out.join("paired.csv");
+        let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
+        let table: Vec<Vec<f64>> = rows
+            .iter()
+            .map(|r| names.iter().map(|n| r.values[n]).collect())
+            .collect();
+        let row_labels: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{}/{}", r.layer_a, r.layer_b))
+            .collect();
+        write_csv_named(&csv, "layer_a/layer_b", &names, &row_labels, &table)?;
+        analysis.files.push(csv);
+        analysis.paired = Some(Paired {
+            label: label.to_string(),
+            model: other.info.model.clone(),
+            rows,
+        });
+    }
+
+    let json_path = args.out.join("analysis.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&analysis)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    analysis.files.push(json_path);
+    if global.json {
+        return print_json(&analysis);
+    }
+    print_summary(&analysis, &metrics);
+    Ok(())
+}
+
+/// Every requested metric between two trajectories. Geometry metrics compare samples one to
+/// one, so both are cut to the shorter length for them.
+fn pair_metrics(
+    dsa: &Dsa,
+    components: usize,
+    metrics: &[Metric],
+    x: &Trajectories,
+    y: &Trajectories,
+) -> Result<BTreeMap<&'static str, f64>> {
+    let scores = if metrics.iter().any(|m| is_dsa(*m)) {
+        let components = components.min(dsa_components_for(dsa, x.time().min(y.time())));
+        Some(dsa.compare(
+            &principal_components(x, components)?,
+            &principal_components(y, components)?,
+        )?)
+    } else {
+        None
+    };
+    let time = x.time().min(y.time());
+    let (xs, ys) = (truncate(x, time)?, truncate(y, time)?);
+    let mut out = BTreeMap::new();
+    for &metric in metrics {
+        let value = match metric {
+            Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
+            Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),
+            Metric::DsaWasserstein => scores.map_or(f64::NAN, |s| s.wasserstein),
+            Metric::ProcrustesAngular => procrustes_angular(&xs, &ys)?,
+            Metric::CkaLinear => cka_linear(&xs, &ys)?,
+            Metric::RsaSpearmanEuclidean => {
+                rsa(&xs, &ys, RdmDistance::Euclidean, RdmComparison::Spearman)?
+            }
+            Metric::RsaSpearmanCorrelation => {
+                rsa(&xs, &ys, RdmDistance::Correlation, RdmComparison::Spearman)?
+            }
+        };
+        out.insert(metric.name(), value);
+    }
+    Ok(out)
+}
+
+fn is_dsa(metric: Metric) -> bool {
+    matches!(
+        metric,
+        Metric::DsaAngular | Metric::DsaEuclidean | Metric::DsaWasserstein
+    )
+}
+
+/// `--pca`, capped so the delay embedding of `time` positions has at least as many rows as
+/// columns.
+fn dsa_components(args: &AnalyzeArgs, dsa: &Dsa, time: usize) -> usize {
+    let cap = dsa_components_for(dsa, time);
+    if args.pca > cap {
+        eprintln!("note: --pca {} capped to {cap} components for {time} positions", args.pca);
+    }
+    args.pca.min(cap).max(1)
+}
+
+fn dsa_components_for(dsa: &Dsa, time: usize) -> usize {
+    let config = dsa.config();
+    let rows = time.saturating_sub((config.n_delays - 1) * config.delay_interval);
+    (rows / config.n_delays).max(1)
+}
+
+/// The trajectory in its top `k` principal directions (centred), via a thin SVD.
+fn principal_components(x: &Trajectories, k: usize) -> Result<Trajectories> {
+    use dynexec_dsa::faer::Mat;
+    let (t, f) = (x.n_samples(), x.features());
+    let data = x.data();
+    let mean: Vec<f64> = (0..f)
+        .map(|j| (0..t).map(|i| data[i * f + j]).sum::<f64>() / t as f64)
+        .collect();
+    let centred = Mat::from_fn(t, f, |i, j| data[i * f + j] - mean[j]);
+    let svd = centred
+        .thin_svd()
+        .map_err(|e| anyhow::anyhow!("PCA of a layer's states failed: {e:?}"))?;
+    let k = k.min(t.min(f));
+    let (u, s) = (svd.U(), svd.S());
+    let mut out = Vec::with_capacity(t * k);
+    for i in 0..t {
+        for c in 0..k {
+            out.push(u[(i, c)] * s[c]);
+        }
+    }
+    Ok(match x.trials() {
+        1 => Trajectories::from_2d(t, k, out)?,
+        trials => Trajectories::from_3d(trials, x.time(), k, out)?,
+    })
+}
+
+fn truncate(x: &Trajectories, time: usize) -> Result<Trajectories> {
+    let f = x.features();
+    Ok(Trajectories::from_2d(
+        time,
+        f,
+        x.data()[..time * f].to_vec(),
+    )?)
+}
+
+fn write_csv(path: &Path, corner: &str, labels: &[String], rows: &[Vec<f64>]) -> Result<()> {
+    let columns: Vec<&str> = labels.iter().map(String::as_str).collect();
+    write_csv_named(path, corner, &columns, labels, rows)
+}
+
+fn write_csv_named(
+    path: &Path,
+    corner: &str,
+    columns: &[&str],
+    row_labels: &[String],
+    rows: &[Vec<f64>],
+) -> Result<()> {
+    let mut text = format!("{corner},{}\n", columns.join(","));
+    for (label, row) in row_labels.iter().zip(rows) {
+        let values: Vec<String> = row.iter().map(|v| format!("{v:.6}")).collect();
+        text.push_str(&format!("{label},{}\n", values.join(",")));
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_summary(analysis: &Analysis, metrics: &[Metric]) {
+    let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
+    println!(
+        "{}: {} layers, {} positions x {} features",
+        analysis.model,
+        analysis.layers.len(),
+        analysis.positions,
+        analysis.features
+    );
+    let paired = analysis.paired.as_ref();
+    let mut header = format!("{:>6}", "layer");
+    for name in &names {
+        header.push_str(&format!(" {:>24}", format!("{name} vs last")));
+    }
+    if let Some(p) = paired {
+        for name in &names {
+            header.push_str(&format!(" {:>24}", format!("{name} {}", short(&p.label))));
+        }
+    }
+    println!("{header}");
+    for (i, layer) in analysis.layers.iter().enumerate() {
+        let mut line = format!("{layer:>6}");
+        for name in &names {
+            line.push_str(&format!(" {:>24.4}", analysis.vs_final[name][i]));
+        }
+        if let Some(p) = paired {
+            for name in &names {
+                let v = p.rows.get(i).map_or(f64::NAN, |r| r.values[name]);
+                line.push_str(&format!(" {v:>24.4}"));
+            }
+        }
+        println!("{line}");
+    }
+    if let Some(matrix) = analysis.matrices.get("dsa_angular") {
+        let steps = (1..matrix.len()).map(|i| (i, matrix[i - 1][i]));
+        if let Some((i, v)) = steps.max_by(|a, b| a.1.total_cmp(&b.1)) {
+            println!(
+                "largest DSA change between consecutive layers: {} -> {} ({v:.4} rad)",
+                analysis.layers[i - 1],
+                analysis.layers[i]
+            );
+        }
+    }
+    for file in &analysis.files {
+        println!("wrote {}", file.display());
+    }
+}
+
+fn short(label: &str) -> String {
+    label.chars().take(10).collect()
+}
