@@ -33,6 +33,9 @@ pub enum BenchCommand {
     /// Speculative decoding: plain decoding vs every drafter x lookahead controller on the
     /// same target and prompts (TruthfulQA questions, BBC articles to summarize).
     Speculative(super::bench_speculative::BenchSpeculativeArgs),
+    /// Dynamical similarity analysis: seconds per end-to-end comparison on the reference
+    /// cases, next to the reference implementation's time, and a 10 x 10 distance matrix.
+    Dsa(super::bench_dsa::BenchDsaArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +101,7 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Generate(args) => bench_generate(global, args),
         BenchCommand::Quant(args) => bench_quant(global, args),
         BenchCommand::Speculative(args) => super::bench_speculative::run(global, args),
+        BenchCommand::Dsa(args) => super::bench_dsa::run(global, args),
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod bench_dsa;
 pub mod bench_speculative;
 pub mod eval;
 pub mod generate;
