@@ -25,7 +25,7 @@
 //! let mut x = vec![1.0, 0.0];
 //! for t in 1..200 {
 //!     let (a, b) = (x[2 * (t - 1)], x[2 * (t - 1) + 1]);
-//!     x.extend([c * a - s * b + 0.01 * (t as f64).sin(), s * a + c * b]);
+//!     x.extend([c * a - s * b + 0.1 * (t as f64).sin(), s * a + c * b + 0.1 * (2.3 * t as f64).cos()]);
 //! }
 //! let y: Vec<f64> = x.chunks(2).flat_map(|p| [2.0 * p[0] + p[1], 0.5 * p[1]]).collect();
 //! let x = Trajectories::from_2d(200, 2, x)?;

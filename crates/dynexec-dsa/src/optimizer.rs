@@ -7,9 +7,10 @@
 //! bases aligned from the SVDs and symmetric-part eigenvectors of Â and B̂ (exact on generic
 //! conjugate pairs), and seeded random rotations of both determinants.
 
+use crate::assignment::min_cost_assignment;
 use crate::error::{Error, Result};
-use crate::small::{cayley, dot, SplitMix64, Square};
-use faer::{Mat, MatRef, Side};
+use crate::small::{dot, gram_schmidt_columns, mul_into, mult_into, tmul_into, SplitMix64, Square};
+use faer::{c64, Mat, MatRef, Side};
 
 /// Settings of the alignment search.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -20,8 +21,8 @@ pub struct OptimizerConfig {
     pub random_starts: usize,
     /// L-BFGS iterations per start.
     pub max_iters: usize,
-    /// Stop the search once this many starts have reached the same best value (within
-    /// 1e-9): more starts would only re-find it.
+    /// Stop the search once this many starts have come within 1e-4 rad of the best angle:
+    /// more starts would only re-find it. 0 runs every start.
     pub agreeing_starts: usize,
 }
 
@@ -78,40 +79,37 @@ pub fn align(
         starts.push(rng.orthogonal(n, if k % 2 == 0 { 1.0 } else { -1.0 }));
     }
 
+    // Every start runs to a coarse tolerance and only the winner is polished: the local maxima
+    // of this problem are separated by far more than the coarse error, and the last digits cost
+    // most of the iterations (the landscape is flat wherever Â is close to a multiple of I).
     let mut best: Option<(f64, Square)> = None;
-    let mut agreeing = 0usize;
-    let mut starts_run = 0usize;
+    let mut angles = Vec::new();
     for start in starts {
-        starts_run += 1;
-        let (value, c) = problem.maximise(start, config.max_iters);
-        if std::env::var_os("DSA_DEBUG").is_some() {
-            eprintln!("start {starts_run}: f = {value:.15}");
+        let (mut value, mut c) =
+            problem.maximise(start, COARSE_ITERS.min(config.max_iters), COARSE_TOLERANCE);
+        if value > 1.0 - 1e-8 {
+            // Possibly an exact conjugate: polish now so that it can end the search.
+            (value, c) = problem.maximise(c, config.max_iters, FINE_TOLERANCE);
         }
-        match &best {
-            Some((b, _)) if value <= *b + 1e-9 => {
-                if (value - b).abs() <= 1e-9 {
-                    agreeing += 1;
-                }
-            }
-            _ => {
-                agreeing = if best
-                    .as_ref()
-                    .is_some_and(|(b, _)| (value - b).abs() <= 1e-9)
-                {
-                    agreeing + 1
-                } else {
-                    1
-                };
-                best = Some((value, c));
-            }
+        angles.push(value.clamp(-1.0, 1.0).acos());
+        if best.as_ref().is_none_or(|(b, _)| value > *b) {
+            best = Some((value, c));
         }
-        // An exact conjugate: nothing can do better than zero distance.
-        let exact = best.as_ref().is_some_and(|(v, _)| *v >= 1.0 - 1e-14);
+        let (best_value, best_c) = best.as_ref().expect("set above");
+        let best_angle = best_value.clamp(-1.0, 1.0).acos();
+        let agreeing = angles
+            .iter()
+            .filter(|&&t| t <= best_angle + AGREEMENT)
+            .count();
+        // Zero distance cannot be improved on.
+        let exact = problem.residual_norm(best_c) < 1e-7;
         if exact || (config.agreeing_starts > 0 && agreeing >= config.agreeing_starts) {
             break;
         }
     }
+    let starts_run = angles.len();
     let (_, c) = best.ok_or_else(|| Error::Numerical("no optimiser start ran".into()))?;
+    let (_, c) = problem.maximise(c, config.max_iters, FINE_TOLERANCE);
     // The residual norm gives a far more accurate small angle than arccos(1 − ε).
     let euclidean = problem.residual_norm(&c);
     let angular = 2.0 * (0.5 * euclidean).min(1.0).asin();
@@ -122,6 +120,14 @@ pub fn align(
         starts_run,
     })
 }
+
+/// Iteration cap and gradient norm of the coarse pass every start gets.
+const COARSE_ITERS: usize = 100;
+const COARSE_TOLERANCE: f64 = 1e-6;
+/// Gradient norm of the final polish; f's error is O(‖Γ‖²).
+const FINE_TOLERANCE: f64 = 1e-9;
+/// Starts whose angle is within this of the best count as having found it (radians).
+const AGREEMENT: f64 = 1e-4;
 
 fn normalized(mut m: Square) -> Square {
     let norm = m.norm();
@@ -136,24 +142,71 @@ struct Problem {
     b: Square,
 }
 
+/// Buffers for one start's inner loop, so iterations allocate nothing.
+struct Workspace {
+    n: usize,
+    ac: Vec<f64>,
+    m: Vec<f64>,
+    p: Vec<f64>,
+    q: Vec<f64>,
+    lhs: Vec<f64>,
+    rotation: Vec<f64>,
+}
+
+impl Workspace {
+    fn new(n: usize) -> Self {
+        let z = || vec![0.0; n * n];
+        Self {
+            n,
+            ac: z(),
+            m: z(),
+            p: z(),
+            q: z(),
+            lhs: z(),
+            rotation: z(),
+        }
+    }
+
+    /// `out = c · cay(omega)` with cay(Ω) = (I − Ω/2)⁻¹ (I + Ω/2), orthogonal with det +1.
+    fn cayley_step(&mut self, c: &[f64], omega: &[f64], out: &mut [f64]) -> bool {
+        let n = self.n;
+        for k in 0..n * n {
+            let id = if k % (n + 1) == 0 { 1.0 } else { 0.0 };
+            self.lhs[k] = id - 0.5 * omega[k];
+            self.rotation[k] = id + 0.5 * omega[k];
+        }
+        if !crate::small::solve_in_place(&mut self.lhs, &mut self.rotation, n) {
+            return false;
+        }
+        mul_into(out, c, &self.rotation, n);
+        true
+    }
+}
+
 impl Problem {
-    /// f(C) and its Riemannian gradient Γ = skew(M B̂ᵀ + Mᵀ B̂), M = CᵀÂC, so that
-    /// f(C·exp(tΩ)) = f(C) + t⟨Γ, Ω⟩ + O(t²).
-    fn value_and_gradient(&self, c: &Square) -> (f64, Square) {
-        let m = c.tmul(&self.a.mul(c));
-        let value = dot(&m.data, &self.b.data);
-        let p = m.mult(&self.b);
-        let q = m.tmul(&self.b);
-        let n = c.n;
-        let mut g = Square::zeros(n);
+    /// f(C) and, into `gradient`, the Riemannian gradient Γ = skew(M B̂ᵀ + Mᵀ B̂) with
+    /// M = CᵀÂC, so that f(C·exp(tΩ)) = f(C) + t⟨Γ, Ω⟩ + O(t²).
+    fn value_and_gradient(&self, c: &[f64], ws: &mut Workspace, gradient: &mut [f64]) -> f64 {
+        let n = ws.n;
+        mul_into(&mut ws.ac, &self.a.data, c, n);
+        tmul_into(&mut ws.m, c, &ws.ac, n);
+        let value = dot(&ws.m, &self.b.data);
+        mult_into(&mut ws.p, &ws.m, &self.b.data, n);
+        tmul_into(&mut ws.q, &ws.m, &self.b.data, n);
         for i in 0..n {
             for j in 0..n {
-                let s = p.get(i, j) + q.get(i, j);
-                let t = p.get(j, i) + q.get(j, i);
-                g.set(i, j, 0.5 * (s - t));
+                let s = ws.p[i * n + j] + ws.q[i * n + j];
+                let t = ws.p[j * n + i] + ws.q[j * n + i];
+                gradient[i * n + j] = 0.5 * (s - t);
             }
         }
-        (value, g)
+        value
+    }
+
+    fn value(&self, c: &Square) -> f64 {
+        let mut ws = Workspace::new(c.n);
+        let mut g = vec![0.0; c.n * c.n];
+        self.value_and_gradient(&c.data, &mut ws, &mut g)
     }
 
     fn residual_norm(&self, c: &Square) -> f64 {
@@ -167,30 +220,33 @@ impl Problem {
             .sqrt()
     }
 
-    /// Riemannian L-BFGS (memory 8) on −f, in Lie-algebra coordinates with identity
-    /// transport, Armijo backtracking along the Cayley curve C·cay(tΩ).
-    fn maximise(&self, start: Square, max_iters: usize) -> (f64, Square) {
-        const MEMORY: usize = 8;
-        const GRADIENT_TOLERANCE: f64 = 1e-8;
-        let mut c = start;
-        let (mut f, gamma) = self.value_and_gradient(&c);
-        let mut g: Vec<f64> = gamma.data.iter().map(|v| -v).collect();
-        let mut history: Vec<(Vec<f64>, Vec<f64>, f64)> = Vec::with_capacity(MEMORY);
+    /// Riemannian L-BFGS on −f, in Lie-algebra coordinates with identity transport, Armijo
+    /// backtracking along the Cayley curve C·cay(tΩ).
+    fn maximise(&self, start: Square, max_iters: usize, tolerance: f64) -> (f64, Square) {
+        const MEMORY: usize = 12;
+        let n = start.n;
+        let mut ws = Workspace::new(n);
+        let mut c = start.data;
+        let mut trial = vec![0.0; n * n];
+        let mut gamma = vec![0.0; n * n];
+        let mut gamma_trial = vec![0.0; n * n];
+        let mut f = self.value_and_gradient(&c, &mut ws, &mut gamma);
+        let mut history = History::new(MEMORY, n * n);
+        let mut d = vec![0.0; n * n];
+        let mut step = vec![0.0; n * n];
         let mut stalled = 0;
-        let (mut iters, mut evals) = (0, 0);
         for _ in 0..max_iters {
-            iters += 1;
-            let gnorm = dot(&g, &g).sqrt();
-            // At a maximum f's error is O(‖Γ‖²): 1e-8 leaves the angle exact to ~1e-8.
-            if gnorm < GRADIENT_TOLERANCE {
+            // Ascent on f: the gradient of −f is −Γ.
+            let gnorm = dot(&gamma, &gamma).sqrt();
+            if gnorm < tolerance {
                 break;
             }
-            let mut d = two_loop(&g, &history);
-            let mut slope = dot(&d, &g);
-            if slope >= 0.0 || !slope.is_finite() {
+            history.direction(&gamma, &mut d);
+            let mut slope = dot(&d, &gamma);
+            if slope <= 0.0 || !slope.is_finite() {
                 history.clear();
-                d = g.iter().map(|v| -v).collect();
-                slope = -gnorm * gnorm;
+                d.copy_from_slice(&gamma);
+                slope = gnorm * gnorm;
             }
             // Without curvature information, take a small first step.
             let mut t = if history.is_empty() {
@@ -200,38 +256,24 @@ impl Problem {
             };
             let mut accepted = None;
             for _ in 0..40 {
-                let omega = Square {
-                    n: c.n,
-                    data: d.iter().map(|v| t * v).collect(),
-                };
-                if let Some(r) = cayley(&omega) {
-                    let trial = c.mul(&r);
-                    let (f_trial, gamma_trial) = self.value_and_gradient(&trial);
-                    evals += 1;
-                    if -f_trial <= -f + 1e-4 * t * slope {
-                        accepted = Some((trial, f_trial, gamma_trial));
+                step.iter_mut().zip(&d).for_each(|(s, v)| *s = t * v);
+                if ws.cayley_step(&c, &step, &mut trial) {
+                    let f_trial = self.value_and_gradient(&trial, &mut ws, &mut gamma_trial);
+                    if f_trial >= f + 1e-4 * t * slope {
+                        accepted = Some(f_trial);
                         break;
                     }
                 }
                 t *= 0.5;
             }
-            let Some((trial, f_trial, gamma_trial)) = accepted else {
+            let Some(f_trial) = accepted else {
                 break;
             };
-            let g_new: Vec<f64> = gamma_trial.data.iter().map(|v| -v).collect();
-            let s: Vec<f64> = d.iter().map(|v| t * v).collect();
-            let y: Vec<f64> = g_new.iter().zip(&g).map(|(a, b)| a - b).collect();
-            let sy = dot(&s, &y);
-            if sy > 1e-16 * dot(&s, &s).sqrt() * dot(&y, &y).sqrt() && sy > 0.0 {
-                if history.len() == MEMORY {
-                    history.remove(0);
-                }
-                history.push((s, y, 1.0 / sy));
-            }
+            history.push(&step, &gamma, &gamma_trial);
             let gain = f_trial - f;
-            c = trial;
+            std::mem::swap(&mut c, &mut trial);
+            std::mem::swap(&mut gamma, &mut gamma_trial);
             f = f_trial;
-            g = g_new;
             stalled = if gain <= 1e-15 * f.abs().max(1e-3) {
                 stalled + 1
             } else {
@@ -241,44 +283,98 @@ impl Problem {
                 break;
             }
         }
-        if std::env::var_os("DSA_DEBUG").is_some() {
-            eprintln!("  iters {iters} evals {evals} f {f:.15}");
-        }
         // Cayley products drift from orthogonality only at rounding level; re-orthonormalise so
         // the reported distance is for an exactly orthogonal C.
-        let c = crate::small::gram_schmidt_columns(&c);
-        let (f, _) = self.value_and_gradient(&c);
-        (f, c)
+        let c = gram_schmidt_columns(&Square { n, data: c });
+        (self.value(&c), c)
     }
 }
 
-/// L-BFGS two-loop recursion: returns −H·g.
-fn two_loop(g: &[f64], history: &[(Vec<f64>, Vec<f64>, f64)]) -> Vec<f64> {
-    let mut q = g.to_vec();
-    let mut alphas = vec![0.0; history.len()];
-    for (k, (s, y, rho)) in history.iter().enumerate().rev() {
-        let alpha = rho * dot(s, &q);
-        alphas[k] = alpha;
-        q.iter_mut().zip(y).for_each(|(qi, yi)| *qi -= alpha * yi);
+/// L-BFGS memory for ascent on f: pairs (s, y) with y = −(Γ_new − Γ_old) (the change of −f's
+/// gradient), in a ring buffer.
+struct History {
+    capacity: usize,
+    pairs: std::collections::VecDeque<(Vec<f64>, Vec<f64>, f64)>,
+    alphas: Vec<f64>,
+    len: usize,
+}
+
+impl History {
+    fn new(capacity: usize, len: usize) -> Self {
+        Self {
+            capacity,
+            pairs: std::collections::VecDeque::with_capacity(capacity),
+            alphas: vec![0.0; capacity],
+            len,
+        }
     }
-    if let Some((s, y, _)) = history.last() {
-        let gamma = dot(s, y) / dot(y, y);
-        q.iter_mut().for_each(|v| *v *= gamma);
+
+    fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
     }
-    for (k, (s, y, rho)) in history.iter().enumerate() {
-        let beta = rho * dot(y, &q);
-        let coef = alphas[k] - beta;
-        q.iter_mut().zip(s).for_each(|(qi, si)| *qi += coef * si);
+
+    fn clear(&mut self) {
+        self.pairs.clear();
     }
-    q.iter_mut().for_each(|v| *v = -*v);
-    q
+
+    fn push(&mut self, s: &[f64], gamma_old: &[f64], gamma_new: &[f64]) {
+        let (mut s_buf, mut y_buf) = if self.pairs.len() == self.capacity {
+            let (s, y, _) = self.pairs.pop_front().unwrap_or_default();
+            (s, y)
+        } else {
+            (vec![0.0; self.len], vec![0.0; self.len])
+        };
+        s_buf.copy_from_slice(s);
+        y_buf
+            .iter_mut()
+            .zip(gamma_old.iter().zip(gamma_new))
+            .for_each(|(y, (o, n))| *y = o - n);
+        let sy = dot(&s_buf, &y_buf);
+        // Only curvature-positive pairs keep the inverse-Hessian model positive definite.
+        if sy > 1e-12 * dot(&s_buf, &s_buf).sqrt() * dot(&y_buf, &y_buf).sqrt() {
+            self.pairs.push_back((s_buf, y_buf, 1.0 / sy));
+        }
+    }
+
+    /// Two-loop recursion: `d = H · Γ`, an ascent direction.
+    fn direction(&mut self, gamma: &[f64], d: &mut [f64]) {
+        d.copy_from_slice(gamma);
+        for (k, (s, y, rho)) in self.pairs.iter().enumerate().rev() {
+            let alpha = rho * dot(s, d);
+            self.alphas[k] = alpha;
+            d.iter_mut().zip(y).for_each(|(q, yi)| *q -= alpha * yi);
+        }
+        if let Some((s, y, _)) = self.pairs.back() {
+            let scale = dot(s, y) / dot(y, y);
+            d.iter_mut().for_each(|v| *v *= scale);
+        }
+        for (k, (s, y, rho)) in self.pairs.iter().enumerate() {
+            let beta = rho * dot(y, d);
+            let coef = self.alphas[k] - beta;
+            d.iter_mut().zip(s).for_each(|(q, si)| *q += coef * si);
+        }
+    }
 }
 
 /// Identity, a reflection, and bases aligned from decompositions of Â and B̂ (each in both
 /// determinant components).
 fn informed_starts(a: &Square, b: &Square) -> Vec<Square> {
     let n = a.n;
-    let mut starts = vec![Square::identity(n)];
+    let mut starts = Vec::new();
+    if n >= 2 {
+        // Most informative first: the search may stop early once starts agree.
+        for pair in [
+            eigen_matched(a, b),
+            svd_aligned(a, b),
+            symmetric_aligned(a, b),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            starts.extend(pair);
+        }
+    }
+    starts.push(Square::identity(n));
     if n >= 2 {
         let mut swap = Square::identity(n);
         swap.set(0, 0, 0.0);
@@ -286,16 +382,95 @@ fn informed_starts(a: &Square, b: &Square) -> Vec<Square> {
         swap.set(0, 1, 1.0);
         swap.set(1, 0, 1.0);
         starts.push(swap);
-    } else {
-        return starts;
-    }
-    if let Some(pair) = svd_aligned(a, b) {
-        starts.extend(pair);
-    }
-    if let Some(pair) = symmetric_aligned(a, b) {
-        starts.extend(pair);
     }
     starts
+}
+
+/// Matches the eigenvalues of Â and B̂ (Hungarian), then maps B̂'s invariant subspaces onto
+/// Â's in that order. Orthonormalising real eigenvector bases in a common order yields Schur
+/// vectors of both matrices with matched diagonals, so C = Q_A Q_Bᵀ brings the two real Schur
+/// forms together: the right start for non-conjugate pairs with similar spectra, where the
+/// optimiser otherwise often settles on a local maximum that pairs the wrong modes.
+fn eigen_matched(a: &Square, b: &Square) -> Option<[Square; 2]> {
+    let n = a.n;
+    let ea = a.to_mat().eigen().ok()?;
+    let eb = b.to_mat().eigen().ok()?;
+    let la: Vec<c64> = (0..n).map(|i| ea.S()[i]).collect();
+    let lb: Vec<c64> = (0..n).map(|i| eb.S()[i]).collect();
+    let cost: Vec<f64> = (0..n * n)
+        .map(|k| (la[k / n] - lb[k % n]).norm_sqr())
+        .collect();
+    let (matching, _) = min_cost_assignment(&cost, n);
+    // Â's modes by decreasing modulus: the dominant subspaces are aligned exactly, later ones
+    // only after orthogonalisation against them.
+    let mut order: Vec<usize> = (0..n).collect();
+    order.sort_by(|&i, &j| la[j].norm().total_cmp(&la[i].norm()).then(i.cmp(&j)));
+    let (mut cols_a, mut cols_b) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut used_a, mut used_b) = (vec![false; n], vec![false; n]);
+    for &i in &order {
+        let j = matching[i];
+        if used_a[i] || used_b[j] {
+            continue;
+        }
+        used_a[i] = true;
+        used_b[j] = true;
+        let complex = la[i].im.abs() > 1e-12 && lb[j].im.abs() > 1e-12;
+        let (va, vb) = (ea.U().col(i), eb.U().col(j));
+        if complex {
+            // (Re v, Im v) spans the rotation plane; conjugating B's vector when the matched
+            // eigenvalues sit in opposite half-planes keeps the two rotations in the same sense.
+            let flip = if (la[i].im > 0.0) == (lb[j].im > 0.0) {
+                1.0
+            } else {
+                -1.0
+            };
+            cols_a.push((0..n).map(|r| va[r].re).collect::<Vec<f64>>());
+            cols_a.push((0..n).map(|r| va[r].im).collect::<Vec<f64>>());
+            cols_b.push((0..n).map(|r| vb[r].re).collect::<Vec<f64>>());
+            cols_b.push((0..n).map(|r| flip * vb[r].im).collect::<Vec<f64>>());
+            // The conjugate partners belong to the same planes.
+            if let Some(k) = (0..n).find(|&k| {
+                !used_a[k] && (la[k] - la[i].conj()).norm() < 1e-9 * (1.0 + la[i].norm())
+            }) {
+                used_a[k] = true;
+            }
+            if let Some(k) = (0..n).find(|&k| {
+                !used_b[k] && (lb[k] - lb[j].conj()).norm() < 1e-9 * (1.0 + lb[j].norm())
+            }) {
+                used_b[k] = true;
+            }
+        } else {
+            let real_part = |v: faer::ColRef<'_, c64>| -> Vec<f64> {
+                let re: Vec<f64> = (0..n).map(|r| v[r].re).collect();
+                let im: Vec<f64> = (0..n).map(|r| v[r].im).collect();
+                if dot(&re, &re) >= dot(&im, &im) {
+                    re
+                } else {
+                    im
+                }
+            };
+            cols_a.push(real_part(va));
+            cols_b.push(real_part(vb));
+        }
+    }
+    cols_a.truncate(n);
+    cols_b.truncate(n);
+    let basis = |cols: &[Vec<f64>]| {
+        let mut m = Square::zeros(n);
+        for (j, col) in cols.iter().enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                m.set(i, j, v);
+            }
+        }
+        gram_schmidt_columns(&m)
+    };
+    let (qa, qb) = (basis(&cols_a), basis(&cols_b));
+    let c = qa.mult(&qb);
+    let mut reflected = qb.clone();
+    for i in 0..n {
+        reflected.data[i * n + n - 1] = -reflected.data[i * n + n - 1];
+    }
+    Some([c, qa.mult(&reflected)])
 }
 
 /// If A = Q B Qᵀ, the SVDs satisfy U_A = Q U_B D and V_A = Q V_B D for a sign matrix D,

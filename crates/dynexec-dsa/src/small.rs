@@ -116,55 +116,6 @@ impl Square {
         out
     }
 
-    /// Solves `self · X = rhs` by LU with partial pivoting; `None` if singular.
-    pub fn solve(&self, rhs: &Self) -> Option<Self> {
-        let n = self.n;
-        let mut lu = self.data.clone();
-        let mut x = rhs.data.clone();
-        for col in 0..n {
-            let pivot = (col..n)
-                .max_by(|&a, &b| lu[a * n + col].abs().total_cmp(&lu[b * n + col].abs()))?;
-            if lu[pivot * n + col] == 0.0 {
-                return None;
-            }
-            if pivot != col {
-                for j in 0..n {
-                    lu.swap(pivot * n + j, col * n + j);
-                    x.swap(pivot * n + j, col * n + j);
-                }
-            }
-            let d = lu[col * n + col];
-            for r in col + 1..n {
-                let factor = lu[r * n + col] / d;
-                if factor == 0.0 {
-                    continue;
-                }
-                for j in col..n {
-                    lu[r * n + j] -= factor * lu[col * n + j];
-                }
-                for j in 0..n {
-                    x[r * n + j] -= factor * x[col * n + j];
-                }
-            }
-        }
-        for col in (0..n).rev() {
-            let d = lu[col * n + col];
-            for j in 0..n {
-                x[col * n + j] /= d;
-            }
-            for r in 0..col {
-                let factor = lu[r * n + col];
-                if factor == 0.0 {
-                    continue;
-                }
-                for j in 0..n {
-                    x[r * n + j] -= factor * x[col * n + j];
-                }
-            }
-        }
-        Some(Self { n, data: x })
-    }
-
     /// Sign of the determinant (+1 or −1; +1 for a singular matrix).
     pub fn det_sign(&self) -> f64 {
         let n = self.n;
@@ -200,21 +151,93 @@ impl Square {
     }
 }
 
+/// `out = a · b` for row-major n × n slices.
+pub(crate) fn mul_into(out: &mut [f64], a: &[f64], b: &[f64], n: usize) {
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for (row, a_row) in out.chunks_exact_mut(n).zip(a.chunks_exact(n)) {
+        for (&x, b_row) in a_row.iter().zip(b.chunks_exact(n)) {
+            for (r, &y) in row.iter_mut().zip(b_row) {
+                *r += x * y;
+            }
+        }
+    }
+}
+
+/// `out = aᵀ · b`.
+pub(crate) fn tmul_into(out: &mut [f64], a: &[f64], b: &[f64], n: usize) {
+    out.iter_mut().for_each(|v| *v = 0.0);
+    for (a_row, b_row) in a.chunks_exact(n).zip(b.chunks_exact(n)) {
+        for (&x, row) in a_row.iter().zip(out.chunks_exact_mut(n)) {
+            for (r, &y) in row.iter_mut().zip(b_row) {
+                *r += x * y;
+            }
+        }
+    }
+}
+
+/// `out = a · bᵀ`.
+pub(crate) fn mult_into(out: &mut [f64], a: &[f64], b: &[f64], n: usize) {
+    for (row, a_row) in out.chunks_exact_mut(n).zip(a.chunks_exact(n)) {
+        for (r, b_row) in row.iter_mut().zip(b.chunks_exact(n)) {
+            *r = dot(a_row, b_row);
+        }
+    }
+}
+
+/// Solves `m · x = rhs` in place (`m` is overwritten by its LU factors, `rhs` by x).
+/// Returns false if `m` is singular.
+pub(crate) fn solve_in_place(m: &mut [f64], rhs: &mut [f64], n: usize) -> bool {
+    for col in 0..n {
+        let mut pivot = col;
+        for r in col + 1..n {
+            if m[r * n + col].abs() > m[pivot * n + col].abs() {
+                pivot = r;
+            }
+        }
+        if m[pivot * n + col] == 0.0 {
+            return false;
+        }
+        if pivot != col {
+            for j in 0..n {
+                m.swap(pivot * n + j, col * n + j);
+                rhs.swap(pivot * n + j, col * n + j);
+            }
+        }
+        let d = m[col * n + col];
+        for r in col + 1..n {
+            let factor = m[r * n + col] / d;
+            if factor == 0.0 {
+                continue;
+            }
+            for j in col..n {
+                m[r * n + j] -= factor * m[col * n + j];
+            }
+            let (top, bottom) = rhs.split_at_mut(r * n);
+            for (x, &y) in bottom[..n].iter_mut().zip(&top[col * n..col * n + n]) {
+                *x -= factor * y;
+            }
+        }
+    }
+    for col in (0..n).rev() {
+        let d = m[col * n + col];
+        rhs[col * n..col * n + n].iter_mut().for_each(|x| *x /= d);
+        for r in 0..col {
+            let factor = m[r * n + col];
+            if factor == 0.0 {
+                continue;
+            }
+            let (top, bottom) = rhs.split_at_mut(col * n);
+            for (x, &y) in top[r * n..r * n + n].iter_mut().zip(&bottom[..n]) {
+                *x -= factor * y;
+            }
+        }
+    }
+    true
+}
+
 #[inline]
 pub(crate) fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-/// The Cayley transform `(I − Ω/2)⁻¹ (I + Ω/2)`: orthogonal with det +1 for skew Ω.
-pub(crate) fn cayley(omega: &Square) -> Option<Square> {
-    let n = omega.n;
-    let mut minus = Square::identity(n);
-    let mut plus = Square::identity(n);
-    for k in 0..n * n {
-        minus.data[k] -= 0.5 * omega.data[k];
-        plus.data[k] += 0.5 * omega.data[k];
-    }
-    minus.solve(&plus)
 }
 
 /// splitmix64: a tiny, well-mixed generator; enough for reproducible random starts.
