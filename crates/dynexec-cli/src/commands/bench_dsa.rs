@@ -144,7 +144,10 @@ pub fn run(global: &GlobalOptions, args: BenchDsaArgs) -> Result<()> {
         for name in names {
             systems.push(load(dir, name)?);
         }
-        if matrix_input.as_ref().is_none_or(|(s, _)| s[0].n_samples() < systems[0].n_samples()) {
+        if matrix_input
+            .as_ref()
+            .is_none_or(|(s, _)| s[0].n_samples() < systems[0].n_samples())
+        {
             matrix_input = Some((systems, config));
         }
     }
@@ -153,7 +156,9 @@ pub fn run(global: &GlobalOptions, args: BenchDsaArgs) -> Result<()> {
     };
     // Ten systems: the case's own, repeated as needed (the timing depends on sizes only).
     let originals = systems.clone();
-    systems = (0..10).map(|i| originals[i % originals.len()].clone()).collect();
+    systems = (0..10)
+        .map(|i| originals[i % originals.len()].clone())
+        .collect();
     let dsa = dsa_for(&config);
     let threads = global
         .threads
@@ -182,7 +187,8 @@ pub fn run(global: &GlobalOptions, args: BenchDsaArgs) -> Result<()> {
             r.a,
             r.b,
             r.seconds,
-            r.reference_seconds.map_or("-".into(), |s| format!("{s:.2}")),
+            r.reference_seconds
+                .map_or("-".into(), |s| format!("{s:.2}")),
             r.speedup.map_or("-".into(), |s| format!("{s:.0}x")),
             r.angular
         );

@@ -4,7 +4,10 @@ use super::settings::{expand, DsaArgs, MetricName};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
-use dynexec_dsa::{cka_linear, procrustes_angular, read_npy, rsa, RdmComparison, RdmDistance, Rank, Scores, Trajectories};
+use dynexec_dsa::{
+    cka_linear, procrustes_angular, read_npy, rsa, Rank, RdmComparison, RdmDistance, Scores,
+    Trajectories,
+};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

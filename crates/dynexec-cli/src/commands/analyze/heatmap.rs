@@ -54,14 +54,21 @@ pub struct Heatmap<'a> {
 pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
     let n = heatmap.labels.len();
     if n == 0 || heatmap.values.len() != n * n {
-        return Err(anyhow!("heatmap: {} values for {n} labels", heatmap.values.len()));
+        return Err(anyhow!(
+            "heatmap: {} values for {n} labels",
+            heatmap.values.len()
+        ));
     }
     let with_text = font_available();
     let finite = heatmap.values.iter().copied().filter(|v| v.is_finite());
     let (lo, hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
         (lo.min(v), hi.max(v))
     });
-    let (lo, hi) = if lo <= hi { (lo, hi.max(lo + 1e-12)) } else { (0.0, 1.0) };
+    let (lo, hi) = if lo <= hi {
+        (lo, hi.max(lo + 1e-12))
+    } else {
+        (0.0, 1.0)
+    };
     let plot_error = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
 
     let root = BitMapBackend::new(path, (760, 640)).into_drawing_area();
@@ -124,8 +131,11 @@ pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
     for s in 0..steps {
         let v = hi - (hi - lo) * s as f64 / (steps - 1) as f64;
         let y = bar_top + s * cell;
-        bar.draw(&Rectangle::new([(20, y), (44, y + cell)], color(v).filled()))
-            .map_err(|e| plot_error(&e))?;
+        bar.draw(&Rectangle::new(
+            [(20, y), (44, y + cell)],
+            color(v).filled(),
+        ))
+        .map_err(|e| plot_error(&e))?;
     }
     if with_text {
         let style = (FONT_FAMILY, 12).into_font().color(&BLACK);

@@ -89,7 +89,12 @@ pub struct AnalyzeArgs {
     pub out: PathBuf,
 
     /// Metrics (repeat or comma-separate): dsa, procrustes, cka, rsa or all.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "dsa,procrustes,cka")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "dsa,procrustes,cka"
+    )]
     pub metric: Vec<MetricName>,
 
     /// DSA sees each layer's top K principal components: hidden states have more features
@@ -130,27 +135,60 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         None => {
             let prompt = read_prompt(&args)?;
             let path = args.out.join("trace.safetensors");
-            capture(global, &args, &args.model.model, global.quant, &prompt, &path)?;
+            capture(
+                global,
+                &args,
+                &args.model.model,
+                global.quant,
+                &prompt,
+                &path,
+            )?;
             path
         }
     };
     let primary = load_system(&primary_path, args.include_prompt)?;
 
-    let second_path = match (&args.vs_trace, args.vs_quant, &args.vs_prompt, &args.vs_model) {
+    let second_path = match (
+        &args.vs_trace,
+        args.vs_quant,
+        &args.vs_prompt,
+        &args.vs_model,
+    ) {
         (Some(path), ..) => Some(path.clone()),
         (None, Some(quant), _, _) => {
             let path = args.out.join(format!("trace-{quant}.safetensors"));
-            capture(global, &args, &args.model.model, Some(quant), &read_prompt(&args)?, &path)?;
+            capture(
+                global,
+                &args,
+                &args.model.model,
+                Some(quant),
+                &read_prompt(&args)?,
+                &path,
+            )?;
             Some(path)
         }
         (None, None, Some(prompt), _) => {
             let path = args.out.join("trace-vs-prompt.safetensors");
-            capture(global, &args, &args.model.model, global.quant, prompt, &path)?;
+            capture(
+                global,
+                &args,
+                &args.model.model,
+                global.quant,
+                prompt,
+                &path,
+            )?;
             Some(path)
         }
         (None, None, None, Some(model)) => {
             let path = args.out.join("trace-vs-model.safetensors");
-            capture(global, &args, model, global.quant, &read_prompt(&args)?, &path)?;
+            capture(
+                global,
+                &args,
+                model,
+                global.quant,
+                &read_prompt(&args)?,
+                &path,
+            )?;
             Some(path)
         }
         _ => None,
@@ -159,11 +197,22 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         .map(|path| load_system(&path, args.include_prompt))
         .transpose()?;
     let label = second_label(&args);
-    report::analyse(global, &args, &dsa, &primary, second.as_ref().map(|s| (s, label.as_str())))
+    report::analyse(
+        global,
+        &args,
+        &dsa,
+        &primary,
+        second.as_ref().map(|s| (s, label.as_str())),
+    )
 }
 
 fn second_label(args: &AnalyzeArgs) -> String {
-    match (&args.vs_trace, args.vs_quant, &args.vs_prompt, &args.vs_model) {
+    match (
+        &args.vs_trace,
+        args.vs_quant,
+        &args.vs_prompt,
+        &args.vs_model,
+    ) {
         (Some(path), ..) => format!("vs trace {}", path.display()),
         (None, Some(quant), _, _) => format!("vs {quant}"),
         (None, None, Some(_), _) => "vs the other prompt".to_string(),
@@ -242,7 +291,11 @@ fn capture(
 fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
     let (info, tensors) = Trace::load(path)
         .with_context(|| format!("reading trace {} (and its .json sidecar)", path.display()))?;
-    let start = if include_prompt { 0 } else { info.prompt_tokens };
+    let start = if include_prompt {
+        0
+    } else {
+        info.prompt_tokens
+    };
     let mut layers = Vec::new();
     for (layer, tensor) in tensors {
         let (positions, features) = tensor.dims2()?;
@@ -260,20 +313,23 @@ fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
             .into_iter()
             .map(f64::from)
             .collect();
-        layers.push((layer, Trajectories::from_2d(positions - start, features, values)?));
+        layers.push((
+            layer,
+            Trajectories::from_2d(positions - start, features, values)?,
+        ));
     }
     if layers.is_empty() {
         bail!("trace {} holds no layers", path.display());
     }
-    Ok(System {
-        info,
-        layers,
-    })
+    Ok(System { info, layers })
 }
 
 /// Layers of `b` paired with those of `a` by relative depth (equal depths pair one to one).
 pub fn pair_layers(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
-    let (a_last, b_last) = (a.last().copied().unwrap_or(0), b.last().copied().unwrap_or(0));
+    let (a_last, b_last) = (
+        a.last().copied().unwrap_or(0),
+        b.last().copied().unwrap_or(0),
+    );
     let by_layer: BTreeMap<usize, usize> = b.iter().map(|&l| (l, l)).collect();
     a.iter()
         .filter_map(|&la| {
@@ -301,7 +357,10 @@ mod tests {
     #[test]
     fn layers_pair_by_relative_depth() {
         let a: Vec<usize> = (0..=30).collect();
-        assert_eq!(pair_layers(&a, &a), a.iter().map(|&l| (l, l)).collect::<Vec<_>>());
+        assert_eq!(
+            pair_layers(&a, &a),
+            a.iter().map(|&l| (l, l)).collect::<Vec<_>>()
+        );
         let b: Vec<usize> = (0..=10).collect();
         let pairs = pair_layers(&a, &b);
         assert_eq!(pairs[0], (0, 0));

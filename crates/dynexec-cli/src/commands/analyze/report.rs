@@ -8,8 +8,8 @@ use super::{pair_layers, AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use dynexec_dsa::{
-    cka_linear, distance_matrix, procrustes_angular, rsa, Dsa, Metric, RdmComparison,
-    RdmDistance, Trajectories,
+    cka_linear, distance_matrix, procrustes_angular, rsa, Dsa, Metric, RdmComparison, RdmDistance,
+    Trajectories,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -219,7 +219,10 @@ fn is_dsa(metric: Metric) -> bool {
 fn dsa_components(args: &AnalyzeArgs, dsa: &Dsa, time: usize) -> usize {
     let cap = dsa_components_for(dsa, time);
     if args.pca > cap {
-        eprintln!("note: --pca {} capped to {cap} components for {time} positions", args.pca);
+        eprintln!(
+            "note: --pca {} capped to {cap} components for {time} positions",
+            args.pca
+        );
     }
     args.pca.min(cap).max(1)
 }

@@ -143,6 +143,9 @@ mod tests {
                 MetricName::Rsa
             ]
         );
-        assert_eq!(library_metrics(&[MetricName::Procrustes]), vec![Metric::ProcrustesAngular]);
+        assert_eq!(
+            library_metrics(&[MetricName::Procrustes]),
+            vec![Metric::ProcrustesAngular]
+        );
     }
 }

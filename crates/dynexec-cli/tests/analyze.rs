@@ -1,0 +1,241 @@
+//! `dynexec analyze` and `bench dsa` as a user runs them: output formats, the metrics'
+//! defining properties on real hidden states, reruns from a saved trace, and clear errors.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dynexec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynexec"))
+        .args(args)
+        .args(["--device", "cpu", "--quiet"])
+        .current_dir(repo_root())
+        .output()
+        .expect("run dynexec")
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn case(name: &str) -> String {
+    repo_root()
+        .join("tests/data/dsa-cases")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "dynexec failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn assert_clear_error(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    assert!(
+        stderr.to_lowercase().contains(&needle.to_lowercase()),
+        "expected `{needle}` in: {stderr}"
+    );
+}
+
+fn matrix(json: &Value, metric: &str) -> Vec<Vec<f64>> {
+    json["matrices"][metric]
+        .as_array()
+        .unwrap_or_else(|| panic!("no matrix for {metric}"))
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn compare_prints_every_metric_with_the_reference_values() {
+    let x = case("02_lds_invariance/X.npy");
+    let y_lin = case("02_lds_invariance/Y_lin.npy");
+    let json = stdout_json(&dynexec(&[
+        "analyze", "compare", &x, &y_lin, "--metric", "all", "--json",
+    ]));
+    // An invertible linear map of the same system: same dynamics, different geometry
+    // (reference: Procrustes 0.6027, CKA 0.7225; DSA exactly 0 at full rank).
+    assert!(json["dsa"]["angular"].as_f64().unwrap() < 1e-3, "{json}");
+    assert!(json["dsa"]["euclidean"].as_f64().unwrap() < 1e-3);
+    assert!(json["dsa"]["wasserstein"].as_f64().unwrap() < 1e-4);
+    assert!(
+        (json["procrustes"].as_f64().unwrap() - 0.6027).abs() < 1e-3,
+        "{json}"
+    );
+    assert!(
+        (json["cka"].as_f64().unwrap() - 0.7225).abs() < 1e-3,
+        "{json}"
+    );
+    assert!(json["rsa"].as_f64().is_some());
+
+    let only_dsa = stdout_json(&dynexec(&[
+        "analyze",
+        "compare",
+        &x,
+        &case("02_lds_invariance/Z_swapped.npy"),
+        "--metric",
+        "dsa",
+        "--json",
+    ]));
+    let keys: Vec<&String> = only_dsa.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["dsa"]);
+    assert!(
+        only_dsa["dsa"]["angular"].as_f64().unwrap() > 0.1,
+        "different frequencies"
+    );
+}
+
+#[test]
+fn compare_refuses_bad_files_and_settings() {
+    let x = case("02_lds_invariance/X.npy");
+    let readme = repo_root().join("README.md").to_string_lossy().into_owned();
+    assert_clear_error(&dynexec(&["analyze", "compare", &readme, &x]), "not a .npy");
+    assert_clear_error(
+        &dynexec(&["analyze", "compare", "/nonexistent.npy", &x]),
+        "nonexistent",
+    );
+    assert_clear_error(
+        &dynexec(&["analyze", "compare", &x, &x, "--rank", "0"]),
+        "--rank",
+    );
+    assert_clear_error(
+        &dynexec(&["analyze", "compare", &x, &x, "--n-delays", "500"]),
+        "too few",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "analyze",
+            "compare",
+            &x,
+            &case("04_lorenz_noise_sweep/clean.npy"),
+            "--metric",
+            "cka",
+        ]),
+        "same samples",
+    );
+}
+
+#[test]
+fn analyze_traces_smollm2_and_reruns_from_the_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    let json = stdout_json(&dynexec(&[
+        "analyze",
+        "-p",
+        "The river flows to the sea, and the sea",
+        "-n",
+        "24",
+        "--out",
+        &out,
+        "--json",
+    ]));
+    let layers = json["layers"].as_array().unwrap().len();
+    assert_eq!(layers, 31, "embeddings + 30 layers");
+    for metric in ["dsa_angular", "procrustes_angular", "cka_linear"] {
+        let m = matrix(&json, metric);
+        assert_eq!(m.len(), layers);
+        let self_value = if metric == "cka_linear" { 1.0 } else { 0.0 };
+        for i in 0..layers {
+            assert!((m[i][i] - self_value).abs() < 1e-9, "{metric} diagonal");
+            for j in 0..layers {
+                assert!(
+                    m[i][j].is_finite() && (m[i][j] - m[j][i]).abs() < 1e-9,
+                    "{metric} symmetric"
+                );
+            }
+        }
+        let last = json["vs_final"][metric].as_array().unwrap();
+        assert!((last[layers - 1].as_f64().unwrap() - self_value).abs() < 1e-9);
+    }
+    // Geometry drifts with depth: the embeddings are further from the last layer than the
+    // layer just before it.
+    let procrustes = matrix(&json, "procrustes_angular");
+    assert!(procrustes[0][layers - 1] > procrustes[layers - 2][layers - 1]);
+    for file in [
+        "layers-dsa_angular.png",
+        "layers-cka_linear.csv",
+        "analysis.json",
+        "trace.safetensors",
+        "trace.safetensors.json",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file} missing");
+    }
+    let png = std::fs::read(dir.path().join("layers-procrustes_angular.png")).unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+
+    // Rerun without the model, against the same trace: the same matrices, and every layer
+    // identical to itself.
+    let trace = dir
+        .path()
+        .join("trace.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    let rerun_dir = tempfile::tempdir().unwrap();
+    let rerun = stdout_json(&dynexec(&[
+        "analyze",
+        "--trace",
+        &trace,
+        "--vs-trace",
+        &trace,
+        "--no-plots",
+        "--out",
+        &rerun_dir.path().to_string_lossy(),
+        "--json",
+    ]));
+    assert_eq!(matrix(&rerun, "dsa_angular"), matrix(&json, "dsa_angular"));
+    let rows = rerun["paired"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), layers);
+    for row in rows {
+        assert!(row["dsa_angular"].as_f64().unwrap() < 1e-3, "{row}");
+        assert!(row["procrustes_angular"].as_f64().unwrap() < 1e-6, "{row}");
+        assert!(
+            (row["cka_linear"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+            "{row}"
+        );
+    }
+    assert!(rerun_dir.path().join("paired.csv").is_file());
+}
+
+#[test]
+fn analyze_needs_a_prompt_or_a_trace() {
+    assert_clear_error(
+        &dynexec(&["analyze", "--out", "/tmp/dynexec-analyze-none"]),
+        "--prompt",
+    );
+    assert_clear_error(
+        &dynexec(&["analyze", "--trace", "/nonexistent/trace.safetensors"]),
+        "reading trace",
+    );
+}
+
+#[test]
+fn bench_dsa_times_every_reference_pair() {
+    let json = stdout_json(&dynexec(&["bench", "dsa", "--runs", "1", "--json"]));
+    let rows = json["rows"].as_array().unwrap();
+    assert!(rows.len() >= 17, "{json}");
+    for row in rows {
+        assert!(row["seconds"].as_f64().unwrap() > 0.0);
+        assert!(row["reference_seconds"].as_f64().is_some());
+        assert!(row["angular"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(json["matrix_systems"], 10);
+}
