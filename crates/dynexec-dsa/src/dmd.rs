@@ -190,10 +190,7 @@ fn solve_spd(m: MatRef<'_, f64>, rhs: MatRef<'_, f64>) -> Result<Mat<f64>> {
         Ok(llt) => llt.solve(rhs),
         Err(_) => m.partial_piv_lu().solve(rhs),
     };
-    if x.col_iter()
-        .flat_map(|c| c.iter().copied().collect::<Vec<_>>())
-        .any(|v| !v.is_finite())
-    {
+    if (0..x.nrows()).any(|i| (0..x.ncols()).any(|j| !x[(i, j)].is_finite())) {
         return Err(Error::Numerical(
             "singular regression; add a ridge (lamb > 0) or lower the rank".into(),
         ));

@@ -10,8 +10,10 @@
 //! disagree with DSA exactly when geometry and dynamics part ways.
 //!
 //! Trajectories are `time × features` or `trials × time × features` ([`Trajectories`]);
-//! [`read_npy`] loads them from NumPy files. [`distance_matrix`] compares many systems at
-//! once, in parallel. Everything is computed in f64 with faer; no GPU, no candle.
+//! [`read_npy`] loads them from NumPy files and [`write_npy_f32`] saves them.
+//! [`distance_matrix`] compares many systems at once, in parallel. [`dmd_entropy`] and
+//! [`weight_entropy`] summarise a spectrum's spread. Everything is computed in f64 with faer;
+//! no GPU, no candle.
 //!
 //! The alignment search (Riemannian L-BFGS from informed and seeded random starts, both
 //! determinant components) is deterministic for a seed and finds the exact zero on

@@ -91,7 +91,9 @@ impl DistanceMatrix {
 }
 
 /// Computes the requested metrics between every pair of `systems`, on `threads` threads
-/// (`None`: all available cores). Returned in the order of `metrics`.
+/// (`None`: all available cores). Returned in the order of `metrics`. The diagonal holds each
+/// metric's value for identical inputs (0 for distances, 1 for CKA and RSA) without computing
+/// it. Geometry metrics need every system to have the same number of samples.
 pub fn distance_matrix(
     systems: &[Trajectories],
     dsa: &Dsa,

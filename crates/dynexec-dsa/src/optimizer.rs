@@ -3,9 +3,11 @@
 //!
 //! The landscape is non-convex and O(n) has two components (det ±1), so one local method
 //! is not enough. We run Riemannian L-BFGS (analytic gradient in the Lie algebra, Cayley
-//! retraction, which keeps the determinant) from several starts: identity, a reflection,
-//! bases aligned from the SVDs and symmetric-part eigenvectors of Â and B̂ (exact on generic
-//! conjugate pairs), and seeded random rotations of both determinants.
+//! retraction, which keeps the determinant) from several starts, each in both components:
+//! Schur bases with matched eigenvalues (the start that finds the global optimum of
+//! non-conjugate pairs with similar spectra), bases aligned from the SVDs and from the
+//! symmetric parts' eigenvectors (exact on generic conjugate pairs), identity, a reflection,
+//! and seeded random rotations. Each start gets a coarse pass; the best is polished.
 
 use crate::assignment::min_cost_assignment;
 use crate::error::{Error, Result};
@@ -69,9 +71,27 @@ pub fn align(
         }
     }
     let n = a.nrows().max(b.nrows());
-    let a = normalized(Square::padded(a, n));
-    let b = normalized(Square::padded(b, n));
-    let problem = Problem { a, b };
+    let (a, b) = (Square::padded(a, n), Square::padded(b, n));
+    let (norm_a, norm_b) = (a.norm(), b.norm());
+    if norm_a == 0.0 || norm_b == 0.0 {
+        // No scale to normalise away: two zero matrices are identical, a zero matrix is
+        // orthogonal (f = 0) to any other.
+        let angular = if norm_a == norm_b {
+            0.0
+        } else {
+            std::f64::consts::FRAC_PI_2
+        };
+        return Ok(Alignment {
+            transform: Mat::identity(n, n),
+            angular,
+            euclidean: 2.0 * (0.5 * angular).sin(),
+            starts_run: 0,
+        });
+    }
+    let problem = Problem {
+        a: scaled(a, 1.0 / norm_a),
+        b: scaled(b, 1.0 / norm_b),
+    };
 
     let mut rng = SplitMix64::new(config.seed);
     let mut starts = informed_starts(&problem.a, &problem.b);
@@ -129,11 +149,8 @@ const FINE_TOLERANCE: f64 = 1e-9;
 /// Starts whose angle is within this of the best count as having found it (radians).
 const AGREEMENT: f64 = 1e-4;
 
-fn normalized(mut m: Square) -> Square {
-    let norm = m.norm();
-    if norm > 0.0 {
-        m.scale(1.0 / norm);
-    }
+fn scaled(mut m: Square, factor: f64) -> Square {
+    m.scale(factor);
     m
 }
 

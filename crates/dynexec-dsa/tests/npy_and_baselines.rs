@@ -183,3 +183,14 @@ fn entropies() {
     let rank_one = Mat::from_fn(4, 4, |i, j| (i + 1) as f64 * (j + 2) as f64);
     assert!(weight_entropy(rank_one.as_ref()).unwrap() < 1e-6);
 }
+
+#[test]
+fn zero_dynamics_matrices() {
+    let zero = Mat::<f64>::zeros(3, 3);
+    let other = Mat::from_fn(3, 3, |i, j| (i + 2 * j) as f64);
+    let options = OptimizerConfig::default();
+    let same = align(zero.as_ref(), zero.as_ref(), &options).unwrap();
+    assert_eq!(same.angular, 0.0);
+    let one = align(zero.as_ref(), other.as_ref(), &options).unwrap();
+    assert!((one.angular - std::f64::consts::FRAC_PI_2).abs() < 1e-12);
+}
