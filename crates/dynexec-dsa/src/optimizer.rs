@@ -187,10 +187,11 @@ impl Workspace {
     /// `out = c · cay(omega)` with cay(Ω) = (I − Ω/2)⁻¹ (I + Ω/2), orthogonal with det +1.
     fn cayley_step(&mut self, c: &[f64], omega: &[f64], out: &mut [f64]) -> bool {
         let n = self.n;
-        for k in 0..n * n {
+        let cells = self.lhs.iter_mut().zip(self.rotation.iter_mut()).zip(omega);
+        for (k, ((lhs, rhs), w)) in cells.enumerate() {
             let id = if k % (n + 1) == 0 { 1.0 } else { 0.0 };
-            self.lhs[k] = id - 0.5 * omega[k];
-            self.rotation[k] = id + 0.5 * omega[k];
+            *lhs = id - 0.5 * w;
+            *rhs = id + 0.5 * w;
         }
         if !crate::small::solve_in_place(&mut self.lhs, &mut self.rotation, n) {
             return false;

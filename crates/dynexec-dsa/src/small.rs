@@ -308,9 +308,9 @@ pub(crate) fn gram_schmidt_columns(m: &Square) -> Square {
             for cand in 0..n {
                 e.iter_mut().for_each(|v| *v = 0.0);
                 e[cand] = 1.0;
-                for k in 0..j {
-                    let p = dot(&e, &cols[k]);
-                    e.iter_mut().zip(&cols[k]).for_each(|(a, b)| *a -= p * b);
+                for col in &cols[..j] {
+                    let p = dot(&e, col);
+                    e.iter_mut().zip(col).for_each(|(a, b)| *a -= p * b);
                 }
                 let en = dot(&e, &e).sqrt();
                 if en > 1e-6 {

@@ -194,3 +194,31 @@ fn zero_dynamics_matrices() {
     let one = align(zero.as_ref(), other.as_ref(), &options).unwrap();
     assert!((one.angular - std::f64::consts::FRAC_PI_2).abs() < 1e-12);
 }
+
+#[test]
+fn different_sizes_are_zero_padded() {
+    // A matrix against itself bordered by zeros: the padding makes them identical.
+    let a = Mat::from_fn(3, 3, |i, j| ((i * 3 + j) as f64 * 0.7).sin());
+    // Scale does not matter: both sides are normalised.
+    let bordered = Mat::from_fn(
+        5,
+        5,
+        |i, j| if i < 3 && j < 3 { 2.0 * a[(i, j)] } else { 0.0 },
+    );
+    let found = align(a.as_ref(), bordered.as_ref(), &OptimizerConfig::default()).unwrap();
+    assert!(found.angular < 1e-6, "{}", found.angular);
+    assert_eq!(found.transform.nrows(), 5);
+
+    // Data with two extra silent features has the same shape.
+    let x: Vec<f64> = (0..60).map(|i| (i as f64 * 0.37).sin()).collect();
+    let wide: Vec<f64> = x
+        .chunks(3)
+        .flat_map(|r| [r[0], r[1], r[2], 0.0, 0.0])
+        .collect();
+    let (x, wide) = (
+        Trajectories::from_2d(20, 3, x).unwrap(),
+        Trajectories::from_2d(20, 5, wide).unwrap(),
+    );
+    assert!(dynexec_dsa::procrustes_angular(&x, &wide).unwrap() < 1e-6);
+    assert!((dynexec_dsa::cka_linear(&x, &wide).unwrap() - 1.0).abs() < 1e-12);
+}
