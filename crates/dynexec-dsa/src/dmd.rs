@@ -93,6 +93,12 @@ impl Dmd {
         config.validate()?;
         let h = hankel.matrix.as_ref();
         let (rows, width) = (h.nrows(), h.ncols());
+        if hankel.rows_per_trial < 2 || hankel.trials * hankel.rows_per_trial != rows {
+            return Err(Error::Shape(format!(
+                "Hankel matrix of {rows} rows is not {} trials × {} rows (≥ 2 each)",
+                hankel.trials, hankel.rows_per_trial
+            )));
+        }
         if rows < width {
             return Err(Error::TooShort(format!(
                 "the Hankel matrix has {rows} rows but {width} columns; use fewer delays or more data"

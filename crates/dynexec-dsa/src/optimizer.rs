@@ -141,7 +141,8 @@ pub fn align(
     })
 }
 
-/// Iteration cap and gradient norm of the coarse pass every start gets.
+/// Iteration cap and gradient norm of the coarse pass every start gets. At 50 iterations the
+/// ranking of near-equal local maxima goes wrong on a reference pair; 100 is safe on all.
 const COARSE_ITERS: usize = 100;
 const COARSE_TOLERANCE: f64 = 1e-6;
 /// Gradient norm of the final polish; f's error is O(‖Γ‖²).

@@ -222,3 +222,15 @@ fn different_sizes_are_zero_padded() {
     assert!(dynexec_dsa::procrustes_angular(&x, &wide).unwrap() < 1e-6);
     assert!((dynexec_dsa::cka_linear(&x, &wide).unwrap() - 1.0).abs() < 1e-12);
 }
+
+#[test]
+fn inconsistent_hankel_is_an_error() {
+    let x = Trajectories::from_2d(10, 2, (0..20).map(|i| (i as f64).cos()).collect()).unwrap();
+    let mut h = delay_embed(&x, 2, 1).unwrap();
+    h.rows_per_trial = 1;
+    h.trials = 9;
+    assert!(matches!(
+        Dmd::fit_hankel(&h, &DmdConfig::default()),
+        Err(Error::Shape(_))
+    ));
+}
