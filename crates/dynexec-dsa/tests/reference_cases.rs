@@ -120,6 +120,7 @@ struct Row {
     seeds: Vec<f64>,
     best: f64,
     seconds: f64,
+    wasserstein: (f64, f64),
 }
 
 fn check_angular(case: &str, a: &str, b: &str, angular: f64, expected: &Value) -> Row {
@@ -140,15 +141,18 @@ fn check_angular(case: &str, a: &str, b: &str, angular: f64, expected: &Value) -
         seeds,
         best,
         seconds: 0.0,
+        wasserstein: (f64::NAN, f64::NAN),
     }
 }
 
-fn check_wasserstein(label: &str, ours: f64, expected: &Value) {
+fn check_wasserstein(row: &mut Row, ours: f64, expected: &Value) {
     let e = expected["dsa_wasserstein"].as_f64().unwrap();
     assert!(
         (ours - e).abs() <= 1e-4 + 1e-3 * e.abs(),
-        "{label}: wasserstein {ours}, expected {e}"
+        "{}: wasserstein {ours}, expected {e}",
+        row.label
     );
+    row.wasserstein = (ours, e);
 }
 
 fn print(rows: &[Row]) {
@@ -158,12 +162,14 @@ fn print(rows: &[Row]) {
             .iter()
             .fold((f64::MAX, f64::MIN), |(l, h), &s| (l.min(s), h.max(s)));
         eprintln!(
-            "{:<44} ours {:.6}  py {:.4}-{:.4}  best {:.6}  {:.2} ms",
+            "{:<44} ours {:.6}  py {:.4}-{:.4}  best {:.6}  W ours {:.5} ref {:.5}  {:.2} ms",
             r.label,
             r.ours,
             lo,
             hi,
             r.best,
+            r.wasserstein.0,
+            r.wasserstein.1,
             r.seconds * 1e3
         );
     }
@@ -183,7 +189,7 @@ fn case01_optimiser_alone() {
         let seconds = start.elapsed().as_secs_f64();
         let mut row = check_angular(case, a, b, scores.angular, &pair["expected"]);
         row.seconds = seconds;
-        check_wasserstein(&row.label, scores.wasserstein, &pair["expected"]);
+        check_wasserstein(&mut row, scores.wasserstein, &pair["expected"]);
         let eu = 2.0 * (scores.angular / 2.0).sin();
         assert!(
             (scores.euclidean - eu).abs() < 1e-9,
@@ -211,7 +217,7 @@ fn end_to_end(case: &str) {
         let seconds = start.elapsed().as_secs_f64();
         let mut row = check_angular(case, a, b, scores.angular, expected);
         row.seconds = seconds;
-        check_wasserstein(&row.label, scores.wasserstein, expected);
+        check_wasserstein(&mut row, scores.wasserstein, expected);
         let geometry = [
             ("procrustes_angular", procrustes_angular(&x, &y).unwrap()),
             ("cka_linear", cka_linear(&x, &y).unwrap()),
