@@ -473,7 +473,9 @@ mod tests {
     #[test]
     fn the_avx2_and_portable_q8_dots_agree_to_the_bit() {
         let values = |n: usize, seed: f32| -> Vec<f32> {
-            (0..n).map(|i| ((i as f32 + seed) * 5.17).sin() * 3.0).collect()
+            (0..n)
+                .map(|i| ((i as f32 + seed) * 5.17).sin() * 3.0)
+                .collect()
         };
         // 7 blocks: an odd count exercises the last, unpaired block.
         let cols = 7 * BLOCK;
@@ -509,7 +511,9 @@ mod tests {
 
     #[test]
     fn sixteen_bit_activations_lose_almost_nothing() {
-        let x: Vec<f32> = (0..4 * BLOCK).map(|i| ((i as f32) * 0.731).sin() * 10.0).collect();
+        let x: Vec<f32> = (0..4 * BLOCK)
+            .map(|i| ((i as f32) * 0.731).sin() * 10.0)
+            .collect();
         let q = I16Blocks::quantize(&x);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));

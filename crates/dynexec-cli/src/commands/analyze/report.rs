@@ -8,8 +8,8 @@ use super::{pair_layers, AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use dynexec_dsa::{
-    cka_linear, distance_matrix, procrustes_angular, rsa, Dsa, Metric, RdmComparison, RdmDistance,
-    Trajectories,
+    cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, Dsa, Metric, RdmComparison,
+    RdmDistance, Trajectories,
 };
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -25,6 +25,10 @@ struct Analysis<'a> {
     matrices: BTreeMap<&'static str, Vec<Vec<f64>>>,
     /// metric -> every layer against the last layer.
     vs_final: BTreeMap<&'static str, Vec<f64>>,
+    /// Per layer, the normalised entropy of its DMD eigenvalue magnitudes (0: one mode
+    /// dominates, 1: all modes alike); present when DSA was computed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    dmd_entropy: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     paired: Option<Paired>,
     files: Vec<PathBuf>,
@@ -86,6 +90,10 @@ pub fn analyse(
         layers: layers.clone(),
         matrices: BTreeMap::new(),
         vs_final: BTreeMap::new(),
+        dmd_entropy: reduced
+            .iter()
+            .map(|t| Ok(dmd_entropy(&dsa.fit(t)?)))
+            .collect::<Result<_>>()?,
         paired: None,
         files: Vec::new(),
     };
@@ -299,6 +307,9 @@ fn print_summary(analysis: &Analysis, metrics: &[Metric]) {
     );
     let paired = analysis.paired.as_ref();
     let mut header = format!("{:>6}", "layer");
+    if !analysis.dmd_entropy.is_empty() {
+        header.push_str(&format!(" {:>12}", "dmd entropy"));
+    }
     for name in &names {
         header.push_str(&format!(" {:>24}", format!("{name} vs last")));
     }
@@ -310,6 +321,9 @@ fn print_summary(analysis: &Analysis, metrics: &[Metric]) {
     println!("{header}");
     for (i, layer) in analysis.layers.iter().enumerate() {
         let mut line = format!("{layer:>6}");
+        if let Some(entropy) = analysis.dmd_entropy.get(i) {
+            line.push_str(&format!(" {entropy:>12.4}"));
+        }
         for name in &names {
             line.push_str(&format!(" {:>24.4}", analysis.vs_final[name][i]));
         }
