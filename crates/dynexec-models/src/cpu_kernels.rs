@@ -142,14 +142,7 @@ impl CustomOp1 for Q8MatMul {
         let blocks_per_row = cols / BLOCK;
         let out_t = rows_times_activations(rows, m, |row, out| {
             let weight_row = &bytes[row * row_bytes..(row + 1) * row_bytes];
-            for (i, y) in out.iter_mut().enumerate() {
-                let blocks = i * blocks_per_row..(i + 1) * blocks_per_row;
-                *y = dot_q8_i16(
-                    weight_row,
-                    &activations.values[blocks.start * BLOCK..blocks.end * BLOCK],
-                    &activations.scales[blocks],
-                );
-            }
+            dot_q8_i16_all_rows(weight_row, &activations, blocks_per_row, out);
         });
         Ok(into_output(out_t, rows, m, dims))
     }
@@ -334,12 +327,29 @@ const PREFETCH_AHEAD: usize = 1024;
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_q8_i16_avx2(weight: &[u8], values: &[i16], scales: &[f32]) -> f32 {
+    dot_q8_i16_rows_avx2::<1>(weight, [values], [scales])[0]
+}
+
+/// `N` activation rows against one Q8_0 weight row. Each weight block is loaded and widened
+/// once for all `N` rows (verification and prefill multiply several rows); each row's
+/// arithmetic is exactly the one-row kernel's, so batching never changes a bit.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_q8_i16_rows_avx2<const N: usize>(
+    weight: &[u8],
+    values: [&[i16]; N],
+    scales: [&[f32]; N],
+) -> [f32; N] {
     use std::arch::x86_64::*;
-    let blocks = scales.len();
-    assert!(weight.len() >= blocks * BLOCK_BYTES && values.len() >= blocks * BLOCK);
-    // Adds block `b`'s product into `acc` (a macro, not a closure: a closure would not be
+    let blocks = scales[0].len();
+    assert!(weight.len() >= blocks * BLOCK_BYTES);
+    for r in 0..N {
+        assert!(values[r].len() >= blocks * BLOCK && scales[r].len() >= blocks);
+    }
+    // Adds block `b`'s products into `acc` (a macro, not a closure: a closure would not be
     // compiled with this function's target features, and every intrinsic would become a call).
-    // SAFETY: the assert above keeps every load of a block `b < blocks` inside the slices.
+    // SAFETY: the asserts above keep every load of a block `b < blocks` inside the slices;
+    // the prefetch is only a hint and may point past the end.
     macro_rules! add_block {
         ($b:expr, $acc:expr) => {{
             let b = $b;
@@ -348,16 +358,20 @@ unsafe fn dot_q8_i16_avx2(weight: &[u8], values: &[i16], scales: &[f32]) -> f32 
             let dw = f16_to_f32(u16::from_le_bytes([*block, *block.add(1)]));
             let w_lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(block.add(2) as *const __m128i));
             let w_hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(block.add(18) as *const __m128i));
-            let x = values.as_ptr().add(b * BLOCK);
-            let x_lo = _mm256_loadu_si256(x as *const __m256i);
-            let x_hi = _mm256_loadu_si256(x.add(16) as *const __m256i);
-            let sums =
-                _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
-            let scale = _mm256_set1_ps(dw * *scales.get_unchecked(b));
-            $acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, $acc);
+            for r in 0..N {
+                let x = values[r].as_ptr().add(b * BLOCK);
+                let x_lo = _mm256_loadu_si256(x as *const __m256i);
+                let x_hi = _mm256_loadu_si256(x.add(16) as *const __m256i);
+                let sums = _mm256_add_epi32(
+                    _mm256_madd_epi16(w_lo, x_lo),
+                    _mm256_madd_epi16(w_hi, x_hi),
+                );
+                let scale = _mm256_set1_ps(dw * *scales[r].get_unchecked(b));
+                $acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, $acc[r]);
+            }
         }};
     }
-    let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut even, mut odd) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
     let mut b = 0;
     while b + 1 < blocks {
         add_block!(b, even);
@@ -367,10 +381,55 @@ unsafe fn dot_q8_i16_avx2(weight: &[u8], values: &[i16], scales: &[f32]) -> f32 
     if b < blocks {
         add_block!(b, even);
     }
-    let t = _mm256_add_ps(even, odd);
-    let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
-    _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+    let mut out = [0f32; N];
+    for r in 0..N {
+        let t = _mm256_add_ps(even[r], odd[r]);
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)));
+    }
+    out
+}
+
+/// Activation rows taken together by [`dot_q8_i16_rows_avx2`].
+const ROWS_TOGETHER: usize = 4;
+
+/// One Q8_0 weight row times every row of `activations` (`blocks_per_row` blocks each),
+/// into `out`.
+fn dot_q8_i16_all_rows(
+    weight: &[u8],
+    activations: &I16Blocks,
+    blocks_per_row: usize,
+    out: &mut [f32],
+) {
+    let row = |i: usize| {
+        let blocks = i * blocks_per_row..(i + 1) * blocks_per_row;
+        (
+            &activations.values[blocks.start * BLOCK..blocks.end * BLOCK],
+            &activations.scales[blocks],
+        )
+    };
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        while i + ROWS_TOGETHER <= out.len() {
+            let rows: [(&[i16], &[f32]); ROWS_TOGETHER] = std::array::from_fn(|k| row(i + k));
+            // SAFETY: the features the function is compiled for were just detected.
+            let ys = unsafe {
+                dot_q8_i16_rows_avx2::<ROWS_TOGETHER>(
+                    weight,
+                    rows.map(|(v, _)| v),
+                    rows.map(|(_, s)| s),
+                )
+            };
+            out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
+            i += ROWS_TOGETHER;
+        }
+    }
+    for (k, y) in out.iter_mut().enumerate().skip(i) {
+        let (values, scales) = row(k);
+        *y = dot_q8_i16(weight, values, scales);
+    }
 }
 
 #[cfg(test)]
