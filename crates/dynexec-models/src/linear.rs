@@ -8,7 +8,7 @@ use dynexec_core::Error;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use crate::cpu_kernels::{DenseSmallBatch, Q8MatMul, SMALL_BATCH};
+use crate::cpu_kernels::{DenseSmallBatch, QuantizedMatMul, SMALL_BATCH};
 
 /// Formats a linear layer's weight can be converted to in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -214,8 +214,8 @@ impl Linear {
             && x.dtype() == DType::F32;
         let rows = x.elem_count() / self.in_features.max(1);
         let y = match &self.weight {
-            QMatMul::QTensor(q) if ours && Q8MatMul::supports(q) => {
-                x.contiguous()?.apply_op1_no_bwd(&Q8MatMul(q.clone()))?
+            QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => {
+                x.contiguous()?.apply_op1_no_bwd(&QuantizedMatMul(q.clone()))?
             }
             QMatMul::Tensor(w) if ours && w.dtype() == DType::F32 && rows <= SMALL_BATCH => x
                 .contiguous()?
