@@ -24,9 +24,9 @@ pub struct GlobalOptions {
     #[arg(long, global = true, value_parser = parse_format)]
     pub quant: Option<WeightFormat>,
 
-    /// CPU kernels: `dynexec` (Q8_0 with 16-bit activations, more accurate; F32 decoding and
-    /// verification without weight repacking) or `candle` (candle's own, bit-identical to
-    /// candle-transformers).
+    /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1 with 16-bit activations, faster and more
+    /// accurate; F32 decoding and verification without weight repacking) or `candle`
+    /// (candle's own, bit-identical to candle-transformers).
     #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]
     pub cpu_kernels: CpuKernels,
 

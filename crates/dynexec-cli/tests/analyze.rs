@@ -1,6 +1,9 @@
 //! `dynexec analyze` and `bench dsa` as a user runs them: output formats, the metrics'
 //! defining properties on real hidden states, reruns from a saved trace, and clear errors.
 
+mod common;
+
+use common::{assert_clear_error, stdout_json};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -24,30 +27,6 @@ fn case(name: &str) -> String {
         .join(name)
         .to_string_lossy()
         .into_owned()
-}
-
-fn stdout_json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "dynexec failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-fn assert_clear_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "expected failure; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    assert!(
-        stderr.to_lowercase().contains(&needle.to_lowercase()),
-        "expected `{needle}` in: {stderr}"
-    );
 }
 
 fn matrix(json: &Value, metric: &str) -> Vec<Vec<f64>> {

@@ -1,6 +1,9 @@
 //! The `dynexec` binary as a user runs it: output formats, determinism, and a clear error
 //! (never a panic) for each kind of bad input.
 
+mod common;
+
+use common::{assert_clear_error, stdout_json};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -20,34 +23,6 @@ fn dynexec_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
         cmd.env(k, v);
     }
     cmd.output().expect("run dynexec")
-}
-
-fn stdout_json(out: &Output) -> Value {
-    assert!(
-        out.status.success(),
-        "dynexec failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
-/// Asserts a failure with a message containing `needle`, and no panic.
-fn assert_clear_error(out: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "expected failure, got success; stderr: {stderr}"
-    );
-    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
-    assert!(
-        stderr.to_lowercase().contains(&needle.to_lowercase()),
-        "expected `{needle}` in: {stderr}"
-    );
 }
 
 fn smollm2_path() -> String {

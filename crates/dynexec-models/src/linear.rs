@@ -67,15 +67,15 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
-/// Which CPU kernels multiply Q8_0 weights and small batches of F32 rows.
+/// Which CPU kernels multiply quantized weights and small batches of F32 rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {
-    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0 with 16-bit activations (the accuracy of
-    /// the Q8_0 weights alone), and F32 products of a few rows without repacking the weight;
-    /// both give a row the same bits alone or in a batch.
+    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0, Q4_0 and Q4_1 with 16-bit activations
+    /// (the accuracy of the weights alone), and F32 products of a few rows without repacking
+    /// the weight; both give a row the same bits alone or in a batch.
     #[default]
     Dynexec,
-    /// candle's kernels everywhere (Q8_0 quantizes activations too): bit-identical to
+    /// candle's kernels everywhere (they quantize activations to 8 bits): bit-identical to
     /// candle-transformers' models, used to check against them.
     Candle,
 }
