@@ -26,10 +26,12 @@ fn matmul(c: &mut Criterion) {
             WeightFormat::F32,
             WeightFormat::F16,
             WeightFormat::Q8_0,
+            WeightFormat::Q4_0,
             WeightFormat::Q4_1,
         ] {
             let layer = dense.convert(format).expect("convert");
-            for batch in [1usize, 8] {
+            // Decode (1 row), speculative verification (8) and prefill (64).
+            for batch in [1usize, 8, 64] {
                 let x = deterministic(batch, in_features, 3.0);
                 group.throughput(Throughput::Elements(
                     (batch * out_features * in_features) as u64,

@@ -12,6 +12,9 @@ use serde::Serialize;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
+#[command(
+    after_help = "Example:\n  dynexec analyze compare A.npy B.npy --metric all --n-delays 10 --delay-interval 2 --rank 10 --json"
+)]
 pub struct CompareArgs {
     /// First recording: .npy, f32 or f64, time x features or trials x time x features.
     pub a: PathBuf,

@@ -32,7 +32,10 @@ pub enum AnalyzeCommand {
 }
 
 #[derive(Args)]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  dynexec analyze --chat -p \"Explain why the sky is blue.\" -n 64 --out analysis/\n  dynexec analyze --quant f32 --vs-quant q8_0 -p \"The history of the United States\" --out analysis-q8/\n  dynexec analyze --trace analysis/trace.safetensors --metric all --out analysis-all/\n  dynexec analyze compare A.npy B.npy --metric all --json"
+)]
 pub struct AnalyzeArgs {
     #[command(subcommand)]
     pub command: Option<AnalyzeCommand>,

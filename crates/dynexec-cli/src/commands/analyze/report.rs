@@ -136,8 +136,10 @@ pub fn analyse(
         let by_layer: BTreeMap<usize, &Trajectories> =
             other.layers.iter().map(|(l, t)| (*l, t)).collect();
         let mut rows = Vec::new();
-        for (i, (la, lb)) in pair_layers(&layers, &other_layers).into_iter().enumerate() {
-            let (x, y) = (&systems[i], by_layer[&lb]);
+        let ours: BTreeMap<usize, &Trajectories> =
+            primary.layers.iter().map(|(l, t)| (*l, t)).collect();
+        for (la, lb) in pair_layers(&layers, &other_layers) {
+            let (x, y) = (ours[&la], by_layer[&lb]);
             rows.push(PairedRow {
                 layer_a: la,
                 layer_b: lb,
