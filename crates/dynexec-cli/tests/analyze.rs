@@ -195,6 +195,54 @@ fn analyze_traces_smollm2_and_reruns_from_the_trace() {
 }
 
 #[test]
+fn analyze_traces_every_exit_of_the_encoder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    let text = "The committee met on Tuesday to discuss the budget for the coming year. \
+        Members argued about schools, roads and hospitals, and agreed to meet again next week \
+        after the treasury publishes its forecast.";
+    let json = stdout_json(&dynexec(&[
+        "analyze",
+        "-m",
+        "minilm-l6",
+        "-p",
+        text,
+        "--out",
+        &out,
+        "--no-plots",
+        "--json",
+    ]));
+    assert_eq!(
+        json["layers"].as_array().unwrap().len(),
+        7,
+        "embeddings + 6 layers"
+    );
+    assert_eq!(json["features"], 384);
+    let cka = matrix(&json, "cka_linear");
+    assert!(cka.iter().flatten().all(|v| (0.0..=1.0 + 1e-9).contains(v)));
+    // MiniLM's tokenizer.json cuts encodings to 128 tokens: said, not silent.
+    let long_text = "word ".repeat(600);
+    let cut = dynexec(&[
+        "analyze",
+        "-m",
+        "minilm-l6",
+        "-p",
+        &long_text,
+        "--out",
+        &out,
+        "--no-plots",
+        "--metric",
+        "cka",
+    ]);
+    assert!(
+        cut.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    assert!(String::from_utf8_lossy(&cut.stderr).contains("cut to the 128 tokens"));
+}
+
+#[test]
 fn analyze_needs_a_prompt_or_a_trace() {
     assert_clear_error(
         &dynexec(&["analyze", "--out", "/tmp/dynexec-analyze-none"]),

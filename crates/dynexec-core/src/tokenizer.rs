@@ -170,6 +170,11 @@ impl TextTokenizer {
         })
     }
 
+    /// The length the tokenizer.json cuts every encoding to, if it sets one (MiniLM's: 128).
+    pub fn truncation_limit(&self) -> Option<usize> {
+        self.inner.get_truncation().map(|t| t.max_length)
+    }
+
     /// Encodes text as given: special-token text (e.g. `<|im_start|>`) maps to its id, and
     /// only the specials the model's config adds (BOS, or tokenizer.json's post-processor).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

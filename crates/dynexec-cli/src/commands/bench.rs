@@ -474,8 +474,34 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     Ok(())
 }
 
+/// Loads a BERT-family encoder (F32) and its tokenizer from a transformers folder.
+pub(crate) fn load_encoder(
+    global: &GlobalOptions,
+    files: &dynexec_core::hub::ModelFiles,
+    tokenizer: Option<&Path>,
+) -> Result<(
+    dynexec_models::bert::Bert,
+    dynexec_core::tokenizer::TextTokenizer,
+)> {
+    let device = global.open_device()?;
+    let config = files.find("config.json").context("no config.json")?;
+    let weights: Vec<PathBuf> = files
+        .find_all(".safetensors")
+        .into_iter()
+        .map(Path::to_path_buf)
+        .collect();
+    let tokenizer_path = tokenizer
+        .map(Path::to_path_buf)
+        .or_else(|| files.find("tokenizer.json").map(Path::to_path_buf))
+        .context("no tokenizer.json: pass --tokenizer")?;
+    let tokenizer = dynexec_core::tokenizer::TextTokenizer::from_file(&tokenizer_path)?;
+    let model =
+        dynexec_models::bert::Bert::load(config, &weights, candle_core::DType::F32, &device)?;
+    Ok((model, tokenizer))
+}
+
 /// A transformers folder whose config.json says `bert` holds an encoder.
-fn is_encoder(files: &dynexec_core::hub::ModelFiles) -> bool {
+pub(crate) fn is_encoder(files: &dynexec_core::hub::ModelFiles) -> bool {
     files
         .find("config.json")
         .and_then(|p| std::fs::read_to_string(p).ok())
@@ -510,28 +536,15 @@ fn bench_quant_encoder(
     text: &str,
     text_path: &Path,
 ) -> Result<()> {
-    use dynexec_models::bert::Bert;
     let sentences = sentences_of(text, args.sentences);
     anyhow::ensure!(
         !sentences.is_empty(),
         "{} has no sentences of 20 characters or more",
         text_path.display()
     );
-    let device = global.open_device()?;
-    let config = files.find("config.json").context("no config.json")?;
-    let weights: Vec<PathBuf> = files
-        .find_all(".safetensors")
-        .into_iter()
-        .map(Path::to_path_buf)
-        .collect();
-    let tokenizer_path = args
-        .model
-        .tokenizer
-        .clone()
-        .or_else(|| files.find("tokenizer.json").map(Path::to_path_buf))
-        .context("no tokenizer.json: pass --tokenizer")?;
-    let tokenizer = dynexec_core::tokenizer::TextTokenizer::from_file(&tokenizer_path)?;
-    let reference_model = Bert::load(config, &weights, candle_core::DType::F32, &device)?;
+    let (reference_model, tokenizer) =
+        load_encoder(global, files, args.model.tokenizer.as_deref())?;
+    let device = reference_model.device().clone();
     let reference = reference_model.sentence_embeddings(&tokenizer, &sentences, args.batch_size)?;
     let mut models = Vec::new();
     for &format in &args.formats {

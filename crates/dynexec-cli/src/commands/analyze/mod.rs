@@ -43,7 +43,8 @@ pub struct AnalyzeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// The prompt whose generation is traced.
+    /// The prompt whose generation is traced (for an encoder such as minilm-l6: the text whose
+    /// tokens are traced through every layer).
     #[arg(long, short)]
     pub prompt: Option<String>,
 
@@ -244,6 +245,10 @@ fn capture(
     prompt: &str,
     path: &Path,
 ) -> Result<TraceInfo> {
+    let files = global.hub()?.resolve(model_name)?;
+    if crate::commands::bench::is_encoder(&files) {
+        return capture_encoder(global, args, &files, model_name, quant, prompt, path);
+    }
     let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
     let text = if args.chat {
         loaded.tokenizer.chat_prompt(None, prompt)?
@@ -283,6 +288,59 @@ fn capture(
         info.layers.len(),
         info.positions,
         info.prompt_tokens,
+        info.features,
+        path.display()
+    );
+    Ok(info)
+}
+
+/// An encoder's trace: the hidden states after every layer (0 = embeddings) over the text's
+/// tokens, all of which are analysed (an encoder generates nothing).
+fn capture_encoder(
+    global: &GlobalOptions,
+    args: &AnalyzeArgs,
+    files: &dynexec_core::hub::ModelFiles,
+    model_name: &str,
+    quant: Option<WeightFormat>,
+    text: &str,
+    path: &Path,
+) -> Result<TraceInfo> {
+    let (mut model, tokenizer) =
+        crate::commands::bench::load_encoder(global, files, args.model.tokenizer.as_deref())?;
+    if let Some(format) = quant {
+        dynexec_quant::quantize_in_place(&mut model, format)
+            .with_context(|| format!("converting `{model_name}` to {format}"))?;
+    }
+    let ids = tokenizer.encode(text)?;
+    if tokenizer.truncation_limit() == Some(ids.len()) {
+        eprintln!(
+            "note: the text was cut to the {} tokens its tokenizer.json allows",
+            ids.len()
+        );
+    }
+    let limit = model.config().max_position_embeddings;
+    if ids.len() > limit {
+        bail!(
+            "the text is {} tokens but {model_name} takes at most {limit}: shorten it",
+            ids.len()
+        );
+    }
+    let device = model.device().clone();
+    let input = candle_core::Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
+    let bias = model.attention_bias(&input.ones_like()?)?;
+    let layers = model.num_layers();
+    let mut trace = Trace::new(0..=layers);
+    let mut hidden = model.embed(&input)?;
+    trace.record(0, &hidden)?;
+    for layer in 0..layers {
+        hidden = model.forward_layers(&hidden, &bias, layer..layer + 1)?;
+        trace.record(layer + 1, &hidden)?;
+    }
+    let info = trace.save(path, model_name, &ids, 0)?;
+    eprintln!(
+        "trace: {} layers x {} tokens x {} features -> {}",
+        info.layers.len(),
+        info.positions,
         info.features,
         path.display()
     );
