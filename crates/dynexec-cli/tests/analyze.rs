@@ -195,6 +195,69 @@ fn analyze_traces_smollm2_and_reruns_from_the_trace() {
 }
 
 #[test]
+fn analyze_compares_precisions_and_models_layer_by_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    let prompt = "Once upon a time, in a small village by the sea,";
+    let quant = stdout_json(&dynexec(&[
+        "analyze",
+        "-p",
+        prompt,
+        "-n",
+        "16",
+        "--quant",
+        "f32",
+        "--vs-quant",
+        "q8_0",
+        "--metric",
+        "cka,procrustes",
+        "--no-plots",
+        "--out",
+        &out,
+        "--json",
+    ]));
+    let rows = quant["paired"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 31);
+    for row in rows {
+        let cka = row["cka_linear"].as_f64().unwrap();
+        assert!((0.0..=1.0 + 1e-9).contains(&cka), "{row}");
+    }
+    // q8_0 stays close to f32: the last layer's geometry barely moves.
+    assert!(
+        rows[30]["cka_linear"].as_f64().unwrap() > 0.9,
+        "{}",
+        rows[30]
+    );
+    assert!(dir.path().join("trace-q8_0.safetensors").is_file());
+
+    // The same model as the second system: every layer pairs with itself, and the states agree
+    // up to float order (the replay runs all tokens in one pass, the trace decoded them one by
+    // one).
+    let same = stdout_json(&dynexec(&[
+        "analyze",
+        "-p",
+        prompt,
+        "-n",
+        "16",
+        "--vs-model",
+        "smollm2-135m-instruct",
+        "--metric",
+        "cka",
+        "--no-plots",
+        "--out",
+        &out,
+        "--json",
+    ]));
+    for row in same["paired"]["rows"].as_array().unwrap() {
+        assert_eq!(row["layer_a"], row["layer_b"]);
+        assert!(
+            (row["cka_linear"].as_f64().unwrap() - 1.0).abs() < 1e-6,
+            "{row}"
+        );
+    }
+}
+
+#[test]
 fn analyze_traces_every_exit_of_the_encoder() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_string_lossy().into_owned();

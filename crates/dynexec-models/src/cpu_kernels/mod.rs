@@ -173,8 +173,15 @@ fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+
+    /// The largest absolute difference between two tensors of the same shape.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("tensors of the same shape")
+    }
     use candle_core::{Device, Tensor};
 
     #[test]
@@ -186,16 +193,7 @@ mod tests {
         let x = Tensor::from_vec(values(2 * 3 * 40, 2.0), (2, 3, 40), &Device::Cpu).unwrap();
         let ours = x.apply_op2_no_bwd(&w, &DenseSmallBatch).unwrap();
         let reference = x.broadcast_matmul(&w.t().unwrap()).unwrap();
-        let diff = (&ours - reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&ours, &reference);
         assert!(diff < 1e-4, "{diff}");
         let flat = x.reshape((6, 40)).unwrap();
         for i in 0..6 {

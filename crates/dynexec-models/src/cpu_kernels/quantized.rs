@@ -374,6 +374,7 @@ unsafe fn dot_rows_avx2<const F: u8, const N: usize>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::max_abs_diff;
     use super::*;
     use candle_core::{Device, Tensor};
 
@@ -382,19 +383,6 @@ mod tests {
     }
 
     const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     #[test]
     fn every_format_matches_a_dense_matmul_with_the_dequantized_weight() {
@@ -410,7 +398,7 @@ mod tests {
                 assert_eq!(ours.dims(), reference.dims());
                 // The 16-bit activations err by up to 1/65534 of a block's largest value each;
                 // over 96 products of weights below 1 that bounds the difference by about 1e-3.
-                let diff = max_abs(&ours, &reference);
+                let diff = max_abs_diff(&ours, &reference);
                 assert!(diff < 1e-3, "{dtype:?} {shape:?}: {diff}");
             }
         }

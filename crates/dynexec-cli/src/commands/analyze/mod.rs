@@ -66,7 +66,7 @@ pub struct AnalyzeArgs {
     pub trace: Option<PathBuf>,
 
     /// Second system, compared layer by layer: the same model converted to this precision
-    /// (f32 vs int8: `--quant f32 --vs-quant q8_0`).
+    /// (f32 vs int8: `--quant f32 --vs-quant q8_0`), run over the same tokens.
     #[arg(long, value_parser = parse_format, conflicts_with_all = ["vs_prompt", "vs_model", "vs_trace"])]
     pub vs_quant: Option<WeightFormat>,
 
@@ -74,8 +74,8 @@ pub struct AnalyzeArgs {
     #[arg(long, conflicts_with_all = ["vs_model", "vs_trace"])]
     pub vs_prompt: Option<String>,
 
-    /// Second system: another model on the same prompt (draft vs target); layers are paired
-    /// by relative depth.
+    /// Second system: another model with the same tokenizer (draft vs target), run over the
+    /// same tokens; layers are paired by relative depth.
     #[arg(long, conflicts_with = "vs_trace")]
     pub vs_model: Option<String>,
 
@@ -161,12 +161,12 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         (Some(path), ..) => Some(path.clone()),
         (None, Some(quant), _, _) => {
             let path = args.out.join(format!("trace-{quant}.safetensors"));
-            capture(
+            replay(
                 global,
                 &args,
                 &args.model.model,
                 Some(quant),
-                &read_prompt(&args)?,
+                &primary_path,
                 &path,
             )?;
             Some(path)
@@ -185,14 +185,7 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         }
         (None, None, None, Some(model)) => {
             let path = args.out.join("trace-vs-model.safetensors");
-            capture(
-                global,
-                &args,
-                model,
-                global.quant,
-                &read_prompt(&args)?,
-                &path,
-            )?;
+            replay(global, &args, model, global.quant, &primary_path, &path)?;
             Some(path)
         }
         _ => None,
@@ -288,6 +281,47 @@ fn capture(
         info.layers.len(),
         info.positions,
         info.prompt_tokens,
+        info.features,
+        path.display()
+    );
+    Ok(info)
+}
+
+/// The second system of `--vs-quant` and `--vs-model`: the other model run over the primary
+/// trace's own tokens (prompt and generated), so the comparison isolates the model and not
+/// what it would have generated instead. An encoder simply encodes the same text.
+fn replay(
+    global: &GlobalOptions,
+    args: &AnalyzeArgs,
+    model_name: &str,
+    quant: Option<WeightFormat>,
+    primary_path: &Path,
+    path: &Path,
+) -> Result<TraceInfo> {
+    let files = global.hub()?.resolve(model_name)?;
+    if crate::commands::bench::is_encoder(&files) {
+        let text = read_prompt(args)?;
+        return capture_encoder(global, args, &files, model_name, quant, &text, path);
+    }
+    let (primary, _) = Trace::load(primary_path)
+        .with_context(|| format!("reading trace {}", primary_path.display()))?;
+    let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
+    let vocab = loaded.model.config().vocab_size;
+    if let Some(bad) = primary.token_ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!(
+            "token {bad} of the trace is outside {model_name}'s vocabulary of {vocab}: --vs-model needs a model with the same tokenizer"
+        );
+    }
+    let mut trace = Trace::new(0..=loaded.model.num_layers());
+    let mut cache = loaded.model.new_cache();
+    loaded
+        .model
+        .forward_last(&primary.token_ids, &mut cache, Some(&mut trace))?;
+    let info = trace.save(path, model_name, &primary.token_ids, primary.prompt_tokens)?;
+    eprintln!(
+        "trace: {} layers x {} positions (the first trace's tokens) x {} features -> {}",
+        info.layers.len(),
+        info.positions,
         info.features,
         path.display()
     );
