@@ -214,9 +214,9 @@ impl Linear {
             && x.dtype() == DType::F32;
         let rows = x.elem_count() / self.in_features.max(1);
         let y = match &self.weight {
-            QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => {
-                x.contiguous()?.apply_op1_no_bwd(&QuantizedMatMul(q.clone()))?
-            }
+            QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => x
+                .contiguous()?
+                .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))?,
             QMatMul::Tensor(w) if ours && w.dtype() == DType::F32 && rows <= SMALL_BATCH => x
                 .contiguous()?
                 .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?,

@@ -195,7 +195,8 @@ fn all_rows<const F: u8>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut 
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         while i + ROWS_TOGETHER <= out.len() {
-            let rows: [ActivationRow; ROWS_TOGETHER] = std::array::from_fn(|k| x.row(i + k, blocks));
+            let rows: [ActivationRow; ROWS_TOGETHER] =
+                std::array::from_fn(|k| x.row(i + k, blocks));
             // SAFETY: the features the function is compiled for were just detected.
             let ys = unsafe { dot_rows_avx2::<F, ROWS_TOGETHER>(weight, rows) };
             out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
@@ -334,10 +335,8 @@ unsafe fn dot_rows_avx2<const F: u8, const N: usize>(
                 let values = x[r].values.as_ptr().add(b * BLOCK);
                 let x_lo = _mm256_loadu_si256(values as *const __m256i);
                 let x_hi = _mm256_loadu_si256(values.add(16) as *const __m256i);
-                let sums = _mm256_add_epi32(
-                    _mm256_madd_epi16(w_lo, x_lo),
-                    _mm256_madd_epi16(w_hi, x_hi),
-                );
+                let sums =
+                    _mm256_add_epi32(_mm256_madd_epi16(w_lo, x_lo), _mm256_madd_epi16(w_hi, x_hi));
                 let dx = *x[r].scales.get_unchecked(b);
                 let scale = _mm256_set1_ps(dw * dx);
                 $acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, $acc[r]);
@@ -430,7 +429,12 @@ mod tests {
         // 7 blocks: an odd count exercises the last, unpaired block.
         let cols = 7 * BLOCK;
         let w = Tensor::from_vec(values(3 * cols, 0.1), (3, cols), &Device::Cpu).unwrap();
-        let x = I16Blocks::quantize(&values(cols, 2.0).iter().map(|v| v * 3.0).collect::<Vec<_>>());
+        let x = I16Blocks::quantize(
+            &values(cols, 2.0)
+                .iter()
+                .map(|v| v * 3.0)
+                .collect::<Vec<_>>(),
+        );
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let bytes = q.data().unwrap();
@@ -438,11 +442,24 @@ mod tests {
             for row in 0..3 {
                 let weight = &bytes[row * row_bytes..(row + 1) * row_bytes];
                 let (portable, dispatched) = match dtype {
-                    GgmlDType::Q8_0 => (dot_portable::<Q8_0>(weight, x.row(0, 7)), dot::<Q8_0>(weight, x.row(0, 7))),
-                    GgmlDType::Q4_0 => (dot_portable::<Q4_0>(weight, x.row(0, 7)), dot::<Q4_0>(weight, x.row(0, 7))),
-                    _ => (dot_portable::<Q4_1>(weight, x.row(0, 7)), dot::<Q4_1>(weight, x.row(0, 7))),
+                    GgmlDType::Q8_0 => (
+                        dot_portable::<Q8_0>(weight, x.row(0, 7)),
+                        dot::<Q8_0>(weight, x.row(0, 7)),
+                    ),
+                    GgmlDType::Q4_0 => (
+                        dot_portable::<Q4_0>(weight, x.row(0, 7)),
+                        dot::<Q4_0>(weight, x.row(0, 7)),
+                    ),
+                    _ => (
+                        dot_portable::<Q4_1>(weight, x.row(0, 7)),
+                        dot::<Q4_1>(weight, x.row(0, 7)),
+                    ),
                 };
-                assert_eq!(dispatched.to_bits(), portable.to_bits(), "{dtype:?} row {row}");
+                assert_eq!(
+                    dispatched.to_bits(),
+                    portable.to_bits(),
+                    "{dtype:?} row {row}"
+                );
             }
         }
     }
@@ -462,7 +479,9 @@ mod tests {
 
     #[test]
     fn sixteen_bit_activations_lose_almost_nothing() {
-        let x: Vec<f32> = (0..4 * BLOCK).map(|i| ((i as f32) * 0.731).sin() * 10.0).collect();
+        let x: Vec<f32> = (0..4 * BLOCK)
+            .map(|i| ((i as f32) * 0.731).sin() * 10.0)
+            .collect();
         let q = I16Blocks::quantize(&x);
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
