@@ -9,7 +9,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use common::max_abs_diff;
 use dynexec_core::hub::Hub;
 use dynexec_core::tokenizer::TextTokenizer;
-use dynexec_models::bert::Bert;
+use dynexec_models::bert::{pad_batch, Bert};
 
 fn minilm() -> (Bert, TextTokenizer, dynexec_core::hub::ModelFiles) {
     let mut hub = Hub::from_env().unwrap();
@@ -49,19 +49,7 @@ fn hidden_states_match_candle_transformers_bert_with_padding() {
         .iter()
         .map(|s| tokenizer.encode(s).unwrap())
         .collect();
-    let longest = encoded.iter().map(Vec::len).max().unwrap();
-    let mut ids = Vec::new();
-    let mut mask = Vec::new();
-    for e in &encoded {
-        ids.extend(
-            e.iter()
-                .copied()
-                .chain(std::iter::repeat(0).take(longest - e.len())),
-        );
-        mask.extend((0..longest).map(|i| u32::from(i < e.len())));
-    }
-    let ids = Tensor::from_vec(ids, (3, longest), &Device::Cpu).unwrap();
-    let mask = Tensor::from_vec(mask, (3, longest), &Device::Cpu).unwrap();
+    let (ids, mask) = pad_batch(&encoded, &Device::Cpu).unwrap();
     let ours_hidden = ours.forward(&ids, &mask).unwrap();
     let theirs_hidden = theirs
         .forward(&ids, &ids.zeros_like().unwrap(), Some(&mask))

@@ -10,31 +10,9 @@ use dynexec_quant::gguf_export::{export_gguf, ExportSource};
 use dynexec_quant::{quantize_in_place, WeightFormat};
 
 fn cosine(a: &Tensor, b: &Tensor) -> f32 {
-    let dot = (a * b)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let na = a
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let nb = b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    dot / (na * nb)
+    let scalar = |t: candle_core::Result<Tensor>| t.unwrap().to_scalar::<f32>().unwrap();
+    let norm = |t: &Tensor| scalar(t.sqr().and_then(|s| s.sum_all()?.sqrt()));
+    scalar((a * b).and_then(|p| p.sum_all())) / (norm(a) * norm(b))
 }
 
 const PROMPTS: [&str; 3] = [

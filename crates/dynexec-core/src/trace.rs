@@ -25,6 +25,20 @@ pub struct TraceInfo {
     pub prompt_tokens: usize,
 }
 
+impl std::fmt::Display for TraceInfo {
+    /// `31 layers x 54 positions (7 prompt) x 576 features`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} layers x {} positions ({} prompt) x {} features",
+            self.layers.len(),
+            self.positions,
+            self.prompt_tokens,
+            self.features
+        )
+    }
+}
+
 /// Residual-stream snapshots for chosen layers, appended position by position.
 #[derive(Debug, Clone, Default)]
 pub struct Trace {

@@ -360,6 +360,26 @@ impl HasLinears for Bert {
     }
 }
 
+/// Token ids of several sequences as one `(batch, longest)` batch, padded with id 0, and its
+/// attention mask (1 on real tokens, 0 on padding).
+pub fn pad_batch(encoded: &[Vec<u32>], device: &Device) -> Result<(Tensor, Tensor)> {
+    let longest = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(encoded.len() * longest);
+    let mut mask = Vec::with_capacity(encoded.len() * longest);
+    for e in encoded {
+        ids.extend(
+            e.iter()
+                .copied()
+                .chain(std::iter::repeat(0).take(longest - e.len())),
+        );
+        mask.extend((0..longest).map(|i| u32::from(i < e.len())));
+    }
+    Ok((
+        Tensor::from_vec(ids, (encoded.len(), longest), device)?,
+        Tensor::from_vec(mask, (encoded.len(), longest), device)?,
+    ))
+}
+
 impl Bert {
     /// Sentence embeddings (mean pooling + L2 norm, as sentence-transformers computes them),
     /// `(sentences, hidden)`, in batches padded to their longest sentence.
@@ -375,19 +395,7 @@ impl Bert {
                 .iter()
                 .map(|s| tokenizer.encode(s))
                 .collect::<Result<Vec<_>>>()?;
-            let longest = encoded.iter().map(Vec::len).max().unwrap_or(0).max(1);
-            let mut ids = Vec::with_capacity(batch.len() * longest);
-            let mut mask = Vec::with_capacity(batch.len() * longest);
-            for e in &encoded {
-                ids.extend(
-                    e.iter()
-                        .copied()
-                        .chain(std::iter::repeat(0).take(longest - e.len())),
-                );
-                mask.extend((0..longest).map(|i| u32::from(i < e.len())));
-            }
-            let ids = Tensor::from_vec(ids, (batch.len(), longest), &self.device)?;
-            let mask = Tensor::from_vec(mask, (batch.len(), longest), &self.device)?;
+            let (ids, mask) = pad_batch(&encoded, &self.device)?;
             let hidden = self.forward(&ids, &mask)?;
             out.push(l2_normalize(&mean_pool(&hidden, &mask)?)?);
         }

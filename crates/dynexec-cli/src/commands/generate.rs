@@ -282,13 +282,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         let mut all_ids = prompt_ids.clone();
         all_ids.extend_from_slice(&result.token_ids);
         let info = trace.save(path, &args.model.model, &all_ids, prompt_ids.len())?;
-        eprintln!(
-            "trace: {} layers x {} positions x {} features -> {}",
-            info.layers.len(),
-            info.positions,
-            info.features,
-            path.display()
-        );
+        eprintln!("trace: {info} -> {}", path.display());
     }
 
     let stats = &result.stats;

@@ -276,14 +276,7 @@ fn capture(
     let mut ids = prompt_ids.clone();
     ids.extend_from_slice(&generation.token_ids);
     let info = trace.save(path, model_name, &ids, prompt_ids.len())?;
-    eprintln!(
-        "trace: {} layers x {} positions ({} prompt) x {} features -> {}",
-        info.layers.len(),
-        info.positions,
-        info.prompt_tokens,
-        info.features,
-        path.display()
-    );
+    eprintln!("trace: {info} -> {}", path.display());
     Ok(info)
 }
 
@@ -319,10 +312,7 @@ fn replay(
         .forward_last(&primary.token_ids, &mut cache, Some(&mut trace))?;
     let info = trace.save(path, model_name, &primary.token_ids, primary.prompt_tokens)?;
     eprintln!(
-        "trace: {} layers x {} positions (the first trace's tokens) x {} features -> {}",
-        info.layers.len(),
-        info.positions,
-        info.features,
+        "trace: {info}, the first trace's tokens -> {}",
         path.display()
     );
     Ok(info)
@@ -371,13 +361,7 @@ fn capture_encoder(
         trace.record(layer + 1, &hidden)?;
     }
     let info = trace.save(path, model_name, &ids, 0)?;
-    eprintln!(
-        "trace: {} layers x {} tokens x {} features -> {}",
-        info.layers.len(),
-        info.positions,
-        info.features,
-        path.display()
-    );
+    eprintln!("trace: {info} -> {}", path.display());
     Ok(info)
 }
 
