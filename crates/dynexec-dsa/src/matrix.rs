@@ -54,7 +54,8 @@ impl Metric {
         }
     }
 
-    fn is_dsa(self) -> bool {
+    /// Whether the metric needs the DMD fits (one of the three DSA scores).
+    pub fn is_dsa(self) -> bool {
         matches!(
             self,
             Metric::DsaAngular | Metric::DsaEuclidean | Metric::DsaWasserstein

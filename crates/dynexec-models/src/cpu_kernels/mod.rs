@@ -43,21 +43,9 @@ impl candle_core::CustomOp2 for DenseSmallBatch {
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, cols) = wl.shape().dims2()?;
-        let (Some((xa, xb)), Some((wa, wb))) = (xl.contiguous_offsets(), wl.contiguous_offsets())
-        else {
-            candle_core::bail!("small-batch matmul: inputs must be contiguous");
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
-            candle_core::bail!("small-batch matmul: f32 only");
-        };
+        let x = f32_rows(self.name(), xs, xl, cols)?;
+        let w = f32_rows(self.name(), ws, wl, cols)?;
         let dims = xl.shape().dims();
-        if dims.last() != Some(&cols) {
-            candle_core::bail!(
-                "small-batch matmul: input {:?} does not end in {cols}",
-                dims
-            );
-        }
-        let (x, w) = (&x[xa..xb], &w[wa..wb]);
         let m = x.len() / cols;
         let out_t = rows_times_activations(rows, m, |row, out| {
             let w_row = &w[row * cols..(row + 1) * cols];
@@ -66,6 +54,27 @@ impl candle_core::CustomOp2 for DenseSmallBatch {
             }
         });
         Ok(into_output(out_t, rows, m, dims))
+    }
+}
+
+/// The contiguous F32 values of an operand whose rows have `cols` values, or an error naming
+/// the op.
+fn f32_rows<'a>(
+    op: &str,
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    cols: usize,
+) -> candle_core::Result<&'a [f32]> {
+    let dims = layout.shape().dims();
+    if dims.last() != Some(&cols) {
+        candle_core::bail!("{op}: input {dims:?} does not end in {cols}");
+    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: inputs must be contiguous");
+    };
+    match storage {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => candle_core::bail!("{op}: f32 only"),
     }
 }
 

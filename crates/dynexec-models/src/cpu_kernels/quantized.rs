@@ -12,7 +12,7 @@
 //! reproduces one-token decoding to the bit), and the AVX2 build and the portable one agree
 //! to the bit.
 
-use super::{has_avx2_fma, into_output, rows_times_activations, BLOCK};
+use super::{f32_rows, has_avx2_fma, into_output, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use std::sync::Arc;
@@ -73,17 +73,8 @@ impl CustomOp1 for QuantizedMatMul {
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (rows, cols) = self.0.shape().dims2()?;
+        let x = f32_rows(self.name(), storage, layout, cols)?;
         let dims = layout.shape().dims();
-        if dims.last() != Some(&cols) {
-            candle_core::bail!("quantized matmul: input {:?} does not end in {cols}", dims);
-        }
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("quantized matmul: input must be contiguous");
-        };
-        let x = match storage {
-            CpuStorage::F32(v) => &v[start..end],
-            _ => candle_core::bail!("quantized matmul: activations must be f32"),
-        };
         let Some(format) = format_of(self.0.dtype()) else {
             candle_core::bail!("quantized matmul: unsupported {:?}", self.0.dtype());
         };

@@ -22,7 +22,7 @@ use dynexec_dsa::{Rank, Trajectories};
 use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_quant::WeightFormat;
 use settings::{DsaArgs, MetricName};
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -409,7 +409,7 @@ pub fn pair_layers(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
         a.last().copied().unwrap_or(0),
         b.last().copied().unwrap_or(0),
     );
-    let by_layer: BTreeMap<usize, usize> = b.iter().map(|&l| (l, l)).collect();
+    let traced: BTreeSet<usize> = b.iter().copied().collect();
     a.iter()
         .filter_map(|&la| {
             let target = if a_last == 0 {
@@ -418,8 +418,8 @@ pub fn pair_layers(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
                 ((la as f64) * b_last as f64 / a_last as f64).round() as usize
             };
             // The traced layer of b nearest to the target depth.
-            let below = by_layer.range(..=target).next_back().map(|(&l, _)| l);
-            let above = by_layer.range(target..).next().map(|(&l, _)| l);
+            let below = traced.range(..=target).next_back().copied();
+            let above = traced.range(target..).next().copied();
             let nearest = match (below, above) {
                 (Some(x), Some(y)) => Some(if target - x <= y - target { x } else { y }),
                 (x, y) => x.or(y),

@@ -66,7 +66,7 @@ pub fn analyse(
         systems[0].time()
     );
     let (dsa_metrics, geometry_metrics): (Vec<Metric>, Vec<Metric>) =
-        metrics.iter().partition(|m| is_dsa(**m));
+        metrics.iter().partition(|m| m.is_dsa());
     let components = dsa_components(args, dsa, systems[0].time());
     let reduced: Vec<Trajectories> = if dsa_metrics.is_empty() {
         Vec::new()
@@ -186,7 +186,7 @@ fn pair_metrics(
     x: &Trajectories,
     y: &Trajectories,
 ) -> Result<BTreeMap<&'static str, f64>> {
-    let scores = if metrics.iter().any(|m| is_dsa(*m)) {
+    let scores = if metrics.iter().any(|m| m.is_dsa()) {
         let components = components.min(dsa_components_for(dsa, x.time().min(y.time())));
         Some(dsa.compare(
             &principal_components(x, components)?,
@@ -215,13 +215,6 @@ fn pair_metrics(
         out.insert(metric.name(), value);
     }
     Ok(out)
-}
-
-fn is_dsa(metric: Metric) -> bool {
-    matches!(
-        metric,
-        Metric::DsaAngular | Metric::DsaEuclidean | Metric::DsaWasserstein
-    )
 }
 
 /// `--pca`, capped so the delay embedding of `time` positions has at least as many rows as
