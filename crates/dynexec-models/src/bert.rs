@@ -85,13 +85,14 @@ impl LayerNorm {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::layer_norm(
-            &x.contiguous()?,
-            &self.weight,
-            &self.bias,
-            self.eps,
-        )?)
+    fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        // candle's fused layer norm has no backward pass; training takes the composed one.
+        Ok(if differentiable {
+            candle_nn::ops::layer_norm_slow(&x, &self.weight, &self.bias, self.eps)?
+        } else {
+            candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)?
+        })
     }
 }
 
@@ -117,6 +118,8 @@ pub struct Bert {
     layers: Vec<EncoderLayer>,
     config: BertConfig,
     device: Device,
+    /// Built from trainable variables: use ops that have a backward pass.
+    differentiable: bool,
 }
 
 fn linear(vb: VarBuilder, out: usize, inp: usize) -> Result<Linear> {
@@ -140,6 +143,43 @@ impl Bert {
         };
         Self::from_var_builder(config, vb, device)
             .map_err(|e| crate::safetensors::corrupt(weights, e))
+    }
+
+    /// Loads F32 weights as trainable variables (for joint fine-tuning): the returned `VarMap`
+    /// holds every weight under its name in the file, and the model's forward pass is
+    /// differentiable.
+    pub fn load_trainable(
+        config_path: &Path,
+        weights: &[PathBuf],
+        device: &Device,
+    ) -> Result<(Self, candle_nn::VarMap)> {
+        let config = BertConfig::from_json(config_path)?;
+        let varmap = candle_nn::VarMap::new();
+        let mut prefixed = false;
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| Error::InvalidArgument("variable map poisoned".into()))?;
+            for path in weights {
+                if !path.exists() {
+                    return Err(Error::MissingFile(path.clone()));
+                }
+                let tensors = candle_core::safetensors::load(path, device)
+                    .map_err(|e| crate::safetensors::corrupt(weights, e.into()))?;
+                for (name, tensor) in tensors {
+                    prefixed |= name.starts_with("bert.");
+                    let var = candle_core::Var::from_tensor(&tensor.to_dtype(DType::F32)?)?;
+                    data.insert(name, var);
+                }
+            }
+        }
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let vb = if prefixed { vb.pp("bert") } else { vb };
+        let mut model = Self::from_var_builder(config, vb, device)
+            .map_err(|e| crate::safetensors::corrupt(weights, e))?;
+        model.differentiable = true;
+        Ok((model, varmap))
     }
 
     fn from_var_builder(config: BertConfig, vb: VarBuilder, device: &Device) -> Result<Self> {
@@ -178,6 +218,7 @@ impl Bert {
             layers,
             config,
             device: device.clone(),
+            differentiable: false,
         })
     }
 
@@ -242,7 +283,7 @@ impl Bert {
         let positions = self.position_embeddings.narrow(0, 0, seq)?.unsqueeze(0)?;
         let types = self.token_type_embeddings.narrow(0, 0, 1)?.unsqueeze(0)?;
         let x = words.broadcast_add(&positions)?.broadcast_add(&types)?;
-        self.embeddings_norm.forward(&x)
+        self.embeddings_norm.forward(&x, self.differentiable)
     }
 
     /// `(batch, seq)` mask of 1 (token) / 0 (padding) → additive `(batch, 1, 1, seq)` mask.
@@ -297,14 +338,18 @@ impl Bert {
         let v = split(layer.value.forward(x)?)?;
         let scores =
             (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(attention_bias)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = if self.differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch, seq, hidden))?;
         let attended = layer
             .attention_norm
-            .forward(&(layer.attention_output.forward(&context)? + x)?)?;
+            .forward(&(layer.attention_output.forward(&context)? + x)?, self.differentiable)?;
         let inner = layer.intermediate.forward(&attended)?;
         let inner = match self.config.hidden_act.as_str() {
             "gelu" => inner.gelu_erf()?,
@@ -313,7 +358,7 @@ impl Bert {
         };
         layer
             .output_norm
-            .forward(&(layer.output.forward(&inner)? + attended)?)
+            .forward(&(layer.output.forward(&inner)? + attended)?, self.differentiable)
     }
 
     /// Every layer: ids and mask `(batch, seq)` → last hidden state `(batch, seq, hidden)`.

@@ -8,9 +8,11 @@
 //! - [`llama::Llama`]: llama-family decoder (SmolLM2, Llama, Mistral, Qwen2) from GGUF or
 //!   safetensors, with a truncatable [`kv_cache::KvCache`].
 //! - [`bert::Bert`]: BERT-family encoder (all-MiniLM-L6-v2) with mean pooling.
+//! - [`cnn::Cnn`]: small image CNN (Fashion-MNIST) whose blocks can be run one at a time.
 //! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
 
 pub mod bert;
+pub mod cnn;
 pub mod cpu_kernels;
 pub mod generation;
 pub mod kv_cache;

@@ -217,9 +217,18 @@ impl Linear {
             QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => x
                 .contiguous()?
                 .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))?,
-            QMatMul::Tensor(w) if ours && w.dtype() == DType::F32 && rows <= SMALL_BATCH => x
+            // Our kernel has no backward pass: training (tracked tensors) takes candle's matmul.
+            QMatMul::Tensor(w)
+                if ours
+                    && w.dtype() == DType::F32
+                    && rows <= SMALL_BATCH
+                    && !w.track_op()
+                    && !x.track_op() =>
+            {
+                x
                 .contiguous()?
-                .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?,
+                    .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?
+            }
             weight => weight.forward(x)?,
         };
         Ok(match &self.bias {

@@ -1,0 +1,197 @@
+//! Training exit heads (and optionally the backbone) with AdamW on a weighted multi-exit loss.
+//!
+//! Frozen mode computes every exit's features for the training and validation splits once and
+//! then trains only the heads on them, so an epoch costs no backbone passes. Joint mode runs
+//! the backbone on every batch and back-propagates through it.
+
+use crate::calibrate::ExitPredictions;
+use crate::card::TrainMode;
+use crate::data::Dataset;
+use crate::model::ExitClassifier;
+use crate::policy::softmax;
+use candle_core::{Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use dynexec_core::{Error, Result};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// How to train.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub mode: TrainMode,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub seed: u64,
+    /// Weight of each exit's cross-entropy; [`depth_weights`] when `None`.
+    pub loss_weights: Option<Vec<f32>>,
+}
+
+/// Loss weights growing with depth: exit `i` (1-based) weighs `i`, as in DeeBERT/SDN-style
+/// multi-exit training, so the final exit is not sacrificed to the early ones.
+pub fn depth_weights(exits: usize) -> Vec<f32> {
+    (1..=exits).map(|i| i as f32).collect()
+}
+
+/// What training reports as it goes.
+#[derive(Debug, Clone)]
+pub enum TrainEvent {
+    /// Frozen mode: `done` of `total` inputs have had their features computed.
+    Features { done: usize, total: usize },
+    /// One optimiser step.
+    Step {
+        epoch: usize,
+        done: usize,
+        total: usize,
+        loss: f32,
+    },
+    /// An epoch ended; validation accuracy of each exit.
+    Epoch {
+        epoch: usize,
+        mean_loss: f32,
+        val_accuracy: Vec<f64>,
+    },
+}
+
+/// Trains `trainable` (the heads' variables, plus the backbone's in joint mode) and returns the
+/// last epoch's validation predictions.
+pub fn train(
+    classifier: &ExitClassifier,
+    trainable: Vec<Var>,
+    train_data: &Dataset,
+    val_data: &Dataset,
+    options: &TrainOptions,
+    mut on_event: impl FnMut(TrainEvent),
+) -> Result<ExitPredictions> {
+    let exits = classifier.num_exits();
+    let weights = options
+        .loss_weights
+        .clone()
+        .unwrap_or_else(|| depth_weights(exits));
+    if weights.len() != exits || weights.iter().any(|w| !(*w >= 0.0)) {
+        return Err(Error::InvalidArgument(format!(
+            "--loss-weights needs {exits} non-negative numbers, one per exit"
+        )));
+    }
+    if options.epochs == 0 || options.batch_size == 0 {
+        return Err(Error::InvalidArgument(
+            "--epochs and --batch-size must be at least 1".into(),
+        ));
+    }
+    let weight_sum: f32 = weights.iter().sum();
+    let labels = classifier.card.labels.clone();
+    let train_labels = train_data.label_indices(&labels)?;
+    let mut optimizer = AdamW::new(
+        trainable,
+        ParamsAdamW {
+            lr: options.learning_rate,
+            weight_decay: options.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    // Frozen: features of every split, once.
+    let cached = match options.mode {
+        TrainMode::Frozen => {
+            let total = train_data.len() + val_data.len();
+            let mut done = 0;
+            let mut features = |data: &Dataset| -> Result<Vec<Tensor>> {
+                let mut per_exit: Vec<Vec<Tensor>> = vec![Vec::new(); exits];
+                let all: Vec<usize> = (0..data.len()).collect();
+                for chunk in all.chunks(options.batch_size) {
+                    let f = classifier.all_exit_features(&data.select(chunk)?)?;
+                    for (exit, t) in f.into_iter().enumerate() {
+                        per_exit[exit].push(t.detach());
+                    }
+                    done += chunk.len();
+                    on_event(TrainEvent::Features { done, total });
+                }
+                per_exit
+                    .iter()
+                    .map(|parts| Ok(Tensor::cat(parts, 0)?))
+                    .collect()
+            };
+            Some((features(train_data)?, features(val_data)?))
+        }
+        TrainMode::Joint => None,
+    };
+    let mut rng = rand::rngs::StdRng::seed_from_u64(options.seed);
+    let mut order: Vec<usize> = (0..train_data.len()).collect();
+    let steps = train_data.len().div_ceil(options.batch_size);
+    let mut val_predictions = None;
+    for epoch in 1..=options.epochs {
+        order.shuffle(&mut rng);
+        let mut loss_sum = 0.0;
+        for (step, batch) in order.chunks(options.batch_size).enumerate() {
+            let logits = match &cached {
+                Some((train_features, _)) => {
+                    let rows = index_tensor(batch, classifier)?;
+                    (0..exits)
+                        .map(|e| {
+                            classifier
+                                .heads
+                                .logits(e, &train_features[e].index_select(&rows, 0)?)
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                None => classifier.all_exit_logits(&train_data.select(batch)?)?,
+            };
+            let targets: Vec<u32> = batch.iter().map(|&i| train_labels[i] as u32).collect();
+            let targets = Tensor::from_vec(targets, batch.len(), &classifier.device)?;
+            let mut loss = Tensor::zeros((), candle_core::DType::F32, &classifier.device)?;
+            for (l, &w) in logits.iter().zip(&weights) {
+                let ce = candle_nn::loss::cross_entropy(l, &targets)?;
+                loss = (loss + (ce * f64::from(w / weight_sum))?)?;
+            }
+            optimizer.backward_step(&loss)?;
+            let loss = loss.to_scalar::<f32>()?;
+            if !loss.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "training diverged (loss {loss}) in epoch {epoch}: lower --learning-rate"
+                )));
+            }
+            loss_sum += loss;
+            on_event(TrainEvent::Step {
+                epoch,
+                done: step + 1,
+                total: steps,
+                loss,
+            });
+        }
+        let predictions = match &cached {
+            Some((_, val_features)) => {
+                cached_predictions(classifier, val_features, val_data.label_indices(&labels)?)?
+            }
+            None => classifier.predict(val_data, options.batch_size, |_| {})?,
+        };
+        on_event(TrainEvent::Epoch {
+            epoch,
+            mean_loss: loss_sum / steps as f32,
+            val_accuracy: predictions.accuracy_per_exit(),
+        });
+        val_predictions = Some(predictions);
+    }
+    val_predictions.ok_or_else(|| Error::InvalidArgument("no epochs ran".into()))
+}
+
+fn index_tensor(rows: &[usize], classifier: &ExitClassifier) -> Result<Tensor> {
+    let rows: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+    Ok(Tensor::from_vec(rows.clone(), rows.len(), &classifier.device)?)
+}
+
+/// Validation predictions from cached features (frozen mode).
+fn cached_predictions(
+    classifier: &ExitClassifier,
+    features: &[Tensor],
+    labels: Vec<usize>,
+) -> Result<ExitPredictions> {
+    let per_exit = features
+        .iter()
+        .enumerate()
+        .map(|(e, f)| Ok(classifier.heads.logits(e, f)?.to_vec2::<f32>()?))
+        .collect::<Result<Vec<_>>>()?;
+    let probs = (0..labels.len())
+        .map(|row| per_exit.iter().map(|e| softmax(&e[row])).collect())
+        .collect();
+    Ok(ExitPredictions { probs, labels })
+}
