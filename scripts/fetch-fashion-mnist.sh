@@ -21,7 +21,9 @@ fi
 work="$(mktemp -d)"
 chmod 755 "$work"  # apt's download user must be able to write here
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && apt-get download -qq "$PACKAGE" 2>/dev/null || apt-get download "$PACKAGE")
+# A fresh machine may have no package lists yet: update them once if the first try fails.
+(cd "$work" && { apt-get download -qq "$PACKAGE" 2>/dev/null \
+  || { apt-get update -qq && apt-get download "$PACKAGE"; }; })
 deb="$(ls "$work"/*.deb)"
 echo "$SHA256  $deb" | sha256sum --check --quiet - || { echo "sha256 mismatch for $PACKAGE" >&2; exit 1; }
 dpkg-deb -x "$deb" "$work/root"

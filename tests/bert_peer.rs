@@ -133,3 +133,41 @@ fn sentence_similarities_match_the_sentence_transformers_reference() {
         .unwrap();
     assert!(max_abs_diff(&alone.get(0).unwrap(), &batched.get(0).unwrap()) < 1e-5);
 }
+
+#[test]
+fn trainable_encoder_matches_the_inference_one_and_has_gradients() {
+    let (ours, tokenizer, files) = minilm();
+    let weights = vec![files.find("model.safetensors").unwrap().to_path_buf()];
+    let (trainable, vars) =
+        Bert::load_trainable(files.find("config.json").unwrap(), &weights, &Device::Cpu).unwrap();
+    let encoded: Vec<Vec<u32>> = ["A short one.", "A somewhat longer sentence about films."]
+        .iter()
+        .map(|s| tokenizer.encode(s).unwrap())
+        .collect();
+    let (ids, mask) = pad_batch(&encoded, &Device::Cpu).unwrap();
+    let fused = ours.forward(&ids, &mask).unwrap();
+    let composed = trainable.forward(&ids, &mask).unwrap();
+    let diff = max_abs_diff(&fused, &composed);
+    assert!(diff < 1e-4, "fused vs differentiable ops: {diff}");
+    // Every layer's weights receive a gradient (the fused kernels would drop them).
+    let loss = composed.sqr().unwrap().mean_all().unwrap();
+    let grads = loss.backward().unwrap();
+    let data = vars.data().lock().unwrap();
+    let with_grad = data
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+        .count();
+    let query = data
+        .keys()
+        .find(|k| k.contains("layer.0.attention.self.query.weight"))
+        .unwrap();
+    assert!(
+        grads.get(data[query].as_tensor()).is_some(),
+        "no gradient for {query}"
+    );
+    assert!(
+        with_grad + 4 >= data.len(),
+        "{with_grad} of {} weights have gradients",
+        data.len()
+    );
+}

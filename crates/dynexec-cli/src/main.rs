@@ -23,6 +23,15 @@ struct Cli {
 enum Command {
     /// Generate text with a decoder model, streaming it to stdout.
     Generate(commands::generate::GenerateArgs),
+    /// Classify sentences or images with an early-exit model: each input stops at the layer
+    /// its exit policy allows.
+    #[command(
+        after_help = "Examples:\n  dynexec classify --model minilm-l6-reviews \"A gorgeous, witty, seductive movie.\"\n  dynexec classify --model minilm-l6-reviews --policy confidence:0.9 --file reviews.txt --json\n  dynexec classify --model cnn-fashion-mnist shoe.png"
+    )]
+    Classify(commands::classify::ClassifyArgs),
+    /// Train early-exit heads and calibrate their thresholds.
+    #[command(subcommand)]
+    Exits(commands::exits::ExitsCommand),
     /// Benchmark an engine: baseline and technique side by side in one process.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -45,6 +54,8 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&cli.global, args),
         Command::Bench(cmd) => commands::bench::run(&cli.global, cmd),
+        Command::Classify(args) => commands::classify::run(&cli.global, args),
+        Command::Exits(cmd) => commands::exits::run(&cli.global, cmd),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
         Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),

@@ -267,7 +267,10 @@ mod tests {
         let strict = calibrate(&predictions, "confidence", 0.0).unwrap();
         let loose = calibrate(&predictions, "confidence", 0.5).unwrap();
         assert!(loose.evaluation.mean_exit < strict.evaluation.mean_exit);
-        assert_eq!(loose.evaluation.mean_exit, 1.0, "half the accuracy allows exit 1");
+        assert_eq!(
+            loose.evaluation.mean_exit, 1.0,
+            "half the accuracy allows exit 1"
+        );
     }
 
     #[test]
@@ -280,7 +283,10 @@ mod tests {
             labels: vec![0, 1],
         };
         let e = predictions.evaluate(&ExitPolicy::parse("confidence:0.8").unwrap());
-        assert_eq!((e.exit_counts.clone(), e.accuracy, e.mean_exit), (vec![1, 1], 1.0, 1.5));
+        assert_eq!(
+            (e.exit_counts.clone(), e.accuracy, e.mean_exit),
+            (vec![1, 1], 1.0, 1.5)
+        );
         assert_eq!(predictions.accuracy_per_exit(), vec![0.5, 1.0]);
         assert!(calibrate(&predictions, "sometimes", 0.01).is_err());
         assert!(calibrate(&predictions, "confidence", 2.0).is_err());

@@ -111,15 +111,17 @@ impl ExitCard {
             message,
         };
         if card.labels.len() < 2 || card.layers == 0 {
-            return Err(invalid("a card needs two or more labels and one or more layers".into()));
+            return Err(invalid(
+                "a card needs two or more labels and one or more layers".into(),
+            ));
         }
         match card.kind {
-            InputKind::Text if card.backbone.is_none() => {
-                Err(invalid("a text model's card must name its backbone encoder".into()))
-            }
-            InputKind::Image if card.cnn.is_none() => {
-                Err(invalid("an image model's card must give its `cnn` shape".into()))
-            }
+            InputKind::Text if card.backbone.is_none() => Err(invalid(
+                "a text model's card must name its backbone encoder".into(),
+            )),
+            InputKind::Image if card.cnn.is_none() => Err(invalid(
+                "an image model's card must give its `cnn` shape".into(),
+            )),
             _ => Ok(card),
         }
     }

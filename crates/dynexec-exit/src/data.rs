@@ -44,6 +44,23 @@ impl Dataset {
             .collect()
     }
 
+    /// Class numbers (idx labels `0`, `1`, ...) replaced by `names[number]`; labels that
+    /// already are names, or are not numbers, stay as they are.
+    pub fn name_classes(mut self, names: &[String]) -> Self {
+        let numbered = self
+            .labels
+            .iter()
+            .all(|l| !names.contains(l) && l.parse::<usize>().is_ok_and(|n| n < names.len()));
+        if numbered {
+            for label in &mut self.labels {
+                if let Ok(n) = label.parse::<usize>() {
+                    *label = names[n].clone();
+                }
+            }
+        }
+        self
+    }
+
     /// The inputs at `indices`, in that order.
     pub fn select(&self, indices: &[usize]) -> Result<Examples> {
         Ok(match &self.inputs {
@@ -94,7 +111,10 @@ pub fn read_text(path: &Path) -> Result<Dataset> {
             .ok_or_else(|| bad(1, "empty CSV file".into()))?;
         let column = |name: &str| {
             header.iter().position(|h| h.trim() == name).ok_or_else(|| {
-                bad(1, format!("the header has no `{name}` column (need text and label)"))
+                bad(
+                    1,
+                    format!("the header has no `{name}` column (need text and label)"),
+                )
             })
         };
         let (text_col, label_col) = (column("text")?, column("label")?);
@@ -166,10 +186,16 @@ pub fn read_idx(images: &Path, labels: &Path, device: &Device) -> Result<Dataset
     };
     let be = |b: &[u8], at: usize| u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
     if image_bytes.len() < 16 || be(&image_bytes, 0) != 0x0803 {
-        return Err(bad(images, "expected the idx3 (u8 images) magic 0x00000803"));
+        return Err(bad(
+            images,
+            "expected the idx3 (u8 images) magic 0x00000803",
+        ));
     }
     if label_bytes.len() < 8 || be(&label_bytes, 0) != 0x0801 {
-        return Err(bad(labels, "expected the idx1 (u8 labels) magic 0x00000801"));
+        return Err(bad(
+            labels,
+            "expected the idx1 (u8 labels) magic 0x00000801",
+        ));
     }
     let (count, rows, cols) = (
         be(&image_bytes, 4) as usize,
@@ -177,7 +203,10 @@ pub fn read_idx(images: &Path, labels: &Path, device: &Device) -> Result<Dataset
         be(&image_bytes, 12) as usize,
     );
     if image_bytes.len() != 16 + count * rows * cols {
-        return Err(bad(images, "its size does not match its header (truncated?)"));
+        return Err(bad(
+            images,
+            "its size does not match its header (truncated?)",
+        ));
     }
     if be(&label_bytes, 4) as usize != count || label_bytes.len() != 8 + count {
         return Err(Error::InvalidArgument(format!(
@@ -297,12 +326,17 @@ mod tests {
         let path = dir.path().join("bad.jsonl");
         std::fs::write(&path, "{\"text\": \"x\", \"label\": \"a\"}\nnot json\n").unwrap();
         let err = read_text(&path).unwrap_err().to_string();
-        assert!(err.contains("bad.jsonl:2") && err.contains("not a JSON object"), "{err}");
+        assert!(
+            err.contains("bad.jsonl:2") && err.contains("not a JSON object"),
+            "{err}"
+        );
         let path = dir.path().join("bad.csv");
         std::fs::write(&path, "sentence,label\nx,a\n").unwrap();
         let err = read_text(&path).unwrap_err().to_string();
         assert!(err.contains("no `text` column"), "{err}");
-        let err = read_splits(dir.path(), 10, &Device::Cpu).unwrap_err().to_string();
+        let err = read_splits(dir.path(), 10, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fetch-reviews.sh"), "{err}");
     }
 
@@ -317,12 +351,16 @@ mod tests {
         std::fs::write(&labels, [0, 0, 8, 1, 0, 0, 0, 2, 9, 3]).unwrap();
         let d = read_idx(&images, &labels, &Device::Cpu).unwrap();
         assert_eq!(d.labels, ["9", "3"]);
+        let names: Vec<String> = (0..10).map(|i| format!("c{i}")).collect();
+        assert_eq!(d.clone().name_classes(&names).labels, ["c9", "c3"]);
         let Examples::Images(px) = &d.inputs else {
             panic!()
         };
         assert_eq!(px.dims(), &[2, 2, 2]);
         std::fs::write(&images, &bytes[..20]).unwrap();
-        let err = read_idx(&images, &labels, &Device::Cpu).unwrap_err().to_string();
+        let err = read_idx(&images, &labels, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("truncated"), "{err}");
     }
 }

@@ -5,7 +5,9 @@
 //! each layer whether to stop; [`train`] fits the heads (frozen backbone) or heads and backbone
 //! together with AdamW on a loss whose weights grow with depth; [`calibrate`] picks the
 //! thresholds that stop earliest within an accuracy budget on the validation split. The
-//! result is saved as weights plus a JSON [`card::ExitCard`].
+//! result is saved as weights plus a JSON [`card::ExitCard`]. For decoders, [`token_exit`]
+//! lets each generated token leave at an exit layer (CALM), through adapters trained by
+//! distillation from the final layer.
 
 pub mod calibrate;
 pub mod card;
@@ -13,6 +15,7 @@ pub mod data;
 pub mod heads;
 pub mod model;
 pub mod policy;
+pub mod token_exit;
 pub mod train;
 
 pub use dynexec_core::{Error, Result};

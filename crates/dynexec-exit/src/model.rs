@@ -1,12 +1,13 @@
 //! A backbone with an exit head after every layer, run layer by layer until a policy stops.
 
 use crate::calibrate::ExitPredictions;
-use crate::card::{ExitCard, InputKind, WEIGHTS_FILE};
+use crate::card::{ExitCard, InputKind, CARD_FILE, WEIGHTS_FILE};
 use crate::data::Examples;
 use crate::heads::ExitHeads;
 use crate::policy::{softmax, ExitDecision, ExitPolicy};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use dynexec_core::hub::Hub;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
 use dynexec_models::bert::{mean_pool, pad_batch, Bert};
@@ -15,8 +16,13 @@ use std::path::Path;
 
 /// The network the exits read from.
 pub enum Backbone {
-    Text { bert: Bert, tokenizer: TextTokenizer },
-    Image { cnn: Cnn },
+    Text {
+        bert: Bert,
+        tokenizer: TextTokenizer,
+    },
+    Image {
+        cnn: Cnn,
+    },
 }
 
 /// A batch part-way through the backbone.
@@ -130,7 +136,9 @@ fn image_pool_factor(side: usize) -> usize {
     side.div_ceil(13).max(1)
 }
 
-fn image_features(activation: &Tensor) -> Result<Tensor> {
+/// An image exit's features: a block's channels-last output, average-pooled while larger than
+/// 13 pixels a side, flattened to `(batch, dim)`.
+pub fn image_features(activation: &Tensor) -> Result<Tensor> {
     let (batch, h, w, c) = activation.dims4()?;
     let f = image_pool_factor(h);
     let x = if f > 1 {
@@ -167,7 +175,12 @@ pub struct Classified {
 
 impl ExitClassifier {
     /// Builds the heads for `backbone` from `vb` (a file, or a `VarMap` to train them).
-    pub fn new(backbone: Backbone, vb: VarBuilder, card: ExitCard, device: &Device) -> Result<Self> {
+    pub fn new(
+        backbone: Backbone,
+        vb: VarBuilder,
+        card: ExitCard,
+        device: &Device,
+    ) -> Result<Self> {
         let dims = backbone.feature_dims();
         if dims.len() != card.layers {
             return Err(Error::InvalidArgument(format!(
@@ -185,11 +198,47 @@ impl ExitClassifier {
         })
     }
 
+    /// Loads an exit model by manifest name or folder (holding card.json), pulling it — and,
+    /// for text, the encoder its card names — when needed.
+    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+        let files = hub.resolve(reference)?;
+        let card_path = files.find(CARD_FILE).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "`{reference}` is not an exit model: it has no {CARD_FILE} (train one with `dynexec exits train`)"
+            ))
+        })?;
+        let dir = card_path.parent().unwrap_or(Path::new("."));
+        let card = ExitCard::read(card_path)?;
+        if card.kind == InputKind::Image {
+            return Self::load_image(dir, card, device);
+        }
+        let backbone = card.backbone.clone().unwrap_or_default();
+        let encoder = hub.resolve(&backbone)?;
+        let file = |name: &str| {
+            encoder.find(name).map(Path::to_path_buf).ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "the exit model's encoder `{backbone}` has no {name}"
+                ))
+            })
+        };
+        let config = file("config.json")?;
+        let weights: Vec<_> = encoder
+            .find_all(".safetensors")
+            .into_iter()
+            .map(Path::to_path_buf)
+            .collect();
+        let bert = Bert::load(&config, &weights, DType::F32, device)?;
+        let tokenizer = TextTokenizer::from_file(&file("tokenizer.json")?)?;
+        Self::load_with_encoder(dir, card, bert, tokenizer, &config)
+    }
+
     /// Loads an image classifier (CNN and heads) from its folder; text classifiers need their
     /// encoder first, see [`Self::load_with_encoder`].
     pub fn load_image(dir: &Path, card: ExitCard, device: &Device) -> Result<Self> {
         if card.kind != InputKind::Image {
-            return Err(Error::InvalidArgument("not an image classifier's card".into()));
+            return Err(Error::InvalidArgument(
+                "not an image classifier's card".into(),
+            ));
         }
         let vb = open_weights(dir, device)?;
         let config = card.cnn.clone().unwrap_or_default();
@@ -322,10 +371,10 @@ fn open_weights(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
         return Err(Error::MissingFile(path));
     }
     // SAFETY: read-only mapping of a file dynexec does not modify while it is open.
-    unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }.map_err(
-        |e| Error::InvalidModel {
+    unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, device) }.map_err(|e| {
+        Error::InvalidModel {
             path,
             message: format!("{e} (corrupt exit weights? retrain or pull the model again)"),
-        },
-    )
+        }
+    })
 }

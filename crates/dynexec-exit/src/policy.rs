@@ -179,8 +179,9 @@ impl ExitRun<'_> {
                 ExitPolicy::Confidence { thresholds } => {
                     threshold_at(thresholds, exit).is_some_and(|t| confidence >= t)
                 }
-                ExitPolicy::Entropy { thresholds } => threshold_at(thresholds, exit)
-                    .is_some_and(|t| normalized_entropy(probs) <= t),
+                ExitPolicy::Entropy { thresholds } => {
+                    threshold_at(thresholds, exit).is_some_and(|t| normalized_entropy(probs) <= t)
+                }
                 ExitPolicy::Patience { patience } => self.streak >= *patience,
                 ExitPolicy::Fixed { exit: at } => exit + 1 >= *at,
                 ExitPolicy::Full => false,

@@ -347,18 +347,20 @@ impl Bert {
             .matmul(&v)?
             .transpose(1, 2)?
             .reshape((batch, seq, hidden))?;
-        let attended = layer
-            .attention_norm
-            .forward(&(layer.attention_output.forward(&context)? + x)?, self.differentiable)?;
+        let attended = layer.attention_norm.forward(
+            &(layer.attention_output.forward(&context)? + x)?,
+            self.differentiable,
+        )?;
         let inner = layer.intermediate.forward(&attended)?;
         let inner = match self.config.hidden_act.as_str() {
             "gelu" => inner.gelu_erf()?,
             "relu" => inner.relu()?,
             _ => inner.gelu()?,
         };
-        layer
-            .output_norm
-            .forward(&(layer.output.forward(&inner)? + attended)?, self.differentiable)
+        layer.output_norm.forward(
+            &(layer.output.forward(&inner)? + attended)?,
+            self.differentiable,
+        )
     }
 
     /// Every layer: ids and mask `(batch, seq)` → last hidden state `(batch, seq, hidden)`.

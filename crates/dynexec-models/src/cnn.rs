@@ -58,10 +58,22 @@ impl CnnConfig {
 
 #[derive(Debug, Clone)]
 struct ConvBlock {
-    /// `(9·in, out)`: row `(dy·3 + dx)·in + c` holds the weights of input channel `c` at
-    /// kernel offset `(dy, dx)`.
+    /// `(out, in, 3, 3)`, as stored. It is rearranged at every forward pass, not once at load,
+    /// so that a trainable variable stays the tensor the forward pass reads.
     weight: Tensor,
     bias: Tensor,
+}
+
+impl ConvBlock {
+    /// `(9·in, out)`: row `(dy·3 + dx)·in + c` holds the weights of input channel `c` at
+    /// kernel offset `(dy, dx)`.
+    fn matrix(&self) -> Result<Tensor> {
+        let (outputs, inputs, _, _) = self.weight.dims4()?;
+        Ok(self
+            .weight
+            .permute((2, 3, 1, 0))?
+            .reshape((9 * inputs, outputs))?)
+    }
 }
 
 /// A loaded (or freshly initialised) CNN.
@@ -90,7 +102,6 @@ impl Cnn {
                 },
             )?;
             let bias = cvb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
-            let weight = weight.permute((2, 3, 1, 0))?.reshape((9 * inputs, outputs))?;
             blocks.push(ConvBlock { weight, bias });
             inputs = outputs;
         }
@@ -157,8 +168,10 @@ fn conv3x3(x: &Tensor, block: &ConvBlock) -> Result<Tensor> {
         }
     }
     let columns = Tensor::cat(&shifted, 3)?.reshape((batch * h * w, 9 * c))?;
-    let out = columns.matmul(&block.weight)?.broadcast_add(&block.bias)?;
-    Ok(out.reshape((batch, h, w, block.weight.dim(1)?))?)
+    let out = columns
+        .matmul(&block.matrix()?)?
+        .broadcast_add(&block.bias)?;
+    Ok(out.reshape((batch, h, w, block.weight.dim(0)?))?)
 }
 
 /// 2×2 max-pool with stride 2 on a channels-last tensor; an odd last row/column is dropped.
@@ -219,6 +232,24 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(diff < 1e-5, "max abs diff {diff}");
+    }
+
+    #[test]
+    fn the_forward_pass_reads_the_trainable_variables() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cnn = Cnn::load(vb, &CnnConfig::default()).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (2, 28, 28, 1), &Device::Cpu).unwrap();
+        let before = cnn.forward_blocks(&x, 0..1).unwrap();
+        let data = varmap.data().lock().unwrap();
+        let var = &data["blocks.0.conv.weight"];
+        var.set(&(var.as_tensor() * 2.0).unwrap()).unwrap();
+        let after = cnn.forward_blocks(&x, 0..1).unwrap();
+        let changed = (after - before).unwrap().abs().unwrap().sum_all().unwrap();
+        assert!(
+            changed.to_scalar::<f32>().unwrap() > 0.0,
+            "an update must reach the model"
+        );
     }
 
     #[test]

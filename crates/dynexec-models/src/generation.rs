@@ -81,7 +81,29 @@ pub fn generate(
     tokenizer: &TextTokenizer,
     prompt_ids: &[u32],
     options: &GenerateOptions,
+    trace: Option<&mut Trace>,
+    on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<Generation> {
+    generate_with_step(
+        model,
+        tokenizer,
+        prompt_ids,
+        options,
+        trace,
+        |ids, cache, trace| model.forward_last(ids, cache, trace),
+        on_text,
+    )
+}
+
+/// [`generate`] with each decoding step (one new token → next-token logits) done by `step`,
+/// e.g. a per-token early exit. The prompt is always prefilled at full depth.
+pub fn generate_with_step(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    prompt_ids: &[u32],
+    options: &GenerateOptions,
     mut trace: Option<&mut Trace>,
+    mut step: impl FnMut(&[u32], &mut KvCache, Option<&mut Trace>) -> Result<candle_core::Tensor>,
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<Generation> {
     let context = model.config().context_length;
@@ -128,7 +150,7 @@ pub fn generate(
             stop_reason = StopReason::ContextFull;
             break;
         }
-        logits = model.forward_last(&[next], &mut seq.cache, trace.as_deref_mut())?;
+        logits = step(&[next], &mut seq.cache, trace.as_deref_mut())?;
     }
     if let Some(piece) = stream.finish()? {
         text.push_str(&piece);

@@ -29,6 +29,11 @@ impl KvCache {
         }
     }
 
+    /// The cached keys and values of one layer, if any.
+    pub fn layer(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        self.layers.get(layer)?.as_ref().map(|(k, v)| (k, v))
+    }
+
     /// Positions cached for the first layer: the length of the sequence so far.
     pub fn len(&self) -> usize {
         self.layer_len(0)

@@ -225,8 +225,7 @@ impl Linear {
                     && !w.track_op()
                     && !x.track_op() =>
             {
-                x
-                .contiguous()?
+                x.contiguous()?
                     .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?
             }
             weight => weight.forward(x)?,

@@ -36,6 +36,19 @@ pub enum BenchCommand {
     /// Dynamical similarity analysis: seconds per end-to-end comparison on the reference
     /// cases, next to the reference implementation's time, and a 10 x 10 distance matrix.
     Dsa(super::bench_dsa::BenchDsaArgs),
+    /// Early exit: accuracy, mean exit layer, % layers saved, batch-1 latency and batched
+    /// throughput of each exit policy next to full depth, on a task's test split.
+    #[command(
+        after_help = "Example:\n  scripts/fetch-reviews.sh\n  dynexec bench exits --model minilm-l6-reviews --data $DYNEXEC_CACHE/data/reviews --threads 2"
+    )]
+    Exits(super::bench_exits::BenchExitsArgs),
+    /// Per-token early exit in a decoder: agreement with full-depth greedy tokens, perplexity,
+    /// mean exit layer and decode speed of each policy next to full depth.
+    #[command(
+        name = "token-exits",
+        after_help = "Example:\n  scripts/fetch-prompts.sh; scripts/fetch-sotu.sh\n  dynexec bench token-exits --threads 2 --policies confidence:0.9,saturation:0.99"
+    )]
+    TokenExits(super::bench_token_exits::BenchTokenExitsArgs),
 }
 
 #[derive(Args)]
@@ -102,6 +115,8 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Quant(args) => bench_quant(global, args),
         BenchCommand::Speculative(args) => super::bench_speculative::run(global, args),
         BenchCommand::Dsa(args) => super::bench_dsa::run(global, args),
+        BenchCommand::Exits(args) => super::bench_exits::run(global, args),
+        BenchCommand::TokenExits(args) => super::bench_token_exits::run(global, args),
     }
 }
 

@@ -55,7 +55,7 @@ struct PromptSet {
     prompts: Vec<Vec<u32>>,
 }
 
-fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
+pub(crate) fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading {} (run scripts/fetch-prompts.sh)", path.display()))?;
     text.lines()

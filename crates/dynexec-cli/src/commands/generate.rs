@@ -6,13 +6,14 @@ use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::Trace;
-use dynexec_models::generation::{generate, GenerateOptions, StopReason};
+use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy, ADAPTERS_CARD};
+use dynexec_models::generation::{generate, generate_with_step, GenerateOptions, StopReason};
 use dynexec_models::linear::HasLinears;
 use dynexec_models::llama::{load_decoder, LoadedDecoder};
 use dynexec_quant::{quantize_in_place, WeightFormat};
 use serde::Serialize;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The model `generate` and `bench generate` use when none is named.
 pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
@@ -143,6 +144,16 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "heuristic", requires = "draft")]
     pub lookahead: String,
 
+    /// Per-token early exit (CALM): `confidence:T` (an exit's top-1 minus top-2 probability
+    /// reaches T) or `saturation:T` (the hidden state's cosine across the exit layer reaches
+    /// T); the skipped layers' keys and values are filled from the exit state.
+    #[arg(long, conflicts_with_all = ["draft", "trace"])]
+    pub early_exit: Option<String>,
+
+    /// Exit adapters for --early-exit: a manifest name or a folder with adapters.json.
+    #[arg(long, default_value = DEFAULT_EXIT_ADAPTERS, requires = "early_exit")]
+    pub exit_adapters: String,
+
     /// Save the residual stream after each traced layer (safetensors + .json sidecar).
     #[arg(long)]
     pub trace: Option<PathBuf>,
@@ -166,6 +177,18 @@ struct GenerateReport<'a> {
     stop_reason: StopReason,
     #[serde(flatten)]
     speculative: Option<SpeculativeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    early_exit: Option<EarlyExitReport>,
+}
+
+/// Keys `generate --json` adds with `--early-exit`.
+#[derive(Serialize)]
+struct EarlyExitReport {
+    policy: String,
+    mean_exit_layer: f64,
+    layers_total: usize,
+    /// The layer each decoded token left at (the first token comes from the full-depth prefill).
+    exit_layers: Vec<usize>,
 }
 
 /// Keys `generate --json` adds when drafting.
@@ -241,6 +264,18 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
+    let adapters = match &args.early_exit {
+        Some(_) => Some(load_exit_adapters(global, &args.exit_adapters, &model)?),
+        None => None,
+    };
+    let mut token_exit = match (&args.early_exit, &adapters) {
+        (Some(policy), Some(adapters)) => Some(TokenExit::new(
+            &model,
+            adapters,
+            TokenExitPolicy::parse(policy)?,
+        )?),
+        _ => None,
+    };
     let (result, speculative) = match drafting.as_mut() {
         Some((drafter, lookahead)) => {
             let out = dynexec_spec::engine::generate_speculative(
@@ -265,18 +300,38 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             };
             (out.generation, Some(report))
         }
-        None => (
-            generate(
-                &model,
-                &tokenizer,
-                &prompt_ids,
-                &options,
-                trace.as_mut(),
-                on_text,
-            )?,
-            None,
-        ),
+        None => match token_exit.as_mut() {
+            Some(exit) => (
+                generate_with_step(
+                    &model,
+                    &tokenizer,
+                    &prompt_ids,
+                    &options,
+                    None,
+                    |ids, cache, _| exit.step(ids, cache),
+                    on_text,
+                )?,
+                None,
+            ),
+            None => (
+                generate(
+                    &model,
+                    &tokenizer,
+                    &prompt_ids,
+                    &options,
+                    trace.as_mut(),
+                    on_text,
+                )?,
+                None,
+            ),
+        },
     };
+    let early_exit = token_exit.map(|exit| EarlyExitReport {
+        policy: exit.policy.to_string(),
+        mean_exit_layer: mean(&exit.exit_layers),
+        layers_total: num_layers,
+        exit_layers: exit.exit_layers,
+    });
 
     if let (Some(trace), Some(path)) = (&trace, &args.trace) {
         let mut all_ids = prompt_ids.clone();
@@ -300,6 +355,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             device,
             stop_reason: result.stop_reason,
             speculative,
+            early_exit,
         })?;
     } else {
         println!();
@@ -313,6 +369,15 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             device,
             result.stop_reason
         );
+        if let Some(e) = &early_exit {
+            eprintln!(
+                "early exit {}: mean exit layer {:.1} of {} over {} decoded tokens",
+                e.policy,
+                e.mean_exit_layer,
+                e.layers_total,
+                e.exit_layers.len()
+            );
+        }
         if let Some(s) = &speculative {
             eprintln!(
                 "draft {} / {}: acceptance {:.1}%, {:.2} drafts accepted per step, {} draft and {} target forwards, {:.0}% of the time drafting",
@@ -327,4 +392,27 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The exit adapters shipped for the default decoder.
+pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
+
+/// Loads exit adapters by manifest name or folder and checks they fit `model`.
+pub fn load_exit_adapters(
+    global: &GlobalOptions,
+    reference: &str,
+    model: &dynexec_models::llama::Llama,
+) -> Result<ExitAdapters> {
+    let files = global.hub()?.resolve(reference)?;
+    let card = files.find(ADAPTERS_CARD).with_context(|| {
+        format!("`{reference}` holds no {ADAPTERS_CARD}: train adapters with `dynexec exits train-adapters`")
+    })?;
+    let adapters = ExitAdapters::load(card.parent().unwrap_or(Path::new(".")), model.device())?;
+    adapters.check(model)?;
+    Ok(adapters)
+}
+
+/// Mean of layer counts (0 for none).
+pub fn mean(values: &[usize]) -> f64 {
+    values.iter().sum::<usize>() as f64 / values.len().max(1) as f64
 }

@@ -3,8 +3,12 @@
 pub mod analyze;
 pub mod bench;
 pub mod bench_dsa;
+pub mod bench_exits;
 pub mod bench_speculative;
+pub mod bench_token_exits;
+pub mod classify;
 pub mod eval;
+pub mod exits;
 pub mod generate;
 pub mod models;
 pub mod quantize;

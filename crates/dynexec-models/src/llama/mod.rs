@@ -151,6 +151,28 @@ impl Attention {
     }
 }
 
+impl Attention {
+    /// Appends this layer's keys and values for `x` (already normed) without attending.
+    fn fill_kv(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cache: &mut KvCache,
+        layer: usize,
+        offset: usize,
+    ) -> Result<()> {
+        let (batch, seq, _) = x.dims3()?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, self.num_kv_heads, self.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let k = rope.apply(&heads(self.k_proj.forward(x)?)?, offset)?;
+        let v = heads(self.v_proj.forward(x)?)?.contiguous()?;
+        cache.append(layer, &k, &v)?;
+        Ok(())
+    }
+}
+
 /// `(b, kv_heads, n, d)` → `(b, kv_heads * group, n, d)`, each KV head repeated `group` times.
 fn repeat_kv(x: &Tensor, group: usize) -> Result<Tensor> {
     if group == 1 {
@@ -309,6 +331,43 @@ impl Llama {
             }
         }
         Ok(x)
+    }
+
+    /// Per-token early exit (CALM): keys and values of `layers` for positions whose hidden
+    /// state left the model early, computed from that exited state, so later tokens can attend
+    /// to those positions in the layers they skipped.
+    pub fn fill_kv(
+        &self,
+        hidden: &Tensor,
+        layers: Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<()> {
+        if layers.end > self.layers.len() {
+            return Err(Error::InvalidArgument(format!(
+                "layer range {}..{} is outside the model's {} layers",
+                layers.start,
+                layers.end,
+                self.layers.len()
+            )));
+        }
+        for l in layers {
+            let layer = &self.layers[l];
+            let offset = cache.layer_len(l);
+            let x = layer.input_layernorm.forward(hidden)?;
+            layer.self_attn.fill_kv(&x, &self.rope, cache, l, offset)?;
+        }
+        Ok(())
+    }
+
+    /// The final norm's weight and epsilon and the LM head as a dense F32 `(vocab, hidden)`
+    /// matrix: what training something that feeds the head needs (the fused norm and the
+    /// quantized kernels have no backward pass).
+    pub fn head_parts(&self) -> Result<(Tensor, f32, Tensor)> {
+        Ok((
+            self.norm.weight.to_dtype(DType::F32)?,
+            self.norm.eps,
+            self.lm_head.float_weight()?.to_dtype(DType::F32)?,
+        ))
     }
 
     /// Final norm + LM head: hidden `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.

@@ -1,0 +1,128 @@
+//! `dynexec classify`: label sentences or images with an exit model, each stopping at the
+//! layer its policy allows.
+
+use super::exits::load_classifier;
+use crate::options::{print_json, GlobalOptions};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::Args;
+use dynexec_exit::card::{ExitCard, InputKind};
+use dynexec_exit::data::Examples;
+use dynexec_exit::policy::ExitPolicy;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    /// Exit model: a manifest name (minilm-l6-reviews, cnn-fashion-mnist) or a folder with
+    /// card.json and exits.safetensors.
+    #[arg(long, short)]
+    model: String,
+    /// Sentences (text models) or image paths (image models; PNG, resized to the model's
+    /// input and converted to grey; Fashion-MNIST is a light garment on black).
+    inputs: Vec<String>,
+    /// Also read inputs from this file, one per line.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Exit policy: calibrated (the card's), confidence:T, entropy:T, patience:N, fixed:K or
+    /// full; T is one threshold or one per exit, comma separated.
+    #[arg(long, default_value = "calibrated")]
+    policy: String,
+    /// Inputs per batch (inputs that exit leave the batch; the rest run on).
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+}
+
+#[derive(Serialize)]
+struct Row<'a> {
+    input: &'a str,
+    label: String,
+    confidence: f32,
+    exit_layer: usize,
+    layers_total: usize,
+}
+
+/// The policy a flag names; `calibrated` is the card's (full depth if it has none).
+pub fn resolve_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
+    if text == "calibrated" {
+        return match &card.calibration {
+            Some(c) => Ok(c.policy.clone()),
+            None => {
+                eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
+                Ok(ExitPolicy::Full)
+            }
+        };
+    }
+    let policy = ExitPolicy::parse(text)?;
+    policy.check(card.layers)?;
+    Ok(policy)
+}
+
+pub fn run(global: &GlobalOptions, args: ClassifyArgs) -> Result<()> {
+    let mut inputs = args.inputs.clone();
+    if let Some(file) = &args.file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("reading inputs from {}", file.display()))?;
+        inputs.extend(
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(String::from),
+        );
+    }
+    if inputs.is_empty() {
+        bail!("nothing to classify: give inputs as arguments or --file (one per line)");
+    }
+    let classifier = load_classifier(global, &args.model)?;
+    let policy = resolve_policy(&args.policy, &classifier.card)?;
+    let layers = classifier.card.layers;
+    let side = classifier.card.cnn.as_ref().map_or(28, |c| c.image_size);
+    let mut rows = Vec::with_capacity(inputs.len());
+    for batch in inputs.chunks(args.batch_size.max(1)) {
+        let examples = match classifier.card.kind {
+            InputKind::Text => Examples::Text(batch.to_vec()),
+            InputKind::Image => Examples::Images(read_images(batch, side, &classifier.device)?),
+        };
+        for (input, c) in batch.iter().zip(classifier.classify(&examples, &policy)?) {
+            let row = Row {
+                input,
+                label: c.label,
+                confidence: c.confidence,
+                exit_layer: c.exit_layer,
+                layers_total: layers,
+            };
+            if !global.json {
+                println!(
+                    "{}\t{:.3}\texit {}/{}\t{}",
+                    row.label, row.confidence, row.exit_layer, layers, row.input
+                );
+            }
+            rows.push(row);
+        }
+    }
+    if global.json {
+        print_json(&serde_json::json!({ "policy": policy.to_string(), "results": rows }))?;
+    }
+    Ok(())
+}
+
+/// Decodes image files to `(count, side, side)` grey u8 pixels.
+fn read_images(paths: &[String], side: usize, device: &Device) -> Result<Tensor> {
+    let mut pixels = Vec::with_capacity(paths.len() * side * side);
+    for path in paths {
+        let image = image::open(Path::new(path))
+            .with_context(|| format!("cannot read image {path} (PNG files are supported)"))?
+            .into_luma8();
+        let image = if image.dimensions() == (side as u32, side as u32) {
+            image
+        } else {
+            image::imageops::resize(
+                &image,
+                side as u32,
+                side as u32,
+                image::imageops::FilterType::Triangle,
+            )
+        };
+        pixels.extend(image.into_raw());
+    }
+    Ok(Tensor::from_vec(pixels, (paths.len(), side, side), device)?)
+}

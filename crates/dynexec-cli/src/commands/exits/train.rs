@@ -1,0 +1,344 @@
+//! `dynexec exits train`.
+
+use super::{predict_split, read_task_splits};
+use crate::commands::bench::load_encoder;
+use crate::options::{print_json, progress_bar, GlobalOptions};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use clap::Args;
+use dynexec_exit::card::{
+    AccuracyRecord, DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE,
+    WEIGHTS_FILE,
+};
+use dynexec_exit::data::{distinct_labels, Examples};
+use dynexec_exit::model::{Backbone, ExitClassifier};
+use dynexec_exit::train::{depth_weights, seeded_init, train, TrainEvent, TrainOptions};
+use dynexec_models::bert::Bert;
+use dynexec_models::cnn::{Cnn, CnnConfig};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct TrainArgs {
+    /// Folder with the splits: {train,val,test}.jsonl or .csv (text,label), or MNIST-style idx
+    /// files (the last --val-size training images become the validation split).
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder to write exits.safetensors and card.json into.
+    #[arg(long)]
+    out: PathBuf,
+    /// `cnn` (images, trained from scratch) or an encoder: manifest name, hf:ORG/REPO or folder.
+    #[arg(long, default_value = "minilm-l6")]
+    backbone: String,
+    /// Task name for the card (default: the data folder's name).
+    #[arg(long)]
+    task: Option<String>,
+    /// frozen (heads only; default for encoders) or joint (heads and backbone; the CNN's only
+    /// mode).
+    #[arg(long, value_parser = ["frozen", "joint"])]
+    mode: Option<String>,
+    #[arg(long, default_value_t = 4)]
+    epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    /// AdamW learning rate (default 1e-3 for frozen heads and the CNN, 3e-5 for joint
+    /// fine-tuning of an encoder).
+    #[arg(long)]
+    learning_rate: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Weight of each exit's loss, comma separated (default 1, 2, ..., L: growing with depth).
+    #[arg(long, value_delimiter = ',')]
+    loss_weights: Option<Vec<f32>>,
+    /// Hidden size of each exit head (default: the encoder's hidden size; 64 for the CNN).
+    #[arg(long)]
+    head_hidden: Option<usize>,
+    /// Output channels of each CNN block.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64")]
+    cnn_channels: Vec<usize>,
+    /// Names of numbered classes (idx labels 0, 1, ...), comma separated, in order.
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// idx data: the last N training images are the validation split.
+    #[arg(long, default_value_t = 5000)]
+    val_size: usize,
+    /// Train on the first N training examples only (quick experiments, tests).
+    #[arg(long)]
+    train_limit: Option<usize>,
+}
+
+pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
+    let device = global.open_device()?;
+    let probe = dynexec_exit::data::read_splits(&args.data, args.val_size, &device)?;
+    let images = matches!(probe.train.inputs, Examples::Images(_));
+    if images != (args.backbone == "cnn") {
+        bail!(
+            "--backbone {} does not fit {}: images train `--backbone cnn`, text an encoder such as minilm-l6",
+            args.backbone,
+            args.data.display()
+        );
+    }
+    let labels = match &args.labels {
+        Some(names) => names.clone(),
+        None => distinct_labels(&probe.train),
+    };
+    drop(probe);
+    if labels.len() < 2 {
+        bail!("the training split has only one label: a classifier needs two or more");
+    }
+    let splits = read_task_splits(global, &args.data, args.val_size, &labels)?;
+    let train_split = match args.train_limit {
+        Some(n) => splits.train.take(n)?,
+        None => splits.train.clone(),
+    };
+    let mode = match args.mode.as_deref() {
+        Some("joint") => TrainMode::Joint,
+        Some(_) => TrainMode::Frozen,
+        None if images => TrainMode::Joint,
+        None => TrainMode::Frozen,
+    };
+    if images && mode == TrainMode::Frozen {
+        bail!(
+            "the CNN is trained from scratch, so its backbone cannot be frozen: use --mode joint"
+        );
+    }
+    let learning_rate = args.learning_rate.unwrap_or(match (images, mode) {
+        (false, TrainMode::Joint) => 3e-5,
+        _ => 1e-3,
+    });
+    let mut card = ExitCard {
+        task: args.task.clone().unwrap_or_else(|| {
+            args.data
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "task".into())
+        }),
+        kind: if images {
+            InputKind::Image
+        } else {
+            InputKind::Text
+        },
+        backbone: (!images).then(|| args.backbone.clone()),
+        backbone_in_weights: mode == TrainMode::Joint,
+        cnn: None,
+        labels: labels.clone(),
+        layers: 0,
+        head_hidden: 0,
+        training: TrainingRecord {
+            mode,
+            epochs: args.epochs,
+            batch_size: args.batch_size,
+            learning_rate,
+            weight_decay: args.weight_decay,
+            seed: args.seed,
+            loss_weights: Vec::new(),
+            command: reproduce_command(),
+        },
+        data: DataRecord {
+            source: with_cache_variable(&splits.source),
+            train: train_split.len(),
+            val: splits.val.len(),
+            test: splits.test.len(),
+        },
+        accuracy: AccuracyRecord {
+            val_per_exit: Vec::new(),
+            test_per_exit: Vec::new(),
+        },
+        calibration: None,
+    };
+    let heads = VarMap::new();
+    // Each variable map that ends up in the weights file.
+    let (backbone, backbone_vars) = if images {
+        let config = CnnConfig {
+            channels: args.cnn_channels.clone(),
+            ..CnnConfig::default()
+        };
+        let cnn = Cnn::load(
+            VarBuilder::from_varmap(&heads, DType::F32, &device),
+            &config,
+        )?;
+        card.cnn = Some(config);
+        card.head_hidden = args.head_hidden.unwrap_or(64);
+        (Backbone::Image { cnn }, None)
+    } else {
+        let hub = global.hub()?;
+        let encoder = hub.resolve(&args.backbone)?;
+        let (bert, tokenizer) = load_encoder(global, &encoder, None)?;
+        card.head_hidden = args.head_hidden.unwrap_or(bert.config().hidden_size);
+        match mode {
+            TrainMode::Frozen => (Backbone::Text { bert, tokenizer }, None),
+            TrainMode::Joint => {
+                let config = encoder.find("config.json").context("no config.json")?;
+                let weights: Vec<PathBuf> = encoder
+                    .find_all(".safetensors")
+                    .into_iter()
+                    .map(Path::to_path_buf)
+                    .collect();
+                let (bert, vars) = Bert::load_trainable(config, &weights, &device)?;
+                (Backbone::Text { bert, tokenizer }, Some(vars))
+            }
+        }
+    };
+    // candle's CPU random numbers cannot be seeded: draw the fresh weights ourselves.
+    seeded_init(&heads, args.seed)?;
+    card.layers = backbone.num_layers();
+    card.training.loss_weights = args
+        .loss_weights
+        .clone()
+        .unwrap_or_else(|| depth_weights(card.layers));
+    let classifier = ExitClassifier::new(
+        backbone,
+        VarBuilder::from_varmap(&heads, DType::F32, &device),
+        card.clone(),
+        &device,
+    )?;
+    let mut trainable = heads.all_vars();
+    if let Some(vars) = &backbone_vars {
+        trainable.extend(vars.all_vars());
+    }
+    let options = TrainOptions {
+        mode,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate,
+        weight_decay: args.weight_decay,
+        seed: args.seed,
+        loss_weights: Some(card.training.loss_weights.clone()),
+    };
+    let features_bar = progress_bar(global, 0, "features {bar:40} {pos}/{len} [{elapsed}<{eta}]");
+    let step_bar = progress_bar(
+        global,
+        0,
+        "epoch {msg} {bar:40} {pos}/{len} [{elapsed}<{eta}]",
+    );
+    let quiet = global.quiet || global.json;
+    let val = train(
+        &classifier,
+        trainable,
+        &train_split,
+        &splits.val,
+        &options,
+        |event| match event {
+            TrainEvent::Features { done, total } => {
+                features_bar.set_length(total as u64);
+                features_bar.set_position(done as u64);
+            }
+            TrainEvent::Step {
+                epoch,
+                done,
+                total,
+                loss,
+            } => {
+                features_bar.finish_and_clear();
+                step_bar.set_length(total as u64);
+                step_bar.set_position(done as u64);
+                step_bar.set_message(format!("{epoch} loss {loss:.3}"));
+            }
+            TrainEvent::Epoch {
+                epoch,
+                mean_loss,
+                val_accuracy,
+            } => {
+                step_bar.reset();
+                if !quiet {
+                    step_bar.suspend(|| {
+                        eprintln!(
+                            "epoch {epoch}: mean loss {mean_loss:.4}; val accuracy per exit {}",
+                            percentages(&val_accuracy)
+                        )
+                    });
+                }
+            }
+        },
+    )?;
+    step_bar.finish_and_clear();
+    let test = predict_split(global, &classifier, &splits.test, args.batch_size, "test")?;
+    card.accuracy = AccuracyRecord {
+        val_per_exit: val.accuracy_per_exit(),
+        test_per_exit: test.accuracy_per_exit(),
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    save_weights(
+        &[Some(&heads), backbone_vars.as_ref()],
+        &args.out.join(WEIGHTS_FILE),
+    )?;
+    card.write(&args.out.join(CARD_FILE))?;
+    if global.json {
+        return print_json(&serde_json::json!({ "out": args.out, "card": card }));
+    }
+    println!("exit  val      test");
+    for (i, (v, t)) in card
+        .accuracy
+        .val_per_exit
+        .iter()
+        .zip(&card.accuracy.test_per_exit)
+        .enumerate()
+    {
+        println!("{:<5} {:>6.2}%  {:>6.2}%", i + 1, v * 100.0, t * 100.0);
+    }
+    eprintln!(
+        "wrote {} and {}; next: dynexec exits calibrate {} --data {}",
+        args.out.join(WEIGHTS_FILE).display(),
+        args.out.join(CARD_FILE).display(),
+        args.out.display(),
+        args.data.display()
+    );
+    Ok(())
+}
+
+fn percentages(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{:.1}%", v * 100.0))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Every variable of the maps, in one safetensors file.
+pub(super) fn save_weights(maps: &[Option<&VarMap>], path: &Path) -> Result<()> {
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for map in maps.iter().flatten() {
+        let data = map
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
+        for (name, var) in data.iter() {
+            tensors.insert(name.clone(), var.as_tensor().detach());
+        }
+    }
+    candle_core::safetensors::save(&tensors, path)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// This command line as a user would retype it (shell-quoted), with the data cache written
+/// as `$DYNEXEC_CACHE`.
+pub(super) fn reproduce_command() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            let a = with_cache_variable(&a);
+            let plain = a
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./,:=$".contains(c));
+            if plain {
+                a
+            } else {
+                format!("\"{}\"", a.replace('\\', "\\\\").replace('"', "\\\""))
+            }
+        })
+        .collect();
+    format!("dynexec {}", args.join(" "))
+}
+
+/// `text` with the data cache's path written as `$DYNEXEC_CACHE`, so cards do not record
+/// this machine's home directory.
+pub(super) fn with_cache_variable(text: &str) -> String {
+    let cache = dynexec_core::hub::default_cache_dir()
+        .to_string_lossy()
+        .into_owned();
+    text.replace(&cache, "$DYNEXEC_CACHE")
+}

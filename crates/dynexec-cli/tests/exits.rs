@@ -1,0 +1,461 @@
+//! Early exit from the command line: `exits train`, `exits calibrate`, `classify` and
+//! `bench exits` on small slices of the real data sets, the committed models, and clear errors.
+
+mod common;
+
+use common::{assert_clear_error, stdout_json};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn dynexec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynexec"))
+        .args(args)
+        .args(["--device", "cpu", "--quiet"])
+        .output()
+        .expect("run dynexec")
+}
+
+fn data_dir(name: &str, fetch: &str) -> PathBuf {
+    let dir = dynexec_core::hub::default_cache_dir()
+        .join("data")
+        .join(name);
+    assert!(dir.exists(), "{} is missing: run {fetch}", dir.display());
+    dir
+}
+
+/// The first `n` reviews of each split, in a fresh folder.
+fn small_reviews(n: usize) -> tempfile::TempDir {
+    let source = data_dir("reviews", "scripts/fetch-reviews.sh");
+    let dir = tempfile::tempdir().unwrap();
+    for split in ["train", "val", "test"] {
+        let text = std::fs::read_to_string(source.join(format!("{split}.jsonl"))).unwrap();
+        let head: Vec<&str> = text.lines().take(n).collect();
+        std::fs::write(dir.path().join(format!("{split}.jsonl")), head.join("\n")).unwrap();
+    }
+    dir
+}
+
+/// The first `train` training and `test` test images of Fashion-MNIST as idx files.
+fn small_fashion(train: usize, test: usize) -> tempfile::TempDir {
+    let source = data_dir("fashion-mnist", "scripts/fetch-fashion-mnist.sh");
+    let dir = tempfile::tempdir().unwrap();
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let images = std::fs::read(source.join(format!("{prefix}-images-idx3-ubyte"))).unwrap();
+        let labels = std::fs::read(source.join(format!("{prefix}-labels-idx1-ubyte"))).unwrap();
+        let count = (n as u32).to_be_bytes();
+        let mut head = images[..16].to_vec();
+        head[4..8].copy_from_slice(&count);
+        head.extend_from_slice(&images[16..16 + n * 784]);
+        std::fs::write(dir.path().join(format!("{prefix}-images-idx3-ubyte")), head).unwrap();
+        let mut head = labels[..8].to_vec();
+        head[4..8].copy_from_slice(&count);
+        head.extend_from_slice(&labels[8..8 + n]);
+        std::fs::write(dir.path().join(format!("{prefix}-labels-idx1-ubyte")), head).unwrap();
+    }
+    dir
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn train_calibrate_classify_and_bench_a_text_model() {
+    let data = small_reviews(48);
+    let out = tempfile::tempdir().unwrap();
+    let model = out.path().join("model");
+    let trained = stdout_json(&dynexec(&[
+        "exits",
+        "train",
+        "--data",
+        s(data.path()),
+        "--out",
+        s(&model),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--json",
+    ]));
+    let card = &trained["card"];
+    assert_eq!(card["layers"], 6);
+    assert_eq!(card["training"]["mode"], "frozen");
+    assert_eq!(card["labels"], serde_json::json!(["fresh", "rotten"]));
+    assert_eq!(
+        card["accuracy"]["test_per_exit"].as_array().unwrap().len(),
+        6
+    );
+    assert!(card["training"]["command"]
+        .as_str()
+        .unwrap()
+        .contains("exits train"));
+
+    let calibrated = stdout_json(&dynexec(&[
+        "exits",
+        "calibrate",
+        s(&model),
+        "--data",
+        s(data.path()),
+        "--max-accuracy-drop",
+        "0.05",
+        "--json",
+    ]));
+    let c = &calibrated["calibration"];
+    let drop = c["val_full_accuracy"].as_f64().unwrap() - c["val_accuracy"].as_f64().unwrap();
+    assert!(
+        drop <= 0.05 + 1e-9,
+        "calibration lost {drop} on its own split"
+    );
+    assert_eq!(c["policy"]["policy"], "confidence");
+    let card: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("card.json")).unwrap()).unwrap();
+    assert_eq!(
+        card["calibration"]["policy"], c["policy"],
+        "recorded in the card"
+    );
+
+    let reviews = out.path().join("reviews.txt");
+    std::fs::write(&reviews, "Dull and far too long.\n\nA triumph.\n").unwrap();
+    let classified = stdout_json(&dynexec(&[
+        "classify",
+        "--model",
+        s(&model),
+        "--file",
+        s(&reviews),
+        "Witty and warm.",
+        "--json",
+    ]));
+    let results = classified["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "one argument and two non-empty lines");
+    assert_eq!(results[0]["input"], "Witty and warm.");
+    for r in results {
+        assert!(["fresh", "rotten"].contains(&r["label"].as_str().unwrap()));
+        let exit = r["exit_layer"].as_u64().unwrap();
+        assert!((1..=6).contains(&exit) && r["layers_total"] == 6);
+        assert!(r["confidence"].as_f64().unwrap() >= 0.5);
+    }
+    let fixed = stdout_json(&dynexec(&[
+        "classify",
+        "--model",
+        s(&model),
+        "--policy",
+        "fixed:2",
+        "Witty and warm.",
+        "--json",
+    ]));
+    assert_eq!(fixed["results"][0]["exit_layer"], 2);
+
+    let bench = stdout_json(&dynexec(&[
+        "bench",
+        "exits",
+        "--model",
+        s(&model),
+        "--data",
+        s(data.path()),
+        "--timed-inputs",
+        "4",
+        "--runs",
+        "1",
+        "--policies",
+        "calibrated,entropy,fixed:3",
+        "--json",
+    ]));
+    let rows = bench["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
+    assert_eq!(names, ["full", "calibrated", "entropy", "fixed:3"]);
+    assert_eq!(rows[0]["batch1_speedup"], 1.0);
+    assert_eq!(rows[0]["mean_exit_layer"], 6.0);
+    assert_eq!(rows[3]["mean_exit_layer"], 3.0);
+    assert_eq!(rows[3]["layers_saved_pct"], 50.0);
+    for r in rows {
+        for key in [
+            "task",
+            "threshold",
+            "accuracy",
+            "batch1_speedup",
+            "throughput_per_s",
+        ] {
+            assert!(!r[key].is_null(), "{key} in {r}");
+        }
+    }
+}
+
+#[test]
+fn joint_training_saves_the_fine_tuned_encoder() {
+    let data = small_reviews(12);
+    let out = tempfile::tempdir().unwrap();
+    let trained = stdout_json(&dynexec(&[
+        "exits",
+        "train",
+        "--data",
+        s(data.path()),
+        "--out",
+        s(out.path()),
+        "--mode",
+        "joint",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "6",
+        "--json",
+    ]));
+    assert_eq!(trained["card"]["backbone_in_weights"], true);
+    let weights = candle_core::safetensors::load(
+        out.path().join("exits.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(weights
+        .keys()
+        .any(|k| k.contains("encoder.layer.5.output.dense.weight")));
+    assert!(weights.keys().any(|k| k.starts_with("exits.5.classifier")));
+    // The encoder was fine-tuned: its weights moved away from all-MiniLM-L6-v2's.
+    let mut hub = dynexec_core::hub::Hub::from_env().unwrap();
+    hub.progress = false;
+    let base = hub.resolve("minilm-l6").unwrap();
+    let base = candle_core::safetensors::load(
+        base.find("model.safetensors").unwrap(),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let name = weights
+        .keys()
+        .find(|k| k.ends_with("encoder.layer.5.output.dense.weight"))
+        .unwrap();
+    let moved = (&weights[name] - &base[name])
+        .unwrap()
+        .abs()
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 0.0);
+    let classified = stdout_json(&dynexec(&[
+        "classify",
+        "--model",
+        s(out.path()),
+        "--policy",
+        "full",
+        "Fine.",
+        "--json",
+    ]));
+    assert_eq!(classified["results"][0]["exit_layer"], 6);
+}
+
+#[test]
+fn a_cnn_trains_from_scratch_and_classifies_png_files() {
+    let data = small_fashion(320, 64);
+    let out = tempfile::tempdir().unwrap();
+    let model = out.path().join("cnn");
+    let names = "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot";
+    let trained = stdout_json(&dynexec(&[
+        "exits",
+        "train",
+        "--data",
+        s(data.path()),
+        "--backbone",
+        "cnn",
+        "--out",
+        s(&model),
+        "--epochs",
+        "2",
+        "--val-size",
+        "64",
+        "--labels",
+        names,
+        "--json",
+    ]));
+    assert_eq!(trained["card"]["kind"], "image");
+    assert_eq!(trained["card"]["layers"], 3);
+    assert_eq!(trained["card"]["data"]["train"], 256);
+    // Two epochs on 256 images already beat chance (10%) by far at the last exit.
+    let last = trained["card"]["accuracy"]["test_per_exit"][2]
+        .as_f64()
+        .unwrap();
+    assert!(last > 0.3, "test accuracy {last}");
+
+    // The first test image as a PNG.
+    let images = std::fs::read(data.path().join("t10k-images-idx3-ubyte")).unwrap();
+    let png = out.path().join("item.png");
+    image::GrayImage::from_raw(28, 28, images[16..16 + 784].to_vec())
+        .unwrap()
+        .save(&png)
+        .unwrap();
+    let classified = stdout_json(&dynexec(&[
+        "classify",
+        "--model",
+        s(&model),
+        "--policy",
+        "confidence:0",
+        s(&png),
+        "--json",
+    ]));
+    let r = &classified["results"][0];
+    assert!(names.split(',').any(|n| n == r["label"]));
+    assert_eq!(r["exit_layer"], 1);
+    assert_eq!(r["layers_total"], 3);
+
+    assert_clear_error(
+        &dynexec(&["classify", "--model", s(&model), "no-such-image.png"]),
+        "cannot read image no-such-image.png",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "exits",
+            "train",
+            "--data",
+            s(data.path()),
+            "--backbone",
+            "cnn",
+            "--mode",
+            "frozen",
+            "--out",
+            s(out.path()),
+        ]),
+        "cannot be frozen",
+    );
+}
+
+#[test]
+fn the_committed_models_classify_text_and_images() {
+    let text = stdout_json(&dynexec(&[
+        "classify",
+        "--model",
+        "minilm-l6-reviews",
+        "--json",
+        "A gorgeous, witty, seductive movie.",
+        "An ugly, tedious mess from start to finish.",
+    ]));
+    let results = text["results"].as_array().unwrap();
+    assert_eq!(results[0]["label"], "fresh");
+    assert_eq!(results[1]["label"], "rotten");
+    assert!(results.iter().all(|r| r["layers_total"] == 6));
+}
+
+#[test]
+fn bad_exit_inputs_are_clear_errors() {
+    assert_clear_error(
+        &dynexec(&["classify", "--model", "minilm-l6", "text"]),
+        "is not an exit model",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "classify",
+            "--model",
+            "minilm-l6-reviews",
+            "--policy",
+            "confidence:x",
+            "t",
+        ]),
+        "bad exit policy",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "classify",
+            "--model",
+            "minilm-l6-reviews",
+            "--policy",
+            "fixed:9",
+            "t",
+        ]),
+        "only 6 exits",
+    );
+    assert_clear_error(
+        &dynexec(&["classify", "--model", "minilm-l6-reviews"]),
+        "nothing to classify",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    assert_clear_error(
+        &dynexec(&[
+            "exits",
+            "train",
+            "--data",
+            s(empty.path()),
+            "--out",
+            s(empty.path()),
+        ]),
+        "fetch-reviews.sh",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "exits",
+            "calibrate",
+            s(empty.path()),
+            "--data",
+            s(empty.path()),
+        ]),
+        "has no card.json",
+    );
+    let reviews = small_reviews(8);
+    assert_clear_error(
+        &dynexec(&[
+            "exits",
+            "train",
+            "--data",
+            s(reviews.path()),
+            "--backbone",
+            "cnn",
+            "--out",
+            s(empty.path()),
+        ]),
+        "does not fit",
+    );
+}
+
+#[test]
+fn generate_with_early_exit_reports_exit_layers_and_never_exits_above_one() {
+    let args = |policy: Option<&str>| {
+        let mut a = vec![
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "12",
+            "--ignore-eos",
+            "--json",
+        ];
+        if let Some(p) = policy {
+            a.extend(["--early-exit", p]);
+        }
+        stdout_json(&dynexec(&a))
+    };
+    let plain = args(None);
+    let never = args(Some("confidence:1.5"));
+    assert_eq!(never["token_ids"], plain["token_ids"]);
+    assert_eq!(never["early_exit"]["mean_exit_layer"], 30.0);
+    let always = args(Some("saturation:-1"));
+    let layers = always["early_exit"]["exit_layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 11, "every decoded token after the prefill's");
+    let first = layers[0].as_u64().unwrap();
+    assert!(first < 30 && layers.iter().all(|l| l.as_u64() == Some(first)));
+    assert!(plain.get("early_exit").is_none());
+
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "Hi", "--early-exit", "sometimes:1"]),
+        "bad --early-exit",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--early-exit",
+            "confidence:0.5",
+            "--exit-adapters",
+            "minilm-l6",
+        ]),
+        "holds no adapters.json",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--early-exit",
+            "confidence:0.5",
+            "--draft",
+            "ngram",
+        ]),
+        "cannot be used with",
+    );
+}

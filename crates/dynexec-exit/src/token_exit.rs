@@ -1,0 +1,453 @@
+//! Per-token early exit for decoders (CALM): each generated token may leave the model at an
+//! exit layer when a confidence measure says the deeper layers would not change it.
+//!
+//! At an exit layer, a small adapter maps the hidden state into what the final norm and the
+//! shared LM head expect (a residual low-rank map `h + up(down(h))`, trained by distillation
+//! from the final layer on text the model generates). The skipped layers still get keys and
+//! values for the token — computed from the exited hidden state — so later tokens can attend
+//! to it there (CALM's state propagation).
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Init, VarBuilder, VarMap};
+use dynexec_core::{Error, Result};
+use dynexec_models::kv_cache::KvCache;
+use dynexec_models::llama::Llama;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+pub const ADAPTERS_FILE: &str = "adapters.safetensors";
+pub const ADAPTERS_CARD: &str = "adapters.json";
+
+/// What the adapters are and how they were made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterCard {
+    /// The decoder they belong to (manifest name).
+    pub model: String,
+    /// Exit layers: an exit after layer `l` (1-based) reads the residual stream there.
+    pub layers: Vec<usize>,
+    pub rank: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub training: AdapterTraining,
+    /// Held-out positions where the exit's top token equals the final layer's, per exit:
+    /// with the shared head alone (before training) and through the adapter.
+    pub agreement_before: Vec<f64>,
+    pub agreement_after: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterTraining {
+    pub prompts: String,
+    pub sequences: usize,
+    pub positions: usize,
+    pub held_out_positions: usize,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub seed: u64,
+    pub command: String,
+}
+
+/// `h + up(down(h))`, `down: hidden → rank`, `up: rank → hidden` (zero at initialisation, so
+/// an untrained adapter is the identity).
+#[derive(Debug, Clone)]
+struct Adapter {
+    down: candle_nn::Linear,
+    up: candle_nn::Linear,
+}
+
+impl Adapter {
+    fn load(vb: VarBuilder, hidden: usize, rank: usize) -> Result<Self> {
+        let down = vb.pp("down").get_with_hints(
+            (rank, hidden),
+            "weight",
+            Init::Randn {
+                mean: 0.0,
+                stdev: (1.0 / hidden as f64).sqrt(),
+            },
+        )?;
+        let up = vb
+            .pp("up")
+            .get_with_hints((hidden, rank), "weight", Init::Const(0.0))?;
+        Ok(Self {
+            down: candle_nn::Linear::new(down, None),
+            up: candle_nn::Linear::new(up, None),
+        })
+    }
+
+    fn forward(&self, h: &Tensor) -> Result<Tensor> {
+        Ok((h + self.up.forward(&self.down.forward(h)?)?)?)
+    }
+}
+
+/// The exit adapters of one decoder.
+#[derive(Debug, Clone)]
+pub struct ExitAdapters {
+    adapters: Vec<Adapter>,
+    pub card: AdapterCard,
+}
+
+impl ExitAdapters {
+    /// Creates (over a `VarMap`) or loads adapters named `adapters.{layer}.{down,up}.weight`.
+    pub fn new(vb: VarBuilder, card: AdapterCard) -> Result<Self> {
+        let adapters = card
+            .layers
+            .iter()
+            .map(|l| Adapter::load(vb.pp(format!("adapters.{l}")), card.hidden_size, card.rank))
+            .collect::<Result<_>>()?;
+        Ok(Self { adapters, card })
+    }
+
+    /// Reads `adapters.json` and `adapters.safetensors` from a folder.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let card_path = dir.join(ADAPTERS_CARD);
+        let text = std::fs::read_to_string(&card_path).map_err(|e| Error::io(&card_path, e))?;
+        let card: AdapterCard = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+            path: card_path.clone(),
+            message: format!("not an exit-adapter card: {e}"),
+        })?;
+        let weights = dir.join(ADAPTERS_FILE);
+        if !weights.exists() {
+            return Err(Error::MissingFile(weights));
+        }
+        // SAFETY: read-only mapping of a file dynexec does not modify while it is open.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }?;
+        Self::new(vb, card).map_err(|e| Error::InvalidModel {
+            path: weights,
+            message: format!("{e} (corrupt adapters? train them again)"),
+        })
+    }
+
+    /// Checks the adapters were made for a model of this shape.
+    pub fn check(&self, model: &Llama) -> Result<()> {
+        let c = &self.card;
+        let layers = model.num_layers();
+        if c.hidden_size != model.config().hidden_size
+            || c.vocab_size != model.vocab_size()
+            || c.layers.iter().any(|&l| l == 0 || l >= layers)
+            || c.layers.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(Error::InvalidArgument(format!(
+                "these exit adapters were trained for `{}` (hidden {}, vocabulary {}, exits after increasing layers {:?}), not for this model (hidden {}, vocabulary {}, {layers} layers)",
+                c.model,
+                c.hidden_size,
+                c.vocab_size,
+                c.layers,
+                model.config().hidden_size,
+                model.vocab_size()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Logits `(vocab,)` of exit `index` for a last-position hidden state `(1, 1, hidden)`.
+    pub fn exit_logits(&self, model: &Llama, index: usize, hidden: &Tensor) -> Result<Tensor> {
+        let adapted = self.adapters[index].forward(hidden)?;
+        Ok(model.head(&adapted)?.flatten_all()?)
+    }
+}
+
+/// How sure an exit must be for a token to stop there.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "measure", rename_all = "lowercase")]
+pub enum TokenExitPolicy {
+    /// The exit's top-1 minus top-2 softmax probability is at least `threshold` (costs one LM
+    /// head per exit tried).
+    Confidence { threshold: f32 },
+    /// The cosine similarity of the hidden state before and after the exit layer is at least
+    /// `threshold` (costs almost nothing).
+    Saturation { threshold: f32 },
+}
+
+impl TokenExitPolicy {
+    /// Parses `confidence:T` or `saturation:T`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidArgument(format!(
+                "bad --early-exit `{text}`: write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, 0–1); above 1 never exits early"
+            ))
+        };
+        let (kind, value) = text.split_once(':').ok_or_else(bad)?;
+        let threshold: f32 = value.trim().parse().map_err(|_| bad())?;
+        if !threshold.is_finite() {
+            return Err(bad());
+        }
+        match kind {
+            "confidence" => Ok(Self::Confidence { threshold }),
+            "saturation" => Ok(Self::Saturation { threshold }),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for TokenExitPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Confidence { threshold } => write!(f, "confidence:{threshold}"),
+            Self::Saturation { threshold } => write!(f, "saturation:{threshold}"),
+        }
+    }
+}
+
+/// A decoder stepping with per-token early exit. Every step records the layer it left at.
+pub struct TokenExit<'a> {
+    pub model: &'a Llama,
+    pub adapters: &'a ExitAdapters,
+    pub policy: TokenExitPolicy,
+    /// Layers each decoded token ran (1-based exit layer, or the model's depth).
+    pub exit_layers: Vec<usize>,
+}
+
+impl<'a> TokenExit<'a> {
+    pub fn new(
+        model: &'a Llama,
+        adapters: &'a ExitAdapters,
+        policy: TokenExitPolicy,
+    ) -> Result<Self> {
+        adapters.check(model)?;
+        Ok(Self {
+            model,
+            adapters,
+            policy,
+            exit_layers: Vec::new(),
+        })
+    }
+
+    /// Next-token logits `(vocab,)` after `ids`. Several ids (a prompt) run at full depth;
+    /// one id may exit early, filling the skipped layers' keys and values from its exit state.
+    pub fn step(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let depth = self.model.num_layers();
+        if ids.len() != 1 {
+            return self.model.forward_last(ids, cache, None);
+        }
+        let id = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let mut hidden = self.model.embed(&id)?;
+        let mut done = 0;
+        for (index, &layer) in self.adapters.card.layers.iter().enumerate() {
+            let (logits, stop) = match self.policy {
+                TokenExitPolicy::Confidence { threshold } => {
+                    hidden = self
+                        .model
+                        .forward_layers(&hidden, done..layer, cache, None)?;
+                    let logits = self.adapters.exit_logits(self.model, index, &hidden)?;
+                    let margin = top2_margin(&logits)?;
+                    (Some(logits), margin >= threshold)
+                }
+                TokenExitPolicy::Saturation { threshold } => {
+                    let before =
+                        self.model
+                            .forward_layers(&hidden, done..layer - 1, cache, None)?;
+                    hidden = self
+                        .model
+                        .forward_layers(&before, layer - 1..layer, cache, None)?;
+                    (None, cosine(&before, &hidden)? >= threshold)
+                }
+            };
+            done = layer;
+            if stop {
+                let logits = match logits {
+                    Some(l) => l,
+                    None => self.adapters.exit_logits(self.model, index, &hidden)?,
+                };
+                self.model.fill_kv(&hidden, layer..depth, cache)?;
+                self.exit_layers.push(layer);
+                return Ok(logits);
+            }
+        }
+        hidden = self
+            .model
+            .forward_layers(&hidden, done..depth, cache, None)?;
+        self.exit_layers.push(depth);
+        Ok(self.model.head(&hidden)?.flatten_all()?)
+    }
+}
+
+/// Top-1 minus top-2 softmax probability of a logit vector.
+fn top2_margin(logits: &Tensor) -> Result<f32> {
+    let probs = candle_nn::ops::softmax_last_dim(&logits.unsqueeze(0)?)?.squeeze(0)?;
+    let probs = probs.to_vec1::<f32>()?;
+    let (mut first, mut second) = (0f32, 0f32);
+    for p in probs {
+        if p > first {
+            second = first;
+            first = p;
+        } else if p > second {
+            second = p;
+        }
+    }
+    Ok(first - second)
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let (a, b) = (a.flatten_all()?, b.flatten_all()?);
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
+    let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    Ok(dot / (na * nb).max(1e-12))
+}
+
+/// Hidden states at each exit layer and the final layer's top token, for every position of
+/// some token sequences: the distillation data of the adapters.
+pub struct DistillationData {
+    /// Per exit, `(positions, hidden)`.
+    pub hidden: Vec<Tensor>,
+    /// The final layer's top token at each position.
+    pub targets: Vec<u32>,
+}
+
+/// Runs each sequence through the model once, tapping the exit layers.
+pub fn collect_distillation_data(
+    model: &Llama,
+    sequences: &[Vec<u32>],
+    layers: &[usize],
+    mut progress: impl FnMut(usize),
+) -> Result<DistillationData> {
+    let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); layers.len()];
+    let mut targets = Vec::new();
+    for (n, ids) in sequences.iter().enumerate() {
+        let mut cache = model.new_cache();
+        let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
+        let mut h = model.embed(&input)?;
+        let mut done = 0;
+        for (i, &layer) in layers.iter().enumerate() {
+            h = model.forward_layers(&h, done..layer, &mut cache, None)?;
+            hidden[i].push(h.squeeze(0)?.to_dtype(DType::F32)?);
+            done = layer;
+        }
+        h = model.forward_layers(&h, done..model.num_layers(), &mut cache, None)?;
+        let logits = model.head(&h)?.squeeze(0)?;
+        targets.extend(Llama::argmax_rows(&logits)?);
+        progress(n + 1);
+    }
+    Ok(DistillationData {
+        hidden: hidden
+            .iter()
+            .map(|parts| Ok(Tensor::cat(parts, 0)?))
+            .collect::<Result<_>>()?,
+        targets,
+    })
+}
+
+/// Trains every adapter to make its exit's top token the final layer's (cross-entropy on
+/// the final layer's choice), with AdamW; returns the variables to save.
+#[allow(clippy::too_many_arguments)]
+pub fn train_adapters(
+    model: &Llama,
+    adapters: &ExitAdapters,
+    vars: &VarMap,
+    data: &DistillationData,
+    train_positions: &[usize],
+    epochs: usize,
+    batch_size: usize,
+    learning_rate: f64,
+    seed: u64,
+    mut on_step: impl FnMut(usize, usize, usize, f32),
+) -> Result<()> {
+    use candle_nn::Optimizer;
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let (norm_weight, eps, head) = model.head_parts()?;
+    let mut optimizer = candle_nn::AdamW::new(
+        vars.all_vars(),
+        candle_nn::ParamsAdamW {
+            lr: learning_rate,
+            weight_decay: 0.0,
+            ..Default::default()
+        },
+    )?;
+    let device = model.device();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut order = train_positions.to_vec();
+    let steps = order.len().div_ceil(batch_size.max(1));
+    for epoch in 1..=epochs {
+        order.shuffle(&mut rng);
+        for (step, batch) in order.chunks(batch_size.max(1)).enumerate() {
+            let rows: Vec<u32> = batch.iter().map(|&r| r as u32).collect();
+            let rows = Tensor::from_vec(rows, batch.len(), device)?;
+            let targets: Vec<u32> = batch.iter().map(|&r| data.targets[r]).collect();
+            let targets = Tensor::from_vec(targets, batch.len(), device)?;
+            let mut loss = Tensor::zeros((), DType::F32, device)?;
+            for (i, adapter) in adapters.adapters.iter().enumerate() {
+                let h = adapter.forward(&data.hidden[i].index_select(&rows, 0)?)?;
+                let normed = candle_nn::ops::rms_norm_slow(&h, &norm_weight, eps)?;
+                let logits = normed.matmul(&head.t()?)?;
+                loss = (loss + candle_nn::loss::cross_entropy(&logits, &targets)?)?;
+            }
+            optimizer.backward_step(&loss)?;
+            let loss = loss.to_scalar::<f32>()? / adapters.adapters.len() as f32;
+            on_step(epoch, step + 1, steps, loss);
+        }
+    }
+    Ok(())
+}
+
+/// Share of `positions` where each exit's top token equals the final layer's.
+pub fn exit_agreement(
+    model: &Llama,
+    adapters: &ExitAdapters,
+    data: &DistillationData,
+    positions: &[usize],
+) -> Result<Vec<f64>> {
+    let rows: Vec<u32> = positions.iter().map(|&r| r as u32).collect();
+    let rows = Tensor::from_vec(rows, positions.len(), model.device())?;
+    adapters
+        .adapters
+        .iter()
+        .enumerate()
+        .map(|(i, adapter)| {
+            let mut agree = 0;
+            for chunk in positions.chunks(64).zip(0..) {
+                let (part, k) = chunk;
+                let r = rows.narrow(0, k * 64, part.len())?;
+                let h = adapter.forward(&data.hidden[i].index_select(&r, 0)?)?;
+                let top = model
+                    .head(&h.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .argmax(D::Minus1)?;
+                let top: Vec<u32> = top.to_vec1()?;
+                agree += part
+                    .iter()
+                    .zip(top)
+                    .filter(|(&p, t)| data.targets[p] == *t)
+                    .count();
+            }
+            Ok(agree as f64 / positions.len().max(1) as f64)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policies_parse_and_measures_behave() {
+        assert_eq!(
+            TokenExitPolicy::parse("confidence:0.5").unwrap(),
+            TokenExitPolicy::Confidence { threshold: 0.5 }
+        );
+        assert_eq!(
+            TokenExitPolicy::parse("saturation:0.99")
+                .unwrap()
+                .to_string(),
+            "saturation:0.99"
+        );
+        for bad in [
+            "confidence",
+            "confidence:x",
+            "softmax:0.5",
+            "saturation:inf",
+        ] {
+            let err = TokenExitPolicy::parse(bad).unwrap_err().to_string();
+            assert!(err.contains("confidence:T"), "{err}");
+        }
+        let logits = Tensor::new(&[2.0f32, 1.0, 0.0], &Device::Cpu).unwrap();
+        let p: Vec<f32> = [2.0f32, 1.0, 0.0].iter().map(|x| x.exp()).collect();
+        let sum: f32 = p.iter().sum();
+        let expected = (p[0] - p[1]) / sum;
+        assert!((top2_margin(&logits).unwrap() - expected).abs() < 1e-6);
+        let a = Tensor::new(&[1.0f32, 0.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1.0f32, 1.0], &Device::Cpu).unwrap();
+        assert!((cosine(&a, &b).unwrap() - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-6);
+    }
+}
