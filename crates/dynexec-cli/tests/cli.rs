@@ -3,18 +3,10 @@
 
 mod common;
 
-use common::{assert_clear_error, stdout_json};
+use common::{assert_clear_error, dynexec, stdout_json};
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn dynexec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dynexec"))
-        .args(args)
-        .args(["--device", "cpu", "--quiet"])
-        .output()
-        .expect("run dynexec")
-}
 
 fn dynexec_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynexec"));

@@ -3,18 +3,9 @@
 
 mod common;
 
-use common::{assert_clear_error, stdout_json};
+use common::{assert_clear_error, dynexec, stdout_json};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn dynexec(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dynexec"))
-        .args(args)
-        .args(["--device", "cpu", "--quiet"])
-        .output()
-        .expect("run dynexec")
-}
 
 fn data_dir(name: &str, fetch: &str) -> PathBuf {
     let dir = dynexec_core::hub::default_cache_dir()
@@ -430,6 +421,44 @@ fn generate_with_early_exit_reports_exit_layers_and_never_exits_above_one() {
     assert!(first < 30 && layers.iter().all(|l| l.as_u64() == Some(first)));
     assert!(plain.get("early_exit").is_none());
 
+    // The adapters also serve the layer-skip drafter, and drafting stays lossless.
+    let drafted = stdout_json(&dynexec(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "-n",
+        "12",
+        "--ignore-eos",
+        "--json",
+        "--draft",
+        "self-layers:10",
+        "--exit-adapters",
+        "smollm2-135m-instruct-exits",
+    ]));
+    assert_eq!(drafted["token_ids"], plain["token_ids"]);
+    assert_eq!(drafted["draft"], "self-layers:10+adapter");
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--draft",
+            "self-layers:7",
+            "--exit-adapters",
+            "smollm2-135m-instruct-exits",
+        ]),
+        "draft with one of those depths",
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--prompt",
+            "Hi",
+            "--exit-adapters",
+            "smollm2-135m-instruct-exits",
+        ]),
+        "needs --early-exit or --draft",
+    );
     assert_clear_error(
         &dynexec(&["generate", "--prompt", "Hi", "--early-exit", "sometimes:1"]),
         "bad --early-exit",

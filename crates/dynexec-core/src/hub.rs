@@ -352,7 +352,11 @@ fn write_verified(
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     }
-    let partial = target.with_extension("partial");
+    // One partial file per writer: two processes or threads pulling the same model (parallel
+    // tests, two shells) must not write into each other's file; the final rename is atomic.
+    static WRITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let writer = WRITERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = target.with_extension(format!("{}-{writer}.partial", std::process::id()));
     let bar = byte_bar(file.bytes, &file.path, progress);
     let mut out = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
     let mut hasher = Sha256::new();

@@ -142,8 +142,17 @@ impl ExitAdapters {
 
     /// Logits `(vocab,)` of exit `index` for a last-position hidden state `(1, 1, hidden)`.
     pub fn exit_logits(&self, model: &Llama, index: usize, hidden: &Tensor) -> Result<Tensor> {
-        let adapted = self.adapters[index].forward(hidden)?;
-        Ok(model.head(&adapted)?.flatten_all()?)
+        Ok(model.head(&self.adapt(index, hidden)?)?.flatten_all()?)
+    }
+
+    /// Exit `index`'s adapter applied to a hidden state.
+    pub fn adapt(&self, index: usize, hidden: &Tensor) -> Result<Tensor> {
+        self.adapters[index].forward(hidden)
+    }
+
+    /// The index of the exit after layer `layer` (1-based), if there is one.
+    pub fn exit_index(&self, layer: usize) -> Option<usize> {
+        self.card.layers.iter().position(|&l| l == layer)
     }
 }
 

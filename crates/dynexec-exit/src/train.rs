@@ -5,7 +5,7 @@
 //! the backbone on every batch and back-propagates through it.
 
 use crate::calibrate::ExitPredictions;
-use crate::card::TrainMode;
+use crate::card::{TrainMode, TrainingRecord};
 use crate::data::Dataset;
 use crate::model::ExitClassifier;
 use crate::policy::softmax;
@@ -14,19 +14,6 @@ use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use dynexec_core::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-
-/// How to train.
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub mode: TrainMode,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub learning_rate: f64,
-    pub weight_decay: f64,
-    pub seed: u64,
-    /// Weight of each exit's cross-entropy; [`depth_weights`] when `None`.
-    pub loss_weights: Option<Vec<f32>>,
-}
 
 /// Loss weights growing with depth: exit `i` (1-based) weighs `i`, as in DeeBERT/SDN-style
 /// multi-exit training, so the final exit is not sacrificed to the early ones.
@@ -54,21 +41,22 @@ pub enum TrainEvent {
     },
 }
 
-/// Trains `trainable` (the heads' variables, plus the backbone's in joint mode) and returns the
-/// last epoch's validation predictions.
+/// Trains `trainable` (the heads' variables, plus the backbone's in joint mode) as `options`
+/// say (empty loss weights mean [`depth_weights`]) and returns the last epoch's validation
+/// predictions.
 pub fn train(
     classifier: &ExitClassifier,
     trainable: Vec<Var>,
     train_data: &Dataset,
     val_data: &Dataset,
-    options: &TrainOptions,
+    options: &TrainingRecord,
     mut on_event: impl FnMut(TrainEvent),
 ) -> Result<ExitPredictions> {
     let exits = classifier.num_exits();
-    let weights = options
-        .loss_weights
-        .clone()
-        .unwrap_or_else(|| depth_weights(exits));
+    let weights = match options.loss_weights.is_empty() {
+        true => depth_weights(exits),
+        false => options.loss_weights.clone(),
+    };
     if weights.len() != exits || weights.iter().any(|w| !(*w >= 0.0)) {
         return Err(Error::InvalidArgument(format!(
             "--loss-weights needs {exits} non-negative numbers, one per exit"

@@ -221,16 +221,7 @@ mod tests {
         }
         let peer = peer.permute((0, 2, 3, 1)).unwrap();
         assert_eq!(ours.dims(), &[3, 3, 3, 3]);
-        let diff = (ours - peer)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::cpu_kernels::tests::max_abs_diff(&ours, &peer);
         assert!(diff < 1e-5, "max abs diff {diff}");
     }
 

@@ -45,7 +45,12 @@ pub struct ModelDrafter {
     cache: KvCache,
     name: String,
     forwards: usize,
+    /// Maps the hidden state at `depth` into the head's input (an early-exit adapter).
+    exit_adapter: Option<ExitAdapterFn>,
 }
+
+/// A map from a layer's hidden state `(1, 1, hidden)` to what the final norm and head expect.
+pub type ExitAdapterFn = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
 
 /// A draft model must score the same vocabulary as the target: its ids mean the same tokens.
 pub fn check_vocab(target: &Llama, draft: &Llama) -> Result<()> {
@@ -74,13 +79,30 @@ impl ModelDrafter {
             cache,
             name: name.into(),
             forwards: 0,
+            exit_adapter: None,
         }
+    }
+
+    /// Passes the hidden state at the draft depth through `adapter` before the head (the
+    /// early-exit adapters trained for that layer make better layer-skip drafts).
+    pub fn with_exit_adapter(mut self, adapter: ExitAdapterFn) -> Self {
+        self.exit_adapter = Some(adapter);
+        self
     }
 
     fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
         self.forwards += 1;
-        self.model
-            .forward_last_at_depth(ids, &mut self.cache, self.depth)
+        match &self.exit_adapter {
+            None => self
+                .model
+                .forward_last_at_depth(ids, &mut self.cache, self.depth),
+            Some(adapt) => {
+                let hidden = self
+                    .model
+                    .last_hidden_at_depth(ids, &mut self.cache, self.depth)?;
+                Ok(self.model.head(&adapt(&hidden)?)?.flatten_all()?)
+            }
+        }
     }
 }
 

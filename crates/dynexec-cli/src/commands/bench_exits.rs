@@ -66,24 +66,28 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
     let card = classifier.card.clone();
     let splits = read_task_splits(global, &args.data, args.val_size, &card.labels)?;
     let test = predict_split(global, &classifier, &splits.test, args.batch_size, "test")?;
-    let mut val = None;
+    const CALIBRATED_HERE: [&str; 4] = ["confidence", "entropy", "patience", "fixed"];
+    let val = match args
+        .policies
+        .iter()
+        .any(|p| CALIBRATED_HERE.contains(&p.as_str()))
+    {
+        true => Some(predict_split(
+            global,
+            &classifier,
+            &splits.val,
+            args.batch_size,
+            "val",
+        )?),
+        false => None,
+    };
     let mut policies = vec![("full".to_string(), ExitPolicy::Full)];
     for name in &args.policies {
-        let policy = match name.as_str() {
-            "confidence" | "entropy" | "patience" | "fixed" => {
-                if val.is_none() {
-                    val = Some(predict_split(
-                        global,
-                        &classifier,
-                        &splits.val,
-                        args.batch_size,
-                        "val",
-                    )?);
-                }
-                let predictions = val.as_ref().expect("computed above");
-                calibrate(predictions, name, args.max_accuracy_drop)?.policy
+        let policy = match (&val, name.as_str()) {
+            (Some(val), kind) if CALIBRATED_HERE.contains(&kind) => {
+                calibrate(val, kind, args.max_accuracy_drop)?.policy
             }
-            other => resolve_policy(other, &card)?,
+            (_, other) => resolve_policy(other, &card)?,
         };
         policies.push((name.clone(), policy));
     }

@@ -170,7 +170,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
                 identical_to_plain: true,
             });
             for draft_spec in &args.drafts {
-                let mut drafter = build_drafter(global, draft_spec, &target)?;
+                let mut drafter = build_drafter(global, draft_spec, &target, None)?;
                 for lookahead_spec in &args.lookaheads {
                     bar.set_message(format!("{draft_spec} / {lookahead_spec}"));
                     // One controller per prompt set, so online tuning carries across prompts.

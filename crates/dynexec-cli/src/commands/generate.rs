@@ -150,9 +150,11 @@ pub struct GenerateArgs {
     #[arg(long, conflicts_with_all = ["draft", "trace"])]
     pub early_exit: Option<String>,
 
-    /// Exit adapters for --early-exit: a manifest name or a folder with adapters.json.
-    #[arg(long, default_value = DEFAULT_EXIT_ADAPTERS, requires = "early_exit")]
-    pub exit_adapters: String,
+    /// Exit adapters (a manifest name or a folder with adapters.json) for --early-exit
+    /// (default: smollm2-135m-instruct-exits) or for a `--draft self-layers:E` draft, whose
+    /// hidden state then goes through layer E's adapter before the head.
+    #[arg(long)]
+    pub exit_adapters: Option<String>,
 
     /// Save the residual stream after each traced layer (safetensors + .json sidecar).
     #[arg(long)]
@@ -221,9 +223,23 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         anyhow::bail!("--trace cannot be combined with --draft yet: run the trace without a draft (the output is the same)");
     }
     let loaded = args.model.load(global)?;
+    let adapters = match (&args.early_exit, &args.exit_adapters) {
+        (Some(_), reference) => Some(load_exit_adapters(
+            global,
+            reference.as_deref().unwrap_or(DEFAULT_EXIT_ADAPTERS),
+            &loaded.model,
+        )?),
+        (None, Some(reference)) if args.draft.is_some() => {
+            Some(load_exit_adapters(global, reference, &loaded.model)?)
+        }
+        (None, Some(_)) => {
+            anyhow::bail!("--exit-adapters needs --early-exit or --draft self-layers:E")
+        }
+        (None, None) => None,
+    };
     let mut drafting = match &args.draft {
         Some(spec) => Some((
-            super::speculative::build_drafter(global, spec, &loaded)?,
+            super::speculative::build_drafter(global, spec, &loaded, adapters.as_ref())?,
             dynexec_spec::lookahead::parse(&args.lookahead)?,
         )),
         None => None,
@@ -263,10 +279,6 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
                 .map_err(|e| dynexec_core::Error::io("stdout", e))?;
         }
         Ok(())
-    };
-    let adapters = match &args.early_exit {
-        Some(_) => Some(load_exit_adapters(global, &args.exit_adapters, &model)?),
-        None => None,
     };
     let mut token_exit = match (&args.early_exit, &adapters) {
         (Some(policy), Some(adapters)) => Some(TokenExit::new(

@@ -71,12 +71,12 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
                 );
             }
             println!(
-                "{:<24} {:<6} {:<12} {:>9} {:<7} description",
+                "{:<28} {:<19} {:<12} {:>9} {:<7} description",
                 "name", "arch", "format", "size", "cached"
             );
             for m in &listed {
                 println!(
-                    "{:<24} {:<6} {:<12} {:>7.1}MB {:<7} {}",
+                    "{:<28} {:<19} {:<12} {:>7.1}MB {:<7} {}",
                     m.name,
                     m.architecture,
                     m.format,

@@ -3,17 +3,24 @@
 use super::generate::load_model;
 use crate::options::GlobalOptions;
 use anyhow::{bail, Context, Result};
+use dynexec_exit::token_exit::ExitAdapters;
 use dynexec_models::llama::LoadedDecoder;
 use dynexec_quant::{quantize_in_place, WeightFormat};
 use dynexec_spec::drafter::{check_vocab, Drafter, ModelDrafter, NgramDrafter};
 
 /// Parses `MODEL | self-quant[:TYPE] | self-layers:E | ngram[:N,K]` into a drafter for
 /// `target`.
+/// `exit_adapters`, when given, map a `self-layers:E` draft's hidden state into the head
+/// through the adapter trained for layer E.
 pub fn build_drafter(
     global: &GlobalOptions,
     spec: &str,
     target: &LoadedDecoder,
+    exit_adapters: Option<&ExitAdapters>,
 ) -> Result<Box<dyn Drafter>> {
+    if exit_adapters.is_some() && !spec.starts_with("self-layers") {
+        bail!("--exit-adapters serves --early-exit or a self-layers:E draft, not `{spec}`");
+    }
     let (kind, arg) = spec
         .split_once(':')
         .map_or((spec, None), |(k, a)| (k, Some(a)));
@@ -36,11 +43,28 @@ pub fn build_drafter(
                     "--draft self-layers:E needs 1 <= E < {layers} (the target's layer count)"
                 ),
             };
-            Ok(Box::new(ModelDrafter::with_depth(
-                target.model.clone(),
-                depth,
-                format!("self-layers:{depth}"),
-            )))
+            let Some(adapters) = exit_adapters else {
+                return Ok(Box::new(ModelDrafter::with_depth(
+                    target.model.clone(),
+                    depth,
+                    format!("self-layers:{depth}"),
+                )));
+            };
+            let index = adapters.exit_index(depth).with_context(|| {
+                format!(
+                    "the exit adapters have exits after layers {:?}: draft with one of those depths",
+                    adapters.card.layers
+                )
+            })?;
+            let adapters = adapters.clone();
+            Ok(Box::new(
+                ModelDrafter::with_depth(
+                    target.model.clone(),
+                    depth,
+                    format!("self-layers:{depth}+adapter"),
+                )
+                .with_exit_adapter(Box::new(move |h| adapters.adapt(index, h))),
+            ))
         }
         "ngram" => {
             let (n, k) = match arg {

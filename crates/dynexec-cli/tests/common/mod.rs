@@ -1,7 +1,8 @@
 //! Helpers the CLI test files share.
+#![allow(dead_code)]
 
 use serde_json::Value;
-use std::process::Output;
+use std::process::{Command, Output};
 
 /// Parses stdout as one JSON object, after checking the command succeeded.
 pub fn stdout_json(out: &Output) -> Value {
@@ -30,4 +31,13 @@ pub fn assert_clear_error(out: &Output, needle: &str) {
         stderr.to_lowercase().contains(&needle.to_lowercase()),
         "expected `{needle}` in: {stderr}"
     );
+}
+
+/// Runs the `dynexec` binary on the CPU, quietly.
+pub fn dynexec(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynexec"))
+        .args(args)
+        .args(["--device", "cpu", "--quiet"])
+        .output()
+        .expect("run dynexec")
 }

@@ -407,9 +407,20 @@ impl Llama {
         cache: &mut KvCache,
         depth: usize,
     ) -> Result<Tensor> {
-        let hidden = self.run_layers(ids, cache, None, depth.min(self.layers.len()))?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?;
+        let last = self.last_hidden_at_depth(ids, cache, depth)?;
         Ok(self.head(&last)?.flatten_all()?)
+    }
+
+    /// The residual stream of the last position after the first `depth` layers, `(1, 1,
+    /// hidden)`.
+    pub fn last_hidden_at_depth(
+        &self,
+        ids: &[u32],
+        cache: &mut KvCache,
+        depth: usize,
+    ) -> Result<Tensor> {
+        let hidden = self.run_layers(ids, cache, None, depth.min(self.layers.len()))?;
+        Ok(hidden.narrow(1, hidden.dim(1)? - 1, 1)?)
     }
 
     fn run_all_layers(

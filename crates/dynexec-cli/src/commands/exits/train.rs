@@ -13,7 +13,7 @@ use dynexec_exit::card::{
 };
 use dynexec_exit::data::{distinct_labels, Examples};
 use dynexec_exit::model::{Backbone, ExitClassifier};
-use dynexec_exit::train::{depth_weights, seeded_init, train, TrainEvent, TrainOptions};
+use dynexec_exit::train::{depth_weights, seeded_init, train, TrainEvent};
 use dynexec_models::bert::Bert;
 use dynexec_models::cnn::{Cnn, CnnConfig};
 use std::collections::HashMap;
@@ -199,15 +199,6 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     if let Some(vars) = &backbone_vars {
         trainable.extend(vars.all_vars());
     }
-    let options = TrainOptions {
-        mode,
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        learning_rate,
-        weight_decay: args.weight_decay,
-        seed: args.seed,
-        loss_weights: Some(card.training.loss_weights.clone()),
-    };
     let features_bar = progress_bar(global, 0, "features {bar:40} {pos}/{len} [{elapsed}<{eta}]");
     let step_bar = progress_bar(
         global,
@@ -220,7 +211,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         trainable,
         &train_split,
         &splits.val,
-        &options,
+        &card.training,
         |event| match event {
             TrainEvent::Features { done, total } => {
                 features_bar.set_length(total as u64);
