@@ -301,6 +301,9 @@ impl ExitClassifier {
             Examples::Text(t) => t.len(),
             Examples::Images(p) => p.dim(0)?,
         };
+        if total == 0 {
+            return Ok(Vec::new());
+        }
         let mut state = self.backbone.begin(inputs, &self.device)?;
         let mut runs: Vec<_> = (0..total).map(|_| policy.start(self.num_exits())).collect();
         let mut running: Vec<usize> = (0..total).collect();

@@ -295,13 +295,20 @@ fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(dot / (na * nb).max(1e-12))
 }
 
-/// Hidden states at each exit layer and the final layer's top token, for every position of
-/// some token sequences: the distillation data of the adapters.
+/// Tokens of the final layer's distribution kept per position as distillation targets.
+pub const TEACHER_TOP_K: usize = 32;
+
+/// Hidden states at each exit layer and the final layer's distribution, for every position
+/// of some token sequences: the distillation data of the adapters.
 pub struct DistillationData {
     /// Per exit, `(positions, hidden)`.
     pub hidden: Vec<Tensor>,
     /// The final layer's top token at each position.
     pub targets: Vec<u32>,
+    /// The final layer's [`TEACHER_TOP_K`] most likely tokens at each position,
+    /// `(positions, k)` u32, and their probabilities `(positions, k)` f32.
+    pub teacher_ids: Tensor,
+    pub teacher_probs: Tensor,
 }
 
 /// Runs each sequence through the model once, tapping the exit layers.
@@ -313,6 +320,7 @@ pub fn collect_distillation_data(
 ) -> Result<DistillationData> {
     let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); layers.len()];
     let mut targets = Vec::new();
+    let (mut teacher_ids, mut teacher_probs) = (Vec::new(), Vec::new());
     for (n, ids) in sequences.iter().enumerate() {
         let mut cache = model.new_cache();
         let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
@@ -326,19 +334,38 @@ pub fn collect_distillation_data(
         h = model.forward_layers(&h, done..model.num_layers(), &mut cache, None)?;
         let logits = model.head(&h)?.squeeze(0)?;
         targets.extend(Llama::argmax_rows(&logits)?);
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
+        for row in probs.to_vec2::<f32>()? {
+            let mut order: Vec<u32> = (0..row.len() as u32).collect();
+            let k = TEACHER_TOP_K.min(row.len());
+            order.select_nth_unstable_by(k - 1, |&a, &b| {
+                row[b as usize].total_cmp(&row[a as usize])
+            });
+            for &id in &order[..k] {
+                teacher_ids.push(id);
+                teacher_probs.push(row[id as usize]);
+            }
+        }
         progress(n + 1);
     }
+    let positions = targets.len();
+    let k = teacher_ids.len() / positions.max(1);
+    let device = model.device();
     Ok(DistillationData {
         hidden: hidden
             .iter()
             .map(|parts| Ok(Tensor::cat(parts, 0)?))
             .collect::<Result<_>>()?,
         targets,
+        teacher_ids: Tensor::from_vec(teacher_ids, (positions, k), device)?,
+        teacher_probs: Tensor::from_vec(teacher_probs, (positions, k), device)?,
     })
 }
 
-/// Trains every adapter to make its exit's top token the final layer's (cross-entropy on
-/// the final layer's choice), with AdamW; returns the variables to save.
+/// Trains every adapter by distillation from the final layer, with AdamW: the loss is the
+/// cross-entropy of the exit's distribution against the final layer's on its
+/// [`TEACHER_TOP_K`] most likely tokens (soft targets keep the exits' probabilities
+/// calibrated, which hard labels would make overconfident).
 #[allow(clippy::too_many_arguments)]
 pub fn train_adapters(
     model: &Llama,
@@ -373,14 +400,16 @@ pub fn train_adapters(
         for (step, batch) in order.chunks(batch_size.max(1)).enumerate() {
             let rows: Vec<u32> = batch.iter().map(|&r| r as u32).collect();
             let rows = Tensor::from_vec(rows, batch.len(), device)?;
-            let targets: Vec<u32> = batch.iter().map(|&r| data.targets[r]).collect();
-            let targets = Tensor::from_vec(targets, batch.len(), device)?;
+            let teacher_ids = data.teacher_ids.index_select(&rows, 0)?;
+            let teacher_probs = data.teacher_probs.index_select(&rows, 0)?;
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             for (i, adapter) in adapters.adapters.iter().enumerate() {
                 let h = adapter.forward(&data.hidden[i].index_select(&rows, 0)?)?;
                 let normed = candle_nn::ops::rms_norm_slow(&h, &norm_weight, eps)?;
-                let logits = normed.matmul(&head.t()?)?;
-                loss = (loss + candle_nn::loss::cross_entropy(&logits, &targets)?)?;
+                let log_q = candle_nn::ops::log_softmax(&normed.matmul(&head.t()?)?, D::Minus1)?;
+                let picked = log_q.gather(&teacher_ids, 1)?;
+                let cross_entropy = (picked * &teacher_probs)?.sum(1)?.mean(0)?.neg()?;
+                loss = (loss + cross_entropy)?;
             }
             optimizer.backward_step(&loss)?;
             let loss = loss.to_scalar::<f32>()? / adapters.adapters.len() as f32;

@@ -222,6 +222,12 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     if args.draft.is_some() && args.trace.is_some() {
         anyhow::bail!("--trace cannot be combined with --draft yet: run the trace without a draft (the output is the same)");
     }
+    // Flags are checked before the (slow) model load.
+    let early_exit_policy = args
+        .early_exit
+        .as_deref()
+        .map(TokenExitPolicy::parse)
+        .transpose()?;
     let loaded = args.model.load(global)?;
     let adapters = match (&args.early_exit, &args.exit_adapters) {
         (Some(_), reference) => Some(load_exit_adapters(
@@ -280,12 +286,8 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let mut token_exit = match (&args.early_exit, &adapters) {
-        (Some(policy), Some(adapters)) => Some(TokenExit::new(
-            &model,
-            adapters,
-            TokenExitPolicy::parse(policy)?,
-        )?),
+    let mut token_exit = match (early_exit_policy, &adapters) {
+        (Some(policy), Some(adapters)) => Some(TokenExit::new(&model, adapters, policy)?),
         _ => None,
     };
     let (result, speculative) = match drafting.as_mut() {

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use dynexec_exit::calibrate::{calibrate, ExitPredictions};
 use dynexec_exit::card::{CalibrationRecord, CARD_FILE};
 use dynexec_exit::data::{read_splits, Dataset, Splits};
-use dynexec_exit::model::ExitClassifier;
+use dynexec_exit::model::{Backbone, ExitClassifier};
 use std::path::{Path, PathBuf};
 
 pub use train::TrainArgs;
@@ -66,13 +66,21 @@ pub fn run(global: &GlobalOptions, cmd: ExitsCommand) -> Result<()> {
     }
 }
 
-/// Loads an exit model (a manifest name or a folder holding card.json) and its backbone.
+/// Loads an exit model (a manifest name or a folder holding card.json) and its backbone,
+/// converting the encoder's linear layers to `--quant` when given.
 pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitClassifier> {
-    Ok(ExitClassifier::load(
-        &global.hub()?,
-        reference,
-        &global.open_device()?,
-    )?)
+    let mut classifier = ExitClassifier::load(&global.hub()?, reference, &global.open_device()?)?;
+    if let Some(format) = global.quant {
+        match &mut classifier.backbone {
+            Backbone::Text { bert, .. } => {
+                dynexec_quant::quantize_in_place(bert, format)?;
+            }
+            Backbone::Image { .. } => bail!(
+                "--quant applies to encoders' linear layers; the CNN has none (its convolutions stay f32)"
+            ),
+        }
+    }
+    Ok(classifier)
 }
 
 /// The task's splits with class numbers named as the model's labels.
