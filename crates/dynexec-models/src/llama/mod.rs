@@ -116,12 +116,10 @@ impl Attention {
         offset: usize,
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, n, self.head_dim))?.transpose(1, 2)?)
-        };
-        let q = rope.apply(&heads(self.q_proj.forward(x)?, self.num_heads)?, offset)?;
-        let k = rope.apply(&heads(self.k_proj.forward(x)?, self.num_kv_heads)?, offset)?;
-        let v = heads(self.v_proj.forward(x)?, self.num_kv_heads)?.contiguous()?;
+        let q = self.q_proj.forward(x)?;
+        let q = q.reshape((batch, seq, self.num_heads, self.head_dim))?;
+        let q = rope.apply(&q.transpose(1, 2)?, offset)?;
+        let (k, v) = self.new_kv(x, rope, offset)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let kv_len = k.dim(2)?;
 
@@ -152,6 +150,18 @@ impl Attention {
 }
 
 impl Attention {
+    /// Keys (rotated) and values of `x` (already normed), `(batch, kv_heads, seq, head_dim)`.
+    fn new_kv(&self, x: &Tensor, rope: &Rope, offset: usize) -> Result<(Tensor, Tensor)> {
+        let (batch, seq, _) = x.dims3()?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((batch, seq, self.num_kv_heads, self.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let k = rope.apply(&heads(self.k_proj.forward(x)?)?, offset)?;
+        let v = heads(self.v_proj.forward(x)?)?.contiguous()?;
+        Ok((k, v))
+    }
+
     /// Appends this layer's keys and values for `x` (already normed) without attending.
     fn fill_kv(
         &self,
@@ -161,13 +171,7 @@ impl Attention {
         layer: usize,
         offset: usize,
     ) -> Result<()> {
-        let (batch, seq, _) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((batch, seq, self.num_kv_heads, self.head_dim))?
-                .transpose(1, 2)?)
-        };
-        let k = rope.apply(&heads(self.k_proj.forward(x)?)?, offset)?;
-        let v = heads(self.v_proj.forward(x)?)?.contiguous()?;
+        let (k, v) = self.new_kv(x, rope, offset)?;
         cache.append(layer, &k, &v)?;
         Ok(())
     }
