@@ -96,13 +96,14 @@ impl ExitPolicy {
     pub fn check(&self, exits: usize) -> Result<()> {
         let bad = |why: String| Err(Error::InvalidArgument(format!("exit policy {self}: {why}")));
         match self {
-            Self::Confidence { thresholds } | Self::Entropy { thresholds } => {
-                if thresholds.len() != 1 && !(exits - 1..=exits).contains(&thresholds.len()) {
-                    return bad(format!(
-                        "{} thresholds for a model with {exits} exits: give one, or one per exit",
-                        thresholds.len()
-                    ));
-                }
+            Self::Confidence { thresholds } | Self::Entropy { thresholds }
+                if thresholds.len() != 1
+                    && !(exits.saturating_sub(1)..=exits).contains(&thresholds.len()) =>
+            {
+                return bad(format!(
+                    "{} thresholds for a model with {exits} exits: give one, or one per exit",
+                    thresholds.len()
+                ));
             }
             Self::Fixed { exit } if *exit > exits => {
                 return bad(format!("the model has only {exits} exits"));

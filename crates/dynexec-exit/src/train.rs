@@ -57,7 +57,7 @@ pub fn train(
         true => depth_weights(exits),
         false => options.loss_weights.clone(),
     };
-    if weights.len() != exits || weights.iter().any(|w| !(*w >= 0.0)) {
+    if weights.len() != exits || weights.iter().any(|w| w.is_nan() || *w < 0.0) {
         return Err(Error::InvalidArgument(format!(
             "--loss-weights needs {exits} non-negative numbers, one per exit"
         )));
