@@ -328,6 +328,23 @@ fn the_committed_models_classify_text_and_images() {
     assert_eq!(results[0]["label"], "fresh");
     assert_eq!(results[1]["label"], "rotten");
     assert!(results.iter().all(|r| r["layers_total"] == 6));
+
+    // Without --data, the card's task is read from where the fetch script put it.
+    let bench = stdout_json(&dynexec(&[
+        "bench",
+        "exits",
+        "--model",
+        "cnn-fashion-mnist",
+        "--policies",
+        "fixed:1",
+        "--timed-inputs",
+        "4",
+        "--runs",
+        "1",
+        "--json",
+    ]));
+    assert_eq!(bench["inputs"], 10000, "the Fashion-MNIST test split");
+    assert_eq!(bench["rows"][1]["mean_exit_layer"], 1.0);
 }
 
 #[test]

@@ -19,9 +19,10 @@ pub struct BenchExitsArgs {
     /// Exit model: manifest name or folder.
     #[arg(long, short, default_value = "minilm-l6-reviews")]
     model: String,
-    /// Folder with the task's splits.
+    /// Folder with the task's splits (default: $DYNEXEC_CACHE/data/TASK, where the fetch
+    /// scripts put them, TASK being the card's task).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Policies to compare besides full depth (always measured). `calibrated` is the card's
     /// policy; `confidence`, `entropy`, `patience` and `fixed` without a value are calibrated on
     /// the validation split in this run with --max-accuracy-drop.
@@ -64,7 +65,7 @@ struct Row {
 pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
     let classifier = load_classifier(global, &args.model)?;
     let card = classifier.card.clone();
-    let splits = read_task_splits(global, &args.data, args.val_size, &card.labels)?;
+    let splits = read_task_splits(global, args.data.as_deref(), &card, args.val_size)?;
     let test = predict_split(global, &classifier, &splits.test, args.batch_size, "test")?;
     const CALIBRATED_HERE: [&str; 4] = ["confidence", "entropy", "patience", "fixed"];
     let val = match args

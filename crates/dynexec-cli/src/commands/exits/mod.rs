@@ -7,7 +7,7 @@ use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
 use dynexec_exit::calibrate::{calibrate, ExitPredictions};
-use dynexec_exit::card::{CalibrationRecord, CARD_FILE};
+use dynexec_exit::card::{CalibrationRecord, ExitCard, CARD_FILE};
 use dynexec_exit::data::{read_splits, Dataset, Splits};
 use dynexec_exit::model::{Backbone, ExitClassifier};
 use std::path::{Path, PathBuf};
@@ -42,9 +42,10 @@ pub enum ExitsCommand {
 pub struct CalibrateArgs {
     /// The exit model's folder (its card.json is rewritten).
     model: PathBuf,
-    /// Folder with the task's splits (as for `exits train`).
+    /// Folder with the task's splits, as for `exits train` (default:
+    /// $DYNEXEC_CACHE/data/TASK, TASK being the card's task).
     #[arg(long)]
-    data: PathBuf,
+    data: Option<PathBuf>,
     /// Policy to calibrate: confidence, entropy, patience or fixed.
     #[arg(long, default_value = "confidence")]
     policy: String,
@@ -84,7 +85,22 @@ pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitCl
 }
 
 /// The task's splits with class numbers named as the model's labels.
+/// The splits of an exit model's task, from `data` or else from where the fetch scripts put
+/// the card's task (`$DYNEXEC_CACHE/data/TASK`).
 pub fn read_task_splits(
+    global: &GlobalOptions,
+    data: Option<&Path>,
+    card: &ExitCard,
+    val_size: usize,
+) -> Result<Splits> {
+    let default = dynexec_core::hub::default_cache_dir()
+        .join("data")
+        .join(&card.task);
+    read_named_splits(global, data.unwrap_or(&default), val_size, &card.labels)
+}
+
+/// The splits in `data` with class numbers named as `labels`.
+pub fn read_named_splits(
     global: &GlobalOptions,
     data: &Path,
     val_size: usize,
@@ -125,7 +141,12 @@ fn run_calibrate(global: &GlobalOptions, args: CalibrateArgs) -> Result<()> {
         );
     }
     let classifier = load_classifier(global, &args.model.to_string_lossy())?;
-    let splits = read_task_splits(global, &args.data, args.val_size, &classifier.card.labels)?;
+    let splits = read_task_splits(
+        global,
+        args.data.as_deref(),
+        &classifier.card,
+        args.val_size,
+    )?;
     let val = predict_split(global, &classifier, &splits.val, args.batch_size, "val")?;
     let test = predict_split(global, &classifier, &splits.test, args.batch_size, "test")?;
     let calibration = calibrate(&val, &args.policy, args.max_accuracy_drop)?;

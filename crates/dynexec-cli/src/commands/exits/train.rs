@@ -1,6 +1,6 @@
 //! `dynexec exits train`.
 
-use super::{predict_split, read_task_splits};
+use super::{predict_split, read_named_splits};
 use crate::commands::bench::load_encoder;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
@@ -89,7 +89,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     if labels.len() < 2 {
         bail!("the training split has only one label: a classifier needs two or more");
     }
-    let splits = read_task_splits(global, &args.data, args.val_size, &labels)?;
+    let splits = read_named_splits(global, &args.data, args.val_size, &labels)?;
     let train_split = match args.train_limit {
         Some(n) => splits.train.take(n)?,
         None => splits.train.clone(),
