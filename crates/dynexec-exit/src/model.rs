@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use dynexec_core::hub::Hub;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
-use dynexec_models::bert::{mean_pool, pad_batch, Bert};
+use dynexec_models::bert::{mean_pool, pad_batch, Bert, EncoderFiles};
 use dynexec_models::cnn::Cnn;
 use std::path::Path;
 
@@ -213,61 +213,24 @@ impl ExitClassifier {
             return Self::load_image(dir, card, device);
         }
         let backbone = card.backbone.clone().unwrap_or_default();
-        let encoder = hub.resolve(&backbone)?;
-        let file = |name: &str| {
-            encoder.find(name).map(Path::to_path_buf).ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "the exit model's encoder `{backbone}` has no {name}"
-                ))
-            })
+        let encoder = EncoderFiles::find(&hub.resolve(&backbone)?, None)?;
+        // A jointly trained encoder's weights are in the exit model's own file.
+        let weights = match card.backbone_in_weights {
+            true => vec![dir.join(WEIGHTS_FILE)],
+            false => encoder.weights.clone(),
         };
-        let config = file("config.json")?;
-        let weights: Vec<_> = encoder
-            .find_all(".safetensors")
-            .into_iter()
-            .map(Path::to_path_buf)
-            .collect();
-        let bert = Bert::load(&config, &weights, DType::F32, device)?;
-        let tokenizer = TextTokenizer::from_file(&file("tokenizer.json")?)?;
-        Self::load_with_encoder(dir, card, bert, tokenizer, &config)
+        let bert = Bert::load(&encoder.config, &weights, DType::F32, device)?;
+        let tokenizer = TextTokenizer::from_file(&encoder.tokenizer)?;
+        let vb = open_weights(dir, device)?;
+        Self::new(Backbone::Text { bert, tokenizer }, vb, card, device)
     }
 
-    /// Loads an image classifier (CNN and heads) from its folder; text classifiers need their
-    /// encoder first, see [`Self::load_with_encoder`].
-    pub fn load_image(dir: &Path, card: ExitCard, device: &Device) -> Result<Self> {
-        if card.kind != InputKind::Image {
-            return Err(Error::InvalidArgument(
-                "not an image classifier's card".into(),
-            ));
-        }
+    /// Loads an image classifier (CNN and heads) from its folder.
+    fn load_image(dir: &Path, card: ExitCard, device: &Device) -> Result<Self> {
         let vb = open_weights(dir, device)?;
         let config = card.cnn.clone().unwrap_or_default();
         let cnn = Cnn::load(vb.clone(), &config)?;
         Self::new(Backbone::Image { cnn }, vb, card, device)
-    }
-
-    /// Loads a text classifier's heads (and fine-tuned encoder, if the weights hold one) on
-    /// top of `bert`.
-    pub fn load_with_encoder(
-        dir: &Path,
-        card: ExitCard,
-        bert: Bert,
-        tokenizer: TextTokenizer,
-        encoder_config: &Path,
-    ) -> Result<Self> {
-        let bert = if card.backbone_in_weights {
-            Bert::load(
-                encoder_config,
-                &[dir.join(WEIGHTS_FILE)],
-                DType::F32,
-                bert.device(),
-            )?
-        } else {
-            bert
-        };
-        let device = bert.device().clone();
-        let vb = open_weights(dir, &device)?;
-        Self::new(Backbone::Text { bert, tokenizer }, vb, card, &device)
     }
 
     pub fn num_exits(&self) -> usize {

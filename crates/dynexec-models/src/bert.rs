@@ -7,6 +7,7 @@ use crate::linear::{HasLinears, Linear};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
+use dynexec_core::hub::ModelFiles;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Error;
 use serde::Deserialize;
@@ -106,6 +107,50 @@ struct EncoderLayer {
     intermediate: Linear,
     output: Linear,
     output_norm: LayerNorm,
+}
+
+/// Where an encoder's config, weights and tokenizer are among a model's files.
+#[derive(Debug, Clone)]
+pub struct EncoderFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: PathBuf,
+}
+
+impl EncoderFiles {
+    /// Finds `config.json`, the safetensors weights and `tokenizer.json` (or uses `tokenizer`)
+    /// in a transformers folder.
+    pub fn find(files: &ModelFiles, tokenizer: Option<&Path>) -> Result<Self> {
+        let missing =
+            |what: &str| Error::InvalidArgument(format!("`{}` has no {what}", files.name));
+        let config = files
+            .find("config.json")
+            .ok_or_else(|| missing("config.json: it is not a transformers encoder"))?;
+        let tokenizer = match tokenizer {
+            Some(path) => path.to_path_buf(),
+            None => files
+                .find("tokenizer.json")
+                .ok_or_else(|| missing("tokenizer.json: pass --tokenizer"))?
+                .to_path_buf(),
+        };
+        Ok(Self {
+            config: config.to_path_buf(),
+            weights: files
+                .find_all(".safetensors")
+                .into_iter()
+                .map(Path::to_path_buf)
+                .collect(),
+            tokenizer,
+        })
+    }
+
+    /// The encoder in F32 and its tokenizer.
+    pub fn load(&self, device: &Device) -> Result<(Bert, TextTokenizer)> {
+        Ok((
+            Bert::load(&self.config, &self.weights, DType::F32, device)?,
+            TextTokenizer::from_file(&self.tokenizer)?,
+        ))
+    }
 }
 
 /// A loaded BERT encoder.

@@ -20,6 +20,17 @@ pub struct GenerateOptions {
     pub stop_at_eos: bool,
 }
 
+impl GenerateOptions {
+    /// Greedy decoding of up to `max_tokens`, stopping at end-of-sequence.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Self {
+            max_tokens,
+            sampling: SamplingParams::default(),
+            stop_at_eos: true,
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -498,21 +498,8 @@ pub(crate) fn load_encoder(
     dynexec_models::bert::Bert,
     dynexec_core::tokenizer::TextTokenizer,
 )> {
-    let device = global.open_device()?;
-    let config = files.find("config.json").context("no config.json")?;
-    let weights: Vec<PathBuf> = files
-        .find_all(".safetensors")
-        .into_iter()
-        .map(Path::to_path_buf)
-        .collect();
-    let tokenizer_path = tokenizer
-        .map(Path::to_path_buf)
-        .or_else(|| files.find("tokenizer.json").map(Path::to_path_buf))
-        .context("no tokenizer.json: pass --tokenizer")?;
-    let tokenizer = dynexec_core::tokenizer::TextTokenizer::from_file(&tokenizer_path)?;
-    let model =
-        dynexec_models::bert::Bert::load(config, &weights, candle_core::DType::F32, &device)?;
-    Ok((model, tokenizer))
+    let files = dynexec_models::bert::EncoderFiles::find(files, tokenizer)?;
+    Ok(files.load(&global.open_device()?)?)
 }
 
 /// A transformers folder whose config.json says `bert` holds an encoder.

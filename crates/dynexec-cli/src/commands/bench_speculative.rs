@@ -7,7 +7,6 @@ use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
-use dynexec_core::sampling::SamplingParams;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_quant::WeightFormat;
@@ -115,11 +114,7 @@ struct Row {
 }
 
 pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
-    let options = GenerateOptions {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams::default(),
-        stop_at_eos: true,
-    };
+    let options = GenerateOptions::greedy(args.max_tokens);
     let mut rows = Vec::new();
     let mut device = String::new();
     for &quant in &args.target_quants {

@@ -9,7 +9,6 @@ use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use candle_core::Tensor;
 use clap::Args;
-use dynexec_core::sampling::SamplingParams;
 use dynexec_exit::token_exit::{TokenExit, TokenExitPolicy};
 use dynexec_models::generation::{generate, generate_with_step, GenerateOptions};
 use dynexec_models::kv_cache::KvCache;
@@ -110,11 +109,7 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
         .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/sotu/heldout.txt"));
     let mut text_ids = tokenizer.encode(&read_text(&text_path)?)?;
     text_ids.truncate(args.eval_tokens + 1);
-    let options = GenerateOptions {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams::default(),
-        stop_at_eos: true,
-    };
+    let options = GenerateOptions::greedy(args.max_tokens);
 
     let bar = progress_bar(
         global,

@@ -147,9 +147,7 @@ impl Attention {
             .reshape((batch, seq, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
-}
 
-impl Attention {
     /// Keys (rotated) and values of `x` (already normed), `(batch, kv_heads, seq, head_dim)`.
     fn new_kv(&self, x: &Tensor, rope: &Rope, offset: usize) -> Result<(Tensor, Tensor)> {
         let (batch, seq, _) = x.dims3()?;

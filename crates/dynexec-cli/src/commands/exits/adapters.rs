@@ -8,7 +8,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use dynexec_core::sampling::SamplingParams;
 use dynexec_exit::token_exit::{
     collect_distillation_data, exit_agreement, train_adapters, AdapterCard, AdapterTraining,
     ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
@@ -93,11 +92,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
             args.skip
         );
     }
-    let options = GenerateOptions {
-        max_tokens: args.gen_tokens,
-        sampling: SamplingParams::default(),
-        stop_at_eos: true,
-    };
+    let options = GenerateOptions::greedy(args.gen_tokens);
     let bar = progress_bar(
         global,
         questions.len() as u64,

@@ -1,12 +1,12 @@
 //! `dynexec exits train`.
 
 use super::{predict_split, read_named_splits};
-use crate::commands::bench::load_encoder;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
+use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_exit::card::{
     AccuracyRecord, DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE,
     WEIGHTS_FILE,
@@ -14,7 +14,7 @@ use dynexec_exit::card::{
 use dynexec_exit::data::{distinct_labels, Examples};
 use dynexec_exit::model::{Backbone, ExitClassifier};
 use dynexec_exit::train::{depth_weights, seeded_init, train, TrainEvent};
-use dynexec_models::bert::Bert;
+use dynexec_models::bert::{Bert, EncoderFiles};
 use dynexec_models::cnn::{Cnn, CnnConfig};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -164,23 +164,24 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         card.head_hidden = args.head_hidden.unwrap_or(64);
         (Backbone::Image { cnn }, None)
     } else {
-        let hub = global.hub()?;
-        let encoder = hub.resolve(&args.backbone)?;
-        let (bert, tokenizer) = load_encoder(global, &encoder, None)?;
-        card.head_hidden = args.head_hidden.unwrap_or(bert.config().hidden_size);
-        match mode {
-            TrainMode::Frozen => (Backbone::Text { bert, tokenizer }, None),
-            TrainMode::Joint => {
-                let config = encoder.find("config.json").context("no config.json")?;
-                let weights: Vec<PathBuf> = encoder
-                    .find_all(".safetensors")
-                    .into_iter()
-                    .map(Path::to_path_buf)
-                    .collect();
-                let (bert, vars) = Bert::load_trainable(config, &weights, &device)?;
-                (Backbone::Text { bert, tokenizer }, Some(vars))
+        let encoder = EncoderFiles::find(&global.hub()?.resolve(&args.backbone)?, None)?;
+        let (bert, tokenizer, vars) = match mode {
+            TrainMode::Frozen => {
+                let (bert, tokenizer) = encoder.load(&device)?;
+                (bert, tokenizer, None)
             }
-        }
+            TrainMode::Joint => {
+                let (bert, vars) =
+                    Bert::load_trainable(&encoder.config, &encoder.weights, &device)?;
+                (
+                    bert,
+                    TextTokenizer::from_file(&encoder.tokenizer)?,
+                    Some(vars),
+                )
+            }
+        };
+        card.head_hidden = args.head_hidden.unwrap_or(bert.config().hidden_size);
+        (Backbone::Text { bert, tokenizer }, vars)
     };
     // candle's CPU random numbers cannot be seeded: draw the fresh weights ourselves.
     seeded_init(&heads, args.seed)?;
