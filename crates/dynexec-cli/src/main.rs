@@ -32,6 +32,15 @@ enum Command {
     /// Train early-exit heads and calibrate their thresholds.
     #[command(subcommand)]
     Exits(commands::exits::ExitsCommand),
+    /// Text to image with an adaptive number of denoising steps: fixed, predicted from the
+    /// prompt, or stopped once the image has converged.
+    #[command(
+        after_help = "Examples:\n  dynexec diffuse --prompt \"a pair of jeans\" --steps predicted --n 4 --out jeans.png\n  dynexec diffuse --prompt \"an ankle boot\" --steps converge:0.01 --json\n  dynexec diffuse --model sd-turbo --prompt \"a red bicycle\" --steps 1   (Stable Diffusion from the hub)"
+    )]
+    Diffuse(commands::diffuse::DiffuseArgs),
+    /// Train the diffusion model and its step predictor.
+    #[command(subcommand)]
+    Diffusion(commands::diffusion::DiffusionCommand),
     /// Benchmark an engine: baseline and technique side by side in one process.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
@@ -56,6 +65,8 @@ fn main() {
         Command::Bench(cmd) => commands::bench::run(&cli.global, cmd),
         Command::Classify(args) => commands::classify::run(&cli.global, args),
         Command::Exits(cmd) => commands::exits::run(&cli.global, cmd),
+        Command::Diffusion(cmd) => commands::diffusion::run(&cli.global, cmd),
+        Command::Diffuse(args) => commands::diffuse::run(&cli.global, args),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
         Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),

@@ -15,6 +15,8 @@ use dynexec_core::{Error, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+pub use dynexec_models::init::seeded_init;
+
 /// Loss weights growing with depth: exit `i` (1-based) weighs `i`, as in DeeBERT/SDN-style
 /// multi-exit training, so the final exit is not sacrificed to the early ones.
 pub fn depth_weights(exits: usize) -> Vec<f32> {
@@ -160,40 +162,6 @@ pub fn train(
         val_predictions = Some(predictions);
     }
     val_predictions.ok_or_else(|| Error::InvalidArgument("no epochs ran".into()))
-}
-
-/// Redraws every variable of `map` from a generator seeded with `seed`, in name order, so
-/// training is reproducible: weights normal with standard deviation sqrt(gain / fan-in)
-/// (gain 2 for ReLU convolutions, 1 for the tanh heads), biases zero.
-pub fn seeded_init(map: &candle_nn::VarMap, seed: u64) -> Result<()> {
-    use rand::Rng;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let data = map
-        .data()
-        .lock()
-        .map_err(|_| Error::InvalidArgument("variable map poisoned".into()))?;
-    let mut names: Vec<&String> = data.keys().collect();
-    names.sort();
-    for name in names {
-        let var = &data[name];
-        let dims = var.dims().to_vec();
-        let values: Vec<f32> = if dims.len() < 2 {
-            vec![0.0; var.elem_count()]
-        } else {
-            let fan_in: usize = dims[1..].iter().product();
-            let gain = if name.contains("conv") { 2.0 } else { 1.0 };
-            let std = (gain / fan_in as f32).sqrt();
-            (0..var.elem_count())
-                .map(|_| {
-                    // Box-Muller: one standard normal from two uniforms.
-                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-12), rng.random());
-                    std * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-                })
-                .collect()
-        };
-        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
-    }
-    Ok(())
 }
 
 fn index_tensor(rows: &[usize], classifier: &ExitClassifier) -> Result<Tensor> {

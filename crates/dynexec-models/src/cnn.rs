@@ -1,14 +1,12 @@
 //! Small CNN for square grey or colour images (Fashion-MNIST's 28×28) with addressable blocks.
 //!
 //! Each block is conv 3×3 (padding 1) → ReLU → 2×2 max-pool. Activations are kept channels-last
-//! `(batch, height, width, channels)` and the convolution is computed as nine shifted views
-//! concatenated along channels, times one `(9·in, out)` matrix: a single GEMM forward and
-//! backward. candle's own `conv2d` backward goes through a naive `conv_transpose2d` on the CPU,
-//! which made training several times slower.
+//! `(batch, height, width, channels)`; the convolution is [`crate::conv::Conv3x3`].
 
 use crate::Result;
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Init, VarBuilder};
+use crate::conv::Conv3x3;
+use candle_nn::VarBuilder;
 use dynexec_core::Error;
 use serde::{Deserialize, Serialize};
 use std::ops::Range;
@@ -56,30 +54,10 @@ impl CnnConfig {
     }
 }
 
-#[derive(Debug, Clone)]
-struct ConvBlock {
-    /// `(out, in, 3, 3)`, as stored. It is rearranged at every forward pass, not once at load,
-    /// so that a trainable variable stays the tensor the forward pass reads.
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl ConvBlock {
-    /// `(9·in, out)`: row `(dy·3 + dx)·in + c` holds the weights of input channel `c` at
-    /// kernel offset `(dy, dx)`.
-    fn matrix(&self) -> Result<Tensor> {
-        let (outputs, inputs, _, _) = self.weight.dims4()?;
-        Ok(self
-            .weight
-            .permute((2, 3, 1, 0))?
-            .reshape((9 * inputs, outputs))?)
-    }
-}
-
 /// A loaded (or freshly initialised) CNN.
 #[derive(Debug, Clone)]
 pub struct Cnn {
-    blocks: Vec<ConvBlock>,
+    blocks: Vec<Conv3x3>,
     config: CnnConfig,
 }
 
@@ -91,18 +69,7 @@ impl Cnn {
         let mut blocks = Vec::with_capacity(config.channels.len());
         let mut inputs = config.in_channels;
         for (i, &outputs) in config.channels.iter().enumerate() {
-            let cvb = vb.pp(format!("blocks.{i}.conv"));
-            let fan_in = (inputs * 9) as f64;
-            let weight = cvb.get_with_hints(
-                (outputs, inputs, 3, 3),
-                "weight",
-                Init::Randn {
-                    mean: 0.0,
-                    stdev: (2.0 / fan_in).sqrt(),
-                },
-            )?;
-            let bias = cvb.get_with_hints(outputs, "bias", Init::Const(0.0))?;
-            blocks.push(ConvBlock { weight, bias });
+            blocks.push(Conv3x3::load(vb.pp(format!("blocks.{i}.conv")), inputs, outputs)?);
             inputs = outputs;
         }
         Ok(Self {
@@ -151,27 +118,10 @@ impl Cnn {
         }
         let mut x = x.clone();
         for block in &self.blocks[blocks] {
-            x = max_pool_2x2(&conv3x3(&x, block)?.relu()?)?;
+            x = max_pool_2x2(&block.forward(&x)?.relu()?)?;
         }
         Ok(x)
     }
-}
-
-/// 3×3 convolution with padding 1 on a channels-last tensor, as one matrix product.
-fn conv3x3(x: &Tensor, block: &ConvBlock) -> Result<Tensor> {
-    let (batch, h, w, c) = x.dims4()?;
-    let padded = x.pad_with_zeros(1, 1, 1)?.pad_with_zeros(2, 1, 1)?;
-    let mut shifted = Vec::with_capacity(9);
-    for dy in 0..3 {
-        for dx in 0..3 {
-            shifted.push(padded.narrow(1, dy, h)?.narrow(2, dx, w)?);
-        }
-    }
-    let columns = Tensor::cat(&shifted, 3)?.reshape((batch * h * w, 9 * c))?;
-    let out = columns
-        .matmul(&block.matrix()?)?
-        .broadcast_add(&block.bias)?;
-    Ok(out.reshape((batch, h, w, block.weight.dim(0)?))?)
 }
 
 /// 2×2 max-pool with stride 2 on a channels-last tensor; an odd last row/column is dropped.

@@ -9,15 +9,19 @@
 //!   safetensors, with a truncatable [`kv_cache::KvCache`].
 //! - [`bert::Bert`]: BERT-family encoder (all-MiniLM-L6-v2) with mean pooling.
 //! - [`cnn::Cnn`]: small image CNN (Fashion-MNIST) whose blocks can be run one at a time.
+//! - [`unet::Unet`]: small conditional UNet denoiser (Fashion-MNIST diffusion).
 //! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
 
 pub mod bert;
 pub mod cnn;
+pub mod conv;
 pub mod cpu_kernels;
 pub mod generation;
+pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 mod safetensors;
+pub mod unet;
 
 pub use dynexec_core::{Error, Result};

@@ -49,6 +49,12 @@ pub enum BenchCommand {
         after_help = "Example:\n  scripts/fetch-prompts.sh; scripts/fetch-sotu.sh\n  dynexec bench token-exits --threads 2 --policies confidence:0.9,saturation:0.99"
     )]
     TokenExits(super::bench_token_exits::BenchTokenExitsArgs),
+    /// Adaptive-step diffusion: fixed steps vs the predicted and converge policies on held-out
+    /// prompts — mean steps, wall time, SSIM to the fixed-step image, class consistency, FID.
+    #[command(
+        after_help = "Example:\n  scripts/fetch-fashion-mnist.sh\n  dynexec bench diffusion --threads 2 --seeds 2"
+    )]
+    Diffusion(super::bench_diffusion::BenchDiffusionArgs),
 }
 
 #[derive(Args)]
@@ -117,6 +123,7 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Dsa(args) => super::bench_dsa::run(global, args),
         BenchCommand::Exits(args) => super::bench_exits::run(global, args),
         BenchCommand::TokenExits(args) => super::bench_token_exits::run(global, args),
+        BenchCommand::Diffusion(args) => super::bench_diffusion::run(global, args),
     }
 }
 

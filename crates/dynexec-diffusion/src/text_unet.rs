@@ -1,0 +1,194 @@
+//! dynexec's own text-to-image model: the small [`Unet`] conditioned on a sentence embedding
+//! of the prompt (all-MiniLM-L6-v2), with its card.
+
+use crate::sampler::{Conditioning, Denoiser};
+use crate::schedule::{NoiseSchedule, Prediction};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use dynexec_core::hub::Hub;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_core::{Error, Result};
+use dynexec_models::bert::{Bert, EncoderFiles};
+use dynexec_models::unet::{Unet, UnetConfig};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// File names inside a text-UNet model's folder.
+pub const CARD_FILE: &str = "card.json";
+pub const WEIGHTS_FILE: &str = "unet.safetensors";
+pub const TRAIN_PROMPTS_FILE: &str = "prompts-train.jsonl";
+pub const TEST_PROMPTS_FILE: &str = "prompts-test.jsonl";
+
+/// A text-UNet's card: architecture, schedule, conditioning and how it was trained.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiffusionCard {
+    /// The sentence encoder whose embeddings condition the UNet (a manifest name or path).
+    pub text_encoder: String,
+    /// Pixels are scaled to [-1, 1]; predicted clean images are clamped to it.
+    pub unet: UnetConfig,
+    pub schedule: NoiseSchedule,
+    /// Default classifier-free guidance scale.
+    pub guidance_scale: f64,
+    /// The classes the training prompts describe, in label order.
+    pub labels: Vec<String>,
+    /// Default threshold of the `converge` policy (RMS change of the predicted image).
+    pub converge_epsilon: f64,
+    pub training: DiffusionTraining,
+}
+
+/// How the UNet was trained.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DiffusionTraining {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Probability of dropping the prompt (training the unconditional model for guidance).
+    pub prompt_dropout: f64,
+    pub ema_decay: f64,
+    pub seed: u64,
+    pub final_loss: f32,
+    pub data: String,
+    pub command: String,
+}
+
+impl DiffusionCard {
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let card: Self = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message: format!("not a diffusion-model card: {e}"),
+        })?;
+        card.schedule.check()?;
+        Ok(card)
+    }
+
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)
+            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the card: {e}")))?;
+        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+    }
+}
+
+/// Sentence embeddings of prompts, the conditioning the text-UNet is trained on.
+pub struct PromptEncoder {
+    bert: Bert,
+    tokenizer: TextTokenizer,
+}
+
+impl PromptEncoder {
+    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+        let (bert, tokenizer) = EncoderFiles::find(&hub.resolve(reference)?, None)?.load(device)?;
+        Ok(Self { bert, tokenizer })
+    }
+
+    /// `(prompts, hidden)` L2-normalised mean-pooled embeddings.
+    pub fn embed(&self, prompts: &[&str]) -> Result<Tensor> {
+        self.bert.sentence_embeddings(&self.tokenizer, prompts, 32)
+    }
+
+    pub fn dim(&self) -> usize {
+        self.bert.config().hidden_size
+    }
+}
+
+/// A trained text-UNet with its prompt encoder.
+pub struct TextUnet {
+    pub unet: Unet,
+    pub card: DiffusionCard,
+    pub encoder: PromptEncoder,
+    /// The model's folder (its prompt sets and step predictor live there).
+    pub dir: PathBuf,
+    pub device: Device,
+}
+
+impl TextUnet {
+    /// Loads a text-UNet by manifest name or folder, pulling it and its encoder when needed.
+    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+        let files = hub.resolve(reference)?;
+        let card_path = files.find(CARD_FILE).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "`{reference}` is not a dynexec diffusion model: it has no {CARD_FILE} (train \
+                 one with `dynexec diffusion train`)"
+            ))
+        })?;
+        let dir = card_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let card = DiffusionCard::read(card_path)?;
+        let weights = dir.join(WEIGHTS_FILE);
+        if !weights.exists() {
+            return Err(Error::MissingFile(weights));
+        }
+        // SAFETY: read-only mapping of a file dynexec does not modify while it is open.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }
+            .map_err(|e| Error::InvalidModel {
+                path: weights.clone(),
+                message: format!("{e} (corrupt weights? pull the model again)"),
+            })?;
+        let unet = Unet::load(vb, &card.unet).map_err(|e| Error::InvalidModel {
+            path: weights.clone(),
+            message: format!("{e} (weights and card.json disagree)"),
+        })?;
+        let encoder = PromptEncoder::load(hub, &card.text_encoder, device)?;
+        check_context_dim(&encoder, &card.unet)?;
+        Ok(Self {
+            unet,
+            card,
+            encoder,
+            dir,
+            device: device.clone(),
+        })
+    }
+
+    /// Conditioning for `prompts`, each repeated `per_prompt` times (one row per sample).
+    pub fn condition(&self, prompts: &[&str], per_prompt: usize) -> Result<Conditioning> {
+        let embedded = self.encoder.embed(prompts)?;
+        let rows: Vec<u32> = (0..prompts.len() as u32)
+            .flat_map(|p| std::iter::repeat(p).take(per_prompt))
+            .collect();
+        let index = Tensor::from_vec(rows.clone(), rows.len(), embedded.device())?;
+        let cond = embedded.index_select(&index, 0)?;
+        Ok(Conditioning {
+            uncond: Some(cond.zeros_like()?),
+            cond,
+        })
+    }
+
+    /// `(height, width, channels)` of one sample.
+    pub fn sample_dims(&self) -> [usize; 3] {
+        let c = &self.card.unet;
+        [c.image_size, c.image_size, c.in_channels]
+    }
+}
+
+/// The encoder's width must be the UNet's conditioning width.
+pub fn check_context_dim(encoder: &PromptEncoder, config: &UnetConfig) -> Result<()> {
+    match encoder.dim() == config.context_dim {
+        true => Ok(()),
+        false => Err(Error::InvalidArgument(format!(
+            "the text encoder gives {}-d embeddings but the UNet takes {}-d conditioning: use \
+             the encoder the UNet was trained with",
+            encoder.dim(),
+            config.context_dim
+        ))),
+    }
+}
+
+impl Denoiser for TextUnet {
+    fn forward(&self, x_t: &Tensor, timestep: usize, context: &Tensor) -> Result<Tensor> {
+        self.unet.forward(x_t, &vec![timestep; x_t.dim(0)?], context)
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.card.schedule.prediction
+    }
+}
+
+/// Samples in [-1, 1] `(batch, h, w, 1)` → u8 grey pixels `(batch, h, w)`.
+pub fn to_pixels(samples: &Tensor) -> Result<Tensor> {
+    let x = samples.squeeze(3)?.clamp(-1.0, 1.0)?;
+    Ok(((x + 1.0)? * 127.5)?.round()?.to_dtype(DType::U8)?)
+}
+
+/// u8 grey pixels `(batch, h, w)` → channels-last samples in [-1, 1].
+pub fn from_pixels(pixels: &Tensor) -> Result<Tensor> {
+    Ok(((pixels.to_dtype(DType::F32)? / 127.5)? - 1.0)?.unsqueeze(3)?)
+}
