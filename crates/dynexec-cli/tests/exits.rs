@@ -3,17 +3,9 @@
 
 mod common;
 
-use common::{assert_clear_error, dynexec, stdout_json};
+use common::{assert_clear_error, data_dir, dynexec, small_fashion, stdout_json};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn data_dir(name: &str, fetch: &str) -> PathBuf {
-    let dir = dynexec_core::hub::default_cache_dir()
-        .join("data")
-        .join(name);
-    assert!(dir.exists(), "{} is missing: run {fetch}", dir.display());
-    dir
-}
+use std::path::Path;
 
 /// The first `n` reviews of each split, in a fresh folder.
 fn small_reviews(n: usize) -> tempfile::TempDir {
@@ -23,26 +15,6 @@ fn small_reviews(n: usize) -> tempfile::TempDir {
         let text = std::fs::read_to_string(source.join(format!("{split}.jsonl"))).unwrap();
         let head: Vec<&str> = text.lines().take(n).collect();
         std::fs::write(dir.path().join(format!("{split}.jsonl")), head.join("\n")).unwrap();
-    }
-    dir
-}
-
-/// The first `train` training and `test` test images of Fashion-MNIST as idx files.
-fn small_fashion(train: usize, test: usize) -> tempfile::TempDir {
-    let source = data_dir("fashion-mnist", "scripts/fetch-fashion-mnist.sh");
-    let dir = tempfile::tempdir().unwrap();
-    for (prefix, n) in [("train", train), ("t10k", test)] {
-        let images = std::fs::read(source.join(format!("{prefix}-images-idx3-ubyte"))).unwrap();
-        let labels = std::fs::read(source.join(format!("{prefix}-labels-idx1-ubyte"))).unwrap();
-        let count = (n as u32).to_be_bytes();
-        let mut head = images[..16].to_vec();
-        head[4..8].copy_from_slice(&count);
-        head.extend_from_slice(&images[16..16 + n * 784]);
-        std::fs::write(dir.path().join(format!("{prefix}-images-idx3-ubyte")), head).unwrap();
-        let mut head = labels[..8].to_vec();
-        head[4..8].copy_from_slice(&count);
-        head.extend_from_slice(&labels[8..8 + n]);
-        std::fs::write(dir.path().join(format!("{prefix}-labels-idx1-ubyte")), head).unwrap();
     }
     dir
 }

@@ -25,7 +25,9 @@ pub fn ssim(a: &[f64], b: &[f64], height: usize, width: usize, data_range: f64) 
         )));
     }
     let kernel: Vec<f64> = (0..side)
-        .map(|i| (-((i as f64 - WINDOW_RADIUS as f64).powi(2)) / (2.0 * WINDOW_SIGMA.powi(2))).exp())
+        .map(|i| {
+            (-((i as f64 - WINDOW_RADIUS as f64).powi(2)) / (2.0 * WINDOW_SIGMA.powi(2))).exp()
+        })
         .collect();
     let total: f64 = kernel.iter().sum();
     let kernel: Vec<f64> = kernel.iter().map(|k| k / total).collect();
@@ -72,7 +74,11 @@ pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {
     }
     let (mean_a, cov_a) = moments(a, dim);
     let (mean_b, cov_b) = moments(b, dim);
-    let mean_term: f64 = mean_a.iter().zip(&mean_b).map(|(p, q)| (p - q).powi(2)).sum();
+    let mean_term: f64 = mean_a
+        .iter()
+        .zip(&mean_b)
+        .map(|(p, q)| (p - q).powi(2))
+        .sum();
     // tr (Σ₁Σ₂)^½ = Σ √λ over the eigenvalues of the symmetric Σ₁^½ Σ₂ Σ₁^½.
     let sqrt_a = symmetric_sqrt(&cov_a, dim);
     let product = matmul(&matmul(&sqrt_a, &cov_b, dim), &sqrt_a, dim);
@@ -139,7 +145,12 @@ fn symmetric_eigen(m: &[f64], dim: usize) -> (Vec<f64>, Vec<f64>) {
     for i in 0..dim {
         v[i * dim + i] = 1.0;
     }
-    let norm: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let norm: f64 = a
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     for _sweep in 0..100 {
         let off: f64 = (0..dim)
             .flat_map(|i| (0..dim).filter(move |&j| j != i).map(move |j| (i, j)))
@@ -196,7 +207,9 @@ mod tests {
         // Reference: skimage.metrics.structural_similarity(x, y, gaussian_weights=True,
         // sigma=1.5, use_sample_covariance=False, data_range=1.0), scikit-image 0.26.
         let a = pattern(|i, j| ((i * 7.0 + j * 13.0) % 29.0) / 28.0);
-        let b = pattern(|i, j| (((i * 7.0 + j * 13.0) % 29.0) / 28.0 + 0.1 * (i + j).sin()).clamp(0.0, 1.0));
+        let b = pattern(|i, j| {
+            (((i * 7.0 + j * 13.0) % 29.0) / 28.0 + 0.1 * (i + j).sin()).clamp(0.0, 1.0)
+        });
         let c = pattern(|i, j| ((i * j) % 17.0) / 16.0);
         let inverted: Vec<f64> = a.iter().map(|v| 1.0 - v).collect();
         let contrast: Vec<f64> = a.iter().map(|v| 0.5 * v + 0.25).collect();
@@ -235,7 +248,9 @@ mod tests {
         // A rotated copy has the same distance (the trace term sees no basis).
         let rotate = |v: &Vec<Vec<f64>>| -> Vec<Vec<f64>> {
             let (c, s) = (0.6, 0.8);
-            v.iter().map(|p| vec![c * p[0] - s * p[1], s * p[0] + c * p[1]]).collect()
+            v.iter()
+                .map(|p| vec![c * p[0] - s * p[1], s * p[0] + c * p[1]])
+                .collect()
         };
         let d = frechet_distance(&rotate(&a), &rotate(&wider)).unwrap();
         assert!((d - 5.0).abs() < 1e-9, "{d}");

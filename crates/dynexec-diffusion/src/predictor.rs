@@ -135,10 +135,12 @@ impl StepPredictor {
         check_grid(&card.grid)?;
         // SAFETY: read-only mapping of a file dynexec does not modify while it is open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }?;
-        let classifier = linear(card.embedding_dim, card.grid.len(), vb.pp("classifier"))
-            .map_err(|e| Error::InvalidModel {
-                path: weights.clone(),
-                message: format!("{e} (weights and {PREDICTOR_CARD_FILE} disagree)"),
+        let classifier =
+            linear(card.embedding_dim, card.grid.len(), vb.pp("classifier")).map_err(|e| {
+                Error::InvalidModel {
+                    path: weights.clone(),
+                    message: format!("{e} (weights and {PREDICTOR_CARD_FILE} disagree)"),
+                }
             })?;
         Ok(Self { classifier, card })
     }
@@ -207,7 +209,11 @@ mod tests {
         let mut labels = Vec::new();
         for i in 0..40 {
             let kind_b = i % 2 == 1;
-            rows.extend([if kind_b { 0.0 } else { 1.0 }, if kind_b { 1.0 } else { 0.0 }, 0.1]);
+            rows.extend([
+                if kind_b { 0.0 } else { 1.0 },
+                if kind_b { 1.0 } else { 0.0 },
+                0.1,
+            ]);
             labels.push(match (kind_b, i % 4) {
                 (false, _) => 10,
                 (true, 1) => 40,
@@ -240,8 +246,19 @@ mod tests {
         p.save(dir.path(), &varmap).unwrap();
         let loaded = StepPredictor::load(dir.path(), &device).unwrap();
         assert_eq!(loaded.predict(&b, 0.9).unwrap(), vec![40]);
-        assert!(StepPredictor::train(&embeddings, &[7; 40], p.card.clone(), 1, 0.1, 0, &VarMap::new()).is_err());
-        let err = StepPredictor::load(Path::new("/nonexistent"), &device).err().unwrap();
+        assert!(StepPredictor::train(
+            &embeddings,
+            &[7; 40],
+            p.card.clone(),
+            1,
+            0.1,
+            0,
+            &VarMap::new()
+        )
+        .is_err());
+        let err = StepPredictor::load(Path::new("/nonexistent"), &device)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("diffusion label"), "{err}");
     }
 }

@@ -109,6 +109,7 @@ pub fn ddim_step(
 
 /// Denoises `seeds.len()` samples of shape `sample_dims` from their seeds' noise.
 /// `on_step(done, scheduled)` is called after every step.
+#[allow(clippy::too_many_arguments)] // each is one independent choice of the caller's
 pub fn sample(
     denoiser: &dyn Denoiser,
     schedule: &NoiseSchedule,
@@ -128,7 +129,7 @@ pub fn sample(
         )));
     }
     if let StepPolicy::Converge { epsilon, .. } = policy {
-        if !(*epsilon > 0.0) {
+        if epsilon.is_nan() || *epsilon <= 0.0 {
             return Err(Error::InvalidArgument(format!(
                 "converge:{epsilon}: the threshold must be a positive number, e.g. converge:0.01"
             )));
@@ -238,20 +239,33 @@ mod tests {
         // Reference values from numpy: x0 = (x − √(1−ᾱ)ε)/√ᾱ, x' = √ᾱ'x0 + √(1−ᾱ')ε.
         let x = Tensor::new(&[0.5f32, -1.0], &Device::Cpu).unwrap();
         let out = Tensor::new(&[0.1f32, 0.2], &Device::Cpu).unwrap();
-        let options = SampleOptions { guidance_scale: 1.0, eta: 0.0, clip_sample: None };
-        let (prev, x0) = ddim_step(&x, &out, 0.3, 0.8, Prediction::Epsilon, &options, None).unwrap();
+        let options = SampleOptions {
+            guidance_scale: 1.0,
+            eta: 0.0,
+            clip_sample: None,
+        };
+        let (prev, x0) =
+            ddim_step(&x, &out, 0.3, 0.8, Prediction::Epsilon, &options, None).unwrap();
         close(&x0, &[0.76011841, -2.1312469]);
         close(&prev, &[0.72459193, -1.81680246]);
-        let (prev, x0) = ddim_step(&x, &out, 0.3, 0.8, Prediction::VPrediction, &options, None).unwrap();
+        let (prev, x0) =
+            ddim_step(&x, &out, 0.3, 0.8, Prediction::VPrediction, &options, None).unwrap();
         close(&x0, &[0.19019528, -0.71505456]);
         close(&prev, &[0.38169359, -0.96474019]);
         // The last step (ᾱ' = 1) lands on the prediction; clipping bounds it.
-        let clipped = SampleOptions { clip_sample: Some(1.0), ..options.clone() };
-        let (prev, x0) = ddim_step(&x, &out, 0.3, 1.0, Prediction::Epsilon, &clipped, None).unwrap();
+        let clipped = SampleOptions {
+            clip_sample: Some(1.0),
+            ..options.clone()
+        };
+        let (prev, x0) =
+            ddim_step(&x, &out, 0.3, 1.0, Prediction::Epsilon, &clipped, None).unwrap();
         close(&x0, &[0.76011841, -1.0]);
         close(&prev, &[0.76011841, -1.0]);
         // η > 0 needs noise.
-        let ddpm = SampleOptions { eta: 1.0, ..options };
+        let ddpm = SampleOptions {
+            eta: 1.0,
+            ..options
+        };
         assert!(ddim_step(&x, &out, 0.3, 0.8, Prediction::Epsilon, &ddpm, None).is_err());
     }
 
@@ -273,8 +287,22 @@ mod tests {
             cond: Tensor::full(0.3f32, (n, 1), &device).unwrap(),
             uncond: Some(Tensor::zeros((n, 1), candle_core::DType::F32, &device).unwrap()),
         };
-        let options = SampleOptions { guidance_scale: guidance, eta, clip_sample: Some(1.0) };
-        sample(&Toward, &NoiseSchedule::ddpm_linear(), &context, &[2, 3], seeds, policy, &options, |_, _| {}).unwrap()
+        let options = SampleOptions {
+            guidance_scale: guidance,
+            eta,
+            clip_sample: Some(1.0),
+        };
+        sample(
+            &Toward,
+            &NoiseSchedule::ddpm_linear(),
+            &context,
+            &[2, 3],
+            seeds,
+            policy,
+            &options,
+            |_, _| {},
+        )
+        .unwrap()
     }
 
     #[test]
@@ -285,7 +313,11 @@ mod tests {
             let c = run(&[2], &StepPolicy::Fixed(10), eta, 2.0);
             let rows = |s: &Sampled| s.samples.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(rows(&a), rows(&b), "η = {eta}: same seeds, same samples");
-            assert_eq!(rows(&a)[1], rows(&c)[0], "η = {eta}: seed 2 alone = seed 2 in a batch");
+            assert_eq!(
+                rows(&a)[1],
+                rows(&c)[0],
+                "η = {eta}: seed 2 alone = seed 2 in a batch"
+            );
             assert_ne!(rows(&a)[0], rows(&a)[1]);
             assert_eq!(a.steps_used, vec![10, 10]);
         }
@@ -319,22 +351,99 @@ mod tests {
             cond: Tensor::new(&[[0.3f32], [-0.6]], &device).unwrap(),
             uncond: None,
         };
-        let options = SampleOptions { guidance_scale: 1.0, eta: 0.0, clip_sample: None };
-        let policy = StepPolicy::Converge { epsilon: 1e-3, max_steps: 50, min_steps: 3 };
-        let stopped = sample(&model, &schedule, &context, &[2, 3], &[1, 2], &policy, &options, |_, _| {}).unwrap();
+        let options = SampleOptions {
+            guidance_scale: 1.0,
+            eta: 0.0,
+            clip_sample: None,
+        };
+        let policy = StepPolicy::Converge {
+            epsilon: 1e-3,
+            max_steps: 50,
+            min_steps: 3,
+        };
+        let stopped = sample(
+            &model,
+            &schedule,
+            &context,
+            &[2, 3],
+            &[1, 2],
+            &policy,
+            &options,
+            |_, _| {},
+        )
+        .unwrap();
         assert_eq!(stopped.steps_used, vec![3, 3]);
-        let values = stopped.samples.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
-        assert!(values[0].iter().all(|v| (v - 0.3).abs() < 1e-4), "{values:?}");
-        assert!(values[1].iter().all(|v| (v + 0.6).abs() < 1e-4), "{values:?}");
+        let values = stopped
+            .samples
+            .flatten_from(1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert!(
+            values[0].iter().all(|v| (v - 0.3).abs() < 1e-4),
+            "{values:?}"
+        );
+        assert!(
+            values[1].iter().all(|v| (v + 0.6).abs() < 1e-4),
+            "{values:?}"
+        );
         // An impossible threshold runs every step; a bad one is refused.
-        let never = StepPolicy::Converge { epsilon: 1e-30, max_steps: 20, min_steps: 3 };
-        let context = Conditioning { cond: Tensor::new(&[[0.3f32]], &device).unwrap(), uncond: None };
-        let ran = sample(&Toward, &schedule, &context, &[2, 3], &[1], &never, &options, |_, _| {}).unwrap();
+        let never = StepPolicy::Converge {
+            epsilon: 1e-30,
+            max_steps: 20,
+            min_steps: 3,
+        };
+        let context = Conditioning {
+            cond: Tensor::new(&[[0.3f32]], &device).unwrap(),
+            uncond: None,
+        };
+        let ran = sample(
+            &Toward,
+            &schedule,
+            &context,
+            &[2, 3],
+            &[1],
+            &never,
+            &options,
+            |_, _| {},
+        )
+        .unwrap();
         assert_eq!(ran.steps_used, vec![20]);
-        let context = Conditioning { cond: Tensor::zeros((1, 1), candle_core::DType::F32, &device).unwrap(), uncond: None };
-        let bad = StepPolicy::Converge { epsilon: 0.0, max_steps: 20, min_steps: 3 };
-        let options = SampleOptions { guidance_scale: 1.0, eta: 0.0, clip_sample: None };
-        assert!(sample(&Toward, &NoiseSchedule::ddpm_linear(), &context, &[2, 3], &[1], &bad, &options, |_, _| {}).is_err());
-        assert!(sample(&Toward, &NoiseSchedule::ddpm_linear(), &context, &[2, 3], &[1, 2], &StepPolicy::Fixed(5), &options, |_, _| {}).is_err());
+        let context = Conditioning {
+            cond: Tensor::zeros((1, 1), candle_core::DType::F32, &device).unwrap(),
+            uncond: None,
+        };
+        let bad = StepPolicy::Converge {
+            epsilon: 0.0,
+            max_steps: 20,
+            min_steps: 3,
+        };
+        let options = SampleOptions {
+            guidance_scale: 1.0,
+            eta: 0.0,
+            clip_sample: None,
+        };
+        assert!(sample(
+            &Toward,
+            &NoiseSchedule::ddpm_linear(),
+            &context,
+            &[2, 3],
+            &[1],
+            &bad,
+            &options,
+            |_, _| {}
+        )
+        .is_err());
+        assert!(sample(
+            &Toward,
+            &NoiseSchedule::ddpm_linear(),
+            &context,
+            &[2, 3],
+            &[1, 2],
+            &StepPolicy::Fixed(5),
+            &options,
+            |_, _| {}
+        )
+        .is_err());
     }
 }

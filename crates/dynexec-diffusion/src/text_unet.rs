@@ -70,12 +70,12 @@ impl DiffusionCard {
 }
 
 /// Sentence embeddings of prompts, the conditioning the text-UNet is trained on.
-pub struct PromptEncoder {
+pub struct SentenceEncoder {
     bert: Bert,
     tokenizer: TextTokenizer,
 }
 
-impl PromptEncoder {
+impl SentenceEncoder {
     pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
         let (bert, tokenizer) = EncoderFiles::find(&hub.resolve(reference)?, None)?.load(device)?;
         Ok(Self { bert, tokenizer })
@@ -95,7 +95,7 @@ impl PromptEncoder {
 pub struct TextUnet {
     pub unet: Unet,
     pub card: DiffusionCard,
-    pub encoder: PromptEncoder,
+    pub encoder: SentenceEncoder,
     /// The model's folder (its prompt sets and step predictor live there).
     pub dir: PathBuf,
     pub device: Device,
@@ -127,7 +127,7 @@ impl TextUnet {
             path: weights.clone(),
             message: format!("{e} (weights and card.json disagree)"),
         })?;
-        let encoder = PromptEncoder::load(hub, &card.text_encoder, device)?;
+        let encoder = SentenceEncoder::load(hub, &card.text_encoder, device)?;
         check_context_dim(&encoder, &card.unet)?;
         Ok(Self {
             unet,
@@ -142,7 +142,7 @@ impl TextUnet {
     pub fn condition(&self, prompts: &[&str], per_prompt: usize) -> Result<Conditioning> {
         let embedded = self.encoder.embed(prompts)?;
         let rows: Vec<u32> = (0..prompts.len() as u32)
-            .flat_map(|p| std::iter::repeat(p).take(per_prompt))
+            .flat_map(|p| std::iter::repeat_n(p, per_prompt))
             .collect();
         let index = Tensor::from_vec(rows.clone(), rows.len(), embedded.device())?;
         let cond = embedded.index_select(&index, 0)?;
@@ -160,7 +160,7 @@ impl TextUnet {
 }
 
 /// The encoder's width must be the UNet's conditioning width.
-pub fn check_context_dim(encoder: &PromptEncoder, config: &UnetConfig) -> Result<()> {
+pub fn check_context_dim(encoder: &SentenceEncoder, config: &UnetConfig) -> Result<()> {
     match encoder.dim() == config.context_dim {
         true => Ok(()),
         false => Err(Error::InvalidArgument(format!(
@@ -174,7 +174,8 @@ pub fn check_context_dim(encoder: &PromptEncoder, config: &UnetConfig) -> Result
 
 impl Denoiser for TextUnet {
     fn forward(&self, x_t: &Tensor, timestep: usize, context: &Tensor) -> Result<Tensor> {
-        self.unet.forward(x_t, &vec![timestep; x_t.dim(0)?], context)
+        self.unet
+            .forward(x_t, &vec![timestep; x_t.dim(0)?], context)
     }
 
     fn prediction(&self) -> Prediction {

@@ -151,7 +151,9 @@ pub fn train(
         optimizer.set_learning_rate(learning_rate(options, step));
         optimizer.backward_step(&loss)?;
         // Warm-up of the average as in common EMA implementations: early weights fade fast.
-        let decay = options.ema_decay.min((1 + step) as f64 / (10 + step) as f64);
+        let decay = options
+            .ema_decay
+            .min((1 + step) as f64 / (10 + step) as f64);
         for (avg, (_, var)) in ema.iter_mut().zip(&named) {
             *avg = ((&*avg * decay)? + (var.as_tensor() * (1.0 - decay))?)?;
         }

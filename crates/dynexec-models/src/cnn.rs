@@ -3,9 +3,9 @@
 //! Each block is conv 3×3 (padding 1) → ReLU → 2×2 max-pool. Activations are kept channels-last
 //! `(batch, height, width, channels)`; the convolution is [`crate::conv::Conv3x3`].
 
+use crate::conv::Conv3x3;
 use crate::Result;
 use candle_core::{DType, Tensor, D};
-use crate::conv::Conv3x3;
 use candle_nn::VarBuilder;
 use dynexec_core::Error;
 use serde::{Deserialize, Serialize};
@@ -69,7 +69,11 @@ impl Cnn {
         let mut blocks = Vec::with_capacity(config.channels.len());
         let mut inputs = config.in_channels;
         for (i, &outputs) in config.channels.iter().enumerate() {
-            blocks.push(Conv3x3::load(vb.pp(format!("blocks.{i}.conv")), inputs, outputs)?);
+            blocks.push(Conv3x3::load(
+                vb.pp(format!("blocks.{i}.conv")),
+                inputs,
+                outputs,
+            )?);
             inputs = outputs;
         }
         Ok(Self {

@@ -103,7 +103,11 @@ impl CustomOp1 for Im2Col {
         "im2col-3x3"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Im2Col { b, h, w, c } = *self;
         let input = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; b * h * w * 9 * c];
@@ -120,9 +124,19 @@ impl CustomOp1 for Im2Col {
         Ok((CpuStorage::F32(out), Shape::from((b * h * w, 9 * c))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let Im2Col { b, h, w, c } = *self;
-        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im { b, h, w, c })?))
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&Col2Im {
+            b,
+            h,
+            w,
+            c,
+        })?))
     }
 }
 
@@ -139,7 +153,11 @@ impl CustomOp1 for Col2Im {
         "col2im-3x3"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let Col2Im { b, h, w, c } = *self;
         let columns = contiguous_f32(storage, layout, self.name())?;
         let mut out = vec![0f32; b * h * w * c];
@@ -180,7 +198,11 @@ mod tests {
     fn im2col_and_its_gradient_match_the_composed_version() {
         let x = Var::randn(0f32, 1.0, (2, 5, 4, 3), &Device::Cpu).unwrap();
         let fast = im2col(x.as_tensor()).unwrap();
-        let padded = x.pad_with_zeros(1, 1, 1).unwrap().pad_with_zeros(2, 1, 1).unwrap();
+        let padded = x
+            .pad_with_zeros(1, 1, 1)
+            .unwrap()
+            .pad_with_zeros(2, 1, 1)
+            .unwrap();
         let mut views = Vec::new();
         for dy in 0..3 {
             for dx in 0..3 {
@@ -188,14 +210,31 @@ mod tests {
             }
         }
         let slow = Tensor::cat(&views, 3).unwrap().reshape((40, 27)).unwrap();
-        assert_eq!(fast.to_vec2::<f32>().unwrap(), slow.to_vec2::<f32>().unwrap());
+        assert_eq!(
+            fast.to_vec2::<f32>().unwrap(),
+            slow.to_vec2::<f32>().unwrap()
+        );
         let weights = Tensor::randn(0f32, 1.0, (40, 27), &Device::Cpu).unwrap();
         let grad = |t: &Tensor| {
-            let g = (t * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-            g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            let g = (t * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            g.get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
         };
         let (a, b) = (grad(&fast), grad(&slow));
-        let diff = a.iter().zip(&b).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-5, "{diff}");
     }
 }

@@ -49,8 +49,15 @@ impl UnetConfig {
         if levels == 0 || self.in_channels == 0 || self.embed_dim == 0 || self.groups == 0 {
             return bad("needs at least one level and non-zero sizes".into());
         }
-        if let Some(c) = self.channels.iter().find(|&&c| c == 0 || c % self.groups != 0) {
-            return bad(format!("{c} channels is not a multiple of {} groups", self.groups));
+        if let Some(c) = self
+            .channels
+            .iter()
+            .find(|&&c| c == 0 || c % self.groups != 0)
+        {
+            return bad(format!(
+                "{c} channels is not a multiple of {} groups",
+                self.groups
+            ));
         }
         if self.image_size % (1 << (levels - 1)) != 0 {
             return bad(format!(
@@ -165,7 +172,12 @@ impl candle_core::CustomOp1 for GroupNormalize {
     }
 
     /// dx = rstd · (g − mean(g) − x̂ · mean(g · x̂)), means over the group.
-    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (b, h, w, c) = arg.dims4()?;
         let x = arg.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
         let normed = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
@@ -178,7 +190,11 @@ impl candle_core::CustomOp1 for GroupNormalize {
             let range = s * per_sample..(s + 1) * per_sample;
             let stats = self.statistics(&x[range.clone()]);
             let mut sums = vec![(0f32, 0f32); self.groups];
-            for (i, (gv, nv)) in g[range.clone()].iter().zip(&normed[range.clone()]).enumerate() {
+            for (i, (gv, nv)) in g[range.clone()]
+                .iter()
+                .zip(&normed[range.clone()])
+                .enumerate()
+            {
                 let group = (i % c) / size;
                 sums[group].0 += gv;
                 sums[group].1 += gv * nv;
@@ -262,7 +278,12 @@ impl Unet {
         let mut down = Vec::with_capacity(levels);
         let mut previous = c[0];
         for (i, &channels) in c.iter().enumerate() {
-            down.push(ResBlock::load(vb.pp(format!("down.{i}")), previous, channels, config)?);
+            down.push(ResBlock::load(
+                vb.pp(format!("down.{i}")),
+                previous,
+                channels,
+                config,
+            )?);
             previous = channels;
         }
         let mid = ResBlock::load(vb.pp("mid"), previous, previous, config)?;
@@ -310,7 +331,10 @@ impl Unet {
             )));
         }
         let time = timestep_embedding(timesteps, self.config.channels[0], x_t.device())?;
-        let time = self.time_mlp.1.forward(&self.time_mlp.0.forward(&time)?.silu()?)?;
+        let time = self
+            .time_mlp
+            .1
+            .forward(&self.time_mlp.0.forward(&time)?.silu()?)?;
         let embed = (time + self.context_proj.forward(context)?)?.silu()?;
 
         let levels = self.down.len();
@@ -343,7 +367,7 @@ fn timestep_embedding(timesteps: &[usize], dim: usize, device: &Device) -> Resul
             (0..half).map(|i| (-(10_000f64.ln()) * i as f64 / half as f64).exp() * t as f64);
         let (sin, cos): (Vec<f64>, Vec<f64>) = frequencies.map(|a| (a.sin(), a.cos())).unzip();
         values.extend(sin.into_iter().chain(cos).map(|v| v as f32));
-        values.extend(std::iter::repeat(0.0).take(dim - 2 * half));
+        values.extend(std::iter::repeat_n(0.0, dim - 2 * half));
     }
     Ok(Tensor::from_vec(values, (timesteps.len(), dim), device)?.to_dtype(DType::F32)?)
 }
@@ -389,7 +413,13 @@ mod tests {
         let norm = GroupNorm::new(2);
         let y = norm.forward(&x).unwrap().reshape((2, 16, 2, 4)).unwrap();
         let mean = y.mean_keepdim(3).unwrap().mean_keepdim(1).unwrap();
-        let max_mean = mean.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let max_mean = mean
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(max_mean < 1e-4, "{max_mean}");
         // candle's own group norm (channels first) agrees.
         let peer = candle_nn::GroupNorm::new(
@@ -417,54 +447,21 @@ mod tests {
         let ctx = Tensor::randn(0f32, 1.0, (2, 6), &Device::Cpu).unwrap();
         let y = net.forward(&x, &[10, 500], &ctx).unwrap();
         assert_eq!(y.dims(), &[2, 28, 28, 1]);
-        let other = net.forward(&x, &[10, 500], &ctx.zeros_like().unwrap()).unwrap();
+        let other = net
+            .forward(&x, &[10, 500], &ctx.zeros_like().unwrap())
+            .unwrap();
         let moved = (&y - other).unwrap().abs().unwrap().sum_all().unwrap();
-        assert!(moved.to_scalar::<f32>().unwrap() > 0.0, "conditioning must matter");
+        assert!(
+            moved.to_scalar::<f32>().unwrap() > 0.0,
+            "conditioning must matter"
+        );
         let grads = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
         for (name, var) in varmap.data().lock().unwrap().iter() {
-            assert!(grads.get(var.as_tensor()).is_some(), "{name} has no gradient");
+            assert!(
+                grads.get(var.as_tensor()).is_some(),
+                "{name} has no gradient"
+            );
         }
         assert!(net.forward(&x, &[1], &ctx).is_err());
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::*;
-    use candle_nn::VarMap;
-    #[test]
-    #[ignore]
-    fn time_unet() {
-        let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let cfg = UnetConfig { channels: std::env::var("CH").unwrap().split(",").map(|c| c.parse().unwrap()).collect(), ..Default::default() };
-        let net = Unet::load(vb, &cfg).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (64, 28, 28, 1), &Device::Cpu).unwrap();
-        let ctx = Tensor::randn(0f32, 1.0, (64, 384), &Device::Cpu).unwrap();
-        let ts: Vec<usize> = (0..64).collect();
-        for _ in 0..2 {
-            let t = std::time::Instant::now();
-            let y = net.forward(&x, &ts, &ctx).unwrap();
-            let f = t.elapsed();
-            let g = y.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-            eprintln!("fwd {:?} fwd+bwd {:?} {}", f, t.elapsed(), g.get(&x).is_some());
-        }
-        let norm = GroupNorm::new(8);
-        let h = Tensor::randn(0f32, 1.0, (64, 28, 28, 32), &Device::Cpu).unwrap();
-        let hv = candle_core::Var::from_tensor(&h).unwrap();
-        let t = std::time::Instant::now();
-        let n = norm.forward(hv.as_tensor()).unwrap();
-        eprintln!("norm {:?}", t.elapsed());
-        let _ = n.sum_all().unwrap().backward().unwrap();
-        eprintln!("norm+bwd {:?}", t.elapsed());
-        let t = std::time::Instant::now();
-        let u = upsample_2x(&avg_pool_2x2(hv.as_tensor()).unwrap()).unwrap();
-        eprintln!("pool+up {:?}", t.elapsed());
-        let _ = u.sum_all().unwrap().backward().unwrap();
-        eprintln!("pool+up+bwd {:?}", t.elapsed());
-        let conv = crate::conv::Conv3x3::load(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu).pp("c"), 32, 32).unwrap();
-        let t = std::time::Instant::now();
-        let _ = conv.forward(&h).unwrap();
-        eprintln!("conv {:?}", t.elapsed());
     }
 }

@@ -80,7 +80,10 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     };
     let device = global.open_device()?;
     let classifier = ExitClassifier::load(&global.hub()?, &args.classifier, &device)?;
-    let prompts_path = args.prompts.clone().unwrap_or_else(|| model.dir.join(TEST_PROMPTS_FILE));
+    let prompts_path = args
+        .prompts
+        .clone()
+        .unwrap_or_else(|| model.dir.join(TEST_PROMPTS_FILE));
     let mut prompts = read_prompts(&prompts_path)?;
     if let Some(count) = args.count {
         prompts.truncate(count.max(1));
@@ -89,7 +92,10 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
         .iter()
         .map(|(_, label)| {
             classifier.card.label_index(label).with_context(|| {
-                format!("prompt label `{label}` is not one of {}'s classes", args.classifier)
+                format!(
+                    "prompt label `{label}` is not one of {}'s classes",
+                    args.classifier
+                )
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -117,7 +123,11 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
             let seconds = started.elapsed().as_secs_f64();
             if runs.len() <= p {
                 runs.push(Run {
-                    name: if p == 0 { format!("fixed:{}", args.reference_steps) } else { name },
+                    name: if p == 0 {
+                        format!("fixed:{}", args.reference_steps)
+                    } else {
+                        name
+                    },
                     steps: Vec::new(),
                     seconds: Vec::new(),
                     images: Vec::new(),
@@ -138,7 +148,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     let reference = fid_reference(&args, &classifier)?;
     let expected: Vec<usize> = classes
         .iter()
-        .flat_map(|&c| std::iter::repeat(c).take(args.seeds))
+        .flat_map(|&c| std::iter::repeat_n(c, args.seeds))
         .collect();
     let baseline = Tensor::cat(&runs[0].images, 0)?;
     let baseline_pixels = baseline.flatten_from(1)?.to_vec2::<u8>()?;
@@ -153,7 +163,11 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
             ssim_sum += ssim(&unit(a), &unit(b), side, side, 1.0)?;
         }
         let (predicted, features) = classify(&classifier, &images)?;
-        let correct = predicted.iter().zip(&expected).filter(|(p, e)| p == e).count();
+        let correct = predicted
+            .iter()
+            .zip(&expected)
+            .filter(|(p, e)| p == e)
+            .count();
         rows.push(Row {
             policy: run.name.clone(),
             mean_steps: run.steps.iter().sum::<usize>() as f64 / run.steps.len() as f64,
@@ -176,7 +190,14 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     );
     println!(
         "{:<18} {:>10} {:>11} {:>12} {:>8} {:>13} {:>11} {:>8}",
-        "policy", "mean steps", "steps saved", "s / prompt", "speedup", "SSIM to full", "class cons.", "FID"
+        "policy",
+        "mean steps",
+        "steps saved",
+        "s / prompt",
+        "speedup",
+        "SSIM to full",
+        "class cons.",
+        "FID"
     );
     let (base_steps, base_seconds) = (rows[0].mean_steps, rows[0].seconds);
     for r in &rows {
@@ -204,10 +225,21 @@ fn classify(classifier: &ExitClassifier, images: &Tensor) -> Result<(Vec<usize>,
         let batch = Examples::Images(images.narrow(0, start, 256.min(n - start))?);
         let logits = classifier.all_exit_logits(&batch)?;
         let last = logits.last().context("the classifier has no exits")?;
-        classes.extend(last.argmax(1)?.to_vec1::<u32>()?.into_iter().map(|c| c as usize));
+        classes.extend(
+            last.argmax(1)?
+                .to_vec1::<u32>()?
+                .into_iter()
+                .map(|c| c as usize),
+        );
         let f = classifier.all_exit_features(&batch)?;
-        let f = f.last().context("the classifier has no exits")?.to_vec2::<f32>()?;
-        features.extend(f.into_iter().map(|r| r.into_iter().map(f64::from).collect::<Vec<_>>()));
+        let f = f
+            .last()
+            .context("the classifier has no exits")?
+            .to_vec2::<f32>()?;
+        features.extend(
+            f.into_iter()
+                .map(|r| r.into_iter().map(f64::from).collect::<Vec<_>>()),
+        );
     }
     Ok((classes, features))
 }

@@ -118,7 +118,7 @@ impl Pipeline {
             Pipeline::StableDiffusion(m, _) => {
                 let c = m.encode_prompts(prompts)?;
                 let rows: Vec<u32> = (0..prompts.len() as u32)
-                    .flat_map(|p| std::iter::repeat(p).take(per_prompt))
+                    .flat_map(|p| std::iter::repeat_n(p, per_prompt))
                     .collect();
                 let index = Tensor::from_vec(rows.clone(), rows.len(), c.cond.device())?;
                 Ok(Conditioning {
@@ -307,14 +307,17 @@ pub fn run(global: &GlobalOptions, args: DiffuseArgs) -> Result<()> {
 
 /// Writes u8 images `(batch, h, w, 1 or 3)` side by side (2-pixel gaps) as one PNG.
 pub fn write_grid(images: &Tensor, path: &Path, scale: Option<u32>) -> Result<()> {
-    write_rows(&[images.clone()], path, scale)
+    write_rows(std::slice::from_ref(images), path, scale)
 }
 
 /// Writes rows of u8 images, each `(batch, h, w, 1 or 3)` of the same size, as one PNG.
 pub fn write_rows(rows: &[Tensor], path: &Path, scale: Option<u32>) -> Result<()> {
     let first = rows.first().context("no images to write")?;
     let (_, h, w, c) = first.dims4()?;
-    let columns = rows.iter().map(|r| r.dim(0)).collect::<candle_core::Result<Vec<_>>>()?;
+    let columns = rows
+        .iter()
+        .map(|r| r.dim(0))
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let columns = columns.into_iter().max().unwrap_or(1) as u32;
     let scale = scale.unwrap_or(if h < 128 { 4 } else { 1 }).max(1);
     let (h, w) = (h as u32, w as u32);
@@ -353,7 +356,10 @@ mod tests {
     #[test]
     fn steps_flags_parse_and_bad_ones_say_what_works() {
         assert_eq!("30".parse::<StepsArg>().unwrap(), StepsArg::Fixed(30));
-        assert_eq!("predicted".parse::<StepsArg>().unwrap(), StepsArg::Predicted(None));
+        assert_eq!(
+            "predicted".parse::<StepsArg>().unwrap(),
+            StepsArg::Predicted(None)
+        );
         assert_eq!(
             "predicted:0.8".parse::<StepsArg>().unwrap(),
             StepsArg::Predicted(Some(0.8))

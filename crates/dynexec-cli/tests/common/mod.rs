@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 /// Parses stdout as one JSON object, after checking the command succeeded.
@@ -40,4 +41,33 @@ pub fn dynexec(args: &[&str]) -> Output {
         .args(["--device", "cpu", "--quiet"])
         .output()
         .expect("run dynexec")
+}
+
+/// A fetched data set under $DYNEXEC_CACHE/data.
+pub fn data_dir(name: &str, fetch: &str) -> PathBuf {
+    let dir = dynexec_core::hub::default_cache_dir()
+        .join("data")
+        .join(name);
+    assert!(dir.exists(), "{} is missing: run {fetch}", dir.display());
+    dir
+}
+
+/// The first `train` training and `test` test images of Fashion-MNIST as idx files.
+pub fn small_fashion(train: usize, test: usize) -> tempfile::TempDir {
+    let source = data_dir("fashion-mnist", "scripts/fetch-fashion-mnist.sh");
+    let dir = tempfile::tempdir().unwrap();
+    for (prefix, n) in [("train", train), ("t10k", test)] {
+        let images = std::fs::read(source.join(format!("{prefix}-images-idx3-ubyte"))).unwrap();
+        let labels = std::fs::read(source.join(format!("{prefix}-labels-idx1-ubyte"))).unwrap();
+        let count = (n as u32).to_be_bytes();
+        let mut head = images[..16].to_vec();
+        head[4..8].copy_from_slice(&count);
+        head.extend_from_slice(&images[16..16 + n * 784]);
+        std::fs::write(dir.path().join(format!("{prefix}-images-idx3-ubyte")), head).unwrap();
+        let mut head = labels[..8].to_vec();
+        head[4..8].copy_from_slice(&count);
+        head.extend_from_slice(&labels[8..8 + n]);
+        std::fs::write(dir.path().join(format!("{prefix}-labels-idx1-ubyte")), head).unwrap();
+    }
+    dir
 }

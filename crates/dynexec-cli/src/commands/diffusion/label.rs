@@ -27,7 +27,11 @@ pub struct LabelArgs {
     #[arg(long, default_value_t = 1)]
     seeds: usize,
     /// Step counts to try, ascending; the last is the reference image.
-    #[arg(long, value_delimiter = ',', default_value = "5,10,15,20,25,30,40,50,70,100")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "5,10,15,20,25,30,40,50,70,100"
+    )]
     grid: Vec<usize>,
     /// SSIM a step count's image must reach against the reference to suffice.
     #[arg(long, default_value_t = 0.95)]
@@ -82,8 +86,12 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
         // Images of every grid step count, as [0, 1] pixels per sample.
         let mut by_steps = Vec::with_capacity(args.grid.len());
         for &n in &args.grid {
-            let sampled = pipeline.sample(&context, &seeds, &StepPolicy::Fixed(n), &options, |_, _| {})?;
-            let pixels = pipeline.to_images(&sampled.samples)?.flatten_from(1)?.to_vec2::<u8>()?;
+            let sampled =
+                pipeline.sample(&context, &seeds, &StepPolicy::Fixed(n), &options, |_, _| {})?;
+            let pixels = pipeline
+                .to_images(&sampled.samples)?
+                .flatten_from(1)?
+                .to_vec2::<u8>()?;
             by_steps.push(pixels);
             bar.inc((n * texts.len()) as u64);
         }
@@ -107,13 +115,16 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
             )?;
         }
         if bar.is_hidden() && !global.quiet {
-            eprintln!("labelled {} of {} prompts", (chunk_index + 1) * args.batch_size.min(prompts.len()), prompts.len());
+            let done = ((chunk_index + 1) * args.batch_size).min(prompts.len());
+            eprintln!("labelled {done} of {} prompts", prompts.len());
         }
     }
     bar.finish_and_clear();
     let mean = labels.iter().sum::<usize>() as f64 / labels.len().max(1) as f64;
     if global.json {
-        print_json(&serde_json::json!({"out": args.out, "examples": labels.len(), "mean_steps": mean}))?;
+        print_json(
+            &serde_json::json!({"out": args.out, "examples": labels.len(), "mean_steps": mean}),
+        )?;
     } else {
         let mut histogram = String::new();
         for &n in &args.grid {

@@ -44,7 +44,6 @@ pub fn run(global: &GlobalOptions, cmd: DiffusionCommand) -> Result<()> {
         DiffusionCommand::Train(args) => train::run(global, args),
         DiffusionCommand::Label(args) => label::run(global, args),
         DiffusionCommand::TrainSteps(args) => steps::run(global, args),
-
     }
 }
 

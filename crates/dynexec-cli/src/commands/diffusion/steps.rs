@@ -61,8 +61,13 @@ pub fn run(global: &GlobalOptions, args: TrainStepsArgs) -> Result<()> {
     let Some(first) = lines.first() else {
         bail!("{} holds no labels", args.labels.display());
     };
-    if lines.iter().any(|l| l.grid != first.grid || l.tau != first.tau) {
-        bail!("the labels mix step grids or thresholds: label every prompt with one --grid and --tau");
+    if lines
+        .iter()
+        .any(|l| l.grid != first.grid || l.tau != first.tau)
+    {
+        bail!(
+            "the labels mix step grids or thresholds: label every prompt with one --grid and --tau"
+        );
     }
     let model_ref = args.model.to_string_lossy().to_string();
     let pipeline = Pipeline::load(global, &model_ref)?;

@@ -8,7 +8,7 @@ use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
 use dynexec_diffusion::schedule::NoiseSchedule;
 use dynexec_diffusion::text_unet::{
-    check_context_dim, DiffusionCard, DiffusionTraining, PromptEncoder, CARD_FILE,
+    check_context_dim, DiffusionCard, DiffusionTraining, SentenceEncoder, CARD_FILE,
     TEST_PROMPTS_FILE, TRAIN_PROMPTS_FILE, WEIGHTS_FILE,
 };
 use dynexec_diffusion::train::{train, TrainEvent, TrainingSet};
@@ -73,9 +73,10 @@ pub struct TrainArgs {
 
 pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     let device = global.open_device()?;
-    let data_dir = args.data.clone().unwrap_or_else(|| {
-        dynexec_core::hub::default_cache_dir().join("data/fashion-mnist")
-    });
+    let data_dir = args
+        .data
+        .clone()
+        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/fashion-mnist"));
     let mut data = read_idx(
         &data_dir.join("train-images-idx3-ubyte"),
         &data_dir.join("train-labels-idx1-ubyte"),
@@ -106,7 +107,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
 
     let prompts = read_prompts(&args.prompts)?;
-    let encoder = PromptEncoder::load(&global.hub()?, &args.text_encoder, &device)?;
+    let encoder = SentenceEncoder::load(&global.hub()?, &args.text_encoder, &device)?;
     let mut class_prompts = Vec::with_capacity(args.labels.len());
     for name in &args.labels {
         let texts: Vec<&str> = prompts
@@ -135,7 +136,10 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         groups: args.groups,
     };
     let varmap = VarMap::new();
-    let unet = Unet::load(VarBuilder::from_varmap(&varmap, DType::F32, &device), &config)?;
+    let unet = Unet::load(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        &config,
+    )?;
     check_context_dim(&encoder, &config)?;
     seeded_init(&varmap, args.seed)?;
     let schedule = NoiseSchedule::ddpm_linear();
@@ -218,4 +222,3 @@ fn copy_unless_same(from: &Path, to: &Path) -> Result<()> {
     }
     Ok(())
 }
-
