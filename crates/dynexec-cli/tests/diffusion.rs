@@ -146,14 +146,14 @@ fn train_label_fit_steps_diffuse_and_bench_a_tiny_model() {
         "--prompt",
         "a coat",
         "--steps",
-        "converge:1e9",
+        "converge:1e9:1",
         "--max-steps",
         "6",
         "--out",
         s(&png),
     ]));
-    // A threshold nothing can miss stops at the minimum of 3 steps.
-    assert_eq!(converged["steps_used"], serde_json::json!([3]));
+    // A threshold nothing can miss converges at the minimum of 3 steps, then finishes in 1.
+    assert_eq!(converged["steps_used"], serde_json::json!([4]));
 
     let bench = stdout_json(&dynexec(&[
         "--json",
@@ -195,7 +195,7 @@ fn train_label_fit_steps_diffuse_and_bench_a_tiny_model() {
 #[test]
 fn bad_diffusion_input_gets_clear_errors() {
     let args = |steps: &str| dynexec(&["diffuse", "--prompt", "x", "--steps", steps]);
-    assert_clear_error(&args("fast"), "predicted[:Q] or converge[:EPS]");
+    assert_clear_error(&args("fast"), "predicted[:Q] or converge[:EPS");
     assert_clear_error(&args("converge:-2"), "not a positive number");
     assert_clear_error(
         &dynexec(&["diffuse", "--model", "/nonexistent/unet", "--prompt", "x"]),

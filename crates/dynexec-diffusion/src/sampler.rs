@@ -30,12 +30,17 @@ pub struct Conditioning {
 pub enum StepPolicy {
     /// Exactly `n` steps.
     Fixed(usize),
-    /// Schedule `max_steps` steps, but stop a sample once the RMS change of its predicted
-    /// clean sample between two steps falls below `epsilon` (after at least `min_steps`).
+    /// Schedule `max_steps` steps, but once the RMS change of every sample's predicted clean
+    /// sample between two steps falls below `epsilon` (after at least `min_steps`), skip
+    /// ahead: finish with `finish_steps` of the remaining timesteps, evenly spaced down to the
+    /// last (0: stop there and return the predicted clean samples). The prediction settles
+    /// on an image's layout well before the last steps have drawn its details, which the
+    /// few finishing steps still do.
     Converge {
         epsilon: f64,
         max_steps: usize,
         min_steps: usize,
+        finish_steps: usize,
     },
 }
 
@@ -89,9 +94,16 @@ pub fn ddim_step(
             ((model_output * sqrt_a)? + (x_t * sqrt_1ma)?)?,
         ),
     };
-    let x0 = match options.clip_sample {
-        Some(c) => x0.clamp(-c, c)?,
-        None => x0,
+    // A clamped x₀ comes with the noise that, with it, makes up x_t: keeping the model's raw
+    // ε would step towards a sample of the wrong noise level, and a deterministic (η = 0)
+    // trajectory never recovers from that.
+    let (x0, eps) = match options.clip_sample {
+        Some(c) => {
+            let clamped = x0.clamp(-c, c)?;
+            let eps = ((x_t - (&clamped * sqrt_a)?)? / sqrt_1ma.max(f64::MIN_POSITIVE))?;
+            (clamped, eps)
+        }
+        None => (x0, eps),
     };
     let sigma = options.eta
         * ((1.0 - alpha_prev) / (1.0 - alpha_t)).sqrt()
@@ -146,10 +158,13 @@ pub fn sample(
         _ => None,
     };
 
-    let mut stopped: Vec<Option<(Tensor, usize)>> = vec![None; batch];
+    let mut timesteps = timesteps;
+    let mut converged = false;
     let mut previous_x0: Option<Tensor> = None;
     let mut x0 = x.clone();
-    for (i, &t) in timesteps.iter().enumerate() {
+    let mut i = 0;
+    while i < timesteps.len() {
+        let t = timesteps[i];
         let output = match &both {
             Some(both) => {
                 let doubled = Tensor::cat(&[&x, &x], 0)?;
@@ -177,41 +192,45 @@ pub fn sample(
         x0 = predicted;
         on_step(i + 1, timesteps.len());
         if let StepPolicy::Converge {
-            epsilon, min_steps, ..
+            epsilon,
+            min_steps,
+            finish_steps,
+            ..
         } = policy
         {
-            if let Some(prev) = &previous_x0 {
-                let change = rms_change_per_sample(&x0, prev)?;
-                for (b, c) in change.iter().enumerate() {
-                    if stopped[b].is_none() && i + 1 >= *min_steps && *c < *epsilon {
-                        stopped[b] = Some((x0.get(b)?, i + 1));
+            if let (Some(prev), false) = (&previous_x0, converged) {
+                let settled = rms_change_per_sample(&x0, prev)?
+                    .iter()
+                    .all(|c| *c < *epsilon);
+                if settled && i + 1 >= *min_steps {
+                    converged = true;
+                    if *finish_steps == 0 {
+                        i += 1;
+                        break;
                     }
+                    let rest = timesteps.split_off(i + 1);
+                    timesteps.extend(finishing_steps(&rest, *finish_steps));
                 }
             }
             previous_x0 = Some(x0.clone());
-            if stopped.iter().all(Option::is_some) {
-                break;
-            }
         }
-    }
-    let mut rows = Vec::with_capacity(batch);
-    let mut steps_used = Vec::with_capacity(batch);
-    for (b, stop) in stopped.into_iter().enumerate() {
-        match stop {
-            Some((row, steps)) => {
-                rows.push(row);
-                steps_used.push(steps);
-            }
-            None => {
-                rows.push(x0.get(b)?);
-                steps_used.push(timesteps.len());
-            }
-        }
+        i += 1;
     }
     Ok(Sampled {
-        samples: Tensor::stack(&rows, 0)?,
-        steps_used,
+        samples: x0,
+        steps_used: vec![i; batch],
     })
+}
+
+/// `count` of the remaining timesteps `rest` (noisiest first), evenly spaced and ending with
+/// the last, so a finished trajectory still ends where a full one does.
+fn finishing_steps(rest: &[usize], count: usize) -> Vec<usize> {
+    if count >= rest.len() {
+        return rest.to_vec();
+    }
+    (1..=count)
+        .map(|k| rest[(k * rest.len()).div_ceil(count) - 1])
+        .collect()
 }
 
 /// Root-mean-square difference of each sample (row) of `a` and `b`.
@@ -360,6 +379,7 @@ mod tests {
             epsilon: 1e-3,
             max_steps: 50,
             min_steps: 3,
+            finish_steps: 0,
         };
         let stopped = sample(
             &model,
@@ -387,11 +407,36 @@ mod tests {
             values[1].iter().all(|v| (v + 0.6).abs() < 1e-4),
             "{values:?}"
         );
+        // Finishing steps run after the stop and land on the same clean sample.
+        let finishing = StepPolicy::Converge {
+            epsilon: 1e-3,
+            max_steps: 50,
+            min_steps: 3,
+            finish_steps: 2,
+        };
+        let finished = sample(
+            &model,
+            &schedule,
+            &context,
+            &[2, 3],
+            &[1, 2],
+            &finishing,
+            &options,
+            |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(finished.steps_used, vec![5, 5]);
+        let gap = (finished.samples - stopped.samples).unwrap().abs().unwrap();
+        assert!(gap.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-4);
+        assert_eq!(finishing_steps(&[40, 30, 20, 10, 0], 2), vec![20, 0]);
+        assert_eq!(finishing_steps(&[40, 30, 20, 10, 0], 3), vec![30, 10, 0]);
+        assert_eq!(finishing_steps(&[10, 0], 3), vec![10, 0]);
         // An impossible threshold runs every step; a bad one is refused.
         let never = StepPolicy::Converge {
             epsilon: 1e-30,
             max_steps: 20,
             min_steps: 3,
+            finish_steps: 2,
         };
         let context = Conditioning {
             cond: Tensor::new(&[[0.3f32]], &device).unwrap(),
@@ -417,6 +462,7 @@ mod tests {
             epsilon: 0.0,
             max_steps: 20,
             min_steps: 3,
+            finish_steps: 0,
         };
         let options = SampleOptions {
             guidance_scale: 1.0,

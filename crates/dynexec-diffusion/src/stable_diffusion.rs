@@ -681,6 +681,7 @@ mod tests {
             epsilon: 1e9,
             max_steps: 4,
             min_steps: 2,
+            finish_steps: 0,
         };
         let (images, sampled) = sd
             .generate(

@@ -33,6 +33,9 @@ pub struct DiffusionCard {
     pub labels: Vec<String>,
     /// Default threshold of the `converge` policy (RMS change of the predicted image).
     pub converge_epsilon: f64,
+    /// Default steps the `converge` policy finishes with once it has converged.
+    #[serde(default = "default_finish_steps")]
+    pub converge_finish_steps: usize,
     pub training: DiffusionTraining,
 }
 
@@ -49,6 +52,10 @@ pub struct DiffusionTraining {
     pub final_loss: f32,
     pub data: String,
     pub command: String,
+}
+
+fn default_finish_steps() -> usize {
+    3
 }
 
 impl DiffusionCard {
@@ -192,4 +199,33 @@ pub fn to_pixels(samples: &Tensor) -> Result<Tensor> {
 /// u8 grey pixels `(batch, h, w)` → channels-last samples in [-1, 1].
 pub fn from_pixels(pixels: &Tensor) -> Result<Tensor> {
     Ok(((pixels.to_dtype(DType::F32)? / 127.5)? - 1.0)?.unsqueeze(3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pixels_round_trip_through_the_model_range() {
+        let pixels = Tensor::new(&[[[0u8, 1, 127], [128, 254, 255]]], &Device::Cpu).unwrap();
+        let samples = from_pixels(&pixels).unwrap();
+        assert_eq!(samples.dims(), &[1, 2, 3, 1]);
+        let range = samples.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!((range[0], range[5]), (-1.0, 1.0));
+        assert_eq!(
+            to_pixels(&samples).unwrap().to_vec3::<u8>().unwrap(),
+            pixels.to_vec3::<u8>().unwrap()
+        );
+        // Out-of-range predictions are clamped, not wrapped.
+        let wild = Tensor::new(&[[[[-3f32], [3.0]]]], &Device::Cpu).unwrap();
+        assert_eq!(
+            to_pixels(&wild)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap(),
+            vec![0, 255]
+        );
+    }
 }

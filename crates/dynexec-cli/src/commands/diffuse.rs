@@ -22,8 +22,9 @@ pub struct DiffuseArgs {
     #[arg(long, default_value = "unet-fashion-mnist")]
     model: String,
     /// N (fixed), predicted[:Q] (the model's step predictor; Q = probability the count
-    /// suffices, default the predictor's) or converge[:EPS] (stop once the predicted image
-    /// changes by less than EPS RMS between steps; default the model's).
+    /// suffices, default the predictor's) or converge[:EPS[:K]] (once the predicted image
+    /// changes by less than EPS RMS between steps, finish in K more steps; defaults: the
+    /// model's).
     #[arg(long, default_value = "predicted")]
     steps: String,
     /// Steps the converge policy schedules (and stops within).
@@ -92,6 +93,13 @@ impl Pipeline {
             Pipeline::Unet(m) => m.card.converge_epsilon,
             // Latents have unit variance, pixels span 2: the same relative change.
             Pipeline::StableDiffusion(..) => 0.01,
+        }
+    }
+
+    pub fn default_finish_steps(&self) -> usize {
+        match self {
+            Pipeline::Unet(m) => m.card.converge_finish_steps,
+            Pipeline::StableDiffusion(..) => 2,
         }
     }
 
@@ -196,7 +204,7 @@ impl Pipeline {
 pub enum StepsArg {
     Fixed(usize),
     Predicted(Option<f64>),
-    Converge(Option<f64>),
+    Converge(Option<f64>, Option<usize>),
 }
 
 impl std::str::FromStr for StepsArg {
@@ -205,6 +213,11 @@ impl std::str::FromStr for StepsArg {
         let (name, value) = match s.split_once(':') {
             Some((n, v)) => (n, Some(v)),
             None => (s, None),
+        };
+        let bad = || {
+            anyhow::anyhow!(
+                "--steps {s}: use a step count (e.g. 50), predicted[:Q] or converge[:EPS[:K]]"
+            )
         };
         let number = |v: Option<&str>| -> Result<Option<f64>> {
             v.map(|v| {
@@ -217,12 +230,18 @@ impl std::str::FromStr for StepsArg {
         };
         match name {
             "predicted" => Ok(Self::Predicted(number(value)?)),
-            "converge" => Ok(Self::Converge(number(value)?)),
+            "converge" => {
+                let (eps, finish) = match value.map(|v| v.split_once(':')) {
+                    Some(Some((eps, k))) => {
+                        (Some(eps), Some(k.parse::<usize>().map_err(|_| bad())?))
+                    }
+                    _ => (value, None),
+                };
+                Ok(Self::Converge(number(eps)?, finish))
+            }
             n => match n.parse::<usize>() {
                 Ok(n) if n > 0 && value.is_none() => Ok(Self::Fixed(n)),
-                _ => bail!(
-                    "--steps {s}: use a step count (e.g. 50), predicted[:Q] or converge[:EPS]"
-                ),
+                _ => Err(bad()),
             },
         }
     }
@@ -243,16 +262,18 @@ pub fn resolve_policy(
             let n = predictor.predict(&model.encoder.embed(&[prompt])?, q)?[0];
             (StepPolicy::Fixed(n), format!("predicted:{q}"))
         }
-        StepsArg::Converge(eps) => {
+        StepsArg::Converge(eps, finish) => {
             let epsilon = eps.unwrap_or(pipeline.default_converge_epsilon());
+            let finish_steps = finish.unwrap_or(pipeline.default_finish_steps());
             let max_steps = max_steps.unwrap_or(pipeline.default_steps());
             (
                 StepPolicy::Converge {
                     epsilon,
                     max_steps,
                     min_steps: MIN_CONVERGE_STEPS.min(max_steps),
+                    finish_steps,
                 },
-                format!("converge:{epsilon}"),
+                format!("converge:{epsilon}:{finish_steps}"),
             )
         }
     })
@@ -366,9 +387,20 @@ mod tests {
         );
         assert_eq!(
             "converge:0.02".parse::<StepsArg>().unwrap(),
-            StepsArg::Converge(Some(0.02))
+            StepsArg::Converge(Some(0.02), None)
         );
-        for bad in ["0", "fast", "converge:x", "converge:-1", "12:3"] {
+        assert_eq!(
+            "converge:0.02:4".parse::<StepsArg>().unwrap(),
+            StepsArg::Converge(Some(0.02), Some(4))
+        );
+        for bad in [
+            "0",
+            "fast",
+            "converge:x",
+            "converge:-1",
+            "12:3",
+            "converge:0.1:x",
+        ] {
             let err = bad.parse::<StepsArg>().unwrap_err().to_string();
             assert!(err.contains("--steps"), "{bad}: {err}");
         }

@@ -64,8 +64,15 @@ pub struct TrainArgs {
     /// Default threshold of `--steps converge`, recorded in the card.
     #[arg(long, default_value_t = 0.01)]
     converge_epsilon: f64,
+    /// Default finishing steps of `--steps converge`, recorded in the card.
+    #[arg(long, default_value_t = 3)]
+    converge_finish_steps: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Continue training the model in this folder (its card's architecture and weights); the
+    /// card then records both commands and the total steps.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Train on the first N images only (quick experiments, tests).
     #[arg(long)]
     train_limit: Option<usize>,
@@ -127,21 +134,34 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         bail!("prompt label `{l}` is not one of --labels");
     }
 
-    let config = UnetConfig {
-        image_size: images.dim(1)?,
-        in_channels: 1,
-        channels: args.channels.clone(),
-        context_dim: encoder.dim(),
-        embed_dim: args.embed_dim,
-        groups: args.groups,
+    let previous = match &args.resume {
+        Some(dir) => Some(DiffusionCard::read(&dir.join(CARD_FILE))?),
+        None => None,
     };
-    let varmap = VarMap::new();
+    let config = match &previous {
+        Some(card) => card.unet.clone(),
+        None => UnetConfig {
+            image_size: images.dim(1)?,
+            in_channels: 1,
+            channels: args.channels.clone(),
+            context_dim: encoder.dim(),
+            embed_dim: args.embed_dim,
+            groups: args.groups,
+        },
+    };
+    let mut varmap = VarMap::new();
     let unet = Unet::load(
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         &config,
     )?;
     check_context_dim(&encoder, &config)?;
     seeded_init(&varmap, args.seed)?;
+    if let Some(dir) = &args.resume {
+        let weights = dir.join(WEIGHTS_FILE);
+        varmap
+            .load(&weights)
+            .with_context(|| format!("loading {} to resume from", weights.display()))?;
+    }
     let schedule = NoiseSchedule::ddpm_linear();
     let mut record = DiffusionTraining {
         steps: args.steps,
@@ -180,6 +200,10 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     record.final_loss = loss;
+    if let Some(card) = &previous {
+        record.steps += card.training.steps;
+        record.command = format!("{} && {}", card.training.command, record.command);
+    }
 
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
@@ -196,6 +220,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         guidance_scale: args.guidance_scale,
         labels: args.labels.clone(),
         converge_epsilon: args.converge_epsilon,
+        converge_finish_steps: args.converge_finish_steps,
         training: record,
     };
     card.write(&args.out.join(CARD_FILE))?;
