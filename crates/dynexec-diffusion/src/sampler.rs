@@ -25,6 +25,25 @@ pub struct Conditioning {
     pub uncond: Option<Tensor>,
 }
 
+impl Conditioning {
+    /// Each row (one per prompt) repeated `per_prompt` times in place: one row per sample
+    /// when every prompt is drawn from several seeds.
+    pub fn repeat_rows(&self, per_prompt: usize) -> Result<Self> {
+        let prompts = self.cond.dim(0)? as u32;
+        let rows: Vec<u32> = (0..prompts)
+            .flat_map(|p| std::iter::repeat_n(p, per_prompt))
+            .collect();
+        let index = Tensor::from_vec(rows.clone(), rows.len(), self.cond.device())?;
+        Ok(Self {
+            cond: self.cond.index_select(&index, 0)?,
+            uncond: match &self.uncond {
+                Some(u) => Some(u.index_select(&index, 0)?),
+                None => None,
+            },
+        })
+    }
+}
+
 /// How many steps to take.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepPolicy {

@@ -147,16 +147,12 @@ impl TextUnet {
 
     /// Conditioning for `prompts`, each repeated `per_prompt` times (one row per sample).
     pub fn condition(&self, prompts: &[&str], per_prompt: usize) -> Result<Conditioning> {
-        let embedded = self.encoder.embed(prompts)?;
-        let rows: Vec<u32> = (0..prompts.len() as u32)
-            .flat_map(|p| std::iter::repeat_n(p, per_prompt))
-            .collect();
-        let index = Tensor::from_vec(rows.clone(), rows.len(), embedded.device())?;
-        let cond = embedded.index_select(&index, 0)?;
-        Ok(Conditioning {
+        let cond = self.encoder.embed(prompts)?;
+        Conditioning {
             uncond: Some(cond.zeros_like()?),
             cond,
-        })
+        }
+        .repeat_rows(per_prompt)
     }
 
     /// `(height, width, channels)` of one sample.

@@ -124,18 +124,7 @@ impl Pipeline {
         match self {
             Pipeline::Unet(m) => Ok(m.condition(prompts, per_prompt)?),
             Pipeline::StableDiffusion(m, _) => {
-                let c = m.encode_prompts(prompts)?;
-                let rows: Vec<u32> = (0..prompts.len() as u32)
-                    .flat_map(|p| std::iter::repeat_n(p, per_prompt))
-                    .collect();
-                let index = Tensor::from_vec(rows.clone(), rows.len(), c.cond.device())?;
-                Ok(Conditioning {
-                    cond: c.cond.index_select(&index, 0)?,
-                    uncond: match c.uncond {
-                        Some(u) => Some(u.index_select(&index, 0)?),
-                        None => None,
-                    },
-                })
+                Ok(m.encode_prompts(prompts)?.repeat_rows(per_prompt)?)
             }
         }
     }
