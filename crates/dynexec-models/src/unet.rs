@@ -52,14 +52,14 @@ impl UnetConfig {
         if let Some(c) = self
             .channels
             .iter()
-            .find(|&&c| c == 0 || c % self.groups != 0)
+            .find(|&&c| c == 0 || !c.is_multiple_of(self.groups))
         {
             return bad(format!(
                 "{c} channels is not a multiple of {} groups",
                 self.groups
             ));
         }
-        if self.image_size % (1 << (levels - 1)) != 0 {
+        if !self.image_size.is_multiple_of(1 << (levels - 1)) {
             return bad(format!(
                 "a {}-pixel image cannot be halved {} times",
                 self.image_size,
