@@ -7,10 +7,12 @@
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or built from GGUF metadata, chat
 //!   templates and incremental (streaming) detokenization.
 //! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling.
+//! - [`card`]: the JSON cards saved next to trained weights.
 //! - [`trace`]: hidden states captured per layer, saved as safetensors + JSON.
 //! - [`stats`]: timing of prefill and decode, shared by every engine.
 //! - [`error`]: the error type of the library crates.
 
+pub mod card;
 pub mod device;
 pub mod error;
 pub mod hub;

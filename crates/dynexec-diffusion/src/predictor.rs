@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear, AdamW, Linear, Module, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use dynexec_core::card::{read_card, write_card};
 use dynexec_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -127,11 +128,7 @@ impl StepPredictor {
                 dir.display()
             )));
         }
-        let text = std::fs::read_to_string(&card_path).map_err(|e| Error::io(&card_path, e))?;
-        let card: PredictorCard = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
-            path: card_path.clone(),
-            message: format!("not a step-predictor card: {e}"),
-        })?;
+        let card: PredictorCard = read_card(&card_path, "a step-predictor card")?;
         check_grid(&card.grid)?;
         // SAFETY: read-only mapping of a file dynexec does not modify while it is open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], DType::F32, device) }?;
@@ -148,10 +145,7 @@ impl StepPredictor {
     /// Writes the card and weights into `dir`.
     pub fn save(&self, dir: &Path, varmap: &VarMap) -> Result<()> {
         varmap.save(dir.join(PREDICTOR_WEIGHTS_FILE))?;
-        let path = dir.join(PREDICTOR_CARD_FILE);
-        let text = serde_json::to_string_pretty(&self.card)
-            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the card: {e}")))?;
-        std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
+        write_card(&dir.join(PREDICTOR_CARD_FILE), &self.card)
     }
 
     /// For each embedded prompt, the smallest grid step count whose cumulative predicted

@@ -5,6 +5,7 @@ use crate::sampler::{Conditioning, Denoiser};
 use crate::schedule::{NoiseSchedule, Prediction};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use dynexec_core::card::{read_card, write_card};
 use dynexec_core::hub::Hub;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
@@ -60,19 +61,13 @@ fn default_finish_steps() -> usize {
 
 impl DiffusionCard {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let card: Self = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
-            path: path.to_path_buf(),
-            message: format!("not a diffusion-model card: {e}"),
-        })?;
+        let card: Self = read_card(path, "a diffusion-model card")?;
         card.schedule.check()?;
         Ok(card)
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the card: {e}")))?;
-        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+        write_card(path, self)
     }
 }
 

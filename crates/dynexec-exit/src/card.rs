@@ -2,6 +2,7 @@
 //! how accurate each exit is, and the calibrated exit policy.
 
 use crate::policy::ExitPolicy;
+use dynexec_core::card::{read_card, write_card};
 use dynexec_core::{Error, Result};
 use dynexec_models::cnn::CnnConfig;
 use serde::{Deserialize, Serialize};
@@ -101,11 +102,7 @@ pub struct CalibrationRecord {
 
 impl ExitCard {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let card: Self = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
-            path: path.to_path_buf(),
-            message: format!("not an exit-model card: {e}"),
-        })?;
+        let card: Self = read_card(path, "an exit-model card")?;
         let invalid = |message: String| Error::InvalidModel {
             path: path.to_path_buf(),
             message,
@@ -127,9 +124,7 @@ impl ExitCard {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self)
-            .map_err(|e| Error::InvalidArgument(format!("cannot serialise the card: {e}")))?;
-        std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
+        write_card(path, self)
     }
 
     /// The index of a label name.

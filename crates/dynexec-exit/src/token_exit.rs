@@ -9,6 +9,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
+use dynexec_core::card::read_card;
 use dynexec_core::{Error, Result};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
@@ -101,11 +102,7 @@ impl ExitAdapters {
     /// Reads `adapters.json` and `adapters.safetensors` from a folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(ADAPTERS_CARD);
-        let text = std::fs::read_to_string(&card_path).map_err(|e| Error::io(&card_path, e))?;
-        let card: AdapterCard = serde_json::from_str(&text).map_err(|e| Error::InvalidModel {
-            path: card_path.clone(),
-            message: format!("not an exit-adapter card: {e}"),
-        })?;
+        let card: AdapterCard = read_card(&card_path, "an exit-adapter card")?;
         let weights = dir.join(ADAPTERS_FILE);
         if !weights.exists() {
             return Err(Error::MissingFile(weights));

@@ -195,9 +195,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     save_weights(&[Some(&vars)], &args.out.join(ADAPTERS_FILE))?;
-    let card_text = serde_json::to_string_pretty(&card)?;
-    std::fs::write(args.out.join(ADAPTERS_CARD), card_text + "\n")
-        .with_context(|| format!("writing {}", args.out.join(ADAPTERS_CARD).display()))?;
+    dynexec_core::card::write_card(&args.out.join(ADAPTERS_CARD), &card)?;
     if global.json {
         return print_json(&serde_json::json!({ "out": args.out, "card": card }));
     }
