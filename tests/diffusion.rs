@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 use dynexec_core::hub::Hub;
-use dynexec_diffusion::metrics::ssim;
+use dynexec_diffusion::metrics::ssim_u8;
 use dynexec_diffusion::predictor::StepPredictor;
 use dynexec_diffusion::text_unet::{to_pixels, TextUnet};
 use dynexec_diffusion::{sample, SampleOptions, StepPolicy};
@@ -121,11 +121,8 @@ fn the_committed_predictor_saves_steps_and_keeps_the_image() {
     for (text, n) in texts.iter().zip(&steps) {
         let short = draw(&model, &[text], 1, &StepPolicy::Fixed(*n));
         let full = draw(&model, &[text], 1, &StepPolicy::Fixed(50));
-        let unit = |t: &Tensor| -> Vec<f64> {
-            let v = t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
-            v.iter().map(|&p| p as f64 / 255.0).collect()
-        };
-        total += ssim(&unit(&short), &unit(&full), 28, 28, 1.0).unwrap();
+        let bytes = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+        total += ssim_u8(&bytes(&short), &bytes(&full), 28, 28).unwrap();
     }
     let mean_ssim = total / texts.len() as f64;
     assert!(mean_ssim >= 0.9, "mean SSIM to 50 steps {mean_ssim}");

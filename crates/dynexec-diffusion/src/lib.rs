@@ -5,7 +5,7 @@
 //! ([`text_unet`]) or Stable Diffusion through candle-transformers ([`stable_diffusion`]).
 //! Three step policies decide how much compute a prompt gets: a fixed count, a count
 //! predicted from the prompt before sampling ([`predictor`], Step Saver, Yu & Barad 2024),
-//! or stopping once the predicted clean sample stops changing. [`metrics`] holds SSIM and
+//! or finishing early once the predicted clean sample stops changing. [`metrics`] holds SSIM and
 //! FID, which label the predictor's training data and score the policies.
 
 pub mod metrics;

@@ -58,6 +58,12 @@ pub fn ssim(a: &[f64], b: &[f64], height: usize, width: usize, data_range: f64) 
     Ok(sum / count as f64)
 }
 
+/// [`ssim`] of two 8-bit grey images (row-major), as fractions of full scale.
+pub fn ssim_u8(a: &[u8], b: &[u8], height: usize, width: usize) -> Result<f64> {
+    let unit = |p: &[u8]| p.iter().map(|&v| v as f64 / 255.0).collect::<Vec<_>>();
+    ssim(&unit(a), &unit(b), height, width, 1.0)
+}
+
 /// Fréchet distance between Gaussians fitted to two sets of feature vectors:
 /// |μ₁ − μ₂|² + tr(Σ₁ + Σ₂ − 2(Σ₁Σ₂)^½) (Heusel et al. 2017), with population covariances.
 pub fn frechet_distance(a: &[Vec<f64>], b: &[Vec<f64>]) -> Result<f64> {

@@ -1,6 +1,6 @@
 //! DDIM sampling (DDPM as DDIM with η = 1) with classifier-free guidance and two step
-//! policies: a fixed step count, or stopping each sample once its predicted clean image
-//! stops changing.
+//! policies: a fixed step count, or finishing early once the predicted clean images stop
+//! changing.
 
 use crate::noise::{batch_noise, generators};
 use crate::schedule::{NoiseSchedule, Prediction};
@@ -83,7 +83,7 @@ pub struct SampleOptions {
     pub clip_sample: Option<f64>,
 }
 
-/// Samples and how many denoising steps each took.
+/// Samples and how many denoising steps each took (the same for a whole batch).
 #[derive(Debug, Clone)]
 pub struct Sampled {
     /// The final predicted clean samples, `(batch, …)`.
@@ -166,7 +166,7 @@ pub fn sample(
             )));
         }
     }
-    let timesteps = schedule.timesteps(policy.scheduled_steps())?;
+    let mut timesteps = schedule.timesteps(policy.scheduled_steps())?;
     let alphas = schedule.alphas_cumprod();
     let device = context.cond.device();
     let mut rngs = generators(seeds);
@@ -177,7 +177,6 @@ pub fn sample(
         _ => None,
     };
 
-    let mut timesteps = timesteps;
     let mut converged = false;
     let mut previous_x0: Option<Tensor> = None;
     let mut x0 = x.clone();

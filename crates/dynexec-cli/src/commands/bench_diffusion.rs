@@ -8,7 +8,7 @@ use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
-use dynexec_diffusion::metrics::{frechet_distance, ssim};
+use dynexec_diffusion::metrics::{frechet_distance, ssim_u8};
 use dynexec_diffusion::text_unet::TEST_PROMPTS_FILE;
 use dynexec_exit::data::{read_idx, Examples};
 use dynexec_exit::model::ExitClassifier;
@@ -103,6 +103,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     for p in &args.policies {
         policies.push(p.parse()?);
     }
+    let predictor = pipeline.predictor_for(&policies)?;
     let options = pipeline.options(args.guidance, "ddim");
     let seeds: Vec<u64> = (0..args.seeds as u64).collect();
     let mut runs: Vec<Run> = Vec::new();
@@ -115,19 +116,20 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
         // Policies take turns on each prompt, so machine noise spreads over all of them.
         for (p, steps) in policies.iter().enumerate() {
             let started = Instant::now();
-            let (policy, name) =
-                resolve_policy(&pipeline, steps, prompt, Some(args.reference_steps))?;
             let context = pipeline.condition(&[prompt.as_str()], args.seeds)?;
+            let (policy, name) = resolve_policy(
+                &pipeline,
+                steps,
+                predictor.as_ref(),
+                &context,
+                Some(args.reference_steps),
+            )?;
             let sampled = pipeline.sample(&context, &seeds, &policy, &options, |_, _| {})?;
             let images = pipeline.to_images(&sampled.samples)?.squeeze(3)?;
             let seconds = started.elapsed().as_secs_f64();
             if runs.len() <= p {
                 runs.push(Run {
-                    name: if p == 0 {
-                        format!("fixed:{}", args.reference_steps)
-                    } else {
-                        name
-                    },
+                    name,
                     steps: Vec::new(),
                     seconds: Vec::new(),
                     images: Vec::new(),
@@ -157,10 +159,9 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     for run in &runs {
         let images = Tensor::cat(&run.images, 0)?;
         let pixels = images.flatten_from(1)?.to_vec2::<u8>()?;
-        let unit = |p: &[u8]| p.iter().map(|&v| v as f64 / 255.0).collect::<Vec<_>>();
         let mut ssim_sum = 0.0;
         for (a, b) in pixels.iter().zip(&baseline_pixels) {
-            ssim_sum += ssim(&unit(a), &unit(b), side, side, 1.0)?;
+            ssim_sum += ssim_u8(a, b, side, side)?;
         }
         let (predicted, features) = classify(&classifier, &images)?;
         let correct = predicted

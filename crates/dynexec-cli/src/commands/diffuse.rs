@@ -175,11 +175,14 @@ impl Pipeline {
         }
     }
 
-    /// The step predictor of a dynexec model; an error that says what to use instead for
-    /// Stable Diffusion or a model without one.
-    pub fn predictor(&self) -> Result<(&TextUnet, StepPredictor)> {
+    /// The step predictor of a dynexec model, loaded when one of `steps` asks for it; an
+    /// error that says what to use instead for Stable Diffusion or a model without one.
+    pub fn predictor_for(&self, steps: &[StepsArg]) -> Result<Option<StepPredictor>> {
+        if !steps.iter().any(|s| matches!(s, StepsArg::Predicted(_))) {
+            return Ok(None);
+        }
         match self {
-            Pipeline::Unet(m) => Ok((m, StepPredictor::load(&m.dir, &m.device)?)),
+            Pipeline::Unet(m) => Ok(Some(StepPredictor::load(&m.dir, &m.device)?)),
             Pipeline::StableDiffusion(_, v) => bail!(
                 "{v} has no step predictor (dynexec trains predictors for its own models): use \
                  --steps N or --steps converge"
@@ -236,19 +239,23 @@ impl std::str::FromStr for StepsArg {
     }
 }
 
-/// Turns `--steps` into the sampler's policy for one prompt; returns it and its name.
+/// Turns `--steps` into the sampler's policy for one prompt, given its conditioning (whose
+/// first row, the prompt's embedding, is what the step predictor reads; `predictor` comes
+/// from [`Pipeline::predictor_for`]); returns the policy and its name.
 pub fn resolve_policy(
     pipeline: &Pipeline,
     steps: &StepsArg,
-    prompt: &str,
+    predictor: Option<&StepPredictor>,
+    context: &Conditioning,
     max_steps: Option<usize>,
 ) -> Result<(StepPolicy, String)> {
     Ok(match steps {
         StepsArg::Fixed(n) => (StepPolicy::Fixed(*n), format!("fixed:{n}")),
         StepsArg::Predicted(q) => {
-            let (model, predictor) = pipeline.predictor()?;
+            let predictor = predictor
+                .context("internal: the step predictor was not loaded for --steps predicted")?;
             let q = q.unwrap_or(predictor.card.quantile);
-            let n = predictor.predict(&model.encoder.embed(&[prompt])?, q)?[0];
+            let n = predictor.predict(&context.cond.narrow(0, 0, 1)?, q)?[0];
             (StepPolicy::Fixed(n), format!("predicted:{q}"))
         }
         StepsArg::Converge(eps, finish) => {
@@ -278,11 +285,18 @@ pub fn run(global: &GlobalOptions, args: DiffuseArgs) -> Result<()> {
     }
     let steps: StepsArg = args.steps.parse()?;
     let pipeline = Pipeline::load(global, &args.model)?;
+    let predictor = pipeline.predictor_for(std::slice::from_ref(&steps))?;
     let started = Instant::now();
-    let (policy, policy_name) = resolve_policy(&pipeline, &steps, &args.prompt, args.max_steps)?;
+    let context = pipeline.condition(&[args.prompt.as_str()], args.n)?;
+    let (policy, policy_name) = resolve_policy(
+        &pipeline,
+        &steps,
+        predictor.as_ref(),
+        &context,
+        args.max_steps,
+    )?;
     let options = pipeline.options(args.guidance, &args.scheduler);
     let seeds: Vec<u64> = (0..args.n as u64).map(|i| args.seed + i).collect();
-    let context = pipeline.condition(&[args.prompt.as_str()], args.n)?;
     let bar = progress_bar(
         global,
         policy.scheduled_steps() as u64,
@@ -317,37 +331,22 @@ pub fn run(global: &GlobalOptions, args: DiffuseArgs) -> Result<()> {
 
 /// Writes u8 images `(batch, h, w, 1 or 3)` side by side (2-pixel gaps) as one PNG.
 pub fn write_grid(images: &Tensor, path: &Path, scale: Option<u32>) -> Result<()> {
-    write_rows(std::slice::from_ref(images), path, scale)
-}
-
-/// Writes rows of u8 images, each `(batch, h, w, 1 or 3)` of the same size, as one PNG.
-pub fn write_rows(rows: &[Tensor], path: &Path, scale: Option<u32>) -> Result<()> {
-    let first = rows.first().context("no images to write")?;
-    let (_, h, w, c) = first.dims4()?;
-    let columns = rows
-        .iter()
-        .map(|r| r.dim(0))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let columns = columns.into_iter().max().unwrap_or(1) as u32;
+    let (batch, h, w, c) = images.dims4()?;
     let scale = scale.unwrap_or(if h < 128 { 4 } else { 1 }).max(1);
     let (h, w) = (h as u32, w as u32);
     let gap = 2;
-    let width = columns * (w * scale + gap) - gap;
-    let height = rows.len() as u32 * (h * scale + gap) - gap;
-    let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([255, 255, 255]));
-    for (r, row) in rows.iter().enumerate() {
-        let pixels = row.flatten_all()?.to_vec1::<u8>()?;
-        for b in 0..row.dim(0)? as u32 {
-            for y in 0..h * scale {
-                for x in 0..w * scale {
-                    let i = (((b * h + y / scale) * w + x / scale) as usize) * c;
-                    let rgb = match c {
-                        1 => [pixels[i]; 3],
-                        _ => [pixels[i], pixels[i + 1], pixels[i + 2]],
-                    };
-                    let (px, py) = (b * (w * scale + gap) + x, r as u32 * (h * scale + gap) + y);
-                    canvas.put_pixel(px, py, image::Rgb(rgb));
-                }
+    let width = batch as u32 * (w * scale + gap) - gap;
+    let mut canvas = image::RgbImage::from_pixel(width, h * scale, image::Rgb([255, 255, 255]));
+    let pixels = images.flatten_all()?.to_vec1::<u8>()?;
+    for b in 0..batch as u32 {
+        for y in 0..h * scale {
+            for x in 0..w * scale {
+                let i = (((b * h + y / scale) * w + x / scale) as usize) * c;
+                let rgb = match c {
+                    1 => [pixels[i]; 3],
+                    _ => [pixels[i], pixels[i + 1], pixels[i + 2]],
+                };
+                canvas.put_pixel(b * (w * scale + gap) + x, y, image::Rgb(rgb));
             }
         }
     }

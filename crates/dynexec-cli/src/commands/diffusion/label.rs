@@ -5,7 +5,7 @@ use crate::commands::diffuse::Pipeline;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynexec_diffusion::metrics::ssim;
+use dynexec_diffusion::metrics::ssim_u8;
 use dynexec_diffusion::predictor::needed_steps;
 use dynexec_diffusion::text_unet::TRAIN_PROMPTS_FILE;
 use dynexec_diffusion::StepPolicy;
@@ -83,7 +83,7 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
         let seeds: Vec<u64> = (0..texts.len() * args.seeds)
             .map(|i| (i % args.seeds) as u64)
             .collect();
-        // Images of every grid step count, as [0, 1] pixels per sample.
+        // Images of every grid step count, as u8 pixels per sample.
         let mut by_steps = Vec::with_capacity(args.grid.len());
         for &n in &args.grid {
             let sampled =
@@ -97,11 +97,9 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
         }
         let reference_images = &by_steps[by_steps.len() - 1];
         for (row, seed) in seeds.iter().enumerate() {
-            let to_unit = |p: &[u8]| p.iter().map(|&v| v as f64 / 255.0).collect::<Vec<_>>();
-            let target = to_unit(&reference_images[row]);
             let scores = by_steps
                 .iter()
-                .map(|images| ssim(&to_unit(&images[row]), &target, h, w, 1.0))
+                .map(|images| ssim_u8(&images[row], &reference_images[row], h, w))
                 .collect::<dynexec_core::Result<Vec<_>>>()?;
             let steps = needed_steps(&args.grid, &scores, args.tau);
             let (text, label) = &chunk[row / args.seeds];
