@@ -219,6 +219,14 @@ impl TextTokenizer {
         Ok(template.render(system, user))
     }
 
+    /// Formats a conversation with the model's template, cueing the assistant's reply.
+    pub fn chat_messages(&self, messages: &[ChatMessage]) -> Result<String> {
+        let template = self.chat_template.as_ref().ok_or_else(|| {
+            tok_err("this model has no chat template dynexec knows (ChatML or Llama 3); use /v1/completions with a prompt you format yourself")
+        })?;
+        Ok(template.render_messages(messages))
+    }
+
     /// The underlying Hugging Face tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
@@ -293,29 +301,55 @@ impl ChatTemplate {
     }
 
     pub fn render(&self, system: Option<&str>, user: &str) -> String {
+        let mut messages: Vec<ChatMessage> = system
+            .map(|s| ChatMessage::new("system", s))
+            .into_iter()
+            .collect();
+        messages.push(ChatMessage::new("user", user));
+        self.render_messages(&messages)
+    }
+
+    /// A whole conversation, ending with the cue for the assistant's next turn.
+    pub fn render_messages(&self, messages: &[ChatMessage]) -> String {
+        let mut out = String::new();
         match self {
             Self::ChatMl { default_system } => {
-                let mut out = String::new();
-                if let Some(system) = system.or(default_system.as_deref()) {
+                let has_system = messages.first().is_some_and(|m| m.role == "system");
+                if let (false, Some(system)) = (has_system, default_system) {
                     out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
                 }
-                out.push_str(&format!(
-                    "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-                ));
-                out
+                for m in messages {
+                    out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                }
+                out.push_str("<|im_start|>assistant\n");
             }
             Self::Llama3 => {
-                let mut out = String::from("<|begin_of_text|>");
-                if let Some(system) = system {
+                out.push_str("<|begin_of_text|>");
+                for m in messages {
                     out.push_str(&format!(
-                        "<|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
+                        m.role, m.content
                     ));
                 }
-                out.push_str(&format!(
-                    "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-                ));
-                out
+                out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
             }
+        }
+        out
+    }
+}
+
+/// One turn of a conversation: `system`, `user` or `assistant`, and its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
         }
     }
 }
@@ -416,6 +450,29 @@ mod tests {
         // A template whose system text is a variable has no literal default.
         let dynamic = "{{ '<|im_start|>system\\n' + message['content'] + '<|im_end|>' }}";
         assert_eq!(chatml_default_system(dynamic), None);
+    }
+
+    #[test]
+    fn conversations_render_every_turn_and_cue_the_assistant() {
+        let chatml = ChatTemplate::ChatMl {
+            default_system: Some("Default.".into()),
+        };
+        let turns = [
+            ChatMessage::new("user", "Hi"),
+            ChatMessage::new("assistant", "Hello!"),
+            ChatMessage::new("user", "Bye"),
+        ];
+        assert_eq!(
+            chatml.render_messages(&turns),
+            "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // A conversation's own system turn replaces the default.
+        let own = [ChatMessage::new("system", "Mine."), ChatMessage::new("user", "Hi")];
+        assert!(!chatml.render_messages(&own).contains("Default."));
+        assert_eq!(
+            ChatTemplate::Llama3.render_messages(&own),
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nMine.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        );
     }
 
     #[test]

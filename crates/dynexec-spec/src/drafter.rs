@@ -7,6 +7,7 @@ use dynexec_core::sampling::Sampler;
 use dynexec_core::Result;
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
+use std::sync::Arc;
 
 /// Tokens proposed for one step.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +36,33 @@ pub trait Drafter {
     fn rollback(&mut self, len: usize) -> Result<()>;
     /// Forward passes run so far (0 for model-free drafters).
     fn forwards(&self) -> usize;
+    /// The same drafter with no sequence state, for another sequence (weights are shared).
+    fn fresh(&self) -> Box<dyn Drafter>;
+}
+
+/// A borrowed drafter drafts like the one it borrows (so a sequence can own either).
+impl<T: Drafter + ?Sized> Drafter for &mut T {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn propose(
+        &mut self,
+        tokens: &[u32],
+        max: usize,
+        sampler: Option<&mut Sampler>,
+        lookahead: &dyn Lookahead,
+    ) -> Result<Draft> {
+        (**self).propose(tokens, max, sampler, lookahead)
+    }
+    fn rollback(&mut self, len: usize) -> Result<()> {
+        (**self).rollback(len)
+    }
+    fn forwards(&self) -> usize {
+        (**self).forwards()
+    }
+    fn fresh(&self) -> Box<dyn Drafter> {
+        (**self).fresh()
+    }
 }
 
 /// A llama-family draft model: a separate small model, the target's quantized copy, or the
@@ -50,7 +78,7 @@ pub struct ModelDrafter {
 }
 
 /// A map from a layer's hidden state `(1, 1, hidden)` to what the final norm and head expect.
-pub type ExitAdapterFn = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+pub type ExitAdapterFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
 
 /// A draft model must score the same vocabulary as the target: its ids mean the same tokens.
 pub fn check_vocab(target: &Llama, draft: &Llama) -> Result<()> {
@@ -158,6 +186,17 @@ impl Drafter for ModelDrafter {
     fn forwards(&self) -> usize {
         self.forwards
     }
+
+    fn fresh(&self) -> Box<dyn Drafter> {
+        Box::new(Self {
+            model: self.model.clone(),
+            depth: self.depth,
+            cache: self.model.new_cache(),
+            name: self.name.clone(),
+            forwards: 0,
+            exit_adapter: self.exit_adapter.clone(),
+        })
+    }
 }
 
 /// Prompt lookup: find the longest recent n-gram (up to `max_ngram`) that occurred earlier
@@ -219,6 +258,10 @@ impl Drafter for NgramDrafter {
 
     fn forwards(&self) -> usize {
         0
+    }
+
+    fn fresh(&self) -> Box<dyn Drafter> {
+        Box::new(Self::new(self.max_ngram, self.max_tokens))
     }
 }
 

@@ -9,6 +9,7 @@ use dynexec_core::stats::{secs, GenerationStats};
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
 use dynexec_models::generation::{check_prompt, GenerateOptions, Generation, StopReason};
+use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
 use serde::Serialize;
 use std::time::Instant;
@@ -55,6 +56,125 @@ pub struct SpecGeneration {
     pub spec: SpecStats,
 }
 
+/// One sequence being decoded speculatively, a verification step at a time: what
+/// [`generate_speculative`] loops over, and what the server interleaves with other requests.
+pub struct SpeculativeSequence<'a> {
+    target: &'a Llama,
+    drafter: Box<dyn Drafter + 'a>,
+    lookahead: Box<dyn Lookahead + 'a>,
+    sampler: Sampler,
+    cache: KvCache,
+    /// The prompt and every token handed out so far; the last one is never in the cache.
+    tokens: Vec<u32>,
+    greedy: bool,
+    pub spec: SpecStats,
+}
+
+impl<'a> SpeculativeSequence<'a> {
+    /// Prefills the prompt and samples the first token, which is already in [`Self::tokens`].
+    pub fn start(
+        target: &'a Llama,
+        drafter: Box<dyn Drafter + 'a>,
+        lookahead: Box<dyn Lookahead + 'a>,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<(Self, u32)> {
+        check_prompt(target, prompt_ids, options)?;
+        if options.sampling.repetition_penalty != 1.0 {
+            return Err(Error::InvalidArgument(
+                "--repeat-penalty cannot be combined with --draft yet (the penalty depends on each drafted position)".to_string(),
+            ));
+        }
+        let mut sampler = Sampler::new(options.sampling.clone())?;
+        let mut cache = target.new_cache();
+        let logits = target.forward_last(prompt_ids, &mut cache, None)?;
+        let first = sampler.sample(&logits, prompt_ids)?;
+        let spec = SpecStats {
+            draft: drafter.name(),
+            lookahead: lookahead.name(),
+            target_forwards: 1,
+            ..Default::default()
+        };
+        let mut tokens = prompt_ids.to_vec();
+        tokens.push(first);
+        let sequence = Self {
+            target,
+            drafter,
+            lookahead,
+            greedy: options.sampling.is_greedy(),
+            sampler,
+            cache,
+            tokens,
+            spec,
+        };
+        Ok((sequence, first))
+    }
+
+    /// The prompt and the tokens produced so far.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// One draft-and-verify step proposing at most `max_drafts` tokens. Returns the accepted
+    /// drafts and the target's own next token (1 to `max_drafts + 1` tokens), already
+    /// appended to [`Self::tokens`]. `max_drafts` must leave room in the context for them.
+    pub fn step(&mut self, max_drafts: usize) -> Result<Vec<u32>> {
+        let room = self.target.config().context_length.saturating_sub(self.tokens.len());
+        let k = self.lookahead.next_k().min(max_drafts).min(room);
+        let draft_start = Instant::now();
+        let draft = if k > 0 {
+            let sampler = if self.greedy {
+                None
+            } else {
+                Some(&mut self.sampler)
+            };
+            self.drafter
+                .propose(&self.tokens, k, sampler, &*self.lookahead)?
+        } else {
+            Default::default()
+        };
+        self.spec.draft_secs += secs(draft_start.elapsed());
+
+        let verify_start = Instant::now();
+        let base = self.tokens.len() - 1; // positions the target's cache holds
+        let mut feed = Vec::with_capacity(draft.tokens.len() + 1);
+        feed.push(self.tokens[base]);
+        feed.extend_from_slice(&draft.tokens);
+        let logits = self.target.forward(&feed, &mut self.cache, None)?; // (1 + drafts, vocab)
+        self.spec.target_forwards += 1;
+        let verdict = if self.greedy {
+            let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+            verify_greedy(&draft.tokens, &argmax)
+        } else {
+            let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+            let target_dists: Vec<Vec<f32>> =
+                rows.iter().map(|r| self.sampler.distribution(r)).collect();
+            verify_sampling(
+                &draft.tokens,
+                &target_dists,
+                &draft.distributions,
+                &mut self.sampler,
+            )
+        };
+        let Verdict { accepted, next } = verdict;
+        // Keep the cache entries of the last token and the accepted drafts only.
+        self.cache.truncate(base + 1 + accepted)?;
+        self.drafter.rollback(base + 1 + accepted)?;
+        self.spec.verify_secs += secs(verify_start.elapsed());
+        if !draft.tokens.is_empty() {
+            self.spec.steps += 1;
+            self.spec.proposed += draft.tokens.len();
+            self.spec.accepted += accepted;
+            self.lookahead.observe(&draft.confidences, accepted);
+        }
+        let mut out = draft.tokens[..accepted].to_vec();
+        out.push(next);
+        self.tokens.extend_from_slice(&out);
+        self.spec.draft_forwards = self.drafter.forwards();
+        Ok(out)
+    }
+}
+
 /// Generates from `prompt_ids` with `target`, drafting with `drafter`. The output is what
 /// [`dynexec_models::generation::generate`] produces with the same options: greedy tokens
 /// are identical, sampled ones follow the same distribution.
@@ -68,38 +188,26 @@ pub fn generate_speculative(
     mut on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<SpecGeneration> {
     let context = target.config().context_length;
-    check_prompt(target, prompt_ids, options)?;
-    if options.sampling.repetition_penalty != 1.0 {
-        return Err(Error::InvalidArgument(
-            "--repeat-penalty cannot be combined with --draft yet (the penalty depends on each drafted position)".to_string(),
-        ));
-    }
-    let greedy = options.sampling.is_greedy();
-    let mut sampler = Sampler::new(options.sampling.clone())?;
-    let mut cache = target.new_cache();
     let mut stream = TokenStream::new(tokenizer);
-    let mut spec = SpecStats {
-        draft: drafter.name(),
-        lookahead: lookahead.name(),
-        ..Default::default()
-    };
     let mut stats = GenerationStats {
         prompt_tokens: prompt_ids.len(),
         ..Default::default()
     };
-    let mut tokens = prompt_ids.to_vec();
     let mut generated: Vec<u32> = Vec::with_capacity(options.max_tokens);
     let mut text = String::new();
 
     let start = Instant::now();
-    let logits = target.forward_last(prompt_ids, &mut cache, None)?;
-    spec.target_forwards += 1;
-    stats.prefill_secs = secs(start.elapsed());
-    let first = sampler.sample(&logits, &tokens)?;
+    let (mut sequence, first) = SpeculativeSequence::start(
+        target,
+        Box::new(drafter),
+        Box::new(lookahead),
+        prompt_ids,
+        options,
+    )?;
     stats.ttft_secs = secs(start.elapsed());
+    stats.prefill_secs = stats.ttft_secs;
     let first_at = Instant::now();
     let mut last_at = first_at;
-    // Tokens waiting to be emitted; the last one of `tokens` is never in the target's cache.
     let mut pending = vec![first];
     let mut stop_reason = StopReason::MaxTokens;
 
@@ -110,7 +218,6 @@ pub fn generate_speculative(
                 break 'outer;
             }
             generated.push(token);
-            tokens.push(token);
             last_at = Instant::now();
             if let Some(piece) = stream.push(token)? {
                 text.push_str(&piece);
@@ -120,62 +227,13 @@ pub fn generate_speculative(
                 break 'outer;
             }
             // Like plain decoding: a token at the last position can be emitted but not fed.
-            if tokens.len() >= context {
+            if prompt_ids.len() + generated.len() >= context {
                 stop_reason = StopReason::ContextFull;
                 break 'outer;
             }
         }
-        // Never draft past max_tokens (the verification adds one token of its own) or past
-        // the context (the verified tokens must fit in the target's cache).
-        let room = (options.max_tokens - generated.len() - 1).min(context - tokens.len());
-        let k = lookahead.next_k().min(room);
-        let draft_start = Instant::now();
-        let draft = if k > 0 {
-            drafter.propose(
-                &tokens,
-                k,
-                if greedy { None } else { Some(&mut sampler) },
-                &*lookahead,
-            )?
-        } else {
-            Default::default()
-        };
-        spec.draft_secs += secs(draft_start.elapsed());
-
-        let verify_start = Instant::now();
-        let base = tokens.len() - 1; // positions the target's cache holds
-        let mut feed = Vec::with_capacity(draft.tokens.len() + 1);
-        feed.push(tokens[base]);
-        feed.extend_from_slice(&draft.tokens);
-        let logits = target.forward(&feed, &mut cache, None)?; // (1 + drafts, vocab)
-        spec.target_forwards += 1;
-        let verdict = if greedy {
-            let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
-            verify_greedy(&draft.tokens, &argmax)
-        } else {
-            let rows: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
-            let target_dists: Vec<Vec<f32>> =
-                rows.iter().map(|r| sampler.distribution(r)).collect();
-            verify_sampling(
-                &draft.tokens,
-                &target_dists,
-                &draft.distributions,
-                &mut sampler,
-            )
-        };
-        let Verdict { accepted, next } = verdict;
-        // Keep the cache entries of the last token and the accepted drafts only.
-        cache.truncate(base + 1 + accepted)?;
-        drafter.rollback(base + 1 + accepted)?;
-        spec.verify_secs += secs(verify_start.elapsed());
-        if !draft.tokens.is_empty() {
-            spec.steps += 1;
-            spec.proposed += draft.tokens.len();
-            spec.accepted += accepted;
-            lookahead.observe(&draft.confidences, accepted);
-        }
-        pending.extend_from_slice(&draft.tokens[..accepted]);
-        pending.push(next);
+        // Never draft past max_tokens (the verification adds one token of its own).
+        pending = sequence.step(options.max_tokens - generated.len() - 1)?;
     }
     if let Some(piece) = stream.finish()? {
         text.push_str(&piece);
@@ -183,7 +241,6 @@ pub fn generate_speculative(
     }
     stats.generated_tokens = generated.len();
     stats.decode_secs = secs(last_at.duration_since(first_at));
-    spec.draft_forwards = drafter.forwards();
     Ok(SpecGeneration {
         generation: Generation {
             token_ids: generated,
@@ -191,6 +248,6 @@ pub fn generate_speculative(
             stop_reason,
             stats,
         },
-        spec,
+        spec: sequence.spec,
     })
 }

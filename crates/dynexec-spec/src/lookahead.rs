@@ -17,6 +17,22 @@ pub trait Lookahead {
     fn observe(&mut self, confidences: &[f32], accepted: usize);
 }
 
+/// A borrowed controller decides like the one it borrows (so a sequence can own either).
+impl<T: Lookahead + ?Sized> Lookahead for &mut T {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    fn next_k(&self) -> usize {
+        (**self).next_k()
+    }
+    fn keep_drafting(&self, confidence: f32) -> bool {
+        (**self).keep_drafting(confidence)
+    }
+    fn observe(&mut self, confidences: &[f32], accepted: usize) {
+        (**self).observe(confidences, accepted)
+    }
+}
+
 /// Always `k`.
 pub struct Fixed(pub usize);
 

@@ -63,7 +63,7 @@ pub fn build_drafter(
                     depth,
                     format!("self-layers:{depth}+adapter"),
                 )
-                .with_exit_adapter(Box::new(move |h| adapters.adapt(index, h))),
+                .with_exit_adapter(std::sync::Arc::new(move |h| adapters.adapt(index, h))),
             ))
         }
         "ngram" => {

@@ -121,15 +121,53 @@ impl Attention {
         let q = rope.apply(&q.transpose(1, 2)?, offset)?;
         let (k, v) = self.new_kv(x, rope, offset)?;
         let (k, v) = cache.append(layer, &k, &v)?;
-        let kv_len = k.dim(2)?;
+        let out = self.attend(&q, &k, &v, seq, offset)?;
+        self.o_proj.forward(&out)
+    }
 
+    /// One new token for each of several sequences: `x` is `(1, rows, hidden)` (already
+    /// normed), row `i` belonging to the sequence whose cache is `caches[i]`. The projections
+    /// run once for all rows (the weights are read once); attention runs per row, since each
+    /// sequence has its own length.
+    fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> Result<Tensor> {
+        let q = self.q_proj.forward(x)?;
+        let k = self.k_proj.forward(x)?;
+        let v = self.v_proj.forward(x)?;
+        let mut outs = Vec::with_capacity(caches.len());
+        for (row, cache) in caches.iter_mut().enumerate() {
+            let offset = cache.layer_len(layer);
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                Ok(t.narrow(1, row, 1)?
+                    .reshape((1, 1, n, self.head_dim))?
+                    .transpose(1, 2)?)
+            };
+            let q = rope.apply(&heads(&q, self.num_heads)?, offset)?;
+            let k = rope.apply(&heads(&k, self.num_kv_heads)?, offset)?;
+            let v = heads(&v, self.num_kv_heads)?.contiguous()?;
+            let (k, v) = cache.append(layer, &k, &v)?;
+            outs.push(self.attend(&q, &k, &v, 1, 0)?);
+        }
+        self.o_proj.forward(&Tensor::cat(&outs, 1)?)
+    }
+
+    /// Attention of rotated queries `(1|b, heads, seq, d)` over cached keys and values,
+    /// merged back to `(b, seq, heads * d)`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, offset: usize) -> Result<Tensor> {
+        let batch = q.dim(0)?;
+        let kv_len = k.dim(2)?;
         // K/V are repeated per query head so every product has the shape the reference
         // implementations use: results stay bit-identical to them. (Stacking the query heads
         // of a group instead avoids the copy but reorders the sums, and the quantized layers
         // amplify such reorderings to ~1 logit.)
         let group = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, group)?;
-        let v = repeat_kv(&v, group)?;
+        let k = repeat_kv(k, group)?;
+        let v = repeat_kv(v, group)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
         let scores = match seq {
             1 => scores,
@@ -142,10 +180,9 @@ impl Attention {
             )?)?,
         };
         let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        let out = out
+        Ok(out
             .transpose(1, 2)?
-            .reshape((batch, seq, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+            .reshape((batch, seq, self.num_heads * self.head_dim))?)
     }
 
     /// Keys (rotated) and values of `x` (already normed), `(batch, kv_heads, seq, head_dim)`.
@@ -401,6 +438,48 @@ impl Llama {
         Ok(self.head(&last)?.flatten_all()?)
     }
 
+    /// One decoding step for several sequences at once: `ids[i]` is the next token of the
+    /// sequence whose cache is `caches[i]`; returns next-token logits `(rows, vocab)`. Every
+    /// linear layer runs once on all rows, so a step for many sequences costs far less than
+    /// one step each; each row's result matches [`Self::forward_last`] on its own.
+    pub fn forward_batch(&self, ids: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        if ids.len() != caches.len() || ids.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "a batched step needs one token per sequence: {} tokens for {} sequences",
+                ids.len(),
+                caches.len()
+            )));
+        }
+        self.check_ids(ids)?;
+        if let Some(full) = caches
+            .iter()
+            .find(|c| c.len() + 1 > self.config.context_length)
+        {
+            return Err(Error::ContextOverflow {
+                prompt_tokens: full.len(),
+                requested: 1,
+                context: self.config.context_length,
+            });
+        }
+        // Rows go along the sequence axis: `(1, rows, hidden)`, one matmul row each.
+        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let mut x = self.embed(&ids)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let attn = layer.self_attn.forward_rows(
+                &layer.input_layernorm.forward(&x)?,
+                &self.rope,
+                caches,
+                l,
+            )?;
+            let x_attn = (attn + &x)?;
+            let mlp = layer
+                .mlp
+                .forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
+            x = (mlp + x_attn)?;
+        }
+        Ok(self.head(&x)?.squeeze(0)?)
+    }
+
     /// Logits of the last position after only the first `depth` layers (then the final norm
     /// and the shared head): a layer-skip draft of this model.
     pub fn forward_last_at_depth(
@@ -446,18 +525,23 @@ impl Llama {
                 "no tokens to run: the prompt is empty".to_string(),
             ));
         }
-        if let Some(bad) = ids
-            .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
-        {
-            return Err(Error::InvalidArgument(format!(
-                "token id {bad} is outside the model's vocabulary of {}: the tokenizer does not match the model",
-                self.config.vocab_size
-            )));
-        }
+        self.check_ids(ids)?;
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let hidden = self.embed(&ids)?;
         self.forward_layers(&hidden, 0..depth, cache, trace)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        match ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
+            Some(bad) => Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the model's vocabulary of {}: the tokenizer does not match the model",
+                self.config.vocab_size
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The tensors that are not linear weights, GGUF-named: the embedding table and the norms.

@@ -1,0 +1,464 @@
+//! The OpenAI request bodies, their checks, and the error bodies clients understand.
+//!
+//! Fields OpenAI defines that dynexec does not use (`user`, `presence_penalty`, ...) are
+//! accepted and ignored, as vLLM and llama-server do; fields whose meaning would change the
+//! output but are unsupported (`n` > 1, `logprobs`, tools) are refused with a 400.
+
+use crate::engine::{Dynamic, ModelInfo};
+use dynexec_core::sampling::SamplingParams;
+use dynexec_core::tokenizer::ChatMessage;
+use dynexec_exit::token_exit::TokenExitPolicy;
+use dynexec_models::generation::GenerateOptions;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: u16,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        Self {
+            status: 400,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+            code: None,
+        }
+    }
+
+    pub fn with_code(mut self, status: u16, code: &'static str) -> Self {
+        self.status = status;
+        self.code = Some(code);
+        self
+    }
+
+    pub fn server(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn body(&self) -> Value {
+        serde_json::json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChatRequest {
+    pub model: Option<String>,
+    pub messages: Vec<RequestMessage>,
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct RequestMessage {
+    pub role: String,
+    /// A string, or a list of `{"type": "text", "text": ...}` parts.
+    #[serde(default)]
+    pub content: Value,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    /// A string, a list of one string, or a list of token ids.
+    pub prompt: Value,
+    #[serde(flatten)]
+    pub params: Params,
+}
+
+/// Parameters both endpoints share, including dynexec's own.
+#[derive(Debug, Default, Deserialize)]
+pub struct Params {
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Not OpenAI's, but llama-server's and vLLM's.
+    pub top_k: Option<usize>,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub stop: Option<Value>,
+    pub seed: Option<u64>,
+    pub n: Option<usize>,
+    pub logprobs: Option<Value>,
+    pub tools: Option<Value>,
+    /// llama-server's and vLLM's name for the repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// dynexec: decode speculatively with the server's draft (default: when it has one).
+    pub speculative: Option<bool>,
+    /// dynexec: the lookahead for speculative decoding, e.g. `fixed:4`.
+    pub lookahead: Option<String>,
+    /// dynexec: per-token early exit, e.g. `confidence:0.9`.
+    pub early_exit: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// A checked request, ready for the engine.
+#[derive(Debug)]
+pub struct Prepared {
+    pub prompt_ids: Vec<u32>,
+    pub options: GenerateOptions,
+    pub stop: Vec<String>,
+    pub dynamic: Dynamic,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Server-side limits a request must respect.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The most tokens one request may ask for; also the default.
+    pub max_tokens: usize,
+}
+
+/// Parses a JSON body, turning serde's complaint into a 400 that names the problem.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::invalid(
+            None,
+            "the request body is empty: send a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let what = if e.is_syntax() || e.is_eof() {
+            "the request body is not valid JSON"
+        } else {
+            "the request body does not fit the API"
+        };
+        ApiError::invalid(None, format!("{what}: {e}"))
+    })
+}
+
+/// The model a request names must be the one served (or be left out).
+pub fn check_model(requested: Option<&str>, info: &ModelInfo) -> Result<(), ApiError> {
+    match requested {
+        Some(name) if name != info.name && !name.is_empty() => Err(ApiError::invalid(
+            Some("model"),
+            format!(
+                "the model `{name}` does not exist here: this server serves `{}` (see GET /v1/models)",
+                info.name
+            ),
+        )
+        .with_code(404, "model_not_found")),
+        _ => Ok(()),
+    }
+}
+
+/// The conversation of a chat request.
+pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "`messages` is empty: send at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .map(|m| {
+            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
+                return Err(ApiError::invalid(
+                    Some("messages"),
+                    format!(
+                        "unsupported message role `{}`: use system, user or assistant",
+                        m.role
+                    ),
+                ));
+            }
+            // OpenAI's newer name for the system role.
+            let role = if m.role == "developer" { "system" } else { &m.role };
+            Ok(ChatMessage::new(role, message_text(&m.content)?))
+        })
+        .collect()
+}
+
+fn message_text(content: &Value) -> Result<String, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            Some("messages"),
+            "a message's `content` must be a string or a list of text parts",
+        )
+    };
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match (p.get("type"), p.get("text")) {
+                (Some(Value::String(t)), Some(Value::String(text))) if t == "text" => {
+                    Ok(text.as_str())
+                }
+                _ => Err(ApiError::invalid(
+                    Some("messages"),
+                    "only text content parts (`{\"type\": \"text\", \"text\": ...}`) are supported",
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.concat()),
+        _ => Err(bad()),
+    }
+}
+
+/// The prompt of a completion request: text to encode, or token ids as given.
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+pub fn completion_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
+    let bad = |m: &str| ApiError::invalid(Some("prompt"), m);
+    match prompt {
+        Value::String(s) => Ok(PromptInput::Text(s.clone())),
+        Value::Array(items) if items.len() == 1 && items[0].is_string() => Ok(PromptInput::Text(
+            items[0].as_str().unwrap_or_default().to_string(),
+        )),
+        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .and_then(|id| u32::try_from(id).ok())
+                    .ok_or_else(|| bad("token ids must fit in 32 bits"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(PromptInput::Ids),
+        Value::Array(items) if items.len() > 1 => Err(bad(
+            "one prompt per request: send several requests to complete several prompts",
+        )),
+        _ => Err(bad(
+            "`prompt` must be a string, a list of one string, or a list of token ids",
+        )),
+    }
+}
+
+/// Checks the parameters against the model and the server, and builds the engine's job.
+pub fn prepare(
+    params: &Params,
+    prompt_ids: Vec<u32>,
+    info: &ModelInfo,
+    limits: Limits,
+) -> Result<Prepared, ApiError> {
+    if params.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid(
+            Some("n"),
+            "`n` must be 1: send several requests for several completions",
+        ));
+    }
+    if params.logprobs.as_ref().is_some_and(|v| v != &Value::Bool(false) && !v.is_null()) {
+        return Err(ApiError::invalid(Some("logprobs"), "`logprobs` is not supported"));
+    }
+    if params.tools.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::invalid(Some("tools"), "tool calls are not supported"));
+    }
+    if prompt_ids.is_empty() {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            "the prompt is empty: give some text to continue",
+        ));
+    }
+    if let Some(bad) = prompt_ids
+        .iter()
+        .find(|&&id| id as usize >= info.tokenizer.vocab_size())
+    {
+        return Err(ApiError::invalid(
+            Some("prompt"),
+            format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                info.tokenizer.vocab_size()
+            ),
+        ));
+    }
+    let context = info.context_length;
+    let prompt_tokens = prompt_ids.len();
+    if prompt_tokens >= context {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            format!(
+                "the prompt is {prompt_tokens} tokens but the model's context holds {context}: shorten it"
+            ),
+        )
+        .with_code(400, "context_length_exceeded"));
+    }
+    let requested = params.max_completion_tokens.or(params.max_tokens);
+    let max_tokens = match requested {
+        Some(0) => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                "`max_tokens` must be at least 1",
+            ))
+        }
+        Some(n) if n > limits.max_tokens => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "`max_tokens` is {n} but this server allows at most {} per request (its --max-tokens)",
+                    limits.max_tokens
+                ),
+            ))
+        }
+        Some(n) if prompt_tokens + n > context => {
+            return Err(ApiError::invalid(
+                Some("max_tokens"),
+                format!(
+                    "this model's context holds {context} tokens, but {} were requested ({prompt_tokens} in the prompt, {n} to generate): lower max_tokens or shorten the prompt",
+                    prompt_tokens + n
+                ),
+            )
+            .with_code(400, "context_length_exceeded"))
+        }
+        Some(n) => n,
+        // Unasked, generation runs to the server's limit or the end of the context.
+        None => limits.max_tokens.min(context - prompt_tokens),
+    };
+    let temperature = params.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            Some("temperature"),
+            "`temperature` must be between 0 and 2",
+        ));
+    }
+    let sampling = SamplingParams {
+        temperature,
+        top_k: params.top_k.filter(|&k| k > 0),
+        top_p: params.top_p.filter(|&p| p < 1.0),
+        repetition_penalty: params.repetition_penalty.unwrap_or(1.0),
+        repeat_last_n: 64,
+        seed: params.seed.unwrap_or_else(random_seed),
+    };
+    sampling.validate().map_err(|e| {
+        ApiError::invalid(
+            None,
+            e.to_string()
+                .replace("--top-p", "`top_p`")
+                .replace("--repeat-penalty", "`repetition_penalty`")
+                .replace("--temperature", "`temperature`"),
+        )
+    })?;
+    let stop = match &params.stop {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.len() <= 4 && items.iter().all(Value::is_string) => {
+            items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                Some("stop"),
+                "`stop` must be a string or a list of up to 4 strings",
+            ))
+        }
+    };
+    let dynamic = dynamic_options(params, info)?;
+    Ok(Prepared {
+        prompt_ids,
+        options: GenerateOptions {
+            max_tokens,
+            sampling,
+            stop_at_eos: true,
+        },
+        stop,
+        dynamic,
+        stream: params.stream,
+        include_usage: params
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage),
+    })
+}
+
+/// Speculative decoding and early exit as the request and the server allow.
+fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiError> {
+    let early_exit = match &params.early_exit {
+        None => None,
+        Some(spec) => {
+            let policy = TokenExitPolicy::parse(spec)
+                .map_err(|e| ApiError::invalid(Some("early_exit"), e.to_string()))?;
+            if info.exit_layers.is_none() {
+                return Err(ApiError::invalid(
+                    Some("early_exit"),
+                    "this server has no exit adapters: start it with --exit-adapters to allow early_exit",
+                ));
+            }
+            Some(policy)
+        }
+    };
+    let wants_speculative = match (params.speculative, &params.lookahead) {
+        (Some(false), Some(_)) => {
+            return Err(ApiError::invalid(
+                Some("lookahead"),
+                "`lookahead` needs speculative decoding, but `speculative` is false",
+            ))
+        }
+        (Some(on), _) => on,
+        (None, Some(_)) => true,
+        // By default a server with a draft drafts, except for early-exit requests.
+        (None, None) => info.draft.is_some() && early_exit.is_none(),
+    };
+    if wants_speculative && early_exit.is_some() {
+        return Err(ApiError::invalid(
+            Some("early_exit"),
+            "`early_exit` cannot be combined with speculative decoding: send `\"speculative\": false`",
+        ));
+    }
+    let speculative = match (wants_speculative, &info.draft) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(ApiError::invalid(
+                Some("speculative"),
+                "this server has no draft: start it with --draft to allow speculative decoding",
+            ))
+        }
+        (true, Some(_)) => {
+            let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
+            dynexec_spec::lookahead::parse(&lookahead)
+                .map_err(|e| ApiError::invalid(Some("lookahead"), e.to_string()))?;
+            Some(lookahead)
+        }
+    };
+    if speculative.is_some() && params.repetition_penalty.is_some_and(|p| p != 1.0) {
+        return Err(ApiError::invalid(
+            Some("repetition_penalty"),
+            "`repetition_penalty` cannot be combined with speculative decoding: send `\"speculative\": false`",
+        ));
+    }
+    Ok(Dynamic {
+        speculative,
+        early_exit,
+    })
+}
+
+/// A seed for requests that give none: every such request samples differently.
+fn random_seed() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ COUNTER
+        .fetch_add(1, Ordering::Relaxed)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}

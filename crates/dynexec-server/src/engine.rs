@@ -1,0 +1,672 @@
+//! The engine: one thread that owns the model and decodes every admitted request, a step at
+//! a time, so the async HTTP side never waits on model work.
+//!
+//! Each step samples one token for every plain sequence and feeds them all through the model
+//! in one batched forward (each linear layer reads its weights once for all rows). Requests
+//! that asked for speculative decoding or per-token early exit take their own forward in the
+//! same step, so every kind of request progresses together.
+
+use crate::metrics::{add, Metrics};
+use crate::stop::{StopCheck, StopMatcher};
+use candle_core::Tensor;
+use dynexec_core::sampling::Sampler;
+use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
+use dynexec_core::{Error, Result};
+use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+use dynexec_models::generation::GenerateOptions;
+use dynexec_models::kv_cache::KvCache;
+use dynexec_models::llama::Llama;
+use dynexec_spec::drafter::Drafter;
+use dynexec_spec::engine::SpeculativeSequence;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// What the engine serves: a decoder, its tokenizer, and what dynamic execution can use.
+pub struct ServedModel {
+    /// The name clients give as `model`.
+    pub name: String,
+    pub model: Llama,
+    pub tokenizer: TextTokenizer,
+    /// The draft speculative requests use; each request gets a fresh copy.
+    pub drafter: Option<Box<dyn Drafter>>,
+    /// The lookahead speculative requests use unless they name one.
+    pub lookahead: String,
+    /// Exit adapters for requests that ask for per-token early exit.
+    pub exit_adapters: Option<ExitAdapters>,
+}
+
+/// What the HTTP side needs to know about the served model.
+#[derive(Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub context_length: usize,
+    pub num_layers: usize,
+    /// The draft's name, when the server can decode speculatively.
+    pub draft: Option<String>,
+    pub lookahead: String,
+    /// The layers with exit adapters, when the server can exit early.
+    pub exit_layers: Option<Vec<usize>>,
+}
+
+/// How many sequences decode together and how many requests may wait.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineConfig {
+    /// Sequences decoded together; 1 serves requests one at a time.
+    pub max_batch: usize,
+    /// Requests waiting for a slot before new ones are refused (HTTP 503).
+    pub max_queue: usize,
+}
+
+/// Dynamic execution chosen for one request.
+#[derive(Debug, Clone, Default)]
+pub struct Dynamic {
+    /// Decode speculatively with the server's draft and this lookahead.
+    pub speculative: Option<String>,
+    pub early_exit: Option<TokenExitPolicy>,
+}
+
+/// One request for the engine.
+pub struct Job {
+    pub prompt_ids: Vec<u32>,
+    pub options: GenerateOptions,
+    pub stop: Vec<String>,
+    pub dynamic: Dynamic,
+    /// When the request arrived (latencies count from here).
+    pub received: Instant,
+    pub events: UnboundedSender<Event>,
+}
+
+/// What the engine tells a request's handler.
+#[derive(Debug)]
+pub enum Event {
+    Text(String),
+    Finished(Summary),
+    Failed(Error),
+}
+
+/// Why a generation ended, in OpenAI's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End of sequence or a stop string.
+    Stop,
+    /// `max_tokens` or the end of the context.
+    Length,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+/// What dynamic execution did for a request (the `dynexec` field of a response).
+#[derive(Debug, Clone, Serialize)]
+pub struct DynamicReport {
+    /// Sequences decoding together when the request finished.
+    pub batch_size: usize,
+    pub queue_ms: f64,
+    pub ttft_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpeculativeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExitReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeReport {
+    pub draft: String,
+    pub lookahead: String,
+    pub proposed: usize,
+    pub accepted: usize,
+    pub acceptance_rate: f64,
+    pub mean_accepted_length: f64,
+    pub target_forwards: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EarlyExitReport {
+    pub policy: String,
+    pub mean_exit_layer: f64,
+    pub layers_total: usize,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    pub report: DynamicReport,
+}
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The queue is full: try again later.
+    Busy,
+    /// The engine has stopped.
+    Closed,
+}
+
+/// The handle the HTTP side holds; dropping it lets the engine finish and exit.
+pub struct Engine {
+    jobs: Option<SyncSender<Job>>,
+    info: ModelInfo,
+    metrics: Arc<Metrics>,
+    abort: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts the engine thread, which loads the model with `load` and then serves jobs.
+    /// Returns once the model is loaded, or with the loading error.
+    pub fn start(
+        load: impl FnOnce() -> std::result::Result<ServedModel, String> + Send + 'static,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+    ) -> std::result::Result<Self, String> {
+        let (jobs, queue) = sync_channel(config.max_queue.max(1));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let abort = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (metrics, abort) = (metrics.clone(), abort.clone());
+            std::thread::Builder::new()
+                .name("dynexec-engine".into())
+                .spawn(move || {
+                    let served = match load() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(served.info()));
+                    Scheduler::new(&served, config, metrics, abort).run(queue);
+                })
+                .map_err(|e| format!("starting the engine thread: {e}"))?
+        };
+        match ready_rx.recv() {
+            Ok(Ok(info)) => Ok(Self {
+                jobs: Some(jobs),
+                info,
+                metrics,
+                abort,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the engine thread stopped while loading the model".to_string()),
+        }
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// Queues a job, or refuses it when the queue is full.
+    pub fn submit(&self, job: Job) -> std::result::Result<(), SubmitError> {
+        let jobs = self.jobs.as_ref().ok_or(SubmitError::Closed)?;
+        add(&self.metrics.queue_depth, 1);
+        jobs.try_send(job).map_err(|e| {
+            self.metrics
+                .queue_depth
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            match e {
+                TrySendError::Full(_) => SubmitError::Busy,
+                TrySendError::Disconnected(_) => SubmitError::Closed,
+            }
+        })
+    }
+
+    /// Ends every sequence in flight at its next step (their clients get an error event).
+    pub fn abort_in_flight(&self) {
+        self.abort.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl ServedModel {
+    fn info(&self) -> ModelInfo {
+        ModelInfo {
+            name: self.name.clone(),
+            tokenizer: Arc::new(self.tokenizer.clone()),
+            context_length: self.model.config().context_length,
+            num_layers: self.model.num_layers(),
+            draft: self.drafter.as_ref().map(|d| d.name()),
+            lookahead: self.lookahead.clone(),
+            exit_layers: self.exit_adapters.as_ref().map(|a| a.card.layers.clone()),
+        }
+    }
+}
+
+/// How one sequence computes its next-token logits.
+enum Decoder<'m> {
+    /// Batched with the other plain sequences.
+    Plain { cache: KvCache, sampler: Sampler },
+    EarlyExit {
+        cache: KvCache,
+        sampler: Sampler,
+        exit: TokenExit<'m>,
+    },
+    Speculative(Box<SpeculativeSequence<'m>>),
+}
+
+/// A sequence being decoded for one request.
+struct Active<'m> {
+    events: UnboundedSender<Event>,
+    decoder: Decoder<'m>,
+    tokenizer: &'m TextTokenizer,
+    stream: TokenStream<'m>,
+    stops: StopMatcher,
+    options: GenerateOptions,
+    /// Prompt and generated tokens (the sampler's repetition-penalty history).
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    generated: usize,
+    context: usize,
+    received: Instant,
+    queue_secs: f64,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+/// What emitting a token led to.
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+    /// The client went away.
+    Cancelled,
+    /// An error, already sent to the client.
+    Failed,
+}
+
+struct Scheduler<'m> {
+    served: &'m ServedModel,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    abort: Arc<AtomicBool>,
+    active: Vec<Active<'m>>,
+}
+
+impl<'m> Scheduler<'m> {
+    fn new(
+        served: &'m ServedModel,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        abort: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            served,
+            config,
+            metrics,
+            abort,
+            active: Vec::new(),
+        }
+    }
+
+    fn run(mut self, queue: Receiver<Job>) {
+        let mut open = true;
+        loop {
+            while open && self.active.len() < self.config.max_batch.max(1) {
+                // Idle, the engine sleeps until a job comes; busy, it only takes waiting ones.
+                let job = if self.active.is_empty() {
+                    queue.recv().map_err(|_| TryRecvError::Disconnected)
+                } else {
+                    queue.try_recv()
+                };
+                match job {
+                    Ok(job) => {
+                        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                        self.admit(job);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if self.active.is_empty() {
+                if open {
+                    continue;
+                }
+                return;
+            }
+            if self.abort.load(Ordering::Relaxed) {
+                for seq in self.active.drain(..) {
+                    add(&self.metrics.requests_failed, 1);
+                    let _ = seq.events.send(Event::Failed(Error::InvalidArgument(
+                        "the server is shutting down and ended this generation: retry on another server".to_string(),
+                    )));
+                }
+                continue;
+            }
+            self.step();
+        }
+    }
+
+    /// Prefills a job's prompt and emits its first token.
+    fn admit(&mut self, job: Job) {
+        if job.events.is_closed() {
+            add(&self.metrics.requests_cancelled, 1);
+            return;
+        }
+        let queue_secs = job.received.elapsed().as_secs_f64();
+        self.metrics.queue_wait.observe(queue_secs);
+        add(&self.metrics.prompt_tokens, job.prompt_ids.len() as u64);
+        let events = job.events.clone();
+        match self.prefill(job, queue_secs) {
+            Ok((mut seq, first)) => match emit(&mut seq, &[first]) {
+                Outcome::Continue => self.active.push(seq),
+                outcome => finish(
+                    &self.metrics,
+                    self.served,
+                    seq,
+                    outcome,
+                    self.active.len() + 1,
+                ),
+            },
+            Err(e) => {
+                add(&self.metrics.requests_failed, 1);
+                let _ = events.send(Event::Failed(e));
+            }
+        }
+    }
+
+    fn prefill(&self, job: Job, queue_secs: f64) -> Result<(Active<'m>, u32)> {
+        let served = self.served;
+        let model = &served.model;
+        let prompt = &job.prompt_ids;
+        dynexec_models::generation::check_prompt(model, prompt, &job.options)?;
+        let (decoder, first) = match (&job.dynamic.speculative, job.dynamic.early_exit) {
+            (Some(lookahead), _) => {
+                let drafter = served.drafter.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument("this server has no draft: start it with --draft".into())
+                })?;
+                let (seq, first) = SpeculativeSequence::start(
+                    model,
+                    drafter.fresh(),
+                    dynexec_spec::lookahead::parse(lookahead)?,
+                    prompt,
+                    &job.options,
+                )?;
+                (Decoder::Speculative(Box::new(seq)), first)
+            }
+            (None, Some(policy)) => {
+                let adapters = served.exit_adapters.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "this server has no exit adapters: start it with --exit-adapters".into(),
+                    )
+                })?;
+                let mut exit = TokenExit::new(model, adapters, policy)?;
+                let mut cache = model.new_cache();
+                let logits = exit.step(prompt, &mut cache)?;
+                let mut sampler = Sampler::new(job.options.sampling.clone())?;
+                let first = sampler.sample(&logits, prompt)?;
+                (
+                    Decoder::EarlyExit {
+                        cache,
+                        sampler,
+                        exit,
+                    },
+                    first,
+                )
+            }
+            (None, None) => {
+                let mut cache = model.new_cache();
+                let logits = model.forward_last(prompt, &mut cache, None)?;
+                let mut sampler = Sampler::new(job.options.sampling.clone())?;
+                let first = sampler.sample(&logits, prompt)?;
+                (Decoder::Plain { cache, sampler }, first)
+            }
+        };
+        let seq = Active {
+            events: job.events,
+            decoder,
+            tokenizer: &served.tokenizer,
+            stream: TokenStream::new(&served.tokenizer),
+            stops: StopMatcher::new(job.stop),
+            tokens: job.prompt_ids.clone(),
+            prompt_tokens: job.prompt_ids.len(),
+            generated: 0,
+            context: model.config().context_length,
+            options: job.options,
+            received: job.received,
+            queue_secs,
+            first_token_at: None,
+            last_token_at: None,
+        };
+        Ok((seq, first))
+    }
+
+    /// One token (or, speculatively, one verified run of tokens) for every active sequence:
+    /// each sequence's last token goes through the model (plain ones batched together), then
+    /// the next is sampled and handed out.
+    fn step(&mut self) {
+        let model = &self.served.model;
+        let mut batch_ids = Vec::new();
+        let mut caches = Vec::new();
+        for seq in &mut self.active {
+            if let Decoder::Plain { cache, .. } = &mut seq.decoder {
+                if !seq.events.is_closed() {
+                    batch_ids.push(*seq.tokens.last().unwrap_or(&0));
+                    caches.push(cache);
+                }
+            }
+        }
+        let batch_size = batch_ids.len();
+        let batch_logits: Result<Vec<Tensor>> = match batch_size {
+            0 => Ok(Vec::new()),
+            _ => model
+                .forward_batch(&batch_ids, &mut caches)
+                .and_then(|all| Ok(all.chunk(batch_size, 0)?)),
+        };
+        drop(caches);
+        if batch_size > 0 {
+            self.metrics.batch_size.observe(batch_size as f64);
+        }
+        let batch_error = batch_logits.as_ref().err().map(|e| e.to_string());
+        let mut rows = batch_logits.unwrap_or_default().into_iter();
+        let mut outcomes = Vec::with_capacity(self.active.len());
+        for seq in &mut self.active {
+            if seq.events.is_closed() {
+                outcomes.push(Outcome::Cancelled);
+                continue;
+            }
+            let last = *seq.tokens.last().unwrap_or(&0);
+            let next = match &mut seq.decoder {
+                Decoder::Plain { sampler, .. } => match (&batch_error, rows.next()) {
+                    (Some(e), _) => Err(Error::InvalidArgument(format!(
+                        "batched decoding failed: {e}"
+                    ))),
+                    (None, Some(logits)) => sample(sampler, &logits, &seq.tokens),
+                    (None, None) => Err(Error::InvalidArgument(
+                        "batched decoding returned too few rows".into(),
+                    )),
+                },
+                Decoder::EarlyExit {
+                    cache,
+                    sampler,
+                    exit,
+                } => exit
+                    .step(&[last], cache)
+                    .and_then(|logits| sample(sampler, &logits, &seq.tokens)),
+                Decoder::Speculative(spec) => {
+                    // Never draft past max_tokens: the verification adds one token of its own.
+                    spec.step(seq.options.max_tokens.saturating_sub(seq.generated + 1))
+                }
+            };
+            outcomes.push(match next {
+                Ok(tokens) => emit(seq, &tokens),
+                Err(e) => {
+                    add(&self.metrics.requests_failed, 1);
+                    let _ = seq.events.send(Event::Failed(e));
+                    Outcome::Failed
+                }
+            });
+        }
+        // Retire finished and cancelled sequences, keeping the order of the others.
+        let batch_total = self.active.len();
+        let mut kept = Vec::with_capacity(batch_total);
+        for (seq, outcome) in self.active.drain(..).zip(outcomes) {
+            match outcome {
+                Outcome::Continue => kept.push(seq),
+                outcome => finish(&self.metrics, self.served, seq, outcome, batch_total),
+            }
+        }
+        self.active = kept;
+        self.metrics
+            .active_sequences
+            .store(self.active.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn sample(sampler: &mut Sampler, logits: &Tensor, history: &[u32]) -> Result<Vec<u32>> {
+    Ok(vec![sampler.sample(logits, history)?])
+}
+
+/// Hands `tokens` to the client, stopping at end-of-sequence, a stop string, `max_tokens` or
+/// the end of the context. No tokens means the client has gone.
+fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
+    if tokens.is_empty() || seq.events.is_closed() {
+        return Outcome::Cancelled;
+    }
+    for &token in tokens {
+        let now = Instant::now();
+        seq.first_token_at.get_or_insert(now);
+        if seq.options.stop_at_eos && seq.tokenizer.is_eos(token) {
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        seq.generated += 1;
+        seq.tokens.push(token);
+        seq.last_token_at = Some(now);
+        let piece = match seq.stream.push(token) {
+            Ok(piece) => piece,
+            Err(e) => {
+                let _ = seq.events.send(Event::Failed(e));
+                return Outcome::Cancelled;
+            }
+        };
+        if let Some(piece) = piece {
+            let (text, stopped) = match seq.stops.push(&piece) {
+                StopCheck::Continue(t) => (t, false),
+                StopCheck::Stop(t) => (t, true),
+            };
+            if !text.is_empty() && seq.events.send(Event::Text(text)).is_err() {
+                return Outcome::Cancelled;
+            }
+            if stopped {
+                return Outcome::Finished(FinishReason::Stop);
+            }
+        }
+        if seq.generated >= seq.options.max_tokens || seq.tokens.len() >= seq.context {
+            return Outcome::Finished(FinishReason::Length);
+        }
+    }
+    Outcome::Continue
+}
+
+/// Sends the rest of a finished sequence's text and its summary, and records its metrics.
+fn finish(
+    metrics: &Metrics,
+    served: &ServedModel,
+    mut seq: Active<'_>,
+    outcome: Outcome,
+    batch_size: usize,
+) {
+    let finish_reason = match outcome {
+        Outcome::Finished(reason) => reason,
+        Outcome::Cancelled => {
+            add(&metrics.requests_cancelled, 1);
+            return;
+        }
+        Outcome::Continue | Outcome::Failed => return,
+    };
+    // Text held back for a possible stop string (or an incomplete character) is released,
+    // unless a stop string ended the text.
+    let mut rest = String::new();
+    if let Ok(Some(piece)) = seq.stream.finish() {
+        let (StopCheck::Continue(t) | StopCheck::Stop(t)) = seq.stops.push(&piece);
+        rest.push_str(&t);
+    }
+    rest.push_str(&seq.stops.finish());
+    if !rest.is_empty() && seq.events.send(Event::Text(rest)).is_err() {
+        add(&metrics.requests_cancelled, 1);
+        return;
+    }
+    let ttft = seq
+        .first_token_at
+        .map_or(0.0, |t| t.duration_since(seq.received).as_secs_f64());
+    metrics.ttft.observe(ttft);
+    if let (Some(first), Some(last), true) =
+        (seq.first_token_at, seq.last_token_at, seq.generated > 1)
+    {
+        let per_token = last.duration_since(first).as_secs_f64() / (seq.generated - 1) as f64;
+        metrics.time_per_output_token.observe(per_token);
+    }
+    metrics
+        .request_duration
+        .observe(seq.received.elapsed().as_secs_f64());
+    add(&metrics.generated_tokens, seq.generated as u64);
+    let speculative = match &seq.decoder {
+        Decoder::Speculative(spec) => {
+            let s = &spec.spec;
+            add(&metrics.draft_proposed, s.proposed as u64);
+            add(&metrics.draft_accepted, s.accepted as u64);
+            Some(SpeculativeReport {
+                draft: s.draft.clone(),
+                lookahead: s.lookahead.clone(),
+                proposed: s.proposed,
+                accepted: s.accepted,
+                acceptance_rate: s.acceptance_rate(),
+                mean_accepted_length: s.mean_accepted_length(),
+                target_forwards: s.target_forwards,
+            })
+        }
+        _ => None,
+    };
+    let early_exit = match &seq.decoder {
+        Decoder::EarlyExit { exit, .. } => {
+            let layers: usize = exit.exit_layers.iter().sum();
+            add(&metrics.early_exit_tokens, exit.exit_layers.len() as u64);
+            add(&metrics.early_exit_layers, layers as u64);
+            Some(EarlyExitReport {
+                policy: exit.policy.to_string(),
+                mean_exit_layer: layers as f64 / exit.exit_layers.len().max(1) as f64,
+                layers_total: served.model.num_layers(),
+            })
+        }
+        _ => None,
+    };
+    let summary = Summary {
+        finish_reason,
+        usage: Usage {
+            prompt_tokens: seq.prompt_tokens,
+            completion_tokens: seq.generated,
+            total_tokens: seq.prompt_tokens + seq.generated,
+        },
+        report: DynamicReport {
+            batch_size,
+            queue_ms: seq.queue_secs * 1000.0,
+            ttft_ms: ttft * 1000.0,
+            speculative,
+            early_exit,
+        },
+    };
+    if seq.events.send(Event::Finished(summary)).is_err() {
+        add(&metrics.requests_cancelled, 1);
+    } else {
+        add(&metrics.requests_ok, 1);
+    }
+}

@@ -1,0 +1,377 @@
+//! The HTTP endpoints: OpenAI's completions, chat completions and model list, plus
+//! `/health` and `/metrics`.
+
+use crate::api::{
+    chat_messages, check_model, completion_prompt, parse_body, prepare, ApiError, ChatRequest,
+    CompletionRequest, Limits, Prepared, PromptInput,
+};
+use crate::engine::{Engine, Event, Job, SubmitError, Summary};
+use crate::metrics::{add, Metrics};
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+/// What every handler shares.
+pub struct AppState {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    /// Set on shutdown: new requests are refused while in-flight ones finish.
+    pub shutting_down: AtomicBool,
+    pub started: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, metrics: Arc<Metrics>, limits: Limits) -> Self {
+        Self {
+            engine,
+            metrics,
+            limits,
+            shutting_down: AtomicBool::new(false),
+            started: unix_now(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
+        json_response(status, &self.body())
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Which endpoint a generation answers.
+#[derive(Clone, Copy, PartialEq)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let received = Instant::now();
+    let prepared = (|| {
+        let request: ChatRequest = parse_body(&body)?;
+        let info = state.engine.info();
+        check_model(request.model.as_deref(), info)?;
+        let messages = chat_messages(&request.messages)?;
+        let prompt = info
+            .tokenizer
+            .chat_messages(&messages)
+            .and_then(|text| info.tokenizer.encode(&text))
+            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+        prepare(&request.params, prompt, info, state.limits)
+    })();
+    generate(state, prepared, Endpoint::Chat, received).await
+}
+
+async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let received = Instant::now();
+    let prepared = (|| {
+        let request: CompletionRequest = parse_body(&body)?;
+        let info = state.engine.info();
+        check_model(request.model.as_deref(), info)?;
+        let prompt = match completion_prompt(&request.prompt)? {
+            PromptInput::Ids(ids) => ids,
+            PromptInput::Text(text) => info
+                .tokenizer
+                .encode(&text)
+                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?,
+        };
+        prepare(&request.params, prompt, info, state.limits)
+    })();
+    generate(state, prepared, Endpoint::Completion, received).await
+}
+
+/// Queues a checked request and answers it, whole or as a server-sent event stream.
+async fn generate(
+    state: Arc<AppState>,
+    prepared: Result<Prepared, ApiError>,
+    endpoint: Endpoint,
+    received: Instant,
+) -> Response {
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            add(&state.metrics.requests_client_error, 1);
+            return e.into_response();
+        }
+    };
+    if state.shutting_down.load(Ordering::Relaxed) {
+        add(&state.metrics.requests_rejected_busy, 1);
+        return ApiError::server(503, "server_error", "the server is shutting down")
+            .with_code(503, "shutting_down")
+            .into_response();
+    }
+    let (events, mut rx) = unbounded_channel();
+    let job = Job {
+        prompt_ids: prepared.prompt_ids,
+        options: prepared.options,
+        stop: prepared.stop,
+        dynamic: prepared.dynamic,
+        received,
+        events,
+    };
+    if let Err(e) = state.engine.submit(job) {
+        add(&state.metrics.requests_rejected_busy, 1);
+        let message = match e {
+            SubmitError::Busy => "the server's queue is full: retry later, or start the server with a larger --max-queue",
+            SubmitError::Closed => "the server is shutting down",
+        };
+        return ApiError::server(503, "server_error", message)
+            .with_code(503, "server_overloaded")
+            .into_response();
+    }
+    let chunks = ChunkWriter {
+        id: format!(
+            "{}-{}",
+            if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+            state.next_id.fetch_add(1, Ordering::Relaxed)
+        ),
+        created: unix_now(),
+        model: state.engine.info().name.clone(),
+        endpoint,
+        include_usage: prepared.include_usage,
+        sent_role: false,
+    };
+    // The first event comes after the prefill: an error there is still an HTTP error.
+    let first = match rx.recv().await {
+        Some(Event::Failed(e)) => return engine_error(e).into_response(),
+        None => return engine_gone().into_response(),
+        Some(event) => event,
+    };
+    if prepared.stream {
+        return stream_response(chunks, first, rx);
+    }
+    let mut text = String::new();
+    let mut next = Some(first);
+    loop {
+        match next.take() {
+            Some(Event::Text(t)) => text.push_str(&t),
+            Some(Event::Finished(summary)) => {
+                return json_response(StatusCode::OK, &chunks.whole(&text, &summary))
+            }
+            Some(Event::Failed(e)) => return engine_error(e).into_response(),
+            None => return engine_gone().into_response(),
+        }
+        next = rx.recv().await;
+    }
+}
+
+fn engine_error(e: dynexec_core::Error) -> ApiError {
+    match e {
+        dynexec_core::Error::InvalidArgument(_) | dynexec_core::Error::ContextOverflow { .. } => {
+            ApiError::invalid(None, e.to_string())
+        }
+        e => ApiError::server(500, "server_error", format!("generation failed: {e}")),
+    }
+}
+
+fn engine_gone() -> ApiError {
+    ApiError::server(503, "server_error", "the server stopped before finishing this request")
+}
+
+fn stream_response(
+    chunks: ChunkWriter,
+    first: Event,
+    rx: UnboundedReceiver<Event>,
+) -> Response {
+    let stream = futures_util::stream::unfold(
+        (Some(first), rx, chunks, false),
+        |(pending, mut rx, mut chunks, done)| async move {
+            if done {
+                return None;
+            }
+            let event = match pending {
+                Some(e) => Some(e),
+                None => rx.recv().await,
+            };
+            let finished = !matches!(event, Some(Event::Text(_)));
+            let data = match event {
+                Some(Event::Text(t)) => chunks.delta(&t),
+                Some(Event::Finished(summary)) => chunks.finish(&summary),
+                Some(Event::Failed(e)) => chunks.error(&engine_error(e)),
+                None => chunks.error(&engine_gone()),
+            };
+            Some((
+                Ok::<_, Infallible>(Bytes::from(data)),
+                (None, rx, chunks, finished),
+            ))
+        },
+    );
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| engine_gone().into_response())
+}
+
+/// Builds the response bodies and stream chunks of one request.
+struct ChunkWriter {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    include_usage: bool,
+    sent_role: bool,
+}
+
+impl ChunkWriter {
+    fn object(&self, streaming: bool) -> &'static str {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completion, _) => "text_completion",
+        }
+    }
+
+    fn choice(&self, text: &str, finish_reason: Value, streaming: bool) -> Value {
+        match (self.endpoint, streaming) {
+            (Endpoint::Chat, false) => json!({"index": 0, "finish_reason": finish_reason,
+                "message": {"role": "assistant", "content": text}, "logprobs": null}),
+            (Endpoint::Chat, true) => {
+                let mut delta = json!({});
+                if !self.sent_role {
+                    delta["role"] = json!("assistant");
+                }
+                if !text.is_empty() || !self.sent_role {
+                    delta["content"] = json!(text);
+                }
+                json!({"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": null})
+            }
+            (Endpoint::Completion, _) => {
+                json!({"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": null})
+            }
+        }
+    }
+
+    fn envelope(&self, choices: Value, streaming: bool) -> Value {
+        json!({"id": self.id, "object": self.object(streaming), "created": self.created,
+            "model": self.model, "choices": choices})
+    }
+
+    /// The whole answer of a non-streaming request.
+    fn whole(&self, text: &str, summary: &Summary) -> Value {
+        let mut body = self.envelope(
+            json!([self.choice(text, json!(summary.finish_reason), false)]),
+            false,
+        );
+        body["usage"] = json!(summary.usage);
+        body["dynexec"] = json!(summary.report);
+        body
+    }
+
+    fn sse(value: &Value) -> String {
+        format!("data: {value}\n\n")
+    }
+
+    fn delta(&mut self, text: &str) -> String {
+        let chunk = self.envelope(json!([self.choice(text, Value::Null, true)]), true);
+        self.sent_role = true;
+        Self::sse(&chunk)
+    }
+
+    /// The last chunk (finish reason and dynexec's report), usage if asked, and `[DONE]`.
+    fn finish(&mut self, summary: &Summary) -> String {
+        let mut last = self.envelope(
+            json!([self.choice("", json!(summary.finish_reason), true)]),
+            true,
+        );
+        last["dynexec"] = json!(summary.report);
+        let mut out = Self::sse(&last);
+        if self.include_usage {
+            let mut usage = self.envelope(json!([]), true);
+            usage["usage"] = json!(summary.usage);
+            out.push_str(&Self::sse(&usage));
+        }
+        out.push_str("data: [DONE]\n\n");
+        out
+    }
+
+    fn error(&self, error: &ApiError) -> String {
+        format!("{}data: [DONE]\n\n", Self::sse(&error.body()))
+    }
+}
+
+async fn list_models(State(state): State<Arc<AppState>>) -> Response {
+    let info = state.engine.info();
+    json_response(
+        StatusCode::OK,
+        &json!({"object": "list", "data": [{
+            "id": info.name, "object": "model", "created": state.started, "owned_by": "dynexec",
+            "context_length": info.context_length,
+            "dynexec": {"layers": info.num_layers, "draft": info.draft,
+                "lookahead": info.lookahead, "exit_layers": info.exit_layers},
+        }]}),
+    )
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Response {
+    let status = if state.shutting_down.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+    } else {
+        (StatusCode::OK, "ok")
+    };
+    json_response(status.0, &json!({"status": status.1}))
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> Response {
+    ApiError::invalid(
+        None,
+        "no such endpoint: dynexec serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /metrics",
+    )
+    .with_code(404, "not_found")
+    .into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    ApiError::invalid(None, "this endpoint does not take that HTTP method")
+        .with_code(405, "method_not_allowed")
+        .into_response()
+}
