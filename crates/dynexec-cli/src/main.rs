@@ -44,6 +44,9 @@ enum Command {
     /// Benchmark an engine: baseline and technique side by side in one process.
     #[command(subcommand)]
     Bench(commands::bench::BenchCommand),
+    /// Serve a decoder over HTTP with OpenAI's API (chat and text completions, streaming),
+    /// batching concurrent requests; requests choose speculative decoding or early exit.
+    Serve(commands::serve::ServeArgs),
     /// Convert a model's linear layers (f32, f16, q8_0, q4_0, q4_1) and write a GGUF.
     Quantize(commands::quantize::QuantizeArgs),
     /// Measure model quality (perplexity).
@@ -68,6 +71,7 @@ fn main() {
         Command::Diffusion(cmd) => commands::diffusion::run(&cli.global, cmd),
         Command::Diffuse(args) => commands::diffuse::run(&cli.global, args),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
+        Command::Serve(args) => commands::serve::run(&cli.global, args),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
         Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),
         Command::Analyze(args) => commands::analyze::run(&cli.global, args),

@@ -101,6 +101,9 @@ pub struct Params {
     pub n: Option<usize>,
     pub logprobs: Option<Value>,
     pub tools: Option<Value>,
+    /// vLLM's: keep generating past end-of-sequence (fixed-length benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
     /// llama-server's and vLLM's name for the repetition penalty.
     pub repetition_penalty: Option<f32>,
     /// dynexec: decode speculatively with the server's draft (default: when it has one).
@@ -378,7 +381,7 @@ pub fn prepare(
         options: GenerateOptions {
             max_tokens,
             sampling,
-            stop_at_eos: true,
+            stop_at_eos: !params.ignore_eos,
         },
         stop,
         dynamic,

@@ -87,7 +87,10 @@ pub struct Job {
 pub enum Event {
     Text(String),
     Finished(Summary),
+    /// The request was wrong for the model or the generation failed.
     Failed(Error),
+    /// The server ended the generation (shutting down).
+    Ended(String),
 }
 
 /// Why a generation ended, in OpenAI's words.
@@ -346,9 +349,10 @@ impl<'m> Scheduler<'m> {
             if self.abort.load(Ordering::Relaxed) {
                 for seq in self.active.drain(..) {
                     add(&self.metrics.requests_failed, 1);
-                    let _ = seq.events.send(Event::Failed(Error::InvalidArgument(
-                        "the server is shutting down and ended this generation: retry on another server".to_string(),
-                    )));
+                    let _ = seq.events.send(Event::Ended(
+                        "the server is shutting down and ended this generation before it finished"
+                            .to_string(),
+                    ));
                 }
                 continue;
             }

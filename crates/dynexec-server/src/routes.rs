@@ -174,6 +174,7 @@ async fn generate(
     // The first event comes after the prefill: an error there is still an HTTP error.
     let first = match rx.recv().await {
         Some(Event::Failed(e)) => return engine_error(e).into_response(),
+        Some(Event::Ended(why)) => return ended(why).into_response(),
         None => return engine_gone().into_response(),
         Some(event) => event,
     };
@@ -189,6 +190,7 @@ async fn generate(
                 return json_response(StatusCode::OK, &chunks.whole(&text, &summary))
             }
             Some(Event::Failed(e)) => return engine_error(e).into_response(),
+            Some(Event::Ended(why)) => return ended(why).into_response(),
             None => return engine_gone().into_response(),
         }
         next = rx.recv().await;
@@ -202,6 +204,10 @@ fn engine_error(e: dynexec_core::Error) -> ApiError {
         }
         e => ApiError::server(500, "server_error", format!("generation failed: {e}")),
     }
+}
+
+fn ended(why: String) -> ApiError {
+    ApiError::server(503, "server_error", why).with_code(503, "shutting_down")
 }
 
 fn engine_gone() -> ApiError {
@@ -228,6 +234,7 @@ fn stream_response(
                 Some(Event::Text(t)) => chunks.delta(&t),
                 Some(Event::Finished(summary)) => chunks.finish(&summary),
                 Some(Event::Failed(e)) => chunks.error(&engine_error(e)),
+                Some(Event::Ended(why)) => chunks.error(&ended(why)),
                 None => chunks.error(&engine_gone()),
             };
             Some((

@@ -18,6 +18,9 @@ use std::time::Instant;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Load a running `dynexec serve`: N concurrent streaming clients, throughput, time to
+    /// first token and time per output token (p50/p95/p99), errors; speculative on and off.
+    Serve(super::bench_serve::BenchServeArgs),
     /// Prefill and decode tokens/s of a decoder (optionally next to candle-transformers'
     /// quantized_llama on the same GGUF), median and spread over several runs.
     #[command(
@@ -124,6 +127,7 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
         BenchCommand::Exits(args) => super::bench_exits::run(global, args),
         BenchCommand::TokenExits(args) => super::bench_token_exits::run(global, args),
         BenchCommand::Diffusion(args) => super::bench_diffusion::run(global, args),
+        BenchCommand::Serve(args) => super::bench_serve::run(global, args),
     }
 }
 

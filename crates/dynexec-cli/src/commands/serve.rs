@@ -1,0 +1,155 @@
+//! `dynexec serve`: the OpenAI-compatible HTTP server.
+
+use super::generate::{load_exit_adapters, load_model, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS};
+use crate::options::GlobalOptions;
+use anyhow::{Context, Result};
+use clap::Args;
+use dynexec_server::{serve, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args, Clone)]
+#[command(
+    after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\". Responses report what was used under \"dynexec\"."
+)]
+pub struct ServeArgs {
+    /// Model: a manifest name, hf:ORG/REPO[@REV][:FILE], or a local GGUF file / folder.
+    #[arg(default_value = DEFAULT_DECODER)]
+    pub model: String,
+
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+
+    /// The model name clients send and /v1/models lists (default: MODEL as given).
+    #[arg(long)]
+    pub served_name: Option<String>,
+
+    /// Address to listen on (0.0.0.0 for every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+
+    /// Port to listen on (0 picks a free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// A draft for speculative decoding, as for `generate --draft` (a model,
+    /// `self-quant[:TYPE]`, `self-layers:E`, `ngram[:N,K]`). Requests then decode
+    /// speculatively unless they send "speculative": false.
+    #[arg(long)]
+    pub draft: Option<String>,
+
+    /// The lookahead speculative requests use unless they send their own.
+    #[arg(long, default_value = "heuristic")]
+    pub lookahead: String,
+
+    /// Exit adapters for requests with "early_exit" (default: smollm2-135m-instruct-exits
+    /// when serving the default model and it is pulled; `none` to serve without).
+    #[arg(long)]
+    pub exit_adapters: Option<String>,
+
+    /// Sequences decoded together in one batched step; 1 serves one request at a time.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+
+    /// Requests that may wait for a decoding slot; more get HTTP 503.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// The most tokens one request may generate (also the default for requests that give
+    /// no max_tokens).
+    #[arg(long, default_value_t = 512)]
+    pub max_tokens: usize,
+
+    /// On Ctrl-C or SIGTERM, how many seconds streams in flight may run before they are
+    /// ended.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout: u64,
+}
+
+pub fn run(global: &GlobalOptions, args: ServeArgs) -> Result<()> {
+    anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
+    anyhow::ensure!(args.max_queue >= 1, "--max-queue must be at least 1");
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    dynexec_spec::lookahead::parse(&args.lookahead)?;
+    let addr = format!("{}:{}", args.host, args.port);
+    let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .with_context(|| format!("--host {} --port {} is not an address to listen on", args.host, args.port))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))?;
+
+    let metrics = Arc::new(Metrics::default());
+    let config = EngineConfig {
+        max_batch: args.max_batch,
+        max_queue: args.max_queue,
+    };
+    let (load_global, load_args) = (global.clone(), args.clone());
+    // The model is loaded on the engine thread, which keeps it; errors come back here.
+    let engine = Engine::start(
+        move || load_served(&load_global, &load_args).map_err(|e| format!("{e:#}")),
+        config,
+        metrics.clone(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    let info = engine.info().clone();
+    let options = ServeOptions {
+        addr,
+        limits: Limits {
+            max_tokens: args.max_tokens,
+        },
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        http_threads: 2,
+    };
+    serve(engine, metrics, options, |bound| {
+        eprintln!(
+            "dynexec serve: `{}` ({} layers, context {}) on http://{bound} | batch {} | queue {} | draft {} | early exit {}",
+            info.name,
+            info.num_layers,
+            info.context_length,
+            args.max_batch,
+            args.max_queue,
+            info.draft.as_deref().unwrap_or("none"),
+            info.exit_layers
+                .as_ref()
+                .map_or("none".to_string(), |l| format!("exits after layers {l:?}")),
+        );
+    })?;
+    eprintln!("dynexec serve: stopped");
+    Ok(())
+}
+
+fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> {
+    let loaded = load_model(global, &args.model, args.tokenizer.as_deref(), global.quant)?;
+    let exit_adapters = match args.exit_adapters.as_deref() {
+        Some("none") => None,
+        Some(reference) => Some(load_exit_adapters(global, reference, &loaded.model)?),
+        None if args.model == DEFAULT_DECODER => {
+            match load_exit_adapters(global, DEFAULT_EXIT_ADAPTERS, &loaded.model) {
+                Ok(adapters) => Some(adapters),
+                Err(e) => {
+                    eprintln!("dynexec serve: serving without early exit ({e:#}); `dynexec models pull {DEFAULT_EXIT_ADAPTERS}` enables it");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let drafter = match &args.draft {
+        Some(spec) => {
+            let adapters = exit_adapters
+                .as_ref()
+                .filter(|_| spec.starts_with("self-layers"));
+            Some(super::speculative::build_drafter(global, spec, &loaded, adapters)?)
+        }
+        None => None,
+    };
+    Ok(ServedModel {
+        name: args.served_name.clone().unwrap_or(args.model.clone()),
+        model: loaded.model,
+        tokenizer: loaded.tokenizer,
+        drafter,
+        lookahead: args.lookahead.clone(),
+        exit_adapters,
+    })
+}

@@ -1,0 +1,71 @@
+"""Drives `dynexec serve` with the official openai package: python3 openai_client.py URL MODEL.
+
+Prints one JSON object with what it saw; exits non-zero on the first mismatch.
+"""
+import json
+import sys
+
+import openai
+
+base, model = sys.argv[1], sys.argv[2]
+client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+models = [m.id for m in client.models.list().data]
+assert model in models, models
+
+messages = [{"role": "user", "content": "Name three fruits."}]
+whole = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=20, temperature=0, extra_body={"speculative": False}
+)
+chat = whole.choices[0].message.content
+assert whole.choices[0].finish_reason in ("stop", "length"), whole
+assert whole.usage.completion_tokens <= 20 and whole.usage.prompt_tokens > 0, whole.usage
+
+pieces, usage = [], None
+stream = client.chat.completions.create(
+    model=model,
+    messages=messages,
+    max_tokens=20,
+    temperature=0,
+    stream=True,
+    stream_options={"include_usage": True},
+    extra_body={"speculative": False},
+)
+for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+        pieces.append(chunk.choices[0].delta.content)
+    if chunk.usage is not None:
+        usage = chunk.usage
+assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens, usage
+
+# dynexec's own fields go through extra_body and come back as extra response fields.
+drafted = client.chat.completions.create(
+    model=model, messages=messages, max_tokens=20, temperature=0, extra_body={"speculative": True}
+)
+report = drafted.model_extra["dynexec"]
+assert report["speculative"]["draft"].startswith("ngram"), report
+
+completion = client.completions.create(
+    model=model, prompt="The capital of France is", max_tokens=6, temperature=0
+)
+assert completion.choices[0].text, completion
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)
+    raise AssertionError("an unknown model must be refused")
+except openai.NotFoundError as e:
+    not_found = e.status_code
+try:
+    client.chat.completions.create(model=model, messages=messages, temperature=9)
+    raise AssertionError("a bad temperature must be refused")
+except openai.BadRequestError as e:
+    bad_request = e.status_code
+
+print(json.dumps({
+    "models": models,
+    "chat": chat,
+    "streamed": "".join(pieces),
+    "speculative": drafted.choices[0].message.content,
+    "completion": completion.choices[0].text,
+    "errors": [not_found, bad_request],
+}))

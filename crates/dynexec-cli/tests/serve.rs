@@ -1,0 +1,484 @@
+//! `dynexec serve` end to end: the real server on a loopback port, driven over HTTP, on
+//! SmolLM2 (`dynexec models pull smollm2-135m-instruct smollm2-135m-instruct-exits`).
+
+mod common;
+
+use common::{dynexec, stdout_json};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// A `dynexec serve` process on a free loopback port, killed when dropped.
+struct Server {
+    child: Child,
+    base: String,
+    log: std::sync::Mutex<mpsc::Receiver<String>>,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynexec"))
+            .args(["--device", "cpu", "--quiet", "serve", "--port", "0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start dynexec serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let line = log
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("the server printed no address in time (or exited)");
+            if let Some(rest) = line.split("on http://").nth(1) {
+                let addr = rest.split_whitespace().next().expect("address");
+                return Self {
+                    child,
+                    base: format!("http://{addr}"),
+                    log: std::sync::Mutex::new(log),
+                };
+            }
+            assert!(!line.contains("error"), "serve failed: {line}");
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POSTs a JSON body; any status comes back with its JSON body.
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, &body.to_string())
+    }
+
+    fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
+        let response = ureq::post(&self.url(path))
+            .set("content-type", "application/json")
+            .send_string(body);
+        into_json(response)
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        match ureq::get(&self.url(path)).call() {
+            Ok(r) => (r.status(), r.into_string().expect("body")),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
+            Err(e) => panic!("GET {path}: {e}"),
+        }
+    }
+
+    /// POSTs with `"stream": true` and returns the parsed `data:` events (without `[DONE]`)
+    /// and whether `[DONE]` ended the stream.
+    fn stream(&self, path: &str, body: &Value) -> (Vec<Value>, bool) {
+        let mut body = body.clone();
+        body["stream"] = json!(true);
+        let response = ureq::post(&self.url(path))
+            .set("content-type", "application/json")
+            .send_string(&body.to_string())
+            .expect("streaming request");
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        read_events(response.into_reader())
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    }
+
+    /// Sends SIGTERM, as a service manager would.
+    fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn into_json(response: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
+    let (code, r) = match response {
+        Ok(r) => (r.status(), r),
+        Err(ureq::Error::Status(code, r)) => (code, r),
+        Err(e) => panic!("request failed: {e}"),
+    };
+    let text = r.into_string().expect("body");
+    let value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("status {code}: body is not JSON ({e}): {text}"));
+    (code, value)
+}
+
+fn read_events(reader: impl Read) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    for line in BufReader::new(reader).lines() {
+        let line = line.expect("stream line");
+        let Some(data) = line.strip_prefix("data: ") else {
+            assert!(line.is_empty(), "unexpected stream line: {line}");
+            continue;
+        };
+        if data == "[DONE]" {
+            return (events, true);
+        }
+        events.push(serde_json::from_str(data).expect("event JSON"));
+    }
+    (events, false)
+}
+
+/// The OpenAI error of a failed request: its status, type and message.
+fn assert_api_error(response: (u16, Value), status: u16, needle: &str) -> Value {
+    let (code, body) = response;
+    assert_eq!(code, status, "{body}");
+    let error = &body["error"];
+    assert!(error["type"].is_string(), "{body}");
+    let message = error["message"].as_str().expect("message");
+    assert!(
+        message.to_lowercase().contains(&needle.to_lowercase()),
+        "expected `{needle}` in: {message}"
+    );
+    error.clone()
+}
+
+fn chat(content: &str, max_tokens: usize) -> Value {
+    json!({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": max_tokens,
+        "messages": [{"role": "user", "content": content}]})
+}
+
+fn text_of(body: &Value) -> String {
+    let choice = &body["choices"][0];
+    choice["message"]["content"]
+        .as_str()
+        .or(choice["text"].as_str())
+        .unwrap_or_else(|| panic!("no text in {body}"))
+        .to_string()
+}
+
+#[test]
+fn serves_chat_and_completions_like_generate_streamed_or_whole() {
+    let server = Server::start(&["--draft", "ngram"]);
+    let (status, health) = server.get("/health");
+    assert_eq!((status, health.contains("ok")), (200, true));
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["id"], "smollm2-135m-instruct");
+
+    // The served greedy answer is the one `generate` gives (one code path, no drift).
+    let question = "Give me three colours.";
+    let (code, whole) = server.post("/v1/chat/completions", &chat(question, 24));
+    assert_eq!(code, 200, "{whole}");
+    assert_eq!(whole["object"], "chat.completion");
+    let text = text_of(&whole);
+    let reference = stdout_json(&dynexec(&[
+        "--json", "generate", "--chat", "--prompt", question, "-n", "24",
+    ]));
+    assert_eq!(text, reference["text"].as_str().unwrap());
+    let usage = &whole["usage"];
+    assert_eq!(usage["completion_tokens"], reference["generated_tokens"]);
+    assert_eq!(usage["prompt_tokens"], reference["prompt_tokens"]);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    // A server with a draft drafts by default, losslessly, and says so.
+    let spec = &whole["dynexec"]["speculative"];
+    assert_eq!(spec["draft"], "ngram:3,10", "{whole}");
+
+    // Streamed: the deltas add up to the same text; role first, finish reason and usage last.
+    let mut request = chat(question, 24);
+    request["stream_options"] = json!({"include_usage": true});
+    request["speculative"] = json!(false);
+    let (events, done) = server.stream("/v1/chat/completions", &request);
+    assert!(done, "the stream must end with [DONE]");
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(streamed, text);
+    let (last, usage_chunk) = (&events[events.len() - 2], &events[events.len() - 1]);
+    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert!(last["dynexec"]["speculative"].is_null(), "{last}");
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], whole["usage"]);
+
+    // Completions: max_tokens ends with "length"; a stop string is cut and never sent.
+    let (code, completion) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{completion}");
+    assert_eq!(completion["object"], "text_completion");
+    let full = text_of(&completion);
+    assert_eq!(completion["usage"]["completion_tokens"], 12);
+    assert_eq!(completion["choices"][0]["finish_reason"], "length");
+    let cut_at = full.char_indices().nth(full.chars().count() / 2).unwrap().0;
+    let stop = full[cut_at..].chars().take(3).collect::<String>();
+    let expected = &full[..full.find(&stop).unwrap()];
+    let body = json!({"prompt": "The capital of France is", "max_tokens": 12,
+        "temperature": 0, "stop": [stop]});
+    let (_, stopped) = server.post("/v1/completions", &body);
+    assert_eq!(text_of(&stopped), expected);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    let (events, done) = server.stream("/v1/completions", &body);
+    assert!(done);
+    let streamed: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(streamed, expected);
+
+    // Early exit per request: reported, at a mean depth within the model's.
+    let mut early = chat(question, 16);
+    early["early_exit"] = json!("confidence:0.5");
+    let (code, body) = server.post("/v1/chat/completions", &early);
+    assert_eq!(code, 200, "{body}");
+    let exit = &body["dynexec"]["early_exit"];
+    let mean = exit["mean_exit_layer"].as_f64().unwrap();
+    assert!(mean > 0.0 && mean <= 30.0, "{exit}");
+    assert!(body["dynexec"]["speculative"].is_null());
+
+    let metrics = server.get("/metrics").1;
+    for name in [
+        "dynexec_requests_total{outcome=\"ok\"}",
+        "dynexec_queue_depth",
+        "dynexec_acceptance_rate",
+        "dynexec_time_to_first_token_seconds_bucket",
+        "dynexec_time_per_output_token_seconds_count",
+    ] {
+        assert!(metrics.contains(name), "no {name} in /metrics");
+    }
+    assert!(server.metric("dynexec_requests_total{outcome=\"ok\"}") >= 6.0);
+}
+
+#[test]
+fn concurrent_requests_batch_and_match_their_solo_answers() {
+    let server = Server::start(&["--draft", "ngram", "--max-batch", "8"]);
+    let prompts = [
+        "Once upon a time",
+        "The three laws of motion are",
+        "def fibonacci(n):",
+        "My favourite recipe for soup",
+        "The history of Rome",
+        "Photosynthesis is",
+    ];
+    let body = |p: &str, speculative: bool| {
+        json!({"prompt": p, "max_tokens": 20, "temperature": 0, "speculative": speculative})
+    };
+    let solo: Vec<String> = prompts
+        .iter()
+        .map(|p| text_of(&server.post("/v1/completions", &body(p, false)).1))
+        .collect();
+    // All at once, plain (batched) and speculative (stepped alongside): the same answers.
+    let answers: Vec<(String, Value)> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let server = &server;
+                s.spawn(move || {
+                    let (code, out) = server.post("/v1/completions", &body(p, i % 3 == 0));
+                    assert_eq!(code, 200, "{out}");
+                    (text_of(&out), out["dynexec"].clone())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((answer, report), expected) in answers.iter().zip(&solo) {
+        assert_eq!(answer, expected, "{report}");
+    }
+    assert!(
+        answers.iter().any(|(_, r)| r["batch_size"].as_u64() > Some(1)),
+        "no request was decoded in a batch: {answers:?}"
+    );
+    assert!(server.metric("dynexec_batch_size_sum") > server.metric("dynexec_batch_size_count"));
+
+    // A client that disconnects mid-stream has its sequence dropped.
+    let cancelled_before = server.metric("dynexec_requests_total{outcome=\"cancelled\"}");
+    let response = ureq::post(&server.url("/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string(
+            &json!({"prompt": "List every prime number:", "max_tokens": 400,
+                "temperature": 0, "stream": true, "speculative": false})
+            .to_string(),
+        )
+        .expect("stream");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut first = String::new();
+    reader.read_line(&mut first).unwrap();
+    assert!(first.starts_with("data: "), "{first}");
+    drop(reader);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("dynexec_requests_total{outcome=\"cancelled\"}") <= cancelled_before {
+        assert!(Instant::now() < deadline, "the disconnected request was never cancelled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    while server.metric("dynexec_active_sequences") > 0.0 {
+        assert!(Instant::now() < deadline, "the cancelled sequence is still decoding");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_stays_up() {
+    let server = Server::start(&["--max-tokens", "64", "--exit-adapters", "none"]);
+    let path = "/v1/chat/completions";
+    assert_api_error(server.post_raw(path, "{\"messages\": ["), 400, "not valid JSON");
+    assert_api_error(server.post_raw(path, ""), 400, "empty");
+    assert_api_error(server.post_raw(path, "[1, 2]"), 400, "does not fit");
+    assert_api_error(server.post(path, &json!({"messages": "hi"})), 400, "does not fit");
+    assert_api_error(server.post(path, &json!({"messages": []})), 400, "messages");
+    let mut bad = chat("hi", 8);
+    bad["model"] = json!("gpt-4o");
+    let error = assert_api_error(server.post(path, &bad), 404, "does not exist");
+    assert_eq!(error["code"], "model_not_found");
+    for (field, value, needle) in [
+        ("temperature", json!(3.5), "temperature"),
+        ("temperature", json!("hot"), "does not fit"),
+        ("top_p", json!(0), "top_p"),
+        ("max_tokens", json!(0), "at least 1"),
+        ("max_tokens", json!(65), "at most 64"),
+        ("n", json!(2), "`n` must be 1"),
+        ("stop", json!(5), "stop"),
+        ("speculative", json!(true), "no draft"),
+        ("early_exit", json!("confidence:0.9"), "no exit adapters"),
+    ] {
+        let mut body = chat("hi", 8);
+        body[field] = value;
+        let error = assert_api_error(server.post(path, &body), 400, needle);
+        assert_eq!(error["type"], "invalid_request_error");
+    }
+    let mut roles = chat("hi", 8);
+    roles["messages"][0]["role"] = json!("wizard");
+    assert_api_error(server.post(path, &roles), 400, "role");
+    // A prompt longer than the context (8192 tokens).
+    let long = "word ".repeat(9000);
+    let error = assert_api_error(server.post(path, &chat(&long, 8)), 400, "context");
+    assert_eq!(error["code"], "context_length_exceeded");
+    assert_api_error(
+        server.post("/v1/completions", &json!({"prompt": [1, 99999999]})),
+        400,
+        "vocabulary",
+    );
+    assert_api_error(
+        server.post("/v1/completions", &json!({"prompt": ["a", "b"]})),
+        400,
+        "one prompt",
+    );
+    let (code, body) = server.get("/v1/nothing");
+    assert_eq!(code, 404, "{body}");
+    let (code, _) = server.get("/v1/chat/completions");
+    assert_eq!(code, 405);
+    // After all that, it still answers.
+    let (code, body) = server.post(path, &chat("Say hi.", 4));
+    assert_eq!(code, 200, "{body}");
+    assert!(server.metric("dynexec_requests_total{outcome=\"client_error\"}") >= 18.0);
+}
+
+#[test]
+fn a_full_queue_answers_503_and_shutdown_finishes_streams_in_flight() {
+    // A shutdown timeout long enough for a busy test machine to finish the stream.
+    let server = Server::start(&[
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "1",
+        "--shutdown-timeout",
+        "900",
+    ]);
+    let long = json!({"prompt": "Count from one to one hundred:", "max_tokens": 96,
+        "temperature": 0, "stream": true});
+    // One request decoding, one waiting: a third has no room.
+    let response = ureq::post(&server.url("/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string(&long.to_string())
+        .expect("first request");
+    let mut first = BufReader::new(response.into_reader());
+    let mut line = String::new();
+    first.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "), "{line}");
+    let waiting = std::thread::spawn({
+        let url = server.url("/v1/completions");
+        move || {
+            into_json(
+                ureq::post(&url)
+                    .set("content-type", "application/json")
+                    .send_string(&json!({"prompt": "Hello", "max_tokens": 4}).to_string()),
+            )
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.metric("dynexec_queue_depth") < 1.0 {
+        assert!(Instant::now() < deadline, "the second request never queued");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let error = assert_api_error(
+        server.post("/v1/completions", &json!({"prompt": "Hi", "max_tokens": 4})),
+        503,
+        "queue is full",
+    );
+    assert_eq!(error["code"], "server_overloaded");
+
+    // SIGTERM while streaming: the stream still ends properly, then the process exits cleanly.
+    server.terminate();
+    let (events, done) = read_events(first);
+    assert!(done, "the in-flight stream was cut off");
+    let last = events.last().expect("events");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    let (code, queued) = waiting.join().unwrap();
+    assert_eq!(code, 200, "the queued request must still be answered: {queued}");
+    let mut server = server;
+    let status = server.child.wait().expect("wait");
+    assert!(status.success(), "serve exited with {status}");
+    let log: Vec<String> = server.log.lock().unwrap().try_iter().collect();
+    assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
+}
+
+/// The official `openai` Python package (CI installs it from PyPI) talks to the server.
+#[test]
+fn the_official_openai_python_client_works() {
+    let has_openai = Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_openai {
+        assert!(
+            std::env::var_os("DYNEXEC_REQUIRE_OPENAI").is_none(),
+            "DYNEXEC_REQUIRE_OPENAI is set but the openai package is missing: pip install openai"
+        );
+        eprintln!("skipped: the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    let server = Server::start(&["--draft", "ngram"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
+    let out = Command::new("python3")
+        .args([script, &server.base, "smollm2-135m-instruct"])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    assert_eq!(report["models"], json!(["smollm2-135m-instruct"]));
+    assert_eq!(report["streamed"], report["chat"]);
+    assert_eq!(report["speculative"], report["chat"]);
+    assert!(!report["chat"].as_str().unwrap().is_empty());
+}
