@@ -67,6 +67,18 @@ struct DecoderLayer {
     mlp: Mlp,
 }
 
+impl DecoderLayer {
+    /// The pre-norm residual block, with `attend` mapping the normed input to the attention
+    /// output (over one cache, or one per row).
+    fn forward(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let x_attn = (attend(&self.input_layernorm.forward(x)?)? + x)?;
+        let mlp = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x_attn)?)?;
+        Ok((mlp + x_attn)?)
+    }
+}
+
 /// Rotary position embedding tables, `(context, head_dim / 2)`.
 #[derive(Debug, Clone)]
 struct Rope {
@@ -353,18 +365,9 @@ impl Llama {
                 });
             }
             let layer = &self.layers[l];
-            let attn = layer.self_attn.forward(
-                &layer.input_layernorm.forward(&x)?,
-                &self.rope,
-                cache,
-                l,
-                offset,
-            )?;
-            let x_attn = (attn + &x)?;
-            let mlp = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
-            x = (mlp + x_attn)?;
+            x = layer.forward(&x, |h| {
+                layer.self_attn.forward(h, &self.rope, cache, l, offset)
+            })?;
             if let Some(t) = trace.as_deref_mut() {
                 t.record(l + 1, &x)?;
             }
@@ -465,17 +468,9 @@ impl Llama {
         let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
         let mut x = self.embed(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
-            let attn = layer.self_attn.forward_rows(
-                &layer.input_layernorm.forward(&x)?,
-                &self.rope,
-                caches,
-                l,
-            )?;
-            let x_attn = (attn + &x)?;
-            let mlp = layer
-                .mlp
-                .forward(&layer.post_attention_layernorm.forward(&x_attn)?)?;
-            x = (mlp + x_attn)?;
+            x = layer.forward(&x, |h| {
+                layer.self_attn.forward_rows(h, &self.rope, caches, l)
+            })?;
         }
         Ok(self.head(&x)?.squeeze(0)?)
     }
