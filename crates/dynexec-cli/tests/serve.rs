@@ -449,6 +449,43 @@ fn a_full_queue_answers_503_and_shutdown_finishes_streams_in_flight() {
     assert!(log.iter().any(|l| l.contains("stopped")), "{log:?}");
 }
 
+#[test]
+fn a_dropped_request_is_cancelled_and_shutdown_ends_overlong_streams_cleanly() {
+    let server = Server::start(&["--shutdown-timeout", "1", "--exit-adapters", "none"]);
+    // A whole (non-streaming) request whose client gives up.
+    let impatient = ureq::AgentBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build();
+    let gone = impatient
+        .post(&server.url("/v1/completions"))
+        .send_json(json!({"prompt": "All the primes:", "max_tokens": 500, "ignore_eos": true}));
+    assert!(gone.is_err(), "the request should have timed out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while server.metric("dynexec_requests_total{outcome=\"cancelled\"}") < 1.0 {
+        assert!(Instant::now() < deadline, "the abandoned request was never cancelled");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A stream still running when the shutdown timeout passes ends with an error event and
+    // [DONE], and the process still exits cleanly.
+    let response = ureq::post(&server.url("/v1/completions"))
+        .send_json(json!({"prompt": "All the primes:", "max_tokens": 500,
+            "ignore_eos": true, "stream": true}))
+        .expect("stream");
+    let mut reader = BufReader::new(response.into_reader());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("data: "), "{line}");
+    server.terminate();
+    let (events, done) = read_events(reader);
+    assert!(done, "the stream must still end with [DONE]");
+    let last = events.last().expect("events");
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    let mut server = server;
+    let status = server.child.wait().expect("wait");
+    assert!(status.success(), "serve exited with {status}");
+}
+
 /// The official `openai` Python package (CI installs it from PyPI) talks to the server.
 #[test]
 fn the_official_openai_python_client_works() {

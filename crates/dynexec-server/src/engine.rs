@@ -589,6 +589,7 @@ fn finish(
     outcome: Outcome,
     batch_size: usize,
 ) {
+    add(&metrics.generated_tokens, seq.generated as u64);
     let finish_reason = match outcome {
         Outcome::Finished(reason) => reason,
         Outcome::Cancelled => {
@@ -622,7 +623,6 @@ fn finish(
     metrics
         .request_duration
         .observe(seq.received.elapsed().as_secs_f64());
-    add(&metrics.generated_tokens, seq.generated as u64);
     let speculative = match &seq.decoder {
         Decoder::Speculative(spec) => {
             let s = &spec.spec;
