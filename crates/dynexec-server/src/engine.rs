@@ -668,9 +668,11 @@ fn finish(
             early_exit,
         },
     };
-    if seq.events.send(Event::Finished(summary)).is_err() {
+    // Counted before sending, so a client that reads /metrics after its answer sees it.
+    if seq.events.is_closed() {
         add(&metrics.requests_cancelled, 1);
     } else {
         add(&metrics.requests_ok, 1);
+        let _ = seq.events.send(Event::Finished(summary));
     }
 }
