@@ -13,7 +13,9 @@ fn caches(model: &Llama, n: usize) -> Vec<KvCache> {
     (0..n)
         .map(|i| {
             let mut cache = model.new_cache();
-            let ids: Vec<u32> = (0..64).map(|t| 100 + ((t * 7 + i * 13) % 5000) as u32).collect();
+            let ids: Vec<u32> = (0..64)
+                .map(|t| 100 + ((t * 7 + i * 13) % 5000) as u32)
+                .collect();
             model.forward_last(&ids, &mut cache, None).expect("prefill");
             cache
         })

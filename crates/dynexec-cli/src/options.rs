@@ -6,7 +6,7 @@ use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
 use dynexec_models::linear::CpuKernels;
-use dynexec_quant::WeightFormat;
+use dynexec_quant::{QuantTarget, WeightFormat};
 
 #[derive(Args, Clone)]
 pub struct GlobalOptions {
@@ -20,9 +20,11 @@ pub struct GlobalOptions {
     pub dtype: Option<DType>,
 
     /// Convert every linear layer at load time: f32, f16, q8_0, q4_0 or q4_1 (embeddings and
-    /// norms stay in float). `f32` dequantizes a quantized GGUF.
-    #[arg(long, global = true, value_parser = parse_format)]
-    pub quant: Option<WeightFormat>,
+    /// norms stay in float; `f32` dequantizes a quantized GGUF), or `auto`: keep each layer's
+    /// stored type when a fast kernel multiplies it, convert it to the nearest fast type
+    /// otherwise (Q4_K and below to q4_1, Q5/Q6_K to q8_0, f16 to f32), and say what it did.
+    #[arg(long, global = true, value_parser = parse_quant)]
+    pub quant: Option<QuantTarget>,
 
     /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1 with 16-bit activations, faster and more
     /// accurate; F32 decoding and verification without weight repacking) or `candle`
@@ -62,6 +64,10 @@ pub fn parse_format(s: &str) -> Result<WeightFormat, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
+fn parse_quant(s: &str) -> Result<QuantTarget, String> {
+    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
 fn parse_dtype(s: &str) -> Result<DType, String> {
     match s.to_ascii_lowercase().as_str() {
         "f32" => Ok(DType::F32),
@@ -83,6 +89,15 @@ impl GlobalOptions {
 
     pub fn open_device(&self) -> Result<Device> {
         Ok(self.device.open()?)
+    }
+
+    /// The one format `--quant` converts every layer to (none for `auto`, which chooses per
+    /// layer at load time).
+    pub fn quant_format(&self) -> Option<WeightFormat> {
+        match self.quant {
+            Some(QuantTarget::To(format)) => Some(format),
+            _ => None,
+        }
     }
 
     pub fn hub(&self) -> Result<Hub> {

@@ -204,14 +204,19 @@ fn serves_chat_and_completions_like_generate_streamed_or_whole() {
     let (events, done) = server.stream("/v1/chat/completions", &request);
     assert!(done, "the stream must end with [DONE]");
     assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
-    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    assert!(events
+        .iter()
+        .all(|e| e["object"] == "chat.completion.chunk"));
     let streamed: String = events
         .iter()
         .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
         .collect();
     assert_eq!(streamed, text);
     let (last, usage_chunk) = (&events[events.len() - 2], &events[events.len() - 1]);
-    assert_eq!(last["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    assert_eq!(
+        last["choices"][0]["finish_reason"],
+        whole["choices"][0]["finish_reason"]
+    );
     assert!(last["dynexec"]["speculative"].is_null(), "{last}");
     assert_eq!(usage_chunk["choices"], json!([]));
     assert_eq!(usage_chunk["usage"], whole["usage"]);
@@ -276,9 +281,7 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
         "The history of Rome",
         "Photosynthesis is",
     ];
-    let body = |p: &str, speculative: bool| {
-        json!({"prompt": p, "max_tokens": 20, "temperature": 0, "speculative": speculative})
-    };
+    let body = |p: &str, speculative: bool| json!({"prompt": p, "max_tokens": 20, "temperature": 0, "speculative": speculative});
     let solo: Vec<String> = prompts
         .iter()
         .map(|p| text_of(&server.post("/v1/completions", &body(p, false)).1))
@@ -303,7 +306,9 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
         assert_eq!(answer, expected, "{report}");
     }
     assert!(
-        answers.iter().any(|(_, r)| r["batch_size"].as_u64() > Some(1)),
+        answers
+            .iter()
+            .any(|(_, r)| r["batch_size"].as_u64() > Some(1)),
         "no request was decoded in a batch: {answers:?}"
     );
     assert!(server.metric("dynexec_batch_size_sum") > server.metric("dynexec_batch_size_count"));
@@ -325,11 +330,17 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
     drop(reader);
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.metric("dynexec_requests_total{outcome=\"cancelled\"}") <= cancelled_before {
-        assert!(Instant::now() < deadline, "the disconnected request was never cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "the disconnected request was never cancelled"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     while server.metric("dynexec_active_sequences") > 0.0 {
-        assert!(Instant::now() < deadline, "the cancelled sequence is still decoding");
+        assert!(
+            Instant::now() < deadline,
+            "the cancelled sequence is still decoding"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -338,10 +349,18 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
 fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let server = Server::start(&["--max-tokens", "64", "--exit-adapters", "none"]);
     let path = "/v1/chat/completions";
-    assert_api_error(server.post_raw(path, "{\"messages\": ["), 400, "not valid JSON");
+    assert_api_error(
+        server.post_raw(path, "{\"messages\": ["),
+        400,
+        "not valid JSON",
+    );
     assert_api_error(server.post_raw(path, ""), 400, "empty");
     assert_api_error(server.post_raw(path, "[1, 2]"), 400, "does not fit");
-    assert_api_error(server.post(path, &json!({"messages": "hi"})), 400, "does not fit");
+    assert_api_error(
+        server.post(path, &json!({"messages": "hi"})),
+        400,
+        "does not fit",
+    );
     assert_api_error(server.post(path, &json!({"messages": []})), 400, "messages");
     let mut bad = chat("hi", 8);
     bad["model"] = json!("gpt-4o");
@@ -441,7 +460,10 @@ fn a_full_queue_answers_503_and_shutdown_finishes_streams_in_flight() {
     let last = events.last().expect("events");
     assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
     let (code, queued) = waiting.join().unwrap();
-    assert_eq!(code, 200, "the queued request must still be answered: {queued}");
+    assert_eq!(
+        code, 200,
+        "the queued request must still be answered: {queued}"
+    );
     let mut server = server;
     let status = server.child.wait().expect("wait");
     assert!(status.success(), "serve exited with {status}");
@@ -462,7 +484,10 @@ fn a_dropped_request_is_cancelled_and_shutdown_ends_overlong_streams_cleanly() {
     assert!(gone.is_err(), "the request should have timed out");
     let deadline = Instant::now() + Duration::from_secs(60);
     while server.metric("dynexec_requests_total{outcome=\"cancelled\"}") < 1.0 {
-        assert!(Instant::now() < deadline, "the abandoned request was never cancelled");
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned request was never cancelled"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 

@@ -319,7 +319,10 @@ impl ChatTemplate {
                     out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
                 }
                 for m in messages {
-                    out.push_str(&format!("<|im_start|>{}\n{}<|im_end|>\n", m.role, m.content));
+                    out.push_str(&format!(
+                        "<|im_start|>{}\n{}<|im_end|>\n",
+                        m.role, m.content
+                    ));
                 }
                 out.push_str("<|im_start|>assistant\n");
             }
@@ -467,7 +470,10 @@ mod tests {
             "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
         );
         // A conversation's own system turn replaces the default.
-        let own = [ChatMessage::new("system", "Mine."), ChatMessage::new("user", "Hi")];
+        let own = [
+            ChatMessage::new("system", "Mine."),
+            ChatMessage::new("user", "Hi"),
+        ];
         assert!(!chatml.render_messages(&own).contains("Default."));
         assert_eq!(
             ChatTemplate::Llama3.render_messages(&own),

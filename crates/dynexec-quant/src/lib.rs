@@ -6,9 +6,11 @@
 //!   metadata and the tokenizer, so it loads like any GGUF.
 //! - [`perplexity`]: sliding-window perplexity on real text.
 
+pub mod auto;
 pub mod gguf_export;
 pub mod perplexity;
 
+pub use auto::{quantize_auto, AutoReport, QuantTarget};
 use dynexec_core::Result;
 pub use dynexec_models::linear::{HasLinears, WeightFormat};
 use serde::Serialize;

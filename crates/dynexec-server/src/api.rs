@@ -182,7 +182,10 @@ pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, Ap
     messages
         .iter()
         .map(|m| {
-            if !matches!(m.role.as_str(), "system" | "developer" | "user" | "assistant") {
+            if !matches!(
+                m.role.as_str(),
+                "system" | "developer" | "user" | "assistant"
+            ) {
                 return Err(ApiError::invalid(
                     Some("messages"),
                     format!(
@@ -192,7 +195,11 @@ pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, Ap
                 ));
             }
             // OpenAI's newer name for the system role.
-            let role = if m.role == "developer" { "system" } else { &m.role };
+            let role = if m.role == "developer" {
+                "system"
+            } else {
+                &m.role
+            };
             Ok(ChatMessage::new(role, message_text(&m.content)?))
         })
         .collect()
@@ -269,11 +276,21 @@ pub fn prepare(
             "`n` must be 1: send several requests for several completions",
         ));
     }
-    if params.logprobs.as_ref().is_some_and(|v| v != &Value::Bool(false) && !v.is_null()) {
-        return Err(ApiError::invalid(Some("logprobs"), "`logprobs` is not supported"));
+    if params
+        .logprobs
+        .as_ref()
+        .is_some_and(|v| v != &Value::Bool(false) && !v.is_null())
+    {
+        return Err(ApiError::invalid(
+            Some("logprobs"),
+            "`logprobs` is not supported",
+        ));
     }
     if params.tools.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::invalid(Some("tools"), "tool calls are not supported"));
+        return Err(ApiError::invalid(
+            Some("tools"),
+            "tool calls are not supported",
+        ));
     }
     if prompt_ids.is_empty() {
         return Err(ApiError::invalid(
@@ -461,7 +478,8 @@ fn random_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ COUNTER
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+    nanos
+        ^ COUNTER
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }

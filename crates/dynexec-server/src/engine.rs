@@ -259,7 +259,10 @@ impl ServedModel {
 /// How one sequence computes its next-token logits.
 enum Decoder<'m> {
     /// Batched with the other plain sequences.
-    Plain { cache: KvCache, sampler: Sampler },
+    Plain {
+        cache: KvCache,
+        sampler: Sampler,
+    },
     EarlyExit {
         cache: KvCache,
         sampler: Sampler,

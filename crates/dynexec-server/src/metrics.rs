@@ -132,24 +132,96 @@ impl Metrics {
             );
         }
         let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
-        scalar("dynexec_prompt_tokens_total", "counter", "Prompt tokens prefilled.", get(&self.prompt_tokens).to_string());
-        scalar("dynexec_generated_tokens_total", "counter", "Tokens generated.", get(&self.generated_tokens).to_string());
-        scalar("dynexec_queue_depth", "gauge", "Requests waiting for a decoding slot.", get(&self.queue_depth).to_string());
-        scalar("dynexec_active_sequences", "gauge", "Sequences being decoded.", get(&self.active_sequences).to_string());
+        scalar(
+            "dynexec_prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            get(&self.prompt_tokens).to_string(),
+        );
+        scalar(
+            "dynexec_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            get(&self.generated_tokens).to_string(),
+        );
+        scalar(
+            "dynexec_queue_depth",
+            "gauge",
+            "Requests waiting for a decoding slot.",
+            get(&self.queue_depth).to_string(),
+        );
+        scalar(
+            "dynexec_active_sequences",
+            "gauge",
+            "Sequences being decoded.",
+            get(&self.active_sequences).to_string(),
+        );
         let (proposed, accepted) = (get(&self.draft_proposed), get(&self.draft_accepted));
-        scalar("dynexec_draft_tokens_proposed_total", "counter", "Draft tokens proposed by speculative decoding.", proposed.to_string());
-        scalar("dynexec_draft_tokens_accepted_total", "counter", "Draft tokens the target accepted.", accepted.to_string());
-        let rate = if proposed == 0 { 0.0 } else { accepted as f64 / proposed as f64 };
-        scalar("dynexec_acceptance_rate", "gauge", "Accepted over proposed draft tokens since start.", rate.to_string());
-        scalar("dynexec_early_exit_tokens_total", "counter", "Tokens decoded with per-token early exit.", get(&self.early_exit_tokens).to_string());
-        scalar("dynexec_early_exit_layers_total", "counter", "Layers those tokens ran (divide by the tokens for the mean exit layer).", get(&self.early_exit_layers).to_string());
-        self.ttft.render(&mut out, "dynexec_time_to_first_token_seconds", "From request arrival to the first generated token.");
-        self.time_per_output_token.render(&mut out, "dynexec_time_per_output_token_seconds", "Mean time between generated tokens, per request.");
-        self.request_duration.render(&mut out, "dynexec_request_duration_seconds", "From request arrival to its last token.");
-        self.queue_wait.render(&mut out, "dynexec_queue_wait_seconds", "From request arrival to the start of its prefill.");
-        self.batch_size.render(&mut out, "dynexec_batch_size", "Sequences advanced by each batched decoding step.");
+        scalar(
+            "dynexec_draft_tokens_proposed_total",
+            "counter",
+            "Draft tokens proposed by speculative decoding.",
+            proposed.to_string(),
+        );
+        scalar(
+            "dynexec_draft_tokens_accepted_total",
+            "counter",
+            "Draft tokens the target accepted.",
+            accepted.to_string(),
+        );
+        let rate = if proposed == 0 {
+            0.0
+        } else {
+            accepted as f64 / proposed as f64
+        };
+        scalar(
+            "dynexec_acceptance_rate",
+            "gauge",
+            "Accepted over proposed draft tokens since start.",
+            rate.to_string(),
+        );
+        scalar(
+            "dynexec_early_exit_tokens_total",
+            "counter",
+            "Tokens decoded with per-token early exit.",
+            get(&self.early_exit_tokens).to_string(),
+        );
+        scalar(
+            "dynexec_early_exit_layers_total",
+            "counter",
+            "Layers those tokens ran (divide by the tokens for the mean exit layer).",
+            get(&self.early_exit_layers).to_string(),
+        );
+        self.ttft.render(
+            &mut out,
+            "dynexec_time_to_first_token_seconds",
+            "From request arrival to the first generated token.",
+        );
+        self.time_per_output_token.render(
+            &mut out,
+            "dynexec_time_per_output_token_seconds",
+            "Mean time between generated tokens, per request.",
+        );
+        self.request_duration.render(
+            &mut out,
+            "dynexec_request_duration_seconds",
+            "From request arrival to its last token.",
+        );
+        self.queue_wait.render(
+            &mut out,
+            "dynexec_queue_wait_seconds",
+            "From request arrival to the start of its prefill.",
+        );
+        self.batch_size.render(
+            &mut out,
+            "dynexec_batch_size",
+            "Sequences advanced by each batched decoding step.",
+        );
         out
     }
 }
@@ -167,7 +239,10 @@ mod tests {
         add(&m.draft_proposed, 4);
         add(&m.draft_accepted, 3);
         let text = m.render();
-        assert!(text.contains("dynexec_requests_total{outcome=\"ok\"} 2"), "{text}");
+        assert!(
+            text.contains("dynexec_requests_total{outcome=\"ok\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("dynexec_time_to_first_token_seconds_bucket{le=\"0.01\"} 0"));
         assert!(text.contains("dynexec_time_to_first_token_seconds_bucket{le=\"0.025\"} 1"));
         assert!(text.contains("dynexec_time_to_first_token_seconds_bucket{le=\"5\"} 2"));

@@ -162,7 +162,11 @@ async fn generate(
     let chunks = ChunkWriter {
         id: format!(
             "{}-{}",
-            if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+            if endpoint == Endpoint::Chat {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
             state.next_id.fetch_add(1, Ordering::Relaxed)
         ),
         created: unix_now(),
@@ -211,14 +215,14 @@ fn ended(why: String) -> ApiError {
 }
 
 fn engine_gone() -> ApiError {
-    ApiError::server(503, "server_error", "the server stopped before finishing this request")
+    ApiError::server(
+        503,
+        "server_error",
+        "the server stopped before finishing this request",
+    )
 }
 
-fn stream_response(
-    chunks: ChunkWriter,
-    first: Event,
-    rx: UnboundedReceiver<Event>,
-) -> Response {
+fn stream_response(chunks: ChunkWriter, first: Event, rx: UnboundedReceiver<Event>) -> Response {
     let stream = futures_util::stream::unfold(
         (Some(first), rx, chunks, false),
         |(pending, mut rx, mut chunks, done)| async move {

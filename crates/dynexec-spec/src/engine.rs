@@ -119,7 +119,11 @@ impl<'a> SpeculativeSequence<'a> {
     /// drafts and the target's own next token (1 to `max_drafts + 1` tokens), already
     /// appended to [`Self::tokens`]. `max_drafts` must leave room in the context for them.
     pub fn step(&mut self, max_drafts: usize) -> Result<Vec<u32>> {
-        let room = self.target.config().context_length.saturating_sub(self.tokens.len());
+        let room = self
+            .target
+            .config()
+            .context_length
+            .saturating_sub(self.tokens.len());
         let k = self.lookahead.next_k().min(max_drafts).min(room);
         let draft_start = Instant::now();
         let draft = if k > 0 {

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use dynexec_core::device::device_name;
 use dynexec_core::stats::Summary;
 use dynexec_models::llama::Llama;
+use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -409,7 +410,7 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
                 global,
                 &args.model.model,
                 args.model.tokenizer.as_deref(),
-                Some(f),
+                Some(QuantTarget::To(f)),
             )
         })
         .collect::<Result<Vec<_>>>()?;

@@ -230,7 +230,10 @@ fn run_row(
                 }
                 let body = request(model, &prompts[i % prompts.len()], args, speculative);
                 match stream_request(base, &body) {
-                    Ok(sample) => samples.lock().unwrap_or_else(|e| e.into_inner()).push(sample),
+                    Ok(sample) => samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(sample),
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         eprintln!("request {i} failed: {e:#}");
@@ -243,7 +246,11 @@ fn run_row(
     let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
     let tokens: usize = samples.iter().map(|s| s.tokens).sum();
     let ttft: Vec<f64> = samples.iter().map(|s| s.ttft * 1000.0).collect();
-    let tpot: Vec<f64> = samples.iter().filter_map(|s| s.tpot).map(|t| t * 1000.0).collect();
+    let tpot: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.tpot)
+        .map(|t| t * 1000.0)
+        .collect();
     let drafted = samples
         .iter()
         .filter_map(|s| s.drafted)
@@ -265,8 +272,7 @@ fn run_row(
         tpot_ms_p99: percentile(&tpot, 99.0),
         mean_batch_size: samples.iter().map(|s| s.batch_size).sum::<f64>()
             / samples.len().max(1) as f64,
-        acceptance_rate: speculative
-            .then(|| drafted.1 as f64 / drafted.0.max(1) as f64),
+        acceptance_rate: speculative.then(|| drafted.1 as f64 / drafted.0.max(1) as f64),
     }
 }
 

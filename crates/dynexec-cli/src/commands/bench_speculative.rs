@@ -9,6 +9,7 @@ use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use dynexec_spec::engine::generate_speculative;
 use serde::Serialize;
@@ -122,7 +123,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             global,
             &args.model.model,
             args.model.tokenizer.as_deref(),
-            Some(quant),
+            Some(QuantTarget::To(quant)),
         )?;
         device = device_name(target.model.device());
         let sets = prompt_sets(&args, &target.tokenizer)?;

@@ -10,7 +10,7 @@ use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy, ADAPTER
 use dynexec_models::generation::{generate, generate_with_step, GenerateOptions, StopReason};
 use dynexec_models::linear::HasLinears;
 use dynexec_models::llama::{load_decoder, LoadedDecoder};
-use dynexec_quant::{quantize_in_place, WeightFormat};
+use dynexec_quant::{quantize_auto, quantize_in_place, QuantTarget};
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,24 +38,36 @@ impl ModelArgs {
 }
 
 /// Loads a decoder and converts its linear layers to `quant`. Quantized layers take F32
-/// activations, so a dense model is then loaded in F32 whatever `--dtype` says.
+/// activations, so a dense model is then loaded in F32 whatever `--dtype` says (and so is it
+/// with `auto` on the CPU, where F32 has the fast kernel).
 pub fn load_model(
     global: &GlobalOptions,
     model: &str,
     tokenizer: Option<&std::path::Path>,
-    quant: Option<WeightFormat>,
+    quant: Option<QuantTarget>,
 ) -> Result<LoadedDecoder> {
     let device = global.open_device()?;
     let files = global.hub()?.resolve(model)?;
     let dtype = match quant {
+        Some(QuantTarget::Auto) if !device.is_cpu() => global.dtype,
         Some(_) => Some(candle_core::DType::F32),
         None => global.dtype,
     };
     let mut loaded = load_decoder(&files, tokenizer, dtype, &device)
         .with_context(|| format!("loading model `{model}`"))?;
-    if let Some(format) = quant {
-        quantize_in_place(&mut loaded.model, format)
-            .with_context(|| format!("converting `{model}` to {format}"))?;
+    match quant {
+        Some(QuantTarget::To(format)) => {
+            quantize_in_place(&mut loaded.model, format)
+                .with_context(|| format!("converting `{model}` to {format}"))?;
+        }
+        Some(QuantTarget::Auto) => {
+            let report = quantize_auto(&mut loaded.model, device.is_cpu())
+                .with_context(|| format!("choosing kernels for `{model}`"))?;
+            if !global.quiet {
+                eprintln!("--quant auto: {report}");
+            }
+        }
+        None => {}
     }
     loaded.model.set_cpu_kernels(global.cpu_kernels);
     Ok(loaded)

@@ -5,6 +5,7 @@ use crate::options::{parse_format, print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_quant::gguf_export::{export_gguf, ExportSource};
+use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use std::path::PathBuf;
 
@@ -37,7 +38,7 @@ pub fn run(global: &GlobalOptions, args: QuantizeArgs) -> Result<()> {
         global,
         &args.model,
         args.tokenizer.as_deref(),
-        Some(args.to),
+        Some(QuantTarget::To(args.to)),
     )?;
     let files = global.hub()?.resolve(&args.model)?;
     // The export borrows the model mutably, so the tokenizer it embeds is a copy.

@@ -75,7 +75,12 @@ pub fn run(global: &GlobalOptions, args: ServeArgs) -> Result<()> {
     dynexec_spec::lookahead::parse(&args.lookahead)?;
     let addr = format!("{}:{}", args.host, args.port);
     let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
-        .with_context(|| format!("--host {} --port {} is not an address to listen on", args.host, args.port))?
+        .with_context(|| {
+            format!(
+                "--host {} --port {} is not an address to listen on",
+                args.host, args.port
+            )
+        })?
         .next()
         .with_context(|| format!("{addr} resolves to no address"))?;
 
@@ -140,7 +145,9 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
             let adapters = exit_adapters
                 .as_ref()
                 .filter(|_| spec.starts_with("self-layers"));
-            Some(super::speculative::build_drafter(global, spec, &loaded, adapters)?)
+            Some(super::speculative::build_drafter(
+                global, spec, &loaded, adapters,
+            )?)
         }
         None => None,
     };

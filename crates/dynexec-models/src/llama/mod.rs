@@ -70,7 +70,11 @@ struct DecoderLayer {
 impl DecoderLayer {
     /// The pre-norm residual block, with `attend` mapping the normed input to the attention
     /// output (over one cache, or one per row).
-    fn forward(&self, x: &Tensor, attend: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let x_attn = (attend(&self.input_layernorm.forward(x)?)? + x)?;
         let mlp = self
             .mlp
@@ -170,7 +174,14 @@ impl Attention {
 
     /// Attention of rotated queries `(1|b, heads, seq, d)` over cached keys and values,
     /// merged back to `(b, seq, heads * d)`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, seq: usize, offset: usize) -> Result<Tensor> {
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seq: usize,
+        offset: usize,
+    ) -> Result<Tensor> {
         let batch = q.dim(0)?;
         let kv_len = k.dim(2)?;
         // K/V are repeated per query head so every product has the shape the reference

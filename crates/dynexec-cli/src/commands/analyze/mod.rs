@@ -20,6 +20,7 @@ use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_dsa::{Rank, Trajectories};
 use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use settings::{DsaArgs, MetricName};
 use std::collections::BTreeSet;
@@ -165,7 +166,7 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
                 global,
                 &args,
                 &args.model.model,
-                Some(quant),
+                Some(QuantTarget::To(quant)),
                 &primary_path,
                 &path,
             )?;
@@ -234,13 +235,13 @@ fn capture(
     global: &GlobalOptions,
     args: &AnalyzeArgs,
     model_name: &str,
-    quant: Option<WeightFormat>,
+    quant: Option<QuantTarget>,
     prompt: &str,
     path: &Path,
 ) -> Result<TraceInfo> {
     let files = global.hub()?.resolve(model_name)?;
     if crate::commands::bench::is_encoder(&files) {
-        return capture_encoder(global, args, &files, model_name, quant, prompt, path);
+        return capture_encoder(global, args, &files, model_name, fixed(quant), prompt, path);
     }
     let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
     let text = if args.chat {
@@ -287,14 +288,14 @@ fn replay(
     global: &GlobalOptions,
     args: &AnalyzeArgs,
     model_name: &str,
-    quant: Option<WeightFormat>,
+    quant: Option<QuantTarget>,
     primary_path: &Path,
     path: &Path,
 ) -> Result<TraceInfo> {
     let files = global.hub()?.resolve(model_name)?;
     if crate::commands::bench::is_encoder(&files) {
         let text = read_prompt(args)?;
-        return capture_encoder(global, args, &files, model_name, quant, &text, path);
+        return capture_encoder(global, args, &files, model_name, fixed(quant), &text, path);
     }
     let (primary, _) = Trace::load(primary_path)
         .with_context(|| format!("reading trace {}", primary_path.display()))?;
@@ -445,5 +446,14 @@ mod tests {
         assert_eq!(pairs[0], (0, 0));
         assert_eq!(pairs[15], (15, 5));
         assert_eq!(pairs[30], (30, 10));
+    }
+}
+
+/// The encoder's format for `--quant`: its dense F32 layers already have the fast kernel, so
+/// `auto` keeps them.
+fn fixed(quant: Option<QuantTarget>) -> Option<WeightFormat> {
+    match quant {
+        Some(QuantTarget::To(format)) => Some(format),
+        _ => None,
     }
 }

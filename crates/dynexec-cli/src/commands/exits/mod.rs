@@ -71,7 +71,7 @@ pub fn run(global: &GlobalOptions, cmd: ExitsCommand) -> Result<()> {
 /// converting the encoder's linear layers to `--quant` when given.
 pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitClassifier> {
     let mut classifier = ExitClassifier::load(&global.hub()?, reference, &global.open_device()?)?;
-    if let Some(format) = global.quant {
+    if let Some(format) = global.quant_format() {
         match &mut classifier.backbone {
             Backbone::Text { bert, .. } => {
                 dynexec_quant::quantize_in_place(bert, format)?;
