@@ -1,10 +1,11 @@
 //! `dynexec bench ...`: baseline and technique measured side by side in one process.
 
+use super::bench_llama_cpp::{LlamaCpp, LLAMA_CPP_NAME};
 use super::eval::{evaluate, read_text, WindowArgs};
 use super::generate::load_model;
 use super::generate::ModelArgs;
 use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -117,6 +118,11 @@ pub struct BenchGenerateArgs {
     /// is checked against), interleaved run by run.
     #[arg(long)]
     peer: bool,
+    /// Also run llama.cpp's `llama-bench` (give the binary's path) on the same GGUF with the
+    /// same thread count, prompt and generation lengths, interleaved run by run, and print
+    /// dynexec's ratio to it.
+    #[arg(long, value_name = "LLAMA_BENCH")]
+    compare_llama_cpp: Option<PathBuf>,
 }
 
 pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
@@ -139,7 +145,7 @@ than all of them together. Along the way, people learned to describe problems pr
 cost, and to trade memory for time. ";
 
 /// One implementation under test: prefill a prompt, then greedy-decode.
-trait Decoder {
+pub(super) trait Decoder {
     fn name(&self) -> &'static str;
     /// Runs the prompt and `gen_tokens` greedy steps; returns (prefill secs, decode secs).
     fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)>;
@@ -168,6 +174,8 @@ impl Decoder for Ours<'_> {
     }
 }
 
+const PEER_NAME: &str = "candle-transformers quantized_llama";
+
 struct Peer {
     weights: candle_transformers::models::quantized_llama::ModelWeights,
     device: Device,
@@ -189,7 +197,7 @@ impl Peer {
 
 impl Decoder for Peer {
     fn name(&self) -> &'static str {
-        "candle-transformers quantized_llama"
+        PEER_NAME
     }
 
     fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
@@ -231,6 +239,9 @@ struct Report {
     /// dynexec's median over the peer's, when the peer ran.
     prefill_ratio_vs_peer: Option<f64>,
     decode_ratio_vs_peer: Option<f64>,
+    /// dynexec's median over llama.cpp's, with --compare-llama-cpp.
+    prefill_ratio_vs_llama_cpp: Option<f64>,
+    decode_ratio_vs_llama_cpp: Option<f64>,
 }
 
 fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
@@ -253,6 +264,21 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             .find(".gguf")
             .context("--peer compares on a GGUF model; this model has no .gguf file")?;
         decoders.push(Box::new(Peer::load(gguf, model.device())?));
+    }
+
+    if let Some(binary) = &args.compare_llama_cpp {
+        if global.quant.is_some() {
+            bail!("--compare-llama-cpp runs llama.cpp on the GGUF file as stored, so dynexec must run it as stored too: drop --quant, or write the converted model with `dynexec quantize --to FORMAT --out FILE.gguf` and bench that file on both");
+        }
+        let files = global.hub()?.resolve(&args.model.model)?;
+        let gguf = files
+            .find(".gguf")
+            .context("--compare-llama-cpp needs a GGUF model; this model has no .gguf file")?;
+        decoders.push(Box::new(LlamaCpp::new(
+            binary,
+            gguf,
+            candle_core::utils::get_num_threads(),
+        )?));
     }
 
     let total = ((args.warmup + args.runs) * decoders.len()) as u64;
@@ -289,9 +315,11 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             }
         })
         .collect();
-    let ratio = |f: fn(&Row) -> f64| {
-        (rows.len() > 1 && f(&rows[1]) > 0.0).then(|| f(&rows[0]) / f(&rows[1]))
+    let ratio_to = |name: &str, f: fn(&Row) -> f64| {
+        let other = rows.iter().find(|r| r.implementation == name)?;
+        (f(other) > 0.0).then(|| f(&rows[0]) / f(other))
     };
+    let ratio = |f: fn(&Row) -> f64| ratio_to(PEER_NAME, f);
     let report = Report {
         model: args.model.model.clone(),
         format: loaded.format,
@@ -303,6 +331,8 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         warmup: args.warmup,
         prefill_ratio_vs_peer: ratio(|r| r.prefill_tokens_per_s),
         decode_ratio_vs_peer: ratio(|r| r.decode_tokens_per_s),
+        prefill_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.prefill_tokens_per_s),
+        decode_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.decode_tokens_per_s),
         rows,
     };
     if global.json {
@@ -331,13 +361,26 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             format!("{:.1} ± {:.1}", row.decode.median, row.decode.stddev)
         );
     }
-    if let (Some(p), Some(d)) = (report.prefill_ratio_vs_peer, report.decode_ratio_vs_peer) {
-        println!(
-            "{:<38} {:>22} {:>22}",
+    for (name, prefill, decode) in [
+        (
             "ratio dynexec / peer",
-            format!("{p:.2}x"),
-            format!("{d:.2}x")
-        );
+            report.prefill_ratio_vs_peer,
+            report.decode_ratio_vs_peer,
+        ),
+        (
+            "ratio dynexec / llama.cpp",
+            report.prefill_ratio_vs_llama_cpp,
+            report.decode_ratio_vs_llama_cpp,
+        ),
+    ] {
+        if let (Some(p), Some(d)) = (prefill, decode) {
+            println!(
+                "{:<38} {:>22} {:>22}",
+                name,
+                format!("{p:.2}x"),
+                format!("{d:.2}x")
+            );
+        }
     }
     Ok(())
 }

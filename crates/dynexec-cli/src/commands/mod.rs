@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_diffusion;
 pub mod bench_dsa;
 pub mod bench_exits;
+pub mod bench_llama_cpp;
 pub mod bench_serve;
 pub mod bench_speculative;
 pub mod bench_token_exits;

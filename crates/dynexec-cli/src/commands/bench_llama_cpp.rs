@@ -1,0 +1,109 @@
+//! llama.cpp's `llama-bench` as one more implementation in `bench generate`.
+
+use super::bench::Decoder;
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub const LLAMA_CPP_NAME: &str = "llama.cpp (llama-bench)";
+
+/// A `llama-bench` binary run on one GGUF: each run is one llama-bench repetition of a pp and
+/// a tg test, so runs interleave with dynexec's like the other implementations.
+pub struct LlamaCpp {
+    binary: PathBuf,
+    gguf: PathBuf,
+    threads: usize,
+}
+
+impl LlamaCpp {
+    pub fn new(binary: &Path, gguf: &Path, threads: usize) -> Result<Self> {
+        if !binary.is_file() {
+            bail!(
+                "--compare-llama-cpp {}: no such file; give the path of llama.cpp's llama-bench binary",
+                binary.display()
+            );
+        }
+        Ok(Self {
+            binary: binary.to_path_buf(),
+            gguf: gguf.to_path_buf(),
+            threads,
+        })
+    }
+}
+
+impl Decoder for LlamaCpp {
+    fn name(&self) -> &'static str {
+        LLAMA_CPP_NAME
+    }
+
+    /// llama-bench reports tokens/s per test; they are turned back into seconds for the
+    /// prompt and generation lengths asked.
+    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
+        let out = Command::new(&self.binary)
+            .arg("-m")
+            .arg(&self.gguf)
+            .args(["-t", &self.threads.to_string()])
+            .args(["-p", &prompt.len().to_string()])
+            .args(["-n", &gen_tokens.to_string()])
+            .args(["-r", "1", "-o", "json"])
+            .output()
+            .with_context(|| format!("running {}", self.binary.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed ({}): {}",
+                self.binary.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let tests: Vec<Value> = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{} did not print llama-bench's JSON (is it llama-bench?)",
+                self.binary.display()
+            )
+        })?;
+        let (pp, tg) = parse_rates(&tests)?;
+        let decode = match (gen_tokens, tg) {
+            (0, _) => 0.0,
+            (n, Some(rate)) => n as f64 / rate,
+            (_, None) => bail!("llama-bench reported no generation test"),
+        };
+        Ok((prompt.len() as f64 / pp, decode))
+    }
+}
+
+/// Prefill and generation tokens/s from llama-bench's JSON tests (`n_prompt`/`n_gen`,
+/// `avg_ts`).
+fn parse_rates(tests: &[Value]) -> Result<(f64, Option<f64>)> {
+    let rate = |prompt: bool| {
+        tests.iter().find_map(|t| {
+            let n_prompt = t["n_prompt"].as_u64().unwrap_or(0);
+            let n_gen = t["n_gen"].as_u64().unwrap_or(0);
+            let wanted = if prompt {
+                n_prompt > 0 && n_gen == 0
+            } else {
+                n_gen > 0 && n_prompt == 0
+            };
+            wanted.then(|| t["avg_ts"].as_f64()).flatten()
+        })
+    };
+    let pp = rate(true).context("llama-bench reported no prompt-processing test")?;
+    Ok((pp, rate(false)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rates;
+    use serde_json::json;
+
+    #[test]
+    fn rates_are_read_from_llama_bench_json() {
+        let tests = vec![
+            json!({"n_prompt": 64, "n_gen": 0, "avg_ts": 187.5, "model_type": "llama ?B Q4_1"}),
+            json!({"n_prompt": 0, "n_gen": 128, "avg_ts": 62.25}),
+        ];
+        assert_eq!(parse_rates(&tests).unwrap(), (187.5, Some(62.25)));
+        assert!(parse_rates(&[json!({"n_prompt": 0, "n_gen": 8, "avg_ts": 1.0})]).is_err());
+    }
+}
