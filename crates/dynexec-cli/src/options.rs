@@ -22,7 +22,7 @@ pub struct GlobalOptions {
     /// Convert every linear layer at load time: f32, f16, q8_0, q4_0 or q4_1 (embeddings and
     /// norms stay in float; `f32` dequantizes a quantized GGUF), or `auto`: keep each layer's
     /// stored type when a fast kernel multiplies it, convert it to the nearest fast type
-    /// otherwise (Q4_K and below to q4_1, Q5/Q6_K to q8_0, f16 to f32), and say what it did.
+    /// otherwise (Q2_K/Q3_K to q4_1, Q5 types to q8_0, f16 to f32), and say what it did.
     #[arg(long, global = true, value_parser = parse_quant)]
     pub quant: Option<QuantTarget>,
 

@@ -41,16 +41,13 @@ impl fmt::Display for QuantTarget {
 
 /// Stored types dynexec's CPU kernels multiply fast (F32 dense included).
 pub fn has_fast_cpu_kernel(ty: GgmlDType) -> bool {
-    matches!(
-        ty,
-        GgmlDType::F32 | GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1
-    )
+    use GgmlDType::*;
+    matches!(ty, F32 | Q8_0 | Q4_0 | Q4_1 | Q4K | Q6K)
 }
 
 /// The format `--quant auto` converts a stored type to on the CPU, or `None` to keep it.
-/// Types with 4 or fewer bits per weight go to Q4_1 (the closest fast 4-bit type, with its
-/// own minimum like the K-quants); wider ones go to Q8_0 so no precision is lost; 16-bit
-/// floats widen to F32.
+/// Types with fewer than 4 bits per weight (Q2_K, Q3_K) go to Q4_1; wider ones (Q5_0, Q5_1,
+/// Q5_K, Q8_1, Q8_K) go to Q8_0 so no precision is lost; 16-bit floats widen to F32.
 pub fn auto_cpu_format(ty: GgmlDType) -> Option<WeightFormat> {
     use GgmlDType::*;
     if has_fast_cpu_kernel(ty) {
@@ -58,7 +55,7 @@ pub fn auto_cpu_format(ty: GgmlDType) -> Option<WeightFormat> {
     }
     Some(match ty {
         F16 | BF16 => WeightFormat::F32,
-        Q2K | Q3K | Q4K => WeightFormat::Q4_1,
+        Q2K | Q3K => WeightFormat::Q4_1,
         _ => WeightFormat::Q8_0,
     })
 }
@@ -146,30 +143,30 @@ mod tests {
         let mut model = Layers(vec![
             layer(GgmlDType::Q4_1),
             layer(GgmlDType::Q4_1),
+            layer(GgmlDType::Q5K),
+            layer(GgmlDType::Q3K),
             layer(GgmlDType::Q6K),
-            layer(GgmlDType::Q4K),
-            layer(GgmlDType::Q8_0),
         ]);
         let report = quantize_auto(&mut model, true).unwrap();
         assert_eq!(report.kept.get("q4_1"), Some(&2));
-        assert_eq!(report.kept.get("q8_0"), Some(&1));
+        assert_eq!(report.kept.get("q6k"), Some(&1));
         assert_eq!(
-            report.converted.get(&("q6k".into(), "q8_0".into())),
+            report.converted.get(&("q5k".into(), "q8_0".into())),
             Some(&1)
         );
         assert_eq!(
-            report.converted.get(&("q4k".into(), "q4_1".into())),
+            report.converted.get(&("q3k".into(), "q4_1".into())),
             Some(&1)
         );
         let types: Vec<_> = model.0.iter().map(|l| l.weight_type()).collect();
         assert!(types.iter().all(|&t| has_fast_cpu_kernel(t)), "{types:?}");
         let text = report.to_string();
-        assert!(text.contains("converted 1 q6k layers to q8_0"), "{text}");
+        assert!(text.contains("converted 1 q5k layers to q8_0"), "{text}");
         // Off the CPU nothing changes.
-        let mut gpu = Layers(vec![layer(GgmlDType::Q6K)]);
+        let mut gpu = Layers(vec![layer(GgmlDType::Q5K)]);
         let report = quantize_auto(&mut gpu, false).unwrap();
         assert!(report.converted.is_empty());
-        assert_eq!(gpu.0[0].weight_type(), GgmlDType::Q6K);
+        assert_eq!(gpu.0[0].weight_type(), GgmlDType::Q5K);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! 5-token verification of SmolLM2 in F32 took 1.7x a one-token step. Streaming each weight row
 //! once against all activation rows keeps it close to one step.
 //!
-//! [`QuantizedMatMul`]: Q8_0, Q4_0 and Q4_1 weights times F32 activations (see [`quantized`]).
+//! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights times F32 activations (see
+//! [`quantized`] and [`kquants`]).
 
+mod kquants;
 mod quantized;
 
 pub use quantized::QuantizedMatMul;

@@ -1,4 +1,5 @@
-//! Quantized weights (Q8_0, Q4_0, Q4_1) times F32 activations.
+//! Quantized weights (Q8_0, Q4_0, Q4_1; Q4_K and Q6_K through [`super::kquants`]) times F32
+//! activations.
 //!
 //! candle's kernels first quantize the activations to 8 bits (Q8_0/Q8_1 blocks), and on small
 //! models that costs more quality than the weights' own quantization (SmolLM2 with Q8_0
@@ -12,6 +13,7 @@
 //! reproduces one-token decoding to the bit), and the AVX2 build and the portable one agree
 //! to the bit.
 
+use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, SUPER};
 use super::{f32_rows, has_avx2_fma, into_output, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -21,6 +23,8 @@ use std::sync::Arc;
 const Q8_0: u8 = 0;
 const Q4_0: u8 = 1;
 const Q4_1: u8 = 2;
+const Q4_K: u8 = 3;
+const Q6_K: u8 = 4;
 
 /// Bytes per 32-value block: Q8_0 = f16 scale + 32 i8; Q4_0 = f16 scale + 16 bytes of nibbles
 /// (value = scale · (q − 8)); Q4_1 = f16 scale + f16 minimum + 16 bytes (scale · q + min).
@@ -29,7 +33,17 @@ const fn block_bytes(format: u8) -> usize {
     match format {
         Q8_0 => 34,
         Q4_0 => 18,
+        Q4_K => Q4K_BYTES,
+        Q6_K => Q6K_BYTES,
         _ => 20,
+    }
+}
+
+/// Weights per block of a format: 32, or 256 for the K-quants' super-blocks.
+const fn block_values(format: u8) -> usize {
+    match format {
+        Q4_K | Q6_K => SUPER,
+        _ => BLOCK,
     }
 }
 
@@ -45,11 +59,11 @@ const ROWS_TOGETHER: usize = 4;
 pub struct QuantizedMatMul(pub Arc<QTensor>);
 
 impl QuantizedMatMul {
-    /// Accepts Q8_0, Q4_0 and Q4_1 weights whose input size is whole blocks.
+    /// Accepts Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights whose input size is whole blocks.
     pub fn supports(weight: &QTensor) -> bool {
-        format_of(weight.dtype()).is_some()
-            && weight.shape().dims().len() == 2
-            && weight.shape().dims()[1] % BLOCK == 0
+        format_of(weight.dtype()).is_some_and(|f| {
+            weight.shape().dims().len() == 2 && weight.shape().dims()[1] % block_values(f) == 0
+        })
     }
 }
 
@@ -58,6 +72,8 @@ fn format_of(dtype: GgmlDType) -> Option<u8> {
         GgmlDType::Q8_0 => Some(Q8_0),
         GgmlDType::Q4_0 => Some(Q4_0),
         GgmlDType::Q4_1 => Some(Q4_1),
+        GgmlDType::Q4K => Some(Q4_K),
+        GgmlDType::Q6K => Some(Q6_K),
         _ => None,
     }
 }
@@ -81,14 +97,19 @@ impl CustomOp1 for QuantizedMatMul {
         let m = x.len() / cols;
         let activations = I16Blocks::quantize(x);
         let bytes = self.0.data()?;
+        if cols % block_values(format) != 0 {
+            candle_core::bail!("quantized matmul: {cols} inputs are not whole blocks");
+        }
         let blocks_per_row = cols / BLOCK;
-        let row_bytes = blocks_per_row * block_bytes(format);
+        let row_bytes = cols / block_values(format) * block_bytes(format);
         let out_t = rows_times_activations(rows, m, |row, out| {
             let weight_row = &bytes[row * row_bytes..(row + 1) * row_bytes];
             match format {
                 Q8_0 => all_rows::<Q8_0>(weight_row, &activations, blocks_per_row, out),
                 Q4_0 => all_rows::<Q4_0>(weight_row, &activations, blocks_per_row, out),
-                _ => all_rows::<Q4_1>(weight_row, &activations, blocks_per_row, out),
+                Q4_1 => all_rows::<Q4_1>(weight_row, &activations, blocks_per_row, out),
+                Q4_K => all_rows_k::<false>(weight_row, &activations, blocks_per_row, out),
+                _ => all_rows_k::<true>(weight_row, &activations, blocks_per_row, out),
             }
         });
         Ok(into_output(out_t, rows, m, dims))
@@ -154,10 +175,10 @@ impl I16Blocks {
 }
 
 #[derive(Clone, Copy)]
-struct ActivationRow<'a> {
-    values: &'a [i16],
-    scales: &'a [f32],
-    sums: &'a [f32],
+pub(super) struct ActivationRow<'a> {
+    pub(super) values: &'a [i16],
+    pub(super) scales: &'a [f32],
+    pub(super) sums: &'a [f32],
 }
 
 /// An f16 (as bits) to f32, exactly, in scalar registers. The F16C instruction would do, but
@@ -176,7 +197,7 @@ fn f16_to_f32(bits: u16) -> f32 {
 }
 
 #[inline(always)]
-fn f16_at(block: &[u8], offset: usize) -> f32 {
+pub(super) fn f16_at(block: &[u8], offset: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([block[offset], block[offset + 1]]))
 }
 
@@ -196,6 +217,39 @@ fn all_rows<const F: u8>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut 
     }
     for (k, y) in out.iter_mut().enumerate().skip(i) {
         *y = dot::<F>(weight, x.row(k, blocks));
+    }
+}
+
+/// One K-quant weight row (Q6_K when `Q6`, else Q4_K) times every activation row, into `out`.
+fn all_rows_k<const Q6: bool>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut [f32]) {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        while i + ROWS_TOGETHER <= out.len() {
+            let rows: [ActivationRow; ROWS_TOGETHER] =
+                std::array::from_fn(|k| x.row(i + k, blocks));
+            // SAFETY: the features the function is compiled for were just detected.
+            let ys = unsafe { kquants::dot_rows_avx2::<Q6, ROWS_TOGETHER>(weight, rows) };
+            out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
+            i += ROWS_TOGETHER;
+        }
+    }
+    for (k, y) in out.iter_mut().enumerate().skip(i) {
+        *y = dot_k::<Q6>(weight, x.row(k, blocks));
+    }
+}
+
+/// One K-quant weight row times one activation row.
+fn dot_k<const Q6: bool>(weight: &[u8], x: ActivationRow) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the features the function is compiled for were just detected.
+        return unsafe { kquants::dot_rows_avx2::<Q6, 1>(weight, [x]) }[0];
+    }
+    if Q6 {
+        kquants::dot_portable(weight, Q6K_BYTES, kquants::unpack_q6k, x)
+    } else {
+        kquants::dot_portable(weight, Q4K_BYTES, kquants::unpack_q4k, x)
     }
 }
 
@@ -444,6 +498,118 @@ mod tests {
                     _ => (
                         dot_portable::<Q4_1>(weight, x.row(0, 7)),
                         dot::<Q4_1>(weight, x.row(0, 7)),
+                    ),
+                };
+                assert_eq!(
+                    dispatched.to_bits(),
+                    portable.to_bits(),
+                    "{dtype:?} row {row}"
+                );
+            }
+        }
+    }
+
+    const K_FORMATS: [GgmlDType; 2] = [GgmlDType::Q4K, GgmlDType::Q6K];
+
+    #[test]
+    fn k_quants_match_a_dense_matmul_and_batch_to_the_bit() {
+        // Three super-blocks per row, weights with an offset so Q4_K's minima matter.
+        let cols = 3 * kquants::SUPER;
+        let w: Vec<f32> = values(24 * cols, 0.5).iter().map(|v| v + 0.3).collect();
+        let w = Tensor::from_vec(w, (24, cols), &Device::Cpu).unwrap();
+        for dtype in K_FORMATS {
+            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
+            assert!(QuantizedMatMul::supports(&q));
+            let dense_w = q.dequantize(&Device::Cpu).unwrap();
+            for shape in [vec![1, cols], vec![5, cols], vec![2, 3, cols]] {
+                let n: usize = shape.iter().product();
+                let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
+                let ours = x.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
+                let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
+                assert_eq!(ours.dims(), reference.dims());
+                // 768 products of weights below 1.3, activations within 1/65534 of a block's
+                // largest value each: the difference stays far below the weights' own error.
+                let diff = max_abs_diff(&ours, &reference);
+                assert!(diff < 2e-3, "{dtype:?} {shape:?}: {diff}");
+            }
+            // 9 rows: two groups of four and one alone, each row as it is on its own.
+            let batch = Tensor::from_vec(values(9 * cols, 1.5), (9, cols), &Device::Cpu).unwrap();
+            let batched = batch.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
+            for i in 0..9 {
+                let alone = batch
+                    .narrow(0, i, 1)
+                    .unwrap()
+                    .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))
+                    .unwrap();
+                let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
+                assert_eq!(a, b, "{dtype:?} row {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_unpacking_matches_candles_dequantization() {
+        let w = Tensor::from_vec(values(2 * 512, 0.7), (2, 512), &Device::Cpu).unwrap();
+        for dtype in K_FORMATS {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let dense: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let bytes = q.data().unwrap();
+            let (size, unpack): (usize, fn(&[u8]) -> kquants::Unpacked) = match dtype {
+                GgmlDType::Q4K => (Q4K_BYTES, kquants::unpack_q4k),
+                _ => (Q6K_BYTES, kquants::unpack_q6k),
+            };
+            for (s, block) in bytes.chunks_exact(size).enumerate() {
+                let u = unpack(block);
+                for (i, &qv) in u.q.iter().enumerate() {
+                    let ours = u.scales[i / 16] * qv as f32 - u.mins[i / 32];
+                    let theirs = dense[s * kquants::SUPER + i];
+                    assert!(
+                        (ours - theirs).abs() <= 1e-6 * theirs.abs().max(1.0),
+                        "{dtype:?} {s}:{i}: {ours} vs {theirs}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_avx2_and_portable_dots_agree_to_the_bit() {
+        let cols = 3 * kquants::SUPER;
+        let w = Tensor::from_vec(values(3 * cols, 0.1), (3, cols), &Device::Cpu).unwrap();
+        let scaled: Vec<f32> = values(cols, 2.0).iter().map(|v| v * 3.0).collect();
+        let x = I16Blocks::quantize(&scaled);
+        let blocks = cols / BLOCK;
+        for dtype in K_FORMATS {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let bytes = q.data().unwrap();
+            let row_bytes = bytes.len() / 3;
+            for row in 0..3 {
+                let weight = &bytes[row * row_bytes..(row + 1) * row_bytes];
+                let (portable, dispatched) = match dtype {
+                    GgmlDType::Q4K => (
+                        kquants::dot_portable(
+                            weight,
+                            Q4K_BYTES,
+                            kquants::unpack_q4k,
+                            x.row(0, blocks),
+                        ),
+                        dot_k::<false>(weight, x.row(0, blocks)),
+                    ),
+                    _ => (
+                        kquants::dot_portable(
+                            weight,
+                            Q6K_BYTES,
+                            kquants::unpack_q6k,
+                            x.row(0, blocks),
+                        ),
+                        dot_k::<true>(weight, x.row(0, blocks)),
                     ),
                 };
                 assert_eq!(
