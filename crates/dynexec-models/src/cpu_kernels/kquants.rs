@@ -17,6 +17,7 @@ pub const Q6K_BYTES: usize = 210;
 
 /// A super-block's weights as integers: per 32-value sub-block `t`, values `32t..32t+32`,
 /// each half `h` (16 values) scaled by `scales[2t + h]`; Q4_K subtracts `mins[t]` per value.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub struct Unpacked {
     pub q: [i16; SUPER],
     pub scales: [f32; 16],
@@ -55,6 +56,7 @@ pub fn q6k_scales(block: &[u8]) -> [f32; 16] {
     std::array::from_fn(|k| d * (block[192 + k] as i8) as f32)
 }
 
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn unpack_q4k(block: &[u8]) -> Unpacked {
     let (scales, mins) = q4k_scales(block);
     let qs = &block[16..144];
@@ -69,6 +71,7 @@ pub fn unpack_q4k(block: &[u8]) -> Unpacked {
     Unpacked { q, scales, mins }
 }
 
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn unpack_q6k(block: &[u8]) -> Unpacked {
     let (ql, qh) = (&block[0..128], &block[128..192]);
     let mut q = [0i16; SUPER];
@@ -96,6 +99,7 @@ pub fn unpack_q6k(block: &[u8]) -> Unpacked {
 /// `j`, then the high half's times `scale_hi · scale_x`; the eight lanes are summed pairwise
 /// (`j` with `j+4`, then `j+2`, then `j+1`). Q4_K's minima add `min · scale_x · Σx` per
 /// sub-block into a scalar, subtracted last.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn dot_portable(
     weight: &[u8],
     block_bytes: usize,

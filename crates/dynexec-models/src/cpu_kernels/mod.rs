@@ -12,6 +12,8 @@
 //! [`quantized`] and [`kquants`]).
 
 mod kquants;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod quantized;
 
 pub use quantized::QuantizedMatMul;

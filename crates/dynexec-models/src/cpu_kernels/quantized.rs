@@ -13,16 +13,19 @@
 //! reproduces one-token decoding to the bit), and the AVX2 build and the portable one agree
 //! to the bit.
 
+#[cfg(target_arch = "x86_64")]
+use super::has_avx2_fma;
+#[cfg_attr(target_arch = "aarch64", allow(unused_imports))]
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, SUPER};
-use super::{f32_rows, has_avx2_fma, into_output, rows_times_activations, BLOCK};
+use super::{f32_rows, into_output, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use std::sync::Arc;
 
 /// The block formats these kernels read, as const-generic tags.
-const Q8_0: u8 = 0;
-const Q4_0: u8 = 1;
-const Q4_1: u8 = 2;
+pub(super) const Q8_0: u8 = 0;
+pub(super) const Q4_0: u8 = 1;
+pub(super) const Q4_1: u8 = 2;
 const Q4_K: u8 = 3;
 const Q6_K: u8 = 4;
 
@@ -215,6 +218,14 @@ fn all_rows<const F: u8>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut 
             i += ROWS_TOGETHER;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    while i + ROWS_TOGETHER <= out.len() {
+        let rows: [ActivationRow; ROWS_TOGETHER] = std::array::from_fn(|k| x.row(i + k, blocks));
+        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
+        let ys = unsafe { super::neon::dot_rows::<F, ROWS_TOGETHER>(weight, rows) };
+        out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
+        i += ROWS_TOGETHER;
+    }
     for (k, y) in out.iter_mut().enumerate().skip(i) {
         *y = dot::<F>(weight, x.row(k, blocks));
     }
@@ -234,6 +245,14 @@ fn all_rows_k<const Q6: bool>(weight: &[u8], x: &I16Blocks, blocks: usize, out: 
             i += ROWS_TOGETHER;
         }
     }
+    #[cfg(target_arch = "aarch64")]
+    while i + ROWS_TOGETHER <= out.len() {
+        let rows: [ActivationRow; ROWS_TOGETHER] = std::array::from_fn(|k| x.row(i + k, blocks));
+        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
+        let ys = unsafe { super::neon::dot_rows_k::<Q6, ROWS_TOGETHER>(weight, rows) };
+        out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
+        i += ROWS_TOGETHER;
+    }
     for (k, y) in out.iter_mut().enumerate().skip(i) {
         *y = dot_k::<Q6>(weight, x.row(k, blocks));
     }
@@ -246,11 +265,16 @@ fn dot_k<const Q6: bool>(weight: &[u8], x: ActivationRow) -> f32 {
         // SAFETY: the features the function is compiled for were just detected.
         return unsafe { kquants::dot_rows_avx2::<Q6, 1>(weight, [x]) }[0];
     }
-    if Q6 {
+    // SAFETY: NEON is part of every aarch64 target; the kernel checks the row length.
+    #[cfg(target_arch = "aarch64")]
+    let y = unsafe { super::neon::dot_rows_k::<Q6, 1>(weight, [x]) }[0];
+    #[cfg(not(target_arch = "aarch64"))]
+    let y = if Q6 {
         kquants::dot_portable(weight, Q6K_BYTES, kquants::unpack_q6k, x)
     } else {
         kquants::dot_portable(weight, Q4K_BYTES, kquants::unpack_q4k, x)
-    }
+    };
+    y
 }
 
 /// One weight row times one activation row.
@@ -260,10 +284,16 @@ fn dot<const F: u8>(weight: &[u8], x: ActivationRow) -> f32 {
         // SAFETY: the features the function is compiled for were just detected.
         return unsafe { dot_rows_avx2::<F, 1>(weight, [x]) }[0];
     }
-    dot_portable::<F>(weight, x)
+    // SAFETY: NEON is part of every aarch64 target; the kernel checks the row length.
+    #[cfg(target_arch = "aarch64")]
+    let y = unsafe { super::neon::dot_rows::<F, 1>(weight, [x]) }[0];
+    #[cfg(not(target_arch = "aarch64"))]
+    let y = dot_portable::<F>(weight, x);
+    y
 }
 
 /// A block's 32 weights as integers (before the scale), its scale and its minimum (Q4_1).
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // the NEON kernel's test oracle there
 fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
     let mut w = [0i32; BLOCK];
     match F {
@@ -292,6 +322,7 @@ fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
 /// added, times the two scales' product, into accumulator set `b % 2`; the sets are added and
 /// the eight lanes summed pairwise (`j` with `j+4`, then `j+2`, then `j+1`). Q4_1's minimum
 /// adds `min · scale_x · Σx` per block into a scalar, added last.
+#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 fn dot_portable<const F: u8>(weight: &[u8], x: ActivationRow) -> f32 {
     let mut acc = [[0f32; 8]; 2];
     let mut minimum_terms = 0f32;
