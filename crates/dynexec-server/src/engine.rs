@@ -369,6 +369,13 @@ impl<'m> Scheduler<'m> {
             add(&self.metrics.requests_cancelled, 1);
             return;
         }
+        if self.abort.load(Ordering::Relaxed) {
+            add(&self.metrics.requests_failed, 1);
+            let _ = job.events.send(Event::Ended(
+                "the server is shutting down and did not start this generation".to_string(),
+            ));
+            return;
+        }
         let queue_secs = job.received.elapsed().as_secs_f64();
         self.metrics.queue_wait.observe(queue_secs);
         add(&self.metrics.prompt_tokens, job.prompt_ids.len() as u64);

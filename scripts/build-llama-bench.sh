@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's llama-bench (CPU only) from the llama.cpp vendored in the
+# llama-cpp-python 0.3.36 source distribution on PyPI, outside the repository, for
+# `dynexec bench generate --compare-llama-cpp`. Prints the binary's path.
+#   scripts/build-llama-bench.sh [DIR]      (default: ~/.cache/dynexec/llama.cpp)
+# Needs a C++ compiler and cmake (`pip install cmake` provides one).
+set -euo pipefail
+dir="${1:-${DYNEXEC_CACHE:-$HOME/.cache/dynexec}/llama.cpp}"
+sdist_sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+mkdir -p "$dir"
+cd "$dir"
+sdist=llama_cpp_python-0.3.36.tar.gz
+if [ ! -f "$sdist" ]; then
+  # --no-build-isolation keeps pip from installing a build backend just to read metadata.
+  python3 -m pip install --quiet scikit-build-core >&2
+  python3 -m pip download --no-deps --no-binary :all: --no-build-isolation --quiet -d . \
+    llama-cpp-python==0.3.36 >&2
+fi
+echo "$sdist_sha256  $sdist" | sha256sum --check --quiet - >&2 || {
+  echo "sha256 mismatch for $sdist" >&2
+  exit 1
+}
+[ -d llama_cpp_python-0.3.36 ] || tar xzf "$sdist"
+src=llama_cpp_python-0.3.36/vendor/llama.cpp
+command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
+cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
+cmake --build "$src/build" --target llama-bench -j "$(nproc)" >&2
+echo "$dir/$src/build/bin/llama-bench"
