@@ -23,7 +23,9 @@ echo "$sdist_sha256  $sdist" | sha256sum --check --quiet - >&2 || {
 [ -d llama_cpp_python-0.3.36 ] || tar xzf "$sdist"
 src=llama_cpp_python-0.3.36/vendor/llama.cpp
 command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
-cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+# Not -march=native: some VMs report AVX-512 that the hypervisor does not enable (SIGILL).
+cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
 cmake --build "$src/build" --target llama-bench -j "$(nproc)" >&2
 echo "$dir/$src/build/bin/llama-bench"
