@@ -501,7 +501,7 @@ mod tests {
     }
 
     #[test]
-    fn the_avx2_and_portable_dots_agree_to_the_bit() {
+    fn the_simd_and_portable_dots_agree_to_the_bit() {
         // 7 blocks: an odd count exercises the last, unpaired block.
         let cols = 7 * BLOCK;
         let w = Tensor::from_vec(values(3 * cols, 0.1), (3, cols), &Device::Cpu).unwrap();
@@ -611,7 +611,7 @@ mod tests {
     }
 
     #[test]
-    fn k_quant_avx2_and_portable_dots_agree_to_the_bit() {
+    fn k_quant_simd_and_portable_dots_agree_to_the_bit() {
         let cols = 3 * kquants::SUPER;
         let w = Tensor::from_vec(values(3 * cols, 0.1), (3, cols), &Device::Cpu).unwrap();
         let scaled: Vec<f32> = values(cols, 2.0).iter().map(|v| v * 3.0).collect();
