@@ -60,9 +60,11 @@ fn bench_rows(
         group.throughput(Throughput::Elements(
             (batch * out_features * in_features) as u64,
         ));
-        group.bench_with_input(BenchmarkId::new(name, format!("batch{batch}")), &x, |b, x| {
-            b.iter(|| layer.forward(x).expect("forward"))
-        });
+        group.bench_with_input(
+            BenchmarkId::new(name, format!("batch{batch}")),
+            &x,
+            |b, x| b.iter(|| layer.forward(x).expect("forward")),
+        );
     }
 }
 

@@ -183,7 +183,13 @@ fn k_quant_kernels_match_dequantized_matmul_on_real_weights() {
                 .unwrap();
             let layer = Linear::from_qtensor(q, None).unwrap();
             let ours = layer.forward(&x).unwrap();
-            let scale = reference.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let scale = reference
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             let diff = max_abs_diff(&ours, &reference);
             assert!(diff < 1e-4 * scale.max(1.0), "{dtype:?}: {diff} of {scale}");
             let one = layer.forward(&x.narrow(0, 2, 1).unwrap()).unwrap();
@@ -232,5 +238,8 @@ fn q4_1_kernels_agree_with_the_f32_dequantized_model_over_256_tokens() {
     let agreement = a.iter().zip(&b).filter(|(x, y)| x == y).count() as f64 / 256.0;
     eprintln!("Q4_1 kernels vs f32 dequantized: {:.1}% teacher-forced agreement, identical for the first {prefix} of 256 free-running tokens", agreement * 100.0);
     assert!(agreement >= 0.97, "agreement {agreement}");
-    assert!(prefix >= 32, "free-running outputs diverge after {prefix} tokens");
+    assert!(
+        prefix >= 32,
+        "free-running outputs diverge after {prefix} tokens"
+    );
 }

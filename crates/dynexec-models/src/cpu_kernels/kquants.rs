@@ -144,13 +144,7 @@ pub unsafe fn dot_rows_avx2<const Q6: bool, const N: usize>(
     use std::arch::x86_64::*;
     let bytes = if Q6 { Q6K_BYTES } else { Q4K_BYTES };
     let supers = weight.len() / bytes;
-    for row in &x {
-        assert!(
-            row.values.len() >= supers * SUPER
-                && row.scales.len() >= supers * 8
-                && row.sums.len() >= supers * 8
-        );
-    }
+    assert!(x.iter().all(|row| row.covers(supers * 8)));
     let mut acc = [_mm256_setzero_ps(); N];
     let mut minimum_terms = [0f32; N];
     let low4 = _mm256_set1_epi8(0x0f);

@@ -5,7 +5,7 @@
 //! pairwise add here; the eight F32 lanes are two 4-lane registers; fused multiply-adds and
 //! the final pairwise sum run in the same order.
 
-use super::kquants::{q4k_scales, q6k_scales, Q4K_BYTES, Q6K_BYTES, SUPER};
+use super::kquants::{q4k_scales, q6k_scales, Q4K_BYTES, Q6K_BYTES};
 use super::quantized::{f16_at, ActivationRow, Q4_0, Q4_1, Q8_0};
 use super::BLOCK;
 use std::arch::aarch64::*;
@@ -72,13 +72,7 @@ pub unsafe fn dot_rows<const F: u8, const N: usize>(
         _ => 20,
     };
     let blocks = weight.len() / bytes;
-    for row in &x {
-        assert!(
-            row.values.len() >= blocks * BLOCK
-                && row.scales.len() >= blocks
-                && row.sums.len() >= blocks
-        );
-    }
+    assert!(x.iter().all(|row| row.covers(blocks)));
     let zero = [vdupq_n_f32(0.0); 2];
     let mut acc = [[zero; 2]; N];
     let mut minimum_terms = [0f32; N];
@@ -135,13 +129,7 @@ pub unsafe fn dot_rows_k<const Q6: bool, const N: usize>(
 ) -> [f32; N] {
     let bytes = if Q6 { Q6K_BYTES } else { Q4K_BYTES };
     let supers = weight.len() / bytes;
-    for row in &x {
-        assert!(
-            row.values.len() >= supers * SUPER
-                && row.scales.len() >= supers * 8
-                && row.sums.len() >= supers * 8
-        );
-    }
+    assert!(x.iter().all(|row| row.covers(supers * 8)));
     let mut acc = [[vdupq_n_f32(0.0); 2]; N];
     let mut minimum_terms = [0f32; N];
     let low4 = vdupq_n_u8(0x0f);

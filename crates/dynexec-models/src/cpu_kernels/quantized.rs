@@ -184,6 +184,16 @@ pub(super) struct ActivationRow<'a> {
     pub(super) sums: &'a [f32],
 }
 
+impl ActivationRow<'_> {
+    /// Whether the row holds `blocks` 32-value blocks: what the SIMD kernels' unchecked loads
+    /// rely on.
+    pub(super) fn covers(&self, blocks: usize) -> bool {
+        self.values.len() >= blocks * BLOCK
+            && self.scales.len() >= blocks
+            && self.sums.len() >= blocks
+    }
+}
+
 /// An f16 (as bits) to f32, exactly, in scalar registers. The F16C instruction would do, but
 /// the compiler feeds it from whatever register it likes, and in the loop below that made
 /// every block wait on the accumulator (a false dependency that cost 3x).
@@ -365,13 +375,7 @@ unsafe fn dot_rows_avx2<const F: u8, const N: usize>(
     use std::arch::x86_64::*;
     let bytes = block_bytes(F);
     let blocks = weight.len() / bytes;
-    for row in &x {
-        assert!(
-            row.values.len() >= blocks * BLOCK
-                && row.scales.len() >= blocks
-                && row.sums.len() >= blocks
-        );
-    }
+    assert!(x.iter().all(|row| row.covers(blocks)));
     let (mut even, mut odd) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
     let mut minimum_terms = [0f32; N];
     // Adds block `b`'s products into `acc` (a macro, not a closure: a closure would not be
@@ -479,24 +483,28 @@ mod tests {
         }
     }
 
+    /// A row's outputs alone equal its outputs in a batch of 9 (two SIMD groups of four and
+    /// one row alone), to the bit.
+    fn assert_batch_invariant(q: &Arc<QTensor>, cols: usize) {
+        let batch = Tensor::from_vec(values(9 * cols, 1.5), (9, cols), &Device::Cpu).unwrap();
+        let batched = batch.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
+        for i in 0..9 {
+            let alone = batch
+                .narrow(0, i, 1)
+                .unwrap()
+                .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))
+                .unwrap();
+            let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{:?} row {i}", q.dtype());
+        }
+    }
+
     #[test]
     fn a_row_gives_the_same_bits_alone_or_in_a_batch() {
         let w = Tensor::from_vec(values(24 * 64, 0.25), (24, 64), &Device::Cpu).unwrap();
-        // 9 rows: two groups of four and one row alone.
-        let batch = Tensor::from_vec(values(9 * 64, 1.5), (9, 64), &Device::Cpu).unwrap();
         for dtype in FORMATS {
-            let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
-            let batched = batch.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
-            for i in 0..9 {
-                let alone = batch
-                    .narrow(0, i, 1)
-                    .unwrap()
-                    .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))
-                    .unwrap();
-                let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
-                let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
-                assert_eq!(a, b, "{dtype:?} row {i}");
-            }
+            assert_batch_invariant(&Arc::new(QTensor::quantize(&w, dtype).unwrap()), 64);
         }
     }
 
@@ -563,19 +571,7 @@ mod tests {
                 let diff = max_abs_diff(&ours, &reference);
                 assert!(diff < 2e-3, "{dtype:?} {shape:?}: {diff}");
             }
-            // 9 rows: two groups of four and one alone, each row as it is on its own.
-            let batch = Tensor::from_vec(values(9 * cols, 1.5), (9, cols), &Device::Cpu).unwrap();
-            let batched = batch.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
-            for i in 0..9 {
-                let alone = batch
-                    .narrow(0, i, 1)
-                    .unwrap()
-                    .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))
-                    .unwrap();
-                let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
-                let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
-                assert_eq!(a, b, "{dtype:?} row {i}");
-            }
+            assert_batch_invariant(&q, cols);
         }
     }
 
