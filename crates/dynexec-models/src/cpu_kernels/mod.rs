@@ -9,11 +9,13 @@
 //! once against all activation rows keeps it close to one step.
 //!
 //! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights times F32 activations (see
-//! [`quantized`] and [`kquants`]).
+//! [`quantized`] and [`kquants`]). Both split their rows over [`pool`], where the calling
+//! thread works too and never waits for a helper that has not started.
 
 mod kquants;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+mod pool;
 mod quantized;
 
 pub use quantized::QuantizedMatMul;
@@ -82,9 +84,8 @@ fn f32_rows<'a>(
     }
 }
 
-/// Runs `fill(row, outputs_of_that_row)` for every weight row on candle's worker pool (the
-/// one its quantized kernels use, so no second set of threads competes for the cores);
-/// returns the `(rows, m)` results.
+/// Runs `fill(row, outputs_of_that_row)` for every weight row on the kernels' pool (see
+/// [`pool`]); returns the `(rows, m)` results.
 fn rows_times_activations(
     rows: usize,
     m: usize,
@@ -92,16 +93,13 @@ fn rows_times_activations(
 ) -> Vec<f32> {
     let mut out_t = vec![0f32; rows * m];
     let out_ptr = out_t.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(rows.div_ceil(ROWS_PER_TASK), |tasks| {
-        for task in tasks {
-            for row in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
-                // SAFETY: tasks cover disjoint rows, so each output row has one writer, and
-                // `out_t` outlives the pool call.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(row * m), m)
-                };
-                fill(row, out);
-            }
+    pool::run(rows.div_ceil(ROWS_PER_TASK), &|task| {
+        for row in task * ROWS_PER_TASK..rows.min((task + 1) * ROWS_PER_TASK) {
+            // SAFETY: tasks cover disjoint rows, so each output row has one writer, and
+            // `out_t` outlives the pool call.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((out_ptr as *mut f32).add(row * m), m) };
+            fill(row, out);
         }
     });
     out_t
