@@ -17,11 +17,29 @@ pub const Q6K_BYTES: usize = 210;
 
 /// A super-block's weights as integers: per 32-value sub-block `t`, values `32t..32t+32`,
 /// each half `h` (16 values) scaled by `scales[2t + h]`; Q4_K subtracts `mins[t]` per value.
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub struct Unpacked {
     pub q: [i16; SUPER],
     pub scales: [f32; 16],
     pub mins: [f32; 8],
+}
+
+/// Bytes per super-block: Q6_K with `q6`, else Q4_K.
+pub const fn super_bytes(q6: bool) -> usize {
+    if q6 {
+        Q6K_BYTES
+    } else {
+        Q4K_BYTES
+    }
+}
+
+/// A super-block's scale per 16-value half and minimum per 32-value sub-block (zero for
+/// Q6_K), as the SIMD kernels take them.
+pub fn super_scales(q6: bool, block: &[u8]) -> ([f32; 16], [f32; 8]) {
+    if q6 {
+        (q6k_scales(block), [0.0; 8])
+    } else {
+        q4k_scales(block)
+    }
 }
 
 /// Q4_K's packed 6-bit scale and minimum of sub-block `j` (llama.cpp's `get_scale_min_k4`).
@@ -56,7 +74,6 @@ pub fn q6k_scales(block: &[u8]) -> [f32; 16] {
     std::array::from_fn(|k| d * (block[192 + k] as i8) as f32)
 }
 
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn unpack_q4k(block: &[u8]) -> Unpacked {
     let (scales, mins) = q4k_scales(block);
     let qs = &block[16..144];
@@ -71,7 +88,6 @@ pub fn unpack_q4k(block: &[u8]) -> Unpacked {
     Unpacked { q, scales, mins }
 }
 
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn unpack_q6k(block: &[u8]) -> Unpacked {
     let (ql, qh) = (&block[0..128], &block[128..192]);
     let mut q = [0i16; SUPER];
@@ -99,7 +115,6 @@ pub fn unpack_q6k(block: &[u8]) -> Unpacked {
 /// `j`, then the high half's times `scale_hi · scale_x`; the eight lanes are summed pairwise
 /// (`j` with `j+4`, then `j+2`, then `j+1`). Q4_K's minima add `min · scale_x · Σx` per
 /// sub-block into a scalar, subtracted last.
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 pub fn dot_portable(
     weight: &[u8],
     block_bytes: usize,
@@ -142,7 +157,7 @@ pub unsafe fn dot_rows_avx2<const Q6: bool, const N: usize>(
     x: [ActivationRow; N],
 ) -> [f32; N] {
     use std::arch::x86_64::*;
-    let bytes = if Q6 { Q6K_BYTES } else { Q4K_BYTES };
+    let bytes = super_bytes(Q6);
     let supers = weight.len() / bytes;
     assert!(x.iter().all(|row| row.covers(supers * 8)));
     let mut acc = [_mm256_setzero_ps(); N];
@@ -152,11 +167,7 @@ pub unsafe fn dot_rows_avx2<const Q6: bool, const N: usize>(
     let thirty_two = _mm256_set1_epi8(32);
     for s in 0..supers {
         let block = weight.as_ptr().add(s * bytes);
-        let (scales, mins) = if Q6 {
-            (q6k_scales(&weight[s * bytes..(s + 1) * bytes]), [0f32; 8])
-        } else {
-            q4k_scales(&weight[s * bytes..(s + 1) * bytes])
-        };
+        let (scales, mins) = super_scales(Q6, &weight[s * bytes..(s + 1) * bytes]);
         // Four 32-byte vectors of 32 weights each per 128 values (sub-blocks in order).
         let mut sub = [_mm256_setzero_si256(); 8];
         if Q6 {

@@ -5,7 +5,7 @@
 //! pairwise add here; the eight F32 lanes are two 4-lane registers; fused multiply-adds and
 //! the final pairwise sum run in the same order.
 
-use super::kquants::{q4k_scales, q6k_scales, Q4K_BYTES, Q6K_BYTES};
+use super::kquants::{super_bytes, super_scales};
 use super::quantized::{f16_at, ActivationRow, Q4_0, Q4_1, Q8_0};
 use super::BLOCK;
 use std::arch::aarch64::*;
@@ -127,7 +127,7 @@ pub unsafe fn dot_rows_k<const Q6: bool, const N: usize>(
     weight: &[u8],
     x: [ActivationRow; N],
 ) -> [f32; N] {
-    let bytes = if Q6 { Q6K_BYTES } else { Q4K_BYTES };
+    let bytes = super_bytes(Q6);
     let supers = weight.len() / bytes;
     assert!(x.iter().all(|row| row.covers(supers * 8)));
     let mut acc = [[vdupq_n_f32(0.0); 2]; N];
@@ -137,11 +137,7 @@ pub unsafe fn dot_rows_k<const Q6: bool, const N: usize>(
     for s in 0..supers {
         let block = &weight[s * bytes..(s + 1) * bytes];
         let p = block.as_ptr();
-        let (scales, mins) = if Q6 {
-            (q6k_scales(block), [0f32; 8])
-        } else {
-            q4k_scales(block)
-        };
+        let (scales, mins) = super_scales(Q6, block);
         // The eight 32-value sub-blocks, as four vectors of eight i16 each.
         let mut sub = [[vdupq_n_s16(0); 4]; 8];
         if Q6 {

@@ -15,7 +15,6 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::has_avx2_fma;
-#[cfg_attr(target_arch = "aarch64", allow(unused_imports))]
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, SUPER};
 use super::{f32_rows, into_output, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -108,11 +107,11 @@ impl CustomOp1 for QuantizedMatMul {
         let out_t = rows_times_activations(rows, m, |row, out| {
             let weight_row = &bytes[row * row_bytes..(row + 1) * row_bytes];
             match format {
-                Q8_0 => all_rows::<Q8_0>(weight_row, &activations, blocks_per_row, out),
-                Q4_0 => all_rows::<Q4_0>(weight_row, &activations, blocks_per_row, out),
-                Q4_1 => all_rows::<Q4_1>(weight_row, &activations, blocks_per_row, out),
-                Q4_K => all_rows_k::<false>(weight_row, &activations, blocks_per_row, out),
-                _ => all_rows_k::<true>(weight_row, &activations, blocks_per_row, out),
+                Q8_0 => all_rows::<Blocks<Q8_0>>(weight_row, &activations, blocks_per_row, out),
+                Q4_0 => all_rows::<Blocks<Q4_0>>(weight_row, &activations, blocks_per_row, out),
+                Q4_1 => all_rows::<Blocks<Q4_1>>(weight_row, &activations, blocks_per_row, out),
+                Q4_K => all_rows::<KQuant<false>>(weight_row, &activations, blocks_per_row, out),
+                _ => all_rows::<KQuant<true>>(weight_row, &activations, blocks_per_row, out),
             }
         });
         Ok(into_output(out_t, rows, m, dims))
@@ -214,96 +213,90 @@ pub(super) fn f16_at(block: &[u8], offset: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([block[offset], block[offset + 1]]))
 }
 
-/// One weight row times every activation row, into `out`.
-fn all_rows<const F: u8>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut [f32]) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        while i + ROWS_TOGETHER <= out.len() {
-            let rows: [ActivationRow; ROWS_TOGETHER] =
-                std::array::from_fn(|k| x.row(i + k, blocks));
+/// A weight format's row kernels: the SIMD one for `N` activation rows at once (AVX2 when
+/// the CPU has it, NEON on aarch64), and the portable reference both follow to the bit.
+trait RowKernel {
+    /// `None` where no SIMD build can run.
+    fn simd<const N: usize>(weight: &[u8], x: [ActivationRow; N]) -> Option<[f32; N]>;
+    fn portable(weight: &[u8], x: ActivationRow) -> f32;
+}
+
+/// Q8_0, Q4_0 or Q4_1 (32-value blocks).
+struct Blocks<const F: u8>;
+/// Q4_K, or Q6_K with `Q6` (256-value super-blocks).
+struct KQuant<const Q6: bool>;
+
+impl<const F: u8> RowKernel for Blocks<F> {
+    fn simd<const N: usize>(weight: &[u8], x: [ActivationRow; N]) -> Option<[f32; N]> {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
             // SAFETY: the features the function is compiled for were just detected.
-            let ys = unsafe { dot_rows_avx2::<F, ROWS_TOGETHER>(weight, rows) };
-            out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
-            i += ROWS_TOGETHER;
+            return Some(unsafe { dot_rows_avx2::<F, N>(weight, x) });
         }
+        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
+        #[cfg(target_arch = "aarch64")]
+        let ys = Some(unsafe { super::neon::dot_rows::<F, N>(weight, x) });
+        #[cfg(not(target_arch = "aarch64"))]
+        let ys = None;
+        ys
     }
-    #[cfg(target_arch = "aarch64")]
+
+    fn portable(weight: &[u8], x: ActivationRow) -> f32 {
+        dot_portable::<F>(weight, x)
+    }
+}
+
+impl<const Q6: bool> RowKernel for KQuant<Q6> {
+    fn simd<const N: usize>(weight: &[u8], x: [ActivationRow; N]) -> Option<[f32; N]> {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the features the function is compiled for were just detected.
+            return Some(unsafe { kquants::dot_rows_avx2::<Q6, N>(weight, x) });
+        }
+        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
+        #[cfg(target_arch = "aarch64")]
+        let ys = Some(unsafe { super::neon::dot_rows_k::<Q6, N>(weight, x) });
+        #[cfg(not(target_arch = "aarch64"))]
+        let ys = None;
+        ys
+    }
+
+    fn portable(weight: &[u8], x: ActivationRow) -> f32 {
+        let unpack = if Q6 {
+            kquants::unpack_q6k
+        } else {
+            kquants::unpack_q4k
+        };
+        kquants::dot_portable(weight, kquants::super_bytes(Q6), unpack, x)
+    }
+}
+
+/// One weight row times every activation row, into `out`: rows in SIMD groups of
+/// [`ROWS_TOGETHER`], the rest one by one.
+fn all_rows<K: RowKernel>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut [f32]) {
+    let mut i = 0;
     while i + ROWS_TOGETHER <= out.len() {
         let rows: [ActivationRow; ROWS_TOGETHER] = std::array::from_fn(|k| x.row(i + k, blocks));
-        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
-        let ys = unsafe { super::neon::dot_rows::<F, ROWS_TOGETHER>(weight, rows) };
+        let Some(ys) = K::simd(weight, rows) else {
+            break;
+        };
         out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
         i += ROWS_TOGETHER;
     }
     for (k, y) in out.iter_mut().enumerate().skip(i) {
-        *y = dot::<F>(weight, x.row(k, blocks));
+        *y = dot::<K>(weight, x.row(k, blocks));
     }
-}
-
-/// One K-quant weight row (Q6_K when `Q6`, else Q4_K) times every activation row, into `out`.
-fn all_rows_k<const Q6: bool>(weight: &[u8], x: &I16Blocks, blocks: usize, out: &mut [f32]) {
-    let mut i = 0;
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        while i + ROWS_TOGETHER <= out.len() {
-            let rows: [ActivationRow; ROWS_TOGETHER] =
-                std::array::from_fn(|k| x.row(i + k, blocks));
-            // SAFETY: the features the function is compiled for were just detected.
-            let ys = unsafe { kquants::dot_rows_avx2::<Q6, ROWS_TOGETHER>(weight, rows) };
-            out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
-            i += ROWS_TOGETHER;
-        }
-    }
-    #[cfg(target_arch = "aarch64")]
-    while i + ROWS_TOGETHER <= out.len() {
-        let rows: [ActivationRow; ROWS_TOGETHER] = std::array::from_fn(|k| x.row(i + k, blocks));
-        // SAFETY: NEON is part of every aarch64 target; the kernel checks the row lengths.
-        let ys = unsafe { super::neon::dot_rows_k::<Q6, ROWS_TOGETHER>(weight, rows) };
-        out[i..i + ROWS_TOGETHER].copy_from_slice(&ys);
-        i += ROWS_TOGETHER;
-    }
-    for (k, y) in out.iter_mut().enumerate().skip(i) {
-        *y = dot_k::<Q6>(weight, x.row(k, blocks));
-    }
-}
-
-/// One K-quant weight row times one activation row.
-fn dot_k<const Q6: bool>(weight: &[u8], x: ActivationRow) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features the function is compiled for were just detected.
-        return unsafe { kquants::dot_rows_avx2::<Q6, 1>(weight, [x]) }[0];
-    }
-    // SAFETY: NEON is part of every aarch64 target; the kernel checks the row length.
-    #[cfg(target_arch = "aarch64")]
-    let y = unsafe { super::neon::dot_rows_k::<Q6, 1>(weight, [x]) }[0];
-    #[cfg(not(target_arch = "aarch64"))]
-    let y = if Q6 {
-        kquants::dot_portable(weight, Q6K_BYTES, kquants::unpack_q6k, x)
-    } else {
-        kquants::dot_portable(weight, Q4K_BYTES, kquants::unpack_q4k, x)
-    };
-    y
 }
 
 /// One weight row times one activation row.
-fn dot<const F: u8>(weight: &[u8], x: ActivationRow) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the features the function is compiled for were just detected.
-        return unsafe { dot_rows_avx2::<F, 1>(weight, [x]) }[0];
+fn dot<K: RowKernel>(weight: &[u8], x: ActivationRow) -> f32 {
+    match K::simd(weight, [x]) {
+        Some([y]) => y,
+        None => K::portable(weight, x),
     }
-    // SAFETY: NEON is part of every aarch64 target; the kernel checks the row length.
-    #[cfg(target_arch = "aarch64")]
-    let y = unsafe { super::neon::dot_rows::<F, 1>(weight, [x]) }[0];
-    #[cfg(not(target_arch = "aarch64"))]
-    let y = dot_portable::<F>(weight, x);
-    y
 }
 
 /// A block's 32 weights as integers (before the scale), its scale and its minimum (Q4_1).
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))] // the NEON kernel's test oracle there
 fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
     let mut w = [0i32; BLOCK];
     match F {
@@ -332,7 +325,6 @@ fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
 /// added, times the two scales' product, into accumulator set `b % 2`; the sets are added and
 /// the eight lanes summed pairwise (`j` with `j+4`, then `j+2`, then `j+1`). Q4_1's minimum
 /// adds `min · scale_x · Σx` per block into a scalar, added last.
-#[cfg_attr(target_arch = "aarch64", allow(dead_code))]
 fn dot_portable<const F: u8>(weight: &[u8], x: ActivationRow) -> f32 {
     let mut acc = [[0f32; 8]; 2];
     let mut minimum_terms = 0f32;
@@ -528,15 +520,15 @@ mod tests {
                 let (portable, dispatched) = match dtype {
                     GgmlDType::Q8_0 => (
                         dot_portable::<Q8_0>(weight, x.row(0, 7)),
-                        dot::<Q8_0>(weight, x.row(0, 7)),
+                        dot::<Blocks<Q8_0>>(weight, x.row(0, 7)),
                     ),
                     GgmlDType::Q4_0 => (
                         dot_portable::<Q4_0>(weight, x.row(0, 7)),
-                        dot::<Q4_0>(weight, x.row(0, 7)),
+                        dot::<Blocks<Q4_0>>(weight, x.row(0, 7)),
                     ),
                     _ => (
                         dot_portable::<Q4_1>(weight, x.row(0, 7)),
-                        dot::<Q4_1>(weight, x.row(0, 7)),
+                        dot::<Blocks<Q4_1>>(weight, x.row(0, 7)),
                     ),
                 };
                 assert_eq!(
@@ -627,7 +619,7 @@ mod tests {
                             kquants::unpack_q4k,
                             x.row(0, blocks),
                         ),
-                        dot_k::<false>(weight, x.row(0, blocks)),
+                        dot::<KQuant<false>>(weight, x.row(0, blocks)),
                     ),
                     _ => (
                         kquants::dot_portable(
@@ -636,7 +628,7 @@ mod tests {
                             kquants::unpack_q6k,
                             x.row(0, blocks),
                         ),
-                        dot_k::<true>(weight, x.row(0, blocks)),
+                        dot::<KQuant<true>>(weight, x.row(0, blocks)),
                     ),
                 };
                 assert_eq!(
