@@ -282,12 +282,18 @@ struct Active<'m> {
     /// Prompt and generated tokens (the sampler's repetition-penalty history).
     tokens: Vec<u32>,
     prompt_tokens: usize,
-    generated: usize,
     context: usize,
     received: Instant,
     queue_secs: f64,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+}
+
+impl Active<'_> {
+    /// Tokens generated so far (all of `tokens` after the prompt).
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_tokens
+    }
 }
 
 /// What emitting a token led to.
@@ -453,7 +459,6 @@ impl<'m> Scheduler<'m> {
             stops: StopMatcher::new(job.stop),
             tokens: job.prompt_ids.clone(),
             prompt_tokens: job.prompt_ids.len(),
-            generated: 0,
             context: model.config().context_length,
             options: job.options,
             received: job.received,
@@ -499,6 +504,8 @@ impl<'m> Scheduler<'m> {
                 continue;
             }
             let last = *seq.tokens.last().unwrap_or(&0);
+            // Never draft past max_tokens: a verification adds one token of its own.
+            let max_drafts = seq.options.max_tokens.saturating_sub(seq.generated() + 1);
             let next = match &mut seq.decoder {
                 Decoder::Plain { sampler, .. } => match (&batch_error, rows.next()) {
                     (Some(e), _) => Err(Error::InvalidArgument(format!(
@@ -516,10 +523,7 @@ impl<'m> Scheduler<'m> {
                 } => exit
                     .step(&[last], cache)
                     .and_then(|logits| sample(sampler, &logits, &seq.tokens)),
-                Decoder::Speculative(spec) => {
-                    // Never draft past max_tokens: the verification adds one token of its own.
-                    spec.step(seq.options.max_tokens.saturating_sub(seq.generated + 1))
-                }
+                Decoder::Speculative(spec) => spec.step(max_drafts),
             };
             outcomes.push(match next {
                 Ok(tokens) => emit(seq, &tokens),
@@ -562,7 +566,6 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
         if seq.options.stop_at_eos && seq.tokenizer.is_eos(token) {
             return Outcome::Finished(FinishReason::Stop);
         }
-        seq.generated += 1;
         seq.tokens.push(token);
         seq.last_token_at = Some(now);
         let piece = match seq.stream.push(token) {
@@ -584,7 +587,7 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
                 return Outcome::Finished(FinishReason::Stop);
             }
         }
-        if seq.generated >= seq.options.max_tokens || seq.tokens.len() >= seq.context {
+        if seq.generated() >= seq.options.max_tokens || seq.tokens.len() >= seq.context {
             return Outcome::Finished(FinishReason::Length);
         }
     }
@@ -599,7 +602,8 @@ fn finish(
     outcome: Outcome,
     batch_size: usize,
 ) {
-    add(&metrics.generated_tokens, seq.generated as u64);
+    let generated = seq.generated();
+    add(&metrics.generated_tokens, generated as u64);
     let finish_reason = match outcome {
         Outcome::Finished(reason) => reason,
         Outcome::Cancelled => {
@@ -624,10 +628,9 @@ fn finish(
         .first_token_at
         .map_or(0.0, |t| t.duration_since(seq.received).as_secs_f64());
     metrics.ttft.observe(ttft);
-    if let (Some(first), Some(last), true) =
-        (seq.first_token_at, seq.last_token_at, seq.generated > 1)
+    if let (Some(first), Some(last), true) = (seq.first_token_at, seq.last_token_at, generated > 1)
     {
-        let per_token = last.duration_since(first).as_secs_f64() / (seq.generated - 1) as f64;
+        let per_token = last.duration_since(first).as_secs_f64() / (generated - 1) as f64;
         metrics.time_per_output_token.observe(per_token);
     }
     metrics
@@ -667,8 +670,8 @@ fn finish(
         finish_reason,
         usage: Usage {
             prompt_tokens: seq.prompt_tokens,
-            completion_tokens: seq.generated,
-            total_tokens: seq.prompt_tokens + seq.generated,
+            completion_tokens: generated,
+            total_tokens: seq.prompt_tokens + generated,
         },
         report: DynamicReport {
             batch_size,
