@@ -6,9 +6,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Tensor};
 use dynexec_core::Error;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use crate::cpu_kernels::{DenseSmallBatch, QuantizedMatMul, SMALL_BATCH};
+use crate::cpu_kernels::{DenseSmallBatch, PackedWeight, QuantizedMatMul, SMALL_BATCH};
 
 /// Formats a linear layer's weight can be converted to in place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -101,6 +101,9 @@ pub struct Linear {
     out_features: usize,
     in_features: usize,
     cpu_kernels: CpuKernels,
+    /// The weight repacked for [`PackedWeight`]'s kernels, made on the first CPU product
+    /// (so GPU and candle-kernel layers never pay for it) and shared by clones.
+    packed: Arc<OnceLock<Option<Arc<PackedWeight>>>>,
 }
 
 impl Linear {
@@ -113,6 +116,7 @@ impl Linear {
             out_features,
             in_features,
             cpu_kernels: CpuKernels::default(),
+            packed: Arc::default(),
         })
     }
 
@@ -125,6 +129,7 @@ impl Linear {
             out_features,
             in_features,
             cpu_kernels: CpuKernels::default(),
+            packed: Arc::default(),
         })
     }
 
@@ -205,7 +210,21 @@ impl Linear {
             out_features: self.out_features,
             in_features: self.in_features,
             cpu_kernels: self.cpu_kernels,
+            packed: Arc::default(),
         })
+    }
+
+    /// The repacked weight, made once, where this CPU has the repacked kernels and they
+    /// handle the weight's type.
+    fn packed(&self, q: &QTensor) -> Result<Option<Arc<PackedWeight>>> {
+        if !PackedWeight::available() {
+            return Ok(None);
+        }
+        if let Some(packed) = self.packed.get() {
+            return Ok(packed.clone());
+        }
+        let packed = PackedWeight::pack(q)?.map(Arc::new);
+        Ok(self.packed.get_or_init(|| packed).clone())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -216,7 +235,7 @@ impl Linear {
         let y = match &self.weight {
             QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => x
                 .contiguous()?
-                .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))?,
+                .apply_op1_no_bwd(&QuantizedMatMul::new(q.clone(), self.packed(q)?))?,
             // Our kernel has no backward pass: training (tracked tensors) takes candle's matmul.
             QMatMul::Tensor(w)
                 if ours

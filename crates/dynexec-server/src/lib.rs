@@ -38,7 +38,9 @@ pub struct ServeOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("could not listen on {addr} (is another server using the port? pick another with --port)")]
+    #[error(
+        "could not listen on {addr} (is another server using the port? pick another with --port)"
+    )]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

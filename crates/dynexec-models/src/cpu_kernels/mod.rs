@@ -9,15 +9,18 @@
 //! once against all activation rows keeps it close to one step.
 //!
 //! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights times F32 activations (see
-//! [`quantized`] and [`kquants`]). Both split their rows over [`pool`], where the calling
+//! [`quantized`] and [`kquants`]; on AVX2, Q8_0/Q4_0/Q4_1 repacked eight rows at a time, see
+//! [`interleaved`]). Both split their rows over [`pool`], where the calling
 //! thread works too and never waits for a helper that has not started.
 
+mod interleaved;
 mod kquants;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 mod pool;
 mod quantized;
 
+pub use interleaved::PackedWeight;
 pub use quantized::QuantizedMatMul;
 
 use candle_core::{CpuStorage, Layout, Shape};

@@ -15,6 +15,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::has_avx2_fma;
+use super::interleaved::PackedWeight;
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, SUPER};
 use super::{f32_rows, into_output, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -57,10 +58,20 @@ const PREFETCH_AHEAD: usize = 1024;
 /// all of them).
 const ROWS_TOGETHER: usize = 4;
 
-/// `y = x W^T` for a Q8_0, Q4_0 or Q4_1 weight `W` (rows x cols) and F32 `x` (.., cols).
-pub struct QuantizedMatMul(pub Arc<QTensor>);
+/// `y = x W^T` for a quantized weight `W` (rows x cols) and F32 `x` (.., cols): through its
+/// repacked copy when there is one, otherwise row by row.
+pub struct QuantizedMatMul {
+    weight: Arc<QTensor>,
+    packed: Option<Arc<PackedWeight>>,
+}
 
 impl QuantizedMatMul {
+    /// `packed` must be `weight` repacked ([`PackedWeight::pack`]), where
+    /// [`PackedWeight::available`] holds.
+    pub fn new(weight: Arc<QTensor>, packed: Option<Arc<PackedWeight>>) -> Self {
+        Self { weight, packed }
+    }
+
     /// Accepts Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights whose input size is whole blocks.
     pub fn supports(weight: &QTensor) -> bool {
         format_of(weight.dtype()).is_some_and(|f| {
@@ -82,7 +93,7 @@ fn format_of(dtype: GgmlDType) -> Option<u8> {
 
 impl CustomOp1 for QuantizedMatMul {
     fn name(&self) -> &'static str {
-        "quantized-i16-matmul"
+        "dynexec-quantized-matmul"
     }
 
     fn cpu_fwd(
@@ -90,15 +101,22 @@ impl CustomOp1 for QuantizedMatMul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, cols) = self.0.shape().dims2()?;
+        let (rows, cols) = self.weight.shape().dims2()?;
         let x = f32_rows(self.name(), storage, layout, cols)?;
         let dims = layout.shape().dims();
-        let Some(format) = format_of(self.0.dtype()) else {
-            candle_core::bail!("quantized matmul: unsupported {:?}", self.0.dtype());
+        if let Some(packed) = &self.packed {
+            let mut shape = dims.to_vec();
+            if let Some(last) = shape.last_mut() {
+                *last = rows;
+            }
+            return Ok((CpuStorage::F32(packed.matmul(x)), Shape::from(shape)));
+        }
+        let Some(format) = format_of(self.weight.dtype()) else {
+            candle_core::bail!("quantized matmul: unsupported {:?}", self.weight.dtype());
         };
         let m = x.len() / cols;
         let activations = I16Blocks::quantize(x);
-        let bytes = self.0.data()?;
+        let bytes = self.weight.data()?;
         if cols % block_values(format) != 0 {
             candle_core::bail!("quantized matmul: {cols} inputs are not whole blocks");
         }
@@ -461,34 +479,51 @@ mod tests {
         for dtype in FORMATS {
             let q = Arc::new(QTensor::quantize(&w, dtype).unwrap());
             let dense_w = q.dequantize(&Device::Cpu).unwrap();
-            for shape in [vec![1, 96], vec![3, 96], vec![2, 5, 96]] {
-                let n: usize = shape.iter().product();
-                let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
-                let ours = x.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
-                let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
-                assert_eq!(ours.dims(), reference.dims());
-                // The 16-bit activations err by up to 1/65534 of a block's largest value each;
-                // over 96 products of weights below 1 that bounds the difference by about 1e-3.
-                let diff = max_abs_diff(&ours, &reference);
-                assert!(diff < 1e-3, "{dtype:?} {shape:?}: {diff}");
+            for op in both_paths(&q) {
+                for shape in [vec![1, 96], vec![3, 96], vec![2, 5, 96], vec![9, 96]] {
+                    let n: usize = shape.iter().product();
+                    let x =
+                        Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
+                    let ours = x.apply_op1_no_bwd(&op).unwrap();
+                    let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
+                    assert_eq!(ours.dims(), reference.dims());
+                    // 16-bit (15-bit repacked) activations err by up to 1/65534 (1/32766) of a
+                    // block's largest value each; over 96 products of weights below 1 that
+                    // bounds the difference by about 1e-3.
+                    let diff = max_abs_diff(&ours, &reference);
+                    assert!(diff < 1e-3, "{dtype:?} {shape:?}: {diff}");
+                }
             }
         }
+    }
+
+    /// The row-by-row op, and the repacked one where this CPU runs it.
+    fn both_paths(q: &Arc<QTensor>) -> Vec<QuantizedMatMul> {
+        let mut ops = vec![QuantizedMatMul::new(q.clone(), None)];
+        if PackedWeight::available() {
+            if let Some(packed) = PackedWeight::pack(q).unwrap() {
+                ops.push(QuantizedMatMul::new(q.clone(), Some(Arc::new(packed))));
+            }
+        }
+        ops
     }
 
     /// A row's outputs alone equal its outputs in a batch of 9 (two SIMD groups of four and
     /// one row alone), to the bit.
     fn assert_batch_invariant(q: &Arc<QTensor>, cols: usize) {
         let batch = Tensor::from_vec(values(9 * cols, 1.5), (9, cols), &Device::Cpu).unwrap();
-        let batched = batch.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
-        for i in 0..9 {
-            let alone = batch
-                .narrow(0, i, 1)
-                .unwrap()
-                .apply_op1_no_bwd(&QuantizedMatMul(q.clone()))
-                .unwrap();
-            let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
-            let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
-            assert_eq!(a, b, "{:?} row {i}", q.dtype());
+        for op in both_paths(q) {
+            let batched = batch.apply_op1_no_bwd(&op).unwrap();
+            for i in 0..9 {
+                let alone = batch
+                    .narrow(0, i, 1)
+                    .unwrap()
+                    .apply_op1_no_bwd(&op)
+                    .unwrap();
+                let a: Vec<f32> = alone.flatten_all().unwrap().to_vec1().unwrap();
+                let b: Vec<f32> = batched.get(i).unwrap().to_vec1().unwrap();
+                assert_eq!(a, b, "{:?} row {i}", q.dtype());
+            }
         }
     }
 
@@ -555,7 +590,9 @@ mod tests {
             for shape in [vec![1, cols], vec![5, cols], vec![2, 3, cols]] {
                 let n: usize = shape.iter().product();
                 let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
-                let ours = x.apply_op1_no_bwd(&QuantizedMatMul(q.clone())).unwrap();
+                let ours = x
+                    .apply_op1_no_bwd(&QuantizedMatMul::new(q.clone(), None))
+                    .unwrap();
                 let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
                 assert_eq!(ours.dims(), reference.dims());
                 // 768 products of weights below 1.3, activations within 1/65534 of a block's
