@@ -17,9 +17,10 @@ use dynexec_models::llama::Llama;
 /// which turns any reordering of float sums into ~1 logit of difference.
 const GGUF_LOGIT_TOLERANCE: f32 = 1e-4;
 
-/// The default Q8_0 kernel against an F32 head with the same (dequantized) weights: only the
-/// order of float sums differs.
-const DEFAULT_KERNEL_LOGIT_TOLERANCE: f32 = 1e-3;
+/// The default Q8_0 kernel against an F32 head with the same (dequantized) weights: the
+/// activations' 16-bit (15-bit on AVX2) rounding and the order of float sums differ, a few
+/// thousandths of a logit; candle's 8-bit activations land ~0.4 away.
+const DEFAULT_KERNEL_LOGIT_TOLERANCE: f32 = 5e-3;
 
 fn peer(path: &std::path::Path) -> ModelWeights {
     let mut file = std::fs::File::open(path).unwrap();

@@ -52,8 +52,8 @@ fn filled_keys_and_values_equal_the_layers_own() {
     model.fill_kv(&hidden, 7..8, &mut filled).unwrap();
     let (k_run, v_run) = run.layer(7).unwrap();
     let (k_fill, v_fill) = filled.layer(7).unwrap();
-    assert_eq!(common::max_abs_diff(k_run, k_fill), 0.0);
-    assert_eq!(common::max_abs_diff(v_run, v_fill), 0.0);
+    assert_eq!(common::max_abs_diff(&k_run, &k_fill), 0.0);
+    assert_eq!(common::max_abs_diff(&v_run, &v_fill), 0.0);
     assert!(
         model.fill_kv(&hidden, 7..31, &mut filled).is_err(),
         "past the last layer"

@@ -88,7 +88,7 @@ pub trait HasLinears {
     /// Chooses the CPU kernel of every Q8_0 layer.
     fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
         for (_, linear) in self.linears_mut() {
-            linear.cpu_kernels = kernel;
+            linear.set_cpu_kernels(kernel);
         }
     }
 }
@@ -131,6 +131,10 @@ impl Linear {
             cpu_kernels: CpuKernels::default(),
             packed: Arc::default(),
         })
+    }
+
+    pub fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
+        self.cpu_kernels = kernel;
     }
 
     /// The storage type of the weight (`F32` for dense float weights of any float dtype).
@@ -227,6 +231,66 @@ impl Linear {
         Ok(self.packed.get_or_init(|| packed).clone())
     }
 
+    /// The repacked weight when this layer's product with `x` would run on the repacked
+    /// kernels.
+    fn packed_for(&self, x: &Tensor) -> Result<Option<Arc<PackedWeight>>> {
+        match &self.weight {
+            QMatMul::QTensor(q)
+                if self.cpu_kernels == CpuKernels::Dynexec
+                    && x.device().is_cpu()
+                    && x.dtype() == DType::F32 =>
+            {
+                self.packed(q)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// The outputs of several layers that read the same input (a layer's query, key and
+    /// value projections; gate and up). On the repacked kernels the input is quantized once
+    /// and all products run in one parallel loop; otherwise each layer runs on its own.
+    pub fn forward_shared_input<const N: usize>(
+        layers: [&Linear; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let packed = layers
+            .iter()
+            .map(|l| l.packed_for(x))
+            .collect::<Result<Option<Vec<_>>>>()?;
+        let same_input = layers
+            .iter()
+            .all(|l| l.in_features == layers[0].in_features);
+        let (Some(packed), true) = (packed, same_input) else {
+            return layers.try_map_each(|l| l.forward(x));
+        };
+        let x = x.contiguous()?;
+        let products = {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(values)) = &*storage else {
+                return layers.try_map_each(|l| l.forward(&x));
+            };
+            let start = layout.start_offset();
+            let weights: Vec<&PackedWeight> = packed.iter().map(|p| p.as_ref()).collect();
+            PackedWeight::matmul_many(&weights, &values[start..start + x.elem_count()])
+        };
+        let mut products = products.into_iter();
+        let mut shape = x.dims().to_vec();
+        layers.try_map_each(|layer| {
+            if let Some(last) = shape.last_mut() {
+                *last = layer.out_features;
+            }
+            let y = Tensor::from_vec(
+                products.next().unwrap_or_default(),
+                shape.as_slice(),
+                x.device(),
+            )?;
+            Ok(match &layer.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            })
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ours = self.cpu_kernels == CpuKernels::Dynexec
             && x.device().is_cpu()
@@ -253,6 +317,22 @@ impl Linear {
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })
+    }
+}
+
+/// `array.map` for a fallible function.
+trait TryMapEach<T, const N: usize> {
+    fn try_map_each<U>(self, f: impl FnMut(T) -> Result<U>) -> Result<[U; N]>;
+}
+
+impl<T, const N: usize> TryMapEach<T, N> for [T; N] {
+    fn try_map_each<U>(self, mut f: impl FnMut(T) -> Result<U>) -> Result<[U; N]> {
+        let mut out = Vec::with_capacity(N);
+        for item in self {
+            out.push(f(item)?);
+        }
+        out.try_into()
+            .map_err(|_| unreachable!("N items in, N items out"))
     }
 }
 

@@ -156,20 +156,46 @@ impl PackedWeight {
     ///
     /// Only on CPUs where [`Self::available`] holds.
     pub(super) fn matmul(&self, x: &[f32]) -> Vec<f32> {
-        let m = x.len() / self.cols;
+        Self::matmul_many(&[self], x).pop().unwrap_or_default()
+    }
+
+    /// `x W^T` for each of several weights with the same input size (a layer's query, key
+    /// and value projections; gate and up): the activations are quantized once and every
+    /// product runs in one parallel loop, instead of one per weight. Outputs as
+    /// `(x rows, W rows)` each, in the order of `weights`.
+    ///
+    /// Only on CPUs where [`Self::available`] holds; panics if the input sizes differ.
+    pub fn matmul_many(weights: &[&PackedWeight], x: &[f32]) -> Vec<Vec<f32>> {
+        let Some(cols) = weights.first().map(|w| w.cols) else {
+            return Vec::new();
+        };
+        assert!(weights.iter().all(|w| w.cols == cols), "input sizes differ");
+        let m = x.len() / cols;
         let activations = SplitActivations::quantize(x);
-        let mut out = vec![0f32; m * self.rows];
-        let out_ptr = out.as_mut_ptr() as usize;
-        let groups = self.rows.div_ceil(GROUP);
-        pool::run(groups.div_ceil(GROUPS_PER_TASK), &|task| {
-            for g in task * GROUPS_PER_TASK..groups.min((task + 1) * GROUPS_PER_TASK) {
-                let lanes = (self.rows - g * GROUP).min(GROUP);
+        let mut outs: Vec<Vec<f32>> = weights.iter().map(|w| vec![0f32; m * w.rows]).collect();
+        let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
+        // Task `t` is (weight, first group of its run of GROUPS_PER_TASK groups).
+        let tasks: Vec<(usize, usize)> = weights
+            .iter()
+            .enumerate()
+            .flat_map(|(k, w)| {
+                (0..w.rows.div_ceil(GROUP))
+                    .step_by(GROUPS_PER_TASK)
+                    .map(move |g| (k, g))
+            })
+            .collect();
+        pool::run(tasks.len(), &|task| {
+            let (k, first_group) = tasks[task];
+            let w = weights[k];
+            let groups = w.rows.div_ceil(GROUP);
+            for g in first_group..groups.min(first_group + GROUPS_PER_TASK) {
+                let lanes = (w.rows - g * GROUP).min(GROUP);
                 let store = |i: usize, ys: &[f32; GROUP]| {
                     // SAFETY: tasks cover disjoint groups, so each output element has one
-                    // writer, and `out` outlives the pool call.
+                    // writer, and `outs` outlives the pool call.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            (out_ptr as *mut f32).add(i * self.rows + g * GROUP),
+                            (out_ptrs[k] as *mut f32).add(i * w.rows + g * GROUP),
                             lanes,
                         )
                     };
@@ -178,19 +204,19 @@ impl PackedWeight {
                 let mut i = 0;
                 while i < m {
                     if m - i >= ROWS_TOGETHER {
-                        let ys = self.group_times::<ROWS_TOGETHER>(g, &activations, i);
-                        for (k, y) in ys.iter().enumerate() {
-                            store(i + k, y);
+                        let ys = w.group_times::<ROWS_TOGETHER>(g, &activations, i);
+                        for (r, y) in ys.iter().enumerate() {
+                            store(i + r, y);
                         }
                         i += ROWS_TOGETHER;
                     } else {
-                        store(i, &self.group_times::<1>(g, &activations, i)[0]);
+                        store(i, &w.group_times::<1>(g, &activations, i)[0]);
                         i += 1;
                     }
                 }
             }
         });
-        out
+        outs
     }
 
     /// Group `g` times activation rows `first..first + N`.
@@ -499,6 +525,31 @@ mod tests {
                     assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn products_sharing_an_input_equal_their_separate_products() {
+        if !PackedWeight::available() {
+            return;
+        }
+        let cols = 3 * BLOCK;
+        let weights: Vec<PackedWeight> = [(40, GgmlDType::Q4_1), (13, GgmlDType::Q8_0)]
+            .iter()
+            .map(|&(rows, dtype)| {
+                let w =
+                    Tensor::from_vec(values(rows * cols, rows as f32), (rows, cols), &Device::Cpu)
+                        .unwrap();
+                PackedWeight::pack(&QTensor::quantize(&w, dtype).unwrap())
+                    .unwrap()
+                    .unwrap()
+            })
+            .collect();
+        let x = values(5 * cols, 0.3);
+        let together = PackedWeight::matmul_many(&[&weights[0], &weights[1]], &x);
+        assert_eq!(together.len(), 2);
+        for (w, y) in weights.iter().zip(&together) {
+            assert_eq!(&w.matmul(&x), y);
         }
     }
 

@@ -166,6 +166,7 @@ impl Llama {
                     num_heads: config.num_heads,
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
+                    grouped_queries: true,
                 },
                 post_attention_layernorm: gguf.norm(&format!("{p}.ffn_norm.weight"))?,
                 mlp: Mlp {
@@ -244,6 +245,7 @@ impl Llama {
                     num_heads: config.num_heads,
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
+                    grouped_queries: true,
                 },
                 post_attention_layernorm: norm(lvb.pp("post_attention_layernorm"))?,
                 mlp: Mlp {

@@ -11,7 +11,7 @@ pub use config::{LlamaConfig, RopeStyle};
 pub use load::{load_decoder, LoadedDecoder};
 
 use crate::kv_cache::KvCache;
-use crate::linear::{HasLinears, Linear};
+use crate::linear::{CpuKernels, HasLinears, Linear};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use dynexec_core::trace::Trace;
@@ -43,6 +43,9 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// Attend with the query heads of each KV head stacked into one product, instead of
+    /// copying every cached key and value once per query head (see [`Attention::attend`]).
+    grouped_queries: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -54,8 +57,9 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let [gate, up] = Linear::forward_shared_input([&self.gate_proj, &self.up_proj], x)?;
+        self.down_proj
+            .forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -132,10 +136,11 @@ impl Attention {
         offset: usize,
     ) -> Result<Tensor> {
         let (batch, seq, _) = x.dims3()?;
-        let q = self.q_proj.forward(x)?;
+        let [q, k, v] =
+            Linear::forward_shared_input([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let q = q.reshape((batch, seq, self.num_heads, self.head_dim))?;
         let q = rope.apply(&q.transpose(1, 2)?, offset)?;
-        let (k, v) = self.new_kv(x, rope, offset)?;
+        let (k, v) = self.kv_heads(k, v, rope, offset)?;
         let (k, v) = cache.append(layer, &k, &v)?;
         let out = self.attend(&q, &k, &v, seq, offset)?;
         self.o_proj.forward(&out)
@@ -152,9 +157,8 @@ impl Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> Result<Tensor> {
-        let q = self.q_proj.forward(x)?;
-        let k = self.k_proj.forward(x)?;
-        let v = self.v_proj.forward(x)?;
+        let [q, k, v] =
+            Linear::forward_shared_input([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let mut outs = Vec::with_capacity(caches.len());
         for (row, cache) in caches.iter_mut().enumerate() {
             let offset = cache.layer_len(layer);
@@ -184,39 +188,61 @@ impl Attention {
     ) -> Result<Tensor> {
         let batch = q.dim(0)?;
         let kv_len = k.dim(2)?;
-        // K/V are repeated per query head so every product has the shape the reference
-        // implementations use: results stay bit-identical to them. (Stacking the query heads
-        // of a group instead avoids the copy but reorders the sums, and the quantized layers
-        // amplify such reorderings to ~1 logit.)
         let group = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(k, group)?;
-        let v = repeat_kv(v, group)?;
-        let scores = (q.matmul(&k.t()?)? * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let scores = match seq {
-            1 => scores,
-            _ => scores.broadcast_add(&causal_mask(
-                seq,
-                offset,
-                kv_len,
-                scores.dtype(),
-                scores.device(),
-            )?)?,
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mask = |rows: usize| match seq {
+            1 => Ok(None),
+            _ => causal_mask(seq, offset, kv_len, q.dtype(), q.device()).map(|m| Some((rows, m))),
         };
-        let out = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        let out = if self.grouped_queries {
+            // The `group` query heads sharing a KV head become rows of one product against
+            // that head's keys and values, read in place from the cache.
+            let q = q.reshape((batch, self.num_kv_heads, group * seq, self.head_dim))?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match mask(group)? {
+                None => scores,
+                Some((group, mask)) => scores
+                    .reshape((batch, self.num_kv_heads, group, seq, kv_len))?
+                    .broadcast_add(&mask)?
+                    .reshape((batch, self.num_kv_heads, group * seq, kv_len))?,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?
+                .matmul(&v.contiguous()?)?
+                .reshape((batch, self.num_heads, seq, self.head_dim))?
+        } else {
+            // K/V repeated per query head, as the reference implementations do, so
+            // `--cpu-kernels candle` stays bit-identical to them (stacking the query heads
+            // reorders the sums, and the quantized layers amplify that to ~1 logit).
+            let k = repeat_kv(k, group)?;
+            let v = repeat_kv(v, group)?;
+            let scores = (q.matmul(&k.t()?)? * scale)?;
+            let scores = match mask(1)? {
+                None => scores,
+                Some((_, mask)) => scores.broadcast_add(&mask)?,
+            };
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?
+        };
         Ok(out
             .transpose(1, 2)?
             .reshape((batch, seq, self.num_heads * self.head_dim))?)
     }
 
-    /// Keys (rotated) and values of `x` (already normed), `(batch, kv_heads, seq, head_dim)`.
-    fn new_kv(&self, x: &Tensor, rope: &Rope, offset: usize) -> Result<(Tensor, Tensor)> {
-        let (batch, seq, _) = x.dims3()?;
+    /// Projected keys and values `(batch, seq, kv_heads * head_dim)` as
+    /// `(batch, kv_heads, seq, head_dim)`, the keys rotated.
+    fn kv_heads(
+        &self,
+        k: Tensor,
+        v: Tensor,
+        rope: &Rope,
+        offset: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let (batch, seq, _) = k.dims3()?;
         let heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((batch, seq, self.num_kv_heads, self.head_dim))?
                 .transpose(1, 2)?)
         };
-        let k = rope.apply(&heads(self.k_proj.forward(x)?)?, offset)?;
-        let v = heads(self.v_proj.forward(x)?)?.contiguous()?;
+        let k = rope.apply(&heads(k)?, offset)?;
+        let v = heads(v)?.contiguous()?;
         Ok((k, v))
     }
 
@@ -229,7 +255,8 @@ impl Attention {
         layer: usize,
         offset: usize,
     ) -> Result<()> {
-        let (k, v) = self.new_kv(x, rope, offset)?;
+        let [k, v] = Linear::forward_shared_input([&self.k_proj, &self.v_proj], x)?;
+        let (k, v) = self.kv_heads(k, v, rope, offset)?;
         cache.append(layer, &k, &v)?;
         Ok(())
     }
@@ -594,5 +621,16 @@ impl HasLinears for Llama {
         }
         out.push(("output".to_string(), &mut self.lm_head));
         out
+    }
+
+    /// Also arranges attention as candle-transformers does under candle's kernels, so that
+    /// mode stays bit-identical to it.
+    fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
+        for (_, linear) in self.linears_mut() {
+            linear.set_cpu_kernels(kernel);
+        }
+        for layer in &mut self.layers {
+            layer.self_attn.grouped_queries = kernel == CpuKernels::Dynexec;
+        }
     }
 }
