@@ -278,7 +278,7 @@ impl SplitActivations {
             let inverse = ACTIVATION_MAX / max;
             let mut sum = 0i32;
             for (e, v) in block.iter().enumerate() {
-                let q = (v * inverse).round().clamp(-ACTIVATION_MAX, ACTIVATION_MAX) as i32;
+                let q = round_to_integer((v * inverse).clamp(-ACTIVATION_MAX, ACTIVATION_MAX));
                 let high = (q + BASE / 2).div_euclid(BASE);
                 this.high[b * BLOCK + e] = high as i8;
                 this.low[b * BLOCK + e] = (q - BASE * high) as i8;
@@ -297,6 +297,15 @@ impl SplitActivations {
         let i = b * BLOCK + e;
         BASE * self.high[i] as i32 + self.low[i] as i32
     }
+}
+
+/// `v` rounded to the nearest integer (ties to even), for `|v| < 2^22`: adding and
+/// subtracting 1.5 · 2^23 leaves no bits for a fraction. Two additions instead of a call to
+/// libm's `roundf` per value, which cost as much as a third of a decoding step's quantization.
+#[inline(always)]
+fn round_to_integer(v: f32) -> i32 {
+    const SHIFT: f32 = 12_582_912.0; // 1.5 · 2^23
+    ((v + SHIFT) - SHIFT) as i32
 }
 
 /// The arithmetic the kernel follows, written plainly from the GGML bytes of one weight row
@@ -463,6 +472,21 @@ mod tests {
 
     fn values(n: usize, seed: f32) -> Vec<f32> {
         (0..n).map(|i| ((i as f32 + seed) * 7.31).sin()).collect()
+    }
+
+    #[test]
+    fn rounding_goes_to_the_nearest_integer() {
+        for (v, expected) in [
+            (0.4, 0),
+            (0.6, 1),
+            (-0.6, -1),
+            (2.5, 2),
+            (3.5, 4),
+            (-16383.0, -16383),
+            (16382.7, 16383),
+        ] {
+            assert_eq!(round_to_integer(v), expected, "{v}");
+        }
     }
 
     #[test]

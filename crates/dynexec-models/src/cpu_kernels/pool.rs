@@ -47,10 +47,17 @@ impl Job {
     }
 }
 
+struct Slot {
+    generation: u64,
+    job: Option<Arc<Job>>,
+    /// Helpers asleep on the condvar: only then does a new job pay for a wake-up call.
+    sleeping: usize,
+}
+
 struct Pool {
     /// The job's number (helpers spin on this without locking) and the job.
     generation: AtomicU64,
-    slot: Mutex<(u64, Option<Arc<Job>>)>,
+    slot: Mutex<Slot>,
     wake: Condvar,
     /// Helpers in addition to the calling thread.
     helpers: usize,
@@ -65,7 +72,11 @@ fn pool() -> &'static Pool {
         let helpers = candle_core::utils::get_num_threads().saturating_sub(1);
         let pool: &'static Pool = Box::leak(Box::new(Pool {
             generation: AtomicU64::new(0),
-            slot: Mutex::new((0, None)),
+            slot: Mutex::new(Slot {
+                generation: 0,
+                job: None,
+                sleeping: 0,
+            }),
             wake: Condvar::new(),
             helpers,
         }));
@@ -88,19 +99,21 @@ fn helper(pool: &'static Pool) {
         for _ in 0..SPINS {
             if pool.generation.load(Ordering::Acquire) != seen {
                 let slot = pool.slot.lock().unwrap_or_else(|e| e.into_inner());
-                seen = slot.0;
-                job = slot.1.clone();
+                seen = slot.generation;
+                job = slot.job.clone();
                 break;
             }
             std::hint::spin_loop();
         }
         if job.is_none() && pool.generation.load(Ordering::Acquire) == seen {
             let mut slot = pool.slot.lock().unwrap_or_else(|e| e.into_inner());
-            while slot.0 == seen {
+            slot.sleeping += 1;
+            while slot.generation == seen {
                 slot = pool.wake.wait(slot).unwrap_or_else(|e| e.into_inner());
             }
-            seen = slot.0;
-            job = slot.1.clone();
+            slot.sleeping -= 1;
+            seen = slot.generation;
+            job = slot.job.clone();
         }
         if let Some(job) = job {
             job.help();
@@ -127,13 +140,18 @@ pub fn run(n: usize, work: &(dyn Fn(usize) + Sync)) {
         n,
         work: unsafe { std::mem::transmute::<_, *const (dyn Fn(usize) + Sync)>(work) },
     });
-    {
+    let sleeping = {
         let mut slot = pool.slot.lock().unwrap_or_else(|e| e.into_inner());
-        slot.0 += 1;
-        slot.1 = Some(job.clone());
-        pool.generation.store(slot.0, Ordering::Release);
+        slot.generation += 1;
+        slot.job = Some(job.clone());
+        pool.generation.store(slot.generation, Ordering::Release);
+        // A helper counts itself asleep and checks the generation under this lock, so one
+        // that is not counted here will see the new job without a wake-up.
+        slot.sleeping
+    };
+    if sleeping > 0 {
+        pool.wake.notify_all();
     }
-    pool.wake.notify_all();
     job.help();
     // Only items a helper claimed and is still running remain; should that helper have lost
     // its core, yield rather than spin against it.
@@ -147,7 +165,7 @@ pub fn run(n: usize, work: &(dyn Fn(usize) + Sync)) {
         }
     }
     // Late helpers find no job rather than this one's (already exhausted) cursor.
-    pool.slot.lock().unwrap_or_else(|e| e.into_inner()).1 = None;
+    pool.slot.lock().unwrap_or_else(|e| e.into_inner()).job = None;
     if job.panicked.load(Ordering::Acquire) {
         panic!("a CPU kernel panicked on a helper thread");
     }

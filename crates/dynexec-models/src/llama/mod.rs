@@ -207,7 +207,7 @@ impl Attention {
                     .reshape((batch, self.num_kv_heads, group * seq, kv_len))?,
             };
             candle_nn::ops::softmax_last_dim(&scores)?
-                .matmul(&v.contiguous()?)?
+                .matmul(v)?
                 .reshape((batch, self.num_heads, seq, self.head_dim))?
         } else {
             // K/V repeated per query head, as the reference implementations do, so
