@@ -28,8 +28,8 @@ const GROUPS_PER_TASK: usize = 2;
 const ROWS_TOGETHER: usize = 4;
 /// Largest quantized activation magnitude (15 bits).
 const ACTIVATION_MAX: f32 = 16383.0;
-/// `value = 255 · high + low`: base 255 keeps `low` within ±127, so `vpsignb` (Q8_0) never
-/// meets -128, which it cannot negate.
+/// `value = 255 · high + low`: base 255 keeps `low` within ±127 (and so pair sums of
+/// `vpmaddubsw` within 16 bits).
 const BASE: i32 = 255;
 
 /// Stored bytes of one GGML block of each format.
@@ -52,10 +52,12 @@ const fn group_block_bytes(format: u8) -> usize {
 
 /// A Q8_0, Q4_0 or Q4_1 weight in eight-row groups.
 ///
-/// Block `b` of group `g` holds eight "registers" `k` of 32 bytes: byte `4r + t` of register
-/// `k` is value `4k + t` of the group's row `r`. Q8_0 stores them as they are; Q4_0 and Q4_1
-/// store their nibbles (0..15), register `2j` in the low nibbles of 32 bytes and `2j + 1` in
-/// the high ones. Scales and Q4_1 minima are F32, eight per block of a group.
+/// Q4_0 and Q4_1: block `b` of group `g` holds eight "registers" `k` of 32 nibbles (0..15):
+/// nibble `4r + t` of register `k` is value `4k + t` of the group's row `r`; register `2j`
+/// fills the low nibbles of 32 bytes and `2j + 1` the high ones. Q8_0: sixteen registers
+/// `j` of 16 bytes, byte `2r + t` being value `2j + t` of row `r` (widened to 16 bits and
+/// multiplied with `vpmaddwd`, which beats two byte products and their sign fix-ups). Scales
+/// and Q4_1 minima are F32, eight per block of a group.
 pub struct PackedWeight {
     format: u8,
     rows: usize,
@@ -125,7 +127,7 @@ impl PackedWeight {
                 for e in 0..BLOCK {
                     let (k, t) = (e / 4, e % 4);
                     if format == Q8_0 {
-                        dst[k * 32 + r * 4 + t] = block[2 + e];
+                        dst[(e / 2) * 16 + r * 2 + e % 2] = block[2 + e];
                     } else {
                         let nibbles = &block[if format == Q4_0 { 2 } else { 4 }..];
                         let q = if e < 16 {
@@ -246,6 +248,8 @@ impl PackedWeight {
 /// `q = 255 · high + low`, `q = round(x / scale)`, `scale = max|x| / 16383`. Each row is
 /// quantized on its own, so a row gets the same values alone or in a batch.
 pub(super) struct SplitActivations {
+    /// The quantized values whole (Q8_0's weights multiply these).
+    values: Vec<i16>,
     low: Vec<i8>,
     high: Vec<i8>,
     scales: Vec<f32>,
@@ -259,6 +263,7 @@ impl SplitActivations {
     pub(super) fn quantize(x: &[f32]) -> Self {
         let blocks = x.len() / BLOCK;
         let mut this = Self {
+            values: vec![0; x.len()],
             low: vec![0; x.len()],
             high: vec![0; x.len()],
             scales: vec![0.0; blocks],
@@ -279,6 +284,7 @@ impl SplitActivations {
             let mut sum = 0i32;
             for (e, v) in block.iter().enumerate() {
                 let q = round_to_integer((v * inverse).clamp(-ACTIVATION_MAX, ACTIVATION_MAX));
+                this.values[b * BLOCK + e] = q as i16;
                 let high = (q + BASE / 2).div_euclid(BASE);
                 this.high[b * BLOCK + e] = high as i8;
                 this.low[b * BLOCK + e] = (q - BASE * high) as i8;
@@ -295,7 +301,12 @@ impl SplitActivations {
     #[cfg(test)]
     fn value(&self, b: usize, e: usize) -> i32 {
         let i = b * BLOCK + e;
-        BASE * self.high[i] as i32 + self.low[i] as i32
+        let split = BASE * self.high[i] as i32 + self.low[i] as i32;
+        assert_eq!(
+            split, self.values[i] as i32,
+            "two forms of value {e} of block {b}"
+        );
+        split
     }
 }
 
@@ -380,29 +391,18 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
         // Per activation row, each weight row's exact block dot product, one lane per row.
         let mut dots = [_mm256_setzero_si256(); N];
         if F == Q8_0 {
-            // Signed weights: `vpmaddubsw` takes |w| as the unsigned side and moves the sign
-            // onto the activations. Pair sums reach 2·128·127, so each goes to 32 bits.
-            let (mut low, mut high) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
-            for k in 0..BLOCK / 4 {
-                let weights = _mm256_loadu_si256(q.add(k * 32) as *const __m256i);
-                let magnitudes = _mm256_abs_epi8(weights);
+            // 16-bit weights times whole 15-bit activations, two values per 32-bit lane:
+            // sixteen pair sums of at most 2·128·16383 stay far inside 32 bits.
+            for j in 0..BLOCK / 2 {
+                let weights =
+                    _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(j * 16) as *const __m128i));
                 for i in 0..N {
-                    let at = x_values(i, b) + 4 * k;
-                    let xl = _mm256_sign_epi8(broadcast4(x.low.as_ptr().add(at)), weights);
-                    let xh = _mm256_sign_epi8(broadcast4(x.high.as_ptr().add(at)), weights);
-                    low[i] = _mm256_add_epi32(
-                        low[i],
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, xl), ones),
-                    );
-                    high[i] = _mm256_add_epi32(
-                        high[i],
-                        _mm256_madd_epi16(_mm256_maddubs_epi16(magnitudes, xh), ones),
+                    let pair = x.values.as_ptr().add(x_values(i, b) + 2 * j);
+                    dots[i] = _mm256_add_epi32(
+                        dots[i],
+                        _mm256_madd_epi16(weights, broadcast4(pair as *const i8)),
                     );
                 }
-            }
-            for i in 0..N {
-                let high_times_base = _mm256_sub_epi32(_mm256_slli_epi32(high[i], 8), high[i]);
-                dots[i] = _mm256_add_epi32(high_times_base, low[i]);
             }
         } else {
             // Nibbles 0..15 against bytes within ±127: eight pair sums of at most 2·15·127

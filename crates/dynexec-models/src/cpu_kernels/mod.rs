@@ -13,6 +13,7 @@
 //! [`interleaved`]). Both split their rows over [`pool`], where the calling
 //! thread works too and never waits for a helper that has not started.
 
+mod attention;
 mod interleaved;
 mod kquants;
 #[cfg(target_arch = "aarch64")]
@@ -20,6 +21,7 @@ mod neon;
 mod pool;
 mod quantized;
 
+pub use attention::CachedAttention;
 pub use interleaved::PackedWeight;
 pub use quantized::QuantizedMatMul;
 
@@ -152,7 +154,7 @@ macro_rules! dispatch {
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                if has_avx2_fma() {
+                if $crate::cpu_kernels::has_avx2_fma() {
                     // SAFETY: the features the function is compiled for were just detected.
                     return unsafe { $avx($($arg),*) };
                 }
@@ -167,6 +169,8 @@ macro_rules! dispatch {
         }
     };
 }
+
+pub(crate) use dispatch;
 
 dispatch!(dot, dot_avx2, dot_lanes, (a: &[f32], b: &[f32]) -> f32);
 

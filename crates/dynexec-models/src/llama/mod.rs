@@ -10,6 +10,7 @@ mod load;
 pub use config::{LlamaConfig, RopeStyle};
 pub use load::{load_decoder, LoadedDecoder};
 
+use crate::cpu_kernels::CachedAttention;
 use crate::kv_cache::KvCache;
 use crate::linear::{CpuKernels, HasLinears, Linear};
 use crate::Result;
@@ -194,7 +195,15 @@ impl Attention {
             1 => Ok(None),
             _ => causal_mask(seq, offset, kv_len, q.dtype(), q.device()).map(|m| Some((rows, m))),
         };
-        let out = if self.grouped_queries {
+        let out = if self.grouped_queries && q.device().is_cpu() && q.dtype() == DType::F32 {
+            // One op: each query head a task on the kernels' pool, keys and values read in
+            // place (see `CachedAttention`).
+            let op = CachedAttention {
+                scale: scale as f32,
+                group,
+            };
+            q.contiguous()?.apply_op3_no_bwd(k, v, &op)?
+        } else if self.grouped_queries {
             // The `group` query heads sharing a KV head become rows of one product against
             // that head's keys and values, read in place from the cache.
             let q = q.reshape((batch, self.num_kv_heads, group * seq, self.head_dim))?;
