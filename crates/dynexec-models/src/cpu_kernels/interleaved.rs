@@ -4,7 +4,7 @@
 //! bookkeeping: two f16 scales to convert, nibbles widened to 16 bits, a horizontal sum per
 //! row. Repacked at load time, one 32-byte vector holds four consecutive values of eight rows,
 //! so one broadcast of four activation bytes meets eight rows in a `vpmaddubsw`; the eight
-//! rows' scales (converted to F32 once) are one vector; and each output lane is one row, so
+//! rows' scales are one vector; and each output lane is one row, so
 //! nothing is summed across lanes. On SmolLM2's shapes this runs 2-3x the row-by-row kernels.
 //!
 //! `vpmaddubsw` multiplies bytes, so activations are split into two bytes
@@ -16,7 +16,9 @@
 //! (speculative verification reproduces decoding to the bit), and [`reference_dot`] — the
 //! plain loop the tests hold the kernel to — agrees to the bit.
 
-use super::quantized::{f16_at, Q4_0, Q4_1, Q8_0};
+#[cfg(test)]
+use super::quantized::f16_at;
+use super::quantized::{Q4_0, Q4_1, Q8_0};
 use super::{pool, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -57,15 +59,18 @@ const fn group_block_bytes(format: u8) -> usize {
 /// fills the low nibbles of 32 bytes and `2j + 1` the high ones. Q8_0: sixteen registers
 /// `j` of 16 bytes, byte `2r + t` being value `2j + t` of row `r` (widened to 16 bits and
 /// multiplied with `vpmaddwd`, which beats two byte products and their sign fix-ups). Scales
-/// and Q4_1 minima are F32, eight per block of a group.
+/// and Q4_1 minima stay f16, eight per block of a group.
 pub struct PackedWeight {
     format: u8,
     rows: usize,
     cols: usize,
     quants: Vec<u8>,
-    scales: Vec<f32>,
+    /// f16 bits, as stored: decoding streams every weight byte from memory once per token,
+    /// so F32 copies would cost a fifth more traffic than they save in conversions (one
+    /// `vcvtph2ps` per eight rows).
+    scales: Vec<u16>,
     /// Q4_1 only.
-    minima: Vec<f32>,
+    minima: Vec<u16>,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -75,7 +80,7 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Whether this CPU runs the repacked kernels (AVX2 and FMA).
+    /// Whether this CPU runs the repacked kernels (AVX2, FMA and F16C).
     pub fn available() -> bool {
         #[cfg(target_arch = "x86_64")]
         {
@@ -113,15 +118,16 @@ impl PackedWeight {
         let groups = rows.div_ceil(GROUP);
         let packed_block = group_block_bytes(format);
         let mut quants = vec![0u8; groups * blocks * packed_block];
-        let mut scales = vec![0f32; groups * blocks * GROUP];
-        let mut minima = vec![0f32; if format == Q4_1 { scales.len() } else { 0 }];
+        let mut scales = vec![0u16; groups * blocks * GROUP];
+        let mut minima = vec![0u16; if format == Q4_1 { scales.len() } else { 0 }];
+        let f16_bits = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
         for (row, row_data) in bytes.chunks_exact(row_bytes).enumerate() {
             let (g, r) = (row / GROUP, row % GROUP);
             for (b, block) in row_data.chunks_exact(ggml_block_bytes(format)).enumerate() {
                 let at = g * blocks + b;
-                scales[at * GROUP + r] = f16_at(block, 0);
+                scales[at * GROUP + r] = f16_bits(block, 0);
                 if format == Q4_1 {
-                    minima[at * GROUP + r] = f16_at(block, 2);
+                    minima[at * GROUP + r] = f16_bits(block, 2);
                 }
                 let dst = &mut quants[at * packed_block..(at + 1) * packed_block];
                 for e in 0..BLOCK {
@@ -360,7 +366,7 @@ pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations,
 
 /// Group `g` of `w` times activation rows `first..first + N`: one F32 lane per weight row.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_avx2<const F: u8, const N: usize>(
     w: &PackedWeight,
     g: usize,
@@ -442,7 +448,9 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 }
             }
         }
-        let scale = _mm256_loadu_ps(scales.as_ptr().add(b * GROUP));
+        let scale = _mm256_cvtph_ps(_mm_loadu_si128(
+            scales.as_ptr().add(b * GROUP) as *const __m128i
+        ));
         for i in 0..N {
             let xb = (first + i) * blocks + b;
             let scale_x = _mm256_set1_ps(*x.scales.get_unchecked(xb));
@@ -452,7 +460,9 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 acc[i],
             );
             if F == Q4_1 {
-                let minimum = _mm256_loadu_ps(minima.as_ptr().add(b * GROUP));
+                let minimum = _mm256_cvtph_ps(_mm_loadu_si128(
+                    minima.as_ptr().add(b * GROUP) as *const __m128i
+                ));
                 let scaled_sum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(xb));
                 acc[i] = _mm256_fmadd_ps(minimum, scaled_sum, acc[i]);
             }
