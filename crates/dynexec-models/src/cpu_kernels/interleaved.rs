@@ -28,6 +28,8 @@ const GROUP: usize = 8;
 const GROUPS_PER_TASK: usize = 2;
 /// Activation rows multiplied together, sharing each unpacked weight vector.
 const ROWS_TOGETHER: usize = 4;
+/// How many blocks ahead the kernel asks for weights.
+const PREFETCH_BLOCKS: usize = 4;
 /// Largest quantized activation magnitude (15 bits).
 const ACTIVATION_MAX: f32 = 16383.0;
 /// `value = 255 · high + low`: base 255 keeps `low` within ±127 (and so pair sums of
@@ -394,6 +396,12 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..blocks {
         let q = quants.as_ptr().add(b * packed_block);
+        // Four blocks ahead: the hardware prefetcher follows one stream per task, and a
+        // hint keeps the next blocks in flight while this one is multiplied.
+        _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_BLOCKS * packed_block) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(
+            q.wrapping_add(PREFETCH_BLOCKS * packed_block + 64) as *const i8
+        );
         // Per activation row, each weight row's exact block dot product, one lane per row.
         let mut dots = [_mm256_setzero_si256(); N];
         if F == Q8_0 {
