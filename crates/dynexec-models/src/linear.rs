@@ -70,9 +70,10 @@ impl std::fmt::Display for WeightFormat {
 /// Which CPU kernels multiply quantized weights and small batches of F32 rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {
-    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K with 16-bit activations
-    /// (the accuracy of the weights alone), and F32 products of a few rows without repacking
-    /// the weight; both give a row the same bits alone or in a batch.
+    /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K with 15- or
+    /// 16-bit activations (the accuracy of the weights alone; on AVX2, Q8_0/Q4_0/Q4_1 repacked
+    /// eight rows at a time), and F32 products of a few rows without repacking the weight;
+    /// all give a row the same bits alone or in a batch.
     #[default]
     Dynexec,
     /// candle's kernels everywhere (they quantize activations to 8 bits): bit-identical to
