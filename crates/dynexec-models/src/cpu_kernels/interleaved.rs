@@ -211,18 +211,22 @@ impl PackedWeight {
                     };
                     dst.copy_from_slice(&ys[..lanes]);
                 };
+                // Rows in fours, the last one to three together (speculative verification
+                // multiplies two to five rows).
                 let mut i = 0;
                 while i < m {
-                    if m - i >= ROWS_TOGETHER {
-                        let ys = w.group_times::<ROWS_TOGETHER>(g, &activations, i);
-                        for (r, y) in ys.iter().enumerate() {
-                            store(i + r, y);
-                        }
-                        i += ROWS_TOGETHER;
-                    } else {
-                        store(i, &w.group_times::<1>(g, &activations, i)[0]);
-                        i += 1;
+                    let n = (m - i).min(ROWS_TOGETHER);
+                    let mut ys = [[0f32; GROUP]; ROWS_TOGETHER];
+                    match n {
+                        1 => ys[..1].copy_from_slice(&w.group_times::<1>(g, &activations, i)),
+                        2 => ys[..2].copy_from_slice(&w.group_times::<2>(g, &activations, i)),
+                        3 => ys[..3].copy_from_slice(&w.group_times::<3>(g, &activations, i)),
+                        _ => ys = w.group_times::<ROWS_TOGETHER>(g, &activations, i),
                     }
+                    for (r, y) in ys[..n].iter().enumerate() {
+                        store(i + r, y);
+                    }
+                    i += n;
                 }
             }
         });
@@ -549,22 +553,20 @@ mod tests {
             let packed = PackedWeight::pack(&q).unwrap().unwrap();
             let bytes = q.data().unwrap();
             let row_bytes = bytes.len() / rows;
-            let m = 7;
-            let x: Vec<f32> = values(m * cols, 2.0).iter().map(|v| v * 3.0).collect();
-            let split = SplitActivations::quantize(&x);
-            let batched = packed.matmul(&x);
-            for i in 0..m {
-                let alone = packed.matmul(&x[i * cols..(i + 1) * cols]);
-                for r in 0..rows {
-                    let reference = reference_dot(
-                        format,
-                        &bytes[r * row_bytes..(r + 1) * row_bytes],
-                        &split,
-                        i,
-                    );
-                    let y = batched[i * rows + r];
-                    assert_eq!(y.to_bits(), reference.to_bits(), "{dtype:?} x{i} w{r}");
-                    assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
+            // Seven rows: a four and a three; six: a four and a two; one alone.
+            for m in [7, 6] {
+                let x: Vec<f32> = values(m * cols, 2.0).iter().map(|v| v * 3.0).collect();
+                let split = SplitActivations::quantize(&x);
+                let batched = packed.matmul(&x);
+                for i in 0..m {
+                    let alone = packed.matmul(&x[i * cols..(i + 1) * cols]);
+                    for r in 0..rows {
+                        let weight_row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                        let reference = reference_dot(format, weight_row, &split, i);
+                        let y = batched[i * rows + r];
+                        assert_eq!(y.to_bits(), reference.to_bits(), "{dtype:?} x{i} w{r}");
+                        assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
+                    }
                 }
             }
         }
