@@ -268,28 +268,39 @@ impl<'a> TokenExit<'a> {
     }
 }
 
-/// Top-1 minus top-2 softmax probability of a logit vector.
+/// Top-1 minus top-2 softmax probability of a logit vector (0 when the top is tied), computed
+/// where the logits are, with one copy of three numbers to the host instead of the vocabulary.
 fn top2_margin(logits: &Tensor) -> Result<f32> {
-    let probs = candle_nn::ops::softmax_last_dim(&logits.unsqueeze(0)?)?.squeeze(0)?;
-    let probs = probs.to_vec1::<f32>()?;
-    let (mut first, mut second) = (0f32, 0f32);
-    for p in probs {
-        if p > first {
-            second = first;
-            first = p;
-        } else if p > second {
-            second = p;
-        }
-    }
-    Ok(first - second)
+    let probs = candle_nn::ops::softmax_last_dim(&logits.flatten_all()?.unsqueeze(0)?)?;
+    let first = probs.max_keepdim(D::Minus1)?;
+    let at_first = probs.broadcast_ge(&first)?.to_dtype(probs.dtype())?;
+    let ties = at_first.sum_keepdim(D::Minus1)?;
+    let second = (&probs * at_first.affine(-1.0, 1.0)?)?.max_keepdim(D::Minus1)?;
+    let stats: Vec<f32> = Tensor::cat(&[&first, &second, &ties], D::Minus1)?
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1()?;
+    Ok(if stats[2] > 1.0 {
+        0.0
+    } else {
+        stats[0] - stats[1]
+    })
 }
 
+/// Cosine similarity of two hidden states, reduced where they are, with one copy of three
+/// numbers to the host.
 fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
     let (a, b) = (a.flatten_all()?, b.flatten_all()?);
-    let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
-    let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
-    Ok(dot / (na * nb).max(1e-12))
+    let sums = Tensor::stack(
+        &[
+            (&a * &b)?.sum_all()?,
+            a.sqr()?.sum_all()?.sqrt()?,
+            b.sqr()?.sum_all()?.sqrt()?,
+        ],
+        0,
+    )?;
+    let sums: Vec<f32> = sums.to_dtype(DType::F32)?.to_vec1()?;
+    Ok(sums[0] / (sums[1] * sums[2]).max(1e-12))
 }
 
 /// Tokens of the final layer's distribution kept per position as distillation targets.
@@ -449,6 +460,51 @@ pub fn exit_agreement(
             Ok(agree as f64 / positions.len().max(1) as f64)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod device_reduction_tests {
+    use super::*;
+
+    /// The host loop the on-device margin replaced.
+    fn host_margin(logits: &[f32]) -> f32 {
+        let probs = dynexec_core::sampling::softmax(logits, 1.0);
+        let (mut first, mut second) = (0f32, 0f32);
+        for p in probs {
+            if p > first {
+                second = first;
+                first = p;
+            } else if p > second {
+                second = p;
+            }
+        }
+        first - second
+    }
+
+    #[test]
+    fn margins_match_the_host_computation_ties_included() {
+        let rows: Vec<Vec<f32>> = vec![
+            (0..500).map(|i| ((i as f32) * 0.37).sin() * 4.0).collect(),
+            vec![2.0, 5.0, 5.0, 1.0],
+            vec![7.0, 1.0, 3.0],
+            vec![0.5],
+        ];
+        for row in rows {
+            let logits = Tensor::new(row.as_slice(), &Device::Cpu).unwrap();
+            let ours = top2_margin(&logits).unwrap();
+            let host = host_margin(&row);
+            assert!((ours - host).abs() < 1e-6, "{row:?}: {ours} vs {host}");
+        }
+    }
+
+    #[test]
+    fn cosine_of_hidden_states() {
+        let a = Tensor::new(&[[1f32, 2.0, 3.0]], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[[2f32, 4.0, 6.0]], &Device::Cpu).unwrap();
+        let c = Tensor::new(&[[-3f32, 0.0, 1.0]], &Device::Cpu).unwrap();
+        assert!((cosine(&a, &b).unwrap() - 1.0).abs() < 1e-6);
+        assert!(cosine(&a, &c).unwrap().abs() < 1e-6);
+    }
 }
 
 #[cfg(test)]

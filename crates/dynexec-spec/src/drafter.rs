@@ -163,10 +163,18 @@ impl Drafter for ModelDrafter {
                     (token, q[token as usize], Some(q))
                 }
                 None => {
-                    let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-                    let token = probs.argmax(D::Minus1)?.to_scalar::<u32>()?;
-                    let confidence = probs.get(token as usize)?.to_scalar::<f32>()?;
-                    (token, confidence, None)
+                    // The most likely token and its probability in one copy of two numbers
+                    // (a token id is exact in F32 below 2^24).
+                    let probs = candle_nn::ops::softmax_last_dim(&logits)?.flatten_all()?;
+                    let best: Vec<f32> = Tensor::cat(
+                        &[
+                            probs.max_keepdim(D::Minus1)?.to_dtype(DType::F32)?,
+                            probs.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?,
+                        ],
+                        D::Minus1,
+                    )?
+                    .to_vec1()?;
+                    (best[1] as u32, best[0], None)
                 }
             };
             draft.tokens.push(token);
