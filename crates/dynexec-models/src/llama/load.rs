@@ -167,6 +167,7 @@ impl Llama {
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
                     grouped_queries: true,
+                    fused_cpu_attention: true,
                 },
                 post_attention_layernorm: gguf.norm(&format!("{p}.ffn_norm.weight"))?,
                 mlp: Mlp {
@@ -246,6 +247,7 @@ impl Llama {
                     num_kv_heads: config.num_kv_heads,
                     head_dim: config.head_dim,
                     grouped_queries: true,
+                    fused_cpu_attention: true,
                 },
                 post_attention_layernorm: norm(lvb.pp("post_attention_layernorm"))?,
                 mlp: Mlp {

@@ -47,6 +47,8 @@ struct Attention {
     /// Attend with the query heads of each KV head stacked into one product, instead of
     /// copying every cached key and value once per query head (see [`Attention::attend`]).
     grouped_queries: bool,
+    /// On the CPU in F32, attend with [`CachedAttention`] rather than tensor ops.
+    fused_cpu_attention: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -195,7 +197,11 @@ impl Attention {
             1 => Ok(None),
             _ => causal_mask(seq, offset, kv_len, q.dtype(), q.device()).map(|m| Some((rows, m))),
         };
-        let out = if self.grouped_queries && q.device().is_cpu() && q.dtype() == DType::F32 {
+        let out = if self.grouped_queries
+            && self.fused_cpu_attention
+            && q.device().is_cpu()
+            && q.dtype() == DType::F32
+        {
             // One op: each query head a task on the kernels' pool, keys and values read in
             // place (see `CachedAttention`).
             let op = CachedAttention {
@@ -362,6 +368,15 @@ impl Llama {
         // (a dense safetensors head tied to the embedding shares it and is counted twice).
         let head = self.lm_head.weight_bytes();
         layers + embed + head + norm(&self.norm)
+    }
+
+    /// Whether the CPU attends with its own attention op (the default) or with the tensor ops
+    /// GPUs run; both compute the same attention, up to float rounding. For checking the GPU
+    /// path where there is no GPU, and for comparing the two.
+    pub fn set_fused_cpu_attention(&mut self, fused: bool) {
+        for layer in &mut self.layers {
+            layer.self_attn.fused_cpu_attention = fused;
+        }
     }
 
     /// A fresh cache for one sequence.
