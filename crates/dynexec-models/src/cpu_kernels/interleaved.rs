@@ -123,31 +123,59 @@ impl PackedWeight {
         let mut scales = vec![0u16; groups * blocks * GROUP];
         let mut minima = vec![0u16; if format == Q4_1 { scales.len() } else { 0 }];
         let f16_bits = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
-        for (row, row_data) in bytes.chunks_exact(row_bytes).enumerate() {
-            let (g, r) = (row / GROUP, row % GROUP);
-            for (b, block) in row_data.chunks_exact(ggml_block_bytes(format)).enumerate() {
-                let at = g * blocks + b;
-                scales[at * GROUP + r] = f16_bits(block, 0);
-                if format == Q4_1 {
-                    minima[at * GROUP + r] = f16_bits(block, 2);
-                }
-                let dst = &mut quants[at * packed_block..(at + 1) * packed_block];
-                for e in 0..BLOCK {
-                    let (k, t) = (e / 4, e % 4);
+        // Groups are independent: repack them in parallel (this runs before a layer's first
+        // product, so it is part of the first token's latency).
+        let (quants_at, scales_at, minima_at) = (
+            quants.as_mut_ptr() as usize,
+            scales.as_mut_ptr() as usize,
+            minima.as_mut_ptr() as usize,
+        );
+        pool::run(groups, &|g| {
+            // SAFETY: group `g` owns these ranges of the three buffers, no other task touches
+            // them, and the buffers outlive the pool call.
+            let (dst_quants, dst_scales, dst_minima) = unsafe {
+                let per_group = blocks * GROUP;
+                (
+                    std::slice::from_raw_parts_mut(
+                        (quants_at as *mut u8).add(g * blocks * packed_block),
+                        blocks * packed_block,
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        (scales_at as *mut u16).add(g * per_group),
+                        per_group,
+                    ),
+                    std::slice::from_raw_parts_mut(
+                        (minima_at as *mut u16).add(if format == Q4_1 { g * per_group } else { 0 }),
+                        if format == Q4_1 { per_group } else { 0 },
+                    ),
+                )
+            };
+            for r in 0..GROUP.min(rows - g * GROUP) {
+                let row_data = &bytes[(g * GROUP + r) * row_bytes..(g * GROUP + r + 1) * row_bytes];
+                for (b, block) in row_data.chunks_exact(ggml_block_bytes(format)).enumerate() {
+                    dst_scales[b * GROUP + r] = f16_bits(block, 0);
+                    if format == Q4_1 {
+                        dst_minima[b * GROUP + r] = f16_bits(block, 2);
+                    }
+                    let dst = &mut dst_quants[b * packed_block..(b + 1) * packed_block];
                     if format == Q8_0 {
-                        dst[(e / 2) * 16 + r * 2 + e % 2] = block[2 + e];
+                        for (e, &q) in block[2..2 + BLOCK].iter().enumerate() {
+                            dst[(e / 2) * 16 + r * 2 + e % 2] = q;
+                        }
                     } else {
-                        let nibbles = &block[if format == Q4_0 { 2 } else { 4 }..];
-                        let q = if e < 16 {
-                            nibbles[e] & 0x0f
-                        } else {
-                            nibbles[e - 16] >> 4
-                        };
-                        dst[(k / 2) * 32 + r * 4 + t] |= if k % 2 == 0 { q } else { q << 4 };
+                        let nibbles = &block[if format == Q4_0 { 2 } else { 4 }..][..BLOCK / 2];
+                        for (j, &byte) in nibbles.iter().enumerate() {
+                            // Value j (low nibble) and value j + 16 (high nibble).
+                            for (e, q) in [(j, byte & 0x0f), (j + 16, byte >> 4)] {
+                                let (k, t) = (e / 4, e % 4);
+                                dst[(k / 2) * 32 + r * 4 + t] |=
+                                    if k % 2 == 0 { q } else { q << 4 };
+                            }
+                        }
                     }
                 }
             }
-        }
+        });
         Ok(Some(Self {
             format,
             rows,
