@@ -17,8 +17,8 @@
 //! plain loop the tests hold the kernel to — agrees to the bit.
 
 #[cfg(test)]
-use super::quantized::f16_at;
-use super::quantized::{Q4_0, Q4_1, Q8_0};
+use super::quantized::unpack;
+use super::quantized::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::{pool, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 
@@ -35,15 +35,6 @@ const ACTIVATION_MAX: f32 = 16383.0;
 /// `value = 255 · high + low`: base 255 keeps `low` within ±127 (and so pair sums of
 /// `vpmaddubsw` within 16 bits).
 const BASE: i32 = 255;
-
-/// Stored bytes of one GGML block of each format.
-const fn ggml_block_bytes(format: u8) -> usize {
-    match format {
-        Q8_0 => 34,
-        Q4_0 => 18,
-        _ => 20,
-    }
-}
 
 /// Repacked bytes per block of a group: eight rows of 32 values, as bytes (Q8_0) or nibbles.
 const fn group_block_bytes(format: u8) -> usize {
@@ -108,7 +99,7 @@ impl PackedWeight {
         }
         let bytes = weight.data()?;
         let blocks = cols / BLOCK;
-        let row_bytes = blocks * ggml_block_bytes(format);
+        let row_bytes = blocks * block_bytes(format);
         if bytes.len() != rows * row_bytes {
             candle_core::bail!(
                 "a {rows}x{cols} {:?} weight holds {} bytes, not {}",
@@ -152,7 +143,7 @@ impl PackedWeight {
             };
             for r in 0..GROUP.min(rows - g * GROUP) {
                 let row_data = &bytes[(g * GROUP + r) * row_bytes..(g * GROUP + r + 1) * row_bytes];
-                for (b, block) in row_data.chunks_exact(ggml_block_bytes(format)).enumerate() {
+                for (b, block) in row_data.chunks_exact(block_bytes(format)).enumerate() {
                     dst_scales[b * GROUP + r] = f16_bits(block, 0);
                     if format == Q4_1 {
                         dst_minima[b * GROUP + r] = f16_bits(block, 2);
@@ -366,33 +357,20 @@ fn round_to_integer(v: f32) -> i32 {
 /// `minimum · scale_x · Σq` by another.
 #[cfg(test)]
 pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations, i: usize) -> f32 {
-    let blocks = weight_row.len() / ggml_block_bytes(format);
+    let blocks = weight_row.len() / block_bytes(format);
     let mut acc = 0f32;
-    for (b, block) in weight_row
-        .chunks_exact(ggml_block_bytes(format))
-        .enumerate()
-    {
+    for (b, block) in weight_row.chunks_exact(block_bytes(format)).enumerate() {
         let xb = i * blocks + b;
-        let dot: i32 = (0..BLOCK)
-            .map(|e| {
-                let w = match format {
-                    Q8_0 => block[2 + e] as i8 as i32,
-                    _ => {
-                        let nibbles = &block[if format == Q4_0 { 2 } else { 4 }..];
-                        let q = if e < 16 {
-                            nibbles[e] & 0x0f
-                        } else {
-                            nibbles[e - 16] >> 4
-                        };
-                        q as i32 - if format == Q4_0 { 8 } else { 0 }
-                    }
-                };
-                w * x.value(xb, e)
-            })
-            .sum();
-        acc = (dot as f32).mul_add(f16_at(block, 0) * x.scales[xb], acc);
+        // The stored integers (Q4_0's offset of 8 taken out), the scale and Q4_1's minimum.
+        let (w, scale, minimum) = match format {
+            Q8_0 => unpack::<Q8_0>(block),
+            Q4_0 => unpack::<Q4_0>(block),
+            _ => unpack::<Q4_1>(block),
+        };
+        let dot: i32 = (0..BLOCK).map(|e| w[e] * x.value(xb, e)).sum();
+        acc = (dot as f32).mul_add(scale * x.scales[xb], acc);
         if format == Q4_1 {
-            acc = f16_at(block, 2).mul_add(x.scaled_sums[xb], acc);
+            acc = minimum.mul_add(x.scaled_sums[xb], acc);
         }
     }
     acc

@@ -34,7 +34,7 @@ const Q6_K: u8 = 4;
 /// Bytes per 32-value block: Q8_0 = f16 scale + 32 i8; Q4_0 = f16 scale + 16 bytes of nibbles
 /// (value = scale · (q − 8)); Q4_1 = f16 scale + f16 minimum + 16 bytes (scale · q + min).
 /// A byte's low nibble is value `j`, its high nibble value `j + 16`.
-const fn block_bytes(format: u8) -> usize {
+pub(super) const fn block_bytes(format: u8) -> usize {
     match format {
         Q8_0 => 34,
         Q4_0 => 18,
@@ -317,7 +317,7 @@ fn dot<K: RowKernel>(weight: &[u8], x: ActivationRow) -> f32 {
 }
 
 /// A block's 32 weights as integers (before the scale), its scale and its minimum (Q4_1).
-fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
+pub(super) fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
     let mut w = [0i32; BLOCK];
     match F {
         Q8_0 => {
