@@ -88,7 +88,7 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
         let cut = tokenizer.decode(&ids[..ids.len().min(args.article_tokens)])?;
         summarize.push(chat(&format!("Summarize: {cut}"))?);
     }
-    Ok(vec![
+    let sets = vec![
         PromptSet {
             name: "truthfulqa",
             prompts: questions.iter().map(|q| chat(q)).collect::<Result<_>>()?,
@@ -97,7 +97,13 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
             name: "summarize",
             prompts: summarize,
         },
-    ])
+    ];
+    // A set asked for with 0 prompts has no rows (rather than rows of NaN).
+    let sets: Vec<PromptSet> = sets.into_iter().filter(|s| !s.prompts.is_empty()).collect();
+    if sets.is_empty() {
+        anyhow::bail!("--questions and --articles are both 0: nothing to benchmark");
+    }
+    Ok(sets)
 }
 
 #[derive(Serialize)]
