@@ -1,9 +1,11 @@
 //! The one linear type: dense (F32/F16/BF16) or quantized weights behind candle's `QMatMul`,
-//! so any model can be quantized in place and every technique works on both.
+//! so any model can be quantized in place and every technique works on both. On CPUs with
+//! AVX2, Q8_0/Q4_0/Q4_1 weights are held repacked instead ([`PackedWeight`], the only copy:
+//! the GGUF tensor is rebuilt from it, byte for byte, when needed).
 
 use crate::Result;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use dynexec_core::Error;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock};
@@ -97,14 +99,41 @@ pub trait HasLinears {
 /// `y = x W^T + b` with `W` of shape `(out_features, in_features)`.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: QMatMul,
+    weight: Weight,
     bias: Option<Tensor>,
     out_features: usize,
     in_features: usize,
     cpu_kernels: CpuKernels,
-    /// The weight repacked for [`PackedWeight`]'s kernels, made on the first CPU product
-    /// (so GPU and candle-kernel layers never pay for it) and shared by clones.
-    packed: Arc<OnceLock<Option<Arc<PackedWeight>>>>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// Dense, or quantized as stored (GPUs, the K-quants, CPUs without AVX2).
+    Candle(QMatMul),
+    /// Q8_0/Q4_0/Q4_1 on an AVX2 CPU, repacked for [`PackedWeight`]'s kernels. The GGUF
+    /// tensor is rebuilt from it where candle's kernels are asked for (`--cpu-kernels
+    /// candle`) and kept for them; exports and conversions rebuild it each time.
+    Packed {
+        packed: Arc<PackedWeight>,
+        for_candle: Arc<OnceLock<Arc<QTensor>>>,
+    },
+}
+
+impl Weight {
+    /// Repacks a quantized CPU tensor where the repacked kernels can multiply it.
+    fn new(weight: QMatMul) -> Result<Self> {
+        if let QMatMul::QTensor(q) = &weight {
+            if q.device().is_cpu() && PackedWeight::available() {
+                if let Some(packed) = PackedWeight::pack(q)? {
+                    return Ok(Self::Packed {
+                        packed: Arc::new(packed),
+                        for_candle: Arc::default(),
+                    });
+                }
+            }
+        }
+        Ok(Self::Candle(weight))
+    }
 }
 
 impl Linear {
@@ -112,12 +141,11 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.dims2()?;
         Ok(Self {
-            weight: QMatMul::Tensor(weight),
+            weight: Weight::Candle(QMatMul::Tensor(weight)),
             bias,
             out_features,
             in_features,
             cpu_kernels: CpuKernels::default(),
-            packed: Arc::default(),
         })
     }
 
@@ -125,12 +153,11 @@ impl Linear {
     pub fn from_qtensor(weight: QTensor, bias: Option<Tensor>) -> Result<Self> {
         let (out_features, in_features) = weight.shape().dims2()?;
         Ok(Self {
-            weight: QMatMul::from_qtensor(weight)?,
+            weight: Weight::new(QMatMul::from_qtensor(weight)?)?,
             bias,
             out_features,
             in_features,
             cpu_kernels: CpuKernels::default(),
-            packed: Arc::default(),
         })
     }
 
@@ -141,9 +168,10 @@ impl Linear {
     /// The storage type of the weight (`F32` for dense float weights of any float dtype).
     pub fn weight_type(&self) -> GgmlDType {
         match &self.weight {
-            QMatMul::QTensor(q) => q.dtype(),
-            QMatMul::Tensor(_) => GgmlDType::F32,
-            QMatMul::TensorF16(_) => GgmlDType::F16,
+            Weight::Packed { packed, .. } => packed.dtype(),
+            Weight::Candle(QMatMul::QTensor(q)) => q.dtype(),
+            Weight::Candle(QMatMul::Tensor(_)) => GgmlDType::F32,
+            Weight::Candle(QMatMul::TensorF16(_)) => GgmlDType::F16,
         }
     }
 
@@ -158,8 +186,9 @@ impl Linear {
     /// Bytes the weight occupies.
     pub fn weight_bytes(&self) -> usize {
         match &self.weight {
-            QMatMul::QTensor(q) => q.storage_size_in_bytes(),
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            Weight::Packed { packed, .. } => packed.ggml_size(),
+            Weight::Candle(QMatMul::QTensor(q)) => q.storage_size_in_bytes(),
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
                 t.elem_count() * t.dtype().size_in_bytes()
             }
         }
@@ -168,8 +197,9 @@ impl Linear {
     /// The weight as an F32 tensor, dequantized if needed.
     pub fn float_weight(&self) -> Result<Tensor> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.dequantize(&q.device())?,
-            QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.to_dtype(DType::F32)?,
+            Weight::Packed { packed, .. } => packed.to_qtensor()?.dequantize(&Device::Cpu)?,
+            Weight::Candle(QMatMul::QTensor(q)) => q.dequantize(&q.device())?,
+            Weight::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => t.to_dtype(DType::F32)?,
         })
     }
 
@@ -178,14 +208,15 @@ impl Linear {
     }
 
     /// The weight as a GGUF tensor in its current format (dense weights as F32 or F16);
-    /// quantized weights are shared, not re-packed, so their bytes stay exactly as they are.
+    /// quantized weights keep their bytes exactly as they were stored.
     pub fn to_qtensor(&self) -> Result<Arc<QTensor>> {
         Ok(match &self.weight {
-            QMatMul::QTensor(q) => q.clone(),
-            QMatMul::Tensor(t) => {
+            Weight::Packed { packed, .. } => Arc::new(packed.to_qtensor()?),
+            Weight::Candle(QMatMul::QTensor(q)) => q.clone(),
+            Weight::Candle(QMatMul::Tensor(t)) => {
                 Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F32)?)
             }
-            QMatMul::TensorF16(t) => {
+            Weight::Candle(QMatMul::TensorF16(t)) => {
                 Arc::new(QTensor::quantize(&t.to_dtype(DType::F32)?, GgmlDType::F16)?)
             }
         })
@@ -210,41 +241,25 @@ impl Linear {
             _ => QMatMul::QTensor(Arc::new(QTensor::quantize(&weight, ggml)?)),
         };
         Ok(Self {
-            weight,
+            weight: Weight::new(weight)?,
             bias: self.bias.clone(),
             out_features: self.out_features,
             in_features: self.in_features,
             cpu_kernels: self.cpu_kernels,
-            packed: Arc::default(),
         })
     }
 
-    /// The repacked weight, made once, where this CPU has the repacked kernels and they
-    /// handle the weight's type.
-    fn packed(&self, q: &QTensor) -> Result<Option<Arc<PackedWeight>>> {
-        if !PackedWeight::available() {
-            return Ok(None);
+    /// The repacked weight when this layer's product with `x` runs on the repacked kernels.
+    fn packed_for(&self, x: &Tensor) -> Option<&Arc<PackedWeight>> {
+        match &self.weight {
+            Weight::Packed { packed, .. } if self.ours(x) => Some(packed),
+            _ => None,
         }
-        if let Some(packed) = self.packed.get() {
-            return Ok(packed.clone());
-        }
-        let packed = PackedWeight::pack(q)?.map(Arc::new);
-        Ok(self.packed.get_or_init(|| packed).clone())
     }
 
-    /// The repacked weight when this layer's product with `x` would run on the repacked
-    /// kernels.
-    fn packed_for(&self, x: &Tensor) -> Result<Option<Arc<PackedWeight>>> {
-        match &self.weight {
-            QMatMul::QTensor(q)
-                if self.cpu_kernels == CpuKernels::Dynexec
-                    && x.device().is_cpu()
-                    && x.dtype() == DType::F32 =>
-            {
-                self.packed(q)
-            }
-            _ => Ok(None),
-        }
+    /// Whether dynexec's CPU kernels multiply `x`.
+    fn ours(&self, x: &Tensor) -> bool {
+        self.cpu_kernels == CpuKernels::Dynexec && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
     /// The outputs of several layers that read the same input (a layer's query, key and
@@ -254,10 +269,7 @@ impl Linear {
         layers: [&Linear; N],
         x: &Tensor,
     ) -> Result<[Tensor; N]> {
-        let packed = layers
-            .iter()
-            .map(|l| l.packed_for(x))
-            .collect::<Result<Option<Vec<_>>>>()?;
+        let packed: Option<Vec<_>> = layers.iter().map(|l| l.packed_for(x)).collect();
         let same_input = layers
             .iter()
             .all(|l| l.in_features == layers[0].in_features);
@@ -293,16 +305,27 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ours = self.cpu_kernels == CpuKernels::Dynexec
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32;
+        let ours = self.ours(x);
         let rows = x.elem_count() / self.in_features.max(1);
         let y = match &self.weight {
-            QMatMul::QTensor(q) if ours && QuantizedMatMul::supports(q) => x
+            Weight::Packed { packed, .. } if ours => x
                 .contiguous()?
-                .apply_op1_no_bwd(&QuantizedMatMul::new(q.clone(), self.packed(q)?))?,
+                .apply_op1_no_bwd(&QuantizedMatMul::packed(packed.clone()))?,
+            Weight::Packed { packed, for_candle } => {
+                let q = match for_candle.get() {
+                    Some(q) => q.clone(),
+                    None => {
+                        let q = Arc::new(packed.to_qtensor()?);
+                        for_candle.get_or_init(|| q).clone()
+                    }
+                };
+                QMatMul::QTensor(q).forward(x)?
+            }
+            Weight::Candle(QMatMul::QTensor(q)) if ours && QuantizedMatMul::supports(q) => x
+                .contiguous()?
+                .apply_op1_no_bwd(&QuantizedMatMul::row_by_row(q.clone()))?,
             // Our kernel has no backward pass: training (tracked tensors) takes candle's matmul.
-            QMatMul::Tensor(w)
+            Weight::Candle(QMatMul::Tensor(w))
                 if ours
                     && w.dtype() == DType::F32
                     && rows <= SMALL_BATCH
@@ -312,7 +335,7 @@ impl Linear {
                 x.contiguous()?
                     .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?
             }
-            weight => weight.forward(x)?,
+            Weight::Candle(weight) => weight.forward(x)?,
         };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,

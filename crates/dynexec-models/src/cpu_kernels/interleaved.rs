@@ -181,6 +181,68 @@ impl PackedWeight {
         self.cols / BLOCK
     }
 
+    pub fn dtype(&self) -> GgmlDType {
+        match self.format {
+            Q8_0 => GgmlDType::Q8_0,
+            Q4_0 => GgmlDType::Q4_0,
+            _ => GgmlDType::Q4_1,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes of the weight as a GGUF tensor (the repacked copy holds as many).
+    pub fn ggml_size(&self) -> usize {
+        self.rows * self.blocks() * block_bytes(self.format)
+    }
+
+    /// The weight as the GGUF tensor it was packed from, on the CPU: repacking loses
+    /// nothing, so the bytes are exactly the original ones.
+    pub fn to_qtensor(&self) -> candle_core::Result<QTensor> {
+        let (blocks, size) = (self.blocks(), block_bytes(self.format));
+        let packed_block = group_block_bytes(self.format);
+        let mut bytes = vec![0u8; self.ggml_size()];
+        for (row, row_bytes) in bytes.chunks_exact_mut(blocks * size).enumerate() {
+            let (g, r) = (row / GROUP, row % GROUP);
+            for (b, block) in row_bytes.chunks_exact_mut(size).enumerate() {
+                let at = g * blocks + b;
+                block[..2].copy_from_slice(&self.scales[at * GROUP + r].to_le_bytes());
+                if self.format == Q4_1 {
+                    block[2..4].copy_from_slice(&self.minima[at * GROUP + r].to_le_bytes());
+                }
+                let src = &self.quants[at * packed_block..(at + 1) * packed_block];
+                if self.format == Q8_0 {
+                    for e in 0..BLOCK {
+                        block[2 + e] = src[(e / 2) * 16 + r * 2 + e % 2];
+                    }
+                } else {
+                    let value = |e: usize| {
+                        let (k, t) = (e / 4, e % 4);
+                        let byte = src[(k / 2) * 32 + r * 4 + t];
+                        if k % 2 == 0 {
+                            byte & 0x0f
+                        } else {
+                            byte >> 4
+                        }
+                    };
+                    let nibbles = &mut block[if self.format == Q4_0 { 2 } else { 4 }..];
+                    for j in 0..BLOCK / 2 {
+                        nibbles[j] = value(j) | value(j + 16) << 4;
+                    }
+                }
+            }
+        }
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            self.dtype(),
+            &bytes,
+            vec![self.rows, self.cols],
+            &candle_core::Device::Cpu,
+        )
+    }
+
     /// `x W^T` for F32 activations `x` (rows of `cols` values), as `(x rows, W rows)`.
     ///
     /// Only on CPUs where [`Self::available`] holds.
@@ -575,6 +637,25 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn repacking_loses_nothing() {
+        // 21 rows: the last group is partly empty; an offset so Q4_1's minima vary.
+        let (rows, cols) = (21, 3 * BLOCK);
+        let w: Vec<f32> = values(rows * cols, 0.9).iter().map(|v| v + 0.4).collect();
+        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let packed = PackedWeight::pack(&q).unwrap().unwrap();
+            assert_eq!(packed.dtype(), dtype);
+            assert_eq!(packed.dims(), (rows, cols));
+            assert_eq!(packed.ggml_size(), q.data().unwrap().len());
+            let back = packed.to_qtensor().unwrap();
+            assert_eq!(back.dtype(), dtype);
+            assert_eq!(back.shape().dims(), &[rows, cols]);
+            assert_eq!(back.data().unwrap(), q.data().unwrap(), "{dtype:?}");
         }
     }
 

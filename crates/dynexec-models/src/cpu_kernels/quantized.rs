@@ -60,18 +60,24 @@ const PREFETCH_AHEAD: usize = 1024;
 /// all of them).
 const ROWS_TOGETHER: usize = 4;
 
-/// `y = x W^T` for a quantized weight `W` (rows x cols) and F32 `x` (.., cols): through its
-/// repacked copy when there is one, otherwise row by row.
-pub struct QuantizedMatMul {
-    weight: Arc<QTensor>,
-    packed: Option<Arc<PackedWeight>>,
+/// `y = x W^T` for a quantized weight `W` (rows x cols) and F32 `x` (.., cols): row by row
+/// over the weight as stored, or through a repacked copy.
+pub struct QuantizedMatMul(Kernel);
+
+enum Kernel {
+    RowByRow(Arc<QTensor>),
+    Packed(Arc<PackedWeight>),
 }
 
 impl QuantizedMatMul {
-    /// `packed` must be `weight` repacked ([`PackedWeight::pack`]), where
-    /// [`PackedWeight::available`] holds.
-    pub fn new(weight: Arc<QTensor>, packed: Option<Arc<PackedWeight>>) -> Self {
-        Self { weight, packed }
+    /// Row by row over a weight as stored (see [`Self::supports`]).
+    pub fn row_by_row(weight: Arc<QTensor>) -> Self {
+        Self(Kernel::RowByRow(weight))
+    }
+
+    /// Through a repacked weight, where [`PackedWeight::available`] holds.
+    pub fn packed(weight: Arc<PackedWeight>) -> Self {
+        Self(Kernel::Packed(weight))
     }
 
     /// Accepts Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights whose input size is whole blocks.
@@ -103,22 +109,27 @@ impl CustomOp1 for QuantizedMatMul {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, cols) = self.weight.shape().dims2()?;
+        let weight = match &self.0 {
+            Kernel::RowByRow(weight) => weight,
+            Kernel::Packed(packed) => {
+                let (rows, cols) = packed.dims();
+                let x = f32_rows(self.name(), storage, layout, cols)?;
+                let mut shape = layout.shape().dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = rows;
+                }
+                return Ok((CpuStorage::F32(packed.matmul(x)), Shape::from(shape)));
+            }
+        };
+        let (rows, cols) = weight.shape().dims2()?;
         let x = f32_rows(self.name(), storage, layout, cols)?;
         let dims = layout.shape().dims();
-        if let Some(packed) = &self.packed {
-            let mut shape = dims.to_vec();
-            if let Some(last) = shape.last_mut() {
-                *last = rows;
-            }
-            return Ok((CpuStorage::F32(packed.matmul(x)), Shape::from(shape)));
-        }
-        let Some(format) = format_of(self.weight.dtype()) else {
-            candle_core::bail!("quantized matmul: unsupported {:?}", self.weight.dtype());
+        let Some(format) = format_of(weight.dtype()) else {
+            candle_core::bail!("quantized matmul: unsupported {:?}", weight.dtype());
         };
         let m = x.len() / cols;
         let activations = I16Blocks::quantize(x);
-        let bytes = self.weight.data()?;
+        let bytes = weight.data()?;
         if cols % block_values(format) != 0 {
             candle_core::bail!("quantized matmul: {cols} inputs are not whole blocks");
         }
@@ -501,10 +512,10 @@ mod tests {
 
     /// The row-by-row op, and the repacked one where this CPU runs it.
     fn both_paths(q: &Arc<QTensor>) -> Vec<QuantizedMatMul> {
-        let mut ops = vec![QuantizedMatMul::new(q.clone(), None)];
+        let mut ops = vec![QuantizedMatMul::row_by_row(q.clone())];
         if PackedWeight::available() {
             if let Some(packed) = PackedWeight::pack(q).unwrap() {
-                ops.push(QuantizedMatMul::new(q.clone(), Some(Arc::new(packed))));
+                ops.push(QuantizedMatMul::packed(Arc::new(packed)));
             }
         }
         ops
@@ -593,7 +604,7 @@ mod tests {
                 let n: usize = shape.iter().product();
                 let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
                 let ours = x
-                    .apply_op1_no_bwd(&QuantizedMatMul::new(q.clone(), None))
+                    .apply_op1_no_bwd(&QuantizedMatMul::row_by_row(q.clone()))
                     .unwrap();
                 let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
                 assert_eq!(ours.dims(), reference.dims());
