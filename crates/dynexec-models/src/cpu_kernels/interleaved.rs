@@ -114,8 +114,8 @@ impl PackedWeight {
         let mut scales = vec![0u16; groups * blocks * GROUP];
         let mut minima = vec![0u16; if format == Q4_1 { scales.len() } else { 0 }];
         let f16_bits = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
-        // Groups are independent: repack them in parallel (this runs before a layer's first
-        // product, so it is part of the first token's latency).
+        // Groups are independent: repack them in parallel (every quantized layer of a model
+        // is repacked while it loads).
         let (quants_at, scales_at, minima_at) = (
             quants.as_mut_ptr() as usize,
             scales.as_mut_ptr() as usize,
