@@ -88,7 +88,7 @@ pub trait HasLinears {
     /// Every linear layer with a stable name (GGUF-style, e.g. `blk.3.ffn_up`).
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
 
-    /// Chooses the CPU kernel of every Q8_0 layer.
+    /// Chooses the CPU kernels of every layer.
     fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
         for (_, linear) in self.linears_mut() {
             linear.set_cpu_kernels(kernel);
