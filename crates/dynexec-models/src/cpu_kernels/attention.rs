@@ -6,7 +6,7 @@
 //! one task on the kernels' pool, reading keys and values in place from the cache, and each
 //! query row gets the same arithmetic whatever the number of rows.
 
-use super::{dot, pool};
+use super::pool;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 
 /// `softmax(scale · q kᵀ) v` for queries `(batch, heads, seq, head_dim)` (contiguous) over
@@ -120,11 +120,8 @@ impl<'a> Rows<'a> {
 
 /// One query row: scores against every visible key, a softmax, the weighted sum of values.
 fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
-    let head_dim = q.len();
-    let mut weights: Vec<f32> = keys
-        .chunks_exact(head_dim)
-        .map(|k| dot(q, k) * scale)
-        .collect();
+    let mut weights = vec![0f32; keys.len() / q.len().max(1)];
+    scores(q, keys, scale, &mut weights);
     let max = weights.iter().fold(f32::NEG_INFINITY, |m, &w| m.max(w));
     let mut total = 0f32;
     for w in &mut weights {
@@ -136,16 +133,92 @@ fn attend_row(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f3
     out.iter_mut().for_each(|o| *o *= inverse);
 }
 
-super::dispatch!(weighted_sum, weighted_sum_avx2, weighted_sum_lanes, (weights: &[f32], rows: &[f32], out: &mut [f32]) -> ());
+/// `out[j] = scale · q·keys[j]`, one call for every key (a call per key cost more than the
+/// products at these sizes).
+fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() && q.len() % 8 == 0 {
+        // SAFETY: the features were just detected; the kernel reads whole rows of `q.len()`.
+        return unsafe { scores_avx2(q, keys, scale, out) };
+    }
+    for (key, o) in keys.chunks_exact(q.len()).zip(out) {
+        *o = super::dot_lanes(q, key) * scale;
+    }
+}
 
-/// `out = Σ_j weights[j] · rows[j]`, lane by lane (vectorizes: no sum across lanes).
-#[inline(always)]
-fn weighted_sum_lanes(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+/// Two 8-wide accumulators per key, written out: left to itself the compiler vectorized
+/// across keys instead, gathering every value from eight rows apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    for (key, o) in keys.chunks_exact(d).zip(out) {
+        let (mut even, mut odd) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= d {
+            even = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.as_ptr().add(i)),
+                _mm256_loadu_ps(key.as_ptr().add(i)),
+                even,
+            );
+            odd = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.as_ptr().add(i + 8)),
+                _mm256_loadu_ps(key.as_ptr().add(i + 8)),
+                odd,
+            );
+            i += 16;
+        }
+        if i < d {
+            even = _mm256_fmadd_ps(
+                _mm256_loadu_ps(q.as_ptr().add(i)),
+                _mm256_loadu_ps(key.as_ptr().add(i)),
+                even,
+            );
+        }
+        let t = _mm256_add_ps(even, odd);
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        *o = _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1))) * scale;
+    }
+}
+
+/// `out = Σ_j weights[j] · rows[j]`, lane by lane; for the common head sizes the whole sum
+/// stays in vector registers.
+fn weighted_sum(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_avx2_fma() {
+        // SAFETY: the features were just detected; each kernel reads rows of `out.len()`
+        // values and writes `out.len()` values.
+        match out.len() {
+            64 => return unsafe { weighted_sum_avx2::<8>(weights, rows, out) },
+            128 => return unsafe { weighted_sum_avx2::<16>(weights, rows, out) },
+            _ => {}
+        }
+    }
     out.fill(0.0);
     for (&w, row) in weights.iter().zip(rows.chunks_exact(out.len())) {
         for (o, &x) in out.iter_mut().zip(row) {
             *o += w * x;
         }
+    }
+}
+
+/// Rows of `8 · V` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn weighted_sum_avx2<const V: usize>(weights: &[f32], rows: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= 8 * V);
+    let mut acc = [_mm256_setzero_ps(); V];
+    for (&w, row) in weights.iter().zip(rows.chunks_exact(8 * V)) {
+        let w = _mm256_set1_ps(w);
+        for (v, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.as_ptr().add(8 * v)), *a);
+        }
+    }
+    for (v, a) in acc.iter().enumerate() {
+        _mm256_storeu_ps(out.as_mut_ptr().add(8 * v), *a);
     }
 }
 
@@ -162,7 +235,14 @@ mod tests {
     /// narrowed from larger buffers; and a row alone equals the same row among several.
     #[test]
     fn matches_masked_softmax_attention_on_cache_views() {
-        let (heads, kv_heads, len, seq, d) = (6, 2, 11, 3, 16);
+        // 16: the generic loops; 64: the fixed-size ones (SmolLM2's head size).
+        for d in [16, 64] {
+            check_against_masked_softmax(d);
+        }
+    }
+
+    fn check_against_masked_softmax(d: usize) {
+        let (heads, kv_heads, len, seq) = (6, 2, 11, 3);
         let dev = Device::Cpu;
         let buffer = |seed| {
             Tensor::from_vec(values(kv_heads * 20 * d, seed), (1, kv_heads, 20, d), &dev).unwrap()

@@ -154,7 +154,7 @@ macro_rules! dispatch {
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
-                if $crate::cpu_kernels::has_avx2_fma() {
+                if has_avx2_fma() {
                     // SAFETY: the features the function is compiled for were just detected.
                     return unsafe { $avx($($arg),*) };
                 }
@@ -169,8 +169,6 @@ macro_rules! dispatch {
         }
     };
 }
-
-pub(crate) use dispatch;
 
 dispatch!(dot, dot_avx2, dot_lanes, (a: &[f32], b: &[f32]) -> f32);
 
