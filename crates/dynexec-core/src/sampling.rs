@@ -114,17 +114,39 @@ impl Sampler {
     }
 
     /// Softmax at the temperature, then top-k and top-p filtering, renormalised.
+    ///
+    /// Only the candidates that can matter are ordered: sorting a whole 49k-token vocabulary
+    /// per token cost more than a decoding step of a small model.
     fn filtered_probabilities(&self, row: &[f32]) -> Vec<f32> {
         let mut probs = softmax(row, self.params.temperature as f32);
-        let mut order: Vec<usize> = (0..probs.len()).collect();
-        order.sort_unstable_by(|&a, &b| probs[b].total_cmp(&probs[a]));
-        let mut keep = order.len();
-        if let Some(k) = self.params.top_k.filter(|&k| k > 0) {
-            keep = keep.min(k);
+        let top_k = self.params.top_k.filter(|&k| k > 0 && k < probs.len());
+        let top_p = self.params.top_p.filter(|&p| p < 1.0);
+        if top_k.is_none() && top_p.is_none() {
+            let total: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|p| *p /= total);
+            return probs;
         }
-        if let Some(p) = self.params.top_p.filter(|&p| p < 1.0) {
+        let descending = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]);
+        let mut candidates: Vec<usize> = match (top_k, top_p) {
+            (Some(k), _) => {
+                let mut all: Vec<usize> = (0..probs.len()).collect();
+                all.select_nth_unstable_by(k - 1, descending);
+                all.truncate(k);
+                all
+            }
+            // The nucleus lies among the tokens at or above (1 - p) / n: those below it hold
+            // less than 1 - p together, so the ones above hold more than p.
+            (None, Some(p)) => {
+                let floor = ((1.0 - p) / probs.len() as f64) as f32;
+                (0..probs.len()).filter(|&i| probs[i] >= floor).collect()
+            }
+            (None, None) => unreachable!("returned above"),
+        };
+        candidates.sort_unstable_by(descending);
+        let mut keep = candidates.len();
+        if let Some(p) = top_p {
             let mut cumulative = 0.0f64;
-            for (rank, &i) in order.iter().enumerate().take(keep) {
+            for (rank, &i) in candidates.iter().enumerate() {
                 cumulative += probs[i] as f64;
                 if cumulative >= p {
                     keep = rank + 1;
@@ -132,12 +154,13 @@ impl Sampler {
                 }
             }
         }
-        for &i in &order[keep..] {
-            probs[i] = 0.0;
+        let mut filtered = vec![0f32; probs.len()];
+        for &i in &candidates[..keep] {
+            filtered[i] = probs[i];
         }
-        let total: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= total);
-        probs
+        let total: f32 = filtered.iter().sum();
+        filtered.iter_mut().for_each(|p| *p /= total);
+        filtered
     }
 
     fn draw(&mut self, probs: &[f32]) -> u32 {
@@ -262,6 +285,66 @@ mod tests {
         // softmax puts ~0.66 on token 0, so top-p 0.5 keeps it alone.
         for _ in 0..200 {
             assert_eq!(s.sample(&logits(&row), &[]).unwrap(), 0);
+        }
+    }
+
+    /// The filtering as first written: every token sorted, then cut.
+    fn full_sort_reference(probs: &[f32], top_k: Option<usize>, top_p: Option<f64>) -> Vec<f32> {
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+        let mut keep = top_k
+            .filter(|&k| k > 0)
+            .map_or(order.len(), |k| k.min(order.len()));
+        if let Some(p) = top_p.filter(|&p| p < 1.0) {
+            let mut cumulative = 0.0f64;
+            for (rank, &i) in order.iter().enumerate().take(keep) {
+                cumulative += probs[i] as f64;
+                if cumulative >= p {
+                    keep = rank + 1;
+                    break;
+                }
+            }
+        }
+        let mut out = vec![0f32; probs.len()];
+        for &i in &order[..keep] {
+            out[i] = probs[i];
+        }
+        let total: f32 = out.iter().sum();
+        out.iter_mut().for_each(|p| *p /= total);
+        out
+    }
+
+    #[test]
+    fn partial_ordering_filters_like_a_full_sort() {
+        // A vocabulary-sized row with distinct values (ties may be cut either way).
+        let row: Vec<f32> = (0..5000)
+            .map(|i| ((i as f32) * 0.7131).sin() * 6.0 + (i as f32) * 1e-5)
+            .collect();
+        for (top_k, top_p) in [
+            (None, None),
+            (Some(1), None),
+            (Some(40), None),
+            (None, Some(0.9)),
+            (None, Some(0.3)),
+            (Some(40), Some(0.8)),
+            (Some(10_000), Some(0.95)),
+        ] {
+            for temperature in [0.7, 1.3] {
+                let sampler = Sampler::new(SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    ..Default::default()
+                })
+                .unwrap();
+                let probs = softmax(&row, temperature as f32);
+                let expected = full_sort_reference(&probs, top_k, top_p);
+                assert_eq!(
+                    sampler.distribution(&row),
+                    expected,
+                    "top_k {top_k:?} top_p {top_p:?} t {temperature}"
+                );
+            }
         }
     }
 
