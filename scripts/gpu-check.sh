@@ -30,8 +30,8 @@ step bench-generate dynexec --device cuda bench generate --runs 3 --json
 step bench-speculative dynexec --device cuda bench speculative --draft ngram:3,10 --draft self-layers:8 --lookahead fixed:4 --lookahead heuristic --json
 step bench-quant dynexec --device cuda bench quant --runs 3 --eval-tokens 512 --json
 for name in bench-generate bench-speculative bench-quant; do
-  # The JSON object is the log's last line; progress and notes went to stderr before it.
-  tail -n 1 "$out/$name.log" > "$out/$name.json" 2>/dev/null || true
+  # The JSON object is the one line of the log that starts with `{` (notes go to stderr).
+  grep '^{' "$out/$name.log" | tail -n 1 > "$out/$name.json" || true
 done
 grep -h "test result" "$out/tests.log" | awk '{p+=$4; f+=$6} END {print p " passed, " f " failed"}' | tee -a "$out/summary.txt"
 exit $status
