@@ -122,11 +122,16 @@ fn into_output(
     } else {
         transpose(&out_t, rows, m)
     };
+    (CpuStorage::F32(out), output_shape(input_dims, rows))
+}
+
+/// A product's output shape: the input's with `rows` as the last size.
+fn output_shape(input_dims: &[usize], rows: usize) -> Shape {
     let mut shape = input_dims.to_vec();
     if let Some(last) = shape.last_mut() {
         *last = rows;
     }
-    (CpuStorage::F32(out), Shape::from(shape))
+    Shape::from(shape)
 }
 
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {

@@ -19,7 +19,7 @@
 use super::has_avx2_fma;
 use super::interleaved::PackedWeight;
 use super::kquants::{self, Q4K_BYTES, Q6K_BYTES, SUPER};
-use super::{f32_rows, into_output, rows_times_activations, BLOCK};
+use super::{f32_rows, into_output, output_shape, rows_times_activations, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use std::sync::Arc;
@@ -114,11 +114,8 @@ impl CustomOp1 for QuantizedMatMul {
             Kernel::Packed(packed) => {
                 let (rows, cols) = packed.dims();
                 let x = f32_rows(self.name(), storage, layout, cols)?;
-                let mut shape = layout.shape().dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = rows;
-                }
-                return Ok((CpuStorage::F32(packed.matmul(x)), Shape::from(shape)));
+                let shape = output_shape(layout.shape().dims(), rows);
+                return Ok((CpuStorage::F32(packed.matmul(x)), shape));
             }
         };
         let (rows, cols) = weight.shape().dims2()?;
@@ -561,30 +558,28 @@ mod tests {
         );
         for dtype in FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let bytes = q.data().unwrap();
-            let row_bytes = bytes.len() / 3;
-            for row in 0..3 {
-                let weight = &bytes[row * row_bytes..(row + 1) * row_bytes];
-                let (portable, dispatched) = match dtype {
-                    GgmlDType::Q8_0 => (
-                        dot_portable::<Q8_0>(weight, x.row(0, 7)),
-                        dot::<Blocks<Q8_0>>(weight, x.row(0, 7)),
-                    ),
-                    GgmlDType::Q4_0 => (
-                        dot_portable::<Q4_0>(weight, x.row(0, 7)),
-                        dot::<Blocks<Q4_0>>(weight, x.row(0, 7)),
-                    ),
-                    _ => (
-                        dot_portable::<Q4_1>(weight, x.row(0, 7)),
-                        dot::<Blocks<Q4_1>>(weight, x.row(0, 7)),
-                    ),
-                };
-                assert_eq!(
-                    dispatched.to_bits(),
-                    portable.to_bits(),
-                    "{dtype:?} row {row}"
-                );
+            match dtype {
+                GgmlDType::Q8_0 => assert_simd_matches_portable::<Blocks<Q8_0>>(&q, &x, 7),
+                GgmlDType::Q4_0 => assert_simd_matches_portable::<Blocks<Q4_0>>(&q, &x, 7),
+                _ => assert_simd_matches_portable::<Blocks<Q4_1>>(&q, &x, 7),
             }
+        }
+    }
+
+    /// Every row of `q` (three rows) times `x`'s first row: the dispatched kernel (SIMD where
+    /// the CPU has it) gives the portable reference's bits.
+    fn assert_simd_matches_portable<K: RowKernel>(q: &QTensor, x: &I16Blocks, blocks: usize) {
+        let bytes = q.data().unwrap();
+        let row_bytes = bytes.len() / 3;
+        for (row, weight) in bytes.chunks_exact(row_bytes).enumerate() {
+            let portable = K::portable(weight, x.row(0, blocks));
+            let dispatched = dot::<K>(weight, x.row(0, blocks));
+            assert_eq!(
+                dispatched.to_bits(),
+                portable.to_bits(),
+                "{:?} row {row}",
+                q.dtype()
+            );
         }
     }
 
@@ -657,35 +652,9 @@ mod tests {
         let blocks = cols / BLOCK;
         for dtype in K_FORMATS {
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let bytes = q.data().unwrap();
-            let row_bytes = bytes.len() / 3;
-            for row in 0..3 {
-                let weight = &bytes[row * row_bytes..(row + 1) * row_bytes];
-                let (portable, dispatched) = match dtype {
-                    GgmlDType::Q4K => (
-                        kquants::dot_portable(
-                            weight,
-                            Q4K_BYTES,
-                            kquants::unpack_q4k,
-                            x.row(0, blocks),
-                        ),
-                        dot::<KQuant<false>>(weight, x.row(0, blocks)),
-                    ),
-                    _ => (
-                        kquants::dot_portable(
-                            weight,
-                            Q6K_BYTES,
-                            kquants::unpack_q6k,
-                            x.row(0, blocks),
-                        ),
-                        dot::<KQuant<true>>(weight, x.row(0, blocks)),
-                    ),
-                };
-                assert_eq!(
-                    dispatched.to_bits(),
-                    portable.to_bits(),
-                    "{dtype:?} row {row}"
-                );
+            match dtype {
+                GgmlDType::Q4K => assert_simd_matches_portable::<KQuant<false>>(&q, &x, blocks),
+                _ => assert_simd_matches_portable::<KQuant<true>>(&q, &x, blocks),
             }
         }
     }
