@@ -30,6 +30,7 @@ const GROUPS_PER_TASK: usize = 2;
 /// Activation rows multiplied together, sharing each unpacked weight vector.
 const ROWS_TOGETHER: usize = 4;
 /// How many blocks ahead the kernel asks for weights.
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS: usize = 4;
 /// Largest quantized activation magnitude (15 bits).
 const ACTIVATION_MAX: f32 = 16383.0;
@@ -316,6 +317,9 @@ impl PackedWeight {
     }
 
     /// Group `g` times activation rows `first..first + N`.
+    // Elsewhere than x86-64 no weight is ever repacked (`available` is false), and the body
+    // is only the unreachable end.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     fn group_times<const N: usize>(
         &self,
         g: usize,
