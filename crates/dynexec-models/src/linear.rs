@@ -297,10 +297,7 @@ impl Linear {
                 shape.as_slice(),
                 x.device(),
             )?;
-            Ok(match &layer.bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            })
+            layer.add_bias(y)
         })
     }
 
@@ -337,6 +334,11 @@ impl Linear {
             }
             Weight::Candle(weight) => weight.forward(x)?,
         };
+        self.add_bias(y)
+    }
+
+    /// `y + b`, where the layer has a bias.
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
