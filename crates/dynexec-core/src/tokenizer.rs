@@ -3,10 +3,12 @@
 //!
 //! A GGUF that carries a byte-level BPE vocabulary (`tokenizer.ggml.model = gpt2`) is rebuilt
 //! as the Hugging Face tokenizer it came from: the pre-tokenizer follows `tokenizer.ggml.pre`
-//! (SmolLM2's `smollm` splits digits one by one before the byte-level step), control tokens
+//! (SmolLM2's `smollm` splits digits one by one before the byte-level step; Qwen2's `qwen2`
+//! splits words, single digits, punctuation runs and whitespace with its own regex), control tokens
 //! (token type 3) and user-defined ones (4) are special added tokens, and BOS is prepended
 //! only when `tokenizer.ggml.add_bos_token` says so.
 
+pub use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
@@ -14,6 +16,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -26,8 +30,12 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     /// Prepended to plain prompts when the model's tokenizer config says so.
     bos_to_add: Option<u32>,
+    /// The BOS id, added or not (chat templates may print it).
+    bos_id: Option<u32>,
     /// Ids that end a generation.
     pub eos_ids: Vec<u32>,
+    /// The template `chat_prompt` and `chat_messages` render: the model's own, one set with
+    /// [`Self::set_chat_template`], or a ChatML / Llama 3 fallback for files without one.
     pub chat_template: Option<ChatTemplate>,
     /// The model's chat template as written (Jinja), kept for export.
     pub chat_template_source: Option<String>,
@@ -68,12 +76,22 @@ impl TextTokenizer {
             eos_ids.push(id);
         }
         let template = token_text("chat_template");
-        let chat_template =
-            ChatTemplate::detect(template.as_deref(), &|t| inner.token_to_id(t).is_some());
+        let (bos_text, eos_text) = (
+            token_text("bos_token").unwrap_or_default(),
+            token_text("eos_token").unwrap_or_default(),
+        );
+        let chat_template = model_template(
+            template.as_deref(),
+            &|t| inner.token_to_id(t).is_some(),
+            &bos_text,
+            &eos_text,
+        )?;
         // tokenizer.json's own post-processor adds whatever specials the model expects.
+        let bos_id = token_text("bos_token").and_then(|t| inner.token_to_id(&t));
         Ok(Self {
             inner,
             bos_to_add: None,
+            bos_id,
             eos_ids,
             chat_template,
             chat_template_source: template,
@@ -160,10 +178,20 @@ impl TextTokenizer {
             .get("tokenizer.chat_template")
             .and_then(|v| v.to_string().ok())
             .cloned();
-        let chat_template = ChatTemplate::detect(template.as_deref(), &|t| vocab_has(&tokens, t));
+        let token_text = |id: Option<u32>| {
+            id.and_then(|i| tokens.get(i as usize).cloned())
+                .unwrap_or_default()
+        };
+        let chat_template = model_template(
+            template.as_deref(),
+            &|t| vocab_has(&tokens, t),
+            &token_text(bos),
+            &token_text(eos_ids.first().copied()),
+        )?;
         Ok(Self {
             inner,
             bos_to_add,
+            bos_id: bos,
             eos_ids,
             chat_template,
             chat_template_source: template,
@@ -211,25 +239,56 @@ impl TextTokenizer {
         self.eos_ids.contains(&id)
     }
 
-    /// Formats a single user turn (plus optional system prompt) with the model's template.
+    /// Formats a single user turn (plus optional system prompt) with the chat template,
+    /// cueing the assistant's reply.
     pub fn chat_prompt(&self, system: Option<&str>, user: &str) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            tok_err("this model has no chat template dynexec knows (ChatML or Llama 3); write the prompt yourself without --chat")
-        })?;
-        Ok(template.render(system, user))
+        let mut messages: Vec<ChatMessage> = system
+            .map(|s| ChatMessage::new("system", s))
+            .into_iter()
+            .collect();
+        messages.push(ChatMessage::new("user", user));
+        self.chat_messages(&messages)
     }
 
-    /// Formats a conversation with the model's template, cueing the assistant's reply.
+    /// Formats a conversation with the chat template, cueing the assistant's reply.
     pub fn chat_messages(&self, messages: &[ChatMessage]) -> Result<String> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            tok_err("this model has no chat template dynexec knows (ChatML or Llama 3); use /v1/completions with a prompt you format yourself")
-        })?;
-        Ok(template.render_messages(messages))
+        let template = self.chat_template.as_ref().ok_or(Error::NoChatTemplate)?;
+        template.render(messages, true)
+    }
+
+    /// Replaces the chat template with `source` (a Jinja template; `origin` names it in
+    /// errors), keeping the model's BOS and EOS token text.
+    pub fn set_chat_template(&mut self, source: &str, origin: &str) -> Result<()> {
+        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        let bos = token(self.bos_id);
+        let eos = token(self.eos_ids.first().copied());
+        let template = ChatTemplate::new(source, bos, eos, origin);
+        template.check()?;
+        self.chat_template = Some(template);
+        Ok(())
     }
 
     /// The underlying Hugging Face tokenizer.
     pub fn inner(&self) -> &Tokenizer {
         &self.inner
+    }
+}
+
+/// The model's own template when it has one, else a fallback its vocabulary suits.
+fn model_template(
+    source: Option<&str>,
+    has_token: &dyn Fn(&str) -> bool,
+    bos: &str,
+    eos: &str,
+) -> Result<Option<ChatTemplate>> {
+    match source {
+        Some(source) => Ok(Some(ChatTemplate::new(
+            source,
+            bos,
+            eos,
+            "the model's chat template",
+        ))),
+        None => Ok(ChatTemplate::fallback(has_token, bos, eos)),
     }
 }
 
@@ -261,118 +320,35 @@ fn int_value(value: &gguf_file::Value) -> Result<i64> {
     })
 }
 
+/// Qwen2's split regex (its tokenizer.json's `Split` pre-tokenizer; llama.cpp's
+/// `LLAMA_VOCAB_PRE_TYPE_QWEN2`): contractions, a letter run with at most one leading
+/// non-letter, one digit at a time, punctuation runs with the line breaks after them, line
+/// breaks with the spaces before them, and spaces that do not precede a word.
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
 /// The pre-tokenizer llama.cpp's `tokenizer.ggml.pre` stands for.
 fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
-    let byte_level = ByteLevel::new(false, true, true);
     match pre {
-        "smollm" => Ok(Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()),
-        "gpt-2" | "gpt2" | "default" => Ok(byte_level.into()),
+        "smollm" => Ok(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into()),
+        "qwen2" => {
+            let split = Split::new(
+                SplitPattern::Regex(QWEN2_SPLIT.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?;
+            // The regex has done the splitting: the byte-level step only maps bytes.
+            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+        }
+        "gpt-2" | "gpt2" | "default" => Ok(ByteLevel::new(false, true, true).into()),
         other => Err(tok_err(format!(
-            "GGUF pre-tokenizer `{other}` is not supported yet (smollm, gpt-2 are); pass --tokenizer tokenizer.json"
+            "GGUF pre-tokenizer `{other}` is not supported yet (smollm, qwen2, gpt-2 are); pass --tokenizer tokenizer.json"
         ))),
     }
-}
-
-/// Chat formats dynexec renders itself.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ChatTemplate {
-    /// `<|im_start|>role\n...<|im_end|>\n` (SmolLM2, Qwen2), with the template's default
-    /// system prompt when it has one.
-    ChatMl { default_system: Option<String> },
-    /// `<|start_header_id|>role<|end_header_id|>\n\n...<|eot_id|>` (Llama 3).
-    Llama3,
-}
-
-impl ChatTemplate {
-    /// Recognises the template text (a Jinja source) or, without one, the vocabulary.
-    pub fn detect(template: Option<&str>, has_token: &dyn Fn(&str) -> bool) -> Option<Self> {
-        match template {
-            Some(t) if t.contains("<|im_start|>") => Some(Self::ChatMl {
-                default_system: chatml_default_system(t),
-            }),
-            Some(t) if t.contains("<|start_header_id|>") => Some(Self::Llama3),
-            Some(_) => None,
-            None if has_token("<|im_start|>") => Some(Self::ChatMl {
-                default_system: None,
-            }),
-            None if has_token("<|start_header_id|>") => Some(Self::Llama3),
-            None => None,
-        }
-    }
-
-    pub fn render(&self, system: Option<&str>, user: &str) -> String {
-        let mut messages: Vec<ChatMessage> = system
-            .map(|s| ChatMessage::new("system", s))
-            .into_iter()
-            .collect();
-        messages.push(ChatMessage::new("user", user));
-        self.render_messages(&messages)
-    }
-
-    /// A whole conversation, ending with the cue for the assistant's next turn.
-    pub fn render_messages(&self, messages: &[ChatMessage]) -> String {
-        let mut out = String::new();
-        match self {
-            Self::ChatMl { default_system } => {
-                let has_system = messages.first().is_some_and(|m| m.role == "system");
-                if let (false, Some(system)) = (has_system, default_system) {
-                    out.push_str(&format!("<|im_start|>system\n{system}<|im_end|>\n"));
-                }
-                for m in messages {
-                    out.push_str(&format!(
-                        "<|im_start|>{}\n{}<|im_end|>\n",
-                        m.role, m.content
-                    ));
-                }
-                out.push_str("<|im_start|>assistant\n");
-            }
-            Self::Llama3 => {
-                out.push_str("<|begin_of_text|>");
-                for m in messages {
-                    out.push_str(&format!(
-                        "<|start_header_id|>{}<|end_header_id|>\n\n{}<|eot_id|>",
-                        m.role, m.content
-                    ));
-                }
-                out.push_str("<|start_header_id|>assistant<|end_header_id|>\n\n");
-            }
-        }
-        out
-    }
-}
-
-/// One turn of a conversation: `system`, `user` or `assistant`, and its text.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-impl ChatMessage {
-    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
-    }
-}
-
-/// A literal default system message in a ChatML Jinja template, e.g. SmolLM2's
-/// `'<|im_start|>system\nYou are a helpful AI assistant named SmolLM...<|im_end|>\n'`.
-fn chatml_default_system(template: &str) -> Option<String> {
-    let marker = "<|im_start|>system";
-    let start = template.find(marker)? + marker.len();
-    let rest = &template[start..];
-    let rest = rest
-        .strip_prefix("\\n")
-        .or_else(|| rest.strip_prefix('\n'))?;
-    let text = &rest[..rest.find("<|im_end|>")?];
-    let literal = !text.is_empty()
-        && !text.contains("{{")
-        && !text.contains("{%")
-        && !text.contains('\'')
-        && !text.contains('"');
-    literal.then(|| text.replace("\\n", "\n"))
 }
 
 /// Turns a growing list of ids into text deltas, holding back incomplete UTF-8 sequences
@@ -435,58 +411,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chatml_default_system_is_read_from_the_template() {
-        let t = "{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}";
-        let tmpl = ChatTemplate::detect(Some(t), &|_| false).unwrap();
+    fn smollm2s_template_renders_its_default_system_prompt() {
+        let t = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+        let tmpl = ChatTemplate::new(t, "", "<|im_end|>", "test");
+        let render = |m: &[ChatMessage]| tmpl.render(m, true).unwrap();
         assert_eq!(
-            tmpl,
-            ChatTemplate::ChatMl {
-                default_system: Some(
-                    "You are a helpful AI assistant named SmolLM, trained by Hugging Face".into()
-                )
-            }
-        );
-        assert_eq!(
-            tmpl.render(Some("Be brief."), "Hi"),
+            render(&[ChatMessage::new("system", "Be brief."), ChatMessage::new("user", "Hi")]),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        // A template whose system text is a variable has no literal default.
-        let dynamic = "{{ '<|im_start|>system\\n' + message['content'] + '<|im_end|>' }}";
-        assert_eq!(chatml_default_system(dynamic), None);
-    }
-
-    #[test]
-    fn conversations_render_every_turn_and_cue_the_assistant() {
-        let chatml = ChatTemplate::ChatMl {
-            default_system: Some("Default.".into()),
-        };
-        let turns = [
-            ChatMessage::new("user", "Hi"),
-            ChatMessage::new("assistant", "Hello!"),
-            ChatMessage::new("user", "Bye"),
-        ];
         assert_eq!(
-            chatml.render_messages(&turns),
-            "<|im_start|>system\nDefault.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
+            render(&[ChatMessage::new("user", "Hi")]),
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
         );
-        // A conversation's own system turn replaces the default.
-        let own = [
-            ChatMessage::new("system", "Mine."),
-            ChatMessage::new("user", "Hi"),
-        ];
-        assert!(!chatml.render_messages(&own).contains("Default."));
-        assert_eq!(
-            ChatTemplate::Llama3.render_messages(&own),
-            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nMine.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-        );
-    }
-
-    #[test]
-    fn templates_are_detected_from_the_vocabulary_without_text() {
-        let has = |t: &str| t == "<|start_header_id|>";
-        assert_eq!(ChatTemplate::detect(None, &has), Some(ChatTemplate::Llama3));
-        assert_eq!(ChatTemplate::detect(None, &|_| false), None);
-        assert_eq!(ChatTemplate::detect(Some("{{ unknown }}"), &|_| true), None);
     }
 
     #[test]
