@@ -86,3 +86,46 @@ fn chat_template_and_special_ids_come_from_the_metadata() {
         "{prompt}"
     );
 }
+
+fn gguf_tokenizer(path: &std::path::Path) -> TextTokenizer {
+    let mut file = std::fs::File::open(path).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    TextTokenizer::from_gguf(&content).unwrap()
+}
+
+/// Code, whitespace runs, tabs and CRLF, digits, CJK, emoji with ZWJ sequences, contractions,
+/// several scripts and special tokens, each encoded exactly as llama.cpp's `llama-tokenize`
+/// encodes it on the same file (`tests/data/tokenizer/qwen2.5-coder.json`, made with
+/// `scripts/tokenizer-reference.py`).
+#[test]
+fn qwen2_tokenizer_matches_llama_cpp_on_both_models() {
+    let reference: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/tokenizer/qwen2.5-coder.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for model in ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"] {
+        let tok = gguf_tokenizer(&common::manifest_gguf(model));
+        assert!(tok.is_eos(151645), "{model}: <|im_end|> ends a turn");
+        for case in cases {
+            let text = case["text"].as_str().unwrap();
+            let expected: Vec<u32> = case["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as u32)
+                .collect();
+            let ids = tok.encode(text).unwrap();
+            assert_eq!(ids, expected, "{model}: {text:?}");
+            // Without specials in the text, decoding gives the text back.
+            if !text.contains("<|") {
+                assert_eq!(tok.decode(&ids).unwrap(), text, "{model}");
+            }
+        }
+    }
+}

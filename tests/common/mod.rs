@@ -14,6 +14,17 @@ pub fn smollm2_files() -> ModelFiles {
     )
 }
 
+/// The GGUF of a manifest model, pulled (and cached) on first use; CI pulls it beforehand.
+pub fn manifest_gguf(name: &str) -> PathBuf {
+    let mut hub = Hub::from_env().expect("manifest");
+    hub.progress = false;
+    hub.resolve(name)
+        .unwrap_or_else(|e| panic!("{name} must be available: run `dynexec models pull {name}` ({e})"))
+        .find(".gguf")
+        .expect("gguf file")
+        .to_path_buf()
+}
+
 pub fn smollm2_gguf() -> PathBuf {
     smollm2_files()
         .find(".gguf")

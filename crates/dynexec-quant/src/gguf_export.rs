@@ -65,7 +65,7 @@ pub fn export_gguf(
         ExportSource::Gguf(path) => gguf_source(path)?,
         ExportSource::Dense(tokenizer) => {
             let float_tensors = model
-                .float_tensors()
+                .float_tensors()?
                 .into_iter()
                 .map(|(name, t)| {
                     Ok((

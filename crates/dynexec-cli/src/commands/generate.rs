@@ -28,13 +28,34 @@ pub struct ModelArgs {
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+
+    /// Render chat prompts with this Jinja chat template instead of the model's own
+    /// (`tokenizer.chat_template` in the GGUF or tokenizer_config.json).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 }
 
 impl ModelArgs {
     /// Loads the model, converted to `--quant` when given.
     pub fn load(&self, global: &GlobalOptions) -> Result<LoadedDecoder> {
-        load_model(global, &self.model, self.tokenizer.as_deref(), global.quant)
+        let mut loaded = load_model(global, &self.model, self.tokenizer.as_deref(), global.quant)?;
+        use_chat_template(&mut loaded, self.chat_template.as_deref())?;
+        Ok(loaded)
     }
+}
+
+/// Replaces the model's chat template with the one in `file`, if given.
+pub fn use_chat_template(loaded: &mut LoadedDecoder, file: Option<&Path>) -> Result<()> {
+    let Some(file) = file else {
+        return Ok(());
+    };
+    let source = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the chat template {}", file.display()))?;
+    loaded
+        .tokenizer
+        .set_chat_template(&source, &format!("the chat template {}", file.display()))
+        .context("--chat-template")?;
+    Ok(())
 }
 
 /// Loads a decoder and converts its linear layers to `quant`. Quantized layers take F32

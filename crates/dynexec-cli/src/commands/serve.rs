@@ -1,6 +1,8 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
-use super::generate::{load_exit_adapters, load_model, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS};
+use super::generate::{
+    load_exit_adapters, load_model, use_chat_template, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
+};
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -21,6 +23,10 @@ pub struct ServeArgs {
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+
+    /// Render chat requests with this Jinja chat template instead of the model's own.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
 
     /// The model name clients send and /v1/models lists (default: MODEL as given).
     #[arg(long)]
@@ -125,7 +131,8 @@ pub fn run(global: &GlobalOptions, args: ServeArgs) -> Result<()> {
 }
 
 fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> {
-    let loaded = load_model(global, &args.model, args.tokenizer.as_deref(), global.quant)?;
+    let mut loaded = load_model(global, &args.model, args.tokenizer.as_deref(), global.quant)?;
+    use_chat_template(&mut loaded, args.chat_template.as_deref())?;
     let exit_adapters = match args.exit_adapters.as_deref() {
         Some("none") => None,
         Some(reference) => Some(load_exit_adapters(global, reference, &loaded.model)?),

@@ -1,6 +1,7 @@
 //! Building a [`Llama`] from a GGUF file or from safetensors + `config.json`.
 
-use super::{Attention, DecoderLayer, Llama, LlamaConfig, Mlp, RmsNorm, Rope};
+use super::{Attention, DecoderLayer, Llama, LlamaConfig, Mlp, RmsNorm, Rope, TokenEmbedding};
+use std::sync::Arc;
 use crate::linear::Linear;
 use crate::Result;
 use candle_core::quantized::{gguf_file, QTensor};
@@ -146,11 +147,13 @@ impl Llama {
             device,
             eps: config.rms_norm_eps as f32,
         };
-        let embed_q = gguf.tensor("token_embd.weight")?;
-        let embed_tokens = embed_q.dequantize(device)?;
+        let embed_q = Arc::new(gguf.tensor("token_embd.weight")?);
+        let embed_tokens = TokenEmbedding::from_qtensor(embed_q, device)?;
         let lm_head = match content.tensor_infos.contains_key("output.weight") {
             true => gguf.linear("output", false)?,
-            false => Linear::from_qtensor(embed_q, None)?,
+            // Tied: the head gets its own copy (repacked for the kernels; the table stays as
+            // stored for lookups).
+            false => Linear::from_qtensor(gguf.tensor("token_embd.weight")?, None)?,
         };
         let final_norm = gguf.norm("output_norm.weight")?;
         let mut layers = Vec::with_capacity(config.num_layers);
@@ -264,7 +267,7 @@ impl Llama {
         };
         let rope = Rope::new(&config, dtype, device)?;
         Ok(Self {
-            embed_tokens,
+            embed_tokens: TokenEmbedding::Dense(embed_tokens),
             layers,
             norm: norm(model_vb.pp("norm"))?,
             lm_head,

@@ -5,9 +5,11 @@
 //! model in a [`KvCache`], so one loaded model serves many sequences.
 
 mod config;
+mod embedding;
 mod load;
 
 pub use config::{LlamaConfig, RopeStyle};
+pub use embedding::TokenEmbedding;
 pub use load::{load_decoder, LoadedDecoder};
 
 use crate::cpu_kernels::CachedAttention;
@@ -305,7 +307,7 @@ fn causal_mask(
 /// A loaded llama-family decoder.
 #[derive(Debug, Clone)]
 pub struct Llama {
-    embed_tokens: Tensor,
+    embed_tokens: TokenEmbedding,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -363,7 +365,7 @@ impl Llama {
                     + norm(&l.post_attention_layernorm)
             })
             .sum();
-        let embed = self.embed_tokens.elem_count() * self.embed_tokens.dtype().size_in_bytes();
+        let embed = self.embed_tokens.bytes();
         // The head counts on its own: from a GGUF, or once converted, it is a separate copy
         // (a dense safetensors head tied to the embedding shares it and is counted twice).
         let head = self.lm_head.weight_bytes();
@@ -388,7 +390,7 @@ impl Llama {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (batch, seq) = ids.dims2()?;
         let flat = ids.flatten_all()?;
-        let rows = self.embed_tokens.index_select(&flat, 0)?;
+        let rows = self.embed_tokens.rows(&flat)?;
         Ok(rows.reshape((batch, seq, self.config.hidden_size))?)
     }
 
@@ -602,8 +604,8 @@ impl Llama {
     }
 
     /// The tensors that are not linear weights, GGUF-named: the embedding table and the norms.
-    pub fn float_tensors(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("token_embd.weight".to_string(), self.embed_tokens.clone())];
+    pub fn float_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![("token_embd.weight".to_string(), self.embed_tokens.to_dense()?)];
         for (i, layer) in self.layers.iter().enumerate() {
             out.push((
                 format!("blk.{i}.attn_norm.weight"),
@@ -615,7 +617,7 @@ impl Llama {
             ));
         }
         out.push(("output_norm.weight".to_string(), self.norm.weight.clone()));
-        out
+        Ok(out)
     }
 
     /// Log-softmax-free helper: the most likely next token for each row of `(seq, vocab)`.
