@@ -1,4 +1,5 @@
-//! Q8_0, Q4_0 and Q4_1 weights repacked eight rows at a time, multiplied with AVX2.
+//! Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K weights repacked eight rows at a time (layout in
+//! [`super::repack`]), multiplied with AVX2.
 //!
 //! The row-by-row kernels ([`super::quantized`]) spend most of each 32-value block on
 //! bookkeeping: two f16 scales to convert, nibbles widened to 16 bits, a horizontal sum per
@@ -19,12 +20,14 @@
 
 #[cfg(test)]
 use super::quantized::unpack;
-use super::quantized::{block_bytes, Q4_0, Q4_1, Q8_0};
+use super::quantized::{block_bytes, block_values, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0};
+use super::repack::{
+    group_block_bytes, high_bytes, is_k_quant, pack_row, unpack_row, Group, GroupMut,
+    GroupRef, GroupSizes, GROUP, SUB_BLOCKS,
+};
 use super::{pool, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 
-/// Weight rows per repacked group: one per F32 lane of an AVX2 vector.
-const GROUP: usize = 8;
 /// Groups per parallel task (16 rows, like the row-by-row kernels).
 const GROUPS_PER_TASK: usize = 2;
 /// Activation rows multiplied together, sharing each unpacked weight vector.
@@ -38,34 +41,23 @@ const ACTIVATION_MAX: f32 = 16383.0;
 /// `vpmaddubsw` within 16 bits).
 const BASE: i32 = 255;
 
-/// Repacked bytes per block of a group: eight rows of 32 values, as bytes (Q8_0) or nibbles.
-const fn group_block_bytes(format: u8) -> usize {
-    if format == Q8_0 {
-        GROUP * BLOCK
-    } else {
-        GROUP * BLOCK / 2
-    }
-}
-
-/// A Q8_0, Q4_0 or Q4_1 weight in eight-row groups.
-///
-/// Q4_0 and Q4_1: block `b` of group `g` holds eight "registers" `k` of 32 nibbles (0..15):
-/// nibble `4r + t` of register `k` is value `4k + t` of the group's row `r`; register `2j`
-/// fills the low nibbles of 32 bytes and `2j + 1` the high ones. Q8_0: sixteen registers
-/// `j` of 16 bytes, byte `2r + t` being value `2j + t` of row `r` (widened to 16 bits and
-/// multiplied with `vpmaddwd`, which beats two byte products and their sign fix-ups). Scales
-/// and Q4_1 minima stay f16, eight per block of a group.
+/// A quantized weight in eight-row groups (see [`super::repack`] for the layout), holding
+/// the bytes of its GGUF tensor rearranged, and no other copy.
 pub struct PackedWeight {
     format: u8,
     rows: usize,
     cols: usize,
     quants: Vec<u8>,
+    /// Bits 4 (and 5) of Q5_0's and Q6_K's integers.
+    high: Vec<u8>,
     /// f16 bits, as stored: decoding streams every weight byte from memory once per token,
-    /// so F32 copies would cost a fifth more traffic than they save in conversions (one
-    /// `vcvtph2ps` per eight rows).
+    /// so F32 copies would cost more traffic than they save in conversions (one
+    /// `vcvtph2ps` per eight rows). Per block, or per super-block for the K-quants.
     scales: Vec<u16>,
-    /// Q4_1 only.
+    /// Q4_1's minima per block, Q4_K's `dmin` per super-block.
     minima: Vec<u16>,
+    /// The K-quants' per-block integer scales (and Q4_K's minima).
+    sub_scales: Vec<u8>,
 }
 
 impl std::fmt::Debug for PackedWeight {
@@ -87,21 +79,24 @@ impl PackedWeight {
         }
     }
 
-    /// Repacks a Q8_0, Q4_0 or Q4_1 matrix; `None` for other types.
+    /// Repacks a Q8_0, Q4_0, Q4_1, Q5_0, Q4_K or Q6_K matrix; `None` for other types.
     pub fn pack(weight: &QTensor) -> candle_core::Result<Option<Self>> {
         let format = match weight.dtype() {
             GgmlDType::Q8_0 => Q8_0,
             GgmlDType::Q4_0 => Q4_0,
             GgmlDType::Q4_1 => Q4_1,
+            GgmlDType::Q5_0 => Q5_0,
+            GgmlDType::Q4K => Q4_K,
+            GgmlDType::Q6K => Q6_K,
             _ => return Ok(None),
         };
         let (rows, cols) = weight.shape().dims2()?;
-        if cols % BLOCK != 0 {
+        if cols % block_values(format) != 0 {
             return Ok(None);
         }
         let bytes = weight.data()?;
         let blocks = cols / BLOCK;
-        let row_bytes = blocks * block_bytes(format);
+        let row_bytes = cols / block_values(format) * block_bytes(format);
         if bytes.len() != rows * row_bytes {
             candle_core::bail!(
                 "a {rows}x{cols} {:?} weight holds {} bytes, not {}",
@@ -111,83 +106,77 @@ impl PackedWeight {
             );
         }
         let groups = rows.div_ceil(GROUP);
-        let packed_block = group_block_bytes(format);
-        let mut quants = vec![0u8; groups * blocks * packed_block];
-        let mut scales = vec![0u16; groups * blocks * GROUP];
-        let mut minima = vec![0u16; if format == Q4_1 { scales.len() } else { 0 }];
-        let f16_bits = |block: &[u8], at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
-        // Groups are independent: repack them in parallel (every quantized layer of a model
-        // is repacked while it loads).
-        let (quants_at, scales_at, minima_at) = (
-            quants.as_mut_ptr() as usize,
-            scales.as_mut_ptr() as usize,
-            minima.as_mut_ptr() as usize,
-        );
-        pool::run(groups, &|g| {
-            // SAFETY: group `g` owns these ranges of the three buffers, no other task touches
-            // them, and the buffers outlive the pool call.
-            let (dst_quants, dst_scales, dst_minima) = unsafe {
-                let per_group = blocks * GROUP;
-                (
-                    std::slice::from_raw_parts_mut(
-                        (quants_at as *mut u8).add(g * blocks * packed_block),
-                        blocks * packed_block,
-                    ),
-                    std::slice::from_raw_parts_mut(
-                        (scales_at as *mut u16).add(g * per_group),
-                        per_group,
-                    ),
-                    std::slice::from_raw_parts_mut(
-                        (minima_at as *mut u16).add(if format == Q4_1 { g * per_group } else { 0 }),
-                        if format == Q4_1 { per_group } else { 0 },
-                    ),
-                )
-            };
-            for r in 0..GROUP.min(rows - g * GROUP) {
-                let row_data = &bytes[(g * GROUP + r) * row_bytes..(g * GROUP + r + 1) * row_bytes];
-                for (b, block) in row_data.chunks_exact(block_bytes(format)).enumerate() {
-                    dst_scales[b * GROUP + r] = f16_bits(block, 0);
-                    if format == Q4_1 {
-                        dst_minima[b * GROUP + r] = f16_bits(block, 2);
-                    }
-                    let dst = &mut dst_quants[b * packed_block..(b + 1) * packed_block];
-                    if format == Q8_0 {
-                        for (e, &q) in block[2..2 + BLOCK].iter().enumerate() {
-                            dst[(e / 2) * 16 + r * 2 + e % 2] = q;
-                        }
-                    } else {
-                        let nibbles = &block[if format == Q4_0 { 2 } else { 4 }..][..BLOCK / 2];
-                        for (j, &byte) in nibbles.iter().enumerate() {
-                            // Value j (low nibble) and value j + 16 (high nibble).
-                            for (e, q) in [(j, byte & 0x0f), (j + 16, byte >> 4)] {
-                                let (k, t) = (e / 4, e % 4);
-                                dst[(k / 2) * 32 + r * 4 + t] |=
-                                    if k % 2 == 0 { q } else { q << 4 };
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        Ok(Some(Self {
+        let sizes = GroupSizes::new(format, blocks);
+        let mut this = Self {
             format,
             rows,
             cols,
-            quants,
-            scales,
-            minima,
-        }))
+            quants: vec![0; groups * sizes.quants],
+            high: vec![0; groups * sizes.high],
+            scales: vec![0; groups * sizes.scales],
+            minima: vec![0; groups * sizes.minima],
+            sub_scales: vec![0; groups * sizes.sub_scales],
+        };
+        let at = (
+            this.quants.as_mut_ptr() as usize,
+            this.high.as_mut_ptr() as usize,
+            this.scales.as_mut_ptr() as usize,
+            this.minima.as_mut_ptr() as usize,
+            this.sub_scales.as_mut_ptr() as usize,
+        );
+        // Groups are independent: repack them in parallel (every quantized layer of a model
+        // is repacked while it loads).
+        pool::run(groups, &|g| {
+            // SAFETY: group `g` owns these ranges of the five buffers, no other task touches
+            // them, and the buffers outlive the pool call.
+            let mut dst: GroupMut = unsafe {
+                let bytes = |base: usize, n: usize| {
+                    std::slice::from_raw_parts_mut((base as *mut u8).add(g * n), n)
+                };
+                let halves = |base: usize, n: usize| {
+                    std::slice::from_raw_parts_mut((base as *mut u16).add(g * n), n)
+                };
+                Group {
+                    quants: bytes(at.0, sizes.quants),
+                    high: bytes(at.1, sizes.high),
+                    scales: halves(at.2, sizes.scales),
+                    minima: halves(at.3, sizes.minima),
+                    sub_scales: bytes(at.4, sizes.sub_scales),
+                }
+            };
+            for r in 0..GROUP.min(rows - g * GROUP) {
+                let row = &bytes[(g * GROUP + r) * row_bytes..(g * GROUP + r + 1) * row_bytes];
+                pack_row(format, row, r, &mut dst);
+            }
+        });
+        Ok(Some(this))
     }
 
     fn blocks(&self) -> usize {
         self.cols / BLOCK
     }
 
+    /// Group `g`'s share of each buffer.
+    fn group(&self, g: usize) -> GroupRef<'_> {
+        let sizes = GroupSizes::new(self.format, self.blocks());
+        let range = |n: usize| g * n..(g + 1) * n;
+        Group {
+            quants: &self.quants[range(sizes.quants)],
+            high: &self.high[range(sizes.high)],
+            scales: &self.scales[range(sizes.scales)],
+            minima: &self.minima[range(sizes.minima)],
+            sub_scales: &self.sub_scales[range(sizes.sub_scales)],
+        }
+    }
+
     pub fn dtype(&self) -> GgmlDType {
         match self.format {
             Q8_0 => GgmlDType::Q8_0,
             Q4_0 => GgmlDType::Q4_0,
-            _ => GgmlDType::Q4_1,
+            Q4_1 => GgmlDType::Q4_1,
+            Q5_0 => GgmlDType::Q5_0,
+            Q4_K => GgmlDType::Q4K,
+            _ => GgmlDType::Q6K,
         }
     }
 
@@ -196,46 +185,31 @@ impl PackedWeight {
         (self.rows, self.cols)
     }
 
-    /// Bytes of the weight as a GGUF tensor (the repacked copy holds as many).
+    fn row_bytes(&self) -> usize {
+        self.cols / block_values(self.format) * block_bytes(self.format)
+    }
+
+    /// Bytes of the weight as a GGUF tensor.
     pub fn ggml_size(&self) -> usize {
-        self.rows * self.blocks() * block_bytes(self.format)
+        self.rows * self.row_bytes()
+    }
+
+    /// Bytes held (the GGUF tensor's, plus a few percent for the K-quants' unpacked scales
+    /// and for a partly empty last group).
+    pub fn held_bytes(&self) -> usize {
+        self.quants.len()
+            + self.high.len()
+            + self.sub_scales.len()
+            + 2 * (self.scales.len() + self.minima.len())
     }
 
     /// The weight as the GGUF tensor it was packed from, on the CPU: repacking loses
     /// nothing, so the bytes are exactly the original ones.
     pub fn to_qtensor(&self) -> candle_core::Result<QTensor> {
-        let (blocks, size) = (self.blocks(), block_bytes(self.format));
-        let packed_block = group_block_bytes(self.format);
+        let row_bytes = self.row_bytes();
         let mut bytes = vec![0u8; self.ggml_size()];
-        for (row, row_bytes) in bytes.chunks_exact_mut(blocks * size).enumerate() {
-            let (g, r) = (row / GROUP, row % GROUP);
-            for (b, block) in row_bytes.chunks_exact_mut(size).enumerate() {
-                let at = g * blocks + b;
-                block[..2].copy_from_slice(&self.scales[at * GROUP + r].to_le_bytes());
-                if self.format == Q4_1 {
-                    block[2..4].copy_from_slice(&self.minima[at * GROUP + r].to_le_bytes());
-                }
-                let src = &self.quants[at * packed_block..(at + 1) * packed_block];
-                if self.format == Q8_0 {
-                    for e in 0..BLOCK {
-                        block[2 + e] = src[(e / 2) * 16 + r * 2 + e % 2];
-                    }
-                } else {
-                    let value = |e: usize| {
-                        let (k, t) = (e / 4, e % 4);
-                        let byte = src[(k / 2) * 32 + r * 4 + t];
-                        if k % 2 == 0 {
-                            byte & 0x0f
-                        } else {
-                            byte >> 4
-                        }
-                    };
-                    let nibbles = &mut block[if self.format == Q4_0 { 2 } else { 4 }..];
-                    for j in 0..BLOCK / 2 {
-                        nibbles[j] = value(j) | value(j + 16) << 4;
-                    }
-                }
-            }
+        for (row, out) in bytes.chunks_exact_mut(row_bytes).enumerate() {
+            unpack_row(self.format, &self.group(row / GROUP), row % GROUP, out);
         }
         candle_core::quantized::ggml_file::qtensor_from_ggml(
             self.dtype(),
@@ -334,7 +308,10 @@ impl PackedWeight {
                 match self.format {
                     Q8_0 => group_avx2::<Q8_0, N>(self, g, x, first),
                     Q4_0 => group_avx2::<Q4_0, N>(self, g, x, first),
-                    _ => group_avx2::<Q4_1, N>(self, g, x, first),
+                    Q4_1 => group_avx2::<Q4_1, N>(self, g, x, first),
+                    Q5_0 => group_avx2::<Q5_0, N>(self, g, x, first),
+                    Q4_K => group_avx2::<Q4_K, N>(self, g, x, first),
+                    _ => group_avx2::<Q6_K, N>(self, g, x, first),
                 }
             };
         }
@@ -351,8 +328,12 @@ pub(super) struct SplitActivations {
     low: Vec<i8>,
     high: Vec<i8>,
     scales: Vec<f32>,
-    /// Per block, the sum of its quantized values: Q4_0's offset of 8 multiplies it.
+    /// Per block, the sum of its quantized values: Q4_0's offset of 8 (Q5_0's of 16)
+    /// multiplies it.
     sums: Vec<i32>,
+    /// Per block, the sum of its first 16 quantized values: Q6_K's offset of 32 multiplies
+    /// it and the rest (its halves have their own scales).
+    low_half_sums: Vec<i32>,
     /// Per block, `scale · sum`: Q4_1's minimum multiplies it.
     scaled_sums: Vec<f32>,
 }
@@ -366,6 +347,7 @@ impl SplitActivations {
             high: vec![0; x.len()],
             scales: vec![0.0; blocks],
             sums: vec![0; blocks],
+            low_half_sums: vec![0; blocks],
             scaled_sums: vec![0.0; blocks],
         };
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
@@ -387,6 +369,9 @@ impl SplitActivations {
                 this.high[b * BLOCK + e] = high as i8;
                 this.low[b * BLOCK + e] = (q - BASE * high) as i8;
                 sum += q;
+                if e == BLOCK / 2 - 1 {
+                    this.low_half_sums[b] = sum;
+                }
             }
             this.scales[b] = scale;
             this.sums[b] = sum;
@@ -418,29 +403,70 @@ fn round_to_integer(v: f32) -> i32 {
 }
 
 /// The arithmetic the kernel follows, written plainly from the GGML bytes of one weight row
-/// and activation row `i`: per block, the exact integer dot product of the stored weights and
-/// the quantized activations (Q4_0 with its offset of 8 taken out), to F32, times
-/// `scale_w · scale_x` added into one accumulator by a fused multiply-add; Q4_1 then adds
-/// `minimum · scale_x · Σq` by another.
+/// and activation row `i`: per block, the exact integer dot product of the stored weights
+/// (offsets taken out) and the quantized activations, to F32, times `scale_w · scale_x`
+/// added into one accumulator by a fused multiply-add; Q4_1 then adds `minimum · scale_x ·
+/// Σq` by another, and Q4_K subtracts its minimum's term the same way. Q6_K does the first
+/// step for each 16-value half, with the half's own scale.
 #[cfg(test)]
 pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations, i: usize) -> f32 {
-    let blocks = weight_row.len() / block_bytes(format);
+    use super::kquants::{unpack_q4k, unpack_q6k};
+    let blocks = weight_row.len() / block_bytes(format) * (block_values(format) / BLOCK);
     let mut acc = 0f32;
-    for (b, block) in weight_row.chunks_exact(block_bytes(format)).enumerate() {
+    for b in 0..blocks {
         let xb = i * blocks + b;
-        // The stored integers (Q4_0's offset of 8 taken out), the scale and Q4_1's minimum.
+        let scale_x = x.scales[xb];
+        let dot = |w: &[i32], range: std::ops::Range<usize>| -> f32 {
+            range.map(|e| w[e] * x.value(xb, e)).sum::<i32>() as f32
+        };
+        if is_k_quant(format) {
+            let (s, t) = (b / SUB_BLOCKS, b % SUB_BLOCKS);
+            let bytes = block_bytes(format);
+            let sb = &weight_row[s * bytes..(s + 1) * bytes];
+            let u = if format == Q4_K { unpack_q4k(sb) } else { unpack_q6k(sb) };
+            let w: Vec<i32> = u.q[t * BLOCK..(t + 1) * BLOCK].iter().map(|&q| q as i32).collect();
+            if format == Q4_K {
+                acc = dot(&w, 0..BLOCK).mul_add(u.scales[2 * t] * scale_x, acc);
+                acc = (-u.mins[t]).mul_add(x.scaled_sums[xb], acc);
+            } else {
+                acc = dot(&w, 0..16).mul_add(u.scales[2 * t] * scale_x, acc);
+                acc = dot(&w, 16..BLOCK).mul_add(u.scales[2 * t + 1] * scale_x, acc);
+            }
+            continue;
+        }
+        let block = &weight_row[b * block_bytes(format)..(b + 1) * block_bytes(format)];
+        // The stored integers (offsets taken out), the scale and Q4_1's minimum.
         let (w, scale, minimum) = match format {
             Q8_0 => unpack::<Q8_0>(block),
             Q4_0 => unpack::<Q4_0>(block),
+            Q5_0 => unpack::<Q5_0>(block),
             _ => unpack::<Q4_1>(block),
         };
-        let dot: i32 = (0..BLOCK).map(|e| w[e] * x.value(xb, e)).sum();
-        acc = (dot as f32).mul_add(scale * x.scales[xb], acc);
+        acc = dot(&w, 0..BLOCK).mul_add(scale * scale_x, acc);
         if format == Q4_1 {
             acc = minimum.mul_add(x.scaled_sums[xb], acc);
         }
     }
     acc
+}
+
+/// Moves bit `from` of every byte to bit `to` (everything else masked off). 16-bit shifts
+/// suffice: what crosses into a neighbouring byte lands on bits the mask clears.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn move_bit(
+    v: std::arch::x86_64::__m256i,
+    from: usize,
+    to: usize,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let moved = if from <= to {
+        _mm256_sll_epi16(v, _mm_cvtsi32_si128((to - from) as i32))
+    } else {
+        _mm256_srl_epi16(v, _mm_cvtsi32_si128((from - to) as i32))
+    };
+    _mm256_and_si256(moved, _mm256_set1_epi8(1 << to))
 }
 
 /// Group `g` of `w` times activation rows `first..first + N`: one F32 lane per weight row.
@@ -455,32 +481,56 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
     use std::arch::x86_64::*;
     let blocks = w.blocks();
     let packed_block = group_block_bytes(F);
-    let quants = &w.quants[g * blocks * packed_block..(g + 1) * blocks * packed_block];
-    let scales = &w.scales[g * blocks * GROUP..(g + 1) * blocks * GROUP];
-    let minima = if F == Q4_1 {
-        &w.minima[g * blocks * GROUP..(g + 1) * blocks * GROUP]
-    } else {
-        &[][..]
-    };
+    let high_block = high_bytes(F);
+    let group = w.group(g);
+    let k_quant = is_k_quant(F);
     // Every activation row read below lies inside the split activations.
     assert!((first + N) * blocks <= x.scales.len());
+    assert!(group.quants.len() >= blocks * packed_block && group.high.len() >= blocks * high_block);
     let x_values = |i: usize, b: usize| (first + i) * blocks * BLOCK + b * BLOCK;
     // Four activation bytes starting at `p`, in every 32-bit lane.
     let broadcast4 = |p: *const i8| _mm256_set1_epi32(std::ptr::read_unaligned(p as *const i32));
     let ones = _mm256_set1_epi16(1);
     let base = _mm256_set1_epi16(BASE as i16);
     let nibble_mask = _mm256_set1_epi8(0x0f);
+    // Register pairs summed in 16 bits before widening: each adds two pair sums per lane,
+    // at most 2·2·(2^bits − 1)·127, and 16 bits hold four of 4-bit weights, two of 5-bit
+    // ones and one of 6-bit ones.
+    let pairs_per_flush = match F {
+        Q5_0 => 2,
+        Q6_K => 1,
+        _ => BLOCK / 8,
+    };
     let mut acc = [_mm256_setzero_ps(); N];
+    // The K-quants' per-row super-block scales, converted once per super-block.
+    let (mut d, mut dmin) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for b in 0..blocks {
-        let q = quants.as_ptr().add(b * packed_block);
+        let q = group.quants.as_ptr().add(b * packed_block);
         // Four blocks ahead: the hardware prefetcher follows one stream per task, and a
         // hint keeps the next blocks in flight while this one is multiplied.
         _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(PREFETCH_BLOCKS * packed_block) as *const i8);
         _mm_prefetch::<_MM_HINT_T0>(
             q.wrapping_add(PREFETCH_BLOCKS * packed_block + 64) as *const i8
         );
-        // Per activation row, each weight row's exact block dot product, one lane per row.
+        if high_block > 0 {
+            let h = group.high.as_ptr().wrapping_add((b + PREFETCH_BLOCKS) * high_block);
+            _mm_prefetch::<_MM_HINT_T0>(h as *const i8);
+        }
+        if k_quant && b % SUB_BLOCKS == 0 {
+            let s = b / SUB_BLOCKS;
+            d = _mm256_cvtph_ps(_mm_loadu_si128(
+                group.scales.as_ptr().add(s * GROUP) as *const __m128i
+            ));
+            if F == Q4_K {
+                dmin = _mm256_cvtph_ps(_mm_loadu_si128(
+                    group.minima.as_ptr().add(s * GROUP) as *const __m128i,
+                ));
+            }
+        }
+        // Per activation row, each weight row's exact block dot product, one lane per row
+        // (Q6_K: one per 16-value half).
         let mut dots = [_mm256_setzero_si256(); N];
+        let mut dots_upper = [_mm256_setzero_si256(); N];
         if F == Q8_0 {
             // 16-bit weights times whole 15-bit activations, two values per 32-bit lane:
             // sixteen pair sums of at most 2·128·16383 stay far inside 32 bits.
@@ -496,13 +546,29 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 }
             }
         } else {
-            // Nibbles 0..15 against bytes within ±127: eight pair sums of at most 2·15·127
-            // stay inside 16 bits, so the whole block accumulates in 16-bit lanes.
+            // Unsigned weights against bytes within ±127 (low) and ±64 (high).
+            let h = group.high.as_ptr().add(b * high_block);
+            let planes = match F {
+                Q5_0 => [_mm256_loadu_si256(h as *const __m256i); 2],
+                Q6_K => [
+                    _mm256_loadu_si256(h as *const __m256i),
+                    _mm256_loadu_si256(h.add(32) as *const __m256i),
+                ],
+                _ => [_mm256_setzero_si256(); 2],
+            };
             let (mut low, mut high) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
             for j in 0..BLOCK / 8 {
                 let packed = _mm256_loadu_si256(q.add(j * 32) as *const __m256i);
-                let even = _mm256_and_si256(packed, nibble_mask);
-                let odd = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble_mask);
+                let mut even = _mm256_and_si256(packed, nibble_mask);
+                let mut odd = _mm256_and_si256(_mm256_srli_epi16(packed, 4), nibble_mask);
+                if F == Q5_0 || F == Q6_K {
+                    even = _mm256_or_si256(even, move_bit(planes[0], 2 * j, 4));
+                    odd = _mm256_or_si256(odd, move_bit(planes[0], 2 * j + 1, 4));
+                }
+                if F == Q6_K {
+                    even = _mm256_or_si256(even, move_bit(planes[1], 2 * j, 5));
+                    odd = _mm256_or_si256(odd, move_bit(planes[1], 2 * j + 1, 5));
+                }
                 for i in 0..N {
                     let at = x_values(i, b) + 8 * j;
                     let (xl, xh) = (x.low.as_ptr().add(at), x.high.as_ptr().add(at));
@@ -521,21 +587,74 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                         ),
                     );
                 }
+                if (j + 1) % pairs_per_flush == 0 {
+                    for i in 0..N {
+                        let wide = _mm256_add_epi32(
+                            _mm256_madd_epi16(high[i], base),
+                            _mm256_madd_epi16(low[i], ones),
+                        );
+                        // Q6_K's registers 0–3 (pairs 0, 1) are values 0–15.
+                        if F == Q6_K && j >= BLOCK / 16 {
+                            dots_upper[i] = _mm256_add_epi32(dots_upper[i], wide);
+                        } else {
+                            dots[i] = _mm256_add_epi32(dots[i], wide);
+                        }
+                        low[i] = _mm256_setzero_si256();
+                        high[i] = _mm256_setzero_si256();
+                    }
+                }
             }
             for i in 0..N {
-                dots[i] = _mm256_add_epi32(
-                    _mm256_madd_epi16(high[i], base),
-                    _mm256_madd_epi16(low[i], ones),
-                );
-                if F == Q4_0 {
-                    let offset = 8 * *x.sums.get_unchecked((first + i) * blocks + b);
-                    dots[i] = _mm256_sub_epi32(dots[i], _mm256_set1_epi32(offset));
+                let xb = (first + i) * blocks + b;
+                let offset = match F {
+                    Q4_0 => 8 * *x.sums.get_unchecked(xb),
+                    Q5_0 => 16 * *x.sums.get_unchecked(xb),
+                    Q6_K => 32 * *x.low_half_sums.get_unchecked(xb),
+                    _ => 0,
+                };
+                dots[i] = _mm256_sub_epi32(dots[i], _mm256_set1_epi32(offset));
+                if F == Q6_K {
+                    let upper = *x.sums.get_unchecked(xb) - *x.low_half_sums.get_unchecked(xb);
+                    dots_upper[i] = _mm256_sub_epi32(dots_upper[i], _mm256_set1_epi32(32 * upper));
                 }
             }
         }
-        let scale = _mm256_cvtph_ps(_mm_loadu_si128(
-            scales.as_ptr().add(b * GROUP) as *const __m128i
-        ));
+        // Per-row scales of this block (of each half, for Q6_K).
+        let sub_scale = |upper: bool| {
+            let p = group.sub_scales.as_ptr().add(b * 16 + usize::from(upper) * 8);
+            let bytes = _mm_loadl_epi64(p as *const __m128i);
+            let ints = if F == Q6_K {
+                _mm256_cvtepi8_epi32(bytes)
+            } else {
+                _mm256_cvtepu8_epi32(bytes)
+            };
+            _mm256_cvtepi32_ps(ints)
+        };
+        let (scale, scale_upper, minimum) = match F {
+            Q4_K => (
+                _mm256_mul_ps(d, sub_scale(false)),
+                _mm256_setzero_ps(),
+                _mm256_mul_ps(dmin, sub_scale(true)),
+            ),
+            Q6_K => (
+                _mm256_mul_ps(d, sub_scale(false)),
+                _mm256_mul_ps(d, sub_scale(true)),
+                _mm256_setzero_ps(),
+            ),
+            _ => (
+                _mm256_cvtph_ps(_mm_loadu_si128(
+                    group.scales.as_ptr().add(b * GROUP) as *const __m128i
+                )),
+                _mm256_setzero_ps(),
+                if F == Q4_1 {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        group.minima.as_ptr().add(b * GROUP) as *const __m128i
+                    ))
+                } else {
+                    _mm256_setzero_ps()
+                },
+            ),
+        };
         for i in 0..N {
             let xb = (first + i) * blocks + b;
             let scale_x = _mm256_set1_ps(*x.scales.get_unchecked(xb));
@@ -544,12 +663,20 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 _mm256_mul_ps(scale, scale_x),
                 acc[i],
             );
-            if F == Q4_1 {
-                let minimum = _mm256_cvtph_ps(_mm_loadu_si128(
-                    minima.as_ptr().add(b * GROUP) as *const __m128i
-                ));
+            if F == Q6_K {
+                acc[i] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(dots_upper[i]),
+                    _mm256_mul_ps(scale_upper, scale_x),
+                    acc[i],
+                );
+            }
+            if F == Q4_1 || F == Q4_K {
                 let scaled_sum = _mm256_set1_ps(*x.scaled_sums.get_unchecked(xb));
-                acc[i] = _mm256_fmadd_ps(minimum, scaled_sum, acc[i]);
+                acc[i] = if F == Q4_1 {
+                    _mm256_fmadd_ps(minimum, scaled_sum, acc[i])
+                } else {
+                    _mm256_fnmadd_ps(minimum, scaled_sum, acc[i])
+                };
             }
         }
     }
@@ -607,56 +734,130 @@ mod tests {
         assert_eq!(zeros.scales, vec![0.0]);
     }
 
+    /// Every repacked format, with GGUF's type and the kernels' tag.
+    const FORMATS: [(GgmlDType, u8); 6] = [
+        (GgmlDType::Q8_0, Q8_0),
+        (GgmlDType::Q4_0, Q4_0),
+        (GgmlDType::Q4_1, Q4_1),
+        (GgmlDType::Q5_0, Q5_0),
+        (GgmlDType::Q4K, Q4_K),
+        (GgmlDType::Q6K, Q6_K),
+    ];
+
+    /// Input sizes: five blocks, or two K-quant super-blocks.
+    fn cols_for(format: u8) -> usize {
+        if is_k_quant(format) {
+            2 * super::super::kquants::SUPER
+        } else {
+            5 * BLOCK
+        }
+    }
+
+    /// Each output against [`reference_dot`] to the bit, in a batch of `x`'s rows and alone.
+    fn assert_matches_reference(q: &QTensor, format: u8, x: &[f32]) {
+        let packed = PackedWeight::pack(q).unwrap().unwrap();
+        let (rows, cols) = packed.dims();
+        let bytes = q.data().unwrap();
+        let row_bytes = bytes.len() / rows;
+        let m = x.len() / cols;
+        let split = SplitActivations::quantize(x);
+        let batched = packed.matmul(x);
+        for i in 0..m {
+            let alone = packed.matmul(&x[i * cols..(i + 1) * cols]);
+            for r in 0..rows {
+                let weight_row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                let reference = reference_dot(format, weight_row, &split, i);
+                let y = batched[i * rows + r];
+                let dtype = q.dtype();
+                assert_eq!(y.to_bits(), reference.to_bits(), "{dtype:?} x{i} w{r}: {y} vs {reference}");
+                assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
+            }
+        }
+    }
+
     /// Weight rows that are not a multiple of eight (the last group is partly empty), with an
-    /// offset so Q4_1's minima matter, and activation counts that use both kernels.
+    /// offset so the minima matter, and activation counts that use every grouping.
     #[test]
     fn kernels_agree_with_the_reference_to_the_bit_alone_or_batched() {
         if !PackedWeight::available() {
             return;
         }
-        let (rows, cols) = (21, 5 * BLOCK);
-        let w: Vec<f32> = values(rows * cols, 0.5).iter().map(|v| v + 0.2).collect();
-        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for (dtype, format) in [
-            (GgmlDType::Q8_0, Q8_0),
-            (GgmlDType::Q4_0, Q4_0),
-            (GgmlDType::Q4_1, Q4_1),
-        ] {
+        for (dtype, format) in FORMATS {
+            let (rows, cols) = (21, cols_for(format));
+            let w: Vec<f32> = values(rows * cols, 0.5).iter().map(|v| v + 0.2).collect();
+            let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            let packed = PackedWeight::pack(&q).unwrap().unwrap();
-            let bytes = q.data().unwrap();
-            let row_bytes = bytes.len() / rows;
             // Seven rows: a four and a three; six: a four and a two; one alone.
             for m in [7, 6] {
                 let x: Vec<f32> = values(m * cols, 2.0).iter().map(|v| v * 3.0).collect();
-                let split = SplitActivations::quantize(&x);
-                let batched = packed.matmul(&x);
-                for i in 0..m {
-                    let alone = packed.matmul(&x[i * cols..(i + 1) * cols]);
-                    for r in 0..rows {
-                        let weight_row = &bytes[r * row_bytes..(r + 1) * row_bytes];
-                        let reference = reference_dot(format, weight_row, &split, i);
-                        let y = batched[i * rows + r];
-                        assert_eq!(y.to_bits(), reference.to_bits(), "{dtype:?} x{i} w{r}");
-                        assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
-                    }
-                }
+                assert_matches_reference(&q, format, &x);
             }
+        }
+    }
+
+    /// The widest integers each format stores, against activations whose low bytes are all
+    /// 127: the 16-bit sums must not saturate.
+    #[test]
+    fn the_largest_weights_do_not_overflow() {
+        if !PackedWeight::available() {
+            return;
+        }
+        for (dtype, format) in FORMATS {
+            let cols = cols_for(format);
+            let bytes: Vec<u8> = match format {
+                // Scale 0.5 (f16 0x3800) or the K-quants' `d`, every other bit set.
+                Q4_K => [0x00, 0x38, 0x00, 0x38]
+                    .into_iter()
+                    .chain([0xff; 140])
+                    .cycle()
+                    .take(8 * cols / 256 * 144)
+                    .collect(),
+                Q6_K => [0xffu8; 192]
+                    .into_iter()
+                    .chain([0x7f; 16])
+                    .chain([0x00, 0x38])
+                    .cycle()
+                    .take(8 * cols / 256 * 210)
+                    .collect(),
+                _ => {
+                    let size = block_bytes(format);
+                    [0x00, 0x38]
+                        .into_iter()
+                        .chain(std::iter::repeat_n(0xff, size - 2))
+                        .cycle()
+                        .take(8 * cols / BLOCK * size)
+                        .collect()
+                }
+            };
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                &bytes,
+                vec![8, cols],
+                &Device::Cpu,
+            )
+            .unwrap();
+            // One value sets each block's scale; the rest quantize to 127.
+            let x: Vec<f32> = (0..2 * cols)
+                .map(|i| if i % BLOCK == 0 { 1.0 } else { 127.0 / ACTIVATION_MAX })
+                .collect();
+            assert_matches_reference(&q, format, &x);
         }
     }
 
     #[test]
     fn repacking_loses_nothing() {
-        // 21 rows: the last group is partly empty; an offset so Q4_1's minima vary.
-        let (rows, cols) = (21, 3 * BLOCK);
-        let w: Vec<f32> = values(rows * cols, 0.9).iter().map(|v| v + 0.4).collect();
-        let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+        for (dtype, format) in FORMATS {
+            // 21 rows: the last group is partly empty; an offset so the minima vary.
+            let (rows, cols) = (21, cols_for(format) + if is_k_quant(format) { 256 } else { 0 });
+            let w: Vec<f32> = values(rows * cols, 0.9).iter().map(|v| v + 0.4).collect();
+            let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
             let packed = PackedWeight::pack(&q).unwrap().unwrap();
             assert_eq!(packed.dtype(), dtype);
             assert_eq!(packed.dims(), (rows, cols));
             assert_eq!(packed.ggml_size(), q.data().unwrap().len());
+            // 24 rows held for 21, and the K-quants' scales unpacked: a few percent more.
+            assert!(packed.held_bytes() as f64 <= 1.2 * packed.ggml_size() as f64);
             let back = packed.to_qtensor().unwrap();
             assert_eq!(back.dtype(), dtype);
             assert_eq!(back.shape().dims(), &[rows, cols]);

@@ -43,7 +43,7 @@ pub fn super_scales(q6: bool, block: &[u8]) -> ([f32; 16], [f32; 8]) {
 }
 
 /// Q4_K's packed 6-bit scale and minimum of sub-block `j` (llama.cpp's `get_scale_min_k4`).
-fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+pub(super) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

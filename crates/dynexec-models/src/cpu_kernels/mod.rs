@@ -20,6 +20,7 @@ mod kquants;
 mod neon;
 mod pool;
 mod quantized;
+mod repack;
 
 pub use attention::CachedAttention;
 pub use interleaved::PackedWeight;

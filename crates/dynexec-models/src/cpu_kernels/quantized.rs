@@ -28,16 +28,20 @@ use std::sync::Arc;
 pub(super) const Q8_0: u8 = 0;
 pub(super) const Q4_0: u8 = 1;
 pub(super) const Q4_1: u8 = 2;
-const Q4_K: u8 = 3;
-const Q6_K: u8 = 4;
+pub(super) const Q4_K: u8 = 3;
+pub(super) const Q6_K: u8 = 4;
+pub(super) const Q5_0: u8 = 5;
 
 /// Bytes per 32-value block: Q8_0 = f16 scale + 32 i8; Q4_0 = f16 scale + 16 bytes of nibbles
-/// (value = scale · (q − 8)); Q4_1 = f16 scale + f16 minimum + 16 bytes (scale · q + min).
-/// A byte's low nibble is value `j`, its high nibble value `j + 16`.
-pub(super) const fn block_bytes(format: u8) -> usize {
+/// (value = scale · (q − 8)); Q4_1 = f16 scale + f16 minimum + 16 bytes (scale · q + min);
+/// Q5_0 = f16 scale + 32 fifth bits (a little-endian u32, bit `j` for value `j`) + 16 bytes
+/// of nibbles (value = scale · (q − 16)). A byte's low nibble is value `j`, its high nibble
+/// value `j + 16`. (K-quants: per 256-value super-block, see [`super::kquants`].)
+pub(crate) const fn block_bytes(format: u8) -> usize {
     match format {
         Q8_0 => 34,
         Q4_0 => 18,
+        Q5_0 => 22,
         Q4_K => Q4K_BYTES,
         Q6_K => Q6K_BYTES,
         _ => 20,
@@ -45,7 +49,7 @@ pub(super) const fn block_bytes(format: u8) -> usize {
 }
 
 /// Weights per block of a format: 32, or 256 for the K-quants' super-blocks.
-const fn block_values(format: u8) -> usize {
+pub(super) const fn block_values(format: u8) -> usize {
     match format {
         Q4_K | Q6_K => SUPER,
         _ => BLOCK,
@@ -80,7 +84,7 @@ impl QuantizedMatMul {
         Self(Kernel::Packed(weight))
     }
 
-    /// Accepts Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights whose input size is whole blocks.
+    /// Accepts Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K weights whose input size is whole blocks.
     pub fn supports(weight: &QTensor) -> bool {
         format_of(weight.dtype()).is_some_and(|f| {
             weight.shape().dims().len() == 2 && weight.shape().dims()[1] % block_values(f) == 0
@@ -93,6 +97,7 @@ fn format_of(dtype: GgmlDType) -> Option<u8> {
         GgmlDType::Q8_0 => Some(Q8_0),
         GgmlDType::Q4_0 => Some(Q4_0),
         GgmlDType::Q4_1 => Some(Q4_1),
+        GgmlDType::Q5_0 => Some(Q5_0),
         GgmlDType::Q4K => Some(Q4_K),
         GgmlDType::Q6K => Some(Q6_K),
         _ => None,
@@ -138,6 +143,7 @@ impl CustomOp1 for QuantizedMatMul {
                 Q8_0 => all_rows::<Blocks<Q8_0>>(weight_row, &activations, blocks_per_row, out),
                 Q4_0 => all_rows::<Blocks<Q4_0>>(weight_row, &activations, blocks_per_row, out),
                 Q4_1 => all_rows::<Blocks<Q4_1>>(weight_row, &activations, blocks_per_row, out),
+                Q5_0 => all_rows::<Blocks<Q5_0>>(weight_row, &activations, blocks_per_row, out),
                 Q4_K => all_rows::<KQuant<false>>(weight_row, &activations, blocks_per_row, out),
                 _ => all_rows::<KQuant<true>>(weight_row, &activations, blocks_per_row, out),
             }
@@ -256,6 +262,11 @@ struct KQuant<const Q6: bool>;
 
 impl<const F: u8> RowKernel for Blocks<F> {
     fn simd<const N: usize>(weight: &[u8], x: [ActivationRow; N]) -> Option<[f32; N]> {
+        // Q5_0 has no row-by-row SIMD build: on AVX2 it is repacked, elsewhere the portable
+        // loop runs (the compiler vectorizes it).
+        if F == Q5_0 {
+            return None;
+        }
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: the features the function is compiled for were just detected.
@@ -328,6 +339,15 @@ fn dot<K: RowKernel>(weight: &[u8], x: ActivationRow) -> f32 {
 pub(super) fn unpack<const F: u8>(block: &[u8]) -> ([i32; BLOCK], f32, f32) {
     let mut w = [0i32; BLOCK];
     match F {
+        Q5_0 => {
+            let fifth = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+            for (j, &b) in block[6..22].iter().enumerate() {
+                let bit = |e: usize| (((fifth >> e) & 1) << 4) as i32;
+                w[j] = ((b & 0x0f) as i32 | bit(j)) - 16;
+                w[j + 16] = ((b >> 4) as i32 | bit(j + 16)) - 16;
+            }
+            (w, f16_at(block, 0), 0.0)
+        }
         Q8_0 => {
             for (o, &b) in w.iter_mut().zip(&block[2..34]) {
                 *o = (b as i8) as i32;
@@ -481,7 +501,12 @@ mod tests {
         (0..n).map(|i| ((i as f32 + seed) * 7.31).sin()).collect()
     }
 
-    const FORMATS: [GgmlDType; 3] = [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1];
+    const FORMATS: [GgmlDType; 4] = [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+    ];
 
     #[test]
     fn every_format_matches_a_dense_matmul_with_the_dequantized_weight() {
@@ -561,6 +586,7 @@ mod tests {
             match dtype {
                 GgmlDType::Q8_0 => assert_simd_matches_portable::<Blocks<Q8_0>>(&q, &x, 7),
                 GgmlDType::Q4_0 => assert_simd_matches_portable::<Blocks<Q4_0>>(&q, &x, 7),
+                GgmlDType::Q5_0 => assert_simd_matches_portable::<Blocks<Q5_0>>(&q, &x, 7),
                 _ => assert_simd_matches_portable::<Blocks<Q4_1>>(&q, &x, 7),
             }
         }
@@ -598,15 +624,16 @@ mod tests {
             for shape in [vec![1, cols], vec![5, cols], vec![2, 3, cols]] {
                 let n: usize = shape.iter().product();
                 let x = Tensor::from_vec(values(n, 3.0), shape.as_slice(), &Device::Cpu).unwrap();
-                let ours = x
-                    .apply_op1_no_bwd(&QuantizedMatMul::row_by_row(q.clone()))
-                    .unwrap();
-                let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
-                assert_eq!(ours.dims(), reference.dims());
-                // 768 products of weights below 1.3, activations within 1/65534 of a block's
-                // largest value each: the difference stays far below the weights' own error.
-                let diff = max_abs_diff(&ours, &reference);
-                assert!(diff < 2e-3, "{dtype:?} {shape:?}: {diff}");
+                for op in both_paths(&q) {
+                    let ours = x.apply_op1_no_bwd(&op).unwrap();
+                    let reference = x.broadcast_matmul(&dense_w.t().unwrap()).unwrap();
+                    assert_eq!(ours.dims(), reference.dims());
+                    // 768 products of weights below 1.3, activations within 1/65534 (1/32766
+                    // repacked) of a block's largest value each: the difference stays far
+                    // below the weights' own error.
+                    let diff = max_abs_diff(&ours, &reference);
+                    assert!(diff < 2e-3, "{dtype:?} {shape:?}: {diff}");
+                }
             }
             assert_batch_invariant(&q, cols);
         }
