@@ -19,7 +19,9 @@ pub fn manifest_gguf(name: &str) -> PathBuf {
     let mut hub = Hub::from_env().expect("manifest");
     hub.progress = false;
     hub.resolve(name)
-        .unwrap_or_else(|e| panic!("{name} must be available: run `dynexec models pull {name}` ({e})"))
+        .unwrap_or_else(|e| {
+            panic!("{name} must be available: run `dynexec models pull {name}` ({e})")
+        })
         .find(".gguf")
         .expect("gguf file")
         .to_path_buf()

@@ -106,7 +106,12 @@ impl ChatTemplate {
         let env = environment();
         let messages: Vec<Value> = messages
             .iter()
-            .map(|m| map([("role", m.role.as_str().into()), ("content", m.content.as_str().into())]))
+            .map(|m| {
+                map([
+                    ("role", m.role.as_str().into()),
+                    ("content", m.content.as_str().into()),
+                ])
+            })
             .collect();
         let context = map([
             ("messages", Value::from(messages)),
@@ -123,10 +128,7 @@ impl ChatTemplate {
             if let Some(detail) = e.detail().filter(|d| d.starts_with(RAISED)) {
                 return Error::ChatTemplate {
                     origin: self.origin.clone(),
-                    message: format!(
-                        "it refuses this conversation: {}",
-                        &detail[RAISED.len()..]
-                    ),
+                    message: format!("it refuses this conversation: {}", &detail[RAISED.len()..]),
                 };
             }
         }
@@ -142,8 +144,10 @@ impl ChatTemplate {
 }
 
 fn map<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    let map: std::collections::BTreeMap<String, Value> =
-        entries.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let map: std::collections::BTreeMap<String, Value> = entries
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     Value::from(map)
 }
 
@@ -190,7 +194,12 @@ fn python_tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, min
     Ok(Value::from_safe_string(out))
 }
 
-fn write_python_json(value: &serde_json::Value, indent: Option<usize>, depth: usize, out: &mut String) {
+fn write_python_json(
+    value: &serde_json::Value,
+    indent: Option<usize>,
+    depth: usize,
+    out: &mut String,
+) {
     use serde_json::Value as J;
     let newline = |out: &mut String, depth: usize| {
         if let Some(width) = indent {
@@ -249,7 +258,10 @@ mod tests {
             chatml().render(&turns, true).unwrap(),
             "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert!(!chatml().render(&turns, false).unwrap().ends_with("assistant\n"));
+        assert!(!chatml()
+            .render(&turns, false)
+            .unwrap()
+            .ends_with("assistant\n"));
     }
 
     #[test]
@@ -268,7 +280,10 @@ mod tests {
         let source = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}ok";
         let t = ChatTemplate::new(source, "", "", "the model's chat template");
         t.check().unwrap();
-        assert_eq!(t.render(&[ChatMessage::new("user", "x")], true).unwrap(), "ok");
+        assert_eq!(
+            t.render(&[ChatMessage::new("user", "x")], true).unwrap(),
+            "ok"
+        );
         let err = t
             .render(&[ChatMessage::new("assistant", "x")], true)
             .unwrap_err()
@@ -298,7 +313,8 @@ mod tests {
             "t",
         );
         assert_eq!(
-            t.render(&[ChatMessage::new("user", "  hi  ")], false).unwrap(),
+            t.render(&[ChatMessage::new("user", "  hi  ")], false)
+                .unwrap(),
             "hi|{\"a\": [1, \"x<y\"]}|[\n  1,\n  2\n]"
         );
     }

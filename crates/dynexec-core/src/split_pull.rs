@@ -115,8 +115,11 @@ fn parts_already_there(out: &mut File, parts: &[WheelPart], path: &Path) -> Resu
         out.seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io(path, e))?;
         let mut hasher = Sha256::new();
-        let copied = std::io::copy(&mut (&mut *out).take(part.bytes), &mut HashWriter(&mut hasher))
-            .map_err(|e| Error::io(path, e))?;
+        let copied = std::io::copy(
+            &mut (&mut *out).take(part.bytes),
+            &mut HashWriter(&mut hasher),
+        )
+        .map_err(|e| Error::io(path, e))?;
         if copied != part.bytes || !hex(&hasher.finalize()).eq_ignore_ascii_case(&part.sha256) {
             return Ok((i, offset));
         }
@@ -341,14 +344,19 @@ mod tests {
         let target = s.hub.model_dir("split").join("m.gguf");
         assert!(!target.exists());
         assert_eq!(
-            std::fs::metadata(with_suffix(&target, ".partial")).unwrap().len(),
+            std::fs::metadata(with_suffix(&target, ".partial"))
+                .unwrap()
+                .len(),
             2001
         );
         std::fs::rename(&hidden, &third).unwrap();
         std::fs::write(&s.log, "").unwrap();
         s.hub.pull("split").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), s.whole);
-        assert_eq!(std::fs::read_to_string(&s.log).unwrap(), "split-part3==0.1.0\n");
+        assert_eq!(
+            std::fs::read_to_string(&s.log).unwrap(),
+            "split-part3==0.1.0\n"
+        );
     }
 
     #[test]
@@ -363,13 +371,18 @@ mod tests {
         let s = setup(None);
         wheel(&s.store, "split-part1", b"tampered");
         let err = s.hub.pull("split").unwrap_err().to_string();
-        assert!(err.contains("split-part1==0.1.0") && err.contains("sha256"), "{err}");
+        assert!(
+            err.contains("split-part1==0.1.0") && err.contains("sha256"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_download_the_disk_cannot_hold_is_refused() {
         let tmp = tempfile::tempdir().unwrap();
-        let err = check_free_space(tmp.path(), u64::MAX / 2).unwrap_err().to_string();
+        let err = check_free_space(tmp.path(), u64::MAX / 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("free"), "{err}");
         check_free_space(tmp.path(), 1).unwrap();
     }
@@ -383,7 +396,9 @@ mod tests {
             + "\", member = \"m\", sha256 = \""
             + &"c".repeat(64)
             + "\", bytes = 9 }]\n";
-        let err = Manifest::parse(&text, "t", Path::new(".")).unwrap_err().to_string();
+        let err = Manifest::parse(&text, "t", Path::new("."))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("add up to 9 bytes"), "{err}");
     }
 }

@@ -17,8 +17,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::SplitDelimiterBehavior;
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::SplitDelimiterBehavior;
 use tokenizers::{AddedToken, Tokenizer};
 
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -259,7 +259,10 @@ impl TextTokenizer {
     /// Replaces the chat template with `source` (a Jinja template; `origin` names it in
     /// errors), keeping the model's BOS and EOS token text.
     pub fn set_chat_template(&mut self, source: &str, origin: &str) -> Result<()> {
-        let token = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default();
+        let token = |id: Option<u32>| {
+            id.and_then(|i| self.inner.id_to_token(i))
+                .unwrap_or_default()
+        };
         let bos = token(self.bos_id);
         let eos = token(self.eos_ids.first().copied());
         let template = ChatTemplate::new(source, bos, eos, origin);

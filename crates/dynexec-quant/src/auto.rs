@@ -42,11 +42,11 @@ impl fmt::Display for QuantTarget {
 /// Stored types dynexec's CPU kernels multiply fast (F32 dense included).
 pub fn has_fast_cpu_kernel(ty: GgmlDType) -> bool {
     use GgmlDType::*;
-    matches!(ty, F32 | Q8_0 | Q4_0 | Q4_1 | Q4K | Q6K)
+    matches!(ty, F32 | Q8_0 | Q4_0 | Q4_1 | Q5_0 | Q4K | Q6K)
 }
 
 /// The format `--quant auto` converts a stored type to on the CPU, or `None` to keep it.
-/// Types with fewer than 4 bits per weight (Q2_K, Q3_K) go to Q4_1; wider ones (Q5_0, Q5_1,
+/// Types with fewer than 4 bits per weight (Q2_K, Q3_K) go to Q4_1; wider ones (Q5_1,
 /// Q5_K, Q8_1, Q8_K) go to Q8_0 so no precision is lost; 16-bit floats widen to F32.
 pub fn auto_cpu_format(ty: GgmlDType) -> Option<WeightFormat> {
     use GgmlDType::*;

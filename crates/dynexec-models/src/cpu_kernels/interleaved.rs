@@ -22,8 +22,8 @@
 use super::quantized::unpack;
 use super::quantized::{block_bytes, block_values, Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0};
 use super::repack::{
-    group_block_bytes, high_bytes, is_k_quant, pack_row, unpack_row, Group, GroupMut,
-    GroupRef, GroupSizes, GROUP, SUB_BLOCKS,
+    group_block_bytes, high_bytes, is_k_quant, pack_row, unpack_row, Group, GroupMut, GroupRef,
+    GroupSizes, GROUP, SUB_BLOCKS,
 };
 use super::{pool, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -34,7 +34,7 @@ const GROUPS_PER_TASK: usize = 2;
 const ROWS_TOGETHER: usize = 4;
 /// How many blocks ahead the kernel asks for weights.
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_BLOCKS: usize = 4;
+const PREFETCH_BLOCKS: usize = 12;
 /// Largest quantized activation magnitude (15 bits).
 const ACTIVATION_MAX: f32 = 16383.0;
 /// `value = 255 · high + low`: base 255 keeps `low` within ±127 (and so pair sums of
@@ -423,8 +423,15 @@ pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations,
             let (s, t) = (b / SUB_BLOCKS, b % SUB_BLOCKS);
             let bytes = block_bytes(format);
             let sb = &weight_row[s * bytes..(s + 1) * bytes];
-            let u = if format == Q4_K { unpack_q4k(sb) } else { unpack_q6k(sb) };
-            let w: Vec<i32> = u.q[t * BLOCK..(t + 1) * BLOCK].iter().map(|&q| q as i32).collect();
+            let u = if format == Q4_K {
+                unpack_q4k(sb)
+            } else {
+                unpack_q6k(sb)
+            };
+            let w: Vec<i32> = u.q[t * BLOCK..(t + 1) * BLOCK]
+                .iter()
+                .map(|&q| q as i32)
+                .collect();
             if format == Q4_K {
                 acc = dot(&w, 0..BLOCK).mul_add(u.scales[2 * t] * scale_x, acc);
                 acc = (-u.mins[t]).mul_add(x.scaled_sums[xb], acc);
@@ -513,7 +520,10 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
             q.wrapping_add(PREFETCH_BLOCKS * packed_block + 64) as *const i8
         );
         if high_block > 0 {
-            let h = group.high.as_ptr().wrapping_add((b + PREFETCH_BLOCKS) * high_block);
+            let h = group
+                .high
+                .as_ptr()
+                .wrapping_add((b + PREFETCH_BLOCKS) * high_block);
             _mm_prefetch::<_MM_HINT_T0>(h as *const i8);
         }
         if k_quant && b % SUB_BLOCKS == 0 {
@@ -523,7 +533,7 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
             ));
             if F == Q4_K {
                 dmin = _mm256_cvtph_ps(_mm_loadu_si128(
-                    group.minima.as_ptr().add(s * GROUP) as *const __m128i,
+                    group.minima.as_ptr().add(s * GROUP) as *const __m128i
                 ));
             }
         }
@@ -621,7 +631,10 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
         }
         // Per-row scales of this block (of each half, for Q6_K).
         let sub_scale = |upper: bool| {
-            let p = group.sub_scales.as_ptr().add(b * 16 + usize::from(upper) * 8);
+            let p = group
+                .sub_scales
+                .as_ptr()
+                .add(b * 16 + usize::from(upper) * 8);
             let bytes = _mm_loadl_epi64(p as *const __m128i);
             let ints = if F == Q6_K {
                 _mm256_cvtepi8_epi32(bytes)
@@ -769,7 +782,11 @@ mod tests {
                 let reference = reference_dot(format, weight_row, &split, i);
                 let y = batched[i * rows + r];
                 let dtype = q.dtype();
-                assert_eq!(y.to_bits(), reference.to_bits(), "{dtype:?} x{i} w{r}: {y} vs {reference}");
+                assert_eq!(
+                    y.to_bits(),
+                    reference.to_bits(),
+                    "{dtype:?} x{i} w{r}: {y} vs {reference}"
+                );
                 assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
             }
         }
@@ -838,7 +855,13 @@ mod tests {
             .unwrap();
             // One value sets each block's scale; the rest quantize to 127.
             let x: Vec<f32> = (0..2 * cols)
-                .map(|i| if i % BLOCK == 0 { 1.0 } else { 127.0 / ACTIVATION_MAX })
+                .map(|i| {
+                    if i % BLOCK == 0 {
+                        1.0
+                    } else {
+                        127.0 / ACTIVATION_MAX
+                    }
+                })
                 .collect();
             assert_matches_reference(&q, format, &x);
         }
@@ -848,7 +871,10 @@ mod tests {
     fn repacking_loses_nothing() {
         for (dtype, format) in FORMATS {
             // 21 rows: the last group is partly empty; an offset so the minima vary.
-            let (rows, cols) = (21, cols_for(format) + if is_k_quant(format) { 256 } else { 0 });
+            let (rows, cols) = (
+                21,
+                cols_for(format) + if is_k_quant(format) { 256 } else { 0 },
+            );
             let w: Vec<f32> = values(rows * cols, 0.9).iter().map(|v| v + 0.4).collect();
             let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();

@@ -59,11 +59,12 @@ pub(super) struct GroupSizes {
 
 impl GroupSizes {
     pub(super) fn new(format: u8, blocks: usize) -> Self {
-        let scales = GROUP * if is_k_quant(format) {
-            blocks / SUB_BLOCKS
-        } else {
-            blocks
-        };
+        let scales = GROUP
+            * if is_k_quant(format) {
+                blocks / SUB_BLOCKS
+            } else {
+                blocks
+            };
         Self {
             quants: blocks * group_block_bytes(format),
             high: blocks * high_bytes(format),
@@ -170,7 +171,12 @@ pub(super) fn pack_row(format: u8, row: &[u8], r: usize, dst: &mut GroupMut) {
                     dst.sub_scales[b * 16 + r] = low;
                     dst.sub_scales[b * 16 + 8 + r] = high;
                     let v: &[u8; BLOCK] = values[t * BLOCK..(t + 1) * BLOCK].try_into().unwrap();
-                    put_values(&mut dst.quants[block_quants(b)], &mut dst.high[block_high(b)], r, v);
+                    put_values(
+                        &mut dst.quants[block_quants(b)],
+                        &mut dst.high[block_high(b)],
+                        r,
+                        v,
+                    );
                 }
             }
         }
@@ -232,7 +238,8 @@ pub(super) fn unpack_row(format: u8, src: &GroupRef, r: usize, row: &mut [u8]) {
                 let mut values = [0u8; SUPER];
                 for t in 0..SUB_BLOCKS {
                     let (quants, high) = block(s * SUB_BLOCKS + t);
-                    values[t * BLOCK..(t + 1) * BLOCK].copy_from_slice(&get_values(quants, high, r));
+                    values[t * BLOCK..(t + 1) * BLOCK]
+                        .copy_from_slice(&get_values(quants, high, r));
                 }
                 let sub = |t: usize, upper: bool| {
                     src.sub_scales[(s * SUB_BLOCKS + t) * 16 + usize::from(upper) * 8 + r]
@@ -290,7 +297,8 @@ pub(super) fn unpack_row(format: u8, src: &GroupRef, r: usize, row: &mut [u8]) {
                 let values = get_values(quants, high, r);
                 let nibbles_at = match format {
                     Q5_0 => {
-                        let fifth = (0..BLOCK).fold(0u32, |f, e| f | (((values[e] >> 4) & 1) as u32) << e);
+                        let fifth =
+                            (0..BLOCK).fold(0u32, |f, e| f | (((values[e] >> 4) & 1) as u32) << e);
                         out[2..6].copy_from_slice(&fifth.to_le_bytes());
                         6
                     }

@@ -7,8 +7,8 @@
 
 use crate::Result;
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use dynexec_core::Error;
 use candle_core::{Device, Tensor};
+use dynexec_core::Error;
 use std::sync::Arc;
 
 /// Token id → embedding row, dense or quantized.
@@ -23,7 +23,13 @@ impl TokenEmbedding {
     /// Quantized tables stay quantized on the CPU; other devices get the dense table (their
     /// lookup runs there, and they have the memory for it).
     pub fn from_qtensor(table: Arc<QTensor>, device: &Device) -> Result<Self> {
-        if device.is_cpu() && !matches!(table.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) && table.shape().dims().len() == 2 {
+        if device.is_cpu()
+            && !matches!(
+                table.dtype(),
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            )
+            && table.shape().dims().len() == 2
+        {
             return Ok(Self::Quantized(table));
         }
         Ok(Self::Dense(table.dequantize(device)?))
@@ -49,7 +55,12 @@ impl TokenEmbedding {
             }
             picked.extend_from_slice(&bytes[row * row_bytes..(row + 1) * row_bytes]);
         }
-        let rows = qtensor_from_ggml(table.dtype(), &picked, vec![ids.len(), hidden], &Device::Cpu)?;
+        let rows = qtensor_from_ggml(
+            table.dtype(),
+            &picked,
+            vec![ids.len(), hidden],
+            &Device::Cpu,
+        )?;
         Ok(rows.dequantize(&Device::Cpu)?)
     }
 

@@ -1,7 +1,6 @@
 //! Building a [`Llama`] from a GGUF file or from safetensors + `config.json`.
 
 use super::{Attention, DecoderLayer, Llama, LlamaConfig, Mlp, RmsNorm, Rope, TokenEmbedding};
-use std::sync::Arc;
 use crate::linear::Linear;
 use crate::Result;
 use candle_core::quantized::{gguf_file, QTensor};
@@ -12,6 +11,7 @@ use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Error;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A decoder and the tokenizer that goes with it.
 pub struct LoadedDecoder {

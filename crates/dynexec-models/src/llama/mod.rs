@@ -605,7 +605,10 @@ impl Llama {
 
     /// The tensors that are not linear weights, GGUF-named: the embedding table and the norms.
     pub fn float_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut out = vec![("token_embd.weight".to_string(), self.embed_tokens.to_dense()?)];
+        let mut out = vec![(
+            "token_embd.weight".to_string(),
+            self.embed_tokens.to_dense()?,
+        )];
         for (i, layer) in self.layers.iter().enumerate() {
             out.push((
                 format!("blk.{i}.attn_norm.weight"),
