@@ -121,6 +121,11 @@ fn helper(pool: &'static Pool) {
     }
 }
 
+/// The threads a [`run`] can use: the caller and its helpers.
+pub fn threads() -> usize {
+    pool().helpers + 1
+}
+
 /// Runs `work(i)` for every `i` in `0..n`, on the calling thread and whichever helpers are
 /// free, returning when all are done.
 pub fn run(n: usize, work: &(dyn Fn(usize) + Sync)) {
