@@ -221,6 +221,67 @@ fn unknown_model_names_and_missing_files() {
 }
 
 #[test]
+fn chat_templates_that_fail_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.jinja");
+    std::fs::write(&broken, "{% for m in messages %}{{ m.content }}").unwrap();
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--chat",
+            "--chat-template",
+            broken.to_str().unwrap(),
+            "--prompt",
+            "x",
+        ]),
+        "broken.jinja",
+    );
+    let strict = dir.path().join("strict.jinja");
+    std::fs::write(
+        &strict,
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system prompt is required') }}{% endif %}{{ messages[-1]['content'] }}",
+    )
+    .unwrap();
+    let out = dynexec(&[
+        "generate",
+        "--chat",
+        "--chat-template",
+        strict.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_clear_error(&out, "a system prompt is required");
+    let out = dynexec(&[
+        "generate",
+        "--chat",
+        "--chat-template",
+        strict.to_str().unwrap(),
+        "--system",
+        "Be brief.",
+        "--prompt",
+        "Say hi.",
+        "-n",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "generate",
+            "--chat",
+            "--chat-template",
+            "/no/such/template.jinja",
+            "--prompt",
+            "x",
+        ]),
+        "template.jinja",
+    );
+}
+
+#[test]
 fn corrupt_and_truncated_weights() {
     let dir = tempfile::tempdir().unwrap();
     let garbage = dir.path().join("garbage.gguf");
@@ -243,6 +304,24 @@ fn corrupt_and_truncated_weights() {
         ]),
         "truncated or corrupt",
     );
+
+    // A tensor type no reader knows: the type field after `token_embd.weight`'s dimensions.
+    let mut unknown = real.clone();
+    let name = b"token_embd.weight";
+    let at = unknown.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let dims = u32::from_le_bytes(unknown[at..at + 4].try_into().unwrap()) as usize;
+    unknown[at + 4 + 8 * dims..at + 8 + 8 * dims].copy_from_slice(&77u32.to_le_bytes());
+    let unknown_path = dir.path().join("unknown-type.gguf");
+    std::fs::write(&unknown_path, &unknown).unwrap();
+    let out = dynexec(&[
+        "generate",
+        "-m",
+        unknown_path.to_str().unwrap(),
+        "--prompt",
+        "x",
+    ]);
+    assert_clear_error(&out, "unknown dtype for tensor 77");
+    assert_clear_error(&out, "llama-quantize");
 
     let folder = dir.path().join("dense");
     std::fs::create_dir(&folder).unwrap();

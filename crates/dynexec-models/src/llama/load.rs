@@ -137,7 +137,12 @@ impl Llama {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let content = gguf_file::Content::read(&mut file).map_err(|e| Error::InvalidModel {
             path: path.to_path_buf(),
-            message: format!("not a readable GGUF file: {e}"),
+            message: match e.to_string() {
+                m if m.contains("unknown dtype") => format!(
+                    "not a readable GGUF file: {m} (a tensor type this build cannot read; requantize the file to a common type, e.g. Q4_K_M, Q8_0 or F16, with llama.cpp's llama-quantize)"
+                ),
+                m => format!("not a readable GGUF file: {m}"),
+            },
         })?;
         let config = LlamaConfig::from_gguf(&content, path)?;
         let mut gguf = GgufTensors {
