@@ -358,33 +358,38 @@ impl SplitActivations {
             low_half_sums: vec![0; blocks],
             scaled_sums: vec![0.0; blocks],
         };
-        for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            if max == 0.0 || !max.is_finite() {
-                // Zeros stay zero; a non-finite block makes its outputs NaN, as in F32.
-                let scale = if max == 0.0 { 0.0 } else { f32::NAN };
-                this.scales[b] = scale;
-                this.scaled_sums[b] = scale;
-                continue;
-            }
-            let scale = max / ACTIVATION_MAX;
-            let inverse = ACTIVATION_MAX / max;
-            let mut sum = 0i32;
-            for (e, v) in block.iter().enumerate() {
-                let q = round_to_integer((v * inverse).clamp(-ACTIVATION_MAX, ACTIVATION_MAX));
-                this.values[b * BLOCK + e] = q as i16;
-                let high = (q + BASE / 2).div_euclid(BASE);
-                this.high[b * BLOCK + e] = high as i8;
-                this.low[b * BLOCK + e] = (q - BASE * high) as i8;
-                sum += q;
-                if e == BLOCK / 2 - 1 {
-                    this.low_half_sums[b] = sum;
+        // Blocks are independent; a prefill's activations (64 rows of up to 8960 values) took
+        // a tenth of the product's time on one thread, so large ones are split over the pool.
+        let tasks = blocks.div_ceil(QUANTIZE_BLOCKS_PER_TASK);
+        let at = (
+            this.values.as_mut_ptr() as usize,
+            this.low.as_mut_ptr() as usize,
+            this.high.as_mut_ptr() as usize,
+            this.scales.as_mut_ptr() as usize,
+            this.sums.as_mut_ptr() as usize,
+            this.low_half_sums.as_mut_ptr() as usize,
+            this.scaled_sums.as_mut_ptr() as usize,
+        );
+        pool::run(tasks, &|task| {
+            let range =
+                task * QUANTIZE_BLOCKS_PER_TASK..blocks.min((task + 1) * QUANTIZE_BLOCKS_PER_TASK);
+            // SAFETY: each task writes only its own blocks' entries of the seven buffers,
+            // which outlive the pool call.
+            let mut out = unsafe {
+                let n = range.len();
+                let (b0, v0) = (range.start, range.start * BLOCK);
+                BlockOut {
+                    values: std::slice::from_raw_parts_mut((at.0 as *mut i16).add(v0), n * BLOCK),
+                    low: std::slice::from_raw_parts_mut((at.1 as *mut i8).add(v0), n * BLOCK),
+                    high: std::slice::from_raw_parts_mut((at.2 as *mut i8).add(v0), n * BLOCK),
+                    scales: std::slice::from_raw_parts_mut((at.3 as *mut f32).add(b0), n),
+                    sums: std::slice::from_raw_parts_mut((at.4 as *mut i32).add(b0), n),
+                    low_half_sums: std::slice::from_raw_parts_mut((at.5 as *mut i32).add(b0), n),
+                    scaled_sums: std::slice::from_raw_parts_mut((at.6 as *mut f32).add(b0), n),
                 }
-            }
-            this.scales[b] = scale;
-            this.sums[b] = sum;
-            this.scaled_sums[b] = scale * sum as f32;
-        }
+            };
+            quantize_blocks(&x[range.start * BLOCK..range.end * BLOCK], &mut out);
+        });
         this
     }
 
@@ -398,6 +403,51 @@ impl SplitActivations {
             "two forms of value {e} of block {b}"
         );
         split
+    }
+}
+
+/// Activation blocks per parallel task of [`SplitActivations::quantize`].
+const QUANTIZE_BLOCKS_PER_TASK: usize = 512;
+
+/// One task's share of [`SplitActivations`]' buffers.
+struct BlockOut<'a> {
+    values: &'a mut [i16],
+    low: &'a mut [i8],
+    high: &'a mut [i8],
+    scales: &'a mut [f32],
+    sums: &'a mut [i32],
+    low_half_sums: &'a mut [i32],
+    scaled_sums: &'a mut [f32],
+}
+
+/// Quantizes the blocks of `x` into `out` (see [`SplitActivations`]).
+fn quantize_blocks(x: &[f32], out: &mut BlockOut) {
+    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if max == 0.0 || !max.is_finite() {
+            // Zeros stay zero; a non-finite block makes its outputs NaN, as in F32.
+            let scale = if max == 0.0 { 0.0 } else { f32::NAN };
+            out.scales[b] = scale;
+            out.scaled_sums[b] = scale;
+            continue;
+        }
+        let scale = max / ACTIVATION_MAX;
+        let inverse = ACTIVATION_MAX / max;
+        let mut sum = 0i32;
+        for (e, v) in block.iter().enumerate() {
+            let q = round_to_integer((v * inverse).clamp(-ACTIVATION_MAX, ACTIVATION_MAX));
+            out.values[b * BLOCK + e] = q as i16;
+            let high = (q + BASE / 2).div_euclid(BASE);
+            out.high[b * BLOCK + e] = high as i8;
+            out.low[b * BLOCK + e] = (q - BASE * high) as i8;
+            sum += q;
+            if e == BLOCK / 2 - 1 {
+                out.low_half_sums[b] = sum;
+            }
+        }
+        out.scales[b] = scale;
+        out.sums[b] = sum;
+        out.scaled_sums[b] = scale * sum as f32;
     }
 }
 
