@@ -102,14 +102,20 @@ fn nibble_at(r: usize, e: usize) -> (usize, bool) {
 }
 
 /// Writes the low four bits of 32 unsigned values of row `r` into a block's registers, and
-/// their bits 4 (and 5) into the planes `high` (empty when there are none).
+/// their bits 4 (and 5) into the planes `high` (empty when there are none). Row `r` owns
+/// every byte it writes, so bytes are assigned whole (this runs for every weight at load).
 fn put_values(quants: &mut [u8], high: &mut [u8], r: usize, values: &[u8; BLOCK]) {
-    for (e, &v) in values.iter().enumerate() {
-        let (byte, upper) = nibble_at(r, e);
-        quants[byte] |= if upper { (v & 0x0f) << 4 } else { v & 0x0f };
-        let (k, t) = (e / 4, e % 4);
-        for (plane, bits) in high.chunks_exact_mut(32).enumerate() {
-            bits[r * 4 + t] |= ((v >> (4 + plane)) & 1) << k;
+    for j in 0..BLOCK / 8 {
+        for t in 0..4 {
+            // Register 2j (low nibbles) holds value 8j + t, register 2j + 1 value 8j + 4 + t.
+            quants[j * 32 + r * 4 + t] = (values[8 * j + t] & 0x0f) | (values[8 * j + 4 + t] << 4);
+        }
+    }
+    for (plane, bits) in high.chunks_exact_mut(32).enumerate() {
+        for t in 0..4 {
+            bits[r * 4 + t] = (0..8).fold(0u8, |byte, k| {
+                byte | ((values[4 * k + t] >> (4 + plane)) & 1) << k
+            });
         }
     }
 }
@@ -141,16 +147,14 @@ pub(super) fn pack_row(format: u8, row: &[u8], r: usize, dst: &mut GroupMut) {
             let bytes = if format == Q4_K { Q4K_BYTES } else { Q6K_BYTES };
             for (s, sb) in row.chunks_exact(bytes).enumerate() {
                 let values: [u8; SUPER] = if format == Q4_K {
-                    let qs = &sb[16..144];
-                    std::array::from_fn(|i| {
-                        let (c, l) = (i / 64, i % 64);
-                        let byte = qs[32 * c + l % 32];
-                        if l < 32 {
-                            byte & 0x0f
-                        } else {
-                            byte >> 4
-                        }
-                    })
+                    // Byte `32c + l` holds value `64c + l` (low nibble) and `64c + 32 + l`.
+                    let mut values = [0u8; SUPER];
+                    for (i, &byte) in sb[16..144].iter().enumerate() {
+                        let (c, l) = (i / 32, i % 32);
+                        values[64 * c + l] = byte & 0x0f;
+                        values[64 * c + 32 + l] = byte >> 4;
+                    }
+                    values
                 } else {
                     let q = unpack_q6k(sb).q;
                     std::array::from_fn(|i| (q[i] + 32) as u8)
