@@ -47,33 +47,20 @@ fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
     let steps = 64;
     for prompt in &prompts {
         let ids = tokenizer.encode(prompt).unwrap();
-        let mut cache = ours.new_cache();
-        let mut our_logits = ours.forward_last(&ids, &mut cache, None).unwrap();
         theirs.clear_kv_cache();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut their_logits = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap();
-        let (mut our_tokens, mut their_tokens) = (Vec::new(), Vec::new());
-        let mut worst = 0f32;
-        for step in 0..steps {
-            worst = worst.max(max_abs_diff(&our_logits, &their_logits));
-            let a = our_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            let b = their_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            our_tokens.push(a);
-            their_tokens.push(b);
-            our_logits = ours.forward_last(&[a], &mut cache, None).unwrap();
-            let input = Tensor::new(&[b], &Device::Cpu)
+        let mut peer = |tokens: &[u32], position: usize| {
+            let input = Tensor::new(tokens, &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            their_logits = theirs
-                .forward(&input, ids.len() + step)
+            theirs
+                .forward(&input, position)
                 .unwrap()
                 .squeeze(0)
-                .unwrap();
-        }
+                .unwrap()
+        };
+        let (our_tokens, their_tokens, worst) =
+            common::greedy_side_by_side(&ours, &mut peer, &ids, steps);
         assert_eq!(
             our_tokens, their_tokens,
             "greedy tokens differ for {prompt:?}"

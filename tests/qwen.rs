@@ -64,33 +64,20 @@ fn greedy_tokens_match_candle_transformers_quantized_qwen2() {
     let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
     let steps = 64;
     for ids in prompts(&tokenizer) {
-        let mut cache = ours.new_cache();
-        let mut our_logits = ours.forward_last(&ids, &mut cache, None).unwrap();
         theirs.clear_kv_cache();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let mut their_logits = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap();
-        let (mut our_tokens, mut their_tokens) = (Vec::new(), Vec::new());
-        let mut worst = 0f32;
-        for step in 0..steps {
-            worst = worst.max(max_abs_diff(&our_logits, &their_logits));
-            let a = our_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            let b = their_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            our_tokens.push(a);
-            their_tokens.push(b);
-            our_logits = ours.forward_last(&[a], &mut cache, None).unwrap();
-            let input = Tensor::new(&[b], &Device::Cpu)
+        let mut peer = |tokens: &[u32], position: usize| {
+            let input = Tensor::new(tokens, &Device::Cpu)
                 .unwrap()
                 .unsqueeze(0)
                 .unwrap();
-            their_logits = theirs
-                .forward(&input, ids.len() + step)
+            theirs
+                .forward(&input, position)
                 .unwrap()
                 .squeeze(0)
-                .unwrap();
-        }
+                .unwrap()
+        };
+        let (our_tokens, their_tokens, worst) =
+            common::greedy_side_by_side(&ours, &mut peer, &ids, steps);
         let text = tokenizer.decode(&our_tokens).unwrap();
         assert_eq!(our_tokens, their_tokens, "greedy tokens differ: {text:?}");
         assert!(

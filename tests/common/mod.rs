@@ -100,3 +100,30 @@ pub fn write_random_llama(dir: &std::path::Path, tie: bool, qwen2: bool, vocab: 
     }
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
+
+/// Greedy decoding of `steps` tokens after `ids` by our decoder and a peer side by side, each
+/// fed its own tokens. `peer(tokens, position)` returns the peer's last-position logits for
+/// `tokens` starting at `position` (its cache reset by the caller). Returns our tokens, the
+/// peer's, and the largest logit difference seen.
+pub fn greedy_side_by_side(
+    ours: &dynexec_models::llama::Llama,
+    peer: &mut dyn FnMut(&[u32], usize) -> candle_core::Tensor,
+    ids: &[u32],
+    steps: usize,
+) -> (Vec<u32>, Vec<u32>, f32) {
+    let mut cache = ours.new_cache();
+    let mut our_logits = ours.forward_last(ids, &mut cache, None).unwrap();
+    let mut their_logits = peer(ids, 0);
+    let (mut our_tokens, mut their_tokens) = (Vec::new(), Vec::new());
+    let mut worst = 0f32;
+    for step in 0..steps {
+        worst = worst.max(max_abs_diff(&our_logits, &their_logits));
+        let a = our_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        let b = their_logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+        our_tokens.push(a);
+        their_tokens.push(b);
+        our_logits = ours.forward_last(&[a], &mut cache, None).unwrap();
+        their_logits = peer(&[b], ids.len() + step);
+    }
+    (our_tokens, their_tokens, worst)
+}

@@ -391,21 +391,9 @@ fn write_verified(
     let partial = target.with_extension(format!("{}-{writer}.partial", std::process::id()));
     let bar = byte_bar(file.bytes, &file.path, progress);
     let mut out = File::create(&partial).map_err(|e| Error::io(&partial, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = reader.read(&mut buf).map_err(|e| Error::io(&partial, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(|e| Error::io(&partial, e))?;
-        bar.inc(n as u64);
-    }
+    let (_, actual) = copy_hashing(reader, &mut out, &partial, &bar)?;
     bar.finish_and_clear();
     drop(out);
-    let actual = hex(&hasher.finalize());
     if !actual.eq_ignore_ascii_case(&file.sha256) {
         let _ = std::fs::remove_file(&partial);
         return Err(Error::ChecksumMismatch {
@@ -418,6 +406,30 @@ fn write_verified(
     let marker = marker_path(&target);
     std::fs::write(&marker, &file.sha256).map_err(|e| Error::io(&marker, e))?;
     Ok(())
+}
+
+/// Copies `reader` to `out` (the file at `path`, for errors), advancing `bar`; returns the
+/// bytes copied and their sha256.
+pub(crate) fn copy_hashing(
+    reader: &mut dyn Read,
+    out: &mut dyn Write,
+    path: &Path,
+    bar: &ProgressBar,
+) -> Result<(u64, String)> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(|e| Error::io(path, e))?;
+        copied += n as u64;
+        bar.inc(n as u64);
+    }
+    Ok((copied, hex(&hasher.finalize())))
 }
 
 pub(crate) fn byte_bar(total: u64, label: &str, progress: bool) -> ProgressBar {

