@@ -26,7 +26,7 @@ pub struct GlobalOptions {
     #[arg(long, global = true, value_parser = parse_quant)]
     pub quant: Option<QuantTarget>,
 
-    /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1/Q4_K/Q6_K with 15-16-bit activations, on AVX2
+    /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K with 15-16-bit activations, on AVX2
     /// repacked eight rows at a time; attention over the KV cache in place; faster and more
     /// accurate) or `candle` (candle's own, bit-identical to candle-transformers).
     #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]

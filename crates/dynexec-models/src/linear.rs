@@ -1,6 +1,6 @@
 //! The one linear type: dense (F32/F16/BF16) or quantized weights behind candle's `QMatMul`,
 //! so any model can be quantized in place and every technique works on both. On CPUs with
-//! AVX2, Q8_0/Q4_0/Q4_1 weights are held repacked instead ([`PackedWeight`], the only copy:
+//! AVX2, Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K weights are held repacked instead ([`PackedWeight`], the only copy:
 //! the GGUF tensor is rebuilt from it, byte for byte, when needed).
 
 use crate::Result;
@@ -73,7 +73,7 @@ impl std::fmt::Display for WeightFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {
     /// dynexec's kernels ([`crate::cpu_kernels`]): Q8_0, Q4_0, Q4_1, Q4_K and Q6_K with 15- or
-    /// 16-bit activations (the accuracy of the weights alone; on AVX2, Q8_0/Q4_0/Q4_1 repacked
+    /// 16-bit activations (the accuracy of the weights alone; on AVX2, Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K repacked
     /// eight rows at a time), and F32 products of a few rows without repacking the weight;
     /// all give a row the same bits alone or in a batch.
     #[default]
@@ -110,7 +110,7 @@ pub struct Linear {
 enum Weight {
     /// Dense, or quantized as stored (GPUs, the K-quants, CPUs without AVX2).
     Candle(QMatMul),
-    /// Q8_0/Q4_0/Q4_1 on an AVX2 CPU, repacked for [`PackedWeight`]'s kernels. The GGUF
+    /// Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K on an AVX2 CPU, repacked for [`PackedWeight`]'s kernels. The GGUF
     /// tensor is rebuilt from it where candle's kernels are asked for (`--cpu-kernels
     /// candle`) and kept for them; exports and conversions rebuild it each time.
     Packed {

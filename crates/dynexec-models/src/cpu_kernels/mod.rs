@@ -8,8 +8,8 @@
 //! 5-token verification of SmolLM2 in F32 took 1.7x a one-token step. Streaming each weight row
 //! once against all activation rows keeps it close to one step.
 //!
-//! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q4_K and Q6_K weights times F32 activations (see
-//! [`quantized`] and [`kquants`]; on AVX2, Q8_0/Q4_0/Q4_1 repacked eight rows at a time, see
+//! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K weights times F32 activations (see
+//! [`quantized`] and [`kquants`]; on AVX2, all six repacked eight rows at a time, see
 //! [`interleaved`]). Both split their rows over [`pool`], where the calling
 //! thread works too and never waits for a helper that has not started.
 

@@ -1,6 +1,6 @@
-//! Quantized weights (Q8_0, Q4_0, Q4_1; Q4_K and Q6_K through [`super::kquants`]) times F32
-//! activations, one weight row at a time. On AVX2, Q8_0/Q4_0/Q4_1 weights that have a repacked
-//! copy ([`super::interleaved`]) go there instead; these kernels serve the K-quants, NEON and
+//! Quantized weights (Q8_0, Q4_0, Q4_1, Q5_0; Q4_K and Q6_K through [`super::kquants`]) times F32
+//! activations, one weight row at a time. On AVX2, weights that have a repacked
+//! copy ([`super::interleaved`]) go there instead (all six formats); these kernels serve NEON and
 //! CPUs without AVX2.
 //!
 //! candle's kernels first quantize the activations to 8 bits (Q8_0/Q8_1 blocks), and on small
