@@ -85,7 +85,7 @@ impl TextTokenizer {
             &|t| inner.token_to_id(t).is_some(),
             &bos_text,
             &eos_text,
-        )?;
+        );
         // tokenizer.json's own post-processor adds whatever specials the model expects.
         let bos_id = token_text("bos_token").and_then(|t| inner.token_to_id(&t));
         Ok(Self {
@@ -187,7 +187,7 @@ impl TextTokenizer {
             &|t| vocab_has(&tokens, t),
             &token_text(bos),
             &token_text(eos_ids.first().copied()),
-        )?;
+        );
         Ok(Self {
             inner,
             bos_to_add,
@@ -283,15 +283,15 @@ fn model_template(
     has_token: &dyn Fn(&str) -> bool,
     bos: &str,
     eos: &str,
-) -> Result<Option<ChatTemplate>> {
+) -> Option<ChatTemplate> {
     match source {
-        Some(source) => Ok(Some(ChatTemplate::new(
+        Some(source) => Some(ChatTemplate::new(
             source,
             bos,
             eos,
             "the model's chat template",
-        ))),
-        None => Ok(ChatTemplate::fallback(has_token, bos, eos)),
+        )),
+        None => ChatTemplate::fallback(has_token, bos, eos),
     }
 }
 
