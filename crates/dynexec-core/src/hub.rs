@@ -211,12 +211,14 @@ impl Hub {
         let mut files = Vec::new();
         for file in &entry.files {
             let path = dir.join(&file.path);
+            let actual = sha256_file(&path)?;
             let accepted = entry.accepted_sha256(file);
-            if let Err(e) = check_sha256(&path, &file.sha256) {
-                let actual = sha256_file(&path)?;
-                if !accepted.iter().any(|a| a.eq_ignore_ascii_case(&actual)) {
-                    return Err(e);
-                }
+            if !accepted.iter().any(|a| a.eq_ignore_ascii_case(&actual)) {
+                return Err(Error::ChecksumMismatch {
+                    path,
+                    expected: file.sha256.clone(),
+                    actual,
+                });
             }
             files.push(path);
         }
@@ -326,7 +328,7 @@ pub(crate) fn marker_path(path: &Path) -> PathBuf {
 
 /// Whether `path` was verified when it was written: its marker holds an accepted hash (the
 /// file's own, or a hub copy's pin, whose size may differ from the mirror's).
-fn is_verified(path: &Path, file: &FileEntry, accepted: &[&str]) -> bool {
+pub(crate) fn is_verified(path: &Path, file: &FileEntry, accepted: &[&str]) -> bool {
     let Ok(marker) = std::fs::read_to_string(marker_path(path)) else {
         return false;
     };
@@ -353,18 +355,6 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn check_sha256(path: &Path, expected: &str) -> Result<()> {
-    let actual = sha256_file(path)?;
-    if !actual.eq_ignore_ascii_case(expected) {
-        return Err(Error::ChecksumMismatch {
-            path: path.to_path_buf(),
-            expected: expected.to_string(),
-            actual,
-        });
-    }
-    Ok(())
 }
 
 /// Copies `from` into the model folder through a temporary file, verifies it, then renames
@@ -394,17 +384,28 @@ fn write_verified(
     let (_, actual) = copy_hashing(reader, &mut out, &partial, &bar)?;
     bar.finish_and_clear();
     drop(out);
-    if !actual.eq_ignore_ascii_case(&file.sha256) {
-        let _ = std::fs::remove_file(&partial);
+    install_partial(&partial, &target, &file.sha256, actual)
+}
+
+/// Moves a fully written `partial` file to `target` and writes its marker when its sha256
+/// `actual` is the pinned `expected` one; otherwise removes it and reports the mismatch.
+pub(crate) fn install_partial(
+    partial: &Path,
+    target: &Path,
+    expected: &str,
+    actual: String,
+) -> Result<()> {
+    if !actual.eq_ignore_ascii_case(expected) {
+        let _ = std::fs::remove_file(partial);
         return Err(Error::ChecksumMismatch {
-            path: target,
-            expected: file.sha256.clone(),
+            path: target.to_path_buf(),
+            expected: expected.to_string(),
             actual,
         });
     }
-    std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
-    let marker = marker_path(&target);
-    std::fs::write(&marker, &file.sha256).map_err(|e| Error::io(&marker, e))?;
+    std::fs::rename(partial, target).map_err(|e| Error::io(target, e))?;
+    let marker = marker_path(target);
+    std::fs::write(&marker, expected).map_err(|e| Error::io(&marker, e))?;
     Ok(())
 }
 

