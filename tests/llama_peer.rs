@@ -48,19 +48,8 @@ fn smollm2_greedy_tokens_and_logits_match_quantized_llama() {
     for prompt in &prompts {
         let ids = tokenizer.encode(prompt).unwrap();
         theirs.clear_kv_cache();
-        let mut peer = |tokens: &[u32], position: usize| {
-            let input = Tensor::new(tokens, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            theirs
-                .forward(&input, position)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-        };
         let (our_tokens, their_tokens, worst) =
-            common::greedy_side_by_side(&ours, &mut peer, &ids, steps);
+            common::greedy_side_by_side(&ours, &mut |x, p| theirs.forward(x, p), &ids, steps);
         assert_eq!(
             our_tokens, their_tokens,
             "greedy tokens differ for {prompt:?}"

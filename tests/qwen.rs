@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use candle_transformers::models::quantized_qwen2::ModelWeights;
 use common::{manifest_gguf, max_abs_diff};
 use dynexec_core::tokenizer::TextTokenizer;
@@ -65,19 +65,8 @@ fn greedy_tokens_match_candle_transformers_quantized_qwen2() {
     let steps = 64;
     for ids in prompts(&tokenizer) {
         theirs.clear_kv_cache();
-        let mut peer = |tokens: &[u32], position: usize| {
-            let input = Tensor::new(tokens, &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            theirs
-                .forward(&input, position)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-        };
         let (our_tokens, their_tokens, worst) =
-            common::greedy_side_by_side(&ours, &mut peer, &ids, steps);
+            common::greedy_side_by_side(&ours, &mut |x, p| theirs.forward(x, p), &ids, steps);
         let text = tokenizer.decode(&our_tokens).unwrap();
         assert_eq!(our_tokens, their_tokens, "greedy tokens differ: {text:?}");
         assert!(

@@ -101,16 +101,26 @@ pub fn write_random_llama(dir: &std::path::Path, tie: bool, qwen2: bool, vocab: 
     candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
 }
 
-/// Greedy decoding of `steps` tokens after `ids` by our decoder and a peer side by side, each
-/// fed its own tokens. `peer(tokens, position)` returns the peer's last-position logits for
-/// `tokens` starting at `position` (its cache reset by the caller). Returns our tokens, the
-/// peer's, and the largest logit difference seen.
+/// Greedy decoding of `steps` tokens after `ids` by our decoder and a candle-transformers peer
+/// side by side, each fed its own tokens. `peer_forward(input, position)` is the peer's
+/// `forward` (input `(1, seq)`, last-position logits `(1, vocab)`; its cache reset by the
+/// caller). Returns our tokens, the peer's, and the largest logit difference seen.
 pub fn greedy_side_by_side(
     ours: &dynexec_models::llama::Llama,
-    peer: &mut dyn FnMut(&[u32], usize) -> candle_core::Tensor,
+    peer_forward: &mut dyn FnMut(
+        &candle_core::Tensor,
+        usize,
+    ) -> candle_core::Result<candle_core::Tensor>,
     ids: &[u32],
     steps: usize,
 ) -> (Vec<u32>, Vec<u32>, f32) {
+    let mut peer = |tokens: &[u32], position: usize| {
+        let input = candle_core::Tensor::new(tokens, &candle_core::Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        peer_forward(&input, position).unwrap().squeeze(0).unwrap()
+    };
     let mut cache = ours.new_cache();
     let mut our_logits = ours.forward_last(ids, &mut cache, None).unwrap();
     let mut their_logits = peer(ids, 0);
