@@ -115,11 +115,11 @@ impl PackedWeight {
             format,
             rows,
             cols,
-            quants: huge_page_buffer(groups * sizes.quants),
-            high: huge_page_buffer(groups * sizes.high),
+            quants: vec![0; groups * sizes.quants],
+            high: vec![0; groups * sizes.high],
             scales: vec![0; groups * sizes.scales],
             minima: vec![0; groups * sizes.minima],
-            sub_scales: huge_page_buffer(groups * sizes.sub_scales),
+            sub_scales: vec![0; groups * sizes.sub_scales],
         };
         let at = (
             this.quants.as_mut_ptr() as usize,
@@ -513,28 +513,6 @@ pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations,
         }
     }
     acc
-}
-
-/// A zeroed buffer that the kernel is asked to back with 2 MiB pages where it can (Linux's
-/// transparent huge pages in `madvise` mode, the common default). Decoding streams every
-/// weight once per token; with 4 KiB pages that is a TLB miss every 4 KiB, and hardware
-/// prefetchers stop at page boundaries.
-fn huge_page_buffer(len: usize) -> Vec<u8> {
-    let buffer = vec![0u8; len];
-    #[cfg(target_os = "linux")]
-    {
-        const PAGE: usize = 4096;
-        let start = (buffer.as_ptr() as usize).next_multiple_of(PAGE);
-        let end = (buffer.as_ptr() as usize + len) & !(PAGE - 1);
-        if end > start + (2 << 20) {
-            // SAFETY: the range lies inside `buffer`'s allocation; the advice changes how
-            // the pages are backed, not their contents (still zero, not yet touched).
-            unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    buffer
 }
 
 /// Moves bit `from` of every byte to bit `to` (everything else masked off). 16-bit shifts
