@@ -3,6 +3,8 @@
 # llama-cpp-python 0.3.36 source distribution on PyPI, outside the repository, for
 # `dynexec bench generate --compare-llama-cpp`. Prints the binary's path.
 #   scripts/build-llama-bench.sh [DIR]      (default: ~/.cache/dynexec/llama.cpp)
+# LLAMA_CPU_ISA=avx512 builds the AVX-512 (VNNI, VBMI, BF16) variant instead, in its own build
+# folder: the fair peer where dynexec's kernels run on AVX-512 VNNI (`--max-cpu-isa`).
 # Needs a C++ compiler and cmake (`pip install cmake` provides one).
 set -euo pipefail
 dir="${1:-${DYNEXEC_CACHE:-$HOME/.cache/dynexec}/llama.cpp}"
@@ -25,8 +27,14 @@ echo "$sdist_sha256  $sdist" | sha256sum --check --quiet - >&2 || {
 [ -d llama_cpp_python-0.3.36 ] || tar xzf "$sdist"
 src=llama_cpp_python-0.3.36/vendor/llama.cpp
 # Not -march=native: some VMs report AVX-512 that the hypervisor does not enable (SIGILL).
-cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
-  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF \
+case "${LLAMA_CPU_ISA:-avx2}" in
+  avx2) build=build; avx512=OFF ;;
+  avx512) build=build-avx512; avx512=ON ;;
+  *) echo "LLAMA_CPU_ISA must be avx2 or avx512, not ${LLAMA_CPU_ISA}" >&2; exit 2 ;;
+esac
+cmake -S "$src" -B "$src/$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON \
+  -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$avx512 -DGGML_AVX512_VNNI=$avx512 \
+  -DGGML_AVX512_VBMI=$avx512 -DGGML_AVX512_BF16=$avx512 -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF >&2
-cmake --build "$src/build" --target llama-bench llama-tokenize -j "$(nproc)" >&2
-echo "$dir/$src/build/bin/llama-bench"
+cmake --build "$src/$build" --target llama-bench llama-tokenize -j "$(nproc)" >&2
+echo "$dir/$src/$build/bin/llama-bench"

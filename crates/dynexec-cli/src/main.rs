@@ -62,7 +62,7 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    cli.global.apply_threads();
+    cli.global.apply_process_settings();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&cli.global, args),
         Command::Bench(cmd) => commands::bench::run(&cli.global, cmd),

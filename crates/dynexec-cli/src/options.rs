@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
+use dynexec_models::cpu_kernels::Isa;
 use dynexec_models::linear::CpuKernels;
 use dynexec_quant::{QuantTarget, WeightFormat};
 
@@ -32,6 +33,12 @@ pub struct GlobalOptions {
     #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]
     pub cpu_kernels: CpuKernels,
 
+    /// Highest instruction set for dynexec's repacked CPU kernels: `avx2` or `avx512-vnni`
+    /// (default: the best this CPU has). Every choice gives the same bits; lower it to
+    /// measure one against another, or where the hypervisor hides what the CPU reports.
+    #[arg(long, global = true, value_parser = parse_isa)]
+    pub max_cpu_isa: Option<Isa>,
+
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
@@ -47,6 +54,10 @@ pub struct GlobalOptions {
 
 fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
+}
+
+fn parse_isa(s: &str) -> Result<Isa, String> {
+    s.parse()
 }
 
 fn parse_cpu_kernels(s: &str) -> Result<CpuKernels, String> {
@@ -78,13 +89,14 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 }
 
 impl GlobalOptions {
-    /// candle sizes its thread pools from these variables on first use, so they must be set
-    /// before any tensor work.
-    pub fn apply_threads(&self) {
+    /// Thread counts and the kernels' instruction set, before any tensor work: candle sizes
+    /// its thread pools from these variables on first use.
+    pub fn apply_process_settings(&self) {
         if let Some(n) = self.threads.filter(|&n| n > 0) {
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
         }
+        dynexec_models::cpu_kernels::set_max_cpu_isa(self.max_cpu_isa);
     }
 
     pub fn open_device(&self) -> Result<Device> {

@@ -11,6 +11,8 @@ use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
 use dynexec_core::device::device_name;
 use dynexec_core::stats::Summary;
+use dynexec_models::cpu_kernels::{cpu_isa, set_max_cpu_isa, Isa};
+use dynexec_models::linear::CpuKernels;
 use dynexec_models::llama::Llama;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
@@ -123,6 +125,14 @@ pub struct BenchGenerateArgs {
     /// dynexec's ratio to it.
     #[arg(long, value_name = "LLAMA_BENCH")]
     compare_llama_cpp: Option<PathBuf>,
+    /// Also run dynexec with its repacked kernels held to this instruction set (`avx2`),
+    /// interleaved run by run: what the better one this CPU has is worth.
+    #[arg(long, value_name = "ISA", value_parser = parse_isa)]
+    compare_cpu_isa: Option<Isa>,
+}
+
+fn parse_isa(s: &str) -> Result<Isa, String> {
+    s.parse()
 }
 
 pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
@@ -171,6 +181,36 @@ impl Decoder for Ours<'_> {
             next = logits.argmax(0)?.to_scalar::<u32>()?;
         }
         Ok((prefill, start.elapsed().as_secs_f64()))
+    }
+}
+
+/// dynexec with its repacked kernels held to one instruction set during its runs.
+struct OursOn<'a> {
+    model: &'a Llama,
+    isa: Isa,
+    /// The process's own limit, restored after each run.
+    restore: Option<Isa>,
+}
+
+impl OursOn<'_> {
+    fn name_on(isa: Isa) -> &'static str {
+        match isa {
+            Isa::Avx2 => "dynexec --max-cpu-isa avx2",
+            Isa::Avx512Vnni => "dynexec --max-cpu-isa avx512-vnni",
+        }
+    }
+}
+
+impl Decoder for OursOn<'_> {
+    fn name(&self) -> &'static str {
+        Self::name_on(self.isa)
+    }
+
+    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
+        set_max_cpu_isa(Some(self.isa));
+        let times = Ours(self.model).run(prompt, gen_tokens);
+        set_max_cpu_isa(self.restore);
+        times
     }
 }
 
@@ -230,6 +270,8 @@ struct Report {
     model: String,
     format: &'static str,
     device: String,
+    /// The instruction set of dynexec's repacked CPU kernels (none: they did not run).
+    cpu_isa: Option<&'static str>,
     threads: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
@@ -242,6 +284,9 @@ struct Report {
     /// dynexec's median over llama.cpp's, with --compare-llama-cpp.
     prefill_ratio_vs_llama_cpp: Option<f64>,
     decode_ratio_vs_llama_cpp: Option<f64>,
+    /// dynexec's median over its own on the lower instruction set, with --compare-cpu-isa.
+    prefill_ratio_vs_cpu_isa: Option<f64>,
+    decode_ratio_vs_cpu_isa: Option<f64>,
 }
 
 fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
@@ -258,6 +303,13 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     let prompt = bench_prompt(&loaded.tokenizer, args.prompt_tokens)?;
 
     let mut decoders: Vec<Box<dyn Decoder + '_>> = vec![Box::new(Ours(model))];
+    if let Some(isa) = args.compare_cpu_isa {
+        decoders.push(Box::new(OursOn {
+            model,
+            isa,
+            restore: global.max_cpu_isa,
+        }));
+    }
     if args.peer {
         let files = global.hub()?.resolve(&args.model.model)?;
         let gguf = files
@@ -320,10 +372,15 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         (f(other) > 0.0).then(|| f(&rows[0]) / f(other))
     };
     let ratio = |f: fn(&Row) -> f64| ratio_to(PEER_NAME, f);
+    let isa_row = args.compare_cpu_isa.map_or("", OursOn::name_on);
     let report = Report {
         model: args.model.model.clone(),
         format: loaded.format,
         device: device_name(model.device()),
+        cpu_isa: (model.device().is_cpu() && global.cpu_kernels == CpuKernels::Dynexec)
+            .then(cpu_isa)
+            .flatten()
+            .map(Isa::name),
         threads: candle_core::utils::get_num_threads(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
@@ -333,16 +390,22 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         decode_ratio_vs_peer: ratio(|r| r.decode_tokens_per_s),
         prefill_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.prefill_tokens_per_s),
         decode_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.decode_tokens_per_s),
+        prefill_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.prefill_tokens_per_s),
+        decode_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.decode_tokens_per_s),
         rows,
     };
     if global.json {
         return print_json(&report);
     }
     println!(
-        "model {} ({}) | device {} | threads {} | pp{} tg{} | {} runs + {} warm-up",
+        "model {} ({}) | device {}{} | threads {} | pp{} tg{} | {} runs + {} warm-up",
         report.model,
         report.format,
         report.device,
+        report
+            .cpu_isa
+            .map(|isa| format!(" ({isa} kernels)"))
+            .unwrap_or_default(),
         report.threads,
         report.prompt_tokens,
         report.gen_tokens,
@@ -371,6 +434,11 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             "ratio dynexec / llama.cpp",
             report.prefill_ratio_vs_llama_cpp,
             report.decode_ratio_vs_llama_cpp,
+        ),
+        (
+            "ratio dynexec / its --compare-cpu-isa",
+            report.prefill_ratio_vs_cpu_isa,
+            report.decode_ratio_vs_cpu_isa,
         ),
     ] {
         if let (Some(p), Some(d)) = (prefill, decode) {

@@ -25,7 +25,7 @@ use super::repack::{
     group_block_bytes, high_bytes, is_k_quant, pack_row, unpack_row, Group, GroupMut, GroupRef,
     GroupSizes, GROUP, SUB_BLOCKS,
 };
-use super::{pool, BLOCK};
+use super::{pool, Isa, BLOCK};
 use candle_core::quantized::{GgmlDType, QTensor};
 
 /// Parallel tasks per pool thread and product. Each task claim is an atomic update of a
@@ -237,6 +237,12 @@ impl PackedWeight {
     ///
     /// Only on CPUs where [`Self::available`] holds; panics if the input sizes differ.
     pub fn matmul_many(weights: &[&PackedWeight], x: &[f32]) -> Vec<Vec<f32>> {
+        Self::matmul_many_on(weights, x, super::cpu_isa())
+    }
+
+    /// [`Self::matmul_many`] on the kernels built for `isa`, which must not be more than
+    /// the CPU has.
+    fn matmul_many_on(weights: &[&PackedWeight], x: &[f32], isa: Option<Isa>) -> Vec<Vec<f32>> {
         let Some(cols) = weights.first().map(|w| w.cols) else {
             return Vec::new();
         };
@@ -283,10 +289,10 @@ impl PackedWeight {
                     let n = (m - i).min(ROWS_TOGETHER);
                     let mut ys = [[0f32; GROUP]; ROWS_TOGETHER];
                     match n {
-                        1 => ys[..1].copy_from_slice(&w.group_times::<1>(g, &activations, i)),
-                        2 => ys[..2].copy_from_slice(&w.group_times::<2>(g, &activations, i)),
-                        3 => ys[..3].copy_from_slice(&w.group_times::<3>(g, &activations, i)),
-                        _ => ys = w.group_times::<ROWS_TOGETHER>(g, &activations, i),
+                        1 => ys[..1].copy_from_slice(&w.group_times::<1>(g, &activations, i, isa)),
+                        2 => ys[..2].copy_from_slice(&w.group_times::<2>(g, &activations, i, isa)),
+                        3 => ys[..3].copy_from_slice(&w.group_times::<3>(g, &activations, i, isa)),
+                        _ => ys = w.group_times::<ROWS_TOGETHER>(g, &activations, i, isa),
                     }
                     for (r, y) in ys[..n].iter().enumerate() {
                         store(i + r, y);
@@ -307,21 +313,29 @@ impl PackedWeight {
         g: usize,
         x: &SplitActivations,
         first: usize,
+        isa: Option<Isa>,
     ) -> [[f32; GROUP]; N] {
         #[cfg(target_arch = "x86_64")]
-        if super::has_avx2_fma() {
-            // SAFETY: the features the kernels are compiled for were just detected; the
+        {
+            macro_rules! by_format {
+                ($kernel:ident) => {
+                    match self.format {
+                        Q8_0 => $kernel::<Q8_0, N>(self, g, x, first),
+                        Q4_0 => $kernel::<Q4_0, N>(self, g, x, first),
+                        Q4_1 => $kernel::<Q4_1, N>(self, g, x, first),
+                        Q5_0 => $kernel::<Q5_0, N>(self, g, x, first),
+                        Q4_K => $kernel::<Q4_K, N>(self, g, x, first),
+                        _ => $kernel::<Q6_K, N>(self, g, x, first),
+                    }
+                };
+            }
+            // SAFETY: `isa` is at most what the CPU has (`cpu_isa`, or a test's `Isa::detect`); the
             // kernels check the slices they read without bounds checks.
-            return unsafe {
-                match self.format {
-                    Q8_0 => group_avx2::<Q8_0, N>(self, g, x, first),
-                    Q4_0 => group_avx2::<Q4_0, N>(self, g, x, first),
-                    Q4_1 => group_avx2::<Q4_1, N>(self, g, x, first),
-                    Q5_0 => group_avx2::<Q5_0, N>(self, g, x, first),
-                    Q4_K => group_avx2::<Q4_K, N>(self, g, x, first),
-                    _ => group_avx2::<Q6_K, N>(self, g, x, first),
-                }
-            };
+            match isa {
+                Some(Isa::Avx512Vnni) => return unsafe { by_format!(group_vnni) },
+                Some(Isa::Avx2) => return unsafe { by_format!(group_avx2) },
+                None => {}
+            }
         }
         unreachable!("the repacked kernels run only where PackedWeight::available() holds")
     }
@@ -518,8 +532,7 @@ pub(super) fn reference_dot(format: u8, weight_row: &[u8], x: &SplitActivations,
 /// Moves bit `from` of every byte to bit `to` (everything else masked off). 16-bit shifts
 /// suffice: what crosses into a neighbouring byte lands on bits the mask clears.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-#[inline]
+#[inline(always)]
 unsafe fn move_bit(
     v: std::arch::x86_64::__m256i,
     from: usize,
@@ -534,10 +547,40 @@ unsafe fn move_bit(
     _mm256_and_si256(moved, _mm256_set1_epi8(1 << to))
 }
 
-/// Group `g` of `w` times activation rows `first..first + N`: one F32 lane per weight row.
+/// [`group_kernel`] built for AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn group_avx2<const F: u8, const N: usize>(
+    w: &PackedWeight,
+    g: usize,
+    x: &SplitActivations,
+    first: usize,
+) -> [[f32; GROUP]; N] {
+    group_kernel::<F, N, false>(w, g, x, first)
+}
+
+/// [`group_kernel`] built for AVX-512 VNNI on 256-bit vectors: `vpdpbusd` multiplies four
+/// weight bytes by four activation bytes and adds them to a 32-bit sum in one instruction,
+/// where AVX2 takes a `vpmaddubsw`, an add in 16 bits and, every few blocks, a widening
+/// `vpmaddwd` (`vpdpwssd` likewise fuses Q8_0's `vpmaddwd` and add). The sums are the
+/// same exact integers, so both builds give the same bits.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl,avx512vnni")]
+unsafe fn group_vnni<const F: u8, const N: usize>(
+    w: &PackedWeight,
+    g: usize,
+    x: &SplitActivations,
+    first: usize,
+) -> [[f32; GROUP]; N] {
+    group_kernel::<F, N, true>(w, g, x, first)
+}
+
+/// Group `g` of `w` times activation rows `first..first + N`: one F32 lane per weight row.
+/// Inlined into a build per instruction set ([`group_avx2`], [`group_vnni`]), which gives
+/// the intrinsics their target features.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn group_kernel<const F: u8, const N: usize, const VNNI: bool>(
     w: &PackedWeight,
     g: usize,
     x: &SplitActivations,
@@ -606,11 +649,12 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 let weights =
                     _mm256_cvtepi8_epi16(_mm_loadu_si128(q.add(j * 16) as *const __m128i));
                 for i in 0..N {
-                    let pair = x.values.as_ptr().add(x_values(i, b) + 2 * j);
-                    dots[i] = _mm256_add_epi32(
-                        dots[i],
-                        _mm256_madd_epi16(weights, broadcast4(pair as *const i8)),
-                    );
+                    let pair = broadcast4(x.values.as_ptr().add(x_values(i, b) + 2 * j) as _);
+                    dots[i] = if VNNI {
+                        _mm256_dpwssd_epi32(dots[i], weights, pair)
+                    } else {
+                        _mm256_add_epi32(dots[i], _mm256_madd_epi16(weights, pair))
+                    };
                 }
             }
         } else {
@@ -624,7 +668,12 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 ],
                 _ => [_mm256_setzero_si256(); 2],
             };
+            // AVX2 sums in 16 bits (flushed to `dots` every `pairs_per_flush` registers);
+            // VNNI in 32 bits, even and odd registers apart so that two chains of
+            // `vpdpbusd` run at once per row.
             let (mut low, mut high) = ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
+            let (mut low_odd, mut high_odd) =
+                ([_mm256_setzero_si256(); N], [_mm256_setzero_si256(); N]);
             for j in 0..BLOCK / 8 {
                 let packed = _mm256_loadu_si256(q.add(j * 32) as *const __m256i);
                 let mut even = _mm256_and_si256(packed, nibble_mask);
@@ -640,6 +689,13 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                 for i in 0..N {
                     let at = x_values(i, b) + 8 * j;
                     let (xl, xh) = (x.low.as_ptr().add(at), x.high.as_ptr().add(at));
+                    if VNNI {
+                        low[i] = _mm256_dpbusd_epi32(low[i], even, broadcast4(xl));
+                        low_odd[i] = _mm256_dpbusd_epi32(low_odd[i], odd, broadcast4(xl.add(4)));
+                        high[i] = _mm256_dpbusd_epi32(high[i], even, broadcast4(xh));
+                        high_odd[i] = _mm256_dpbusd_epi32(high_odd[i], odd, broadcast4(xh.add(4)));
+                        continue;
+                    }
                     low[i] = _mm256_add_epi16(
                         low[i],
                         _mm256_add_epi16(
@@ -655,12 +711,30 @@ unsafe fn group_avx2<const F: u8, const N: usize>(
                         ),
                     );
                 }
-                if (j + 1) % pairs_per_flush == 0 {
+                // VNNI's 32-bit sums need a flush only where Q6_K's halves meet, and at the end.
+                let flush = if VNNI {
+                    j == BLOCK / 8 - 1 || (F == Q6_K && j == BLOCK / 16 - 1)
+                } else {
+                    (j + 1) % pairs_per_flush == 0
+                };
+                if flush {
                     for i in 0..N {
-                        let wide = _mm256_add_epi32(
-                            _mm256_madd_epi16(high[i], base),
-                            _mm256_madd_epi16(low[i], ones),
-                        );
+                        let wide = if VNNI {
+                            let high_sum = _mm256_add_epi32(high[i], high_odd[i]);
+                            let low_sum = _mm256_add_epi32(low[i], low_odd[i]);
+                            // 255 · high = 256 · high − high.
+                            const _: () = assert!(BASE == 255);
+                            let high_scaled =
+                                _mm256_sub_epi32(_mm256_slli_epi32(high_sum, 8), high_sum);
+                            low_odd[i] = _mm256_setzero_si256();
+                            high_odd[i] = _mm256_setzero_si256();
+                            _mm256_add_epi32(high_scaled, low_sum)
+                        } else {
+                            _mm256_add_epi32(
+                                _mm256_madd_epi16(high[i], base),
+                                _mm256_madd_epi16(low[i], ones),
+                            )
+                        };
                         // Q6_K's registers 0–3 (pairs 0, 1) are values 0–15.
                         if F == Q6_K && j >= BLOCK / 16 {
                             dots_upper[i] = _mm256_add_epi32(dots_upper[i], wide);
@@ -824,17 +898,37 @@ mod tests {
         }
     }
 
-    /// Each output against [`reference_dot`] to the bit, in a batch of `x`'s rows and alone.
+    /// Every build of the kernels this CPU runs (AVX2, and AVX-512 VNNI where it has it).
+    fn builds() -> Vec<Isa> {
+        [Isa::Avx2, Isa::Avx512Vnni]
+            .into_iter()
+            .filter(|&isa| Isa::detect().is_some_and(|best| isa <= best))
+            .collect()
+    }
+
+    /// Each output against [`reference_dot`] to the bit, in a batch of `x`'s rows and alone,
+    /// on every build of the kernels.
     fn assert_matches_reference(q: &QTensor, format: u8, x: &[f32]) {
+        for isa in builds() {
+            assert_matches_reference_on(q, format, x, isa);
+        }
+    }
+
+    fn assert_matches_reference_on(q: &QTensor, format: u8, x: &[f32], isa: Isa) {
         let packed = PackedWeight::pack(q).unwrap().unwrap();
         let (rows, cols) = packed.dims();
         let bytes = q.data().unwrap();
         let row_bytes = bytes.len() / rows;
         let m = x.len() / cols;
         let split = SplitActivations::quantize(x);
-        let batched = packed.matmul(x);
+        let times = |x: &[f32]| {
+            PackedWeight::matmul_many_on(&[&packed], x, Some(isa))
+                .pop()
+                .unwrap()
+        };
+        let batched = times(x);
         for i in 0..m {
-            let alone = packed.matmul(&x[i * cols..(i + 1) * cols]);
+            let alone = times(&x[i * cols..(i + 1) * cols]);
             for r in 0..rows {
                 let weight_row = &bytes[r * row_bytes..(r + 1) * row_bytes];
                 let reference = reference_dot(format, weight_row, &split, i);
@@ -843,9 +937,13 @@ mod tests {
                 assert_eq!(
                     y.to_bits(),
                     reference.to_bits(),
-                    "{dtype:?} x{i} w{r}: {y} vs {reference}"
+                    "{isa:?} {dtype:?} x{i} w{r}: {y} vs {reference}"
                 );
-                assert_eq!(alone[r].to_bits(), y.to_bits(), "{dtype:?} x{i} w{r}");
+                assert_eq!(
+                    alone[r].to_bits(),
+                    y.to_bits(),
+                    "{isa:?} {dtype:?} x{i} w{r}"
+                );
             }
         }
     }

@@ -145,6 +145,90 @@ fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     dst
 }
 
+/// The instruction sets the repacked kernels ([`PackedWeight`]) are built for, in order.
+///
+/// The best one the CPU has runs, unless [`set_max_cpu_isa`] lowers it: every build gives
+/// the same bits (their integer sums are exact), so the limit is for measuring one against
+/// another, or for a machine whose CPU reports more than its hypervisor enables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// AVX2 with FMA and F16C.
+    Avx2,
+    /// AVX-512 VNNI on 256-bit vectors (`vpdpbusd`, `vpdpwssd`), with AVX2, FMA and F16C.
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best of these this CPU has; `None` where it has none (then the row-by-row
+    /// kernels run).
+    pub fn detect() -> Option<Isa> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !has_avx2_fma() {
+                return None;
+            }
+            let vnni = std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+                && std::arch::is_x86_feature_detected!("avx512vnni");
+            Some(if vnni { Isa::Avx512Vnni } else { Isa::Avx2 })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// `isa` lowered to the limit [`set_max_cpu_isa`] set, if any.
+    fn limit(isa: Option<Isa>) -> Option<Isa> {
+        let limit = match MAX_ISA.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Isa::Avx2,
+            _ => return isa,
+        };
+        isa.map(|isa| isa.min(limit))
+    }
+
+    /// The name [`Isa::from_str`](std::str::FromStr) reads: `avx2` or `avx512-vnni`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+}
+
+impl std::str::FromStr for Isa {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "avx2" => Ok(Isa::Avx2),
+            "avx512-vnni" => Ok(Isa::Avx512Vnni),
+            _ => Err(format!(
+                "unknown instruction set `{s}`: use avx2 or avx512-vnni"
+            )),
+        }
+    }
+}
+
+/// 0: no limit; 1: AVX2.
+static MAX_ISA: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Lowers the instruction set of the repacked kernels to at most `max` for this process
+/// (`None` lifts the limit). A limit above what the CPU has changes nothing.
+pub fn set_max_cpu_isa(max: Option<Isa>) {
+    let code = match max {
+        Some(Isa::Avx2) => 1,
+        Some(Isa::Avx512Vnni) | None => 0,
+    };
+    MAX_ISA.store(code, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The instruction set the repacked kernels run on now (see [`Isa`]); `None` where they do
+/// not run.
+pub fn cpu_isa() -> Option<Isa> {
+    Isa::limit(Isa::detect())
+}
+
 /// Whether the AVX2 + FMA builds of the loops below can run here.
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
