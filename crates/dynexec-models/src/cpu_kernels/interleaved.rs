@@ -36,6 +36,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 const TASKS_PER_THREAD: usize = 8;
 /// Activation rows multiplied together, sharing each unpacked weight vector.
 const ROWS_TOGETHER: usize = 4;
+/// The same on AVX-512 VNNI.
+const ROWS_TOGETHER_VNNI: usize = 8;
 /// How many blocks ahead the kernel asks for weights.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_BLOCKS: usize = 12;
@@ -246,6 +248,7 @@ impl PackedWeight {
         let Some(cols) = weights.first().map(|w| w.cols) else {
             return Vec::new();
         };
+        let vnni = isa == Some(Isa::Avx512Vnni);
         assert!(weights.iter().all(|w| w.cols == cols), "input sizes differ");
         let m = x.len() / cols;
         let activations = SplitActivations::quantize(x);
@@ -282,33 +285,30 @@ impl PackedWeight {
                     };
                     dst.copy_from_slice(&ys[..lanes]);
                 };
-                // Rows in fours, the last one to three together (speculative verification
-                // multiplies two to five rows).
+                // Rows in fours (eights on VNNI, whose 32 vector registers hold eight rows'
+                // sums: the weights are unpacked once for twice the rows), the last one to
+                // three together (speculative verification multiplies two to five rows).
                 let group = w.group(g);
                 let mut i = 0;
                 while i < m {
-                    let n = (m - i).min(ROWS_TOGETHER);
-                    let mut ys = [[0f32; GROUP]; ROWS_TOGETHER];
+                    let n = if vnni && m - i >= ROWS_TOGETHER_VNNI {
+                        ROWS_TOGETHER_VNNI
+                    } else {
+                        (m - i).min(ROWS_TOGETHER)
+                    };
+                    let mut ys = [[0f32; GROUP]; ROWS_TOGETHER_VNNI];
+                    let times = |ys: &mut [[f32; GROUP]], rows: &[[f32; GROUP]]| {
+                        ys[..rows.len()].copy_from_slice(rows)
+                    };
                     match n {
-                        1 => ys[..1].copy_from_slice(&w.group_times::<1>(
-                            &group,
-                            &activations,
-                            i,
-                            isa,
-                        )),
-                        2 => ys[..2].copy_from_slice(&w.group_times::<2>(
-                            &group,
-                            &activations,
-                            i,
-                            isa,
-                        )),
-                        3 => ys[..3].copy_from_slice(&w.group_times::<3>(
-                            &group,
-                            &activations,
-                            i,
-                            isa,
-                        )),
-                        _ => ys = w.group_times::<ROWS_TOGETHER>(&group, &activations, i, isa),
+                        1 => times(&mut ys, &w.group_times::<1>(&group, &activations, i, isa)),
+                        2 => times(&mut ys, &w.group_times::<2>(&group, &activations, i, isa)),
+                        3 => times(&mut ys, &w.group_times::<3>(&group, &activations, i, isa)),
+                        ROWS_TOGETHER => times(
+                            &mut ys,
+                            &w.group_times::<ROWS_TOGETHER>(&group, &activations, i, isa),
+                        ),
+                        _ => ys = w.group_times::<ROWS_TOGETHER_VNNI>(&group, &activations, i, isa),
                     }
                     for (r, y) in ys[..n].iter().enumerate() {
                         store(i + r, y);
@@ -363,8 +363,10 @@ impl PackedWeight {
 pub(super) struct SplitActivations {
     /// The quantized values whole (Q8_0's weights multiply these).
     values: Vec<i16>,
-    low: Vec<i8>,
-    high: Vec<i8>,
+    /// Per block, its 32 low bytes then its 32 high bytes: a kernel reads both through one
+    /// pointer per activation row (eight rows at once would otherwise take more pointers
+    /// than x86-64 has registers).
+    split: Vec<i8>,
     scales: Vec<f32>,
     /// Per block, the sum of its quantized values: Q4_0's offset of 8 (Q5_0's of 16)
     /// multiplies it.
@@ -381,8 +383,7 @@ impl SplitActivations {
         let blocks = x.len() / BLOCK;
         let mut this = Self {
             values: vec![0; x.len()],
-            low: vec![0; x.len()],
-            high: vec![0; x.len()],
+            split: vec![0; 2 * x.len()],
             scales: vec![0.0; blocks],
             sums: vec![0; blocks],
             low_half_sums: vec![0; blocks],
@@ -393,8 +394,7 @@ impl SplitActivations {
         let tasks = blocks.div_ceil(QUANTIZE_BLOCKS_PER_TASK);
         let at = (
             this.values.as_mut_ptr() as usize,
-            this.low.as_mut_ptr() as usize,
-            this.high.as_mut_ptr() as usize,
+            this.split.as_mut_ptr() as usize,
             this.scales.as_mut_ptr() as usize,
             this.sums.as_mut_ptr() as usize,
             this.low_half_sums.as_mut_ptr() as usize,
@@ -403,19 +403,21 @@ impl SplitActivations {
         pool::run(tasks, &|task| {
             let range =
                 task * QUANTIZE_BLOCKS_PER_TASK..blocks.min((task + 1) * QUANTIZE_BLOCKS_PER_TASK);
-            // SAFETY: each task writes only its own blocks' entries of the seven buffers,
+            // SAFETY: each task writes only its own blocks' entries of the six buffers,
             // which outlive the pool call.
             let mut out = unsafe {
                 let n = range.len();
                 let (b0, v0) = (range.start, range.start * BLOCK);
                 BlockOut {
                     values: std::slice::from_raw_parts_mut((at.0 as *mut i16).add(v0), n * BLOCK),
-                    low: std::slice::from_raw_parts_mut((at.1 as *mut i8).add(v0), n * BLOCK),
-                    high: std::slice::from_raw_parts_mut((at.2 as *mut i8).add(v0), n * BLOCK),
-                    scales: std::slice::from_raw_parts_mut((at.3 as *mut f32).add(b0), n),
-                    sums: std::slice::from_raw_parts_mut((at.4 as *mut i32).add(b0), n),
-                    low_half_sums: std::slice::from_raw_parts_mut((at.5 as *mut i32).add(b0), n),
-                    scaled_sums: std::slice::from_raw_parts_mut((at.6 as *mut f32).add(b0), n),
+                    split: std::slice::from_raw_parts_mut(
+                        (at.1 as *mut i8).add(2 * v0),
+                        2 * n * BLOCK,
+                    ),
+                    scales: std::slice::from_raw_parts_mut((at.2 as *mut f32).add(b0), n),
+                    sums: std::slice::from_raw_parts_mut((at.3 as *mut i32).add(b0), n),
+                    low_half_sums: std::slice::from_raw_parts_mut((at.4 as *mut i32).add(b0), n),
+                    scaled_sums: std::slice::from_raw_parts_mut((at.5 as *mut f32).add(b0), n),
                 }
             };
             quantize_blocks(&x[range.start * BLOCK..range.end * BLOCK], &mut out);
@@ -423,11 +425,21 @@ impl SplitActivations {
         this
     }
 
+    /// The low and high bytes of value `e` of block `b` (of the whole matrix's blocks).
+    #[cfg(test)]
+    fn bytes(&self, b: usize, e: usize) -> (i8, i8) {
+        (
+            self.split[2 * b * BLOCK + e],
+            self.split[(2 * b + 1) * BLOCK + e],
+        )
+    }
+
     /// Quantized value `e` of block `b` (of the whole matrix's blocks).
     #[cfg(test)]
     fn value(&self, b: usize, e: usize) -> i32 {
         let i = b * BLOCK + e;
-        let split = BASE * self.high[i] as i32 + self.low[i] as i32;
+        let (low, high) = self.bytes(b, e);
+        let split = BASE * high as i32 + low as i32;
         assert_eq!(
             split, self.values[i] as i32,
             "two forms of value {e} of block {b}"
@@ -442,8 +454,8 @@ const QUANTIZE_BLOCKS_PER_TASK: usize = 512;
 /// One task's share of [`SplitActivations`]' buffers.
 struct BlockOut<'a> {
     values: &'a mut [i16],
-    low: &'a mut [i8],
-    high: &'a mut [i8],
+    /// Per block, 32 low bytes then 32 high bytes.
+    split: &'a mut [i8],
     scales: &'a mut [f32],
     sums: &'a mut [i32],
     low_half_sums: &'a mut [i32],
@@ -478,8 +490,8 @@ fn quantize_blocks_portable(x: &[f32], out: &mut BlockOut) {
             let q = round_to_integer((v * inverse).clamp(-ACTIVATION_MAX, ACTIVATION_MAX));
             out.values[b * BLOCK + e] = q as i16;
             let high = (q + BASE / 2).div_euclid(BASE);
-            out.high[b * BLOCK + e] = high as i8;
-            out.low[b * BLOCK + e] = (q - BASE * high) as i8;
+            out.split[(2 * b + 1) * BLOCK + e] = high as i8;
+            out.split[2 * b * BLOCK + e] = (q - BASE * high) as i8;
             sum += q;
             if e == BLOCK / 2 - 1 {
                 out.low_half_sums[b] = sum;
@@ -505,8 +517,7 @@ unsafe fn quantize_blocks_avx2(x: &[f32], out: &mut BlockOut) {
     let blocks = x.len() / BLOCK;
     assert!(
         out.values.len() >= blocks * BLOCK
-            && out.low.len() >= blocks * BLOCK
-            && out.high.len() >= blocks * BLOCK
+            && out.split.len() >= 2 * blocks * BLOCK
             && out.scales.len() >= blocks
             && out.sums.len() >= blocks
             && out.low_half_sums.len() >= blocks
@@ -572,8 +583,9 @@ unsafe fn quantize_blocks_avx2(x: &[f32], out: &mut BlockOut) {
         let values = out.values.as_mut_ptr().add(at) as *mut __m256i;
         _mm256_storeu_si256(values, words(q[0], q[1]));
         _mm256_storeu_si256(values.add(1), words(q[2], q[3]));
-        _mm256_storeu_si256(out.low.as_mut_ptr().add(at) as *mut __m256i, bytes(low));
-        _mm256_storeu_si256(out.high.as_mut_ptr().add(at) as *mut __m256i, bytes(high));
+        let split = out.split.as_mut_ptr().add(2 * at) as *mut __m256i;
+        _mm256_storeu_si256(split, bytes(low));
+        _mm256_storeu_si256(split.add(1), bytes(high));
         let low_half = sum_lanes(_mm256_add_epi32(q[0], q[1]));
         let sum = low_half + sum_lanes(_mm256_add_epi32(q[2], q[3]));
         *out.scales.get_unchecked_mut(b) = scale;
@@ -804,8 +816,8 @@ unsafe fn group_kernel<const F: u8, const N: usize, const VNNI: bool>(
                     odd = _mm256_or_si256(odd, move_bit(planes[1], 2 * j + 1, 5));
                 }
                 for i in 0..N {
-                    let at = x_values(i, b) + 8 * j;
-                    let (xl, xh) = (x.low.as_ptr().add(at), x.high.as_ptr().add(at));
+                    let xl = x.split.as_ptr().add(2 * x_values(i, b) + 8 * j);
+                    let xh = xl.add(BLOCK);
                     if VNNI {
                         low[i] = _mm256_dpbusd_epi32(low[i], even, broadcast4(xl));
                         high[i] = _mm256_dpbusd_epi32(high[i], even, broadcast4(xh));
@@ -989,9 +1001,9 @@ mod tests {
             let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
             let mut sum = 0;
             for (e, v) in block.iter().enumerate() {
-                let i = b * BLOCK + e;
-                assert!((-127..=127).contains(&split.low[i]), "{}", split.low[i]);
-                assert!((-64..=64).contains(&split.high[i]), "{}", split.high[i]);
+                let (low, high) = split.bytes(b, e);
+                assert!((-127..=127).contains(&low), "{low}");
+                assert!((-64..=64).contains(&high), "{high}");
                 let back = split.value(b, e) as f32 * split.scales[b];
                 assert!((back - v).abs() <= max / 32766.0 * 1.01, "{v} vs {back}");
                 sum += split.value(b, e);
@@ -1023,8 +1035,7 @@ mod tests {
         x[5 * BLOCK + 1] = -1e-30;
         let blocks = x.len() / BLOCK;
         let run = |quantize: fn(&[f32], &mut BlockOut)| {
-            let (mut values, mut low, mut high) =
-                (vec![0i16; x.len()], vec![0i8; x.len()], vec![0i8; x.len()]);
+            let (mut values, mut split) = (vec![0i16; x.len()], vec![0i8; 2 * x.len()]);
             let (mut scales, mut sums, mut low_half_sums, mut scaled_sums) = (
                 vec![0f32; blocks],
                 vec![0i32; blocks],
@@ -1035,8 +1046,7 @@ mod tests {
                 &x,
                 &mut BlockOut {
                     values: &mut values,
-                    low: &mut low,
-                    high: &mut high,
+                    split: &mut split,
                     scales: &mut scales,
                     sums: &mut sums,
                     low_half_sums: &mut low_half_sums,
@@ -1046,8 +1056,7 @@ mod tests {
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             (
                 values,
-                low,
-                high,
+                split,
                 bits(&scales),
                 sums,
                 low_half_sums,
@@ -1138,8 +1147,9 @@ mod tests {
             let w: Vec<f32> = values(rows * cols, 0.5).iter().map(|v| v + 0.2).collect();
             let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, dtype).unwrap();
-            // Seven rows: a four and a three; six: a four and a two; one alone.
-            for m in [7, 6] {
+            // Seven rows: a four and a three; six: a four and a two; thirteen: on VNNI an
+            // eight, a four and a one; and each row alone.
+            for m in [7, 6, 13] {
                 let x: Vec<f32> = values(m * cols, 2.0).iter().map(|v| v * 3.0).collect();
                 assert_matches_reference(&q, format, &x);
             }
