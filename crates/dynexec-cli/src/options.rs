@@ -28,8 +28,8 @@ pub struct GlobalOptions {
     pub quant: Option<QuantTarget>,
 
     /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K with 15-16-bit activations, on AVX2
-    /// repacked eight rows at a time; attention over the KV cache in place; faster and more
-    /// accurate) or `candle` (candle's own, bit-identical to candle-transformers).
+    /// and AVX-512 VNNI repacked eight rows at a time; attention over the KV cache in place;
+    /// faster and more accurate) or `candle` (candle's own, bit-identical to candle-transformers).
     #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]
     pub cpu_kernels: CpuKernels,
 

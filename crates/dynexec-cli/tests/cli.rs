@@ -204,6 +204,49 @@ fn bench_generate_reports_ours_and_the_peer() {
     assert!(report["decode_ratio_vs_peer"].as_f64().unwrap() > 0.0);
 }
 
+/// Every instruction set's kernels give the same bits, so the same greedy tokens; the bench
+/// names the one it ran and measures the other in the same run; a bad name is a clear error.
+#[test]
+fn instruction_sets_give_the_same_tokens_and_are_compared_in_one_run() {
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--json",
+            "--prompt",
+            "def fibonacci(n):",
+            "-n",
+            "24",
+        ];
+        args.extend_from_slice(extra);
+        stdout_json(&dynexec(&args))["token_ids"].clone()
+    };
+    assert_eq!(generate(&[]), generate(&["--max-cpu-isa", "avx2"]));
+    let report = stdout_json(&dynexec(&[
+        "bench",
+        "generate",
+        "--json",
+        "--prompt-tokens",
+        "8",
+        "--gen-tokens",
+        "4",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--compare-cpu-isa",
+        "avx2",
+    ]));
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[1]["implementation"], "dynexec --max-cpu-isa avx2");
+    assert!(report["decode_ratio_vs_cpu_isa"].as_f64().unwrap() > 0.0);
+    assert!(report.get("cpu_isa").is_some(), "{report}");
+    assert_clear_error(
+        &dynexec(&["generate", "--max-cpu-isa", "sse2", "--prompt", "x"]),
+        "unknown instruction set `sse2`: use avx2 or avx512-vnni",
+    );
+}
+
 #[test]
 fn unknown_model_names_and_missing_files() {
     assert_clear_error(

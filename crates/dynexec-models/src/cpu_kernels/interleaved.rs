@@ -1,5 +1,5 @@
 //! Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K weights repacked eight rows at a time (layout in
-//! [`super::repack`]), multiplied with AVX2.
+//! [`super::repack`]), multiplied with AVX2 or AVX-512 VNNI.
 //!
 //! The row-by-row kernels ([`super::quantized`]) spend most of each 32-value block on
 //! bookkeeping: two f16 scales to convert, nibbles widened to 16 bits, a horizontal sum per
@@ -17,6 +17,13 @@
 //! per-block scale, so every output has the same arithmetic whatever the number of rows
 //! (speculative verification reproduces decoding to the bit), and [`reference_dot`] — the
 //! plain loop the tests hold the kernel to — agrees to the bit.
+//!
+//! Where the CPU has AVX-512 VNNI (and [`super::set_max_cpu_isa`] allows it), the same loop is
+//! built a second time around `vpdpbusd`, which multiplies four weight bytes by four
+//! activation bytes and adds them to a 32-bit sum in one instruction (AVX2 needs a
+//! `vpmaddubsw`, a 16-bit add and a periodic widening), on 256-bit vectors, eight activation
+//! rows at a time in its 32 registers. Its integer sums are the same, so it gives the same
+//! bits; on Qwen2.5-Coder-1.5B it prefills about 1.3–1.4x faster than the AVX2 build.
 
 #[cfg(test)]
 use super::quantized::unpack;

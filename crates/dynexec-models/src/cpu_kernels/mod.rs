@@ -9,8 +9,8 @@
 //! once against all activation rows keeps it close to one step.
 //!
 //! [`QuantizedMatMul`]: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K weights times F32 activations (see
-//! [`quantized`] and [`kquants`]; on AVX2, all six repacked eight rows at a time, see
-//! [`interleaved`]). Both split their rows over [`pool`], where the calling
+//! [`quantized`] and [`kquants`]; on AVX2 and AVX-512 VNNI ([`Isa`]), all six repacked eight
+//! rows at a time, see [`interleaved`]). Both split their rows over [`pool`], where the calling
 //! thread works too and never waits for a helper that has not started.
 
 mod attention;
