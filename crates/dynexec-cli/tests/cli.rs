@@ -178,9 +178,9 @@ fn models_list_and_path() {
     assert!(Path::new(&smollm2_path()).exists());
 }
 
-#[test]
-fn bench_generate_reports_ours_and_the_peer() {
-    let report = stdout_json(&dynexec(&[
+/// One short `bench generate --json` run (8 prompt tokens, 4 generated, one run) with `extra`.
+fn short_bench_generate(extra: &[&str]) -> Value {
+    let mut args = vec![
         "bench",
         "generate",
         "--json",
@@ -192,8 +192,14 @@ fn bench_generate_reports_ours_and_the_peer() {
         "1",
         "--warmup",
         "0",
-        "--peer",
-    ]));
+    ];
+    args.extend_from_slice(extra);
+    stdout_json(&dynexec(&args))
+}
+
+#[test]
+fn bench_generate_reports_ours_and_the_peer() {
+    let report = short_bench_generate(&["--peer"]);
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["implementation"], "dynexec");
@@ -221,21 +227,7 @@ fn instruction_sets_give_the_same_tokens_and_are_compared_in_one_run() {
         stdout_json(&dynexec(&args))["token_ids"].clone()
     };
     assert_eq!(generate(&[]), generate(&["--max-cpu-isa", "avx2"]));
-    let report = stdout_json(&dynexec(&[
-        "bench",
-        "generate",
-        "--json",
-        "--prompt-tokens",
-        "8",
-        "--gen-tokens",
-        "4",
-        "--runs",
-        "1",
-        "--warmup",
-        "0",
-        "--compare-cpu-isa",
-        "avx2",
-    ]));
+    let report = short_bench_generate(&["--compare-cpu-isa", "avx2"]);
     let rows = report["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[1]["implementation"], "dynexec --max-cpu-isa avx2");
