@@ -77,7 +77,7 @@ fn main() {
         Command::Analyze(args) => commands::analyze::run(&cli.global, args),
     };
     if let Err(err) = result {
-        eprintln!("error: {err:#}");
+        eprintln!("error: {}", options::error_message(&err));
         std::process::exit(1);
     }
 }

@@ -5,6 +5,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::hub::Hub;
+use dynexec_core::Setting;
 use dynexec_models::cpu_kernels::Isa;
 use dynexec_models::linear::CpuKernels;
 use dynexec_quant::{QuantTarget, WeightFormat};
@@ -117,6 +118,30 @@ impl GlobalOptions {
         hub.progress = !self.quiet;
         Ok(hub)
     }
+}
+
+/// The flag that sets `setting`.
+pub fn flag(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Temperature => "--temperature",
+        Setting::TopP => "--top-p",
+        Setting::RepetitionPenalty => "--repeat-penalty",
+    }
+}
+
+/// An error and its causes, outermost first and joined by `: ` (as anyhow's `{:#}` does),
+/// with library errors about a setting worded by the flag that sets it.
+pub fn error_message(err: &anyhow::Error) -> String {
+    err.chain()
+        .map(|cause| match cause.downcast_ref::<dynexec_core::Error>() {
+            Some(dynexec_core::Error::InvalidSetting {
+                setting,
+                requirement,
+            }) => format!("{} {requirement}", flag(*setting)),
+            _ => cause.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Prints a serializable value as one JSON object on stdout.

@@ -67,6 +67,14 @@ pub enum Error {
         context: usize,
     },
 
+    /// A setting outside its range or not allowed with another; front-ends word `setting`
+    /// as their own flag or field (see [`Setting`]).
+    #[error("{setting} {requirement}")]
+    InvalidSetting {
+        setting: Setting,
+        requirement: &'static str,
+    },
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
@@ -79,6 +87,25 @@ pub enum Error {
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// A user-facing setting that library code checks. Its `Display` is a neutral name; the CLI
+/// shows its flag, the server its JSON field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    Temperature,
+    TopP,
+    RepetitionPenalty,
+}
+
+impl std::fmt::Display for Setting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Setting::Temperature => "the temperature",
+            Setting::TopP => "top-p",
+            Setting::RepetitionPenalty => "the repetition penalty",
+        })
+    }
 }
 
 /// Result with dynexec's [`Error`].

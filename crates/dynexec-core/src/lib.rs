@@ -24,4 +24,4 @@ pub mod stats;
 pub mod tokenizer;
 pub mod trace;
 
-pub use error::{Error, Result};
+pub use error::{Error, Result, Setting};

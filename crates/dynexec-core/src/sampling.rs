@@ -3,7 +3,7 @@
 //! Greedy decoding with no penalty takes the argmax on the device, so only one id crosses
 //! to the host per token; every other mode copies the logits row once.
 
-use crate::{Error, Result};
+use crate::{Error, Result, Setting};
 use candle_core::{DType, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -38,19 +38,30 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
-    /// Checks ranges, naming the flag at fault.
+    /// Checks ranges; the error names the setting at fault ([`Error::InvalidSetting`]).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::InvalidArgument(m.to_string()));
+        let bad = |setting, requirement| {
+            Err(Error::InvalidSetting {
+                setting,
+                requirement,
+            })
+        };
         if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("--temperature must be a finite number >= 0 (0 means greedy)");
+            return bad(
+                Setting::Temperature,
+                "must be a finite number >= 0 (0 means greedy)",
+            );
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return bad("--top-p must be in (0, 1]");
+                return bad(Setting::TopP, "must be in (0, 1]");
             }
         }
         if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad("--repeat-penalty must be a finite number > 0 (1.0 disables it)");
+            return bad(
+                Setting::RepetitionPenalty,
+                "must be a finite number > 0 (1.0 disables it)",
+            );
         }
         Ok(())
     }
@@ -364,32 +375,34 @@ mod tests {
     }
 
     #[test]
-    fn invalid_settings_name_the_flag() {
-        for (params, flag) in [
+    fn invalid_settings_name_the_setting() {
+        for (params, expected) in [
             (
                 SamplingParams {
                     temperature: -1.0,
                     ..Default::default()
                 },
-                "--temperature",
+                Setting::Temperature,
             ),
             (
                 SamplingParams {
                     top_p: Some(1.5),
                     ..Default::default()
                 },
-                "--top-p",
+                Setting::TopP,
             ),
             (
                 SamplingParams {
                     repetition_penalty: 0.0,
                     ..Default::default()
                 },
-                "--repeat-penalty",
+                Setting::RepetitionPenalty,
             ),
         ] {
-            let err = Sampler::new(params).err().unwrap().to_string();
-            assert!(err.contains(flag), "{err}");
+            match Sampler::new(params).err() {
+                Some(Error::InvalidSetting { setting, .. }) => assert_eq!(setting, expected),
+                other => panic!("{other:?}"),
+            }
         }
     }
 }

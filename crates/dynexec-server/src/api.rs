@@ -7,6 +7,7 @@
 use crate::engine::{Dynamic, ModelInfo};
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::tokenizer::ChatMessage;
+use dynexec_core::Setting;
 use dynexec_exit::token_exit::TokenExitPolicy;
 use dynexec_models::generation::GenerateOptions;
 use serde::Deserialize;
@@ -20,6 +21,29 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<&'static str>,
     pub code: Option<&'static str>,
+}
+
+/// The request field that sets `setting`.
+pub fn field(setting: Setting) -> &'static str {
+    match setting {
+        Setting::Temperature => "temperature",
+        Setting::TopP => "top_p",
+        Setting::RepetitionPenalty => "repetition_penalty",
+    }
+}
+
+/// A library error as the API reports it: a setting out of range names its request field.
+pub fn setting_error(e: dynexec_core::Error) -> ApiError {
+    match e {
+        dynexec_core::Error::InvalidSetting {
+            setting,
+            requirement,
+        } => ApiError::invalid(
+            Some(field(setting)),
+            format!("`{}` {requirement}", field(setting)),
+        ),
+        e => ApiError::invalid(None, e.to_string()),
+    }
 }
 
 impl ApiError {
@@ -367,15 +391,7 @@ pub fn prepare(
         repeat_last_n: 64,
         seed: params.seed.unwrap_or_else(random_seed),
     };
-    sampling.validate().map_err(|e| {
-        ApiError::invalid(
-            None,
-            e.to_string()
-                .replace("--top-p", "`top_p`")
-                .replace("--repeat-penalty", "`repetition_penalty`")
-                .replace("--temperature", "`temperature`"),
-        )
-    })?;
+    sampling.validate().map_err(setting_error)?;
     let stop = match &params.stop {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::String(s)) => vec![s.clone()],

@@ -203,9 +203,9 @@ async fn generate(
 
 fn engine_error(e: dynexec_core::Error) -> ApiError {
     match e {
-        dynexec_core::Error::InvalidArgument(_) | dynexec_core::Error::ContextOverflow { .. } => {
-            ApiError::invalid(None, e.to_string())
-        }
+        dynexec_core::Error::InvalidArgument(_)
+        | dynexec_core::Error::ContextOverflow { .. }
+        | dynexec_core::Error::InvalidSetting { .. } => crate::api::setting_error(e),
         e => ApiError::server(500, "server_error", format!("generation failed: {e}")),
     }
 }

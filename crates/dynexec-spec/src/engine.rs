@@ -7,7 +7,7 @@ use candle_core::{DType, D};
 use dynexec_core::sampling::Sampler;
 use dynexec_core::stats::{secs, GenerationStats};
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use dynexec_models::generation::{check_prompt, GenerateOptions, Generation, StopReason};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
@@ -81,9 +81,10 @@ impl<'a> SpeculativeSequence<'a> {
     ) -> Result<(Self, u32)> {
         check_prompt(target, prompt_ids, options)?;
         if options.sampling.repetition_penalty != 1.0 {
-            return Err(Error::InvalidArgument(
-                "--repeat-penalty cannot be combined with --draft yet (the penalty depends on each drafted position)".to_string(),
-            ));
+            return Err(Error::InvalidSetting {
+                setting: Setting::RepetitionPenalty,
+                requirement: "cannot be combined with speculative decoding yet (the penalty depends on each drafted position)",
+            });
         }
         let mut sampler = Sampler::new(options.sampling.clone())?;
         let mut cache = target.new_cache();
