@@ -23,7 +23,7 @@
 //! activation bytes and adds them to a 32-bit sum in one instruction (AVX2 needs a
 //! `vpmaddubsw`, a 16-bit add and a periodic widening), on 256-bit vectors, eight activation
 //! rows at a time in its 32 registers. Its integer sums are the same, so it gives the same
-//! bits; on Qwen2.5-Coder-1.5B it prefills about 1.3–1.4x faster than the AVX2 build.
+//! bits; on Qwen2.5-Coder-1.5B it prefills about 1.2–1.4x faster than the AVX2 build.
 
 #[cfg(test)]
 use super::quantized::unpack;
