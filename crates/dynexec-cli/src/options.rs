@@ -126,6 +126,17 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Temperature => "--temperature",
         Setting::TopP => "--top-p",
         Setting::RepetitionPenalty => "--repeat-penalty",
+        Setting::Lookahead => "--lookahead",
+        Setting::EarlyExit => "--early-exit",
+        Setting::PerplexityContext => "--context",
+        Setting::PerplexityStride => "--stride",
+        Setting::Epochs => "--epochs",
+        Setting::TrainingSteps => "--steps",
+        Setting::BatchSize => "--batch-size",
+        Setting::LearningRate => "--learning-rate",
+        Setting::LossWeights => "--loss-weights",
+        Setting::ValidationSize => "--val-size",
+        Setting::MaxAccuracyDrop => "--max-accuracy-drop",
     }
 }
 
@@ -138,6 +149,11 @@ pub fn error_message(err: &anyhow::Error) -> String {
                 setting,
                 requirement,
             }) => format!("{} {requirement}", flag(*setting)),
+            Some(dynexec_core::Error::BadSpec {
+                setting,
+                spec,
+                help,
+            }) => format!("bad {} `{spec}`: {help}", flag(*setting)),
             _ => cause.to_string(),
         })
         .collect::<Vec<_>>()

@@ -72,7 +72,16 @@ pub enum Error {
     #[error("{setting} {requirement}")]
     InvalidSetting {
         setting: Setting,
-        requirement: &'static str,
+        requirement: String,
+    },
+
+    /// A setting written in a small language (a policy or controller spec) that does not
+    /// parse; `help` says how to write it.
+    #[error("bad {setting} `{spec}`: {help}")]
+    BadSpec {
+        setting: Setting,
+        spec: String,
+        help: String,
     },
 
     #[error("invalid argument: {0}")]
@@ -96,6 +105,21 @@ pub enum Setting {
     Temperature,
     TopP,
     RepetitionPenalty,
+    /// A speculative lookahead controller's spec.
+    Lookahead,
+    /// A per-token early-exit policy's spec.
+    EarlyExit,
+    /// Perplexity's window and its stride.
+    PerplexityContext,
+    PerplexityStride,
+    Epochs,
+    /// Diffusion training steps.
+    TrainingSteps,
+    BatchSize,
+    LearningRate,
+    LossWeights,
+    ValidationSize,
+    MaxAccuracyDrop,
 }
 
 impl std::fmt::Display for Setting {
@@ -104,7 +128,28 @@ impl std::fmt::Display for Setting {
             Setting::Temperature => "the temperature",
             Setting::TopP => "top-p",
             Setting::RepetitionPenalty => "the repetition penalty",
+            Setting::Lookahead => "lookahead",
+            Setting::EarlyExit => "early-exit policy",
+            Setting::PerplexityContext => "the perplexity window",
+            Setting::PerplexityStride => "the perplexity stride",
+            Setting::Epochs => "the number of epochs",
+            Setting::TrainingSteps => "the number of training steps",
+            Setting::BatchSize => "the batch size",
+            Setting::LearningRate => "the learning rate",
+            Setting::LossWeights => "the loss weights",
+            Setting::ValidationSize => "the validation size",
+            Setting::MaxAccuracyDrop => "the allowed accuracy drop",
         })
+    }
+}
+
+impl Error {
+    /// A setting outside its range, or not allowed with another.
+    pub fn setting(setting: Setting, requirement: impl Into<String>) -> Self {
+        Error::InvalidSetting {
+            setting,
+            requirement: requirement.into(),
+        }
     }
 }
 

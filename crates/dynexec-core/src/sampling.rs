@@ -40,12 +40,7 @@ impl Default for SamplingParams {
 impl SamplingParams {
     /// Checks ranges; the error names the setting at fault ([`Error::InvalidSetting`]).
     pub fn validate(&self) -> Result<()> {
-        let bad = |setting, requirement| {
-            Err(Error::InvalidSetting {
-                setting,
-                requirement,
-            })
-        };
+        let bad = |setting, requirement: &str| Err(Error::setting(setting, requirement));
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return bad(
                 Setting::Temperature,

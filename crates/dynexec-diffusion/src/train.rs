@@ -7,7 +7,7 @@ use crate::schedule::NoiseSchedule;
 use crate::text_unet::{from_pixels, DiffusionTraining};
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarMap};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use dynexec_models::unet::Unet;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -49,10 +49,11 @@ pub fn train(
             "training needs images, one label each".into(),
         ));
     }
-    if options.steps == 0 || options.batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "--steps and --batch-size must be at least 1".into(),
-        ));
+    if options.steps == 0 {
+        return Err(Error::setting(Setting::TrainingSteps, "must be at least 1"));
+    }
+    if options.batch_size == 0 {
+        return Err(Error::setting(Setting::BatchSize, "must be at least 1"));
     }
     if let Some(&bad) = data.labels.iter().find(|&&l| l >= data.class_prompts.len()) {
         return Err(Error::InvalidArgument(format!(
@@ -159,9 +160,10 @@ pub fn train(
         }
         let loss = loss.to_scalar::<f32>()?;
         if !loss.is_finite() {
-            return Err(Error::InvalidArgument(format!(
-                "the loss became {loss} at step {step}: lower --learning-rate"
-            )));
+            return Err(Error::setting(
+                Setting::LearningRate,
+                format!("is too high: the loss became {loss} at step {step}; lower it"),
+            ));
         }
         if recent.len() == 100 {
             recent.pop_front();

@@ -6,7 +6,7 @@
 //! the fewest layers whose accuracy stays within the allowed drop of full depth.
 
 use crate::policy::{argmax, normalized_entropy, ExitPolicy};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use serde::Serialize;
 
 /// Class probabilities of every exit for a set of labelled inputs.
@@ -102,9 +102,10 @@ pub fn calibrate(
         ));
     }
     if !(0.0..=1.0).contains(&max_accuracy_drop) {
-        return Err(Error::InvalidArgument(format!(
-            "--max-accuracy-drop {max_accuracy_drop} must lie in [0, 1] (0.01 is one point)"
-        )));
+        return Err(Error::setting(
+            Setting::MaxAccuracyDrop,
+            format!("{max_accuracy_drop} must lie in [0, 1] (0.01 is one point)"),
+        ));
     }
     let exits = predictions.num_exits();
     let full = predictions.evaluate(&ExitPolicy::Full);

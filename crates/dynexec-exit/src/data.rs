@@ -1,7 +1,7 @@
 //! Labelled data sets: text from JSONL or CSV (`text`, `label`), images from idx files.
 
 use candle_core::{Device, Tensor};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use std::path::{Path, PathBuf};
 
 /// Labelled inputs: sentences or images.
@@ -275,10 +275,13 @@ pub fn read_splits(dir: &Path, val_size: usize, device: &Device) -> Result<Split
         device,
     )?;
     if val_size == 0 || val_size >= full.len() {
-        return Err(Error::InvalidArgument(format!(
-            "--val-size {val_size} must be between 1 and the {} training images",
-            full.len()
-        )));
+        return Err(Error::setting(
+            Setting::ValidationSize,
+            format!(
+                "{val_size} must be between 1 and the {} training images",
+                full.len()
+            ),
+        ));
     }
     let cut = full.len() - val_size;
     let split = |range: std::ops::Range<usize>| -> Result<Dataset> {

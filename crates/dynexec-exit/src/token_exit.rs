@@ -10,7 +10,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use dynexec_core::card::read_card;
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
 use serde::{Deserialize, Serialize};
@@ -169,9 +169,11 @@ impl TokenExitPolicy {
     /// Parses `confidence:T` or `saturation:T`.
     pub fn parse(text: &str) -> Result<Self> {
         let bad = || {
-            Error::InvalidArgument(format!(
-                "bad --early-exit `{text}`: write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, 0–1); above 1 never exits early"
-            ))
+            Error::BadSpec {
+                setting: Setting::EarlyExit,
+                spec: text.to_string(),
+                help: "write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, 0–1); above 1 never exits early".into(),
+            }
         };
         let (kind, value) = text.split_once(':').ok_or_else(bad)?;
         let threshold: f32 = value.trim().parse().map_err(|_| bad())?;

@@ -11,7 +11,7 @@ use crate::model::ExitClassifier;
 use crate::policy::softmax;
 use candle_core::{Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
@@ -60,14 +60,16 @@ pub fn train(
         false => options.loss_weights.clone(),
     };
     if weights.len() != exits || weights.iter().any(|w| w.is_nan() || *w < 0.0) {
-        return Err(Error::InvalidArgument(format!(
-            "--loss-weights needs {exits} non-negative numbers, one per exit"
-        )));
-    }
-    if options.epochs == 0 || options.batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "--epochs and --batch-size must be at least 1".into(),
+        return Err(Error::setting(
+            Setting::LossWeights,
+            format!("must be {exits} non-negative numbers, one per exit"),
         ));
+    }
+    if options.epochs == 0 {
+        return Err(Error::setting(Setting::Epochs, "must be at least 1"));
+    }
+    if options.batch_size == 0 {
+        return Err(Error::setting(Setting::BatchSize, "must be at least 1"));
     }
     let weight_sum: f32 = weights.iter().sum();
     let labels = classifier.card.labels.clone();
@@ -136,9 +138,12 @@ pub fn train(
             optimizer.backward_step(&loss)?;
             let loss = loss.to_scalar::<f32>()?;
             if !loss.is_finite() {
-                return Err(Error::InvalidArgument(format!(
-                    "training diverged (loss {loss}) in epoch {epoch}: lower --learning-rate"
-                )));
+                return Err(Error::setting(
+                    Setting::LearningRate,
+                    format!(
+                        "is too high: training diverged (loss {loss}) in epoch {epoch}; lower it"
+                    ),
+                ));
             }
             loss_sum += loss;
             on_event(TrainEvent::Step {

@@ -3,7 +3,7 @@
 //! with the rest of the window as context.
 
 use candle_core::{DType, Tensor, D};
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 use dynexec_models::llama::Llama;
 use serde::Serialize;
 
@@ -25,16 +25,29 @@ pub struct Window {
 
 impl Window {
     pub fn validate(&self, model_context: usize) -> Result<()> {
-        if self.context < 2 || self.stride == 0 || self.stride > self.context {
-            return Err(Error::InvalidArgument(
-                "--context must be >= 2 and --stride in 1..=context".to_string(),
+        if self.context < 2 {
+            return Err(Error::setting(
+                Setting::PerplexityContext,
+                format!("must be >= 2, not {}", self.context),
+            ));
+        }
+        if self.stride == 0 || self.stride > self.context {
+            return Err(Error::setting(
+                Setting::PerplexityStride,
+                format!(
+                    "must be in 1..={} (the window), not {}",
+                    self.context, self.stride
+                ),
             ));
         }
         if self.context > model_context {
-            return Err(Error::InvalidArgument(format!(
-                "--context {} is longer than the model's context of {model_context}",
-                self.context
-            )));
+            return Err(Error::setting(
+                Setting::PerplexityContext,
+                format!(
+                    "{} is longer than the model's context of {model_context}",
+                    self.context
+                ),
+            ));
         }
         Ok(())
     }

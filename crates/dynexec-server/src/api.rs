@@ -23,12 +23,15 @@ pub struct ApiError {
     pub code: Option<&'static str>,
 }
 
-/// The request field that sets `setting`.
-pub fn field(setting: Setting) -> &'static str {
+/// The request field that sets `setting`, for those a request can set.
+pub fn field(setting: Setting) -> Option<&'static str> {
     match setting {
-        Setting::Temperature => "temperature",
-        Setting::TopP => "top_p",
-        Setting::RepetitionPenalty => "repetition_penalty",
+        Setting::Temperature => Some("temperature"),
+        Setting::TopP => Some("top_p"),
+        Setting::RepetitionPenalty => Some("repetition_penalty"),
+        Setting::Lookahead => Some("lookahead"),
+        Setting::EarlyExit => Some("early_exit"),
+        _ => None,
     }
 }
 
@@ -38,10 +41,19 @@ pub fn setting_error(e: dynexec_core::Error) -> ApiError {
         dynexec_core::Error::InvalidSetting {
             setting,
             requirement,
-        } => ApiError::invalid(
-            Some(field(setting)),
-            format!("`{}` {requirement}", field(setting)),
-        ),
+        } => match field(setting) {
+            Some(name) => ApiError::invalid(Some(name), format!("`{name}` {requirement}")),
+            None => ApiError::invalid(None, format!("{setting} {requirement}")),
+        },
+        dynexec_core::Error::BadSpec {
+            setting,
+            spec,
+            help,
+        } => {
+            let name = field(setting);
+            let shown = name.map_or(setting.to_string(), |n| format!("`{n}`"));
+            ApiError::invalid(name, format!("bad {shown} `{spec}`: {help}"))
+        }
         e => ApiError::invalid(None, e.to_string()),
     }
 }
@@ -431,8 +443,7 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
     let early_exit = match &params.early_exit {
         None => None,
         Some(spec) => {
-            let policy = TokenExitPolicy::parse(spec)
-                .map_err(|e| ApiError::invalid(Some("early_exit"), e.to_string()))?;
+            let policy = TokenExitPolicy::parse(spec).map_err(setting_error)?;
             if info.exit_layers.is_none() {
                 return Err(ApiError::invalid(
                     Some("early_exit"),
@@ -470,8 +481,7 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
         }
         (true, Some(_)) => {
             let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
-            dynexec_spec::lookahead::parse(&lookahead)
-                .map_err(|e| ApiError::invalid(Some("lookahead"), e.to_string()))?;
+            dynexec_spec::lookahead::parse(&lookahead).map_err(setting_error)?;
             Some(lookahead)
         }
     };
@@ -498,4 +508,29 @@ fn random_seed() -> u64 {
         ^ COUNTER
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dynexec_core::Error;
+
+    /// Library errors about a setting come back in the API's terms: the request field, named
+    /// in the message and as `param`; settings a request cannot set keep their plain name.
+    #[test]
+    fn setting_errors_name_the_request_field() {
+        let e = setting_error(Error::setting(Setting::TopP, "must be in (0, 1]"));
+        assert_eq!((e.status, e.param), (400, Some("top_p")));
+        assert_eq!(e.message, "`top_p` must be in (0, 1]");
+        let e = setting_error(Error::BadSpec {
+            setting: Setting::Lookahead,
+            spec: "sometimes".into(),
+            help: "use fixed:K".into(),
+        });
+        assert_eq!(e.param, Some("lookahead"));
+        assert_eq!(e.message, "bad `lookahead` `sometimes`: use fixed:K");
+        let e = setting_error(Error::setting(Setting::BatchSize, "must be at least 1"));
+        assert_eq!(e.param, None);
+        assert_eq!(e.message, "the batch size must be at least 1");
+    }
 }

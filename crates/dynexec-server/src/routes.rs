@@ -205,7 +205,8 @@ fn engine_error(e: dynexec_core::Error) -> ApiError {
     match e {
         dynexec_core::Error::InvalidArgument(_)
         | dynexec_core::Error::ContextOverflow { .. }
-        | dynexec_core::Error::InvalidSetting { .. } => crate::api::setting_error(e),
+        | dynexec_core::Error::InvalidSetting { .. }
+        | dynexec_core::Error::BadSpec { .. } => crate::api::setting_error(e),
         e => ApiError::server(500, "server_error", format!("generation failed: {e}")),
     }
 }

@@ -81,10 +81,10 @@ impl<'a> SpeculativeSequence<'a> {
     ) -> Result<(Self, u32)> {
         check_prompt(target, prompt_ids, options)?;
         if options.sampling.repetition_penalty != 1.0 {
-            return Err(Error::InvalidSetting {
-                setting: Setting::RepetitionPenalty,
-                requirement: "cannot be combined with speculative decoding yet (the penalty depends on each drafted position)",
-            });
+            return Err(Error::setting(
+                Setting::RepetitionPenalty,
+                "cannot be combined with speculative decoding yet (the penalty depends on each drafted position)",
+            ));
         }
         let mut sampler = Sampler::new(options.sampling.clone())?;
         let mut cache = target.new_cache();

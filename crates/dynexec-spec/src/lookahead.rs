@@ -1,6 +1,6 @@
 //! How many tokens to draft: fixed, heuristic, or by the draft's own confidence.
 
-use dynexec_core::{Error, Result};
+use dynexec_core::{Error, Result, Setting};
 
 /// Decides the lookahead before each step and learns from what was accepted.
 pub trait Lookahead {
@@ -159,10 +159,10 @@ impl Lookahead for Confidence {
 
 /// Parses `fixed:K`, `heuristic[:START]` or `confidence[:THRESHOLD]`.
 pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
-    let bad = |why: &str| {
-        Error::InvalidArgument(format!(
-            "--lookahead `{spec}`: {why}; use fixed:K, heuristic[:START] or confidence[:THRESHOLD]"
-        ))
+    let bad = |why: &str| Error::BadSpec {
+        setting: Setting::Lookahead,
+        spec: spec.to_string(),
+        help: format!("{why}; use fixed:K, heuristic[:START] or confidence[:THRESHOLD]"),
     };
     let (kind, arg) = match spec.split_once(':') {
         Some((k, a)) => (k, Some(a)),
