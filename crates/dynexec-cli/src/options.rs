@@ -154,6 +154,10 @@ pub fn error_message(err: &anyhow::Error) -> String {
                 spec,
                 help,
             }) => format!("bad {} `{spec}`: {help}", flag(*setting)),
+            Some(dynexec_core::Error::NeedsTokenizer { reason }) => {
+                format!("{reason}: pass the model's tokenizer.json with --tokenizer PATH")
+            }
+            Some(e @ dynexec_core::Error::ContextOverflow { .. }) => format!("{e} (--max-tokens)"),
             _ => cause.to_string(),
         })
         .collect::<Vec<_>>()

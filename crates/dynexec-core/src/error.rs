@@ -60,7 +60,12 @@ pub enum Error {
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
-    #[error("the prompt has {prompt_tokens} tokens, plus {requested} to generate, but the model's context holds {context}: shorten the prompt or lower --max-tokens")]
+    /// The model's own tokenizer cannot be used or found; the front-end says how to supply a
+    /// `tokenizer.json`.
+    #[error("{reason}: supply the model's tokenizer.json")]
+    NeedsTokenizer { reason: String },
+
+    #[error("the prompt has {prompt_tokens} tokens, plus {requested} to generate, but the model's context holds {context}: shorten the prompt or generate fewer tokens")]
     ContextOverflow {
         prompt_tokens: usize,
         requested: usize,

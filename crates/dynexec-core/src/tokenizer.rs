@@ -107,9 +107,11 @@ impl TextTokenizer {
         };
         let model = get("tokenizer.ggml.model")?.to_string().map_err(tok_err)?;
         if model != "gpt2" {
-            return Err(tok_err(format!(
-                "GGUF tokenizer model `{model}` cannot be rebuilt (only byte-level BPE, `gpt2`); pass --tokenizer tokenizer.json"
-            )));
+            return Err(Error::NeedsTokenizer {
+                reason: format!(
+                    "GGUF tokenizer model `{model}` cannot be rebuilt (only byte-level BPE, `gpt2`)"
+                ),
+            });
         }
         let tokens: Vec<String> = string_array(get("tokenizer.ggml.tokens")?)?;
         let merges: Vec<(String, String)> = string_array(get("tokenizer.ggml.merges")?)?
@@ -345,12 +347,18 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
             )
             .map_err(tok_err)?;
             // The regex has done the splitting: the byte-level step only maps bytes.
-            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()]).into())
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, false, false).into(),
+            ])
+            .into())
         }
         "gpt-2" | "gpt2" | "default" => Ok(ByteLevel::new(false, true, true).into()),
-        other => Err(tok_err(format!(
-            "GGUF pre-tokenizer `{other}` is not supported yet (smollm, qwen2, gpt-2 are); pass --tokenizer tokenizer.json"
-        ))),
+        other => Err(Error::NeedsTokenizer {
+            reason: format!(
+                "GGUF pre-tokenizer `{other}` is not supported yet (smollm, qwen2, gpt-2 are)"
+            ),
+        }),
     }
 }
 
@@ -430,7 +438,11 @@ mod tests {
 
     #[test]
     fn unsupported_pre_tokenizers_say_what_to_do() {
-        let err = pre_tokenizer_for("mystery").unwrap_err().to_string();
-        assert!(err.contains("--tokenizer"), "{err}");
+        let err = pre_tokenizer_for("mystery").unwrap_err();
+        assert!(
+            matches!(&err, Error::NeedsTokenizer { reason } if reason.contains("`mystery`")),
+            "{err}"
+        );
+        assert!(err.to_string().contains("tokenizer.json"), "{err}");
     }
 }

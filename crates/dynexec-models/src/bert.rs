@@ -130,7 +130,9 @@ impl EncoderFiles {
             Some(path) => path.to_path_buf(),
             None => files
                 .find("tokenizer.json")
-                .ok_or_else(|| missing("tokenizer.json: pass --tokenizer"))?
+                .ok_or_else(|| Error::NeedsTokenizer {
+                    reason: format!("`{}` has no tokenizer.json", files.name),
+                })?
                 .to_path_buf(),
         };
         Ok(Self {

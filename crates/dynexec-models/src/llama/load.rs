@@ -40,9 +40,14 @@ pub fn load_decoder(
                 check_against_gguf_vocab(&tokenizer, &content, path)?;
                 tokenizer
             }
-            None => TextTokenizer::from_gguf(&content).map_err(|e| Error::InvalidModel {
-                path: gguf.to_path_buf(),
-                message: e.to_string(),
+            None => TextTokenizer::from_gguf(&content).map_err(|e| match e {
+                Error::NeedsTokenizer { reason } => Error::NeedsTokenizer {
+                    reason: format!("{}: {reason}", gguf.display()),
+                },
+                e => Error::InvalidModel {
+                    path: gguf.to_path_buf(),
+                    message: e.to_string(),
+                },
             })?,
         };
         for key in TOKENIZER_ARRAYS {
@@ -81,11 +86,8 @@ pub fn load_decoder(
         None => files
             .find("tokenizer.json")
             .map(Path::to_path_buf)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "`{}` has no tokenizer.json: pass --tokenizer PATH",
-                    files.name
-                ))
+            .ok_or_else(|| Error::NeedsTokenizer {
+                reason: format!("`{}` has no tokenizer.json", files.name),
             })?,
     };
     let tokenizer = TextTokenizer::from_file(&tokenizer_path)?;
