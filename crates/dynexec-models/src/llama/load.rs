@@ -32,7 +32,7 @@ pub fn load_decoder(
     if let Some(gguf) = files.find(".gguf") {
         // The tokenizer first, then the weights: its metadata (152k tokens and merges for
         // Qwen2.5) and the build's temporaries are freed before the weights arrive, so they
-        // do not add to the peak (Qwen2.5-0.5B: 1.18x -> below 1.15x its file).
+        // do not add to the peak (Qwen2.5-0.5B: 1.18x -> 1.09x its file).
         let (file, mut content) = read_gguf(gguf)?;
         let tokenizer = match tokenizer {
             Some(path) => {
