@@ -57,7 +57,8 @@ fn parse_device(s: &str) -> Result<DeviceSpec, String> {
     s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
-fn parse_isa(s: &str) -> Result<Isa, String> {
+/// Parses an instruction set flag (`--max-cpu-isa`, `--compare-cpu-isa`).
+pub fn parse_isa(s: &str) -> Result<Isa, String> {
     s.parse()
 }
 

@@ -4,7 +4,7 @@ use super::bench_llama_cpp::{LlamaCpp, LLAMA_CPP_NAME};
 use super::eval::{evaluate, read_text, WindowArgs};
 use super::generate::load_model;
 use super::generate::ModelArgs;
-use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
+use crate::options::{parse_format, parse_isa, print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -129,10 +129,6 @@ pub struct BenchGenerateArgs {
     /// interleaved run by run: what the better one this CPU has is worth.
     #[arg(long, value_name = "ISA", value_parser = parse_isa)]
     compare_cpu_isa: Option<Isa>,
-}
-
-fn parse_isa(s: &str) -> Result<Isa, String> {
-    s.parse()
 }
 
 pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
@@ -304,6 +300,13 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
 
     let mut decoders: Vec<Box<dyn Decoder + '_>> = vec![Box::new(Ours(model))];
     if let Some(isa) = args.compare_cpu_isa {
+        if Isa::detect().is_none_or(|best| isa > best) {
+            bail!(
+                "--compare-cpu-isa {}: this CPU cannot run dynexec's kernels on it (it runs {})",
+                isa.name(),
+                Isa::detect().map_or("none of them", Isa::name)
+            );
+        }
         decoders.push(Box::new(OursOn {
             model,
             isa,
