@@ -799,3 +799,69 @@ fn bench_speculative_compares_drafters_with_plain_decoding() {
         "fetch-prompts",
     );
 }
+
+/// `--compare-llama-cpp`, repeated, runs each llama-bench build interleaved with dynexec and
+/// reports a ratio to each; fake llama-bench scripts print llama-bench's JSON with known rates.
+#[cfg(unix)]
+#[test]
+fn bench_generate_compares_several_llama_cpp_builds_in_one_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = |build: &str, pp: f64, tg: f64| {
+        let bin = dir.path().join(build).join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let path = bin.join("llama-bench");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\necho '[{{\"n_prompt\": 8, \"n_gen\": 0, \"avg_ts\": {pp}}}, {{\"n_prompt\": 0, \"n_gen\": 4, \"avg_ts\": {tg}}}]'\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let (avx2, avx512) = (
+        fake("build", 100.0, 50.0),
+        fake("build-avx512", 200.0, 80.0),
+    );
+    let report =
+        short_bench_generate(&["--compare-llama-cpp", &avx2, "--compare-llama-cpp", &avx512]);
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows
+        .iter()
+        .map(|r| r["implementation"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "dynexec",
+            "llama.cpp (llama-bench)",
+            "llama.cpp (build-avx512)"
+        ]
+    );
+    assert_eq!(rows[2]["prefill_tokens_per_s"].as_f64().unwrap(), 200.0);
+    assert_eq!(rows[2]["decode_tokens_per_s"].as_f64().unwrap(), 80.0);
+    let ours = &rows[0];
+    let ratios = report["llama_cpp_ratios"].as_array().unwrap();
+    assert_eq!(ratios.len(), 2);
+    for (ratio, (pp, tg)) in ratios.iter().zip([(100.0, 50.0), (200.0, 80.0)]) {
+        let expected = ours["prefill_tokens_per_s"].as_f64().unwrap() / pp;
+        assert!((ratio["prefill_ratio"].as_f64().unwrap() - expected).abs() < 1e-9);
+        let expected = ours["decode_tokens_per_s"].as_f64().unwrap() / tg;
+        assert!((ratio["decode_ratio"].as_f64().unwrap() - expected).abs() < 1e-9);
+    }
+    assert_eq!(
+        report["prefill_ratio_vs_llama_cpp"],
+        ratios[0]["prefill_ratio"]
+    );
+    assert_clear_error(
+        &dynexec(&[
+            "bench",
+            "generate",
+            "--compare-llama-cpp",
+            "/nonexistent/llama-bench",
+        ]),
+        "no such file",
+    );
+}

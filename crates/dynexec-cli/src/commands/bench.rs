@@ -1,6 +1,6 @@
 //! `dynexec bench ...`: baseline and technique measured side by side in one process.
 
-use super::bench_llama_cpp::{LlamaCpp, LLAMA_CPP_NAME};
+use super::bench_llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
 use super::eval::{evaluate, read_text, WindowArgs};
 use super::generate::load_model;
 use super::generate::ModelArgs;
@@ -122,9 +122,10 @@ pub struct BenchGenerateArgs {
     peer: bool,
     /// Also run llama.cpp's `llama-bench` (give the binary's path) on the same GGUF with the
     /// same thread count, prompt and generation lengths, interleaved run by run, and print
-    /// dynexec's ratio to it.
+    /// dynexec's ratio to it. Repeat it to compare several builds in one run (say, AVX2 and
+    /// AVX-512); each is named by its CMake build folder.
     #[arg(long, value_name = "LLAMA_BENCH")]
-    compare_llama_cpp: Option<PathBuf>,
+    compare_llama_cpp: Vec<PathBuf>,
     /// Also run dynexec with its repacked kernels held to this instruction set (`avx2`),
     /// interleaved run by run: what the better one this CPU has is worth.
     #[arg(long, value_name = "ISA", value_parser = parse_isa)]
@@ -261,6 +262,15 @@ struct Row {
     decode: Summary,
 }
 
+/// dynexec's medians over one llama.cpp build's.
+#[derive(Serialize)]
+struct LlamaCppRatio {
+    implementation: &'static str,
+    prefill_ratio: f64,
+    /// None without generated tokens.
+    decode_ratio: Option<f64>,
+}
+
 #[derive(Serialize)]
 struct Report {
     model: String,
@@ -277,9 +287,11 @@ struct Report {
     /// dynexec's median over the peer's, when the peer ran.
     prefill_ratio_vs_peer: Option<f64>,
     decode_ratio_vs_peer: Option<f64>,
-    /// dynexec's median over llama.cpp's, with --compare-llama-cpp.
+    /// dynexec's median over llama.cpp's, with --compare-llama-cpp (the first build given).
     prefill_ratio_vs_llama_cpp: Option<f64>,
     decode_ratio_vs_llama_cpp: Option<f64>,
+    /// The same for every build given, in order.
+    llama_cpp_ratios: Vec<LlamaCppRatio>,
     /// dynexec's median over its own on the lower instruction set, with --compare-cpu-isa.
     prefill_ratio_vs_cpu_isa: Option<f64>,
     decode_ratio_vs_cpu_isa: Option<f64>,
@@ -321,7 +333,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         decoders.push(Box::new(Peer::load(gguf, model.device())?));
     }
 
-    if let Some(binary) = &args.compare_llama_cpp {
+    if !args.compare_llama_cpp.is_empty() {
         if global.quant.is_some() {
             bail!("--compare-llama-cpp runs llama.cpp on the GGUF file as stored, so dynexec must run it as stored too: drop --quant, or write the converted model with `dynexec quantize --to FORMAT --out FILE.gguf` and bench that file on both");
         }
@@ -329,11 +341,15 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         let gguf = files
             .find(".gguf")
             .context("--compare-llama-cpp needs a GGUF model; this model has no .gguf file")?;
-        decoders.push(Box::new(LlamaCpp::new(
-            binary,
-            gguf,
-            candle_core::utils::get_num_threads(),
-        )?));
+        let names = build_names(&args.compare_llama_cpp);
+        for (binary, name) in args.compare_llama_cpp.iter().zip(names) {
+            decoders.push(Box::new(LlamaCpp::new(
+                name,
+                binary,
+                gguf,
+                candle_core::utils::get_num_threads(),
+            )?));
+        }
     }
 
     let total = ((args.warmup + args.runs) * decoders.len()) as u64;
@@ -393,6 +409,16 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         decode_ratio_vs_peer: ratio(|r| r.decode_tokens_per_s),
         prefill_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.prefill_tokens_per_s),
         decode_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.decode_tokens_per_s),
+        llama_cpp_ratios: build_names(&args.compare_llama_cpp)
+            .into_iter()
+            .filter_map(|name| {
+                Some(LlamaCppRatio {
+                    implementation: name,
+                    prefill_ratio: ratio_to(name, |r| r.prefill_tokens_per_s)?,
+                    decode_ratio: ratio_to(name, |r| r.decode_tokens_per_s),
+                })
+            })
+            .collect(),
         prefill_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.prefill_tokens_per_s),
         decode_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.decode_tokens_per_s),
         rows,
@@ -416,37 +442,44 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         report.warmup
     );
     println!(
-        "{:<38} {:>22} {:>22}",
+        "{:<42} {:>22} {:>22}",
         "implementation", "prefill tok/s", "decode tok/s"
     );
     for row in &report.rows {
         println!(
-            "{:<38} {:>22} {:>22}",
+            "{:<42} {:>22} {:>22}",
             row.implementation,
             format!("{:.1} ± {:.1}", row.prefill.median, row.prefill.stddev),
             format!("{:.1} ± {:.1}", row.decode.median, row.decode.stddev)
         );
     }
-    for (name, prefill, decode) in [
+    let llama_cpp_rows = report.llama_cpp_ratios.iter().map(|r| {
+        let name = match r.implementation {
+            LLAMA_CPP_NAME => "llama.cpp",
+            build => build,
+        };
         (
-            "ratio dynexec / peer",
-            report.prefill_ratio_vs_peer,
-            report.decode_ratio_vs_peer,
-        ),
-        (
-            "ratio dynexec / llama.cpp",
-            report.prefill_ratio_vs_llama_cpp,
-            report.decode_ratio_vs_llama_cpp,
-        ),
-        (
-            "ratio dynexec / its --compare-cpu-isa",
-            report.prefill_ratio_vs_cpu_isa,
-            report.decode_ratio_vs_cpu_isa,
-        ),
-    ] {
+            format!("ratio dynexec / {name}"),
+            Some(r.prefill_ratio),
+            r.decode_ratio,
+        )
+    });
+    let ratio_rows = [(
+        "ratio dynexec / peer".to_string(),
+        report.prefill_ratio_vs_peer,
+        report.decode_ratio_vs_peer,
+    )]
+    .into_iter()
+    .chain(llama_cpp_rows)
+    .chain([(
+        "ratio dynexec / its --compare-cpu-isa".to_string(),
+        report.prefill_ratio_vs_cpu_isa,
+        report.decode_ratio_vs_cpu_isa,
+    )]);
+    for (name, prefill, decode) in ratio_rows {
         if let (Some(p), Some(d)) = (prefill, decode) {
             println!(
-                "{:<38} {:>22} {:>22}",
+                "{:<42} {:>22} {:>22}",
                 name,
                 format!("{p:.2}x"),
                 format!("{d:.2}x")

@@ -11,13 +11,15 @@ pub const LLAMA_CPP_NAME: &str = "llama.cpp (llama-bench)";
 /// A `llama-bench` binary run on one GGUF: each run is one llama-bench repetition of a pp and
 /// a tg test, so runs interleave with dynexec's like the other implementations.
 pub struct LlamaCpp {
+    name: &'static str,
     binary: PathBuf,
     gguf: PathBuf,
     threads: usize,
 }
 
 impl LlamaCpp {
-    pub fn new(binary: &Path, gguf: &Path, threads: usize) -> Result<Self> {
+    /// `name` tells builds apart when several are compared ([`LLAMA_CPP_NAME`] for one).
+    pub fn new(name: &'static str, binary: &Path, gguf: &Path, threads: usize) -> Result<Self> {
         if !binary.is_file() {
             bail!(
                 "--compare-llama-cpp {}: no such file; give the path of llama.cpp's llama-bench binary",
@@ -25,6 +27,7 @@ impl LlamaCpp {
             );
         }
         Ok(Self {
+            name,
             binary: binary.to_path_buf(),
             gguf: gguf.to_path_buf(),
             threads,
@@ -34,7 +37,7 @@ impl LlamaCpp {
 
 impl Decoder for LlamaCpp {
     fn name(&self) -> &'static str {
-        LLAMA_CPP_NAME
+        self.name
     }
 
     /// llama-bench reports tokens/s per test; they are turned back into seconds for the
@@ -71,6 +74,39 @@ impl Decoder for LlamaCpp {
         };
         Ok((prompt.len() as f64 / pp, decode))
     }
+}
+
+/// Row names for the llama-bench binaries compared in one run: [`LLAMA_CPP_NAME`] for the
+/// first (the ratios of earlier versions' JSON refer to it), then `llama.cpp (BUILD)`, BUILD
+/// being the folder above the binary's `bin/` (CMake's build folder, which names the build
+/// where several sit side by side), or the path itself.
+pub fn build_names(binaries: &[PathBuf]) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::with_capacity(binaries.len());
+    for (i, binary) in binaries.iter().enumerate() {
+        if i == 0 {
+            names.push(LLAMA_CPP_NAME);
+            continue;
+        }
+        let build = binary
+            .parent()
+            .filter(|bin| bin.file_name().is_some_and(|n| n == "bin"))
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().into_owned());
+        let mut name = format!(
+            "llama.cpp ({})",
+            build.unwrap_or_else(|| binary.display().to_string())
+        );
+        if names.contains(&name.as_str()) {
+            name = format!("llama.cpp ({})", binary.display());
+        }
+        if names.contains(&name.as_str()) {
+            name = format!("llama.cpp (#{})", i + 1);
+        }
+        // A handful per process, printed and serialized by name.
+        names.push(Box::leak(name.into_boxed_str()));
+    }
+    names
 }
 
 /// Prefill and generation tokens/s from llama-bench's JSON tests (`n_prompt`/`n_gen`,
