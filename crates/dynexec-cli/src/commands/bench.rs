@@ -333,6 +333,8 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         decoders.push(Box::new(Peer::load(gguf, model.device())?));
     }
 
+    // Named once: the rows and their ratios refer to the same names.
+    let llama_cpp_names = build_names(&args.compare_llama_cpp);
     if !args.compare_llama_cpp.is_empty() {
         if global.quant.is_some() {
             bail!("--compare-llama-cpp runs llama.cpp on the GGUF file as stored, so dynexec must run it as stored too: drop --quant, or write the converted model with `dynexec quantize --to FORMAT --out FILE.gguf` and bench that file on both");
@@ -341,8 +343,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         let gguf = files
             .find(".gguf")
             .context("--compare-llama-cpp needs a GGUF model; this model has no .gguf file")?;
-        let names = build_names(&args.compare_llama_cpp);
-        for (binary, name) in args.compare_llama_cpp.iter().zip(names) {
+        for (binary, &name) in args.compare_llama_cpp.iter().zip(&llama_cpp_names) {
             decoders.push(Box::new(LlamaCpp::new(
                 name,
                 binary,
@@ -409,7 +410,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         decode_ratio_vs_peer: ratio(|r| r.decode_tokens_per_s),
         prefill_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.prefill_tokens_per_s),
         decode_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.decode_tokens_per_s),
-        llama_cpp_ratios: build_names(&args.compare_llama_cpp)
+        llama_cpp_ratios: llama_cpp_names
             .into_iter()
             .filter_map(|name| {
                 Some(LlamaCppRatio {
