@@ -8,6 +8,7 @@ use dynexec_core::hub::Hub;
 use dynexec_core::Setting;
 use dynexec_models::cpu_kernels::Isa;
 use dynexec_models::linear::CpuKernels;
+use dynexec_models::loading::LoadOptions;
 use dynexec_quant::{QuantTarget, WeightFormat};
 
 #[derive(Args, Clone)]
@@ -114,6 +115,16 @@ impl GlobalOptions {
         }
     }
 
+    /// How models load under these flags, converted to `quant`.
+    pub fn load_options(&self, quant: Option<QuantTarget>) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype,
+            quant,
+            cpu_kernels: self.cpu_kernels,
+            ..Default::default()
+        }
+    }
+
     pub fn hub(&self) -> Result<Hub> {
         let mut hub = Hub::from_env()?;
         hub.progress = !self.quiet;
@@ -129,6 +140,8 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::RepetitionPenalty => "--repeat-penalty",
         Setting::Lookahead => "--lookahead",
         Setting::EarlyExit => "--early-exit",
+        Setting::Draft => "--draft",
+        Setting::ExitAdapters => "--exit-adapters",
         Setting::PerplexityContext => "--context",
         Setting::PerplexityStride => "--stride",
         Setting::Epochs => "--epochs",
@@ -145,7 +158,16 @@ pub fn flag(setting: Setting) -> &'static str {
 /// with library errors about a setting worded by the flag that sets it.
 pub fn error_message(err: &anyhow::Error) -> String {
     err.chain()
-        .map(|cause| match cause.downcast_ref::<dynexec_core::Error>() {
+        .map(|cause| {
+            // A library error's context holds its cause boxed.
+            let library = cause.downcast_ref::<dynexec_core::Error>().or_else(|| {
+                cause
+                    .downcast_ref::<Box<dynexec_core::Error>>()
+                    .map(AsRef::as_ref)
+            });
+            (cause, library)
+        })
+        .map(|(cause, library)| match library {
             Some(dynexec_core::Error::InvalidSetting {
                 setting,
                 requirement,

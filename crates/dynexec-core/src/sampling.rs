@@ -21,6 +21,7 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// Seed of the sampler's random generator; unused when greedy.
     pub seed: u64,
 }
 
@@ -61,6 +62,7 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether sampling takes the argmax (temperature 0).
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
@@ -73,12 +75,15 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler seeded from `params.seed`; fails if `params` is out of range
+    /// ([`SamplingParams::validate`]).
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
         Ok(Self { params, rng })
     }
 
+    /// The settings it samples with.
     pub fn params(&self) -> &SamplingParams {
         &self.params
     }

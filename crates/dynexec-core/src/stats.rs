@@ -6,7 +6,9 @@ use std::time::Duration;
 /// What one generation cost.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct GenerationStats {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated, the first one included.
     pub generated_tokens: usize,
     /// Forward pass over the prompt.
     pub prefill_secs: f64,
@@ -17,6 +19,7 @@ pub struct GenerationStats {
 }
 
 impl GenerationStats {
+    /// Prompt tokens per second of prefill (0 when no time was measured).
     pub fn prefill_tokens_per_s(&self) -> f64 {
         rate(self.prompt_tokens, self.prefill_secs)
     }
@@ -38,11 +41,17 @@ fn rate(count: usize, secs: f64) -> f64 {
 /// Median, spread and range of repeated measurements.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Summary {
+    /// Middle value (mean of the two middle ones for an even count).
     pub median: f64,
+    /// Arithmetic mean.
     pub mean: f64,
+    /// Sample standard deviation (n − 1 denominator; 0 for one run).
     pub stddev: f64,
+    /// Smallest sample.
     pub min: f64,
+    /// Largest sample.
     pub max: f64,
+    /// Number of samples.
     pub runs: usize,
 }
 

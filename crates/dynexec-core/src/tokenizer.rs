@@ -229,14 +229,17 @@ impl TextTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The id of a token's text (added tokens included), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// The vocabulary text of one id (not decoded: byte-level markers stay), if it exists.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
 
+    /// Whether `id` is one of the ids that end a generation ([`Self::eos_ids`]).
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos_ids.contains(&id)
     }
@@ -372,6 +375,7 @@ pub struct TokenStream<'a> {
 }
 
 impl<'a> TokenStream<'a> {
+    /// An empty stream over `tokenizer`.
     pub fn new(tokenizer: &'a TextTokenizer) -> Self {
         Self {
             tokenizer,

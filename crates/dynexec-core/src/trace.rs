@@ -14,10 +14,15 @@ use std::path::{Path, PathBuf};
 /// Describes a saved trace.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TraceInfo {
+    /// The model the trace was taken from, as the caller named it.
     pub model: String,
+    /// The traced layers, ascending (see the module doc for what a layer index means).
     pub layers: Vec<usize>,
+    /// Positions recorded (the most any layer holds).
     pub positions: usize,
+    /// Hidden size: features per position.
     pub features: usize,
+    /// The token at each position, prompt first.
     pub token_ids: Vec<u32>,
     /// How many of the positions are the prompt (the rest were generated). Traces saved
     /// before this field existed read as 0.
@@ -53,10 +58,12 @@ impl Trace {
         }
     }
 
+    /// Whether `layer` is traced ([`Self::record`] ignores the others).
     pub fn wants(&self, layer: usize) -> bool {
         self.chunks.contains_key(&layer)
     }
 
+    /// The traced layers, ascending.
     pub fn layers(&self) -> Vec<usize> {
         self.chunks.keys().copied().collect()
     }

@@ -16,6 +16,7 @@ use std::path::Path;
 
 /// File names of a step predictor inside its model's folder.
 pub const PREDICTOR_CARD_FILE: &str = "steps.json";
+/// The classifier's weights, beside the card.
 pub const PREDICTOR_WEIGHTS_FILE: &str = "steps.safetensors";
 
 /// The smallest step count of `grid` (ascending) whose SSIM to the reference reaches `tau`;
@@ -38,17 +39,22 @@ pub struct PredictorCard {
     pub reference_steps: usize,
     /// Default probability that the predicted count suffices.
     pub quantile: f64,
+    /// Size of the prompt embeddings it reads.
     pub embedding_dim: usize,
+    /// Training examples (prompts) it was fitted on.
     pub examples: usize,
     /// Share of training examples whose quantile prediction is at least their label.
     pub train_coverage: f64,
+    /// Mean needed step count over the training examples.
     pub mean_label: f64,
+    /// The command that reproduces the predictor.
     pub command: String,
 }
 
 /// A loaded or trained step predictor.
 pub struct StepPredictor {
     classifier: Linear,
+    /// Grid, labelling settings and training record.
     pub card: PredictorCard,
 }
 

@@ -21,7 +21,9 @@ pub trait Denoiser {
 /// prompt's, with one row per sample.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
+    /// The prompts' conditioning, one row per sample.
     pub cond: Tensor,
+    /// The empty prompt's, same shape; `None` when guidance is off.
     pub uncond: Option<Tensor>,
 }
 
@@ -64,6 +66,7 @@ pub enum StepPolicy {
 }
 
 impl StepPolicy {
+    /// Steps the schedule is laid out for: `n`, or `max_steps` (at most this many run).
     pub fn scheduled_steps(&self) -> usize {
         match self {
             StepPolicy::Fixed(n) => *n,
@@ -88,6 +91,7 @@ pub struct SampleOptions {
 pub struct Sampled {
     /// The final predicted clean samples, `(batch, …)`.
     pub samples: Tensor,
+    /// Denoising steps taken, one entry per sample.
     pub steps_used: Vec<usize>,
 }
 

@@ -38,11 +38,17 @@ pub enum Prediction {
 /// Noise schedule over `train_steps` timesteps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NoiseSchedule {
+    /// How betas grow from `beta_start` to `beta_end`.
     pub beta_schedule: BetaSchedule,
+    /// Beta at the first timestep, in (0, `beta_end`].
     pub beta_start: f64,
+    /// Beta at the last timestep, below 1.
     pub beta_end: f64,
+    /// Training timesteps T, at least 2.
     pub train_steps: usize,
+    /// Which timesteps a sampler with fewer steps visits.
     pub spacing: Spacing,
+    /// What the denoiser trained on this schedule outputs.
     pub prediction: Prediction,
 }
 
@@ -105,6 +111,8 @@ impl NoiseSchedule {
         Ok(steps)
     }
 
+    /// Checks `0 < beta_start ≤ beta_end < 1` and `train_steps ≥ 2`; a schedule read from a
+    /// file could break them.
     pub fn check(&self) -> Result<()> {
         let ok = self.train_steps >= 2
             && self.beta_start > 0.0

@@ -29,13 +29,16 @@ pub const VAE_SCALE: f64 = 0.18215;
 /// The Stable Diffusion checkpoints dynexec knows how to fetch and run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SdVersion {
+    /// Stable Diffusion 1.5: ε-prediction, 512×512.
     V1_5,
+    /// Stable Diffusion 2.1: v-prediction, 768×768.
     V2_1,
     /// SD-Turbo: SD 2.1 distilled for 1–4 steps without guidance, at 512×512.
     Turbo,
 }
 
 impl SdVersion {
+    /// Every version dynexec knows.
     pub const ALL: [SdVersion; 3] = [SdVersion::V1_5, SdVersion::V2_1, SdVersion::Turbo];
 
     /// The name used on the command line and in reports.
@@ -183,9 +186,13 @@ impl FromStr for SdVersion {
 /// Local paths of one version's files.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SdFiles {
+    /// CLIP's `tokenizer.json`.
     pub tokenizer: PathBuf,
+    /// The text encoder's weights (f32).
     pub clip: PathBuf,
+    /// The UNet's weights.
     pub unet: PathBuf,
+    /// The VAE's weights.
     pub vae: PathBuf,
 }
 
@@ -374,6 +381,7 @@ impl StableDiffusion {
         })
     }
 
+    /// The noise schedule the UNet was trained with.
     pub fn schedule(&self) -> &NoiseSchedule {
         &self.schedule
     }
@@ -383,10 +391,12 @@ impl StableDiffusion {
         self.latent_dims
     }
 
+    /// The device the pipeline runs on.
     pub fn device(&self) -> &Device {
         &self.device
     }
 
+    /// The UNet's and VAE's dtype (the text encoder runs in f32).
     pub fn dtype(&self) -> DType {
         self.dtype
     }

@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 
 /// File names inside a text-UNet model's folder.
 pub const CARD_FILE: &str = "card.json";
+/// The UNet's weights (the moving average, after training).
 pub const WEIGHTS_FILE: &str = "unet.safetensors";
+/// The prompts the UNet was trained on; the step predictor's labels are made from them.
 pub const TRAIN_PROMPTS_FILE: &str = "prompts-train.jsonl";
+/// Held-out prompts the step policies are benchmarked on.
 pub const TEST_PROMPTS_FILE: &str = "prompts-test.jsonl";
 
 /// A text-UNet's card: architecture, schedule, conditioning and how it was trained.
@@ -27,6 +30,7 @@ pub struct DiffusionCard {
     pub text_encoder: String,
     /// Pixels are scaled to [-1, 1]; predicted clean images are clamped to it.
     pub unet: UnetConfig,
+    /// The noise schedule it was trained with.
     pub schedule: NoiseSchedule,
     /// Default classifier-free guidance scale.
     pub guidance_scale: f64,
@@ -37,21 +41,30 @@ pub struct DiffusionCard {
     /// Default steps the `converge` policy finishes with once it has converged.
     #[serde(default = "default_finish_steps")]
     pub converge_finish_steps: usize,
+    /// How it was trained.
     pub training: DiffusionTraining,
 }
 
 /// How the UNet was trained.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct DiffusionTraining {
+    /// Optimizer steps.
     pub steps: usize,
+    /// Images per step.
     pub batch_size: usize,
+    /// AdamW's peak learning rate.
     pub learning_rate: f64,
     /// Probability of dropping the prompt (training the unconditional model for guidance).
     pub prompt_dropout: f64,
+    /// Decay of the weights' exponential moving average, which is what is saved.
     pub ema_decay: f64,
+    /// Seed of initialisation, batches and noise.
     pub seed: u64,
+    /// Mean loss over the last 100 steps.
     pub final_loss: f32,
+    /// Where the images and prompts came from.
     pub data: String,
+    /// The command (or commands) that reproduce the weights.
     pub command: String,
 }
 
@@ -60,12 +73,14 @@ fn default_finish_steps() -> usize {
 }
 
 impl DiffusionCard {
+    /// Reads a card, checking its noise schedule.
     pub fn read(path: &Path) -> Result<Self> {
         let card: Self = read_card(path, "a diffusion-model card")?;
         card.schedule.check()?;
         Ok(card)
     }
 
+    /// Writes the card as JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         write_card(path, self)
     }
@@ -78,6 +93,8 @@ pub struct SentenceEncoder {
 }
 
 impl SentenceEncoder {
+    /// Loads the encoder `reference` names (manifest name, `hf:` reference or path), pulling
+    /// it when needed.
     pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
         let (bert, tokenizer) = EncoderFiles::find(&hub.resolve(reference)?, None)?.load(device)?;
         Ok(Self { bert, tokenizer })
@@ -88,6 +105,7 @@ impl SentenceEncoder {
         self.bert.sentence_embeddings(&self.tokenizer, prompts, 32)
     }
 
+    /// Size of an embedding.
     pub fn dim(&self) -> usize {
         self.bert.config().hidden_size
     }
@@ -95,11 +113,15 @@ impl SentenceEncoder {
 
 /// A trained text-UNet with its prompt encoder.
 pub struct TextUnet {
+    /// The denoiser.
     pub unet: Unet,
+    /// Its card.
     pub card: DiffusionCard,
+    /// Embeds prompts into the UNet's conditioning.
     pub encoder: SentenceEncoder,
     /// The model's folder (its prompt sets and step predictor live there).
     pub dir: PathBuf,
+    /// Where the UNet and encoder live.
     pub device: Device,
 }
 

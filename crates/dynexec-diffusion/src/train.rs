@@ -26,6 +26,7 @@ pub struct TrainingSet<'a> {
 /// Progress reports.
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
+    /// Step `step` of `total` finished with this loss.
     Step {
         step: usize,
         total: usize,

@@ -10,7 +10,9 @@ const MAGIC: &[u8; 6] = b"\x93NUMPY";
 /// Element type stored in a `.npy` file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Dtype {
+    /// Little-endian `float32` (`<f4`).
     F32,
+    /// Little-endian `float64` (`<f8`).
     F64,
 }
 

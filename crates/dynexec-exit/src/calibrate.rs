@@ -14,30 +14,36 @@ use serde::Serialize;
 pub struct ExitPredictions {
     /// `probs[input][exit][class]`.
     pub probs: Vec<Vec<Vec<f32>>>,
+    /// The true class of each input.
     pub labels: Vec<usize>,
 }
 
 /// How a policy did on a set of predictions.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Evaluation {
+    /// Fraction of inputs classified correctly where they stopped.
     pub accuracy: f64,
     /// Mean 1-based exit the inputs stopped at.
     pub mean_exit: f64,
     /// How many inputs stopped at each exit.
     pub exit_counts: Vec<usize>,
+    /// Inputs classified correctly (the count behind `accuracy`).
     #[serde(skip)]
     pub correct: usize,
 }
 
 impl ExitPredictions {
+    /// Number of inputs.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there are no inputs.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
 
+    /// Exits per input (0 when there are no inputs).
     pub fn num_exits(&self) -> usize {
         self.probs.first().map_or(0, Vec::len)
     }
@@ -81,9 +87,13 @@ impl ExitPredictions {
 /// The outcome of calibrating one kind of policy.
 #[derive(Debug, Clone, Serialize)]
 pub struct Calibration {
+    /// The policy that stops earliest within the budget ([`ExitPolicy::Full`] if none does).
     pub policy: ExitPolicy,
+    /// The allowed drop it was calibrated for, as a fraction.
     pub max_accuracy_drop: f64,
+    /// Accuracy at full depth on the same predictions.
     pub full_accuracy: f64,
+    /// How `policy` did on them.
     pub evaluation: Evaluation,
 }
 

@@ -10,13 +10,16 @@ use std::path::Path;
 
 /// File names inside an exit model's folder.
 pub const CARD_FILE: &str = "card.json";
+/// The heads' weights (and the backbone's, when `backbone_in_weights`).
 pub const WEIGHTS_FILE: &str = "exits.safetensors";
 
 /// What an exit model classifies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InputKind {
+    /// Sentences, through a BERT-family encoder.
     Text,
+    /// Images, through the small CNN.
     Image,
 }
 
@@ -33,7 +36,9 @@ pub enum TrainMode {
 /// An exit model's card.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitCard {
+    /// Name of the task (by default, the data folder's name).
     pub task: String,
+    /// Text or image inputs; decides which backbone fields must be set.
     pub kind: InputKind,
     /// Text: the encoder the heads sit on (a manifest name, `hf:` reference or path), whose
     /// config and tokenizer are used; its weights too unless `backbone_in_weights`.
@@ -44,26 +49,37 @@ pub struct ExitCard {
     /// Image models: the CNN's shape.
     #[serde(default)]
     pub cnn: Option<CnnConfig>,
+    /// Class names; output `i` of every head is `labels[i]`.
     pub labels: Vec<String>,
     /// Layers (or blocks) of the backbone; there is one exit after each.
     pub layers: usize,
     /// Hidden size of each exit head.
     pub head_hidden: usize,
+    /// How the weights were trained.
     pub training: TrainingRecord,
+    /// The data they were trained and tested on.
     pub data: DataRecord,
+    /// Accuracy of each exit on the validation and test splits.
     pub accuracy: AccuracyRecord,
     /// The policy `dynexec exits calibrate` chose, used by `classify` unless told otherwise.
     #[serde(default)]
     pub calibration: Option<CalibrationRecord>,
 }
 
+/// The training settings of an exit model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainingRecord {
+    /// Heads only, or heads and backbone.
     pub mode: TrainMode,
+    /// Passes over the training split.
     pub epochs: usize,
+    /// Examples per optimizer step.
     pub batch_size: usize,
+    /// AdamW learning rate.
     pub learning_rate: f64,
+    /// AdamW weight decay.
     pub weight_decay: f64,
+    /// Seed of initialisation and shuffling.
     pub seed: u64,
     /// Weight of each exit's cross-entropy in the loss.
     pub loss_weights: Vec<f32>,
@@ -71,36 +87,52 @@ pub struct TrainingRecord {
     pub command: String,
 }
 
+/// The data an exit model was trained and evaluated on.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataRecord {
     /// Where the data came from and how it was split.
     pub source: String,
+    /// Examples in the training split.
     pub train: usize,
+    /// Examples in the validation split.
     pub val: usize,
+    /// Examples in the test split.
     pub test: usize,
 }
 
+/// Per-exit accuracy of an exit model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AccuracyRecord {
     /// Accuracy of each exit on its own.
     pub val_per_exit: Vec<f64>,
+    /// The same on the test split.
     pub test_per_exit: Vec<f64>,
 }
 
+/// The calibrated exit policy and how it did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CalibrationRecord {
+    /// The chosen policy.
     pub policy: ExitPolicy,
+    /// The accuracy it was allowed to lose against full depth, as a fraction.
     pub max_accuracy_drop: f64,
+    /// Full-depth accuracy on the validation split, where it was calibrated.
     pub val_full_accuracy: f64,
+    /// The policy's accuracy on the validation split.
     pub val_accuracy: f64,
+    /// Mean 1-based exit on the validation split.
     pub val_mean_exit: f64,
     /// The same policy on the test split, for the record.
     pub test_full_accuracy: f64,
+    /// The policy's accuracy on the test split.
     pub test_accuracy: f64,
+    /// Mean 1-based exit on the test split.
     pub test_mean_exit: f64,
 }
 
 impl ExitCard {
+    /// Reads a card, checking it is complete for its kind (labels, layers, backbone or CNN
+    /// shape); an incomplete card is [`Error::InvalidModel`].
     pub fn read(path: &Path) -> Result<Self> {
         let card: Self = read_card(path, "an exit-model card")?;
         let invalid = |message: String| Error::InvalidModel {
@@ -123,6 +155,7 @@ impl ExitCard {
         }
     }
 
+    /// Writes the card as JSON.
     pub fn write(&self, path: &Path) -> Result<()> {
         write_card(path, self)
     }

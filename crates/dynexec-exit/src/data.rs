@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 /// Labelled inputs: sentences or images.
 #[derive(Debug, Clone)]
 pub enum Examples {
+    /// One sentence per example.
     Text(Vec<String>),
     /// `(count, height, width)` u8 pixels.
     Images(Tensor),
@@ -15,16 +16,19 @@ pub enum Examples {
 /// A labelled split.
 #[derive(Debug, Clone)]
 pub struct Dataset {
+    /// The inputs, one per label.
     pub inputs: Examples,
     /// Label names as written in the file (text) or class numbers (idx).
     pub labels: Vec<String>,
 }
 
 impl Dataset {
+    /// Number of examples.
     pub fn len(&self) -> usize {
         self.labels.len()
     }
 
+    /// Whether there are no examples.
     pub fn is_empty(&self) -> bool {
         self.labels.is_empty()
     }
@@ -229,8 +233,11 @@ pub fn read_idx(images: &Path, labels: &Path, device: &Device) -> Result<Dataset
 /// A task's three splits.
 #[derive(Debug)]
 pub struct Splits {
+    /// Examples the weights are trained on.
     pub train: Dataset,
+    /// Examples for per-epoch reports and policy calibration.
     pub val: Dataset,
+    /// Examples held out for the final numbers.
     pub test: Dataset,
     /// How the splits were made, for the card.
     pub source: String,

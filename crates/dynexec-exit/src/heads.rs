@@ -51,10 +51,12 @@ impl ExitHeads {
         Ok(Self { heads })
     }
 
+    /// Number of heads (exits).
     pub fn len(&self) -> usize {
         self.heads.len()
     }
 
+    /// Whether there are no heads.
     pub fn is_empty(&self) -> bool {
         self.heads.is_empty()
     }

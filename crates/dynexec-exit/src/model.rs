@@ -16,13 +16,13 @@ use std::path::Path;
 
 /// The network the exits read from.
 pub enum Backbone {
+    /// A BERT-family encoder and its tokenizer; exits read mean-pooled hidden states.
     Text {
         bert: Bert,
         tokenizer: TextTokenizer,
     },
-    Image {
-        cnn: Cnn,
-    },
+    /// The small CNN; exits read each block's output, flattened ([`image_features`]).
+    Image { cnn: Cnn },
 }
 
 /// A batch part-way through the backbone.
@@ -58,6 +58,7 @@ impl State {
 }
 
 impl Backbone {
+    /// Encoder layers, or CNN blocks: one exit follows each.
     pub fn num_layers(&self) -> usize {
         match self {
             Backbone::Text { bert, .. } => bert.num_layers(),
@@ -157,17 +158,24 @@ pub fn image_features(activation: &Tensor) -> Result<Tensor> {
 
 /// A backbone, its exit heads and their card.
 pub struct ExitClassifier {
+    /// The network the heads read from.
     pub backbone: Backbone,
+    /// One head per layer of the backbone.
     pub heads: ExitHeads,
+    /// Labels, training record and calibrated policy.
     pub card: ExitCard,
+    /// Where the backbone and heads live.
     pub device: Device,
 }
 
 /// One input's answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Classified {
+    /// The predicted class's name.
     pub label: String,
+    /// The predicted class's index into the card's labels.
     pub class: usize,
+    /// The exit's probability of that class.
     pub confidence: f32,
     /// 1-based layer the input exited after.
     pub exit_layer: usize,
@@ -233,6 +241,7 @@ impl ExitClassifier {
         Self::new(Backbone::Image { cnn }, vb, card, device)
     }
 
+    /// Exit heads: one per backbone layer.
     pub fn num_exits(&self) -> usize {
         self.heads.len()
     }

@@ -33,7 +33,9 @@ pub enum ExitPolicy {
 pub struct ExitDecision {
     /// 0-based index of the exit that answered.
     pub exit: usize,
+    /// The class that exit predicts (its argmax).
     pub class: usize,
+    /// That exit's probability of the class.
     pub confidence: f32,
 }
 

@@ -16,7 +16,9 @@ use dynexec_models::llama::Llama;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// The adapters' weights, inside their folder.
 pub const ADAPTERS_FILE: &str = "adapters.safetensors";
+/// The adapters' card ([`AdapterCard`]), beside the weights.
 pub const ADAPTERS_CARD: &str = "adapters.json";
 
 /// What the adapters are and how they were made.
@@ -26,26 +28,41 @@ pub struct AdapterCard {
     pub model: String,
     /// Exit layers: an exit after layer `l` (1-based) reads the residual stream there.
     pub layers: Vec<usize>,
+    /// Inner size of each low-rank adapter.
     pub rank: usize,
+    /// The decoder's hidden size (checked on load).
     pub hidden_size: usize,
+    /// The decoder's vocabulary size (checked on load).
     pub vocab_size: usize,
+    /// How the adapters were trained.
     pub training: AdapterTraining,
     /// Held-out positions where the exit's top token equals the final layer's, per exit:
     /// with the shared head alone (before training) and through the adapter.
     pub agreement_before: Vec<f64>,
+    /// The same through the trained adapter.
     pub agreement_after: Vec<f64>,
 }
 
+/// How exit adapters were trained.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdapterTraining {
+    /// Where the prompts came from and how the training text was generated from them.
     pub prompts: String,
+    /// Token sequences the distillation data came from.
     pub sequences: usize,
+    /// Positions trained on.
     pub positions: usize,
+    /// Positions held out to measure agreement.
     pub held_out_positions: usize,
+    /// Passes over the training positions.
     pub epochs: usize,
+    /// Positions per optimizer step.
     pub batch_size: usize,
+    /// AdamW learning rate.
     pub learning_rate: f64,
+    /// Seed of the shuffling.
     pub seed: u64,
+    /// The command that reproduces these adapters.
     pub command: String,
 }
 
@@ -85,6 +102,7 @@ impl Adapter {
 #[derive(Debug, Clone)]
 pub struct ExitAdapters {
     adapters: Vec<Adapter>,
+    /// What the adapters are: exit layers, shapes, training record.
     pub card: AdapterCard,
 }
 
@@ -199,14 +217,18 @@ impl std::fmt::Display for TokenExitPolicy {
 
 /// A decoder stepping with per-token early exit. Every step records the layer it left at.
 pub struct TokenExit<'a> {
+    /// The decoder.
     pub model: &'a Llama,
+    /// Its exit adapters, checked against it.
     pub adapters: &'a ExitAdapters,
+    /// When a token may stop at an exit.
     pub policy: TokenExitPolicy,
     /// Layers each decoded token ran (1-based exit layer, or the model's depth).
     pub exit_layers: Vec<usize>,
 }
 
 impl<'a> TokenExit<'a> {
+    /// A stepper over `model`; fails if `adapters` were made for a model of another shape.
     pub fn new(
         model: &'a Llama,
         adapters: &'a ExitAdapters,
@@ -318,6 +340,7 @@ pub struct DistillationData {
     /// The final layer's [`TEACHER_TOP_K`] most likely tokens at each position,
     /// `(positions, k)` u32, and their probabilities `(positions, k)` f32.
     pub teacher_ids: Tensor,
+    /// The final layer's probabilities of `teacher_ids`, `(positions, k)` f32.
     pub teacher_probs: Tensor,
 }
 

@@ -17,18 +17,29 @@ use std::path::{Path, PathBuf};
 /// The subset of a transformers BERT `config.json` the encoder needs.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 pub struct BertConfig {
+    /// Token ids in the vocabulary.
     pub vocab_size: usize,
+    /// Width of the hidden state; a multiple of `num_attention_heads`.
     pub hidden_size: usize,
+    /// Encoder layers.
     pub num_hidden_layers: usize,
+    /// Attention heads per layer.
     pub num_attention_heads: usize,
+    /// Width of the feed-forward layer.
     pub intermediate_size: usize,
+    /// Feed-forward activation: `gelu` (erf), `gelu_new` or `gelu_pytorch_tanh` (tanh
+    /// approximation), or `relu`; `gelu` when absent.
     #[serde(default = "default_act")]
     pub hidden_act: String,
+    /// Longest input, in tokens (rows of the position embedding).
     pub max_position_embeddings: usize,
+    /// Rows of the token-type embedding; 2 when absent.
     #[serde(default = "default_type_vocab")]
     pub type_vocab_size: usize,
+    /// Layer-norm epsilon; 1e-12 when absent.
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// transformers' `model_type`, e.g. `bert`; read but not checked.
     #[serde(default)]
     pub model_type: Option<String>,
 }
@@ -44,6 +55,8 @@ fn default_eps() -> f64 {
 }
 
 impl BertConfig {
+    /// Reads a `config.json`, refusing unsupported activations and a hidden size that the
+    /// heads do not divide ([`Error::InvalidModel`]).
     pub fn from_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let invalid = |message: String| Error::InvalidModel {
@@ -112,8 +125,11 @@ struct EncoderLayer {
 /// Where an encoder's config, weights and tokenizer are among a model's files.
 #[derive(Debug, Clone)]
 pub struct EncoderFiles {
+    /// The transformers `config.json`.
     pub config: PathBuf,
+    /// The safetensors weight files.
     pub weights: Vec<PathBuf>,
+    /// The `tokenizer.json`.
     pub tokenizer: PathBuf,
 }
 
@@ -269,14 +285,17 @@ impl Bert {
         })
     }
 
+    /// The configuration it was built from.
     pub fn config(&self) -> &BertConfig {
         &self.config
     }
 
+    /// Encoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The device its weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }

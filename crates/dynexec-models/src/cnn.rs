@@ -14,7 +14,9 @@ use std::ops::Range;
 /// Shape of the network: input size and the output channels of each block.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CnnConfig {
+    /// Side of the square input, in pixels; each block halves it.
     pub image_size: usize,
+    /// Input channels: 1 for grey, 3 for colour.
     pub in_channels: usize,
     /// Output channels of each block, in order; one block per entry.
     pub channels: Vec<usize>,
@@ -82,10 +84,12 @@ impl Cnn {
         })
     }
 
+    /// The shape it was built with.
     pub fn config(&self) -> &CnnConfig {
         &self.config
     }
 
+    /// Conv blocks: the depth early exit can stop at.
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }

@@ -35,6 +35,7 @@ impl Conv3x3 {
         Ok(Self { weight, bias })
     }
 
+    /// Output channels (the weight's first dimension).
     pub fn out_channels(&self) -> Result<usize> {
         Ok(self.weight.dim(0)?)
     }

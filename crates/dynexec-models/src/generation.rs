@@ -14,7 +14,9 @@ use std::time::Instant;
 /// What to generate.
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
+    /// Most tokens to generate.
     pub max_tokens: usize,
+    /// How each token is chosen.
     pub sampling: SamplingParams,
     /// Stop at the tokenizer's end-of-sequence ids (off for fixed-length benchmarks).
     pub stop_at_eos: bool,
@@ -46,19 +48,26 @@ pub enum StopReason {
 /// A finished generation.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generated tokens, without the prompt or an end-of-sequence token.
     pub token_ids: Vec<u32>,
+    /// Their text, as streamed.
     pub text: String,
+    /// Why it ended.
     pub stop_reason: StopReason,
+    /// Token counts and timings.
     pub stats: GenerationStats,
 }
 
 /// A sequence being decoded: its tokens (prompt and generated) and its own KV cache.
 pub struct Sequence {
+    /// Prompt and generated tokens so far.
     pub tokens: Vec<u32>,
+    /// Keys and values of the tokens the model has run.
     pub cache: KvCache,
 }
 
 impl Sequence {
+    /// An empty sequence with an empty cache sized for `model`.
     pub fn new(model: &Llama) -> Self {
         Self {
             tokens: Vec::new(),

@@ -83,12 +83,14 @@ impl Clone for KvCache {
 }
 
 impl KvCache {
+    /// An empty cache for a model of `num_layers` layers; buffers are made on first append.
     pub fn new(num_layers: usize) -> Self {
         Self {
             layers: (0..num_layers).map(|_| None).collect(),
         }
     }
 
+    /// Layers it holds keys and values for.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -114,6 +116,7 @@ impl KvCache {
         self.layer_len(0)
     }
 
+    /// Whether no position is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -148,6 +151,7 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets every position and frees the buffers.
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|e| *e = None);
     }

@@ -11,6 +11,8 @@
 //! - [`cnn::Cnn`]: small image CNN (Fashion-MNIST) whose blocks can be run one at a time.
 //! - [`unet::Unet`]: small conditional UNet denoiser (Fashion-MNIST diffusion).
 //! - [`generation`]: the decoding loop shared by `generate`, `bench` and the server.
+//! - [`loading::load`]: a model reference to a decoder ready to run (load, convert, kernels).
+//! - [`quantize`]: converting linear layers in place, to one format or per layer (`auto`).
 
 pub mod bert;
 pub mod cnn;
@@ -21,6 +23,8 @@ pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod loading;
+pub mod quantize;
 mod safetensors;
 pub mod unet;
 

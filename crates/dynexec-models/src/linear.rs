@@ -16,16 +16,23 @@ use crate::cpu_kernels::{DenseSmallBatch, PackedWeight, QuantizedMatMul, SMALL_B
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightFormat {
+    /// Dense 32-bit floats.
     F32,
+    /// Dense 16-bit floats.
     F16,
+    /// GGML 8-bit: blocks of 32 values with one scale.
     Q8_0,
+    /// GGML 4-bit: blocks of 32 values with one scale.
     Q4_0,
+    /// GGML 4-bit: blocks of 32 values with a scale and a minimum.
     Q4_1,
 }
 
 impl WeightFormat {
+    /// Every format, widest first.
     pub const ALL: [WeightFormat; 5] = [Self::F32, Self::F16, Self::Q8_0, Self::Q4_0, Self::Q4_1];
 
+    /// The lowercase name flags and reports use (`q4_0`); [`FromStr`] parses it.
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",
@@ -161,6 +168,7 @@ impl Linear {
         })
     }
 
+    /// Chooses the kernels this layer multiplies with on the CPU.
     pub fn set_cpu_kernels(&mut self, kernel: CpuKernels) {
         self.cpu_kernels = kernel;
     }
@@ -175,10 +183,12 @@ impl Linear {
         }
     }
 
+    /// Output size: rows of the weight.
     pub fn out_features(&self) -> usize {
         self.out_features
     }
 
+    /// Input size: columns of the weight.
     pub fn in_features(&self) -> usize {
         self.in_features
     }
@@ -203,6 +213,7 @@ impl Linear {
         })
     }
 
+    /// The bias, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -301,6 +312,8 @@ impl Linear {
         })
     }
 
+    /// `x W^T + b` for `x` of shape `(…, in_features)`, with the kernels chosen by
+    /// [`Self::set_cpu_kernels`] where they apply.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ours = self.ours(x);
         let rows = x.elem_count() / self.in_features.max(1);

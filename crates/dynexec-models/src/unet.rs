@@ -17,7 +17,9 @@ use serde::{Deserialize, Serialize};
 /// Shape of the network.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct UnetConfig {
+    /// Side of the square image, in pixels; divisible by `2^(channels.len() - 1)`.
     pub image_size: usize,
+    /// Image channels (1 for grey).
     pub in_channels: usize,
     /// Channels at each resolution, full resolution first; each further entry halves it.
     pub channels: Vec<usize>,
@@ -313,6 +315,7 @@ impl Unet {
         })
     }
 
+    /// The shape it was built with.
     pub fn config(&self) -> &UnetConfig {
         &self.config
     }

@@ -31,9 +31,13 @@ pub enum ExportSource<'a> {
 /// What was written.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExportReport {
+    /// The file written.
     pub path: String,
+    /// Format of the linear weights (other tensors keep theirs, or are F32 from safetensors).
     pub format: WeightFormat,
+    /// Tensors in the file.
     pub tensors: usize,
+    /// Size of the file in bytes.
     pub bytes: u64,
 }
 

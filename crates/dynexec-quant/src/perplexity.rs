@@ -10,20 +10,26 @@ use serde::Serialize;
 /// Result of a perplexity evaluation.
 #[derive(Debug, Clone, Serialize)]
 pub struct Perplexity {
+    /// `exp(mean_nll)`.
     pub perplexity: f64,
     /// Tokens scored: all but the first, less each window's first token when stride = context.
     pub tokens: usize,
+    /// Mean negative log-likelihood per scored token, in nats.
     pub mean_nll: f64,
 }
 
 /// Window settings.
 #[derive(Debug, Clone, Copy)]
 pub struct Window {
+    /// Tokens per window, at least 2 and at most the model's context.
     pub context: usize,
+    /// Tokens each window advances by, in `1..=context`.
     pub stride: usize,
 }
 
 impl Window {
+    /// Checks the ranges above against a model whose context is `model_context` tokens; the
+    /// error names the setting at fault.
     pub fn validate(&self, model_context: usize) -> Result<()> {
         if self.context < 2 {
             return Err(Error::setting(

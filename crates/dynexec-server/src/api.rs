@@ -16,10 +16,15 @@ use serde_json::Value;
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 #[derive(Debug, Clone)]
 pub struct ApiError {
+    /// HTTP status of the response.
     pub status: u16,
+    /// What went wrong and how to fix it, for people.
     pub message: String,
+    /// OpenAI's `type`, e.g. `invalid_request_error` or `server_error`.
     pub kind: &'static str,
+    /// The request field at fault, if one is.
     pub param: Option<&'static str>,
+    /// A machine-readable code, e.g. `context_length_exceeded`.
     pub code: Option<&'static str>,
 }
 
@@ -59,6 +64,7 @@ pub fn setting_error(e: dynexec_core::Error) -> ApiError {
 }
 
 impl ApiError {
+    /// A 400 `invalid_request_error`, blaming `param` when given.
     pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
         Self {
             status: 400,
@@ -69,12 +75,14 @@ impl ApiError {
         }
     }
 
+    /// The same error with another HTTP status and a `code`.
     pub fn with_code(mut self, status: u16, code: &'static str) -> Self {
         self.status = status;
         self.code = Some(code);
         self
     }
 
+    /// An error that is not the request's fault (overload, shutdown, a failed generation).
     pub fn server(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -85,6 +93,7 @@ impl ApiError {
         }
     }
 
+    /// The JSON response body.
     pub fn body(&self) -> Value {
         serde_json::json!({"error": {
             "message": self.message,
@@ -95,27 +104,36 @@ impl ApiError {
     }
 }
 
+/// The body of `POST /v1/chat/completions`.
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
+    /// Must name the served model when given ([`check_model`]).
     pub model: Option<String>,
+    /// The conversation so far; at least one message.
     pub messages: Vec<RequestMessage>,
+    /// Everything else.
     #[serde(flatten)]
     pub params: Params,
 }
 
+/// One message of a chat request.
 #[derive(Debug, Deserialize)]
 pub struct RequestMessage {
+    /// `system`, `developer` (read as `system`), `user` or `assistant`.
     pub role: String,
     /// A string, or a list of `{"type": "text", "text": ...}` parts.
     #[serde(default)]
     pub content: Value,
 }
 
+/// The body of `POST /v1/completions`.
 #[derive(Debug, Deserialize)]
 pub struct CompletionRequest {
+    /// Must name the served model when given ([`check_model`]).
     pub model: Option<String>,
     /// A string, a list of one string, or a list of token ids.
     pub prompt: Value,
+    /// Everything else.
     #[serde(flatten)]
     pub params: Params,
 }
@@ -123,19 +141,31 @@ pub struct CompletionRequest {
 /// Parameters both endpoints share, including dynexec's own.
 #[derive(Debug, Default, Deserialize)]
 pub struct Params {
+    /// Answer as server-sent events, one per text delta.
     #[serde(default)]
     pub stream: bool,
+    /// Streaming extras.
     pub stream_options: Option<StreamOptions>,
+    /// In `0..=2`; 1 when left out, 0 is greedy.
     pub temperature: Option<f64>,
+    /// Nucleus-sampling mass in (0, 1]; 1 turns it off.
     pub top_p: Option<f64>,
     /// Not OpenAI's, but llama-server's and vLLM's.
     pub top_k: Option<usize>,
+    /// Tokens to generate, at most the server's limit; by default that limit or the rest of
+    /// the context, whichever is smaller.
     pub max_tokens: Option<usize>,
+    /// OpenAI's newer name for `max_tokens`; wins when both are given.
     pub max_completion_tokens: Option<usize>,
+    /// A string, or a list of up to 4, that ends generation when produced.
     pub stop: Option<Value>,
+    /// Sampling seed; random when left out.
     pub seed: Option<u64>,
+    /// Completions per request; only 1 is accepted.
     pub n: Option<usize>,
+    /// Refused unless `false` or null: log-probabilities are not supported.
     pub logprobs: Option<Value>,
+    /// Refused unless null: tool calls are not supported.
     pub tools: Option<Value>,
     /// vLLM's: keep generating past end-of-sequence (fixed-length benchmarks).
     #[serde(default)]
@@ -150,8 +180,10 @@ pub struct Params {
     pub early_exit: Option<String>,
 }
 
+/// OpenAI's `stream_options`.
 #[derive(Debug, Default, Deserialize)]
 pub struct StreamOptions {
+    /// Send a last chunk carrying the token counts.
     #[serde(default)]
     pub include_usage: bool,
 }
@@ -159,11 +191,17 @@ pub struct StreamOptions {
 /// A checked request, ready for the engine.
 #[derive(Debug)]
 pub struct Prepared {
+    /// The prompt, encoded and checked against the vocabulary and the context.
     pub prompt_ids: Vec<u32>,
+    /// Token budget, sampling settings and whether end-of-sequence stops.
     pub options: GenerateOptions,
+    /// Stop strings (at most 4).
     pub stop: Vec<String>,
+    /// Speculative decoding or early exit, as the request asked and the server allows.
     pub dynamic: Dynamic,
+    /// Answer as server-sent events.
     pub stream: bool,
+    /// End a stream with a usage chunk.
     pub include_usage: bool,
 }
 
@@ -270,10 +308,14 @@ fn message_text(content: &Value) -> Result<String, ApiError> {
 
 /// The prompt of a completion request: text to encode, or token ids as given.
 pub enum PromptInput {
+    /// Text, encoded with the model's tokenizer.
     Text(String),
+    /// Token ids, used as they are.
     Ids(Vec<u32>),
 }
 
+/// Reads a completion's `prompt`: a string, a list of one string, or a list of token ids;
+/// several prompts are refused.
 pub fn completion_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
     let bad = |m: &str| ApiError::invalid(Some("prompt"), m);
     match prompt {

@@ -9,15 +9,14 @@
 use crate::metrics::{add, Metrics};
 use crate::stop::{StopCheck, StopMatcher};
 use candle_core::Tensor;
-use dynexec_core::sampling::Sampler;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
-use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+pub use dynexec_engine::{EarlyExitReport, SpeculativeReport};
+use dynexec_engine::{Sequence, Strategy};
+use dynexec_exit::token_exit::{ExitAdapters, TokenExitPolicy};
 use dynexec_models::generation::GenerateOptions;
-use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
 use dynexec_spec::drafter::Drafter;
-use dynexec_spec::engine::SpeculativeSequence;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
@@ -30,7 +29,9 @@ use tokio::sync::mpsc::UnboundedSender;
 pub struct ServedModel {
     /// The name clients give as `model`.
     pub name: String,
+    /// The decoder every request runs on.
     pub model: Llama,
+    /// The model's tokenizer, chat template included.
     pub tokenizer: TextTokenizer,
     /// The draft speculative requests use; each request gets a fresh copy.
     pub drafter: Option<Box<dyn Drafter>>,
@@ -43,12 +44,17 @@ pub struct ServedModel {
 /// What the HTTP side needs to know about the served model.
 #[derive(Clone)]
 pub struct ModelInfo {
+    /// The name clients give as `model`.
     pub name: String,
+    /// The model's tokenizer, for encoding prompts on the HTTP side.
     pub tokenizer: Arc<TextTokenizer>,
+    /// The model's context, in tokens (prompt plus generated).
     pub context_length: usize,
+    /// The model's decoder layers.
     pub num_layers: usize,
     /// The draft's name, when the server can decode speculatively.
     pub draft: Option<String>,
+    /// The default lookahead of speculative requests.
     pub lookahead: String,
     /// The layers with exit adapters, when the server can exit early.
     pub exit_layers: Option<Vec<usize>>,
@@ -68,24 +74,33 @@ pub struct EngineConfig {
 pub struct Dynamic {
     /// Decode speculatively with the server's draft and this lookahead.
     pub speculative: Option<String>,
+    /// Let each token leave at an exit layer under this policy.
     pub early_exit: Option<TokenExitPolicy>,
 }
 
 /// One request for the engine.
 pub struct Job {
+    /// The prompt's token ids.
     pub prompt_ids: Vec<u32>,
+    /// Token budget, sampling settings and whether end-of-sequence stops.
     pub options: GenerateOptions,
+    /// Strings that end the generation; they are not sent.
     pub stop: Vec<String>,
+    /// Speculative decoding or early exit for this request.
     pub dynamic: Dynamic,
     /// When the request arrived (latencies count from here).
     pub received: Instant,
+    /// Where the engine sends the request's events; a closed channel cancels the request.
     pub events: UnboundedSender<Event>,
 }
 
 /// What the engine tells a request's handler.
 #[derive(Debug)]
 pub enum Event {
+    /// The next piece of text (text that may start a stop string is held back until it
+    /// cannot).
     Text(String),
+    /// The generation ended normally; nothing follows.
     Finished(Summary),
     /// The request was wrong for the model or the generation failed.
     Failed(Error),
@@ -103,10 +118,14 @@ pub enum FinishReason {
     Length,
 }
 
+/// Token counts, as OpenAI's `usage` field reports them.
 #[derive(Debug, Clone, Serialize)]
 pub struct Usage {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
+    /// Tokens generated.
     pub completion_tokens: usize,
+    /// The sum of the two.
     pub total_tokens: usize,
 }
 
@@ -115,37 +134,26 @@ pub struct Usage {
 pub struct DynamicReport {
     /// Sequences decoding together when the request finished.
     pub batch_size: usize,
+    /// Milliseconds the request waited in the queue before it started decoding.
     pub queue_ms: f64,
+    /// Milliseconds from arrival to the first generated token.
     pub ttft_ms: f64,
+    /// Present when the request decoded speculatively.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpeculativeReport>,
+    /// Present when the request used per-token early exit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_exit: Option<EarlyExitReport>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct SpeculativeReport {
-    pub draft: String,
-    pub lookahead: String,
-    pub proposed: usize,
-    pub accepted: usize,
-    pub acceptance_rate: f64,
-    pub mean_accepted_length: f64,
-    pub target_forwards: usize,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct EarlyExitReport {
-    pub policy: String,
-    pub mean_exit_layer: f64,
-    pub layers_total: usize,
 }
 
 /// The end of a request.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Why the generation ended.
     pub finish_reason: FinishReason,
+    /// Token counts.
     pub usage: Usage,
+    /// The response's `dynexec` field.
     pub report: DynamicReport,
 }
 
@@ -208,6 +216,7 @@ impl Engine {
         }
     }
 
+    /// The served model, as the HTTP side sees it.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
@@ -256,25 +265,11 @@ impl ServedModel {
     }
 }
 
-/// How one sequence computes its next-token logits.
-enum Decoder<'m> {
-    /// Batched with the other plain sequences.
-    Plain {
-        cache: KvCache,
-        sampler: Sampler,
-    },
-    EarlyExit {
-        cache: KvCache,
-        sampler: Sampler,
-        exit: TokenExit<'m>,
-    },
-    Speculative(Box<SpeculativeSequence<'m>>),
-}
-
 /// A sequence being decoded for one request.
 struct Active<'m> {
     events: UnboundedSender<Event>,
-    decoder: Decoder<'m>,
+    /// Decodes with the request's strategy; plain ones share a batched forward.
+    decoder: Sequence<'m>,
     tokenizer: &'m TextTokenizer,
     stream: TokenStream<'m>,
     stops: StopMatcher,
@@ -389,13 +384,7 @@ impl<'m> Scheduler<'m> {
         match self.prefill(job, queue_secs) {
             Ok((mut seq, first)) => match emit(&mut seq, &[first]) {
                 Outcome::Continue => self.active.push(seq),
-                outcome => finish(
-                    &self.metrics,
-                    self.served,
-                    seq,
-                    outcome,
-                    self.active.len() + 1,
-                ),
+                outcome => finish(&self.metrics, seq, outcome, self.active.len() + 1),
             },
             Err(e) => {
                 add(&self.metrics.requests_failed, 1);
@@ -409,19 +398,15 @@ impl<'m> Scheduler<'m> {
         let model = &served.model;
         let prompt = &job.prompt_ids;
         dynexec_models::generation::check_prompt(model, prompt, &job.options)?;
-        let (decoder, first) = match (&job.dynamic.speculative, job.dynamic.early_exit) {
+        let strategy = match (&job.dynamic.speculative, job.dynamic.early_exit) {
             (Some(lookahead), _) => {
                 let drafter = served.drafter.as_ref().ok_or_else(|| {
                     Error::InvalidArgument("this server has no draft: start it with --draft".into())
                 })?;
-                let (seq, first) = SpeculativeSequence::start(
-                    model,
-                    drafter.fresh(),
-                    dynexec_spec::lookahead::parse(lookahead)?,
-                    prompt,
-                    &job.options,
-                )?;
-                (Decoder::Speculative(Box::new(seq)), first)
+                Strategy::Speculative {
+                    drafter: drafter.fresh(),
+                    lookahead: dynexec_spec::lookahead::parse(lookahead)?,
+                }
             }
             (None, Some(policy)) => {
                 let adapters = served.exit_adapters.as_ref().ok_or_else(|| {
@@ -429,28 +414,11 @@ impl<'m> Scheduler<'m> {
                         "this server has no exit adapters: start it with --exit-adapters".into(),
                     )
                 })?;
-                let mut exit = TokenExit::new(model, adapters, policy)?;
-                let mut cache = model.new_cache();
-                let logits = exit.step(prompt, &mut cache)?;
-                let mut sampler = Sampler::new(job.options.sampling.clone())?;
-                let first = sampler.sample(&logits, prompt)?;
-                (
-                    Decoder::EarlyExit {
-                        cache,
-                        sampler,
-                        exit,
-                    },
-                    first,
-                )
+                Strategy::EarlyExit { adapters, policy }
             }
-            (None, None) => {
-                let mut cache = model.new_cache();
-                let logits = model.forward_last(prompt, &mut cache, None)?;
-                let mut sampler = Sampler::new(job.options.sampling.clone())?;
-                let first = sampler.sample(&logits, prompt)?;
-                (Decoder::Plain { cache, sampler }, first)
-            }
+            (None, None) => Strategy::Plain,
         };
+        let (decoder, first) = Sequence::start(model, strategy, prompt, &job.options)?;
         let seq = Active {
             events: job.events,
             decoder,
@@ -476,12 +444,17 @@ impl<'m> Scheduler<'m> {
         let model = &self.served.model;
         let mut batch_ids = Vec::new();
         let mut caches = Vec::new();
+        // Which sequences have a row in the batch (plain ones whose client is still there).
+        let mut in_batch = Vec::with_capacity(self.active.len());
         for seq in &mut self.active {
-            if let Decoder::Plain { cache, .. } = &mut seq.decoder {
-                if !seq.events.is_closed() {
+            let closed = seq.events.is_closed();
+            match seq.decoder.batch_cache() {
+                Some(cache) if !closed => {
                     batch_ids.push(*seq.tokens.last().unwrap_or(&0));
                     caches.push(cache);
+                    in_batch.push(true);
                 }
+                _ => in_batch.push(false),
             }
         }
         let batch_size = batch_ids.len();
@@ -498,32 +471,23 @@ impl<'m> Scheduler<'m> {
         let batch_error = batch_logits.as_ref().err().map(|e| e.to_string());
         let mut rows = batch_logits.unwrap_or_default().into_iter();
         let mut outcomes = Vec::with_capacity(self.active.len());
-        for seq in &mut self.active {
+        for (seq, batched) in self.active.iter_mut().zip(in_batch) {
+            let row = if batched { rows.next() } else { None };
             if seq.events.is_closed() {
                 outcomes.push(Outcome::Cancelled);
                 continue;
             }
-            let last = *seq.tokens.last().unwrap_or(&0);
             // Never draft past max_tokens: a verification adds one token of its own.
             let max_drafts = seq.options.max_tokens.saturating_sub(seq.generated() + 1);
-            let next = match &mut seq.decoder {
-                Decoder::Plain { sampler, .. } => match (&batch_error, rows.next()) {
-                    (Some(e), _) => Err(Error::InvalidArgument(format!(
-                        "batched decoding failed: {e}"
-                    ))),
-                    (None, Some(logits)) => sample(sampler, &logits, &seq.tokens),
-                    (None, None) => Err(Error::InvalidArgument(
-                        "batched decoding returned too few rows".into(),
-                    )),
-                },
-                Decoder::EarlyExit {
-                    cache,
-                    sampler,
-                    exit,
-                } => exit
-                    .step(&[last], cache)
-                    .and_then(|logits| sample(sampler, &logits, &seq.tokens)),
-                Decoder::Speculative(spec) => spec.step(max_drafts),
+            let next = match (batched, &batch_error, row) {
+                (false, _, _) => seq.decoder.step(&seq.tokens, max_drafts),
+                (true, Some(e), _) => Err(Error::InvalidArgument(format!(
+                    "batched decoding failed: {e}"
+                ))),
+                (true, None, Some(logits)) => seq.decoder.sample_batched(&logits, &seq.tokens),
+                (true, None, None) => Err(Error::InvalidArgument(
+                    "batched decoding returned too few rows".into(),
+                )),
             };
             outcomes.push(match next {
                 Ok(tokens) => emit(seq, &tokens),
@@ -540,7 +504,7 @@ impl<'m> Scheduler<'m> {
         for (seq, outcome) in self.active.drain(..).zip(outcomes) {
             match outcome {
                 Outcome::Continue => kept.push(seq),
-                outcome => finish(&self.metrics, self.served, seq, outcome, batch_total),
+                outcome => finish(&self.metrics, seq, outcome, batch_total),
             }
         }
         self.active = kept;
@@ -548,10 +512,6 @@ impl<'m> Scheduler<'m> {
             .active_sequences
             .store(self.active.len() as u64, Ordering::Relaxed);
     }
-}
-
-fn sample(sampler: &mut Sampler, logits: &Tensor, history: &[u32]) -> Result<Vec<u32>> {
-    Ok(vec![sampler.sample(logits, history)?])
 }
 
 /// Hands `tokens` to the client, stopping at end-of-sequence, a stop string, `max_tokens` or
@@ -595,13 +555,7 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
 }
 
 /// Sends the rest of a finished sequence's text and its summary, and records its metrics.
-fn finish(
-    metrics: &Metrics,
-    served: &ServedModel,
-    mut seq: Active<'_>,
-    outcome: Outcome,
-    batch_size: usize,
-) {
+fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: usize) {
     let generated = seq.generated();
     add(&metrics.generated_tokens, generated as u64);
     let finish_reason = match outcome {
@@ -636,36 +590,21 @@ fn finish(
     metrics
         .request_duration
         .observe(seq.received.elapsed().as_secs_f64());
-    let speculative = match &seq.decoder {
-        Decoder::Speculative(spec) => {
-            let s = &spec.spec;
-            add(&metrics.draft_proposed, s.proposed as u64);
-            add(&metrics.draft_accepted, s.accepted as u64);
-            Some(SpeculativeReport {
-                draft: s.draft.clone(),
-                lookahead: s.lookahead.clone(),
-                proposed: s.proposed,
-                accepted: s.accepted,
-                acceptance_rate: s.acceptance_rate(),
-                mean_accepted_length: s.mean_accepted_length(),
-                target_forwards: s.target_forwards,
-            })
-        }
-        _ => None,
-    };
-    let early_exit = match &seq.decoder {
-        Decoder::EarlyExit { exit, .. } => {
-            let layers: usize = exit.exit_layers.iter().sum();
-            add(&metrics.early_exit_tokens, exit.exit_layers.len() as u64);
-            add(&metrics.early_exit_layers, layers as u64);
-            Some(EarlyExitReport {
-                policy: exit.policy.to_string(),
-                mean_exit_layer: layers as f64 / exit.exit_layers.len().max(1) as f64,
-                layers_total: served.model.num_layers(),
-            })
-        }
-        _ => None,
-    };
+    let dynexec_engine::DecodeReport {
+        speculative,
+        early_exit,
+    } = seq.decoder.report();
+    if let Some(s) = &speculative {
+        add(&metrics.draft_proposed, s.proposed as u64);
+        add(&metrics.draft_accepted, s.accepted as u64);
+    }
+    if let Some(e) = &early_exit {
+        add(&metrics.early_exit_tokens, e.exit_layers.len() as u64);
+        add(
+            &metrics.early_exit_layers,
+            e.exit_layers.iter().sum::<usize>() as u64,
+        );
+    }
     let summary = Summary {
         finish_reason,
         usage: Usage {

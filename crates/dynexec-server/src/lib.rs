@@ -28,7 +28,9 @@ use std::time::Duration;
 /// Where and how to serve.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
+    /// Address to listen on; port 0 picks a free one.
     pub addr: SocketAddr,
+    /// Per-request limits.
     pub limits: Limits,
     /// After a shutdown signal, how long streams in flight may run before they are ended.
     pub shutdown_timeout: Duration,
@@ -36,8 +38,10 @@ pub struct ServeOptions {
     pub http_threads: usize,
 }
 
+/// Why [`serve`] could not run; request errors are answered, never returned here.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The address could not be bound (often: the port is taken).
     #[error(
         "could not listen on {addr} (is another server using the port? pick another with --port)"
     )]
@@ -45,6 +49,7 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The async runtime could not be built or failed while serving.
     #[error("the HTTP runtime failed: {0}")]
     Runtime(std::io::Error),
 }

@@ -19,6 +19,7 @@ struct HistogramState {
 }
 
 impl Histogram {
+    /// An empty histogram with these bucket upper bounds, ascending (`+Inf` is implied).
     pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
@@ -29,6 +30,7 @@ impl Histogram {
         }
     }
 
+    /// Records one value.
     pub fn observe(&self, value: f64) {
         let mut s = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for (count, &bound) in s.counts.iter_mut().zip(self.bounds) {
@@ -59,23 +61,41 @@ const BATCH_BOUNDS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 /// Everything `/metrics` reports. Counters only grow; gauges are set by the engine.
 #[derive(Debug)]
 pub struct Metrics {
+    /// Requests answered in full.
     pub requests_ok: AtomicU64,
+    /// Requests refused as invalid (HTTP 4xx).
     pub requests_client_error: AtomicU64,
+    /// Requests refused with 503: queue full or shutting down.
     pub requests_rejected_busy: AtomicU64,
+    /// Requests whose client went away before the end.
     pub requests_cancelled: AtomicU64,
+    /// Requests whose generation failed in the engine.
     pub requests_failed: AtomicU64,
+    /// Prompt tokens prefilled.
     pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
     pub generated_tokens: AtomicU64,
+    /// Gauge: requests waiting for a decoding slot.
     pub queue_depth: AtomicU64,
+    /// Gauge: sequences being decoded.
     pub active_sequences: AtomicU64,
+    /// Draft tokens proposed by speculative decoding.
     pub draft_proposed: AtomicU64,
+    /// Draft tokens the target accepted.
     pub draft_accepted: AtomicU64,
+    /// Tokens decoded with per-token early exit.
     pub early_exit_tokens: AtomicU64,
+    /// Layers those tokens ran, summed.
     pub early_exit_layers: AtomicU64,
+    /// Seconds from request arrival to the first generated token.
     pub ttft: Histogram,
+    /// Mean seconds between generated tokens, one value per request.
     pub time_per_output_token: Histogram,
+    /// Seconds from request arrival to its last token.
     pub request_duration: Histogram,
+    /// Seconds from request arrival to the start of its prefill.
     pub queue_wait: Histogram,
+    /// Sequences advanced by each batched decoding step.
     pub batch_size: Histogram,
 }
 

@@ -22,6 +22,7 @@ pub enum StopCheck {
 }
 
 impl StopMatcher {
+    /// A matcher for `stops` (empty strings are ignored).
     pub fn new(stops: Vec<String>) -> Self {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
@@ -34,6 +35,8 @@ impl StopMatcher {
         &self.text
     }
 
+    /// Adds the next piece of text; says what may be sent and whether a stop string ended
+    /// it. After a stop, every push returns an empty [`StopCheck::Stop`].
     pub fn push(&mut self, piece: &str) -> StopCheck {
         if self.stopped {
             return StopCheck::Stop(String::new());

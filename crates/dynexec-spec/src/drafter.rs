@@ -12,6 +12,7 @@ use std::sync::Arc;
 /// Tokens proposed for one step.
 #[derive(Debug, Clone, Default)]
 pub struct Draft {
+    /// The proposed tokens, in order; may be empty.
     pub tokens: Vec<u32>,
     /// The draft's distribution for each token (rejection sampling needs it); `None` when the
     /// proposal is deterministic or decoding is greedy.
@@ -22,6 +23,7 @@ pub struct Draft {
 
 /// Proposes continuations of a sequence.
 pub trait Drafter {
+    /// How reports name this drafter (a model's name, or e.g. `ngram:3,10`).
     fn name(&self) -> String;
     /// Proposes up to `max` tokens after `tokens`. With a `sampler` the tokens are sampled
     /// from the draft's distributions (as the target will be); without, they are greedy.
@@ -210,11 +212,14 @@ impl Drafter for ModelDrafter {
 /// Prompt lookup: find the longest recent n-gram (up to `max_ngram`) that occurred earlier
 /// in the sequence and propose what followed it (up to `max_tokens`). No model, no cost.
 pub struct NgramDrafter {
+    /// Longest suffix it tries to match, at least 1.
     pub max_ngram: usize,
+    /// Most tokens it proposes per step, at least 1.
     pub max_tokens: usize,
 }
 
 impl NgramDrafter {
+    /// A drafter with these limits (each raised to at least 1).
     pub fn new(max_ngram: usize, max_tokens: usize) -> Self {
         Self {
             max_ngram: max_ngram.max(1),

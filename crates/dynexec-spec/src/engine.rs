@@ -17,16 +17,23 @@ use std::time::Instant;
 /// What speculation did during one generation.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SpecStats {
+    /// The drafter's name ([`Drafter::name`]).
     pub draft: String,
+    /// The lookahead's name, e.g. `fixed:4`.
     pub lookahead: String,
     /// Verification steps (one target forward each), excluding the prefill.
     pub steps: usize,
+    /// Draft tokens proposed.
     pub proposed: usize,
+    /// Draft tokens the target accepted.
     pub accepted: usize,
+    /// The drafter's forward passes (0 for model-free drafters).
     pub draft_forwards: usize,
     /// Target forwards including the prefill.
     pub target_forwards: usize,
+    /// Seconds spent drafting.
     pub draft_secs: f64,
+    /// Seconds spent in the target's verification forwards and the rollbacks after them.
     pub verify_secs: f64,
 }
 
@@ -52,7 +59,9 @@ impl SpecStats {
 
 /// A finished speculative generation.
 pub struct SpecGeneration {
+    /// Tokens, text and timing, as a plain generation reports them.
     pub generation: Generation,
+    /// What speculation did.
     pub spec: SpecStats,
 }
 
@@ -67,6 +76,7 @@ pub struct SpeculativeSequence<'a> {
     /// The prompt and every token handed out so far; the last one is never in the cache.
     tokens: Vec<u32>,
     greedy: bool,
+    /// What speculation has done so far.
     pub spec: SpecStats,
 }
 

@@ -53,6 +53,7 @@ pub struct Heuristic {
 }
 
 impl Heuristic {
+    /// Starts at `start` drafts per step (at least 1).
     pub fn new(start: usize) -> Self {
         Self { k: start.max(1) }
     }
@@ -89,9 +90,12 @@ pub struct Confidence {
 }
 
 impl Confidence {
+    /// Starting threshold when none is given.
     pub const DEFAULT_THRESHOLD: f32 = 0.4;
+    /// Most drafts per step when no maximum is given.
     pub const DEFAULT_MAX: usize = 20;
 
+    /// Starts at `threshold`, drafting at most `max` tokens per step (at least 1).
     pub fn new(threshold: f32, max: usize) -> Self {
         Self {
             threshold,
@@ -100,6 +104,7 @@ impl Confidence {
         }
     }
 
+    /// The current threshold (re-tuned after every step).
     pub fn threshold(&self) -> f32 {
         self.threshold
     }

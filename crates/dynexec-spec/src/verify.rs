@@ -6,7 +6,9 @@ use dynexec_core::sampling::Sampler;
 /// them (the target's correction, or a bonus token when every draft passed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Verdict {
+    /// Drafts accepted, a prefix of the proposal.
     pub accepted: usize,
+    /// The token after the accepted drafts, from the target's distribution.
     pub next: u32,
 }
 

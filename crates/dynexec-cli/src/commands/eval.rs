@@ -1,13 +1,11 @@
 //! `dynexec eval perplexity MODEL --text FILE`.
 
-use super::generate::{load_model, DEFAULT_DECODER};
-use crate::options::{print_json, progress_bar, GlobalOptions};
-use anyhow::{Context, Result};
+use super::common::{evaluate, load_model, read_text, WindowArgs, DEFAULT_DECODER};
+use crate::options::{print_json, GlobalOptions};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use dynexec_models::llama::LoadedDecoder;
-use dynexec_quant::perplexity::{perplexity, Perplexity, Window};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Subcommand)]
 pub enum EvalCommand {
@@ -28,28 +26,6 @@ pub struct PerplexityArgs {
     pub text: PathBuf,
     #[command(flatten)]
     pub window: WindowArgs,
-}
-
-#[derive(Args, Clone)]
-pub struct WindowArgs {
-    /// Tokens per window.
-    #[arg(long, default_value_t = 512)]
-    pub context: usize,
-    /// How far each window advances (a window scores only the tokens past the previous one).
-    #[arg(long, default_value_t = 256)]
-    pub stride: usize,
-    /// Score only the first N tokens of the text.
-    #[arg(long)]
-    pub max_tokens: Option<usize>,
-}
-
-impl WindowArgs {
-    pub fn window(&self) -> Window {
-        Window {
-            context: self.context,
-            stride: self.stride,
-        }
-    }
 }
 
 #[derive(Serialize)]
@@ -89,42 +65,4 @@ pub fn run(global: &GlobalOptions, cmd: EvalCommand) -> Result<()> {
         report.quant.as_deref().unwrap_or("as stored")
     );
     Ok(())
-}
-
-pub fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "reading --text {} (for the State of the Union slice run scripts/fetch-sotu.sh)",
-            path.display()
-        )
-    })?;
-    anyhow::ensure!(
-        !text.trim().is_empty(),
-        "--text {} is empty",
-        path.display()
-    );
-    Ok(text)
-}
-
-/// Tokenizes `text` (cut to `--max-tokens`) and scores it, with a progress bar.
-pub fn evaluate(
-    loaded: &LoadedDecoder,
-    text: &str,
-    window: &WindowArgs,
-    global: &GlobalOptions,
-) -> Result<Perplexity> {
-    let mut tokens = loaded.tokenizer.encode(text)?;
-    if let Some(max) = window.max_tokens {
-        tokens.truncate(max);
-    }
-    let bar = progress_bar(
-        global,
-        tokens.len().saturating_sub(1) as u64,
-        "perplexity [{bar:30}] {pos}/{len} tokens {per_sec}",
-    );
-    let result = perplexity(&loaded.model, &tokens, window.window(), |done, _| {
-        bar.set_position(done as u64)
-    })?;
-    bar.finish_and_clear();
-    Ok(result)
 }

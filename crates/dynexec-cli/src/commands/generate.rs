@@ -1,133 +1,21 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
+use super::common::{
+    build_drafter, load_exit_adapters, ModelArgs, SamplingArgs, DEFAULT_EXIT_ADAPTERS,
+};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
-use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::Trace;
-use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy, ADAPTERS_CARD};
-use dynexec_models::generation::{generate, generate_with_step, GenerateOptions, StopReason};
-use dynexec_models::linear::HasLinears;
-use dynexec_models::llama::{load_decoder, LoadedDecoder};
-use dynexec_quant::{quantize_auto, quantize_in_place, QuantTarget};
+use dynexec_engine::{decode, EarlyExitReport, SpeculativeReport, Strategy};
+use dynexec_exit::token_exit::TokenExitPolicy;
+use dynexec_models::generation::{GenerateOptions, StopReason};
+use dynexec_models::llama::LoadedDecoder;
+use dynexec_spec::draft_spec::DraftSpec;
 use serde::Serialize;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-
-/// The model `generate` and `bench generate` use when none is named.
-pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
-
-#[derive(Args)]
-pub struct ModelArgs {
-    /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE], or a
-    /// local GGUF file / transformers folder.
-    #[arg(long, short, default_value = DEFAULT_DECODER)]
-    pub model: String,
-
-    /// Use this tokenizer.json instead of the model's own.
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-
-    /// Render chat prompts with this Jinja chat template instead of the model's own
-    /// (`tokenizer.chat_template` in the GGUF or tokenizer_config.json).
-    #[arg(long, value_name = "FILE")]
-    pub chat_template: Option<PathBuf>,
-}
-
-impl ModelArgs {
-    /// Loads the model, converted to `--quant` when given.
-    pub fn load(&self, global: &GlobalOptions) -> Result<LoadedDecoder> {
-        let mut loaded = load_model(global, &self.model, self.tokenizer.as_deref(), global.quant)?;
-        use_chat_template(&mut loaded, self.chat_template.as_deref())?;
-        Ok(loaded)
-    }
-}
-
-/// Replaces the model's chat template with the one in `file`, if given.
-pub fn use_chat_template(loaded: &mut LoadedDecoder, file: Option<&Path>) -> Result<()> {
-    let Some(file) = file else {
-        return Ok(());
-    };
-    let source = std::fs::read_to_string(file)
-        .with_context(|| format!("reading the chat template {}", file.display()))?;
-    loaded
-        .tokenizer
-        .set_chat_template(&source, &format!("the chat template {}", file.display()))
-        .context("--chat-template")?;
-    Ok(())
-}
-
-/// Loads a decoder and converts its linear layers to `quant`. Quantized layers take F32
-/// activations, so a dense model is then loaded in F32 whatever `--dtype` says (and so is it
-/// with `auto` on the CPU, where F32 has the fast kernel).
-pub fn load_model(
-    global: &GlobalOptions,
-    model: &str,
-    tokenizer: Option<&std::path::Path>,
-    quant: Option<QuantTarget>,
-) -> Result<LoadedDecoder> {
-    let device = global.open_device()?;
-    let files = global.hub()?.resolve(model)?;
-    let dtype = match quant {
-        Some(QuantTarget::Auto) if !device.is_cpu() => global.dtype,
-        Some(_) => Some(candle_core::DType::F32),
-        None => global.dtype,
-    };
-    let mut loaded = load_decoder(&files, tokenizer, dtype, &device)
-        .with_context(|| format!("loading model `{model}`"))?;
-    match quant {
-        Some(QuantTarget::To(format)) => {
-            quantize_in_place(&mut loaded.model, format)
-                .with_context(|| format!("converting `{model}` to {format}"))?;
-        }
-        Some(QuantTarget::Auto) => {
-            let report = quantize_auto(&mut loaded.model, device.is_cpu())
-                .with_context(|| format!("choosing kernels for `{model}`"))?;
-            if !global.quiet {
-                eprintln!("--quant auto: {report}");
-            }
-        }
-        None => {}
-    }
-    loaded.model.set_cpu_kernels(global.cpu_kernels);
-    Ok(loaded)
-}
-
-#[derive(Args)]
-pub struct SamplingArgs {
-    /// Sampling temperature; 0 means greedy (always the most likely token).
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// Sample only among the K most likely tokens.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// Sample only among the most likely tokens whose probabilities sum to P.
-    #[arg(long)]
-    pub top_p: Option<f64>,
-    /// Penalise recently generated tokens (1.0 = off; 1.1 is a common choice).
-    #[arg(long, default_value_t = 1.0)]
-    pub repeat_penalty: f32,
-    /// How many recent tokens the repeat penalty considers.
-    #[arg(long, default_value_t = 64)]
-    pub repeat_last_n: usize,
-    /// Random seed: the same seed gives the same output.
-    #[arg(long, default_value_t = 299792458)]
-    pub seed: u64,
-}
-
-impl SamplingArgs {
-    pub fn params(&self) -> SamplingParams {
-        SamplingParams {
-            temperature: self.temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            repetition_penalty: self.repeat_penalty,
-            repeat_last_n: self.repeat_last_n,
-            seed: self.seed,
-        }
-    }
-}
+use std::path::PathBuf;
 
 #[derive(Args)]
 #[command(
@@ -216,29 +104,6 @@ struct GenerateReport<'a> {
     early_exit: Option<EarlyExitReport>,
 }
 
-/// Keys `generate --json` adds with `--early-exit`.
-#[derive(Serialize)]
-struct EarlyExitReport {
-    policy: String,
-    mean_exit_layer: f64,
-    layers_total: usize,
-    /// The layer each decoded token left at (the first token comes from the full-depth prefill).
-    exit_layers: Vec<usize>,
-}
-
-/// Keys `generate --json` adds when drafting.
-#[derive(Serialize)]
-struct SpeculativeReport {
-    draft: String,
-    lookahead: String,
-    acceptance_rate: f64,
-    mean_accepted_length: f64,
-    draft_forwards: usize,
-    target_forwards: usize,
-    draft_secs: f64,
-    verify_secs: f64,
-}
-
 pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     let prompt = match (&args.prompt, &args.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -261,6 +126,15 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(TokenExitPolicy::parse)
         .transpose()?;
+    let draft = args
+        .draft
+        .as_deref()
+        .map(str::parse::<DraftSpec>)
+        .transpose()?;
+    let mut lookahead = match draft {
+        Some(_) => Some(dynexec_spec::lookahead::parse(&args.lookahead)?),
+        None => None,
+    };
     let loaded = args.model.load(global)?;
     let adapters = match (&args.early_exit, &args.exit_adapters) {
         (Some(_), reference) => Some(load_exit_adapters(
@@ -268,7 +142,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             reference.as_deref().unwrap_or(DEFAULT_EXIT_ADAPTERS),
             &loaded.model,
         )?),
-        (None, Some(reference)) if args.draft.is_some() => {
+        (None, Some(reference)) if draft.is_some() => {
             Some(load_exit_adapters(global, reference, &loaded.model)?)
         }
         (None, Some(_)) => {
@@ -276,16 +150,17 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let mut drafting = match &args.draft {
-        Some(spec) => Some((
-            super::speculative::build_drafter(global, spec, &loaded, adapters.as_ref())?,
-            dynexec_spec::lookahead::parse(&args.lookahead)?,
-        )),
-        None => None,
+    let mut strategy = match (&draft, lookahead.take(), early_exit_policy, &adapters) {
+        (Some(draft), Some(lookahead), _, _) => Strategy::Speculative {
+            drafter: build_drafter(global, draft, &loaded, adapters.as_ref())?,
+            lookahead,
+        },
+        (None, _, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },
+        _ => Strategy::Plain,
     };
     let LoadedDecoder {
         model, tokenizer, ..
-    } = loaded;
+    } = &loaded;
     let text = if args.chat {
         tokenizer.chat_prompt(args.system.as_deref(), &prompt)?
     } else {
@@ -319,66 +194,20 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
         Ok(())
     };
-    let mut token_exit = match (early_exit_policy, &adapters) {
-        (Some(policy), Some(adapters)) => Some(TokenExit::new(&model, adapters, policy)?),
-        _ => None,
-    };
-    let (result, speculative) = match drafting.as_mut() {
-        Some((drafter, lookahead)) => {
-            let out = dynexec_spec::engine::generate_speculative(
-                &model,
-                drafter.as_mut(),
-                lookahead.as_mut(),
-                &tokenizer,
-                &prompt_ids,
-                &options,
-                on_text,
-            )?;
-            let s = out.spec;
-            let report = SpeculativeReport {
-                acceptance_rate: s.acceptance_rate(),
-                mean_accepted_length: s.mean_accepted_length(),
-                draft: s.draft,
-                lookahead: s.lookahead,
-                draft_forwards: s.draft_forwards,
-                target_forwards: s.target_forwards,
-                draft_secs: s.draft_secs,
-                verify_secs: s.verify_secs,
-            };
-            (out.generation, Some(report))
-        }
-        None => match token_exit.as_mut() {
-            Some(exit) => (
-                generate_with_step(
-                    &model,
-                    &tokenizer,
-                    &prompt_ids,
-                    &options,
-                    None,
-                    |ids, cache, _| exit.step(ids, cache),
-                    on_text,
-                )?,
-                None,
-            ),
-            None => (
-                generate(
-                    &model,
-                    &tokenizer,
-                    &prompt_ids,
-                    &options,
-                    trace.as_mut(),
-                    on_text,
-                )?,
-                None,
-            ),
-        },
-    };
-    let early_exit = token_exit.map(|exit| EarlyExitReport {
-        policy: exit.policy.to_string(),
-        mean_exit_layer: mean(&exit.exit_layers),
-        layers_total: num_layers,
-        exit_layers: exit.exit_layers,
-    });
+    let decoded = decode(
+        model,
+        tokenizer,
+        &prompt_ids,
+        &options,
+        &mut strategy,
+        trace.as_mut(),
+        on_text,
+    )?;
+    let (result, speculative, early_exit) = (
+        decoded.generation,
+        decoded.report.speculative,
+        decoded.report.early_exit,
+    );
 
     if let (Some(trace), Some(path)) = (&trace, &args.trace) {
         let mut all_ids = prompt_ids.clone();
@@ -439,27 +268,4 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The exit adapters shipped for the default decoder.
-pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
-
-/// Loads exit adapters by manifest name or folder and checks they fit `model`.
-pub fn load_exit_adapters(
-    global: &GlobalOptions,
-    reference: &str,
-    model: &dynexec_models::llama::Llama,
-) -> Result<ExitAdapters> {
-    let files = global.hub()?.resolve(reference)?;
-    let card = files.find(ADAPTERS_CARD).with_context(|| {
-        format!("`{reference}` holds no {ADAPTERS_CARD}: train adapters with `dynexec exits train-adapters`")
-    })?;
-    let adapters = ExitAdapters::load(card.parent().unwrap_or(Path::new(".")), model.device())?;
-    adapters.check(model)?;
-    Ok(adapters)
-}
-
-/// Mean of layer counts (0 for none).
-pub fn mean(values: &[usize]) -> f64 {
-    values.iter().sum::<usize>() as f64 / values.len().max(1) as f64
 }

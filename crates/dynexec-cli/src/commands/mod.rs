@@ -1,15 +1,9 @@
-//! One module per subcommand.
+//! One module per subcommand; `common` holds what several of them share.
 
 pub mod analyze;
 pub mod bench;
-pub mod bench_diffusion;
-pub mod bench_dsa;
-pub mod bench_exits;
-pub mod bench_llama_cpp;
-pub mod bench_serve;
-pub mod bench_speculative;
-pub mod bench_token_exits;
 pub mod classify;
+pub mod common;
 pub mod diffuse;
 pub mod diffusion;
 pub mod eval;
@@ -18,4 +12,3 @@ pub mod generate;
 pub mod models;
 pub mod quantize;
 pub mod serve;
-pub mod speculative;

@@ -1,6 +1,6 @@
 //! `dynexec quantize MODEL --to FORMAT --out FILE.gguf`.
 
-use super::generate::load_model;
+use super::common::load_model;
 use crate::options::{parse_format, print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;

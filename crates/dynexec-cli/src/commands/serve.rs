@@ -1,12 +1,13 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
-use super::generate::{
-    load_exit_adapters, load_model, use_chat_template, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
+use super::common::{
+    build_drafter, load_exit_adapters, ModelArgs, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_server::{serve, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel};
+use dynexec_spec::draft_spec::DraftSpec;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,8 +132,12 @@ pub fn run(global: &GlobalOptions, args: ServeArgs) -> Result<()> {
 }
 
 fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> {
-    let mut loaded = load_model(global, &args.model, args.tokenizer.as_deref(), global.quant)?;
-    use_chat_template(&mut loaded, args.chat_template.as_deref())?;
+    let loaded = ModelArgs {
+        model: args.model.clone(),
+        tokenizer: args.tokenizer.clone(),
+        chat_template: args.chat_template.clone(),
+    }
+    .load(global)?;
     let exit_adapters = match args.exit_adapters.as_deref() {
         Some("none") => None,
         Some(reference) => Some(load_exit_adapters(global, reference, &loaded.model)?),
@@ -147,14 +152,13 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
         }
         None => None,
     };
-    let drafter = match &args.draft {
+    let drafter = match args.draft.as_deref().map(str::parse::<DraftSpec>) {
         Some(spec) => {
+            let spec = spec?;
             let adapters = exit_adapters
                 .as_ref()
-                .filter(|_| spec.starts_with("self-layers"));
-            Some(super::speculative::build_drafter(
-                global, spec, &loaded, adapters,
-            )?)
+                .filter(|_| matches!(spec, DraftSpec::SelfLayers(_)));
+            Some(build_drafter(global, &spec, &loaded, adapters)?)
         }
         None => None,
     };

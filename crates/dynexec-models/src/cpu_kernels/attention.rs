@@ -14,7 +14,9 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 /// The queries are the last `seq` of the `len` positions: query `i` sees keys
 /// `0..len - seq + i + 1`. Query head `h` reads KV head `h / group`.
 pub struct CachedAttention {
+    /// Multiplies the scores before the softmax, usually `1 / sqrt(head_dim)`.
     pub scale: f32,
+    /// Query heads per KV head (`heads / kv_heads`).
     pub group: usize,
 }
 

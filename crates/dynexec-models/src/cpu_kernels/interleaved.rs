@@ -185,6 +185,7 @@ impl PackedWeight {
         }
     }
 
+    /// The GGUF format of the packed blocks.
     pub fn dtype(&self) -> GgmlDType {
         match self.format {
             Q8_0 => GgmlDType::Q8_0,

@@ -18,18 +18,29 @@ pub enum RopeStyle {
 /// Everything the decoder needs to know about its shape.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
+    /// Width of the residual stream.
     pub hidden_size: usize,
+    /// Width of the MLP's gate and up projections.
     pub intermediate_size: usize,
+    /// Decoder layers.
     pub num_layers: usize,
+    /// Query heads per layer; a multiple of `num_kv_heads`.
     pub num_heads: usize,
+    /// Key/value heads per layer (fewer than `num_heads` with grouped-query attention).
     pub num_kv_heads: usize,
+    /// Features per head; even, since RoPE rotates pairs.
     pub head_dim: usize,
+    /// RMS-norm epsilon.
     pub rms_norm_eps: f64,
+    /// RoPE base frequency.
     pub rope_theta: f64,
+    /// How RoPE pairs a head's features, which depends on the file's layout.
     pub rope_style: RopeStyle,
     /// Longest sequence the model was trained for; prompts beyond it are refused.
     pub context_length: usize,
+    /// Token ids in the vocabulary (rows of the token embedding).
     pub vocab_size: usize,
+    /// The LM head reuses the token embedding (no separate output weight).
     pub tie_word_embeddings: bool,
     /// Biases on q/k/v projections (Qwen2).
     pub qkv_bias: bool,

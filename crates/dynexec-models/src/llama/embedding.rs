@@ -14,6 +14,7 @@ use std::sync::Arc;
 /// Token id → embedding row, dense or quantized.
 #[derive(Debug, Clone)]
 pub enum TokenEmbedding {
+    /// A `(vocab, hidden)` float table, on any device.
     Dense(Tensor),
     /// A `(vocab, hidden)` quantized table on the CPU.
     Quantized(Arc<QTensor>),

@@ -15,7 +15,9 @@ use std::sync::Arc;
 
 /// A decoder and the tokenizer that goes with it.
 pub struct LoadedDecoder {
+    /// The decoder.
     pub model: Llama,
+    /// Its tokenizer: from `tokenizer.json`, or built from the GGUF's metadata.
     pub tokenizer: TextTokenizer,
     /// `gguf` or `safetensors`.
     pub format: &'static str,

@@ -318,14 +318,17 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// The hyper-parameters it was built from.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
     }
 
+    /// Decoder layers: the depth that early exit and layer drafts address.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
 
+    /// The device its weights live on.
     pub fn device(&self) -> &Device {
         &self.device
     }

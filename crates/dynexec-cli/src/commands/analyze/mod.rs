@@ -12,7 +12,7 @@ mod heatmap;
 mod report;
 mod settings;
 
-use crate::commands::generate::{load_model, ModelArgs};
+use crate::commands::common::{load_model, ModelArgs};
 use crate::options::{parse_format, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};

@@ -2,7 +2,7 @@
 //! distilled from its final layer on text it generates.
 
 use super::train::{reproduce_command, save_weights, with_cache_variable};
-use crate::commands::generate::ModelArgs;
+use crate::commands::common::{read_jsonl, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -79,11 +79,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
     let prompts_path = args.prompts.clone().unwrap_or_else(|| {
         dynexec_core::hub::default_cache_dir().join("data/prompts/truthfulqa.jsonl")
     });
-    let questions = super::super::bench_speculative::read_jsonl(
-        &prompts_path,
-        "question",
-        args.skip + args.count,
-    )?;
+    let questions = read_jsonl(&prompts_path, "question", args.skip + args.count)?;
     let questions = &questions[args.skip.min(questions.len())..];
     if questions.len() < 2 {
         bail!(

@@ -1,10 +1,9 @@
 //! `dynexec bench speculative`: plain decoding against every drafter x controller, on the
 //! same target and prompts, in one process.
 
-use super::generate::{load_model, ModelArgs};
-use super::speculative::build_drafter;
+use crate::commands::common::{build_drafter, load_model, read_jsonl, ModelArgs};
 use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::tokenizer::TextTokenizer;
@@ -13,7 +12,7 @@ use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use dynexec_spec::engine::generate_speculative;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -53,23 +52,6 @@ pub struct BenchSpeculativeArgs {
 struct PromptSet {
     name: &'static str,
     prompts: Vec<Vec<u32>>,
-}
-
-pub(crate) fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {} (run scripts/fetch-prompts.sh)", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(count)
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("bad JSON line in {}", path.display()))?;
-            v[field]
-                .as_str()
-                .map(str::to_string)
-                .with_context(|| format!("no `{field}` string in {}", path.display()))
-        })
-        .collect()
 }
 
 fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result<Vec<PromptSet>> {
@@ -172,7 +154,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
                 identical_to_plain: true,
             });
             for draft_spec in &args.drafts {
-                let mut drafter = build_drafter(global, draft_spec, &target, None)?;
+                let mut drafter = build_drafter(global, &draft_spec.parse()?, &target, None)?;
                 for lookahead_spec in &args.lookaheads {
                     bar.set_message(format!("{draft_spec} / {lookahead_spec}"));
                     // One controller per prompt set, so online tuning carries across prompts.

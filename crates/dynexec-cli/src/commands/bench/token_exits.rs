@@ -2,13 +2,14 @@
 //! in one process — agreement with full-depth greedy tokens, perplexity, layers used and
 //! decoding speed for each policy.
 
-use super::bench_speculative::read_jsonl;
-use super::eval::read_text;
-use super::generate::{load_exit_adapters, mean, ModelArgs, DEFAULT_EXIT_ADAPTERS};
+use crate::commands::common::{
+    load_exit_adapters, read_jsonl, read_text, ModelArgs, DEFAULT_EXIT_ADAPTERS,
+};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use candle_core::Tensor;
 use clap::Args;
+use dynexec_engine::mean;
 use dynexec_exit::token_exit::{TokenExit, TokenExitPolicy};
 use dynexec_models::generation::{generate, generate_with_step, GenerateOptions};
 use dynexec_models::kv_cache::KvCache;

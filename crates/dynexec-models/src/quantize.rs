@@ -1,9 +1,12 @@
-//! `--quant auto`: keep each layer's stored type when a fast kernel multiplies it on the
-//! device at hand, and otherwise convert it to the nearest type that has one.
+//! Converting a model's linear layers in place: to one format ([`quantize_in_place`]), or
+//! per layer to the nearest type a fast kernel multiplies ([`quantize_auto`], `auto`): keep
+//! each layer's stored type when a fast kernel multiplies it on the device at hand, and
+//! otherwise convert it to the nearest type that has one.
 
-use crate::{HasLinears, WeightFormat};
+pub use crate::linear::{HasLinears, WeightFormat};
 use candle_core::quantized::GgmlDType;
 use dynexec_core::Result;
+use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
@@ -11,7 +14,10 @@ use std::str::FromStr;
 /// What `--quant` asks for: one format for every layer, or a choice per layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantTarget {
+    /// Per layer: keep a stored type with a fast kernel, convert the others
+    /// ([`quantize_auto`]).
     Auto,
+    /// Every layer to this format ([`quantize_in_place`]).
     To(WeightFormat),
 }
 
@@ -63,7 +69,9 @@ pub fn auto_cpu_format(ty: GgmlDType) -> Option<WeightFormat> {
 /// What `--quant auto` did: layers kept per stored type, layers converted per (from, to).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct AutoReport {
+    /// Layers left as stored, by lowercase type name (e.g. `q4k`).
     pub kept: BTreeMap<String, usize>,
+    /// Layers converted, by (stored type, new format).
     pub converted: BTreeMap<(String, String), usize>,
 }
 
@@ -114,12 +122,45 @@ pub fn quantize_auto(model: &mut impl HasLinears, cpu: bool) -> Result<AutoRepor
     Ok(report)
 }
 
+/// What an in-place conversion changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuantReport {
+    /// The format every linear layer now has.
+    pub format: WeightFormat,
+    /// Linear layers converted.
+    pub layers: usize,
+    /// Weight bytes of those layers before the conversion.
+    pub bytes_before: usize,
+    /// Weight bytes of those layers after it.
+    pub bytes_after: usize,
+}
+
+/// Converts every linear layer of `model` to `format`, in place.
+pub fn quantize_in_place(model: &mut impl HasLinears, format: WeightFormat) -> Result<QuantReport> {
+    let mut report = QuantReport {
+        format,
+        layers: 0,
+        bytes_before: 0,
+        bytes_after: 0,
+    };
+    for (name, linear) in model.linears_mut() {
+        report.bytes_before += linear.weight_bytes();
+        let converted = linear
+            .convert(format)
+            .map_err(|e| dynexec_core::Error::InvalidArgument(format!("layer `{name}`: {e}")))?;
+        report.bytes_after += converted.weight_bytes();
+        *linear = converted;
+        report.layers += 1;
+    }
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::linear::Linear;
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-    use dynexec_models::linear::Linear;
 
     struct Layers(Vec<Linear>);
 

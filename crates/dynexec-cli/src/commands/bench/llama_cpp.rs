@@ -1,6 +1,6 @@
 //! llama.cpp's `llama-bench` as one more implementation in `bench generate`.
 
-use super::bench::Decoder;
+use super::Decoder;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -2,8 +2,8 @@
 //! prompts, in one process — steps, wall time, SSIM to the fixed-step image, class
 //! consistency and FID on the early-exit Fashion-MNIST classifier's features.
 
-use super::diffuse::{resolve_policy, Pipeline, StepsArg};
-use super::diffusion::read_prompts;
+use crate::commands::diffuse::{resolve_policy, Pipeline, StepsArg};
+use crate::commands::diffusion::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;

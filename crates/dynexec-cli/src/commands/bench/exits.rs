@@ -1,8 +1,8 @@
 //! `dynexec bench exits`: every exit policy next to full depth on a task's test split, in one
 //! process — accuracy, layers used, batch-1 latency and batched throughput.
 
-use super::classify::resolve_policy;
-use super::exits::{load_classifier, predict_split, read_task_splits};
+use crate::commands::classify::resolve_policy;
+use crate::commands::exits::{load_classifier, predict_split, read_task_splits};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;

@@ -1,9 +1,14 @@
 //! `dynexec bench ...`: baseline and technique measured side by side in one process.
 
-use super::bench_llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
-use super::eval::{evaluate, read_text, WindowArgs};
-use super::generate::load_model;
-use super::generate::ModelArgs;
+mod diffusion;
+mod dsa;
+mod exits;
+mod llama_cpp;
+mod serve;
+mod speculative;
+mod token_exits;
+
+use crate::commands::common::{evaluate, load_model, read_text, ModelArgs, WindowArgs};
 use crate::options::{parse_format, parse_isa, print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -16,6 +21,7 @@ use dynexec_models::linear::CpuKernels;
 use dynexec_models::llama::Llama;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
+use llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -24,7 +30,7 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Load a running `dynexec serve`: N concurrent streaming clients, throughput, time to
     /// first token and time per output token (p50/p95/p99), errors; speculative on and off.
-    Serve(super::bench_serve::BenchServeArgs),
+    Serve(serve::BenchServeArgs),
     /// Prefill and decode tokens/s of a decoder (optionally next to candle-transformers'
     /// quantized_llama on the same GGUF), median and spread over several runs.
     #[command(
@@ -39,29 +45,29 @@ pub enum BenchCommand {
     Quant(BenchQuantArgs),
     /// Speculative decoding: plain decoding vs every drafter x lookahead controller on the
     /// same target and prompts (TruthfulQA questions, BBC articles to summarize).
-    Speculative(super::bench_speculative::BenchSpeculativeArgs),
+    Speculative(speculative::BenchSpeculativeArgs),
     /// Dynamical similarity analysis: seconds per end-to-end comparison on the reference
     /// cases, next to the reference implementation's time, and a 10 x 10 distance matrix.
-    Dsa(super::bench_dsa::BenchDsaArgs),
+    Dsa(dsa::BenchDsaArgs),
     /// Early exit: accuracy, mean exit layer, % layers saved, batch-1 latency and batched
     /// throughput of each exit policy next to full depth, on a task's test split.
     #[command(
         after_help = "Example:\n  scripts/fetch-reviews.sh\n  dynexec bench exits --model minilm-l6-reviews --data $DYNEXEC_CACHE/data/reviews --threads 2"
     )]
-    Exits(super::bench_exits::BenchExitsArgs),
+    Exits(exits::BenchExitsArgs),
     /// Per-token early exit in a decoder: agreement with full-depth greedy tokens, perplexity,
     /// mean exit layer and decode speed of each policy next to full depth.
     #[command(
         name = "token-exits",
         after_help = "Example:\n  scripts/fetch-prompts.sh; scripts/fetch-sotu.sh\n  dynexec bench token-exits --threads 2 --policies confidence:0.9,saturation:0.99"
     )]
-    TokenExits(super::bench_token_exits::BenchTokenExitsArgs),
+    TokenExits(token_exits::BenchTokenExitsArgs),
     /// Adaptive-step diffusion: fixed steps vs the predicted and converge policies on held-out
     /// prompts — mean steps, wall time, SSIM to the fixed-step image, class consistency, FID.
     #[command(
         after_help = "Example:\n  scripts/fetch-fashion-mnist.sh\n  dynexec bench diffusion --threads 2 --seeds 2"
     )]
-    Diffusion(super::bench_diffusion::BenchDiffusionArgs),
+    Diffusion(diffusion::BenchDiffusionArgs),
 }
 
 #[derive(Args)]
@@ -136,12 +142,12 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Generate(args) => bench_generate(global, args),
         BenchCommand::Quant(args) => bench_quant(global, args),
-        BenchCommand::Speculative(args) => super::bench_speculative::run(global, args),
-        BenchCommand::Dsa(args) => super::bench_dsa::run(global, args),
-        BenchCommand::Exits(args) => super::bench_exits::run(global, args),
-        BenchCommand::TokenExits(args) => super::bench_token_exits::run(global, args),
-        BenchCommand::Diffusion(args) => super::bench_diffusion::run(global, args),
-        BenchCommand::Serve(args) => super::bench_serve::run(global, args),
+        BenchCommand::Speculative(args) => speculative::run(global, args),
+        BenchCommand::Dsa(args) => dsa::run(global, args),
+        BenchCommand::Exits(args) => exits::run(global, args),
+        BenchCommand::TokenExits(args) => token_exits::run(global, args),
+        BenchCommand::Diffusion(args) => diffusion::run(global, args),
+        BenchCommand::Serve(args) => serve::run(global, args),
     }
 }
 

@@ -1,0 +1,214 @@
+//! What several commands share: the model and sampling flags, loading through the library,
+//! and reading data files.
+
+use crate::options::{progress_bar, GlobalOptions};
+use anyhow::{Context, Result};
+use clap::Args;
+use dynexec_core::sampling::SamplingParams;
+use dynexec_exit::token_exit::{ExitAdapters, ADAPTERS_CARD};
+use dynexec_models::llama::{Llama, LoadedDecoder};
+use dynexec_models::loading::{load, LoadOptions};
+use dynexec_quant::perplexity::{perplexity, Perplexity, Window};
+use dynexec_quant::QuantTarget;
+use dynexec_spec::draft_spec::{DraftSources, DraftSpec};
+use std::path::{Path, PathBuf};
+
+/// The model `generate` and `bench generate` use when none is named.
+pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
+
+/// The exit adapters shipped for the default decoder.
+pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
+
+#[derive(Args)]
+pub struct ModelArgs {
+    /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE], or a
+    /// local GGUF file / transformers folder.
+    #[arg(long, short, default_value = DEFAULT_DECODER)]
+    pub model: String,
+
+    /// Use this tokenizer.json instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+
+    /// Render chat prompts with this Jinja chat template instead of the model's own
+    /// (`tokenizer.chat_template` in the GGUF or tokenizer_config.json).
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    /// Loads the model, converted to `--quant` when given.
+    pub fn load(&self, global: &GlobalOptions) -> Result<LoadedDecoder> {
+        let mut options = global.load_options(global.quant);
+        options.tokenizer = self.tokenizer.clone();
+        options.chat_template = self.chat_template.clone();
+        load_with(global, &self.model, &options)
+    }
+}
+
+/// Loads a decoder converted to `quant`, with the model's own tokenizer and template unless
+/// `tokenizer` is given.
+pub fn load_model(
+    global: &GlobalOptions,
+    model: &str,
+    tokenizer: Option<&Path>,
+    quant: Option<QuantTarget>,
+) -> Result<LoadedDecoder> {
+    let mut options = global.load_options(quant);
+    options.tokenizer = tokenizer.map(Path::to_path_buf);
+    load_with(global, model, &options)
+}
+
+fn load_with(global: &GlobalOptions, model: &str, options: &LoadOptions) -> Result<LoadedDecoder> {
+    let loaded = load(&global.hub()?, model, &global.open_device()?, options)?;
+    if let (Some(report), false) = (&loaded.auto_report, global.quiet) {
+        eprintln!("--quant auto: {report}");
+    }
+    Ok(loaded.decoder)
+}
+
+#[derive(Args)]
+pub struct SamplingArgs {
+    /// Sampling temperature; 0 means greedy (always the most likely token).
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    /// Sample only among the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Sample only among the most likely tokens whose probabilities sum to P.
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Penalise recently generated tokens (1.0 = off; 1.1 is a common choice).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// How many recent tokens the repeat penalty considers.
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Random seed: the same seed gives the same output.
+    #[arg(long, default_value_t = 299792458)]
+    pub seed: u64,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            seed: self.seed,
+        }
+    }
+}
+
+/// The drafter `--draft` names, loaded (for a draft model) the way the target was.
+pub fn build_drafter(
+    global: &GlobalOptions,
+    draft: &DraftSpec,
+    target: &LoadedDecoder,
+    exit_adapters: Option<&dynexec_exit::token_exit::ExitAdapters>,
+) -> Result<Box<dyn dynexec_spec::drafter::Drafter>> {
+    let (hub, device) = (global.hub()?, global.open_device()?);
+    let sources = DraftSources {
+        hub: &hub,
+        device: &device,
+        load_options: global.load_options(global.quant),
+        exit_adapters,
+    };
+    Ok(draft.build(target, &sources)?)
+}
+
+/// Loads exit adapters by manifest name or folder and checks they fit `model`.
+pub fn load_exit_adapters(
+    global: &GlobalOptions,
+    reference: &str,
+    model: &Llama,
+) -> Result<ExitAdapters> {
+    let files = global.hub()?.resolve(reference)?;
+    let card = files.find(ADAPTERS_CARD).with_context(|| {
+        format!("`{reference}` holds no {ADAPTERS_CARD}: train adapters with `dynexec exits train-adapters`")
+    })?;
+    let adapters = ExitAdapters::load(card.parent().unwrap_or(Path::new(".")), model.device())?;
+    adapters.check(model)?;
+    Ok(adapters)
+}
+
+/// The `field` strings of the first `count` lines of a JSON-lines file.
+pub fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (run scripts/fetch-prompts.sh)", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(count)
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("bad JSON line in {}", path.display()))?;
+            v[field]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("no `{field}` string in {}", path.display()))
+        })
+        .collect()
+}
+
+/// A text file for perplexity (`--text`), which must not be empty.
+pub fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading --text {} (for the State of the Union slice run scripts/fetch-sotu.sh)",
+            path.display()
+        )
+    })?;
+    anyhow::ensure!(
+        !text.trim().is_empty(),
+        "--text {} is empty",
+        path.display()
+    );
+    Ok(text)
+}
+
+#[derive(Args, Clone)]
+pub struct WindowArgs {
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    pub context: usize,
+    /// How far each window advances (a window scores only the tokens past the previous one).
+    #[arg(long, default_value_t = 256)]
+    pub stride: usize,
+    /// Score only the first N tokens of the text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+}
+
+impl WindowArgs {
+    pub fn window(&self) -> Window {
+        Window {
+            context: self.context,
+            stride: self.stride,
+        }
+    }
+}
+
+/// Tokenizes `text` (cut to `--max-tokens`) and scores it, with a progress bar.
+pub fn evaluate(
+    loaded: &LoadedDecoder,
+    text: &str,
+    window: &WindowArgs,
+    global: &GlobalOptions,
+) -> Result<Perplexity> {
+    let mut tokens = loaded.tokenizer.encode(text)?;
+    if let Some(max) = window.max_tokens {
+        tokens.truncate(max);
+    }
+    let bar = progress_bar(
+        global,
+        tokens.len().saturating_sub(1) as u64,
+        "perplexity [{bar:30}] {pos}/{len} tokens {per_sec}",
+    );
+    let result = perplexity(&loaded.model, &tokens, window.window(), |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    Ok(result)
+}

@@ -1,0 +1,343 @@
+//! dynexec-engine: how one sequence is decoded, chosen once and used by every front-end.
+//!
+//! Which decoding strategy should a request get, and what did it do? A [`Strategy`] is plain
+//! decoding, per-token early exit (CALM, Schuster et al. 2022) or speculative decoding
+//! (Leviathan et al. 2023) with a drafter and a lookahead. [`decode`] runs a whole generation
+//! with one (what `generate` and the benchmarks do); [`Sequence`] advances one a step at a
+//! time (what the server's scheduler interleaves, batching the plain ones). Both report in one
+//! type, [`DecodeReport`], which front-ends show as they like.
+//!
+//! ```no_run
+//! # fn main() -> dynexec_core::Result<()> {
+//! use dynexec_core::hub::Hub;
+//! use dynexec_engine::{decode, Strategy};
+//! use dynexec_models::generation::GenerateOptions;
+//! use dynexec_models::loading::{load, LoadOptions};
+//! use dynexec_spec::draft_spec::{DraftSources, DraftSpec};
+//!
+//! let (hub, device) = (Hub::from_env()?, candle_core::Device::Cpu);
+//! let target = load(&hub, "smollm2-135m-instruct", &device, &LoadOptions::default())?.decoder;
+//! let sources = DraftSources { hub: &hub, device: &device, load_options: LoadOptions::default(), exit_adapters: None };
+//! let drafter = "ngram".parse::<DraftSpec>()?.build(&target, &sources)?;
+//! let mut strategy = Strategy::Speculative {
+//!     drafter,
+//!     lookahead: dynexec_spec::lookahead::parse("heuristic")?,
+//! };
+//! let prompt = target.tokenizer.encode("def fib(n):")?;
+//! let out = decode(&target.model, &target.tokenizer, &prompt, &GenerateOptions::greedy(32), &mut strategy, None, |_| Ok(()))?;
+//! println!("{} ({:?})", out.generation.text, out.report.speculative.map(|s| s.acceptance_rate));
+//! # Ok(()) }
+//! ```
+
+use candle_core::Tensor;
+use dynexec_core::sampling::Sampler;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_core::trace::Trace;
+use dynexec_core::{Error, Result};
+use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+use dynexec_models::generation::{
+    check_prompt, generate, generate_with_step, GenerateOptions, Generation,
+};
+use dynexec_models::kv_cache::KvCache;
+use dynexec_models::llama::Llama;
+use dynexec_spec::drafter::Drafter;
+use dynexec_spec::engine::{generate_speculative, SpecStats, SpeculativeSequence};
+use dynexec_spec::lookahead::Lookahead;
+use serde::Serialize;
+
+/// How a sequence computes its next tokens.
+pub enum Strategy<'a> {
+    /// One full-depth forward per token.
+    Plain,
+    /// Each decoded token leaves at the first exit `policy` trusts; the prompt runs at full
+    /// depth.
+    EarlyExit {
+        /// The exits (one adapter per exit layer) the model was given.
+        adapters: &'a ExitAdapters,
+        /// When a token may leave.
+        policy: TokenExitPolicy,
+    },
+    /// `drafter` proposes, the target verifies them in one forward; output is the target's.
+    Speculative {
+        /// What proposes tokens.
+        drafter: Box<dyn Drafter + 'a>,
+        /// How many tokens to propose per step.
+        lookahead: Box<dyn Lookahead + 'a>,
+    },
+}
+
+/// What speculation did for one sequence.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeReport {
+    /// The drafter's name (its spec).
+    pub draft: String,
+    /// The lookahead controller's name.
+    pub lookahead: String,
+    /// Draft tokens proposed.
+    pub proposed: usize,
+    /// Draft tokens the target accepted.
+    pub accepted: usize,
+    /// `accepted / proposed`.
+    pub acceptance_rate: f64,
+    /// Drafts accepted per verification step.
+    pub mean_accepted_length: f64,
+    /// Forward passes of the draft (0 for model-free drafters).
+    pub draft_forwards: usize,
+    /// Forward passes of the target, the prefill included.
+    pub target_forwards: usize,
+    /// Seconds spent drafting.
+    pub draft_secs: f64,
+    /// Seconds spent verifying.
+    pub verify_secs: f64,
+}
+
+impl From<&SpecStats> for SpeculativeReport {
+    fn from(s: &SpecStats) -> Self {
+        Self {
+            draft: s.draft.clone(),
+            lookahead: s.lookahead.clone(),
+            proposed: s.proposed,
+            accepted: s.accepted,
+            acceptance_rate: s.acceptance_rate(),
+            mean_accepted_length: s.mean_accepted_length(),
+            draft_forwards: s.draft_forwards,
+            target_forwards: s.target_forwards,
+            draft_secs: s.draft_secs,
+            verify_secs: s.verify_secs,
+        }
+    }
+}
+
+/// What per-token early exit did for one sequence.
+#[derive(Debug, Clone, Serialize)]
+pub struct EarlyExitReport {
+    /// The policy, as `confidence:T` or `saturation:T`.
+    pub policy: String,
+    /// Mean of [`Self::exit_layers`] (0 with none).
+    pub mean_exit_layer: f64,
+    /// The model's depth.
+    pub layers_total: usize,
+    /// The layer each decoded token left at (the first token comes from the full-depth
+    /// prefill).
+    pub exit_layers: Vec<usize>,
+}
+
+impl EarlyExitReport {
+    fn new(exit: &TokenExit<'_>) -> Self {
+        Self {
+            policy: exit.policy.to_string(),
+            mean_exit_layer: mean(&exit.exit_layers),
+            layers_total: exit.model.num_layers(),
+            exit_layers: exit.exit_layers.clone(),
+        }
+    }
+}
+
+/// Mean of layer counts (0 for none).
+pub fn mean(values: &[usize]) -> f64 {
+    values.iter().sum::<usize>() as f64 / values.len().max(1) as f64
+}
+
+/// What a strategy did: empty for plain decoding.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DecodeReport {
+    /// Present for speculative decoding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpeculativeReport>,
+    /// Present for per-token early exit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExitReport>,
+}
+
+/// A finished generation and what its strategy did.
+pub struct Decoded {
+    /// Tokens, text, why it stopped and its speed.
+    pub generation: Generation,
+    /// What the strategy did.
+    pub report: DecodeReport,
+}
+
+/// Generates from `prompt_ids` with `strategy`, calling `on_text` with each complete piece of
+/// text. Greedy output is the same under every strategy but early exit (which trades it for
+/// speed); `trace` taps layers during plain decoding only.
+pub fn decode(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    prompt_ids: &[u32],
+    options: &GenerateOptions,
+    strategy: &mut Strategy<'_>,
+    trace: Option<&mut Trace>,
+    on_text: impl FnMut(&str) -> Result<()>,
+) -> Result<Decoded> {
+    if trace.is_some() && !matches!(strategy, Strategy::Plain) {
+        return Err(Error::InvalidArgument(
+            "a trace needs plain decoding: run it without a draft or early exit (greedy output is the same)".into(),
+        ));
+    }
+    match strategy {
+        Strategy::Plain => Ok(Decoded {
+            generation: generate(model, tokenizer, prompt_ids, options, trace, on_text)?,
+            report: DecodeReport::default(),
+        }),
+        Strategy::EarlyExit { adapters, policy } => {
+            let mut exit = TokenExit::new(model, adapters, *policy)?;
+            let generation = generate_with_step(
+                model,
+                tokenizer,
+                prompt_ids,
+                options,
+                None,
+                |ids, cache, _| exit.step(ids, cache),
+                on_text,
+            )?;
+            Ok(Decoded {
+                generation,
+                report: DecodeReport {
+                    early_exit: Some(EarlyExitReport::new(&exit)),
+                    ..Default::default()
+                },
+            })
+        }
+        Strategy::Speculative { drafter, lookahead } => {
+            let out = generate_speculative(
+                model,
+                drafter.as_mut(),
+                lookahead.as_mut(),
+                tokenizer,
+                prompt_ids,
+                options,
+                on_text,
+            )?;
+            Ok(Decoded {
+                generation: out.generation,
+                report: DecodeReport {
+                    speculative: Some(SpeculativeReport::from(&out.spec)),
+                    ..Default::default()
+                },
+            })
+        }
+    }
+}
+
+/// How one [`Sequence`] steps.
+enum Stepper<'m> {
+    Plain {
+        cache: KvCache,
+        sampler: Sampler,
+    },
+    EarlyExit {
+        cache: KvCache,
+        sampler: Sampler,
+        exit: TokenExit<'m>,
+    },
+    Speculative(Box<SpeculativeSequence<'m>>),
+}
+
+/// One sequence decoded a step at a time with its strategy. Plain sequences can share a
+/// batched forward ([`Self::batch_cache`] + [`Self::sample_batched`]); the others step
+/// themselves ([`Self::step`]).
+pub struct Sequence<'m> {
+    model: &'m Llama,
+    stepper: Stepper<'m>,
+}
+
+impl<'m> Sequence<'m> {
+    /// Prefills `prompt_ids` with `strategy` and samples the first token.
+    pub fn start(
+        model: &'m Llama,
+        strategy: Strategy<'m>,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<(Self, u32)> {
+        check_prompt(model, prompt_ids, options)?;
+        let (stepper, first) = match strategy {
+            Strategy::Speculative { drafter, lookahead } => {
+                let (seq, first) =
+                    SpeculativeSequence::start(model, drafter, lookahead, prompt_ids, options)?;
+                (Stepper::Speculative(Box::new(seq)), first)
+            }
+            Strategy::EarlyExit { adapters, policy } => {
+                let mut exit = TokenExit::new(model, adapters, policy)?;
+                let mut cache = model.new_cache();
+                let logits = exit.step(prompt_ids, &mut cache)?;
+                let mut sampler = Sampler::new(options.sampling.clone())?;
+                let first = sampler.sample(&logits, prompt_ids)?;
+                (
+                    Stepper::EarlyExit {
+                        cache,
+                        sampler,
+                        exit,
+                    },
+                    first,
+                )
+            }
+            Strategy::Plain => {
+                let mut cache = model.new_cache();
+                let logits = model.forward_last(prompt_ids, &mut cache, None)?;
+                let mut sampler = Sampler::new(options.sampling.clone())?;
+                let first = sampler.sample(&logits, prompt_ids)?;
+                (Stepper::Plain { cache, sampler }, first)
+            }
+        };
+        Ok((Self { model, stepper }, first))
+    }
+
+    /// The KV cache of a plain sequence, for a batched forward of its last token; `None` for
+    /// sequences that step themselves.
+    pub fn batch_cache(&mut self) -> Option<&mut KvCache> {
+        match &mut self.stepper {
+            Stepper::Plain { cache, .. } => Some(cache),
+            _ => None,
+        }
+    }
+
+    /// Samples a plain sequence's next token from its row of a batched forward. `history` is
+    /// the prompt and the tokens so far (for the repetition penalty).
+    pub fn sample_batched(&mut self, logits: &Tensor, history: &[u32]) -> Result<Vec<u32>> {
+        match &mut self.stepper {
+            Stepper::Plain { sampler, .. } => Ok(vec![sampler.sample(logits, history)?]),
+            _ => Err(Error::InvalidArgument(
+                "only a plain sequence takes a row of a batched forward".into(),
+            )),
+        }
+    }
+
+    /// Computes the next tokens after `history` (the prompt and the tokens so far; its last
+    /// token is not yet in the cache): one token, or a speculative step's accepted drafts and
+    /// the target's own token, drafting at most `max_drafts`.
+    pub fn step(&mut self, history: &[u32], max_drafts: usize) -> Result<Vec<u32>> {
+        let last = *history.last().ok_or_else(|| {
+            Error::InvalidArgument("a sequence steps after at least one token".into())
+        })?;
+        match &mut self.stepper {
+            Stepper::Plain { cache, sampler } => {
+                let logits = self.model.forward_last(&[last], cache, None)?;
+                Ok(vec![sampler.sample(&logits, history)?])
+            }
+            Stepper::EarlyExit {
+                cache,
+                sampler,
+                exit,
+            } => {
+                let logits = exit.step(&[last], cache)?;
+                Ok(vec![sampler.sample(&logits, history)?])
+            }
+            Stepper::Speculative(spec) => spec.step(max_drafts),
+        }
+    }
+
+    /// What the strategy has done so far.
+    pub fn report(&self) -> DecodeReport {
+        match &self.stepper {
+            Stepper::Plain { .. } => DecodeReport::default(),
+            Stepper::EarlyExit { exit, .. } => DecodeReport {
+                early_exit: Some(EarlyExitReport::new(exit)),
+                ..Default::default()
+            },
+            Stepper::Speculative(spec) => DecodeReport {
+                speculative: Some(SpeculativeReport::from(&spec.spec)),
+                ..Default::default()
+            },
+        }
+    }
+}

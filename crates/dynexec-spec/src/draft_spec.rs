@@ -1,0 +1,252 @@
+//! What to draft with, as a user names it (`--draft`, the server's draft), and how to build
+//! it for a target: the one place a new drafter is registered.
+
+use crate::drafter::{check_vocab, Drafter, ModelDrafter, NgramDrafter};
+use candle_core::Device;
+use dynexec_core::hub::Hub;
+use dynexec_core::{Error, Result, Setting};
+use dynexec_exit::token_exit::ExitAdapters;
+use dynexec_models::linear::WeightFormat;
+use dynexec_models::llama::LoadedDecoder;
+use dynexec_models::loading::{load, LoadOptions};
+use dynexec_models::quantize::quantize_in_place;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// A draft, parsed from `MODEL | self-quant[:TYPE] | self-layers:E | ngram[:N,K]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DraftSpec {
+    /// A separate model with the target's tokenizer: a manifest name, `hf:` reference or path.
+    Model(String),
+    /// The target's own copy with its linear layers converted to this format.
+    SelfQuant(WeightFormat),
+    /// The target's first E layers and its head (layer-skip self-drafting).
+    SelfLayers(usize),
+    /// Prompt lookup: the continuation of the latest earlier match of the last n-gram.
+    Ngram {
+        /// Longest n-gram matched.
+        max_ngram: usize,
+        /// Most tokens proposed at once.
+        max_tokens: usize,
+    },
+}
+
+/// What building a draft may need besides the target.
+pub struct DraftSources<'a> {
+    /// Resolves a draft model's reference.
+    pub hub: &'a Hub,
+    /// The device a draft model is loaded on (the target's).
+    pub device: &'a Device,
+    /// How a draft model is loaded (the target's conversion and kernels).
+    pub load_options: LoadOptions,
+    /// Exit adapters: a `self-layers:E` draft's hidden state goes through layer E's adapter
+    /// before the head. Only that draft takes them.
+    pub exit_adapters: Option<&'a ExitAdapters>,
+}
+
+fn bad(spec: &str, help: impl Into<String>) -> Error {
+    Error::BadSpec {
+        setting: Setting::Draft,
+        spec: spec.to_string(),
+        help: help.into(),
+    }
+}
+
+impl FromStr for DraftSpec {
+    type Err = Error;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let (kind, arg) = spec
+            .split_once(':')
+            .map_or((spec, None), |(k, a)| (k, Some(a)));
+        match kind {
+            "self-quant" => Ok(Self::SelfQuant(arg.unwrap_or("q8_0").parse()?)),
+            "self-layers" => match arg.map(str::parse::<usize>) {
+                Some(Ok(depth)) if depth >= 1 => Ok(Self::SelfLayers(depth)),
+                _ => Err(bad(spec, "self-layers:E needs a layer count E >= 1")),
+            },
+            "ngram" => {
+                let Some(arg) = arg else {
+                    return Ok(Self::Ngram {
+                        max_ngram: 3,
+                        max_tokens: 10,
+                    });
+                };
+                let parsed: Option<(usize, usize)> = arg
+                    .split_once(',')
+                    .and_then(|(n, k)| Some((n.parse().ok()?, k.parse().ok()?)));
+                match parsed {
+                    Some((n, k)) if n > 0 && k > 0 => Ok(Self::Ngram {
+                        max_ngram: n,
+                        max_tokens: k,
+                    }),
+                    _ => Err(bad(spec, "ngram:N,K needs two positive integers (max n-gram, max continuation), e.g. ngram:3,10")),
+                }
+            }
+            _ => Ok(Self::Model(spec.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for DraftSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Model(reference) => f.write_str(reference),
+            Self::SelfQuant(format) => write!(f, "self-quant:{format}"),
+            Self::SelfLayers(depth) => write!(f, "self-layers:{depth}"),
+            Self::Ngram {
+                max_ngram,
+                max_tokens,
+            } => write!(f, "ngram:{max_ngram},{max_tokens}"),
+        }
+    }
+}
+
+impl DraftSpec {
+    /// Builds the drafter for `target`. A draft model must spell every id as the target
+    /// does; `self-layers:E` needs E below the target's depth (and, with exit adapters, an
+    /// adapter after layer E).
+    pub fn build(
+        &self,
+        target: &LoadedDecoder,
+        sources: &DraftSources<'_>,
+    ) -> Result<Box<dyn Drafter>> {
+        if sources.exit_adapters.is_some() && !matches!(self, Self::SelfLayers(_)) {
+            return Err(Error::setting(
+                Setting::ExitAdapters,
+                format!("serves early exit or a self-layers:E draft, not `{self}`"),
+            ));
+        }
+        match self {
+            Self::SelfQuant(format) => {
+                let mut copy = target.model.clone();
+                quantize_in_place(&mut copy, *format)
+                    .map_err(|e| e.context(format!("quantizing the target's copy to {format}")))?;
+                Ok(Box::new(ModelDrafter::new(copy, self.to_string())))
+            }
+            &Self::SelfLayers(depth) => {
+                let layers = target.model.num_layers();
+                if depth >= layers {
+                    return Err(bad(
+                        &self.to_string(),
+                        format!("self-layers:E needs 1 <= E < {layers} (the target's layer count)"),
+                    ));
+                }
+                let drafter =
+                    ModelDrafter::with_depth(target.model.clone(), depth, self.to_string());
+                let Some(adapters) = sources.exit_adapters else {
+                    return Ok(Box::new(drafter));
+                };
+                let index = adapters.exit_index(depth).ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "the exit adapters have exits after layers {:?}: draft with one of those depths",
+                        adapters.card.layers
+                    ))
+                })?;
+                let adapters = adapters.clone();
+                Ok(Box::new(
+                    ModelDrafter::with_depth(
+                        target.model.clone(),
+                        depth,
+                        format!("self-layers:{depth}+adapter"),
+                    )
+                    .with_exit_adapter(Arc::new(move |h| adapters.adapt(index, h))),
+                ))
+            }
+            &Self::Ngram {
+                max_ngram,
+                max_tokens,
+            } => Ok(Box::new(NgramDrafter::new(max_ngram, max_tokens))),
+            Self::Model(reference) => {
+                let draft = load(
+                    sources.hub,
+                    reference,
+                    sources.device,
+                    &sources.load_options,
+                )
+                .map_err(|e| e.context(format!("loading draft model `{reference}`")))?
+                .decoder;
+                check_vocab(&target.model, &draft.model)?;
+                check_same_tokens(target, &draft)?;
+                Ok(Box::new(ModelDrafter::new(draft.model, reference.clone())))
+            }
+        }
+    }
+}
+
+/// Ids must spell the same tokens in both tokenizers, or accepted drafts would be other words.
+pub fn check_same_tokens(target: &LoadedDecoder, draft: &LoadedDecoder) -> Result<()> {
+    let size = target.tokenizer.vocab_size();
+    for id in (0..size as u32).step_by((size / 64).max(1)) {
+        let (t, d) = (
+            target.tokenizer.id_to_token(id),
+            draft.tokenizer.id_to_token(id),
+        );
+        if t != d {
+            return Err(Error::InvalidArgument(format!("the draft's tokenizer differs from the target's: id {id} is {d:?} there and {t:?} in the target; use a draft from the same model family")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_displays_every_kind() {
+        for (text, spec) in [
+            ("self-quant", DraftSpec::SelfQuant(WeightFormat::Q8_0)),
+            ("self-quant:q4_0", DraftSpec::SelfQuant(WeightFormat::Q4_0)),
+            ("self-layers:8", DraftSpec::SelfLayers(8)),
+            (
+                "ngram",
+                DraftSpec::Ngram {
+                    max_ngram: 3,
+                    max_tokens: 10,
+                },
+            ),
+            (
+                "ngram:2,5",
+                DraftSpec::Ngram {
+                    max_ngram: 2,
+                    max_tokens: 5,
+                },
+            ),
+            (
+                "qwen2.5-coder-0.5b-instruct",
+                DraftSpec::Model("qwen2.5-coder-0.5b-instruct".into()),
+            ),
+        ] {
+            let parsed: DraftSpec = text.parse().unwrap();
+            assert_eq!(parsed, spec, "{text}");
+            let shown = parsed.to_string();
+            assert_eq!(shown.parse::<DraftSpec>().unwrap(), spec, "{shown}");
+        }
+    }
+
+    #[test]
+    fn bad_specs_name_the_setting_and_the_fix() {
+        for text in [
+            "ngram:0,3",
+            "ngram:3",
+            "self-layers",
+            "self-layers:0",
+            "self-layers:x",
+        ] {
+            match text.parse::<DraftSpec>() {
+                Err(Error::BadSpec {
+                    setting: Setting::Draft,
+                    spec,
+                    help,
+                }) => {
+                    assert_eq!(spec, text);
+                    assert!(help.contains("needs"), "{help}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!("self-quant:q9_9".parse::<DraftSpec>().is_err());
+    }
+}
