@@ -146,6 +146,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::PerplexityStride => "--stride",
         Setting::Epochs => "--epochs",
         Setting::TrainingSteps => "--steps",
+        Setting::Steps => "--steps",
         Setting::BatchSize => "--batch-size",
         Setting::LearningRate => "--learning-rate",
         Setting::LossWeights => "--loss-weights",

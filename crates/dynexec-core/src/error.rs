@@ -161,6 +161,8 @@ pub enum Setting {
     Epochs,
     /// Diffusion training steps.
     TrainingSteps,
+    /// A diffusion step policy (`N`, `predicted[:Q]`, `converge[:EPS[:K]]`).
+    Steps,
     /// Training batch size.
     BatchSize,
     /// Optimizer learning rate.
@@ -187,6 +189,7 @@ impl std::fmt::Display for Setting {
             Setting::PerplexityStride => "the perplexity stride",
             Setting::Epochs => "the number of epochs",
             Setting::TrainingSteps => "the number of training steps",
+            Setting::Steps => "step policy",
             Setting::BatchSize => "the batch size",
             Setting::LearningRate => "the learning rate",
             Setting::LossWeights => "the loss weights",

@@ -6,10 +6,12 @@
 //! Three step policies decide how much compute a prompt gets: a fixed count, a count
 //! predicted from the prompt before sampling ([`predictor`], Step Saver, Yu & Barad 2024),
 //! or finishing early once the predicted clean sample stops changing. [`metrics`] holds SSIM and
-//! FID, which label the predictor's training data and score the policies.
+//! FID, which label the predictor's training data and score the policies. [`pipeline`] is
+//! what front-ends load and sample through.
 
 pub mod metrics;
 pub mod noise;
+pub mod pipeline;
 pub mod predictor;
 pub mod sampler;
 pub mod schedule;

@@ -182,6 +182,20 @@ pub struct Classified {
 }
 
 impl ExitClassifier {
+    /// Converts the encoder's linear layers to `format`; a CNN has none to convert (its
+    /// convolutions stay f32), which is an error.
+    pub fn quantize(&mut self, format: dynexec_models::linear::WeightFormat) -> Result<()> {
+        match &mut self.backbone {
+            Backbone::Text { bert, .. } => {
+                dynexec_models::quantize::quantize_in_place(bert, format)?;
+                Ok(())
+            }
+            Backbone::Image { .. } => Err(Error::InvalidArgument(
+                "quantization applies to encoders' linear layers; the CNN has none (its convolutions stay f32)".into(),
+            )),
+        }
+    }
+
     /// Builds the heads for `backbone` from `vb` (a file, or a `VarMap` to train them).
     pub fn new(
         backbone: Backbone,

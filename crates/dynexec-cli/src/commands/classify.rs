@@ -1,14 +1,13 @@
 //! `dynexec classify`: label sentences or images with an exit model, each stopping at the
 //! layer its policy allows.
 
-use super::exits::load_classifier;
+use super::common::{load_classifier, resolve_exit_policy};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use dynexec_exit::card::{ExitCard, InputKind};
+use dynexec_exit::card::InputKind;
 use dynexec_exit::data::Examples;
-use dynexec_exit::policy::ExitPolicy;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -42,22 +41,6 @@ struct Row<'a> {
     layers_total: usize,
 }
 
-/// The policy a flag names; `calibrated` is the card's (full depth if it has none).
-pub fn resolve_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
-    if text == "calibrated" {
-        return match &card.calibration {
-            Some(c) => Ok(c.policy.clone()),
-            None => {
-                eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
-                Ok(ExitPolicy::Full)
-            }
-        };
-    }
-    let policy = ExitPolicy::parse(text)?;
-    policy.check(card.layers)?;
-    Ok(policy)
-}
-
 pub fn run(global: &GlobalOptions, args: ClassifyArgs) -> Result<()> {
     let mut inputs = args.inputs.clone();
     if let Some(file) = &args.file {
@@ -73,7 +56,7 @@ pub fn run(global: &GlobalOptions, args: ClassifyArgs) -> Result<()> {
         bail!("nothing to classify: give inputs as arguments or --file (one per line)");
     }
     let classifier = load_classifier(global, &args.model)?;
-    let policy = resolve_policy(&args.policy, &classifier.card)?;
+    let policy = resolve_exit_policy(&args.policy, &classifier.card)?;
     let layers = classifier.card.layers;
     let side = classifier.card.cnn.as_ref().map_or(28, |c| c.image_size);
     let mut rows = Vec::with_capacity(inputs.len());

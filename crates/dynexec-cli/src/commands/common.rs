@@ -5,6 +5,12 @@ use crate::options::{progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_core::sampling::SamplingParams;
+use dynexec_diffusion::pipeline::Pipeline;
+use dynexec_exit::calibrate::ExitPredictions;
+use dynexec_exit::card::ExitCard;
+use dynexec_exit::data::{read_splits, Dataset, Splits};
+use dynexec_exit::model::ExitClassifier;
+use dynexec_exit::policy::ExitPolicy;
 use dynexec_exit::token_exit::{ExitAdapters, ADAPTERS_CARD};
 use dynexec_models::llama::{Llama, LoadedDecoder};
 use dynexec_models::loading::{load, LoadOptions};
@@ -211,4 +217,130 @@ pub fn evaluate(
     })?;
     bar.finish_and_clear();
     Ok(result)
+}
+
+/// Loads a text-to-image pipeline on the chosen device and dtype.
+pub fn load_pipeline(global: &GlobalOptions, reference: &str) -> Result<Pipeline> {
+    Ok(Pipeline::load(
+        &global.hub()?,
+        reference,
+        &global.open_device()?,
+        global.dtype,
+    )?)
+}
+
+/// Writes u8 images `(batch, h, w, 1 or 3)` side by side (2-pixel gaps) as one PNG.
+pub fn write_grid(images: &candle_core::Tensor, path: &Path, scale: Option<u32>) -> Result<()> {
+    let (batch, h, w, c) = images.dims4()?;
+    let scale = scale.unwrap_or(if h < 128 { 4 } else { 1 }).max(1);
+    let (h, w) = (h as u32, w as u32);
+    let gap = 2;
+    let width = batch as u32 * (w * scale + gap) - gap;
+    let mut canvas = image::RgbImage::from_pixel(width, h * scale, image::Rgb([255, 255, 255]));
+    let pixels = images.flatten_all()?.to_vec1::<u8>()?;
+    for b in 0..batch as u32 {
+        for y in 0..h * scale {
+            for x in 0..w * scale {
+                let i = (((b * h + y / scale) * w + x / scale) as usize) * c;
+                let rgb = match c {
+                    1 => [pixels[i]; 3],
+                    _ => [pixels[i], pixels[i + 1], pixels[i + 2]],
+                };
+                canvas.put_pixel(b * (w * scale + gap) + x, y, image::Rgb(rgb));
+            }
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    canvas
+        .save(path)
+        .with_context(|| format!("writing {} (use a .png name)", path.display()))
+}
+
+/// A prompt set: JSONL or CSV with `text` and `label` fields, as `(text, label)` pairs.
+pub fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
+    let data = dynexec_exit::data::read_text(path)
+        .with_context(|| format!("reading prompts {}", path.display()))?;
+    let dynexec_exit::data::Examples::Text(texts) = data.inputs else {
+        anyhow::bail!("{} holds no text prompts", path.display());
+    };
+    if texts.is_empty() {
+        anyhow::bail!("{} holds no prompts", path.display());
+    }
+    Ok(texts.into_iter().zip(data.labels).collect())
+}
+
+/// Loads an exit model (a manifest name or a folder holding card.json) and its backbone,
+/// converting the encoder's linear layers to `--quant` when given.
+pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitClassifier> {
+    let mut classifier = ExitClassifier::load(&global.hub()?, reference, &global.open_device()?)?;
+    if let Some(format) = global.quant_format() {
+        classifier.quantize(format).context("--quant")?;
+    }
+    Ok(classifier)
+}
+
+/// The splits of an exit model's task, from `data` or else from where the fetch scripts put
+/// the card's task (`$DYNEXEC_CACHE/data/TASK`).
+pub fn read_task_splits(
+    global: &GlobalOptions,
+    data: Option<&Path>,
+    card: &ExitCard,
+    val_size: usize,
+) -> Result<Splits> {
+    let default = dynexec_core::hub::default_cache_dir()
+        .join("data")
+        .join(&card.task);
+    read_named_splits(global, data.unwrap_or(&default), val_size, &card.labels)
+}
+
+/// The splits in `data` with class numbers named as `labels`.
+pub fn read_named_splits(
+    global: &GlobalOptions,
+    data: &Path,
+    val_size: usize,
+    labels: &[String],
+) -> Result<Splits> {
+    let splits = read_splits(data, val_size, &global.open_device()?)?;
+    Ok(Splits {
+        train: splits.train.name_classes(labels),
+        val: splits.val.name_classes(labels),
+        test: splits.test.name_classes(labels),
+        source: splits.source,
+    })
+}
+
+/// Every exit's predictions on a split, with a progress bar.
+pub fn predict_split(
+    global: &GlobalOptions,
+    classifier: &ExitClassifier,
+    data: &Dataset,
+    batch_size: usize,
+    what: &str,
+) -> Result<ExitPredictions> {
+    let bar = progress_bar(
+        global,
+        data.len() as u64,
+        &format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}<{{eta}}]"),
+    );
+    let predictions = classifier.predict(data, batch_size, |n| bar.inc(n as u64))?;
+    bar.finish_and_clear();
+    Ok(predictions)
+}
+
+/// The policy a flag names; `calibrated` is the card's (full depth if it has none).
+pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
+    if text == "calibrated" {
+        return match &card.calibration {
+            Some(c) => Ok(c.policy.clone()),
+            None => {
+                eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
+                Ok(ExitPolicy::Full)
+            }
+        };
+    }
+    let policy = ExitPolicy::parse(text)?;
+    policy.check(card.layers)?;
+    Ok(policy)
 }

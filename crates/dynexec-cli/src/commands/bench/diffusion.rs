@@ -2,13 +2,14 @@
 //! prompts, in one process — steps, wall time, SSIM to the fixed-step image, class
 //! consistency and FID on the early-exit Fashion-MNIST classifier's features.
 
-use crate::commands::diffuse::{resolve_policy, Pipeline, StepsArg};
-use crate::commands::diffusion::read_prompts;
+use crate::commands::common::load_pipeline;
+use crate::commands::common::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use dynexec_diffusion::metrics::{frechet_distance, ssim_u8};
+use dynexec_diffusion::pipeline::{resolve_policy, Pipeline, StepsSpec};
 use dynexec_diffusion::text_unet::TEST_PROMPTS_FILE;
 use dynexec_exit::data::{read_idx, Examples};
 use dynexec_exit::model::ExitClassifier;
@@ -74,7 +75,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     if args.seeds == 0 {
         bail!("--seeds must be at least 1");
     }
-    let pipeline = Pipeline::load(global, &args.model)?;
+    let pipeline = load_pipeline(global, &args.model)?;
     let Pipeline::Unet(model) = &pipeline else {
         bail!("bench diffusion scores dynexec's Fashion-MNIST text-UNets (its classifier judges the images)");
     };
@@ -99,7 +100,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut policies = vec![StepsArg::Fixed(args.reference_steps)];
+    let mut policies = vec![StepsSpec::Fixed(args.reference_steps)];
     for p in &args.policies {
         policies.push(p.parse()?);
     }

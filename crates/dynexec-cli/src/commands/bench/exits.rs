@@ -1,8 +1,9 @@
 //! `dynexec bench exits`: every exit policy next to full depth on a task's test split, in one
 //! process — accuracy, layers used, batch-1 latency and batched throughput.
 
-use crate::commands::classify::resolve_policy;
-use crate::commands::exits::{load_classifier, predict_split, read_task_splits};
+use crate::commands::common::{
+    load_classifier, predict_split, read_task_splits, resolve_exit_policy,
+};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
@@ -88,7 +89,7 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
             (Some(val), kind) if CALIBRATED_HERE.contains(&kind) => {
                 calibrate(val, kind, args.max_accuracy_drop)?.policy
             }
-            (_, other) => resolve_policy(other, &card)?,
+            (_, other) => resolve_exit_policy(other, &card)?,
         };
         policies.push((name.clone(), policy));
     }

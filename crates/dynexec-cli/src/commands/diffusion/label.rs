@@ -1,11 +1,12 @@
 //! `dynexec diffusion label`: how many steps each prompt needs (Step Saver's labels).
 
-use super::read_prompts;
-use crate::commands::diffuse::Pipeline;
+use crate::commands::common::load_pipeline;
+use crate::commands::common::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynexec_diffusion::metrics::ssim_u8;
+use dynexec_diffusion::pipeline::Pipeline;
 use dynexec_diffusion::predictor::needed_steps;
 use dynexec_diffusion::text_unet::TRAIN_PROMPTS_FILE;
 use dynexec_diffusion::StepPolicy;
@@ -53,7 +54,7 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
     if args.seeds == 0 || args.batch_size == 0 {
         bail!("--seeds and --batch-size must be at least 1");
     }
-    let pipeline = Pipeline::load(global, &args.model)?;
+    let pipeline = load_pipeline(global, &args.model)?;
     let Pipeline::Unet(model) = &pipeline else {
         bail!("diffusion label works on dynexec's text-UNets (SSIM on their pixels)");
     };

@@ -5,10 +5,8 @@ mod label;
 mod steps;
 mod train;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::Subcommand;
-use dynexec_exit::data::{read_text, Examples};
-use std::path::Path;
 
 use crate::options::GlobalOptions;
 
@@ -45,16 +43,4 @@ pub fn run(global: &GlobalOptions, cmd: DiffusionCommand) -> Result<()> {
         DiffusionCommand::Label(args) => label::run(global, args),
         DiffusionCommand::TrainSteps(args) => steps::run(global, args),
     }
-}
-
-/// A prompt set: JSONL or CSV with `text` and `label` fields, as `(text, label)` pairs.
-pub fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
-    let data = read_text(path).with_context(|| format!("reading prompts {}", path.display()))?;
-    let Examples::Text(texts) = data.inputs else {
-        bail!("{} holds no text prompts", path.display());
-    };
-    if texts.is_empty() {
-        bail!("{} holds no prompts", path.display());
-    }
-    Ok(texts.into_iter().zip(data.labels).collect())
 }

@@ -1,10 +1,11 @@
 //! `dynexec diffusion train-steps`: fit the step predictor to `diffusion label`'s output.
 
-use crate::commands::diffuse::Pipeline;
+use crate::commands::common::load_pipeline;
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_nn::VarMap;
 use clap::Args;
+use dynexec_diffusion::pipeline::Pipeline;
 use dynexec_diffusion::predictor::{PredictorCard, StepPredictor};
 use std::path::PathBuf;
 
@@ -70,7 +71,7 @@ pub fn run(global: &GlobalOptions, args: TrainStepsArgs) -> Result<()> {
         );
     }
     let model_ref = args.model.to_string_lossy().to_string();
-    let pipeline = Pipeline::load(global, &model_ref)?;
+    let pipeline = load_pipeline(global, &model_ref)?;
     let Pipeline::Unet(model) = &pipeline else {
         bail!("train-steps fits predictors for dynexec's text-UNets");
     };

@@ -1,6 +1,7 @@
 //! `dynexec diffusion train`.
 
-use super::{read_prompts, FASHION_LABELS};
+use super::FASHION_LABELS;
+use crate::commands::common::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;

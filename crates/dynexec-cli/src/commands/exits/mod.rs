@@ -3,14 +3,13 @@
 mod adapters;
 mod train;
 
-use crate::options::{print_json, progress_bar, GlobalOptions};
+use super::common::{load_classifier, predict_split, read_task_splits};
+use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
-use dynexec_exit::calibrate::{calibrate, ExitPredictions};
-use dynexec_exit::card::{CalibrationRecord, ExitCard, CARD_FILE};
-use dynexec_exit::data::{read_splits, Dataset, Splits};
-use dynexec_exit::model::{Backbone, ExitClassifier};
-use std::path::{Path, PathBuf};
+use dynexec_exit::calibrate::calibrate;
+use dynexec_exit::card::{CalibrationRecord, CARD_FILE};
+use std::path::PathBuf;
 
 pub use train::TrainArgs;
 
@@ -65,72 +64,6 @@ pub fn run(global: &GlobalOptions, cmd: ExitsCommand) -> Result<()> {
         ExitsCommand::Calibrate(args) => run_calibrate(global, args),
         ExitsCommand::TrainAdapters(args) => adapters::run(global, args),
     }
-}
-
-/// Loads an exit model (a manifest name or a folder holding card.json) and its backbone,
-/// converting the encoder's linear layers to `--quant` when given.
-pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitClassifier> {
-    let mut classifier = ExitClassifier::load(&global.hub()?, reference, &global.open_device()?)?;
-    if let Some(format) = global.quant_format() {
-        match &mut classifier.backbone {
-            Backbone::Text { bert, .. } => {
-                dynexec_quant::quantize_in_place(bert, format)?;
-            }
-            Backbone::Image { .. } => bail!(
-                "--quant applies to encoders' linear layers; the CNN has none (its convolutions stay f32)"
-            ),
-        }
-    }
-    Ok(classifier)
-}
-
-/// The task's splits with class numbers named as the model's labels.
-/// The splits of an exit model's task, from `data` or else from where the fetch scripts put
-/// the card's task (`$DYNEXEC_CACHE/data/TASK`).
-pub fn read_task_splits(
-    global: &GlobalOptions,
-    data: Option<&Path>,
-    card: &ExitCard,
-    val_size: usize,
-) -> Result<Splits> {
-    let default = dynexec_core::hub::default_cache_dir()
-        .join("data")
-        .join(&card.task);
-    read_named_splits(global, data.unwrap_or(&default), val_size, &card.labels)
-}
-
-/// The splits in `data` with class numbers named as `labels`.
-pub fn read_named_splits(
-    global: &GlobalOptions,
-    data: &Path,
-    val_size: usize,
-    labels: &[String],
-) -> Result<Splits> {
-    let splits = read_splits(data, val_size, &global.open_device()?)?;
-    Ok(Splits {
-        train: splits.train.name_classes(labels),
-        val: splits.val.name_classes(labels),
-        test: splits.test.name_classes(labels),
-        source: splits.source,
-    })
-}
-
-/// Every exit's predictions on a split, with a progress bar.
-pub fn predict_split(
-    global: &GlobalOptions,
-    classifier: &ExitClassifier,
-    data: &Dataset,
-    batch_size: usize,
-    what: &str,
-) -> Result<ExitPredictions> {
-    let bar = progress_bar(
-        global,
-        data.len() as u64,
-        &format!("{what} {{bar:40}} {{pos}}/{{len}} [{{elapsed}}<{{eta}}]"),
-    );
-    let predictions = classifier.predict(data, batch_size, |n| bar.inc(n as u64))?;
-    bar.finish_and_clear();
-    Ok(predictions)
 }
 
 fn run_calibrate(global: &GlobalOptions, args: CalibrateArgs) -> Result<()> {

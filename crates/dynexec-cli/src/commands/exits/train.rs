@@ -1,6 +1,6 @@
 //! `dynexec exits train`.
 
-use super::{predict_split, read_named_splits};
+use crate::commands::common::{predict_split, read_named_splits};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
