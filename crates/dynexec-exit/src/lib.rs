@@ -9,6 +9,7 @@
 //! lets each generated token leave at an exit layer (CALM), through adapters trained by
 //! distillation from the final layer.
 
+pub mod assemble;
 pub mod calibrate;
 pub mod card;
 pub mod data;

@@ -117,6 +117,25 @@ impl ExitAdapters {
         Ok(Self { adapters, card })
     }
 
+    /// Fresh adapters for training, over the returned variables: the down projections drawn
+    /// from `seed`, the up projections zero, so an untrained adapter is the identity.
+    pub fn untrained(card: AdapterCard, seed: u64, device: &Device) -> Result<(Self, VarMap)> {
+        let vars = VarMap::new();
+        let adapters = Self::new(VarBuilder::from_varmap(&vars, DType::F32, device), card)?;
+        crate::train::seeded_init(&vars, seed)?;
+        let data = vars
+            .data()
+            .lock()
+            .map_err(|_| Error::InvalidArgument("a variable map was poisoned by a panic".into()))?;
+        for (name, var) in data.iter() {
+            if name.ends_with("up.weight") {
+                var.set(&var.zeros_like()?)?;
+            }
+        }
+        drop(data);
+        Ok((adapters, vars))
+    }
+
     /// Reads `adapters.json` and `adapters.safetensors` from a folder.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let card_path = dir.join(ADAPTERS_CARD);

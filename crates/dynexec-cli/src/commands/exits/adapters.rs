@@ -1,18 +1,16 @@
 //! `dynexec exits train-adapters`: exit adapters for per-token early exit in a decoder,
 //! distilled from its final layer on text it generates.
 
-use super::train::{reproduce_command, save_weights, with_cache_variable};
+use super::train::{reproduce_command, with_cache_variable};
 use crate::commands::common::{read_jsonl, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
-use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
+use dynexec_exit::assemble::save_varmaps;
 use dynexec_exit::token_exit::{
     collect_distillation_data, exit_agreement, train_adapters, AdapterCard, AdapterTraining,
     ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
 };
-use dynexec_exit::train::seeded_init;
 use dynexec_models::generation::{generate, GenerateOptions};
 use std::path::PathBuf;
 
@@ -121,7 +119,6 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
     let train_positions: Vec<usize> = (0..held_from).collect();
     let held_positions: Vec<usize> = (held_from..data.targets.len()).collect();
 
-    let vars = VarMap::new();
     let mut card = AdapterCard {
         model: args.model.model.clone(),
         layers: layers.clone(),
@@ -148,22 +145,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         agreement_before: Vec::new(),
         agreement_after: Vec::new(),
     };
-    let adapters = ExitAdapters::new(
-        VarBuilder::from_varmap(&vars, DType::F32, model.device()),
-        card.clone(),
-    )?;
-    seeded_init(&vars, args.seed)?;
-    // The up projections start at zero: an untrained adapter is the identity.
-    for (name, var) in vars
-        .data()
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .iter()
-    {
-        if name.ends_with("up.weight") {
-            var.set(&var.zeros_like()?)?;
-        }
-    }
+    let (adapters, vars) = ExitAdapters::untrained(card.clone(), args.seed, model.device())?;
     card.agreement_before = exit_agreement(model, &adapters, &data, &held_positions)?;
     let bar = progress_bar(
         global,
@@ -190,7 +172,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
     card.agreement_after = exit_agreement(model, &adapters, &data, &held_positions)?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    save_weights(&[Some(&vars)], &args.out.join(ADAPTERS_FILE))?;
+    save_varmaps(&[Some(&vars)], &args.out.join(ADAPTERS_FILE))?;
     dynexec_core::card::write_card(&args.out.join(ADAPTERS_CARD), &card)?;
     if global.json {
         return print_json(&serde_json::json!({ "out": args.out, "card": card }));

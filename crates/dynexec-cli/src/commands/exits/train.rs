@@ -3,21 +3,17 @@
 use crate::commands::common::{predict_split, read_named_splits};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Tensor};
-use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_exit::assemble::{NewBackbone, Untrained};
 use dynexec_exit::card::{
     AccuracyRecord, DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE,
     WEIGHTS_FILE,
 };
 use dynexec_exit::data::{distinct_labels, Examples};
-use dynexec_exit::model::{Backbone, ExitClassifier};
-use dynexec_exit::train::{depth_weights, seeded_init, train, TrainEvent};
-use dynexec_models::bert::{Bert, EncoderFiles};
-use dynexec_models::cnn::{Cnn, CnnConfig};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use dynexec_exit::train::{train, TrainEvent};
+use dynexec_models::bert::EncoderFiles;
+use dynexec_models::cnn::CnnConfig;
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -109,7 +105,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         (false, TrainMode::Joint) => 3e-5,
         _ => 1e-3,
     });
-    let mut card = ExitCard {
+    let card = ExitCard {
         task: args.task.clone().unwrap_or_else(|| {
             args.data
                 .file_name()
@@ -149,57 +145,26 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         },
         calibration: None,
     };
-    let heads = VarMap::new();
-    // Each variable map that ends up in the weights file.
-    let (backbone, backbone_vars) = if images {
-        let config = CnnConfig {
+    let backbone = if images {
+        NewBackbone::Cnn(CnnConfig {
             channels: args.cnn_channels.clone(),
             ..CnnConfig::default()
-        };
-        let cnn = Cnn::load(
-            VarBuilder::from_varmap(&heads, DType::F32, &device),
-            &config,
-        )?;
-        card.cnn = Some(config);
-        card.head_hidden = args.head_hidden.unwrap_or(64);
-        (Backbone::Image { cnn }, None)
+        })
     } else {
-        let encoder = EncoderFiles::find(&global.hub()?.resolve(&args.backbone)?, None)?;
-        let (bert, tokenizer, vars) = match mode {
-            TrainMode::Frozen => {
-                let (bert, tokenizer) = encoder.load(&device)?;
-                (bert, tokenizer, None)
-            }
-            TrainMode::Joint => {
-                let (bert, vars) =
-                    Bert::load_trainable(&encoder.config, &encoder.weights, &device)?;
-                (
-                    bert,
-                    TextTokenizer::from_file(&encoder.tokenizer)?,
-                    Some(vars),
-                )
-            }
-        };
-        card.head_hidden = args.head_hidden.unwrap_or(bert.config().hidden_size);
-        (Backbone::Text { bert, tokenizer }, vars)
+        NewBackbone::Encoder(EncoderFiles::find(
+            &global.hub()?.resolve(&args.backbone)?,
+            None,
+        )?)
     };
-    // candle's CPU random numbers cannot be seeded: draw the fresh weights ourselves.
-    seeded_init(&heads, args.seed)?;
-    card.layers = backbone.num_layers();
-    card.training.loss_weights = args
-        .loss_weights
-        .clone()
-        .unwrap_or_else(|| depth_weights(card.layers));
-    let classifier = ExitClassifier::new(
+    let untrained = Untrained::build(
         backbone,
-        VarBuilder::from_varmap(&heads, DType::F32, &device),
-        card.clone(),
+        card,
+        args.head_hidden,
+        args.loss_weights.clone(),
         &device,
     )?;
-    let mut trainable = heads.all_vars();
-    if let Some(vars) = &backbone_vars {
-        trainable.extend(vars.all_vars());
-    }
+    let classifier = &untrained.classifier;
+    let mut card = classifier.card.clone();
     let features_bar = progress_bar(global, 0, "features {bar:40} {pos}/{len} [{elapsed}<{eta}]");
     let step_bar = progress_bar(
         global,
@@ -208,8 +173,8 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     );
     let quiet = global.quiet || global.json;
     let val = train(
-        &classifier,
-        trainable,
+        classifier,
+        untrained.trainable(),
         &train_split,
         &splits.val,
         &card.training,
@@ -247,17 +212,14 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         },
     )?;
     step_bar.finish_and_clear();
-    let test = predict_split(global, &classifier, &splits.test, args.batch_size, "test")?;
+    let test = predict_split(global, classifier, &splits.test, args.batch_size, "test")?;
     card.accuracy = AccuracyRecord {
         val_per_exit: val.accuracy_per_exit(),
         test_per_exit: test.accuracy_per_exit(),
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
-    save_weights(
-        &[Some(&heads), backbone_vars.as_ref()],
-        &args.out.join(WEIGHTS_FILE),
-    )?;
+    untrained.save_weights(&args.out.join(WEIGHTS_FILE))?;
     card.write(&args.out.join(CARD_FILE))?;
     if global.json {
         return print_json(&serde_json::json!({ "out": args.out, "card": card }));
@@ -288,22 +250,6 @@ fn percentages(values: &[f64]) -> String {
         .map(|v| format!("{:.1}%", v * 100.0))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// Every variable of the maps, in one safetensors file.
-pub(super) fn save_weights(maps: &[Option<&VarMap>], path: &Path) -> Result<()> {
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for map in maps.iter().flatten() {
-        let data = map
-            .data()
-            .lock()
-            .map_err(|_| anyhow::anyhow!("variable map poisoned"))?;
-        for (name, var) in data.iter() {
-            tensors.insert(name.clone(), var.as_tensor().detach());
-        }
-    }
-    candle_core::safetensors::save(&tensors, path)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// This command line as a user would retype it (shell-quoted), with the data cache written
