@@ -12,7 +12,8 @@
 //! Trajectories are `time × features` or `trials × time × features` ([`Trajectories`]);
 //! [`read_npy`] loads them from NumPy files and [`write_npy_f32`] saves them.
 //! [`distance_matrix`] compares many systems at once, in parallel. [`dmd_entropy`] and
-//! [`weight_entropy`] summarise a spectrum's spread. Everything is computed in f64 with faer;
+//! [`weight_entropy`] summarise a spectrum's spread. [`layers`] pairs two models' layers and
+//! compares each pair on every metric. Everything is computed in f64 with faer;
 //! no GPU, no candle.
 //!
 //! The alignment search (Riemannian L-BFGS from informed and seeded random starts, both
@@ -48,6 +49,7 @@ mod embedding;
 mod entropy;
 mod error;
 mod geometry;
+pub mod layers;
 mod matrix;
 mod npy;
 mod optimizer;

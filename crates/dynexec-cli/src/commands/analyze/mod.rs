@@ -23,7 +23,6 @@ use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use settings::{DsaArgs, MetricName};
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 #[derive(Subcommand)]
@@ -402,51 +401,6 @@ fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
         bail!("trace {} holds no layers", path.display());
     }
     Ok(System { info, layers })
-}
-
-/// Layers of `b` paired with those of `a` by relative depth (equal depths pair one to one).
-pub fn pair_layers(a: &[usize], b: &[usize]) -> Vec<(usize, usize)> {
-    let (a_last, b_last) = (
-        a.last().copied().unwrap_or(0),
-        b.last().copied().unwrap_or(0),
-    );
-    let traced: BTreeSet<usize> = b.iter().copied().collect();
-    a.iter()
-        .filter_map(|&la| {
-            let target = if a_last == 0 {
-                0
-            } else {
-                ((la as f64) * b_last as f64 / a_last as f64).round() as usize
-            };
-            // The traced layer of b nearest to the target depth.
-            let below = traced.range(..=target).next_back().copied();
-            let above = traced.range(target..).next().copied();
-            let nearest = match (below, above) {
-                (Some(x), Some(y)) => Some(if target - x <= y - target { x } else { y }),
-                (x, y) => x.or(y),
-            };
-            nearest.map(|lb| (la, lb))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::pair_layers;
-
-    #[test]
-    fn layers_pair_by_relative_depth() {
-        let a: Vec<usize> = (0..=30).collect();
-        assert_eq!(
-            pair_layers(&a, &a),
-            a.iter().map(|&l| (l, l)).collect::<Vec<_>>()
-        );
-        let b: Vec<usize> = (0..=10).collect();
-        let pairs = pair_layers(&a, &b);
-        assert_eq!(pairs[0], (0, 0));
-        assert_eq!(pairs[15], (15, 5));
-        assert_eq!(pairs[30], (30, 10));
-    }
 }
 
 /// The encoder's format for `--quant`: its dense F32 layers already have the fast kernel, so

@@ -4,13 +4,11 @@
 
 use super::heatmap::{write_png, Heatmap};
 use super::settings::library_metrics;
-use super::{pair_layers, AnalyzeArgs, System};
+use super::{AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
-use dynexec_dsa::{
-    cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, Dsa, Metric, RdmComparison,
-    RdmDistance, Trajectories,
-};
+use dynexec_dsa::layers::{compare_pair, max_components, pair_layers, principal_components};
+use dynexec_dsa::{distance_matrix, dmd_entropy, Dsa, Metric, Trajectories};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,7 +72,7 @@ pub fn analyse(
         systems
             .iter()
             .map(|t| principal_components(t, components))
-            .collect::<Result<_>>()?
+            .collect::<dynexec_dsa::Result<_>>()?
     };
     let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, global.threads)
         .context("computing the layer x layer DSA matrices")?;
@@ -143,7 +141,7 @@ pub fn analyse(
             rows.push(PairedRow {
                 layer_a: la,
                 layer_b: lb,
-                values: pair_metrics(dsa, components, &metrics, x, y)
+                values: compare_pair(dsa, components, &metrics, x, y)
                     .with_context(|| format!("comparing layer {la} with layer {lb}"))?,
             });
         }
@@ -177,50 +175,10 @@ pub fn analyse(
     Ok(())
 }
 
-/// Every requested metric between two trajectories. Geometry metrics compare samples one to
-/// one, so both are cut to the shorter length for them.
-fn pair_metrics(
-    dsa: &Dsa,
-    components: usize,
-    metrics: &[Metric],
-    x: &Trajectories,
-    y: &Trajectories,
-) -> Result<BTreeMap<&'static str, f64>> {
-    let scores = if metrics.iter().any(|m| m.is_dsa()) {
-        let components = components.min(dsa_components_for(dsa, x.time().min(y.time())));
-        Some(dsa.compare(
-            &principal_components(x, components)?,
-            &principal_components(y, components)?,
-        )?)
-    } else {
-        None
-    };
-    let time = x.time().min(y.time());
-    let (xs, ys) = (truncate(x, time)?, truncate(y, time)?);
-    let mut out = BTreeMap::new();
-    for &metric in metrics {
-        let value = match metric {
-            Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
-            Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),
-            Metric::DsaWasserstein => scores.map_or(f64::NAN, |s| s.wasserstein),
-            Metric::ProcrustesAngular => procrustes_angular(&xs, &ys)?,
-            Metric::CkaLinear => cka_linear(&xs, &ys)?,
-            Metric::RsaSpearmanEuclidean => {
-                rsa(&xs, &ys, RdmDistance::Euclidean, RdmComparison::Spearman)?
-            }
-            Metric::RsaSpearmanCorrelation => {
-                rsa(&xs, &ys, RdmDistance::Correlation, RdmComparison::Spearman)?
-            }
-        };
-        out.insert(metric.name(), value);
-    }
-    Ok(out)
-}
-
 /// `--pca`, capped so the delay embedding of `time` positions has at least as many rows as
 /// columns.
 fn dsa_components(args: &AnalyzeArgs, dsa: &Dsa, time: usize) -> usize {
-    let cap = dsa_components_for(dsa, time);
+    let cap = max_components(dsa, time);
     if args.pca > cap {
         eprintln!(
             "note: --pca {} capped to {cap} components for {time} positions",
@@ -228,47 +186,6 @@ fn dsa_components(args: &AnalyzeArgs, dsa: &Dsa, time: usize) -> usize {
         );
     }
     args.pca.min(cap).max(1)
-}
-
-fn dsa_components_for(dsa: &Dsa, time: usize) -> usize {
-    let config = dsa.config();
-    let rows = time.saturating_sub((config.n_delays - 1) * config.delay_interval);
-    (rows / config.n_delays).max(1)
-}
-
-/// The trajectory in its top `k` principal directions (centred), via a thin SVD.
-fn principal_components(x: &Trajectories, k: usize) -> Result<Trajectories> {
-    use dynexec_dsa::faer::Mat;
-    let (t, f) = (x.n_samples(), x.features());
-    let data = x.data();
-    let mean: Vec<f64> = (0..f)
-        .map(|j| (0..t).map(|i| data[i * f + j]).sum::<f64>() / t as f64)
-        .collect();
-    let centred = Mat::from_fn(t, f, |i, j| data[i * f + j] - mean[j]);
-    let svd = centred
-        .thin_svd()
-        .map_err(|e| anyhow::anyhow!("PCA of a layer's states failed: {e:?}"))?;
-    let k = k.min(t.min(f));
-    let (u, s) = (svd.U(), svd.S());
-    let mut out = Vec::with_capacity(t * k);
-    for i in 0..t {
-        for c in 0..k {
-            out.push(u[(i, c)] * s[c]);
-        }
-    }
-    Ok(match x.trials() {
-        1 => Trajectories::from_2d(t, k, out)?,
-        trials => Trajectories::from_3d(trials, x.time(), k, out)?,
-    })
-}
-
-fn truncate(x: &Trajectories, time: usize) -> Result<Trajectories> {
-    let f = x.features();
-    Ok(Trajectories::from_2d(
-        time,
-        f,
-        x.data()[..time * f].to_vec(),
-    )?)
 }
 
 fn write_csv(path: &Path, corner: &str, labels: &[String], rows: &[Vec<f64>]) -> Result<()> {
