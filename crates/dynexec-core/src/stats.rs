@@ -91,9 +91,42 @@ pub fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
 }
 
+/// Runs every contestant `warmup + runs` times, round by round (each round runs them all in
+/// turn), so drift in the machine's load hits all of them alike. `run(i)` runs contestant `i`
+/// once; the results of the measured rounds come back per contestant, in order.
+pub fn interleave<T, E>(
+    contestants: usize,
+    warmup: usize,
+    runs: usize,
+    mut run: impl FnMut(usize) -> std::result::Result<T, E>,
+) -> std::result::Result<Vec<Vec<T>>, E> {
+    let mut measured: Vec<Vec<T>> = (0..contestants).map(|_| Vec::with_capacity(runs)).collect();
+    for round in 0..warmup + runs {
+        for (i, samples) in measured.iter_mut().enumerate() {
+            let result = run(i)?;
+            if round >= warmup {
+                samples.push(result);
+            }
+        }
+    }
+    Ok(measured)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interleave_runs_round_by_round_and_keeps_measured_rounds() {
+        let mut order = Vec::new();
+        let kept = interleave::<_, ()>(2, 1, 2, |i| {
+            order.push(i);
+            Ok(order.len())
+        })
+        .unwrap();
+        assert_eq!(order, [0, 1, 0, 1, 0, 1]);
+        assert_eq!(kept, [vec![3, 5], vec![4, 6]]);
+    }
 
     #[test]
     fn summary_of_odd_and_even_counts() {

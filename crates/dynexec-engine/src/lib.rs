@@ -5,7 +5,8 @@
 //! (Leviathan et al. 2023) with a drafter and a lookahead. [`decode`] runs a whole generation
 //! with one (what `generate` and the benchmarks do); [`Sequence`] advances one a step at a
 //! time (what the server's scheduler interleaves, batching the plain ones). Both report in one
-//! type, [`DecodeReport`], which front-ends show as they like.
+//! type, [`DecodeReport`], which front-ends show as they like. [`bench`] times decoders
+//! against each other (dynexec, candle-transformers, llama.cpp) the way `bench generate` does.
 //!
 //! ```no_run
 //! # fn main() -> dynexec_core::Result<()> {
@@ -28,6 +29,8 @@
 //! println!("{} ({:?})", out.generation.text, out.report.speculative.map(|s| s.acceptance_rate));
 //! # Ok(()) }
 //! ```
+
+pub mod bench;
 
 use candle_core::Tensor;
 use dynexec_core::sampling::Sampler;

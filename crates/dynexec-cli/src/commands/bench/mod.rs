@@ -3,7 +3,6 @@
 mod diffusion;
 mod dsa;
 mod exits;
-mod llama_cpp;
 mod serve;
 mod speculative;
 mod token_exits;
@@ -11,17 +10,17 @@ mod token_exits;
 use crate::commands::common::{evaluate, load_model, read_text, ModelArgs, WindowArgs};
 use crate::options::{parse_format, parse_isa, print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
 use dynexec_core::device::device_name;
-use dynexec_core::stats::Summary;
-use dynexec_models::cpu_kernels::{cpu_isa, set_max_cpu_isa, Isa};
+use dynexec_core::stats::{interleave, Summary};
+use dynexec_engine::bench::llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
+use dynexec_engine::bench::{
+    bench_prompt, run_generation, CandlePeer, Contestant, Greedy, HeldToIsa, Row, NO_SAMPLES,
+};
+use dynexec_models::cpu_kernels::{cpu_isa, Isa};
 use dynexec_models::linear::CpuKernels;
-use dynexec_models::llama::Llama;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
-use llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -151,123 +150,6 @@ pub fn run(global: &GlobalOptions, cmd: BenchCommand) -> Result<()> {
     }
 }
 
-/// Text the synthetic benchmark prompt is cut from (repeated as needed).
-const BENCH_TEXT: &str = "The history of computing is a story of ideas that moved from laboratories into everyday \
-life. Early machines filled rooms and needed teams of engineers, while today a phone in a pocket holds more power \
-than all of them together. Along the way, people learned to describe problems precisely, to measure what programs \
-cost, and to trade memory for time. ";
-
-/// One implementation under test: prefill a prompt, then greedy-decode.
-pub(super) trait Decoder {
-    fn name(&self) -> &'static str;
-    /// Runs the prompt and `gen_tokens` greedy steps; returns (prefill secs, decode secs).
-    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)>;
-}
-
-struct Ours<'a>(&'a Llama);
-
-impl Decoder for Ours<'_> {
-    fn name(&self) -> &'static str {
-        "dynexec"
-    }
-
-    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
-        let model = self.0;
-        let mut cache = model.new_cache();
-        let start = Instant::now();
-        let logits = model.forward_last(prompt, &mut cache, None)?;
-        let mut next = logits.argmax(0)?.to_scalar::<u32>()?;
-        let prefill = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        for _ in 0..gen_tokens {
-            let logits = model.forward_last(&[next], &mut cache, None)?;
-            next = logits.argmax(0)?.to_scalar::<u32>()?;
-        }
-        Ok((prefill, start.elapsed().as_secs_f64()))
-    }
-}
-
-/// dynexec with its repacked kernels held to one instruction set during its runs.
-struct OursOn<'a> {
-    model: &'a Llama,
-    isa: Isa,
-    /// The process's own limit, restored after each run.
-    restore: Option<Isa>,
-}
-
-impl OursOn<'_> {
-    fn name_on(isa: Isa) -> &'static str {
-        match isa {
-            Isa::Avx2 => "dynexec --max-cpu-isa avx2",
-            Isa::Avx512Vnni => "dynexec --max-cpu-isa avx512-vnni",
-        }
-    }
-}
-
-impl Decoder for OursOn<'_> {
-    fn name(&self) -> &'static str {
-        Self::name_on(self.isa)
-    }
-
-    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
-        set_max_cpu_isa(Some(self.isa));
-        let times = Ours(self.model).run(prompt, gen_tokens);
-        set_max_cpu_isa(self.restore);
-        times
-    }
-}
-
-const PEER_NAME: &str = "candle-transformers quantized_llama";
-
-struct Peer {
-    weights: candle_transformers::models::quantized_llama::ModelWeights,
-    device: Device,
-}
-
-impl Peer {
-    fn load(path: &Path, device: &Device) -> Result<Self> {
-        let mut file = std::fs::File::open(path)?;
-        let content = gguf_file::Content::read(&mut file)?;
-        let weights = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(
-            content, &mut file, device,
-        )?;
-        Ok(Self {
-            weights,
-            device: device.clone(),
-        })
-    }
-}
-
-impl Decoder for Peer {
-    fn name(&self) -> &'static str {
-        PEER_NAME
-    }
-
-    fn run(&mut self, prompt: &[u32], gen_tokens: usize) -> Result<(f64, f64)> {
-        let start = Instant::now();
-        let input = Tensor::new(prompt, &self.device)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, 0)?.squeeze(0)?;
-        let mut next = logits.argmax(0)?.to_scalar::<u32>()?;
-        let prefill = start.elapsed().as_secs_f64();
-        let start = Instant::now();
-        for i in 0..gen_tokens {
-            let input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
-            let logits = self.weights.forward(&input, prompt.len() + i)?.squeeze(0)?;
-            next = logits.argmax(0)?.to_scalar::<u32>()?;
-        }
-        Ok((prefill, start.elapsed().as_secs_f64()))
-    }
-}
-
-#[derive(Serialize)]
-struct Row {
-    implementation: &'static str,
-    prefill_tokens_per_s: f64,
-    decode_tokens_per_s: f64,
-    prefill: Summary,
-    decode: Summary,
-}
-
 /// dynexec's medians over one llama.cpp build's.
 #[derive(Serialize)]
 struct LlamaCppRatio {
@@ -316,7 +198,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     );
     let prompt = bench_prompt(&loaded.tokenizer, args.prompt_tokens)?;
 
-    let mut decoders: Vec<Box<dyn Decoder + '_>> = vec![Box::new(Ours(model))];
+    let mut decoders: Vec<Box<dyn Contestant + '_>> = vec![Box::new(Greedy(model))];
     if let Some(isa) = args.compare_cpu_isa {
         if Isa::detect().is_none_or(|best| isa > best) {
             bail!(
@@ -325,7 +207,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
                 Isa::detect().map_or("none of them", Isa::name)
             );
         }
-        decoders.push(Box::new(OursOn {
+        decoders.push(Box::new(HeldToIsa {
             model,
             isa,
             restore: global.max_cpu_isa,
@@ -336,7 +218,7 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
         let gguf = files
             .find(".gguf")
             .context("--peer compares on a GGUF model; this model has no .gguf file")?;
-        decoders.push(Box::new(Peer::load(gguf, model.device())?));
+        decoders.push(Box::new(CandlePeer::load(gguf, model.device())?));
     }
 
     // Named once: the rows and their ratios refer to the same names.
@@ -350,55 +232,30 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
             .find(".gguf")
             .context("--compare-llama-cpp needs a GGUF model; this model has no .gguf file")?;
         for (binary, &name) in args.compare_llama_cpp.iter().zip(&llama_cpp_names) {
-            decoders.push(Box::new(LlamaCpp::new(
-                name,
-                binary,
-                gguf,
-                candle_core::utils::get_num_threads(),
-            )?));
+            decoders.push(Box::new(
+                LlamaCpp::new(name, binary, gguf, candle_core::utils::get_num_threads())
+                    .context("--compare-llama-cpp")?,
+            ));
         }
     }
 
     let total = ((args.warmup + args.runs) * decoders.len()) as u64;
     let bar = progress_bar(global, total, "bench [{bar:30}] {pos}/{len} runs {msg}");
-    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); decoders.len()];
-    // Interleave implementations run by run so drift in machine load hits both alike.
-    for run in 0..args.warmup + args.runs {
-        for (i, decoder) in decoders.iter_mut().enumerate() {
-            bar.set_message(decoder.name());
-            let (prefill, decode) = decoder.run(&prompt, args.gen_tokens)?;
-            if run >= args.warmup {
-                samples[i].0.push(args.prompt_tokens as f64 / prefill);
-                if args.gen_tokens > 0 {
-                    samples[i].1.push(args.gen_tokens as f64 / decode);
-                }
-            }
+    let rows = run_generation(
+        &mut decoders,
+        &prompt,
+        args.gen_tokens,
+        args.warmup,
+        args.runs,
+        |name| {
+            bar.set_message(name);
             bar.inc(1);
-        }
-    }
+        },
+    )?;
     bar.finish_and_clear();
-
-    let rows: Vec<Row> = decoders
-        .iter()
-        .zip(&samples)
-        .map(|(d, (pp, tg))| {
-            let prefill = Summary::of(pp).unwrap_or(ZERO);
-            let decode = Summary::of(tg).unwrap_or(ZERO);
-            Row {
-                implementation: d.name(),
-                prefill_tokens_per_s: prefill.median,
-                decode_tokens_per_s: decode.median,
-                prefill,
-                decode,
-            }
-        })
-        .collect();
-    let ratio_to = |name: &str, f: fn(&Row) -> f64| {
-        let other = rows.iter().find(|r| r.implementation == name)?;
-        (f(other) > 0.0).then(|| f(&rows[0]) / f(other))
-    };
-    let ratio = |f: fn(&Row) -> f64| ratio_to(PEER_NAME, f);
-    let isa_row = args.compare_cpu_isa.map_or("", OursOn::name_on);
+    let ratio_to = |name: &str, f: fn(&Row) -> f64| Row::ratio(&rows, name, f);
+    let ratio = |f: fn(&Row) -> f64| ratio_to(CandlePeer::NAME, f);
+    let isa_row = args.compare_cpu_isa.map_or("", HeldToIsa::name_on);
     let report = Report {
         model: args.model.model.clone(),
         format: loaded.format,
@@ -496,28 +353,6 @@ fn bench_generate(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()>
     Ok(())
 }
 
-const ZERO: Summary = Summary {
-    median: 0.0,
-    mean: 0.0,
-    stddev: 0.0,
-    min: 0.0,
-    max: 0.0,
-    runs: 0,
-};
-
-/// The synthetic prompt of `len` tokens both benchmarks decode from.
-fn bench_prompt(
-    tokenizer: &dynexec_core::tokenizer::TextTokenizer,
-    len: usize,
-) -> Result<Vec<u32>> {
-    let mut prompt = Vec::new();
-    while prompt.len() < len {
-        prompt.extend(tokenizer.encode(BENCH_TEXT)?);
-    }
-    prompt.truncate(len);
-    Ok(prompt)
-}
-
 #[derive(Serialize)]
 struct QuantRow {
     quant: WeightFormat,
@@ -572,20 +407,23 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
 
     let total = ((args.warmup + args.runs) * models.len()) as u64;
     let bar = progress_bar(global, total, "speed [{bar:30}] {pos}/{len} runs {msg}");
-    let mut speed: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); models.len()];
-    for run in 0..args.warmup + args.runs {
-        for (i, loaded) in models.iter().enumerate() {
-            bar.set_message(args.formats[i].to_string());
-            let (prefill, decode) = Ours(&loaded.model).run(&prompt, args.gen_tokens)?;
-            if run >= args.warmup {
-                speed[i].0.push(args.prompt_tokens as f64 / prefill);
-                speed[i]
-                    .1
-                    .push(args.gen_tokens as f64 / decode.max(f64::EPSILON));
-            }
+    let mut contestants: Vec<Box<dyn Contestant + '_>> = models
+        .iter()
+        .map(|loaded| Box::new(Greedy(&loaded.model)) as Box<dyn Contestant>)
+        .collect();
+    let mut run = 0;
+    let speed = run_generation(
+        &mut contestants,
+        &prompt,
+        args.gen_tokens,
+        args.warmup,
+        args.runs,
+        |_| {
+            bar.set_message(args.formats[run % models.len()].to_string());
             bar.inc(1);
-        }
-    }
+            run += 1;
+        },
+    )?;
     bar.finish_and_clear();
 
     let window = WindowArgs {
@@ -597,8 +435,9 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     for (i, loaded) in models.iter().enumerate() {
         let ppl = evaluate(loaded, &text, &window, global)
             .with_context(|| format!("perplexity at {}", args.formats[i]))?;
-        let prefill = Summary::of(&speed[i].0).unwrap_or(ZERO);
-        let decode = Summary::of(&speed[i].1).unwrap_or(ZERO);
+        let Row {
+            prefill, decode, ..
+        } = speed[i].clone();
         rows.push(QuantRow {
             quant: args.formats[i],
             weights_bytes: loaded.model.weight_bytes(),
@@ -720,26 +559,21 @@ fn bench_quant_encoder(
         dynexec_quant::quantize_in_place(&mut m, format)?;
         models.push(m);
     }
-    let mut speed: Vec<Vec<f64>> = vec![Vec::new(); models.len()];
     let mut embeddings = Vec::new();
-    for run in 0..args.warmup + args.runs {
-        for (i, m) in models.iter().enumerate() {
-            let start = Instant::now();
-            let e = m.sentence_embeddings(&tokenizer, &sentences, args.batch_size)?;
-            let secs = start.elapsed().as_secs_f64();
-            if run >= args.warmup {
-                speed[i].push(sentences.len() as f64 / secs);
-            }
-            if run == 0 {
-                embeddings.push(e);
-            }
+    let speed = interleave(models.len(), args.warmup, args.runs, |i| {
+        let start = Instant::now();
+        let e = models[i].sentence_embeddings(&tokenizer, &sentences, args.batch_size)?;
+        let secs = start.elapsed().as_secs_f64();
+        if embeddings.len() < models.len() {
+            embeddings.push(e);
         }
-    }
+        anyhow::Ok(sentences.len() as f64 / secs)
+    })?;
     let mut rows = Vec::new();
     for (i, m) in models.iter().enumerate() {
         // Both sides are unit vectors, so the row-wise dot product is the cosine.
         let cosines: Vec<f32> = (&embeddings[i] * &reference)?.sum(1)?.to_vec1()?;
-        let speed_summary = Summary::of(&speed[i]).unwrap_or(ZERO);
+        let speed_summary = Summary::of(&speed[i]).unwrap_or(NO_SAMPLES);
         rows.push(EncoderRow {
             quant: args.formats[i],
             weights_bytes: m.weight_bytes(),

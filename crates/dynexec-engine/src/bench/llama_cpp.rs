@@ -1,11 +1,17 @@
-//! llama.cpp's `llama-bench` as one more implementation in `bench generate`.
+//! llama.cpp's `llama-bench` as one more contestant in a generation benchmark.
 
-use super::Decoder;
-use anyhow::{bail, Context, Result};
+use super::Contestant;
+use dynexec_core::{Error, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A failure of the llama-bench run, worded for the user.
+fn failed(message: String) -> Error {
+    Error::InvalidArgument(message)
+}
+
+/// The row name of the first (or only) llama.cpp build.
 pub const LLAMA_CPP_NAME: &str = "llama.cpp (llama-bench)";
 
 /// A `llama-bench` binary run on one GGUF: each run is one llama-bench repetition of a pp and
@@ -21,10 +27,10 @@ impl LlamaCpp {
     /// `name` tells builds apart when several are compared ([`LLAMA_CPP_NAME`] for one).
     pub fn new(name: &'static str, binary: &Path, gguf: &Path, threads: usize) -> Result<Self> {
         if !binary.is_file() {
-            bail!(
-                "--compare-llama-cpp {}: no such file; give the path of llama.cpp's llama-bench binary",
+            return Err(failed(format!(
+                "{}: no such file; give the path of llama.cpp's llama-bench binary",
                 binary.display()
-            );
+            )));
         }
         Ok(Self {
             name,
@@ -35,7 +41,7 @@ impl LlamaCpp {
     }
 }
 
-impl Decoder for LlamaCpp {
+impl Contestant for LlamaCpp {
     fn name(&self) -> &'static str {
         self.name
     }
@@ -51,26 +57,28 @@ impl Decoder for LlamaCpp {
             .args(["-n", &gen_tokens.to_string()])
             .args(["-r", "1", "-o", "json"])
             .output()
-            .with_context(|| format!("running {}", self.binary.display()))?;
+            .map_err(|e| {
+                Error::io(&self.binary, e).context(format!("running {}", self.binary.display()))
+            })?;
         if !out.status.success() {
-            bail!(
+            return Err(failed(format!(
                 "{} failed ({}): {}",
                 self.binary.display(),
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
-            );
+            )));
         }
-        let tests: Vec<Value> = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!(
+        let tests: Vec<Value> = serde_json::from_slice(&out.stdout).map_err(|_| {
+            failed(format!(
                 "{} did not print llama-bench's JSON (is it llama-bench?)",
                 self.binary.display()
-            )
+            ))
         })?;
         let (pp, tg) = parse_rates(&tests)?;
         let decode = match (gen_tokens, tg) {
             (0, _) => 0.0,
             (n, Some(rate)) => n as f64 / rate,
-            (_, None) => bail!("llama-bench reported no generation test"),
+            (_, None) => return Err(failed("llama-bench reported no generation test".into())),
         };
         Ok((prompt.len() as f64 / pp, decode))
     }
@@ -111,7 +119,7 @@ pub fn build_names(binaries: &[PathBuf]) -> Vec<&'static str> {
 
 /// Prefill and generation tokens/s from llama-bench's JSON tests (`n_prompt`/`n_gen`,
 /// `avg_ts`).
-fn parse_rates(tests: &[Value]) -> Result<(f64, Option<f64>)> {
+pub(crate) fn parse_rates(tests: &[Value]) -> Result<(f64, Option<f64>)> {
     let rate = |prompt: bool| {
         tests.iter().find_map(|t| {
             let n_prompt = t["n_prompt"].as_u64().unwrap_or(0);
@@ -124,7 +132,8 @@ fn parse_rates(tests: &[Value]) -> Result<(f64, Option<f64>)> {
             wanted.then(|| t["avg_ts"].as_f64()).flatten()
         })
     };
-    let pp = rate(true).context("llama-bench reported no prompt-processing test")?;
+    let pp = rate(true)
+        .ok_or_else(|| failed("llama-bench reported no prompt-processing test".into()))?;
     Ok((pp, rate(false)))
 }
 
