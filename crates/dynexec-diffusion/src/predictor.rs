@@ -130,7 +130,7 @@ impl StepPredictor {
             return Err(Error::InvalidArgument(format!(
                 "{} has no step predictor ({PREDICTOR_CARD_FILE}, {PREDICTOR_WEIGHTS_FILE}): \
                  make one with `dynexec diffusion label` and `dynexec diffusion train-steps`, \
-                 or use --steps N or --steps converge",
+                 or use a fixed step count or converge",
                 dir.display()
             )));
         }

@@ -411,7 +411,7 @@ pub fn prepare(
             return Err(ApiError::invalid(
                 Some("max_tokens"),
                 format!(
-                    "`max_tokens` is {n} but this server allows at most {} per request (its --max-tokens)",
+                    "`max_tokens` is {n} but this server allows at most {} per request (its limit)",
                     limits.max_tokens
                 ),
             ))
@@ -489,7 +489,7 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
             if info.exit_layers.is_none() {
                 return Err(ApiError::invalid(
                     Some("early_exit"),
-                    "this server has no exit adapters: start it with --exit-adapters to allow early_exit",
+                    "this server has no exit adapters: start it with them to allow early_exit",
                 ));
             }
             Some(policy)
@@ -515,12 +515,10 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
     }
     let speculative = match (wants_speculative, &info.draft) {
         (false, _) => None,
-        (true, None) => {
-            return Err(ApiError::invalid(
-                Some("speculative"),
-                "this server has no draft: start it with --draft to allow speculative decoding",
-            ))
-        }
+        (true, None) => return Err(ApiError::invalid(
+            Some("speculative"),
+            "this server has no draft: start it with a draft model to allow speculative decoding",
+        )),
         (true, Some(_)) => {
             let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
             dynexec_spec::lookahead::parse(&lookahead).map_err(setting_error)?;

@@ -401,7 +401,7 @@ impl<'m> Scheduler<'m> {
         let strategy = match (&job.dynamic.speculative, job.dynamic.early_exit) {
             (Some(lookahead), _) => {
                 let drafter = served.drafter.as_ref().ok_or_else(|| {
-                    Error::InvalidArgument("this server has no draft: start it with --draft".into())
+                    Error::InvalidArgument("this server has no draft: speculative decoding needs a server started with a draft model".into())
                 })?;
                 Strategy::Speculative {
                     drafter: drafter.fresh(),
@@ -411,7 +411,7 @@ impl<'m> Scheduler<'m> {
             (None, Some(policy)) => {
                 let adapters = served.exit_adapters.as_ref().ok_or_else(|| {
                     Error::InvalidArgument(
-                        "this server has no exit adapters: start it with --exit-adapters".into(),
+                        "this server has no exit adapters: early exit needs a server started with them".into(),
                     )
                 })?;
                 Strategy::EarlyExit { adapters, policy }

@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod engine;
+pub mod loadgen;
 pub mod metrics;
 mod routes;
 pub mod stop;
@@ -42,9 +43,7 @@ pub struct ServeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The address could not be bound (often: the port is taken).
-    #[error(
-        "could not listen on {addr} (is another server using the port? pick another with --port)"
-    )]
+    #[error("could not listen on {addr} (is another server using the port? pick another port)")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,

@@ -152,7 +152,9 @@ async fn generate(
     if let Err(e) = state.engine.submit(job) {
         add(&state.metrics.requests_rejected_busy, 1);
         let message = match e {
-            SubmitError::Busy => "the server's queue is full: retry later, or start the server with a larger --max-queue",
+            SubmitError::Busy => {
+                "the server's queue is full: retry later, or give the server a longer queue"
+            }
             SubmitError::Closed => "the server is shutting down",
         };
         return ApiError::server(503, "server_error", message)

@@ -3,13 +3,18 @@
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dynexec_server::loadgen::{LoadConfig, LoadRow, Target, BUILTIN_PROMPTS};
 use serde::Serialize;
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+
+#[derive(Serialize)]
+struct Report {
+    url: String,
+    model: String,
+    max_tokens: usize,
+    client_threads: usize,
+    rows: Vec<LoadRow>,
+}
 
 #[derive(Args)]
 #[command(
@@ -48,72 +53,9 @@ pub struct BenchServeArgs {
     pub temperature: f64,
 }
 
-const BUILTIN_PROMPTS: &[&str] = &[
-    "Explain how a refrigerator keeps food cold.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the main causes of the French Revolution?",
-    "Give me a recipe for vegetable soup.",
-    "Summarise the rules of chess in a paragraph.",
-    "Why is the sky blue?",
-    "List five tips for learning a new language.",
-    "Describe the water cycle to a ten-year-old.",
-];
-
-/// One row: a concurrency level with speculative decoding on or off.
-#[derive(Serialize)]
-struct Row {
-    concurrency: usize,
-    speculative: bool,
-    requests: usize,
-    errors: usize,
-    generated_tokens: usize,
-    wall_s: f64,
-    throughput_tokens_per_s: f64,
-    requests_per_s: f64,
-    ttft_ms_p50: f64,
-    ttft_ms_p95: f64,
-    ttft_ms_p99: f64,
-    tpot_ms_p50: f64,
-    tpot_ms_p95: f64,
-    tpot_ms_p99: f64,
-    /// Mean batch size the server reported for these requests.
-    mean_batch_size: f64,
-    /// Accepted over proposed draft tokens (speculative rows).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    acceptance_rate: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct Report {
-    url: String,
-    model: String,
-    max_tokens: usize,
-    client_threads: usize,
-    rows: Vec<Row>,
-}
-
-/// What one streamed request measured.
-struct Sample {
-    ttft: f64,
-    /// Mean time per output token after the first.
-    tpot: Option<f64>,
-    tokens: usize,
-    batch_size: f64,
-    drafted: Option<(usize, usize)>,
-}
-
 pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
-    let base = args.url.trim_end_matches('/').to_string();
-    let models: Value = ureq::get(&format!("{base}/v1/models"))
-        .call()
-        .with_context(|| format!("no server answers at {base}: start one with `dynexec serve`"))?
-        .into_json()
-        .context("GET /v1/models did not return JSON")?;
-    let model = models["data"][0]["id"]
-        .as_str()
-        .context("GET /v1/models lists no model")?
-        .to_string();
-    let has_draft = !models["data"][0]["dynexec"]["draft"].is_null();
+    let target = Target::probe(&args.url)?;
+    let has_draft = target.has_draft;
     let modes: Vec<bool> = match args.speculative.as_deref() {
         None if has_draft => vec![false, true],
         None | Some("off") => vec![false],
@@ -139,13 +81,20 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     if prompts.is_empty() {
         bail!("--prompts holds no prompts (one per line)");
     }
+    let config = LoadConfig {
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        requests: args.requests,
+    };
     // A warm-up request, so no row pays for first-touch costs.
-    stream_request(&base, &request(&model, &prompts[0], &args, false))?;
+    target.warm_up(&prompts[0], &config)?;
 
     let mut rows = Vec::new();
     for &speculative in &modes {
         for &concurrency in &args.concurrency {
-            let row = run_row(&base, &model, &prompts, &args, concurrency, speculative);
+            let row = target.load(&prompts, &config, concurrency, speculative, |i, e| {
+                eprintln!("request {i} failed: {e}")
+            })?;
             if !global.json {
                 eprintln!(
                     "concurrency {:>3} speculative {:<5}: {:>7.1} tok/s, TTFT p50 {:>7.0} ms, TPOT p50 {:>6.1} ms, batch {:.1}, {} errors",
@@ -162,8 +111,8 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
         }
     }
     let report = Report {
-        url: base,
-        model,
+        url: target.url().to_string(),
+        model: target.model.clone(),
         max_tokens: args.max_tokens,
         client_threads: *args.concurrency.iter().max().unwrap_or(&1),
         rows,
@@ -193,170 +142,4 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn request(model: &str, prompt: &str, args: &BenchServeArgs, speculative: bool) -> Value {
-    json!({
-        "model": model,
-        "messages": [{"role": "user", "content": prompt}],
-        "max_tokens": args.max_tokens,
-        "temperature": args.temperature,
-        "seed": 1,
-        "stream": true,
-        "stream_options": {"include_usage": true},
-        "ignore_eos": true,
-        "speculative": speculative,
-    })
-}
-
-fn run_row(
-    base: &str,
-    model: &str,
-    prompts: &[String],
-    args: &BenchServeArgs,
-    concurrency: usize,
-    speculative: bool,
-) -> Row {
-    let next = AtomicUsize::new(0);
-    let samples = Mutex::new(Vec::new());
-    let errors = AtomicUsize::new(0);
-    let start = Instant::now();
-    std::thread::scope(|s| {
-        for _ in 0..concurrency {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= args.requests {
-                    return;
-                }
-                let body = request(model, &prompts[i % prompts.len()], args, speculative);
-                match stream_request(base, &body) {
-                    Ok(sample) => samples
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(sample),
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("request {i} failed: {e:#}");
-                    }
-                }
-            });
-        }
-    });
-    let wall = start.elapsed().as_secs_f64();
-    let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
-    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
-    let ttft: Vec<f64> = samples.iter().map(|s| s.ttft * 1000.0).collect();
-    let tpot: Vec<f64> = samples
-        .iter()
-        .filter_map(|s| s.tpot)
-        .map(|t| t * 1000.0)
-        .collect();
-    let drafted = samples
-        .iter()
-        .filter_map(|s| s.drafted)
-        .fold((0, 0), |(p, a), (dp, da)| (p + dp, a + da));
-    Row {
-        concurrency,
-        speculative,
-        requests: args.requests,
-        errors: errors.into_inner(),
-        generated_tokens: tokens,
-        wall_s: wall,
-        throughput_tokens_per_s: tokens as f64 / wall,
-        requests_per_s: samples.len() as f64 / wall,
-        ttft_ms_p50: percentile(&ttft, 50.0),
-        ttft_ms_p95: percentile(&ttft, 95.0),
-        ttft_ms_p99: percentile(&ttft, 99.0),
-        tpot_ms_p50: percentile(&tpot, 50.0),
-        tpot_ms_p95: percentile(&tpot, 95.0),
-        tpot_ms_p99: percentile(&tpot, 99.0),
-        mean_batch_size: samples.iter().map(|s| s.batch_size).sum::<f64>()
-            / samples.len().max(1) as f64,
-        acceptance_rate: speculative.then(|| drafted.1 as f64 / drafted.0.max(1) as f64),
-    }
-}
-
-/// Streams one request, timing the first content and the rest.
-fn stream_request(base: &str, body: &Value) -> Result<Sample> {
-    let start = Instant::now();
-    let response = ureq::post(&format!("{base}/v1/chat/completions"))
-        .timeout(Duration::from_secs(600))
-        .send_json(body.clone())
-        .map_err(|e| match e {
-            ureq::Error::Status(code, r) => {
-                anyhow::anyhow!("HTTP {code}: {}", r.into_string().unwrap_or_default())
-            }
-            e => anyhow::anyhow!("{e}"),
-        })?;
-    let mut first = None;
-    let mut last = start;
-    let mut usage = None;
-    let mut report = Value::Null;
-    for line in BufReader::new(response.into_reader()).lines() {
-        let line = line.context("reading the stream")?;
-        let Some(data) = line.strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let event: Value = serde_json::from_str(data).context("a stream event is not JSON")?;
-        if let Some(error) = event.get("error") {
-            bail!("the server ended the stream: {error}");
-        }
-        if event["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
-        {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = now;
-        }
-        if !event["dynexec"].is_null() {
-            report = event["dynexec"].clone();
-        }
-        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
-            usage = Some(n as usize);
-        }
-    }
-    let tokens = usage.context("the stream ended without usage (no [DONE]?)")?;
-    let first = first.unwrap_or(last);
-    let spec = &report["speculative"];
-    Ok(Sample {
-        ttft: first.duration_since(start).as_secs_f64(),
-        tpot: (tokens > 1).then(|| last.duration_since(first).as_secs_f64() / (tokens - 1) as f64),
-        tokens,
-        batch_size: report["batch_size"].as_f64().unwrap_or(1.0),
-        drafted: spec["proposed"]
-            .as_u64()
-            .zip(spec["accepted"].as_u64())
-            .map(|(p, a)| (p as usize, a as usize)),
-    })
-}
-
-/// The `p`th percentile by linear interpolation (0 for no samples).
-fn percentile(values: &[f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = p / 100.0 * (sorted.len() - 1) as f64;
-    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::percentile;
-
-    #[test]
-    fn percentiles_interpolate_between_ranks() {
-        let v = [4.0, 1.0, 3.0, 2.0, 5.0];
-        assert_eq!(percentile(&v, 50.0), 3.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert_eq!(percentile(&v, 100.0), 5.0);
-        assert!((percentile(&v, 95.0) - 4.8).abs() < 1e-12);
-        assert_eq!(percentile(&[], 50.0), 0.0);
-    }
 }

@@ -1,0 +1,354 @@
+//! A load generator for a running server: N concurrent streaming clients send chat
+//! requests and measure throughput, time to first token and time per output token, as
+//! `dynexec bench serve` reports them. It speaks only the OpenAI API (plus the `dynexec`
+//! extension fields), so it can load any compatible server.
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Why a load run could not be made or a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Nothing answered at the URL.
+    #[error("no server answers at {url}: start one with `dynexec serve` ({reason})")]
+    NoServer {
+        /// The base URL tried.
+        url: String,
+        /// What the connection attempt said.
+        reason: String,
+    },
+    /// The server answered something this client cannot use.
+    #[error("{0}")]
+    Protocol(String),
+    /// The server refused or failed a request.
+    #[error("HTTP {status}: {body}")]
+    Status {
+        /// The HTTP status code.
+        status: u16,
+        /// The response body (an OpenAI error object).
+        body: String,
+    },
+    /// A request was not what the server can run.
+    #[error("{0}")]
+    Request(String),
+}
+
+/// What a load run sends.
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    /// Tokens generated per request (end-of-sequence is ignored).
+    pub max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    pub temperature: f64,
+    /// Total requests, spread over the clients.
+    pub requests: usize,
+}
+
+/// The server under load, as `GET /v1/models` describes it.
+pub struct Target {
+    base: String,
+    /// The served model's id.
+    pub model: String,
+    /// Whether the server has a draft (speculative requests work).
+    pub has_draft: bool,
+}
+
+/// Chat questions to cycle through when the user gives none.
+pub const BUILTIN_PROMPTS: &[&str] = &[
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short story about a lighthouse keeper.",
+    "What are the main causes of the French Revolution?",
+    "Give me a recipe for vegetable soup.",
+    "Summarise the rules of chess in a paragraph.",
+    "Why is the sky blue?",
+    "List five tips for learning a new language.",
+    "Describe the water cycle to a ten-year-old.",
+];
+
+/// One concurrency level with speculative decoding on or off.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadRow {
+    /// Concurrent clients.
+    pub concurrency: usize,
+    /// Whether requests asked for speculative decoding.
+    pub speculative: bool,
+    /// Requests sent.
+    pub requests: usize,
+    /// Requests that failed.
+    pub errors: usize,
+    /// Tokens generated over all requests.
+    pub generated_tokens: usize,
+    /// Seconds from the first request to the last answer.
+    pub wall_s: f64,
+    /// Generated tokens per wall-clock second.
+    pub throughput_tokens_per_s: f64,
+    /// Finished requests per wall-clock second.
+    pub requests_per_s: f64,
+    /// Time to first token, 50th percentile (ms).
+    pub ttft_ms_p50: f64,
+    /// Time to first token, 95th percentile (ms).
+    pub ttft_ms_p95: f64,
+    /// Time to first token, 99th percentile (ms).
+    pub ttft_ms_p99: f64,
+    /// Time per output token after the first, 50th percentile (ms).
+    pub tpot_ms_p50: f64,
+    /// Time per output token, 95th percentile (ms).
+    pub tpot_ms_p95: f64,
+    /// Time per output token, 99th percentile (ms).
+    pub tpot_ms_p99: f64,
+    /// Mean batch size the server reported for these requests.
+    pub mean_batch_size: f64,
+    /// Accepted over proposed draft tokens (speculative rows).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acceptance_rate: Option<f64>,
+}
+
+/// What one streamed request measured.
+struct Sample {
+    ttft: f64,
+    /// Mean time per output token after the first.
+    tpot: Option<f64>,
+    tokens: usize,
+    batch_size: f64,
+    drafted: Option<(usize, usize)>,
+}
+
+fn request(model: &str, prompt: &str, config: &LoadConfig, speculative: bool) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": config.max_tokens,
+        "temperature": config.temperature,
+        "seed": 1,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+        "ignore_eos": true,
+        "speculative": speculative,
+    })
+}
+
+impl Target {
+    /// Asks the server at `url` what it serves.
+    pub fn probe(url: &str) -> Result<Self, LoadError> {
+        let base = url.trim_end_matches('/').to_string();
+        let models: Value = ureq::get(&format!("{base}/v1/models"))
+            .call()
+            .map_err(|e| LoadError::NoServer {
+                url: base.clone(),
+                reason: e.to_string(),
+            })?
+            .into_json()
+            .map_err(|_| LoadError::Protocol("GET /v1/models did not return JSON".into()))?;
+        let model = models["data"][0]["id"]
+            .as_str()
+            .ok_or_else(|| LoadError::Protocol("GET /v1/models lists no model".into()))?
+            .to_string();
+        let has_draft = !models["data"][0]["dynexec"]["draft"].is_null();
+        Ok(Self {
+            base,
+            model,
+            has_draft,
+        })
+    }
+
+    /// The base URL, without a trailing slash.
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// One request, unmeasured: the first touch of the server's caches and pools.
+    pub fn warm_up(&self, prompt: &str, config: &LoadConfig) -> Result<(), LoadError> {
+        stream_request(&self.base, &request(&self.model, prompt, config, false)).map(|_| ())
+    }
+
+    /// Sends `config.requests` requests over `concurrency` clients, cycling through
+    /// `prompts`; failed requests are counted and told to `on_error(request, error)`.
+    pub fn load(
+        &self,
+        prompts: &[String],
+        config: &LoadConfig,
+        concurrency: usize,
+        speculative: bool,
+        on_error: impl Fn(usize, &LoadError) + Sync,
+    ) -> Result<LoadRow, LoadError> {
+        if concurrency == 0 || config.requests == 0 || prompts.is_empty() {
+            return Err(LoadError::Request(
+                "a load needs at least one client, one request and one prompt".into(),
+            ));
+        }
+        if speculative && !self.has_draft {
+            return Err(LoadError::Request("the server has no draft: start one with a draft model to load it with speculative requests".into()));
+        }
+        Ok(run_row(
+            &self.base,
+            &self.model,
+            prompts,
+            config,
+            concurrency,
+            speculative,
+            &on_error,
+        ))
+    }
+}
+
+fn run_row(
+    base: &str,
+    model: &str,
+    prompts: &[String],
+    config: &LoadConfig,
+    concurrency: usize,
+    speculative: bool,
+    on_error: &(dyn Fn(usize, &LoadError) + Sync),
+) -> LoadRow {
+    let next = AtomicUsize::new(0);
+    let samples = Mutex::new(Vec::new());
+    let errors = AtomicUsize::new(0);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..concurrency {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= config.requests {
+                    return;
+                }
+                let body = request(model, &prompts[i % prompts.len()], config, speculative);
+                match stream_request(base, &body) {
+                    Ok(sample) => samples
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(sample),
+                    Err(e) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                        on_error(i, &e);
+                    }
+                }
+            });
+        }
+    });
+    let wall = start.elapsed().as_secs_f64();
+    let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
+    let tokens: usize = samples.iter().map(|s| s.tokens).sum();
+    let ttft: Vec<f64> = samples.iter().map(|s| s.ttft * 1000.0).collect();
+    let tpot: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s.tpot)
+        .map(|t| t * 1000.0)
+        .collect();
+    let drafted = samples
+        .iter()
+        .filter_map(|s| s.drafted)
+        .fold((0, 0), |(p, a), (dp, da)| (p + dp, a + da));
+    LoadRow {
+        concurrency,
+        speculative,
+        requests: config.requests,
+        errors: errors.into_inner(),
+        generated_tokens: tokens,
+        wall_s: wall,
+        throughput_tokens_per_s: tokens as f64 / wall,
+        requests_per_s: samples.len() as f64 / wall,
+        ttft_ms_p50: percentile(&ttft, 50.0),
+        ttft_ms_p95: percentile(&ttft, 95.0),
+        ttft_ms_p99: percentile(&ttft, 99.0),
+        tpot_ms_p50: percentile(&tpot, 50.0),
+        tpot_ms_p95: percentile(&tpot, 95.0),
+        tpot_ms_p99: percentile(&tpot, 99.0),
+        mean_batch_size: samples.iter().map(|s| s.batch_size).sum::<f64>()
+            / samples.len().max(1) as f64,
+        acceptance_rate: speculative.then(|| drafted.1 as f64 / drafted.0.max(1) as f64),
+    }
+}
+
+/// Streams one request, timing the first content and the rest.
+fn stream_request(base: &str, body: &Value) -> Result<Sample, LoadError> {
+    let start = Instant::now();
+    let response = ureq::post(&format!("{base}/v1/chat/completions"))
+        .timeout(Duration::from_secs(600))
+        .send_json(body.clone())
+        .map_err(|e| match e {
+            ureq::Error::Status(status, r) => LoadError::Status {
+                status,
+                body: r.into_string().unwrap_or_default(),
+            },
+            e => LoadError::Protocol(e.to_string()),
+        })?;
+    let mut first = None;
+    let mut last = start;
+    let mut usage = None;
+    let mut report = Value::Null;
+    for line in BufReader::new(response.into_reader()).lines() {
+        let line = line.map_err(|e| LoadError::Protocol(format!("reading the stream: {e}")))?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let event: Value = serde_json::from_str(data)
+            .map_err(|_| LoadError::Protocol("a stream event is not JSON".into()))?;
+        if let Some(error) = event.get("error") {
+            return Err(LoadError::Protocol(format!(
+                "the server ended the stream: {error}"
+            )));
+        }
+        if event["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = now;
+        }
+        if !event["dynexec"].is_null() {
+            report = event["dynexec"].clone();
+        }
+        if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
+            usage = Some(n as usize);
+        }
+    }
+    let tokens = usage
+        .ok_or_else(|| LoadError::Protocol("the stream ended without usage (no [DONE]?)".into()))?;
+    let first = first.unwrap_or(last);
+    let spec = &report["speculative"];
+    Ok(Sample {
+        ttft: first.duration_since(start).as_secs_f64(),
+        tpot: (tokens > 1).then(|| last.duration_since(first).as_secs_f64() / (tokens - 1) as f64),
+        tokens,
+        batch_size: report["batch_size"].as_f64().unwrap_or(1.0),
+        drafted: spec["proposed"]
+            .as_u64()
+            .zip(spec["accepted"].as_u64())
+            .map(|(p, a)| (p as usize, a as usize)),
+    })
+}
+
+/// The `p`th percentile by linear interpolation (0 for no samples).
+fn percentile(values: &[f64], p: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = p / 100.0 * (sorted.len() - 1) as f64;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_interpolate_between_ranks() {
+        let v = [4.0, 1.0, 3.0, 2.0, 5.0];
+        assert_eq!(percentile(&v, 50.0), 3.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert_eq!(percentile(&v, 100.0), 5.0);
+        assert!((percentile(&v, 95.0) - 4.8).abs() < 1e-12);
+        assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+}
