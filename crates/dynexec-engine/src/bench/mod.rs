@@ -7,6 +7,7 @@
 //! [`run_generation`] measures them all and [`Row::ratio`] compares them.
 
 pub mod llama_cpp;
+pub mod speculative;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};

@@ -7,13 +7,11 @@ use anyhow::Result;
 use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::tokenizer::TextTokenizer;
-use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_engine::bench::speculative::{bench_prompt_set, NamedDrafter, PromptSet};
+use dynexec_models::generation::GenerateOptions;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
-use dynexec_spec::engine::generate_speculative;
-use serde::Serialize;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Args)]
 #[command(
@@ -48,37 +46,22 @@ pub struct BenchSpeculativeArgs {
     max_tokens: usize,
 }
 
-/// One prompt set: a name and its prompts, already tokenized with the chat template.
-struct PromptSet {
-    name: &'static str,
-    prompts: Vec<Vec<u32>>,
-}
-
 fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result<Vec<PromptSet>> {
     let dir = args
         .prompts_dir
         .clone()
         .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/prompts"));
-    let chat = |text: &str| -> Result<Vec<u32>> {
-        Ok(tokenizer.encode(&tokenizer.chat_prompt(None, text)?)?)
-    };
     let questions = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?;
     let articles = read_jsonl(&dir.join("xsum.jsonl"), "document", args.articles)?;
     let mut summarize = Vec::new();
     for article in &articles {
         let ids = tokenizer.encode(article)?;
         let cut = tokenizer.decode(&ids[..ids.len().min(args.article_tokens)])?;
-        summarize.push(chat(&format!("Summarize: {cut}"))?);
+        summarize.push(format!("Summarize: {cut}"));
     }
     let sets = vec![
-        PromptSet {
-            name: "truthfulqa",
-            prompts: questions.iter().map(|q| chat(q)).collect::<Result<_>>()?,
-        },
-        PromptSet {
-            name: "summarize",
-            prompts: summarize,
-        },
+        PromptSet::chat("truthfulqa", &questions, tokenizer)?,
+        PromptSet::chat("summarize", &summarize, tokenizer)?,
     ];
     // A set asked for with 0 prompts has no rows (rather than rows of NaN).
     let sets: Vec<PromptSet> = sets.into_iter().filter(|s| !s.prompts.is_empty()).collect();
@@ -86,20 +69,6 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
         anyhow::bail!("--questions and --articles are both 0: nothing to benchmark");
     }
     Ok(sets)
-}
-
-#[derive(Serialize)]
-struct Row {
-    prompts: &'static str,
-    target_quant: WeightFormat,
-    draft: String,
-    lookahead: String,
-    /// Generated tokens per second after the prompt's forward pass.
-    tokens_per_s: f64,
-    speedup: f64,
-    acceptance_rate: f64,
-    mean_accepted_length: f64,
-    identical_to_plain: bool,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
@@ -122,88 +91,30 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             runs as u64,
             &format!("target {quant} [{{bar:30}}] {{pos}}/{{len}} generations {{msg}}"),
         );
+        let mut drafters = args
+            .drafts
+            .iter()
+            .map(|name| {
+                Ok(NamedDrafter {
+                    name: name.clone(),
+                    drafter: build_drafter(global, &name.parse()?, &target, None)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         for set in &sets {
-            // Plain decoding of the same target: the baseline and the reference output.
-            let (mut plain_tokens, mut plain_secs, mut plain_ids) = (0usize, 0f64, Vec::new());
-            for prompt in &set.prompts {
-                let start = Instant::now();
-                let out = generate(
-                    &target.model,
-                    &target.tokenizer,
-                    prompt,
-                    &options,
-                    None,
-                    |_| Ok(()),
-                )?;
-                // The prompt's forward is the same with or without a draft: time the rest.
-                plain_secs += start.elapsed().as_secs_f64() - out.stats.prefill_secs;
-                plain_tokens += out.token_ids.len();
-                plain_ids.push(out.token_ids);
-                bar.inc(1);
-            }
-            let plain_rate = plain_tokens as f64 / plain_secs;
-            rows.push(Row {
-                prompts: set.name,
-                target_quant: quant,
-                draft: "none".to_string(),
-                lookahead: "-".to_string(),
-                tokens_per_s: plain_rate,
-                speedup: 1.0,
-                acceptance_rate: 0.0,
-                mean_accepted_length: 0.0,
-                identical_to_plain: true,
-            });
-            for draft_spec in &args.drafts {
-                let mut drafter = build_drafter(global, &draft_spec.parse()?, &target, None)?;
-                for lookahead_spec in &args.lookaheads {
-                    bar.set_message(format!("{draft_spec} / {lookahead_spec}"));
-                    // One controller per prompt set, so online tuning carries across prompts.
-                    let mut lookahead = dynexec_spec::lookahead::parse(lookahead_spec)?;
-                    let (mut tokens, mut secs, mut proposed, mut accepted, mut steps) =
-                        (0usize, 0f64, 0usize, 0usize, 0usize);
-                    let mut identical = true;
-                    for (prompt, reference) in set.prompts.iter().zip(&plain_ids) {
-                        drafter.rollback(0)?;
-                        let start = Instant::now();
-                        let out = generate_speculative(
-                            &target.model,
-                            drafter.as_mut(),
-                            lookahead.as_mut(),
-                            &target.tokenizer,
-                            prompt,
-                            &options,
-                            |_| Ok(()),
-                        )?;
-                        secs += start.elapsed().as_secs_f64() - out.generation.stats.prefill_secs;
-                        tokens += out.generation.token_ids.len();
-                        identical &= &out.generation.token_ids == reference;
-                        proposed += out.spec.proposed;
-                        accepted += out.spec.accepted;
-                        steps += out.spec.steps;
-                        bar.inc(1);
-                    }
-                    let rate = tokens as f64 / secs;
-                    rows.push(Row {
-                        prompts: set.name,
-                        target_quant: quant,
-                        draft: draft_spec.clone(),
-                        lookahead: lookahead.name(),
-                        tokens_per_s: rate,
-                        speedup: rate / plain_rate,
-                        acceptance_rate: if proposed > 0 {
-                            accepted as f64 / proposed as f64
-                        } else {
-                            0.0
-                        },
-                        mean_accepted_length: if steps > 0 {
-                            accepted as f64 / steps as f64
-                        } else {
-                            0.0
-                        },
-                        identical_to_plain: identical,
-                    });
-                }
-            }
+            rows.extend(bench_prompt_set(
+                &target.model,
+                &target.tokenizer,
+                quant,
+                set,
+                &mut drafters,
+                &args.lookaheads,
+                &options,
+                |label| {
+                    bar.set_message(label.to_string());
+                    bar.inc(1);
+                },
+            )?);
         }
         bar.finish_and_clear();
     }
