@@ -8,6 +8,7 @@
 
 pub mod llama_cpp;
 pub mod speculative;
+pub mod token_exits;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
