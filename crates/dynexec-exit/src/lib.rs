@@ -10,6 +10,7 @@
 //! distillation from the final layer.
 
 pub mod assemble;
+pub mod bench;
 pub mod calibrate;
 pub mod card;
 pub mod data;

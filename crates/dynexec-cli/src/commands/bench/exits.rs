@@ -7,13 +7,10 @@ use crate::commands::common::{
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
+use dynexec_exit::bench::{bench_policies, Timing};
 use dynexec_exit::calibrate::calibrate;
-use dynexec_exit::data::Dataset;
-use dynexec_exit::model::ExitClassifier;
 use dynexec_exit::policy::ExitPolicy;
-use serde::Serialize;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchExitsArgs {
@@ -49,20 +46,6 @@ pub struct BenchExitsArgs {
     val_size: usize,
 }
 
-#[derive(Serialize)]
-struct Row {
-    task: String,
-    policy: String,
-    threshold: String,
-    accuracy: f64,
-    mean_exit_layer: f64,
-    layers_saved_pct: f64,
-    batch1_ms: f64,
-    batch1_speedup: f64,
-    throughput_per_s: f64,
-    throughput_speedup: f64,
-}
-
 pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
     let classifier = load_classifier(global, &args.model)?;
     let card = classifier.card.clone();
@@ -94,29 +77,17 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
         policies.push((name.clone(), policy));
     }
     let timed = splits.test.take(args.timed_inputs.max(1))?;
-    let (batch1, batched) = time_policies(global, &classifier, &timed, &policies, &args)?;
-    let layers = card.layers as f64;
-    let rows: Vec<Row> = policies
-        .iter()
-        .enumerate()
-        .map(|(i, (name, policy))| {
-            let e = test.evaluate(policy);
-            let per_input = batch1[i].as_secs_f64() / (timed.len() * args.runs) as f64;
-            let throughput = (timed.len() * args.runs) as f64 / batched[i].as_secs_f64();
-            Row {
-                task: card.task.clone(),
-                policy: name.clone(),
-                threshold: threshold_of(policy),
-                accuracy: e.accuracy,
-                mean_exit_layer: e.mean_exit,
-                layers_saved_pct: 100.0 * (1.0 - e.mean_exit / layers),
-                batch1_ms: per_input * 1e3,
-                batch1_speedup: batch1[0].as_secs_f64() / batch1[i].as_secs_f64(),
-                throughput_per_s: throughput,
-                throughput_speedup: batched[0].as_secs_f64() / batched[i].as_secs_f64(),
-            }
-        })
-        .collect();
+    let bar = progress_bar(
+        global,
+        (args.runs * timed.len()) as u64,
+        "timing {bar:40} {pos}/{len} [{elapsed}<{eta}]",
+    );
+    let timing = Timing {
+        runs: args.runs,
+        batch_size: args.batch_size,
+    };
+    let rows = bench_policies(&classifier, &test, &timed, &policies, timing, || bar.inc(1))?;
+    bar.finish_and_clear();
     if global.json {
         return print_json(&serde_json::json!({
             "model": args.model,
@@ -163,56 +134,6 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Total time of each policy at batch 1 and in batches, interleaving policies input by input
-/// (and batch by batch) so machine noise falls on all of them alike.
-fn time_policies(
-    global: &GlobalOptions,
-    classifier: &ExitClassifier,
-    timed: &Dataset,
-    policies: &[(String, ExitPolicy)],
-    args: &BenchExitsArgs,
-) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let n = timed.len();
-    let mut batch1 = vec![Duration::ZERO; policies.len()];
-    let mut batched = vec![Duration::ZERO; policies.len()];
-    let bar = progress_bar(
-        global,
-        (args.runs * n) as u64,
-        "timing {bar:40} {pos}/{len} [{elapsed}<{eta}]",
-    );
-    // One untimed pass warms caches and allocators.
-    classifier.classify(&timed.select(&[0])?, &ExitPolicy::Full)?;
-    for _ in 0..args.runs {
-        for i in 0..n {
-            let one = timed.select(&[i])?;
-            for (p, (_, policy)) in policies.iter().enumerate() {
-                let start = Instant::now();
-                classifier.classify(&one, policy)?;
-                batch1[p] += start.elapsed();
-            }
-            bar.inc(1);
-        }
-        let all: Vec<usize> = (0..n).collect();
-        for chunk in all.chunks(args.batch_size.max(1)) {
-            let batch = timed.select(chunk)?;
-            for (p, (_, policy)) in policies.iter().enumerate() {
-                let start = Instant::now();
-                classifier.classify(&batch, policy)?;
-                batched[p] += start.elapsed();
-            }
-        }
-    }
-    bar.finish_and_clear();
-    Ok((batch1, batched))
-}
-
-/// The policy's setting: its threshold(s), patience or exit.
-fn threshold_of(policy: &ExitPolicy) -> String {
-    let text = policy.to_string();
-    text.split_once(':')
-        .map_or(String::new(), |(_, v)| v.to_string())
 }
 
 fn truncate(text: &str, width: usize) -> String {
