@@ -9,6 +9,7 @@
 //! FID, which label the predictor's training data and score the policies. [`pipeline`] is
 //! what front-ends load and sample through.
 
+pub mod bench;
 pub mod metrics;
 pub mod noise;
 pub mod pipeline;
