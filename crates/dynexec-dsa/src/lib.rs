@@ -43,6 +43,7 @@
 //! ```
 
 mod assignment;
+pub mod bench;
 mod dmd;
 mod dsa;
 mod embedding;
