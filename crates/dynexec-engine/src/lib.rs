@@ -6,7 +6,8 @@
 //! with one (what `generate` and the benchmarks do); [`Sequence`] advances one a step at a
 //! time (what the server's scheduler interleaves, batching the plain ones). Both report in one
 //! type, [`DecodeReport`], which front-ends show as they like. [`bench`] times decoders
-//! against each other (dynexec, candle-transformers, llama.cpp) the way `bench generate` does.
+//! against each other (dynexec, candle-transformers, llama.cpp) the way `bench generate` does;
+//! [`trace`] captures hidden states at every layer for analysis.
 //!
 //! ```no_run
 //! # fn main() -> dynexec_core::Result<()> {
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod bench;
+pub mod trace;
 
 use candle_core::Tensor;
 use dynexec_core::sampling::Sampler;

@@ -134,6 +134,15 @@ pub struct EncoderFiles {
 }
 
 impl EncoderFiles {
+    /// Whether `files` hold an encoder: a transformers folder whose config.json says `bert`.
+    pub fn is_encoder(files: &ModelFiles) -> bool {
+        files
+            .find("config.json")
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|c| c["model_type"] == "bert")
+    }
+
     /// Finds `config.json`, the safetensors weights and `tokenizer.json` (or uses `tokenizer`)
     /// in a transformers folder.
     pub fn find(files: &ModelFiles, tokenizer: Option<&Path>) -> Result<Self> {

@@ -344,3 +344,16 @@ pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
     policy.check(card.layers)?;
     Ok(policy)
 }
+
+/// Loads a BERT-family encoder (F32) and its tokenizer from a transformers folder.
+pub fn load_encoder(
+    global: &GlobalOptions,
+    files: &dynexec_core::hub::ModelFiles,
+    tokenizer: Option<&Path>,
+) -> Result<(
+    dynexec_models::bert::Bert,
+    dynexec_core::tokenizer::TextTokenizer,
+)> {
+    let files = dynexec_models::bert::EncoderFiles::find(files, tokenizer)?;
+    Ok(files.load(&global.open_device()?)?)
+}

@@ -12,14 +12,14 @@ mod heatmap;
 mod report;
 mod settings;
 
-use crate::commands::common::{load_model, ModelArgs};
+use crate::commands::common::{load_encoder, load_model, ModelArgs};
 use crate::options::{parse_format, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use dynexec_core::sampling::SamplingParams;
 use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_dsa::{Rank, Trajectories};
-use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_engine::trace::{trace_encoder, trace_generation, trace_tokens};
+use dynexec_models::bert::EncoderFiles;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use settings::{DsaArgs, MetricName};
@@ -239,7 +239,7 @@ fn capture(
     path: &Path,
 ) -> Result<TraceInfo> {
     let files = global.hub()?.resolve(model_name)?;
-    if crate::commands::bench::is_encoder(&files) {
+    if EncoderFiles::is_encoder(&files) {
         return capture_encoder(global, args, &files, model_name, fixed(quant), prompt, path);
     }
     let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
@@ -249,32 +249,20 @@ fn capture(
         prompt.to_string()
     };
     let prompt_ids = loaded.tokenizer.encode(&text)?;
-    let mut trace = Trace::new(0..=loaded.model.num_layers());
-    let options = GenerateOptions {
-        max_tokens: args.max_tokens,
-        sampling: SamplingParams::default(),
-        stop_at_eos: false,
-    };
     let bar = crate::options::progress_bar(
         global,
         args.max_tokens as u64,
         "tracing {prefix} {bar:30} {pos}/{len} tokens",
     );
     bar.set_prefix(model_name.to_string());
-    let generation = generate(
+    let (trace, ids) = trace_generation(
         &loaded.model,
         &loaded.tokenizer,
         &prompt_ids,
-        &options,
-        Some(&mut trace),
-        |_| {
-            bar.inc(1);
-            Ok(())
-        },
+        args.max_tokens,
+        || bar.inc(1),
     )?;
     bar.finish_and_clear();
-    let mut ids = prompt_ids.clone();
-    ids.extend_from_slice(&generation.token_ids);
     let info = trace.save(path, model_name, &ids, prompt_ids.len())?;
     eprintln!("trace: {info} -> {}", path.display());
     Ok(info)
@@ -292,24 +280,15 @@ fn replay(
     path: &Path,
 ) -> Result<TraceInfo> {
     let files = global.hub()?.resolve(model_name)?;
-    if crate::commands::bench::is_encoder(&files) {
+    if EncoderFiles::is_encoder(&files) {
         let text = read_prompt(args)?;
         return capture_encoder(global, args, &files, model_name, fixed(quant), &text, path);
     }
     let (primary, _) = Trace::load(primary_path)
         .with_context(|| format!("reading trace {}", primary_path.display()))?;
     let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
-    let vocab = loaded.model.config().vocab_size;
-    if let Some(bad) = primary.token_ids.iter().find(|&&id| id as usize >= vocab) {
-        bail!(
-            "token {bad} of the trace is outside {model_name}'s vocabulary of {vocab}: --vs-model needs a model with the same tokenizer"
-        );
-    }
-    let mut trace = Trace::new(0..=loaded.model.num_layers());
-    let mut cache = loaded.model.new_cache();
-    loaded
-        .model
-        .forward_last(&primary.token_ids, &mut cache, Some(&mut trace))?;
+    let trace = trace_tokens(&loaded.model, &primary.token_ids)
+        .with_context(|| format!("replaying the trace's tokens through {model_name}"))?;
     let info = trace.save(path, model_name, &primary.token_ids, primary.prompt_tokens)?;
     eprintln!(
         "trace: {info}, the first trace's tokens -> {}",
@@ -329,8 +308,7 @@ fn capture_encoder(
     text: &str,
     path: &Path,
 ) -> Result<TraceInfo> {
-    let (mut model, tokenizer) =
-        crate::commands::bench::load_encoder(global, files, args.model.tokenizer.as_deref())?;
+    let (mut model, tokenizer) = load_encoder(global, files, args.model.tokenizer.as_deref())?;
     if let Some(format) = quant {
         dynexec_quant::quantize_in_place(&mut model, format)
             .with_context(|| format!("converting `{model_name}` to {format}"))?;
@@ -342,24 +320,7 @@ fn capture_encoder(
             ids.len()
         );
     }
-    let limit = model.config().max_position_embeddings;
-    if ids.len() > limit {
-        bail!(
-            "the text is {} tokens but {model_name} takes at most {limit}: shorten it",
-            ids.len()
-        );
-    }
-    let device = model.device().clone();
-    let input = candle_core::Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?;
-    let bias = model.attention_bias(&input.ones_like()?)?;
-    let layers = model.num_layers();
-    let mut trace = Trace::new(0..=layers);
-    let mut hidden = model.embed(&input)?;
-    trace.record(0, &hidden)?;
-    for layer in 0..layers {
-        hidden = model.forward_layers(&hidden, &bias, layer..layer + 1)?;
-        trace.record(layer + 1, &hidden)?;
-    }
+    let trace = trace_encoder(&model, &ids).with_context(|| format!("tracing {model_name}"))?;
     let info = trace.save(path, model_name, &ids, 0)?;
     eprintln!("trace: {info} -> {}", path.display());
     Ok(info)

@@ -7,7 +7,9 @@ mod serve;
 mod speculative;
 mod token_exits;
 
-use crate::commands::common::{evaluate, load_model, read_text, ModelArgs, WindowArgs};
+use crate::commands::common::{
+    evaluate, load_encoder, load_model, read_text, ModelArgs, WindowArgs,
+};
 use crate::options::{parse_format, parse_isa, print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -17,6 +19,7 @@ use dynexec_engine::bench::llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
 use dynexec_engine::bench::{
     bench_prompt, run_generation, CandlePeer, Contestant, Greedy, HeldToIsa, Row, NO_SAMPLES,
 };
+use dynexec_models::bert::EncoderFiles;
 use dynexec_models::cpu_kernels::{cpu_isa, Isa};
 use dynexec_models::linear::CpuKernels;
 use dynexec_quant::QuantTarget;
@@ -388,7 +391,7 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     };
     let text = read_text(&text_path)?;
     let files = global.hub()?.resolve(&args.model.model)?;
-    if is_encoder(&files) {
+    if EncoderFiles::is_encoder(&files) {
         return bench_quant_encoder(global, &args, &files, &text, &text_path);
     }
     let models = args
@@ -492,28 +495,6 @@ fn bench_quant(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     }
     println!("(Δ and x are relative to the first row, {})", base.quant);
     Ok(())
-}
-
-/// Loads a BERT-family encoder (F32) and its tokenizer from a transformers folder.
-pub(crate) fn load_encoder(
-    global: &GlobalOptions,
-    files: &dynexec_core::hub::ModelFiles,
-    tokenizer: Option<&Path>,
-) -> Result<(
-    dynexec_models::bert::Bert,
-    dynexec_core::tokenizer::TextTokenizer,
-)> {
-    let files = dynexec_models::bert::EncoderFiles::find(files, tokenizer)?;
-    Ok(files.load(&global.open_device()?)?)
-}
-
-/// A transformers folder whose config.json says `bert` holds an encoder.
-pub(crate) fn is_encoder(files: &dynexec_core::hub::ModelFiles) -> bool {
-    files
-        .find("config.json")
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|c| c["model_type"] == "bert")
 }
 
 /// Real sentences from the text: split at sentence ends, short fragments dropped.
