@@ -14,6 +14,7 @@ pub mod bench;
 pub mod calibrate;
 pub mod card;
 pub mod data;
+pub mod distill;
 pub mod heads;
 pub mod model;
 pub mod policy;

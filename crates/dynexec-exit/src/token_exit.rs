@@ -22,7 +22,7 @@ pub const ADAPTERS_FILE: &str = "adapters.safetensors";
 pub const ADAPTERS_CARD: &str = "adapters.json";
 
 /// What the adapters are and how they were made.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AdapterCard {
     /// The decoder they belong to (manifest name).
     pub model: String,
@@ -44,7 +44,7 @@ pub struct AdapterCard {
 }
 
 /// How exit adapters were trained.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AdapterTraining {
     /// Where the prompts came from and how the training text was generated from them.
     pub prompts: String,

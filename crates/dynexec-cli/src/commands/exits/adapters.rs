@@ -6,12 +6,8 @@ use crate::commands::common::{read_jsonl, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynexec_exit::assemble::save_varmaps;
-use dynexec_exit::token_exit::{
-    collect_distillation_data, exit_agreement, train_adapters, AdapterCard, AdapterTraining,
-    ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
-};
-use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_exit::distill::{distill, DistillEvent, DistillPlan};
+use dynexec_exit::token_exit::{AdapterCard, AdapterTraining, ADAPTERS_CARD, ADAPTERS_FILE};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -62,18 +58,6 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         .layers
         .clone()
         .unwrap_or_else(|| (5..depth).step_by(5).collect());
-    if layers.is_empty()
-        || layers.iter().any(|&l| l == 0 || l >= depth)
-        || layers.windows(2).any(|w| w[0] >= w[1])
-    {
-        bail!(
-            "--layers must be increasing layer numbers between 1 and {}",
-            depth - 1
-        );
-    }
-    if !(0.0..1.0).contains(&args.held_out) {
-        bail!("--held-out must be at least 0 and below 1");
-    }
     let prompts_path = args.prompts.clone().unwrap_or_else(|| {
         dynexec_core::hub::default_cache_dir().join("data/prompts/truthfulqa.jsonl")
     });
@@ -86,45 +70,18 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
             args.skip
         );
     }
-    let options = GenerateOptions::greedy(args.gen_tokens);
-    let bar = progress_bar(
-        global,
-        questions.len() as u64,
-        "generating {bar:40} {pos}/{len} [{elapsed}<{eta}]",
-    );
-    let mut sequences = Vec::with_capacity(questions.len());
-    for q in questions {
-        let mut ids = tokenizer.encode(&tokenizer.chat_prompt(None, q)?)?;
-        let out = generate(model, tokenizer, &ids, &options, None, |_| Ok(()))?;
-        ids.extend(out.token_ids);
-        sequences.push(ids);
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
-    let bar = progress_bar(
-        global,
-        sequences.len() as u64,
-        "tapping {bar:40} {pos}/{len}",
-    );
-    let data =
-        collect_distillation_data(model, &sequences, &layers, |n| bar.set_position(n as u64))?;
-    bar.finish_and_clear();
-
-    // Whole sequences are held out, so no held-out position shares a context with training.
-    let held_sequences = ((sequences.len() as f64 * args.held_out).round() as usize).max(1);
-    let held_from: usize = sequences[..sequences.len() - held_sequences]
-        .iter()
-        .map(Vec::len)
-        .sum();
-    let train_positions: Vec<usize> = (0..held_from).collect();
-    let held_positions: Vec<usize> = (held_from..data.targets.len()).collect();
-
-    let mut card = AdapterCard {
-        model: args.model.model.clone(),
+    let plan = DistillPlan {
         layers: layers.clone(),
         rank: args.rank,
-        hidden_size: model.config().hidden_size,
-        vocab_size: model.vocab_size(),
+        gen_tokens: args.gen_tokens,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        seed: args.seed,
+        held_out: args.held_out,
+    };
+    let card_base = AdapterCard {
+        model: args.model.model.clone(),
         training: AdapterTraining {
             prompts: with_cache_variable(&format!(
                 "{} (`question`, lines {}..{}, chat template), {} greedy tokens each",
@@ -133,47 +90,39 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
                 args.skip + questions.len(),
                 args.gen_tokens
             )),
-            sequences: sequences.len(),
-            positions: train_positions.len(),
-            held_out_positions: held_positions.len(),
-            epochs: args.epochs,
-            batch_size: args.batch_size,
-            learning_rate: args.learning_rate,
-            seed: args.seed,
             command: reproduce_command(),
+            ..Default::default()
         },
-        agreement_before: Vec::new(),
-        agreement_after: Vec::new(),
+        ..Default::default()
     };
-    let (adapters, vars) = ExitAdapters::untrained(card.clone(), args.seed, model.device())?;
-    card.agreement_before = exit_agreement(model, &adapters, &data, &held_positions)?;
     let bar = progress_bar(
         global,
-        0,
-        "epoch {msg} {bar:40} {pos}/{len} [{elapsed}<{eta}]",
+        questions.len() as u64,
+        "generating {bar:40} {pos}/{len} [{elapsed}<{eta}]",
     );
-    train_adapters(
+    let distilled = distill(
         model,
-        &adapters,
-        &vars,
-        &data,
-        &train_positions,
-        args.epochs,
-        args.batch_size,
-        args.learning_rate,
-        args.seed,
-        |epoch, step, steps, loss| {
-            bar.set_length(steps as u64);
-            bar.set_position(step as u64);
-            bar.set_message(format!("{epoch} loss {loss:.3}"));
+        tokenizer,
+        questions,
+        &plan,
+        card_base,
+        |event| match event {
+            DistillEvent::Generated(n) => bar.set_position(n as u64),
+            DistillEvent::Tapped(n) => {
+                bar.set_message("tapping");
+                bar.set_position(n as u64)
+            }
+            DistillEvent::Step(epoch, step, steps, loss) => {
+                bar.set_length(steps as u64);
+                bar.set_position(step as u64);
+                bar.set_message(format!("epoch {epoch} loss {loss:.3}"));
+            }
         },
-    )?;
+    )
+    .context("--layers, --held-out")?;
     bar.finish_and_clear();
-    card.agreement_after = exit_agreement(model, &adapters, &data, &held_positions)?;
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    save_varmaps(&[Some(&vars)], &args.out.join(ADAPTERS_FILE))?;
-    dynexec_core::card::write_card(&args.out.join(ADAPTERS_CARD), &card)?;
+    distilled.save(&args.out)?;
+    let card = &distilled.card;
     if global.json {
         return print_json(&serde_json::json!({ "out": args.out, "card": card }));
     }

@@ -1,0 +1,161 @@
+//! Training exit adapters by distillation: the decoder answers prompts, every exit layer's
+//! hidden state is tapped over that text, and each exit's adapter learns to make the shared
+//! head predict the final layer's token. Agreement with the final layer is measured on
+//! held-out sequences before and after.
+
+use crate::assemble::save_varmaps;
+use crate::token_exit::{
+    collect_distillation_data, exit_agreement, train_adapters, AdapterCard, AdapterTraining,
+    ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
+};
+use candle_nn::VarMap;
+use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_core::{Error, Result};
+use dynexec_models::generation::{generate, GenerateOptions};
+use dynexec_models::llama::Llama;
+use std::path::Path;
+
+/// How the adapters are trained.
+#[derive(Debug, Clone)]
+pub struct DistillPlan {
+    /// Exit layers, 1-based, increasing, below the model's depth.
+    pub layers: Vec<usize>,
+    /// Inner size of each adapter.
+    pub rank: usize,
+    /// Greedy tokens generated per prompt.
+    pub gen_tokens: usize,
+    /// Passes over the training positions.
+    pub epochs: usize,
+    /// Positions per optimizer step.
+    pub batch_size: usize,
+    /// AdamW learning rate.
+    pub learning_rate: f64,
+    /// Seed of the initialisation and the shuffling.
+    pub seed: u64,
+    /// Share of the sequences held out to measure agreement, in [0, 1).
+    pub held_out: f64,
+}
+
+/// Progress of [`distill`].
+pub enum DistillEvent {
+    /// Prompts answered so far.
+    Generated(usize),
+    /// Sequences tapped so far.
+    Tapped(usize),
+    /// An optimizer step: epoch, step, steps per epoch, loss.
+    Step(usize, usize, usize, f32),
+}
+
+/// Trained adapters, their variables and their card.
+pub struct Distilled {
+    /// The adapters.
+    pub adapters: ExitAdapters,
+    /// Their variables (what is saved).
+    pub vars: VarMap,
+    /// Their card, agreement before and after included.
+    pub card: AdapterCard,
+}
+
+impl Distilled {
+    /// Writes `adapters.safetensors` and `adapters.json` into `dir` (created if needed).
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        save_varmaps(&[Some(&self.vars)], &dir.join(ADAPTERS_FILE))?;
+        dynexec_core::card::write_card(&dir.join(ADAPTERS_CARD), &self.card)
+    }
+}
+
+/// Trains adapters for `model` on its own answers to `questions` (each a user turn in the
+/// chat template). `card_base` names the model and says where the prompts came from and
+/// which command reproduces the run; the rest of the card is filled in here.
+pub fn distill(
+    model: &Llama,
+    tokenizer: &TextTokenizer,
+    questions: &[String],
+    plan: &DistillPlan,
+    card_base: AdapterCard,
+    mut on_event: impl FnMut(DistillEvent),
+) -> Result<Distilled> {
+    let depth = model.num_layers();
+    let layers = &plan.layers;
+    if layers.is_empty()
+        || layers.iter().any(|&l| l == 0 || l >= depth)
+        || layers.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::InvalidArgument(format!(
+            "exit layers must be increasing layer numbers between 1 and {}",
+            depth - 1
+        )));
+    }
+    if !(0.0..1.0).contains(&plan.held_out) {
+        return Err(Error::InvalidArgument(
+            "the held-out share must be at least 0 and below 1".into(),
+        ));
+    }
+    if questions.len() < 2 {
+        return Err(Error::InvalidArgument(
+            "adapter training needs at least two prompts".into(),
+        ));
+    }
+    let options = GenerateOptions::greedy(plan.gen_tokens);
+    let mut sequences = Vec::with_capacity(questions.len());
+    for q in questions {
+        let mut ids = tokenizer.encode(&tokenizer.chat_prompt(None, q)?)?;
+        let out = generate(model, tokenizer, &ids, &options, None, |_| Ok(()))?;
+        ids.extend(out.token_ids);
+        sequences.push(ids);
+        on_event(DistillEvent::Generated(sequences.len()));
+    }
+    let data = collect_distillation_data(model, &sequences, layers, |n| {
+        on_event(DistillEvent::Tapped(n))
+    })?;
+
+    // Whole sequences are held out, so no held-out position shares a context with training.
+    let held_sequences = ((sequences.len() as f64 * plan.held_out).round() as usize).max(1);
+    let held_from: usize = sequences[..sequences.len() - held_sequences]
+        .iter()
+        .map(Vec::len)
+        .sum();
+    let train_positions: Vec<usize> = (0..held_from).collect();
+    let held_positions: Vec<usize> = (held_from..data.targets.len()).collect();
+
+    let mut card = AdapterCard {
+        layers: layers.clone(),
+        rank: plan.rank,
+        hidden_size: model.config().hidden_size,
+        vocab_size: model.vocab_size(),
+        training: AdapterTraining {
+            sequences: sequences.len(),
+            positions: train_positions.len(),
+            held_out_positions: held_positions.len(),
+            epochs: plan.epochs,
+            batch_size: plan.batch_size,
+            learning_rate: plan.learning_rate,
+            seed: plan.seed,
+            ..card_base.training
+        },
+        agreement_before: Vec::new(),
+        agreement_after: Vec::new(),
+        ..card_base
+    };
+    let (adapters, vars) = ExitAdapters::untrained(card.clone(), plan.seed, model.device())?;
+    card.agreement_before = exit_agreement(model, &adapters, &data, &held_positions)?;
+    train_adapters(
+        model,
+        &adapters,
+        &vars,
+        &data,
+        &train_positions,
+        plan.epochs,
+        plan.batch_size,
+        plan.learning_rate,
+        plan.seed,
+        |epoch, step, steps, loss| on_event(DistillEvent::Step(epoch, step, steps, loss)),
+    )?;
+    card.agreement_after = exit_agreement(model, &adapters, &data, &held_positions)?;
+    Ok(Distilled {
+        adapters,
+        vars,
+        card,
+    })
+}
