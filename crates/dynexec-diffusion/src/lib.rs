@@ -10,6 +10,7 @@
 //! what front-ends load and sample through.
 
 pub mod bench;
+pub mod labels;
 pub mod metrics;
 pub mod noise;
 pub mod pipeline;

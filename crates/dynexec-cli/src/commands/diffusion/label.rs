@@ -5,12 +5,9 @@ use crate::commands::common::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynexec_diffusion::metrics::ssim_u8;
+use dynexec_diffusion::labels::{append_labels, label_prompts, LabelPlan};
 use dynexec_diffusion::pipeline::Pipeline;
-use dynexec_diffusion::predictor::needed_steps;
 use dynexec_diffusion::text_unet::TRAIN_PROMPTS_FILE;
-use dynexec_diffusion::StepPolicy;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -48,12 +45,6 @@ pub struct LabelArgs {
 }
 
 pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
-    if args.grid.len() < 2 || args.grid.windows(2).any(|w| w[0] >= w[1]) || args.grid[0] == 0 {
-        bail!("--grid needs two or more increasing step counts, e.g. 5,10,20,50");
-    }
-    if args.seeds == 0 || args.batch_size == 0 {
-        bail!("--seeds and --batch-size must be at least 1");
-    }
     let pipeline = load_pipeline(global, &args.model)?;
     let Pipeline::Unet(model) = &pipeline else {
         bail!("diffusion label works on dynexec's text-UNets (SSIM on their pixels)");
@@ -66,74 +57,50 @@ pub fn run(global: &GlobalOptions, args: LabelArgs) -> Result<()> {
     if let Some(count) = args.count {
         prompts.truncate(count);
     }
-    let options = pipeline.options(args.guidance, "ddim");
-    let reference = *args.grid.last().unwrap_or(&1);
-    let mut out = std::fs::File::create(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let work: usize = args.grid.iter().sum::<usize>() * prompts.len();
+    let plan = LabelPlan {
+        grid: args.grid.clone(),
+        tau: args.tau,
+        seeds: args.seeds,
+        batch_size: args.batch_size,
+        guidance: args.guidance,
+    };
+    let work = args.grid.iter().sum::<usize>() * prompts.len();
     let bar = progress_bar(
         global,
         work as u64,
         "labelling [{bar:30}] {pos}/{len} prompt-steps ({elapsed} / ~{duration})",
     );
-    let mut labels = Vec::new();
-    let (h, w) = (model.card.unet.image_size, model.card.unet.image_size);
-    for (chunk_index, chunk) in prompts.chunks(args.batch_size).enumerate() {
-        let texts: Vec<&str> = chunk.iter().map(|(t, _)| t.as_str()).collect();
-        let context = pipeline.condition(&texts, args.seeds)?;
-        let seeds: Vec<u64> = (0..texts.len() * args.seeds)
-            .map(|i| (i % args.seeds) as u64)
-            .collect();
-        // Images of every grid step count, as u8 pixels per sample.
-        let mut by_steps = Vec::with_capacity(args.grid.len());
-        for &n in &args.grid {
-            let sampled =
-                pipeline.sample(&context, &seeds, &StepPolicy::Fixed(n), &options, |_, _| {})?;
-            let pixels = pipeline
-                .to_images(&sampled.samples)?
-                .flatten_from(1)?
-                .to_vec2::<u8>()?;
-            by_steps.push(pixels);
-            bar.inc((n * texts.len()) as u64);
-        }
-        let reference_images = &by_steps[by_steps.len() - 1];
-        for (row, seed) in seeds.iter().enumerate() {
-            let scores = by_steps
-                .iter()
-                .map(|images| ssim_u8(&images[row], &reference_images[row], h, w))
-                .collect::<dynexec_core::Result<Vec<_>>>()?;
-            let steps = needed_steps(&args.grid, &scores, args.tau);
-            let (text, label) = &chunk[row / args.seeds];
-            labels.push(steps);
-            writeln!(
-                out,
-                "{}",
-                serde_json::json!({"prompt": text, "label": label, "seed": seed,
-                    "grid": args.grid, "ssim": scores, "steps": steps,
-                    "tau": args.tau, "reference_steps": reference})
-            )?;
-        }
+    // Labels are written as each batch finishes: an interrupted run keeps what it made.
+    let mut out = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let per_prompt: usize = args.grid.iter().sum();
+    let labels = label_prompts(&pipeline, &prompts, &plan, |batch, done| {
+        append_labels(&mut out, &args.out, batch)?;
+        bar.set_position((per_prompt * done) as u64);
         if bar.is_hidden() && !global.quiet {
-            let done = ((chunk_index + 1) * args.batch_size).min(prompts.len());
             eprintln!("labelled {done} of {} prompts", prompts.len());
         }
-    }
+        Ok(())
+    })
+    .context("--grid, --seeds, --batch-size")?;
     bar.finish_and_clear();
-    let mean = labels.iter().sum::<usize>() as f64 / labels.len().max(1) as f64;
+    let reference = *args.grid.last().unwrap_or(&1);
+    let steps: Vec<usize> = labels.iter().map(|l| l.steps).collect();
+    let mean = steps.iter().sum::<usize>() as f64 / steps.len().max(1) as f64;
     if global.json {
         print_json(
-            &serde_json::json!({"out": args.out, "examples": labels.len(), "mean_steps": mean}),
+            &serde_json::json!({"out": args.out, "examples": steps.len(), "mean_steps": mean}),
         )?;
     } else {
         let mut histogram = String::new();
         for &n in &args.grid {
-            let count = labels.iter().filter(|&&l| l == n).count();
+            let count = steps.iter().filter(|&&l| l == n).count();
             histogram.push_str(&format!(" {n}:{count}"));
         }
         println!(
             "{} examples, mean {mean:.1} steps needed for SSIM ≥ {} vs {reference} steps; \
              histogram{histogram}; wrote {}",
-            labels.len(),
+            steps.len(),
             args.tau,
             args.out.display()
         );

@@ -2,9 +2,10 @@
 
 use crate::commands::common::load_pipeline;
 use crate::options::{print_json, GlobalOptions};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_nn::VarMap;
 use clap::Args;
+use dynexec_diffusion::labels::read_labels;
 use dynexec_diffusion::pipeline::Pipeline;
 use dynexec_diffusion::predictor::{PredictorCard, StepPredictor};
 use std::path::PathBuf;
@@ -30,46 +31,12 @@ pub struct TrainStepsArgs {
     seed: u64,
 }
 
-#[derive(serde::Deserialize)]
-struct LabelLine {
-    prompt: String,
-    steps: usize,
-    grid: Vec<usize>,
-    tau: f64,
-    reference_steps: usize,
-}
-
 pub fn run(global: &GlobalOptions, args: TrainStepsArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.quantile) {
         bail!("--quantile must be between 0 and 1");
     }
-    let text = std::fs::read_to_string(&args.labels)
-        .with_context(|| format!("reading {}", args.labels.display()))?;
-    let lines = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str::<LabelLine>(l).with_context(|| {
-                format!(
-                    "{} line {}: not a `diffusion label` line",
-                    args.labels.display(),
-                    i + 1
-                )
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let Some(first) = lines.first() else {
-        bail!("{} holds no labels", args.labels.display());
-    };
-    if lines
-        .iter()
-        .any(|l| l.grid != first.grid || l.tau != first.tau)
-    {
-        bail!(
-            "the labels mix step grids or thresholds: label every prompt with one --grid and --tau"
-        );
-    }
+    let lines = read_labels(&args.labels)?;
+    let first = &lines[0];
     let model_ref = args.model.to_string_lossy().to_string();
     let pipeline = load_pipeline(global, &model_ref)?;
     let Pipeline::Unet(model) = &pipeline else {
