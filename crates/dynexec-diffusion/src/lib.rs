@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod noise;
 pub mod pipeline;
 pub mod predictor;
+pub mod recipe;
 pub mod sampler;
 pub mod schedule;
 pub mod stable_diffusion;

@@ -4,18 +4,11 @@ use super::FASHION_LABELS;
 use crate::commands::common::read_prompts;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
-use candle_nn::{VarBuilder, VarMap};
 use clap::Args;
-use dynexec_diffusion::schedule::NoiseSchedule;
-use dynexec_diffusion::text_unet::{
-    check_context_dim, DiffusionCard, DiffusionTraining, SentenceEncoder, CARD_FILE,
-    TEST_PROMPTS_FILE, TRAIN_PROMPTS_FILE, WEIGHTS_FILE,
-};
-use dynexec_diffusion::train::{train, TrainEvent, TrainingSet};
+use dynexec_diffusion::recipe::{train_text_unet, UnetRecipe};
+use dynexec_diffusion::text_unet::{DiffusionTraining, TEST_PROMPTS_FILE, TRAIN_PROMPTS_FILE};
+use dynexec_diffusion::train::TrainEvent;
 use dynexec_exit::data::{read_idx, Examples};
-use dynexec_models::init::seeded_init;
-use dynexec_models::unet::{Unet, UnetConfig};
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -102,129 +95,65 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     let Examples::Images(images) = &data.inputs else {
         bail!("{} holds no images", data_dir.display());
     };
-    let labels = data
-        .labels
-        .iter()
-        .map(|l| match l.parse::<usize>() {
-            Ok(i) if i < args.labels.len() => Ok(i),
-            _ => bail!(
-                "image label {l} has no name in --labels ({} names)",
-                args.labels.len()
-            ),
-        })
-        .collect::<Result<Vec<_>>>()?;
-
     let prompts = read_prompts(&args.prompts)?;
-    let encoder = SentenceEncoder::load(&global.hub()?, &args.text_encoder, &device)?;
-    let mut class_prompts = Vec::with_capacity(args.labels.len());
-    for name in &args.labels {
-        let texts: Vec<&str> = prompts
-            .iter()
-            .filter(|(_, l)| l == name)
-            .map(|(t, _)| t.as_str())
-            .collect();
-        if texts.is_empty() {
-            bail!(
-                "{} has no prompt labelled `{name}`: every class needs prompts",
+    let recipe = UnetRecipe {
+        labels: args.labels.clone(),
+        text_encoder: args.text_encoder.clone(),
+        channels: args.channels.clone(),
+        embed_dim: args.embed_dim,
+        groups: args.groups,
+        training: DiffusionTraining {
+            steps: args.steps,
+            batch_size: args.batch_size,
+            learning_rate: args.learning_rate,
+            prompt_dropout: args.prompt_dropout,
+            ema_decay: args.ema_decay,
+            seed: args.seed,
+            final_loss: f32::NAN,
+            data: format!(
+                "{}: {} training images; prompts {}",
+                data_dir.display(),
+                data.labels.len(),
                 args.prompts.display()
-            );
-        }
-        class_prompts.push(encoder.embed(&texts)?);
-    }
-    if let Some((_, l)) = prompts.iter().find(|(_, l)| !args.labels.contains(l)) {
-        bail!("prompt label `{l}` is not one of --labels");
-    }
-
-    let previous = match &args.resume {
-        Some(dir) => Some(DiffusionCard::read(&dir.join(CARD_FILE))?),
-        None => None,
-    };
-    let config = match &previous {
-        Some(card) => card.unet.clone(),
-        None => UnetConfig {
-            image_size: images.dim(1)?,
-            in_channels: 1,
-            channels: args.channels.clone(),
-            context_dim: encoder.dim(),
-            embed_dim: args.embed_dim,
-            groups: args.groups,
+            ),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
         },
-    };
-    let mut varmap = VarMap::new();
-    let unet = Unet::load(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        &config,
-    )?;
-    check_context_dim(&encoder, &config)?;
-    seeded_init(&varmap, args.seed)?;
-    if let Some(dir) = &args.resume {
-        let weights = dir.join(WEIGHTS_FILE);
-        varmap
-            .load(&weights)
-            .with_context(|| format!("loading {} to resume from", weights.display()))?;
-    }
-    let schedule = NoiseSchedule::ddpm_linear();
-    let mut record = DiffusionTraining {
-        steps: args.steps,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        prompt_dropout: args.prompt_dropout,
-        ema_decay: args.ema_decay,
-        seed: args.seed,
-        final_loss: f32::NAN,
-        data: format!(
-            "{}: {} training images; prompts {}",
-            data_dir.display(),
-            labels.len(),
-            args.prompts.display()
-        ),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        guidance_scale: args.guidance_scale,
+        converge_epsilon: args.converge_epsilon,
+        converge_finish_steps: args.converge_finish_steps,
+        resume: args.resume.clone(),
     };
     let bar = progress_bar(
         global,
         args.steps as u64,
         "training UNet [{bar:30}] {pos}/{len} {msg} ({elapsed} / ~{duration})",
     );
-    let set = TrainingSet {
+    let trained = train_text_unet(
+        &global.hub()?,
+        &device,
         images,
-        labels: &labels,
-        class_prompts: &class_prompts,
-    };
-    let loss = train(&unet, &varmap, &set, &schedule, &record, |event| {
-        let TrainEvent::Step { step, loss, .. } = event;
-        bar.set_position(step as u64);
-        bar.set_message(format!("loss {loss:.4}"));
-        // Off a terminal the bar is hidden: leave a trace in logs every 100 steps.
-        if bar.is_hidden() && !global.quiet && step % 100 == 0 {
-            eprintln!("step {step}/{}: loss {loss:.4}", args.steps);
-        }
-    })?;
+        &data.labels,
+        &prompts,
+        &recipe,
+        |event| {
+            let TrainEvent::Step { step, loss, .. } = event;
+            bar.set_position(step as u64);
+            bar.set_message(format!("loss {loss:.4}"));
+            // Off a terminal the bar is hidden: leave a trace in logs every 100 steps.
+            if bar.is_hidden() && !global.quiet && step % 100 == 0 {
+                eprintln!("step {step}/{}: loss {loss:.4}", args.steps);
+            }
+        },
+    )
+    .with_context(|| format!("training on {} with --labels", args.prompts.display()))?;
     bar.finish_and_clear();
-    record.final_loss = loss;
-    if let Some(card) = &previous {
-        record.steps += card.training.steps;
-        record.command = format!("{} && {}", card.training.command, record.command);
-    }
-
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    varmap.save(args.out.join(WEIGHTS_FILE))?;
+    let loss = trained.card.training.final_loss;
+    trained.save(&args.out)?;
     copy_unless_same(&args.prompts, &args.out.join(TRAIN_PROMPTS_FILE))?;
     if let Some(test) = &args.test_prompts {
         read_prompts(test)?;
         copy_unless_same(test, &args.out.join(TEST_PROMPTS_FILE))?;
     }
-    let card = DiffusionCard {
-        text_encoder: args.text_encoder.clone(),
-        unet: config,
-        schedule,
-        guidance_scale: args.guidance_scale,
-        labels: args.labels.clone(),
-        converge_epsilon: args.converge_epsilon,
-        converge_finish_steps: args.converge_finish_steps,
-        training: record,
-    };
-    card.write(&args.out.join(CARD_FILE))?;
     if global.json {
         print_json(&serde_json::json!({"out": args.out, "final_loss": loss}))?;
     } else {
