@@ -7,6 +7,7 @@
 //! [`run_generation`] measures them all and [`Row::ratio`] compares them.
 
 pub mod llama_cpp;
+pub mod quant;
 pub mod speculative;
 pub mod token_exits;
 
