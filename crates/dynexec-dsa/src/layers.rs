@@ -1,9 +1,10 @@
-//! Comparing the layers of two systems: which layer of one faces which of the other, each
-//! trajectory reduced to its principal components, and every metric for one pair.
+//! Comparing layers: every pair of one system's layers ([`layer_matrices`]), and each layer of
+//! one system with its counterpart in another ([`compare_systems`]): which layer faces which,
+//! each trajectory reduced to its principal components, every metric for one pair.
 
 use crate::{
-    cka_linear, procrustes_angular, rsa, Dsa, Error, Metric, RdmComparison, RdmDistance, Result,
-    Trajectories,
+    cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, DistanceMatrix, Dsa, Error,
+    Metric, RdmComparison, RdmDistance, Result, Trajectories,
 };
 use faer::Mat;
 use std::collections::{BTreeMap, BTreeSet};
@@ -114,6 +115,71 @@ pub fn compare_pair(
         out.insert(metric.name(), value);
     }
     Ok(out)
+}
+
+/// Every metric between every pair of one system's layers: a layer × layer matrix per
+/// metric (DSA on `components` principal components, geometry on the full states, pairs in
+/// parallel on `threads`), and each layer's DMD entropy when a DSA metric is asked for.
+pub fn layer_matrices(
+    layers: &[Trajectories],
+    dsa: &Dsa,
+    metrics: &[Metric],
+    components: usize,
+    threads: Option<usize>,
+) -> Result<(Vec<DistanceMatrix>, Vec<f64>)> {
+    let (dsa_metrics, geometry_metrics): (Vec<Metric>, Vec<Metric>) =
+        metrics.iter().partition(|m| m.is_dsa());
+    let reduced: Vec<Trajectories> = if dsa_metrics.is_empty() {
+        Vec::new()
+    } else {
+        layers
+            .iter()
+            .map(|t| principal_components(t, components))
+            .collect::<Result<_>>()?
+    };
+    let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, threads)?;
+    matrices.extend(distance_matrix(layers, dsa, &geometry_metrics, threads)?);
+    let entropy = reduced
+        .iter()
+        .map(|t| Ok(dmd_entropy(&dsa.fit(t)?)))
+        .collect::<Result<_>>()?;
+    Ok((matrices, entropy))
+}
+
+/// One layer of a system facing its counterpart in another.
+#[derive(Debug, Clone)]
+pub struct PairedLayers {
+    /// The first system's layer.
+    pub layer_a: usize,
+    /// The second system's layer at the same relative depth.
+    pub layer_b: usize,
+    /// Every metric between them, by name.
+    pub values: BTreeMap<&'static str, f64>,
+}
+
+/// Each layer of `a` compared with the layer of `b` at the same relative depth
+/// ([`pair_layers`]) on every metric ([`compare_pair`]); layers are `(index, states)`.
+pub fn compare_systems(
+    a: &[(usize, Trajectories)],
+    b: &[(usize, Trajectories)],
+    dsa: &Dsa,
+    components: usize,
+    metrics: &[Metric],
+) -> Result<Vec<PairedLayers>> {
+    let ours: BTreeMap<usize, &Trajectories> = a.iter().map(|(l, t)| (*l, t)).collect();
+    let theirs: BTreeMap<usize, &Trajectories> = b.iter().map(|(l, t)| (*l, t)).collect();
+    let a_layers: Vec<usize> = ours.keys().copied().collect();
+    let b_layers: Vec<usize> = theirs.keys().copied().collect();
+    pair_layers(&a_layers, &b_layers)
+        .into_iter()
+        .map(|(la, lb)| {
+            Ok(PairedLayers {
+                layer_a: la,
+                layer_b: lb,
+                values: compare_pair(dsa, components, metrics, ours[&la], theirs[&lb])?,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

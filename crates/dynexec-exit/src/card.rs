@@ -33,6 +33,27 @@ pub enum TrainMode {
     Joint,
 }
 
+impl TrainMode {
+    /// What a task trains by default: a CNN (images) jointly from scratch, an encoder's
+    /// heads alone.
+    pub fn default_for(images: bool) -> Self {
+        if images {
+            Self::Joint
+        } else {
+            Self::Frozen
+        }
+    }
+
+    /// AdamW's default learning rate: 3e-5 to fine-tune an encoder, 1e-3 for heads alone
+    /// and for a CNN.
+    pub fn default_learning_rate(self, images: bool) -> f64 {
+        match (images, self) {
+            (false, Self::Joint) => 3e-5,
+            _ => 1e-3,
+        }
+    }
+}
+
 /// An exit model's card.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitCard {
@@ -101,7 +122,7 @@ pub struct DataRecord {
 }
 
 /// Per-exit accuracy of an exit model.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AccuracyRecord {
     /// Accuracy of each exit on its own.
     pub val_per_exit: Vec<f64>,
@@ -131,6 +152,32 @@ pub struct CalibrationRecord {
 }
 
 impl ExitCard {
+    /// The card of a classifier about to be trained: what [`crate::assemble::Untrained`]
+    /// completes (layers, head size, loss weights) and training fills in (accuracy).
+    pub fn for_training(
+        task: String,
+        kind: InputKind,
+        backbone: Option<String>,
+        labels: Vec<String>,
+        training: TrainingRecord,
+        data: DataRecord,
+    ) -> Self {
+        Self {
+            task,
+            kind,
+            backbone,
+            backbone_in_weights: training.mode == TrainMode::Joint,
+            cnn: None,
+            labels,
+            layers: 0,
+            head_hidden: 0,
+            training,
+            data,
+            accuracy: AccuracyRecord::default(),
+            calibration: None,
+        }
+    }
+
     /// Reads a card, checking it is complete for its kind (labels, layers, backbone or CNN
     /// shape); an incomplete card is [`Error::InvalidModel`].
     pub fn read(path: &Path) -> Result<Self> {

@@ -7,8 +7,8 @@ use super::settings::library_metrics;
 use super::{AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
-use dynexec_dsa::layers::{compare_pair, max_components, pair_layers, principal_components};
-use dynexec_dsa::{distance_matrix, dmd_entropy, Dsa, Metric, Trajectories};
+use dynexec_dsa::layers::{compare_systems, layer_matrices, max_components};
+use dynexec_dsa::{Dsa, Metric, Trajectories};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -63,23 +63,10 @@ pub fn analyse(
         metrics.len(),
         systems[0].time()
     );
-    let (dsa_metrics, geometry_metrics): (Vec<Metric>, Vec<Metric>) =
-        metrics.iter().partition(|m| m.is_dsa());
     let components = dsa_components(args, dsa, systems[0].time());
-    let reduced: Vec<Trajectories> = if dsa_metrics.is_empty() {
-        Vec::new()
-    } else {
-        systems
-            .iter()
-            .map(|t| principal_components(t, components))
-            .collect::<dynexec_dsa::Result<_>>()?
-    };
-    let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, global.threads)
-        .context("computing the layer x layer DSA matrices")?;
-    matrices.extend(
-        distance_matrix(&systems, dsa, &geometry_metrics, global.threads)
-            .context("computing the layer x layer geometry matrices")?,
-    );
+    let (matrices, dmd_entropy) =
+        layer_matrices(&systems, dsa, &metrics, components, global.threads)
+            .context("computing the layer x layer matrices")?;
 
     let mut analysis = Analysis {
         model: &primary.info.model,
@@ -88,10 +75,7 @@ pub fn analyse(
         layers: layers.clone(),
         matrices: BTreeMap::new(),
         vs_final: BTreeMap::new(),
-        dmd_entropy: reduced
-            .iter()
-            .map(|t| Ok(dmd_entropy(&dsa.fit(t)?)))
-            .collect::<Result<_>>()?,
+        dmd_entropy,
         paired: None,
         files: Vec::new(),
     };
@@ -130,21 +114,16 @@ pub fn analyse(
     }
 
     if let Some((other, label)) = second {
-        let other_layers: Vec<usize> = other.layers.iter().map(|(l, _)| *l).collect();
-        let by_layer: BTreeMap<usize, &Trajectories> =
-            other.layers.iter().map(|(l, t)| (*l, t)).collect();
-        let mut rows = Vec::new();
-        let ours: BTreeMap<usize, &Trajectories> =
-            primary.layers.iter().map(|(l, t)| (*l, t)).collect();
-        for (la, lb) in pair_layers(&layers, &other_layers) {
-            let (x, y) = (ours[&la], by_layer[&lb]);
-            rows.push(PairedRow {
-                layer_a: la,
-                layer_b: lb,
-                values: compare_pair(dsa, components, &metrics, x, y)
-                    .with_context(|| format!("comparing layer {la} with layer {lb}"))?,
-            });
-        }
+        let rows: Vec<PairedRow> =
+            compare_systems(&primary.layers, &other.layers, dsa, components, &metrics)
+                .context("comparing the two systems layer by layer")?
+                .into_iter()
+                .map(|p| PairedRow {
+                    layer_a: p.layer_a,
+                    layer_b: p.layer_b,
+                    values: p.values,
+                })
+                .collect();
         let csv = args.out.join("paired.csv");
         let names: Vec<&str> = metrics.iter().map(|m| m.name()).collect();
         let table: Vec<Vec<f64>> = rows

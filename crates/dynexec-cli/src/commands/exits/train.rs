@@ -93,58 +93,45 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     let mode = match args.mode.as_deref() {
         Some("joint") => TrainMode::Joint,
         Some(_) => TrainMode::Frozen,
-        None if images => TrainMode::Joint,
-        None => TrainMode::Frozen,
+        None => TrainMode::default_for(images),
     };
     if images && mode == TrainMode::Frozen {
         bail!(
             "the CNN is trained from scratch, so its backbone cannot be frozen: use --mode joint"
         );
     }
-    let learning_rate = args.learning_rate.unwrap_or(match (images, mode) {
-        (false, TrainMode::Joint) => 3e-5,
-        _ => 1e-3,
+    let task = args.task.clone().unwrap_or_else(|| {
+        let name = args.data.file_name().map(|n| n.to_string_lossy());
+        name.map_or("task".into(), |n| n.into_owned())
     });
-    let card = ExitCard {
-        task: args.task.clone().unwrap_or_else(|| {
-            args.data
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "task".into())
-        }),
-        kind: if images {
+    let card = ExitCard::for_training(
+        task,
+        if images {
             InputKind::Image
         } else {
             InputKind::Text
         },
-        backbone: (!images).then(|| args.backbone.clone()),
-        backbone_in_weights: mode == TrainMode::Joint,
-        cnn: None,
-        labels: labels.clone(),
-        layers: 0,
-        head_hidden: 0,
-        training: TrainingRecord {
+        (!images).then(|| args.backbone.clone()),
+        labels.clone(),
+        TrainingRecord {
             mode,
             epochs: args.epochs,
             batch_size: args.batch_size,
-            learning_rate,
+            learning_rate: args
+                .learning_rate
+                .unwrap_or(mode.default_learning_rate(images)),
             weight_decay: args.weight_decay,
             seed: args.seed,
             loss_weights: Vec::new(),
             command: reproduce_command(),
         },
-        data: DataRecord {
+        DataRecord {
             source: with_cache_variable(&splits.source),
             train: train_split.len(),
             val: splits.val.len(),
             test: splits.test.len(),
         },
-        accuracy: AccuracyRecord {
-            val_per_exit: Vec::new(),
-            test_per_exit: Vec::new(),
-        },
-        calibration: None,
-    };
+    );
     let backbone = if images {
         NewBackbone::Cnn(CnnConfig {
             channels: args.cnn_channels.clone(),
