@@ -159,33 +159,34 @@ pub fn flag(setting: Setting) -> &'static str {
 /// with library errors about a setting worded by the flag that sets it.
 pub fn error_message(err: &anyhow::Error) -> String {
     err.chain()
-        .map(|cause| {
-            // A library error's context holds its cause boxed.
-            let library = cause.downcast_ref::<dynexec_core::Error>().or_else(|| {
-                cause
-                    .downcast_ref::<Box<dynexec_core::Error>>()
-                    .map(AsRef::as_ref)
-            });
-            (cause, library)
-        })
-        .map(|(cause, library)| match library {
-            Some(dynexec_core::Error::InvalidSetting {
-                setting,
-                requirement,
-            }) => format!("{} {requirement}", flag(*setting)),
-            Some(dynexec_core::Error::BadSpec {
-                setting,
-                spec,
-                help,
-            }) => format!("bad {} `{spec}`: {help}", flag(*setting)),
-            Some(dynexec_core::Error::NeedsTokenizer { reason }) => {
-                format!("{reason}: pass the model's tokenizer.json with --tokenizer PATH")
-            }
-            Some(e @ dynexec_core::Error::ContextOverflow { .. }) => format!("{e} (--max-tokens)"),
-            _ => cause.to_string(),
+        .map(|cause| match cause.downcast_ref::<dynexec_core::Error>() {
+            Some(e) => library_message(e),
+            None => cause.to_string(),
         })
         .collect::<Vec<_>>()
         .join(": ")
+}
+
+/// A library error in the CLI's terms: settings named by their flags.
+fn library_message(err: &dynexec_core::Error) -> String {
+    use dynexec_core::Error;
+    match err {
+        Error::Context { context, cause } => format!("{context}: {}", library_message(cause)),
+        Error::InvalidSetting {
+            setting,
+            requirement,
+        } => format!("{} {requirement}", flag(*setting)),
+        Error::BadSpec {
+            setting,
+            spec,
+            help,
+        } => format!("bad {} `{spec}`: {help}", flag(*setting)),
+        Error::NeedsTokenizer { reason } => {
+            format!("{reason}: pass the model's tokenizer.json with --tokenizer PATH")
+        }
+        e @ Error::ContextOverflow { .. } => format!("{e} (--max-tokens)"),
+        e => e.to_string(),
+    }
 }
 
 /// Prints a serializable value as one JSON object on stdout.

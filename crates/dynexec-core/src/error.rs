@@ -124,14 +124,14 @@ pub enum Error {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 
-    /// What was being done when `source` happened (front-ends print both, outermost first).
-    #[error("{context}")]
+    /// What was being done when `cause` happened; shown as both, outermost first. The cause
+    /// is kept typed, so a front-end can word it in its own terms ([`Error::root`]).
+    #[error("{context}: {cause}")]
     Context {
         /// The step that failed, e.g. "loading model `x`".
         context: String,
         /// Why it failed.
-        #[source]
-        source: Box<Error>,
+        cause: Box<Error>,
     },
 }
 
@@ -217,14 +217,14 @@ impl Error {
     pub fn context(self, context: impl Into<String>) -> Self {
         Error::Context {
             context: context.into(),
-            source: Box::new(self),
+            cause: Box::new(self),
         }
     }
 
     /// The error under any [`Error::Context`] layers.
     pub fn root(&self) -> &Error {
         match self {
-            Error::Context { source, .. } => source.root(),
+            Error::Context { cause, .. } => cause.root(),
             e => e,
         }
     }

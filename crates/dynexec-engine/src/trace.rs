@@ -4,11 +4,13 @@
 
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::tokenizer::TextTokenizer;
-use dynexec_core::trace::Trace;
+use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_core::{Error, Result};
+use dynexec_dsa::Trajectories;
 use dynexec_models::bert::Bert;
 use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_models::llama::Llama;
+use std::path::Path;
 
 /// Generates `max_tokens` greedy tokens after `prompt_ids` (end-of-sequence does not stop it,
 /// so every run has the same length) with every layer traced; `on_text` hears each piece.
@@ -77,4 +79,43 @@ pub fn trace_encoder(model: &Bert, ids: &[u32]) -> Result<Trace> {
         trace.record(layer + 1, &hidden)?;
     }
     Ok(trace)
+}
+
+/// Reads a saved trace (and its JSON sidecar) into per-layer trajectories, positions ×
+/// features: the generated positions only, unless `include_prompt` (a prompt's first
+/// positions carry outlier activations that dominate every metric).
+pub fn read_trajectories(
+    path: &Path,
+    include_prompt: bool,
+) -> Result<(TraceInfo, Vec<(usize, Trajectories)>)> {
+    let (info, tensors) = Trace::load(path)?;
+    let start = if include_prompt {
+        0
+    } else {
+        info.prompt_tokens
+    };
+    let mut layers = Vec::new();
+    for (layer, tensor) in tensors {
+        let (positions, features) = tensor.dims2()?;
+        if positions <= start + 2 {
+            return Err(Error::InvalidArgument(format!(
+                "the trace has {} positions after the {start} skipped: too few to analyse",
+                positions.saturating_sub(start)
+            )));
+        }
+        let values: Vec<f64> = tensor
+            .narrow(0, start, positions - start)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let trajectories = Trajectories::from_2d(positions - start, features, values)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        layers.push((layer, trajectories));
+    }
+    if layers.is_empty() {
+        return Err(Error::InvalidArgument("the trace holds no layers".into()));
+    }
+    Ok((info, layers))
 }

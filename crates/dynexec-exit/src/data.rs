@@ -243,6 +243,30 @@ pub struct Splits {
     pub source: String,
 }
 
+/// The splits in `dir` ([`read_splits`]) with class numbers named as `labels` (the names
+/// an exit model's card lists).
+pub fn read_named_splits(
+    dir: &Path,
+    val_size: usize,
+    labels: &[String],
+    device: &Device,
+) -> Result<Splits> {
+    let splits = read_splits(dir, val_size, device)?;
+    Ok(Splits {
+        train: splits.train.name_classes(labels),
+        val: splits.val.name_classes(labels),
+        test: splits.test.name_classes(labels),
+        source: splits.source,
+    })
+}
+
+/// Where the fetch scripts put a task's splits: `$DYNEXEC_CACHE/data/TASK`.
+pub fn default_task_dir(task: &str) -> PathBuf {
+    dynexec_core::hub::default_cache_dir()
+        .join("data")
+        .join(task)
+}
+
 /// The splits in `dir`: `{train,val,test}.jsonl` (or `.csv`) for text, or the four
 /// MNIST-style idx files, whose last `val_size` training images are the validation split.
 pub fn read_splits(dir: &Path, val_size: usize, device: &Device) -> Result<Splits> {

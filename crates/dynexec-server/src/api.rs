@@ -59,6 +59,11 @@ pub fn setting_error(e: dynexec_core::Error) -> ApiError {
             let shown = name.map_or(setting.to_string(), |n| format!("`{n}`"));
             ApiError::invalid(name, format!("bad {shown} `{spec}`: {help}"))
         }
+        dynexec_core::Error::Context { context, cause } => {
+            let mut error = setting_error(*cause);
+            error.message = format!("{context}: {}", error.message);
+            error
+        }
         e => ApiError::invalid(None, e.to_string()),
     }
 }

@@ -204,7 +204,7 @@ async fn generate(
 }
 
 fn engine_error(e: dynexec_core::Error) -> ApiError {
-    match e {
+    match e.root() {
         dynexec_core::Error::InvalidArgument(_)
         | dynexec_core::Error::ContextOverflow { .. }
         | dynexec_core::Error::InvalidSetting { .. }

@@ -8,7 +8,7 @@ use dynexec_core::sampling::SamplingParams;
 use dynexec_diffusion::pipeline::Pipeline;
 use dynexec_exit::calibrate::ExitPredictions;
 use dynexec_exit::card::ExitCard;
-use dynexec_exit::data::{read_splits, Dataset, Splits};
+use dynexec_exit::data::{default_task_dir, Dataset, Splits};
 use dynexec_exit::model::ExitClassifier;
 use dynexec_exit::policy::ExitPolicy;
 use dynexec_exit::token_exit::{ExitAdapters, ADAPTERS_CARD};
@@ -289,10 +289,8 @@ pub fn read_task_splits(
     card: &ExitCard,
     val_size: usize,
 ) -> Result<Splits> {
-    let default = dynexec_core::hub::default_cache_dir()
-        .join("data")
-        .join(&card.task);
-    read_named_splits(global, data.unwrap_or(&default), val_size, &card.labels)
+    let dir = data.map_or_else(|| default_task_dir(&card.task), Path::to_path_buf);
+    read_named_splits(global, &dir, val_size, &card.labels)
 }
 
 /// The splits in `data` with class numbers named as `labels`.
@@ -302,13 +300,10 @@ pub fn read_named_splits(
     val_size: usize,
     labels: &[String],
 ) -> Result<Splits> {
-    let splits = read_splits(data, val_size, &global.open_device()?)?;
-    Ok(Splits {
-        train: splits.train.name_classes(labels),
-        val: splits.val.name_classes(labels),
-        test: splits.test.name_classes(labels),
-        source: splits.source,
-    })
+    let device = global.open_device()?;
+    Ok(dynexec_exit::data::read_named_splits(
+        data, val_size, labels, &device,
+    )?)
 }
 
 /// Every exit's predictions on a split, with a progress bar.

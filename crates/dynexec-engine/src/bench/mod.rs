@@ -220,3 +220,61 @@ pub fn run_generation(
         })
         .collect())
 }
+
+/// dynexec's medians over one llama.cpp build's.
+#[derive(Debug, Clone, Serialize)]
+pub struct LlamaCppRatio {
+    /// The build's row name.
+    pub implementation: &'static str,
+    /// Prefill tokens/s ratio.
+    pub prefill_ratio: f64,
+    /// Decode tokens/s ratio; `None` without generated tokens.
+    pub decode_ratio: Option<f64>,
+}
+
+/// dynexec's medians (the first row) over each peer's that ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ratios {
+    /// Over candle-transformers', when it ran.
+    pub prefill_ratio_vs_peer: Option<f64>,
+    /// Over candle-transformers', decode.
+    pub decode_ratio_vs_peer: Option<f64>,
+    /// Over the first llama.cpp build's.
+    pub prefill_ratio_vs_llama_cpp: Option<f64>,
+    /// Over the first llama.cpp build's, decode.
+    pub decode_ratio_vs_llama_cpp: Option<f64>,
+    /// Over every llama.cpp build's, in order.
+    pub llama_cpp_ratios: Vec<LlamaCppRatio>,
+    /// Over dynexec's own held to a lower instruction set.
+    pub prefill_ratio_vs_cpu_isa: Option<f64>,
+    /// Over dynexec's own held to a lower instruction set, decode.
+    pub decode_ratio_vs_cpu_isa: Option<f64>,
+}
+
+impl Ratios {
+    /// The ratios of `rows[0]` to the peers among `rows`: the llama.cpp builds named
+    /// `llama_cpp`, dynexec held to `isa`.
+    pub fn of(rows: &[Row], llama_cpp: &[&'static str], isa: Option<Isa>) -> Self {
+        let prefill = |name: &str| Row::ratio(rows, name, |r| r.prefill_tokens_per_s);
+        let decode = |name: &str| Row::ratio(rows, name, |r| r.decode_tokens_per_s);
+        let isa_row = isa.map_or("", HeldToIsa::name_on);
+        Self {
+            prefill_ratio_vs_peer: prefill(CandlePeer::NAME),
+            decode_ratio_vs_peer: decode(CandlePeer::NAME),
+            prefill_ratio_vs_llama_cpp: prefill(llama_cpp::LLAMA_CPP_NAME),
+            decode_ratio_vs_llama_cpp: decode(llama_cpp::LLAMA_CPP_NAME),
+            llama_cpp_ratios: llama_cpp
+                .iter()
+                .filter_map(|&name| {
+                    Some(LlamaCppRatio {
+                        implementation: name,
+                        prefill_ratio: prefill(name)?,
+                        decode_ratio: decode(name),
+                    })
+                })
+                .collect(),
+            prefill_ratio_vs_cpu_isa: prefill(isa_row),
+            decode_ratio_vs_cpu_isa: decode(isa_row),
+        }
+    }
+}

@@ -18,7 +18,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_dsa::{Rank, Trajectories};
-use dynexec_engine::trace::{trace_encoder, trace_generation, trace_tokens};
+use dynexec_engine::trace::{read_trajectories, trace_encoder, trace_generation, trace_tokens};
 use dynexec_models::bert::EncoderFiles;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
@@ -329,38 +329,12 @@ fn capture_encoder(
 /// Reads a saved trace into per-layer trajectories (generated positions only, unless
 /// `include_prompt`).
 fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
-    let (info, tensors) = Trace::load(path)
-        .with_context(|| format!("reading trace {} (and its .json sidecar)", path.display()))?;
-    let start = if include_prompt {
-        0
-    } else {
-        info.prompt_tokens
-    };
-    let mut layers = Vec::new();
-    for (layer, tensor) in tensors {
-        let (positions, features) = tensor.dims2()?;
-        if positions <= start + 2 {
-            bail!(
-                "trace {} has {} positions after the {start} skipped: too few to analyse (generate more tokens with -n, or pass --include-prompt)",
-                path.display(),
-                positions.saturating_sub(start)
-            );
-        }
-        let values: Vec<f64> = tensor
-            .narrow(0, start, positions - start)?
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .map(f64::from)
-            .collect();
-        layers.push((
-            layer,
-            Trajectories::from_2d(positions - start, features, values)?,
-        ));
-    }
-    if layers.is_empty() {
-        bail!("trace {} holds no layers", path.display());
-    }
+    let (info, layers) = read_trajectories(path, include_prompt).with_context(|| {
+        format!(
+            "reading trace {} (generate more tokens with -n, or pass --include-prompt, if it is too short)",
+            path.display()
+        )
+    })?;
     Ok(System { info, layers })
 }
 

@@ -7,7 +7,7 @@ use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_engine::bench::llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
 use dynexec_engine::bench::{
-    bench_prompt, run_generation, CandlePeer, Contestant, Greedy, HeldToIsa, Row,
+    bench_prompt, run_generation, CandlePeer, Contestant, Greedy, HeldToIsa, Ratios, Row,
 };
 use dynexec_models::cpu_kernels::{cpu_isa, Isa};
 use dynexec_models::linear::CpuKernels;
@@ -46,15 +46,6 @@ pub struct BenchGenerateArgs {
     compare_cpu_isa: Option<Isa>,
 }
 
-/// dynexec's medians over one llama.cpp build's.
-#[derive(Serialize)]
-struct LlamaCppRatio {
-    implementation: &'static str,
-    prefill_ratio: f64,
-    /// None without generated tokens.
-    decode_ratio: Option<f64>,
-}
-
 #[derive(Serialize)]
 struct Report {
     model: String,
@@ -68,17 +59,8 @@ struct Report {
     runs: usize,
     warmup: usize,
     rows: Vec<Row>,
-    /// dynexec's median over the peer's, when the peer ran.
-    prefill_ratio_vs_peer: Option<f64>,
-    decode_ratio_vs_peer: Option<f64>,
-    /// dynexec's median over llama.cpp's, with --compare-llama-cpp (the first build given).
-    prefill_ratio_vs_llama_cpp: Option<f64>,
-    decode_ratio_vs_llama_cpp: Option<f64>,
-    /// The same for every build given, in order.
-    llama_cpp_ratios: Vec<LlamaCppRatio>,
-    /// dynexec's median over its own on the lower instruction set, with --compare-cpu-isa.
-    prefill_ratio_vs_cpu_isa: Option<f64>,
-    decode_ratio_vs_cpu_isa: Option<f64>,
+    #[serde(flatten)]
+    ratios: Ratios,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
@@ -149,9 +131,6 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
-    let ratio_to = |name: &str, f: fn(&Row) -> f64| Row::ratio(&rows, name, f);
-    let ratio = |f: fn(&Row) -> f64| ratio_to(CandlePeer::NAME, f);
-    let isa_row = args.compare_cpu_isa.map_or("", HeldToIsa::name_on);
     let report = Report {
         model: args.model.model.clone(),
         format: loaded.format,
@@ -165,22 +144,7 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
         gen_tokens: args.gen_tokens,
         runs: args.runs,
         warmup: args.warmup,
-        prefill_ratio_vs_peer: ratio(|r| r.prefill_tokens_per_s),
-        decode_ratio_vs_peer: ratio(|r| r.decode_tokens_per_s),
-        prefill_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.prefill_tokens_per_s),
-        decode_ratio_vs_llama_cpp: ratio_to(LLAMA_CPP_NAME, |r| r.decode_tokens_per_s),
-        llama_cpp_ratios: llama_cpp_names
-            .into_iter()
-            .filter_map(|name| {
-                Some(LlamaCppRatio {
-                    implementation: name,
-                    prefill_ratio: ratio_to(name, |r| r.prefill_tokens_per_s)?,
-                    decode_ratio: ratio_to(name, |r| r.decode_tokens_per_s),
-                })
-            })
-            .collect(),
-        prefill_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.prefill_tokens_per_s),
-        decode_ratio_vs_cpu_isa: ratio_to(isa_row, |r| r.decode_tokens_per_s),
+        ratios: Ratios::of(&rows, &llama_cpp_names, args.compare_cpu_isa),
         rows,
     };
     if global.json {
@@ -213,7 +177,7 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
             format!("{:.1} ± {:.1}", row.decode.median, row.decode.stddev)
         );
     }
-    let llama_cpp_rows = report.llama_cpp_ratios.iter().map(|r| {
+    let llama_cpp_rows = report.ratios.llama_cpp_ratios.iter().map(|r| {
         let name = match r.implementation {
             LLAMA_CPP_NAME => "llama.cpp",
             build => build,
@@ -226,15 +190,15 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
     });
     let ratio_rows = [(
         "ratio dynexec / peer".to_string(),
-        report.prefill_ratio_vs_peer,
-        report.decode_ratio_vs_peer,
+        report.ratios.prefill_ratio_vs_peer,
+        report.ratios.decode_ratio_vs_peer,
     )]
     .into_iter()
     .chain(llama_cpp_rows)
     .chain([(
         "ratio dynexec / its --compare-cpu-isa".to_string(),
-        report.prefill_ratio_vs_cpu_isa,
-        report.decode_ratio_vs_cpu_isa,
+        report.ratios.prefill_ratio_vs_cpu_isa,
+        report.ratios.decode_ratio_vs_cpu_isa,
     )]);
     for (name, prefill, decode) in ratio_rows {
         if let (Some(p), Some(d)) = (prefill, decode) {
