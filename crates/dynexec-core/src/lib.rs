@@ -12,6 +12,8 @@
 //! - [`stats`]: timing of prefill and decode, shared by every engine.
 //! - [`error`]: the error type of the library crates.
 
+#![warn(missing_docs)]
+
 pub mod card;
 pub mod chat_template;
 pub mod device;

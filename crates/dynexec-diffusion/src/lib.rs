@@ -9,6 +9,8 @@
 //! FID, which label the predictor's training data and score the policies. [`pipeline`] is
 //! what front-ends load and sample through.
 
+#![warn(missing_docs)]
+
 pub mod bench;
 pub mod labels;
 pub mod metrics;

@@ -42,6 +42,8 @@
 //! # Ok::<(), dynexec_dsa::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 mod assignment;
 pub mod bench;
 mod dmd;

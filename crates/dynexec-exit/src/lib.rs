@@ -9,6 +9,8 @@
 //! lets each generated token leave at an exit layer (CALM), through adapters trained by
 //! distillation from the final layer.
 
+#![warn(missing_docs)]
+
 pub mod assemble;
 pub mod bench;
 pub mod calibrate;

@@ -14,6 +14,8 @@
 //! - [`loading::load`]: a model reference to a decoder ready to run (load, convert, kernels).
 //! - [`quantize`]: converting linear layers in place, to one format or per layer (`auto`).
 
+#![warn(missing_docs)]
+
 pub mod bert;
 pub mod cnn;
 pub mod conv;

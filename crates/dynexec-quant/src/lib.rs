@@ -6,6 +6,8 @@
 //!   metadata and the tokenizer, so it loads like any GGUF.
 //! - [`perplexity`]: sliding-window perplexity on real text.
 
+#![warn(missing_docs)]
+
 pub mod gguf_export;
 pub mod perplexity;
 

@@ -10,6 +10,8 @@
 //! queue in front of it answers 503 when full; a client that disconnects has its sequence
 //! dropped at the next step; shutdown stops taking requests and lets streams in flight end.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod engine;
 pub mod loadgen;

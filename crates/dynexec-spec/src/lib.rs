@@ -8,6 +8,8 @@
 //! how many tokens to draft. [`engine::generate_speculative`] ties them together, rolling the
 //! KV caches of both models back to the accepted prefix after every step.
 
+#![warn(missing_docs)]
+
 pub mod draft_spec;
 pub mod drafter;
 pub mod engine;
