@@ -4,7 +4,7 @@
 
 use candle_core::Device;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use dynexec_core::hub::Hub;
+use dynexec_hub::Hub;
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
 

@@ -7,11 +7,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use common::max_abs_diff;
-use dynexec_core::hub::Hub;
 use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_hub::Hub;
 use dynexec_models::bert::{pad_batch, Bert};
 
-fn minilm() -> (Bert, TextTokenizer, dynexec_core::hub::ModelFiles) {
+fn minilm() -> (Bert, TextTokenizer, dynexec_core::files::ModelFiles) {
     let mut hub = Hub::from_env().unwrap();
     hub.progress = false;
     let files = hub

@@ -3,13 +3,13 @@
 //! same image every time, and predicted step counts stay close to the full-step image.
 
 use candle_core::{Device, Tensor};
-use dynexec_core::hub::Hub;
 use dynexec_diffusion::metrics::ssim_u8;
 use dynexec_diffusion::predictor::StepPredictor;
 use dynexec_diffusion::text_unet::{to_pixels, TextUnet};
 use dynexec_diffusion::{sample, SampleOptions, StepPolicy};
 use dynexec_exit::data::Examples;
 use dynexec_exit::model::ExitClassifier;
+use dynexec_hub::Hub;
 
 fn hub() -> Hub {
     let mut hub = Hub::from_env().unwrap();

@@ -4,10 +4,11 @@
 //! batch 1.
 
 use candle_core::Device;
-use dynexec_core::hub::{default_cache_dir, Hub};
+use dynexec_core::files::default_cache_dir;
 use dynexec_exit::data::{read_splits, Dataset, Examples};
 use dynexec_exit::model::{image_features, Backbone, ExitClassifier};
 use dynexec_exit::policy::{softmax, ExitPolicy};
+use dynexec_hub::Hub;
 use dynexec_models::bert::{mean_pool, pad_batch};
 
 /// The two committed models with the data folder each was trained on.

@@ -1,8 +1,8 @@
 //! The Hugging Face path up to the network boundary: a prepared offline hub cache serves
 //! both manifest pulls and `hf:` references, and an unreachable hub is a clear error.
 
-use dynexec_core::hub::{HfHub, Hub};
-use dynexec_core::manifest::Manifest;
+use dynexec_hub::manifest::Manifest;
+use dynexec_hub::{HfHub, Hub};
 
 /// Lays out `<hub>/models--ORG--REPO/{refs/main, snapshots/<commit>/FILE}` as hf-hub does.
 fn prepare_hub_cache(hub_dir: &std::path::Path, repo: &str, files: &[(&str, &[u8])]) {
@@ -30,7 +30,7 @@ fn manifest_pull_is_served_from_a_prepared_hub_cache() {
     let tmp = tempfile::tempdir().unwrap();
     let hub_dir = tmp.path().join("hf/hub");
     prepare_hub_cache(&hub_dir, "org/tiny", &[("w.bin", b"weights")]);
-    let real_sha = dynexec_core::hub::sha256_file(
+    let real_sha = dynexec_hub::sha256_file(
         &hub_dir.join("models--org--tiny/snapshots/0123456789abcdef0123456789abcdef01234567/w.bin"),
     )
     .unwrap();

@@ -5,10 +5,10 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use dynexec_core::hub::Hub;
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+use dynexec_hub::Hub;
 use dynexec_models::generation::{generate, generate_with_step, GenerateOptions};
 use dynexec_models::llama::{load_decoder, Llama};
 

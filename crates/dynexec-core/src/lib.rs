@@ -1,9 +1,8 @@
 //! dynexec-core: what every dynexec crate shares.
 //!
 //! - [`device`]: `--device auto|cpu|cuda[:N]|metal` parsing and selection.
-//! - [`manifest`] and [`hub`]: the model manifest (`models/models.toml`), model references
-//!   (manifest name, `hf:ORG/REPO[@REV]`, local path) and pulling them into a verified cache
-//!   from the Hugging Face hub or a package-registry mirror.
+//! - [`files`]: a resolved model's files, the cache folder, and [`files::Resolve`], what model
+//!   loaders need from dynexec-hub (which pulls models; no network code lives here).
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or built from GGUF metadata, chat
 //!   templates and incremental (streaming) detokenization.
 //! - [`sampling`]: greedy, temperature, top-k, top-p and repetition-penalty sampling.
@@ -18,10 +17,8 @@ pub mod card;
 pub mod chat_template;
 pub mod device;
 pub mod error;
-pub mod hub;
-pub mod manifest;
+pub mod files;
 pub mod sampling;
-mod split_pull;
 pub mod stats;
 pub mod tokenizer;
 pub mod trace;

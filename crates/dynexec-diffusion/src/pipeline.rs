@@ -7,7 +7,7 @@ use crate::stable_diffusion::{SdVersion, StableDiffusion};
 use crate::text_unet::{to_pixels, TextUnet};
 use crate::{sample, Conditioning, Denoiser, SampleOptions, Sampled, StepPolicy};
 use candle_core::{DType, Device, Tensor};
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::{Error, Result, Setting};
 
 /// A loaded text-to-image model.
@@ -22,7 +22,12 @@ impl Pipeline {
     /// Loads `reference`: `sd-v1-5`, `sd-v2-1` or `sd-turbo` from the Hugging Face hub (in
     /// `dtype`, default F32 on the CPU and F16 elsewhere), or a text-UNet by manifest name or
     /// folder.
-    pub fn load(hub: &Hub, reference: &str, device: &Device, dtype: Option<DType>) -> Result<Self> {
+    pub fn load(
+        hub: &dyn Resolve,
+        reference: &str,
+        device: &Device,
+        dtype: Option<DType>,
+    ) -> Result<Self> {
         if let Ok(version) = reference.parse::<SdVersion>() {
             let dtype = dtype.unwrap_or(match device.is_cpu() {
                 true => DType::F32,

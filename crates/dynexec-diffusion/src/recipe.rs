@@ -9,7 +9,7 @@ use crate::text_unet::{
 use crate::train::{train, TrainEvent, TrainingSet};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::{Error, Result};
 use dynexec_models::init::seeded_init;
 use dynexec_models::unet::{Unet, UnetConfig};
@@ -60,7 +60,7 @@ impl TrainedUnet {
 /// text), conditioned on `prompts` (`(text, class name)`): every class needs a prompt and
 /// every prompt a class of `recipe.labels`.
 pub fn train_text_unet(
-    hub: &Hub,
+    hub: &dyn Resolve,
     device: &Device,
     images: &Tensor,
     image_labels: &[String],

@@ -58,9 +58,13 @@ pub enum StepPolicy {
     /// on an image's layout well before the last steps have drawn its details, which the
     /// few finishing steps still do.
     Converge {
+        /// Threshold on each sample's RMS change of the predicted clean sample between steps, in the sample's own units; must be positive.
         epsilon: f64,
+        /// Steps the schedule is laid out for, and the most that run.
         max_steps: usize,
+        /// Steps that must have run before the policy may skip ahead.
         min_steps: usize,
+        /// Timesteps still run once settled, evenly spaced down to the last; 0 stops at once.
         finish_steps: usize,
     },
 }

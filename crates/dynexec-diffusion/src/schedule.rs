@@ -19,7 +19,10 @@ pub enum BetaSchedule {
 #[serde(rename_all = "snake_case")]
 pub enum Spacing {
     /// `t = i·T/n + offset` (diffusers' `leading`, Stable Diffusion 1.5/2.1 with offset 1).
-    Leading { offset: usize },
+    Leading {
+        /// Added to every timestep (Stable Diffusion 1.5/2.1 use 1).
+        offset: usize,
+    },
     /// `t = T − 1 − i·T/n`: always starts from the noisiest timestep, which keeps low step
     /// counts usable (Lin et al. 2024, "Common diffusion noise schedules are flawed").
     Trailing,

@@ -15,9 +15,9 @@ use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use candle_transformers::models::stable_diffusion::{
     build_clip_transformer, StableDiffusionConfig,
 };
-use dynexec_core::hub::HfHub;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
+use dynexec_hub::HfHub;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;

@@ -6,7 +6,7 @@ use crate::schedule::{NoiseSchedule, Prediction};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use dynexec_core::card::{read_card, write_card};
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
 use dynexec_models::bert::{Bert, EncoderFiles};
@@ -95,7 +95,7 @@ pub struct SentenceEncoder {
 impl SentenceEncoder {
     /// Loads the encoder `reference` names (manifest name, `hf:` reference or path), pulling
     /// it when needed.
-    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+    pub fn load(hub: &dyn Resolve, reference: &str, device: &Device) -> Result<Self> {
         let (bert, tokenizer) = EncoderFiles::find(&hub.resolve(reference)?, None)?.load(device)?;
         Ok(Self { bert, tokenizer })
     }
@@ -127,7 +127,7 @@ pub struct TextUnet {
 
 impl TextUnet {
     /// Loads a text-UNet by manifest name or folder, pulling it and its encoder when needed.
-    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+    pub fn load(hub: &dyn Resolve, reference: &str, device: &Device) -> Result<Self> {
         let files = hub.resolve(reference)?;
         let card_path = files.find(CARD_FILE).ok_or_else(|| {
             Error::InvalidArgument(format!(

@@ -28,8 +28,11 @@ pub struct TrainingSet<'a> {
 pub enum TrainEvent {
     /// Step `step` of `total` finished with this loss.
     Step {
+        /// Steps finished so far, counting this one (1-based).
         step: usize,
+        /// Steps the whole run takes (`options.steps`).
         total: usize,
+        /// This step's loss: mean squared error between the predicted and the added noise over the batch.
         loss: f32,
     },
 }

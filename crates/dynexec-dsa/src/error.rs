@@ -8,7 +8,9 @@ pub enum Error {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file or directory being read or written.
         path: PathBuf,
+        /// The underlying I/O error from the OS.
         #[source]
         source: std::io::Error,
     },

@@ -11,7 +11,7 @@
 //!
 //! ```no_run
 //! # fn main() -> dynexec_core::Result<()> {
-//! use dynexec_core::hub::Hub;
+//! use dynexec_hub::Hub;
 //! use dynexec_engine::{decode, Strategy};
 //! use dynexec_models::generation::GenerateOptions;
 //! use dynexec_models::loading::{load, LoadOptions};

@@ -262,7 +262,7 @@ pub fn read_named_splits(
 
 /// Where the fetch scripts put a task's splits: `$DYNEXEC_CACHE/data/TASK`.
 pub fn default_task_dir(task: &str) -> PathBuf {
-    dynexec_core::hub::default_cache_dir()
+    dynexec_core::files::default_cache_dir()
         .join("data")
         .join(task)
 }

@@ -7,7 +7,7 @@ use crate::heads::ExitHeads;
 use crate::policy::{softmax, ExitDecision, ExitPolicy};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::{Error, Result};
 use dynexec_models::bert::{mean_pool, pad_batch, Bert, EncoderFiles};
@@ -18,11 +18,16 @@ use std::path::Path;
 pub enum Backbone {
     /// A BERT-family encoder and its tokenizer; exits read mean-pooled hidden states.
     Text {
+        /// The encoder whose layers the exits follow.
         bert: Bert,
+        /// Turns input text into the encoder's token ids.
         tokenizer: TextTokenizer,
     },
     /// The small CNN; exits read each block's output, flattened ([`image_features`]).
-    Image { cnn: Cnn },
+    Image {
+        /// The CNN whose blocks the exits follow.
+        cnn: Cnn,
+    },
 }
 
 /// A batch part-way through the backbone.
@@ -222,7 +227,7 @@ impl ExitClassifier {
 
     /// Loads an exit model by manifest name or folder (holding card.json), pulling it — and,
     /// for text, the encoder its card names — when needed.
-    pub fn load(hub: &Hub, reference: &str, device: &Device) -> Result<Self> {
+    pub fn load(hub: &dyn Resolve, reference: &str, device: &Device) -> Result<Self> {
         let files = hub.resolve(reference)?;
         let card_path = files.find(CARD_FILE).ok_or_else(|| {
             Error::InvalidArgument(format!(

@@ -15,15 +15,27 @@ use std::fmt;
 pub enum ExitPolicy {
     /// Stop at the first exit whose top probability is at least its threshold
     /// (0 stops at the first exit, anything above 1 runs full depth).
-    Confidence { thresholds: Vec<f32> },
+    Confidence {
+        /// Minimum top probability (0–1), one for every exit or one per exit.
+        thresholds: Vec<f32>,
+    },
     /// Stop at the first exit whose entropy, divided by ln(classes) so it lies in [0, 1], is at
     /// most its threshold (1 stops at the first exit, anything below 0 runs full depth).
-    Entropy { thresholds: Vec<f32> },
+    Entropy {
+        /// Maximum entropy divided by ln(classes) (0–1), one for every exit or one per exit.
+        thresholds: Vec<f32>,
+    },
     /// PABEE: stop once the predicted class has stayed the same for `patience` consecutive
     /// exits after the one it first appeared at (0 stops at the first exit).
-    Patience { patience: usize },
+    Patience {
+        /// How many later exits in a row must predict the same class before stopping.
+        patience: usize,
+    },
     /// Stop at exit `exit` (1-based), whatever the prediction.
-    Fixed { exit: usize },
+    Fixed {
+        /// The exit to stop at, counting from 1.
+        exit: usize,
+    },
     /// Run every layer.
     Full,
 }

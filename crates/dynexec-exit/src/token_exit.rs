@@ -196,10 +196,16 @@ impl ExitAdapters {
 pub enum TokenExitPolicy {
     /// The exit's top-1 minus top-2 softmax probability is at least `threshold` (costs one LM
     /// head per exit tried).
-    Confidence { threshold: f32 },
+    Confidence {
+        /// Minimum top-1 minus top-2 probability (0–1); above 1 never exits early.
+        threshold: f32,
+    },
     /// The cosine similarity of the hidden state before and after the exit layer is at least
     /// `threshold` (costs almost nothing).
-    Saturation { threshold: f32 },
+    Saturation {
+        /// Minimum cosine similarity (0–1) of the hidden states before and after the exit layer; above 1 never exits early.
+        threshold: f32,
+    },
 }
 
 impl TokenExitPolicy {

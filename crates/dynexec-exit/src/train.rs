@@ -27,18 +27,30 @@ pub fn depth_weights(exits: usize) -> Vec<f32> {
 #[derive(Debug, Clone)]
 pub enum TrainEvent {
     /// Frozen mode: `done` of `total` inputs have had their features computed.
-    Features { done: usize, total: usize },
+    Features {
+        /// Inputs whose features have been computed so far, training split then validation split.
+        done: usize,
+        /// Inputs in the training and validation splits together.
+        total: usize,
+    },
     /// One optimiser step.
     Step {
+        /// The epoch this step belongs to, counting from 1.
         epoch: usize,
+        /// Steps finished in this epoch, counting this one.
         done: usize,
+        /// Steps per epoch: the training split's batches.
         total: usize,
+        /// This batch's loss: the exits' cross-entropies averaged with the loss weights.
         loss: f32,
     },
     /// An epoch ended; validation accuracy of each exit.
     Epoch {
+        /// The epoch that ended, counting from 1.
         epoch: usize,
+        /// Mean of the epoch's per-step losses.
         mean_loss: f32,
+        /// Per exit, in order, the fraction (0–1) of validation inputs it classifies correctly.
         val_accuracy: Vec<f64>,
     },
 }

@@ -7,7 +7,7 @@ use crate::linear::{HasLinears, Linear};
 use crate::Result;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
-use dynexec_core::hub::ModelFiles;
+use dynexec_core::files::ModelFiles;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Error;
 use serde::Deserialize;

@@ -8,7 +8,7 @@ use crate::llama::{load_decoder, LoadedDecoder};
 use crate::quantize::{quantize_auto, quantize_in_place, AutoReport, QuantTarget};
 use crate::Result;
 use candle_core::{DType, Device};
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::Error;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +40,12 @@ pub struct Loaded {
 /// Quantized layers take F32 activations, so with a conversion a dense model is loaded in F32
 /// whatever `options.dtype` says (and so is it with `auto` on the CPU, where F32 has the fast
 /// kernel). Errors say which model and which step failed.
-pub fn load(hub: &Hub, reference: &str, device: &Device, options: &LoadOptions) -> Result<Loaded> {
+pub fn load(
+    hub: &dyn Resolve,
+    reference: &str,
+    device: &Device,
+    options: &LoadOptions,
+) -> Result<Loaded> {
     let files = hub.resolve(reference)?;
     let dtype = match options.quant {
         Some(QuantTarget::Auto) if !device.is_cpu() => options.dtype,

@@ -47,7 +47,9 @@ pub enum ServeError {
     /// The address could not be bound (often: the port is taken).
     #[error("could not listen on {addr} (is another server using the port? pick another port)")]
     Bind {
+        /// The address that was asked for ([`ServeOptions::addr`]).
         addr: SocketAddr,
+        /// The OS error from binding the socket.
         source: std::io::Error,
     },
     /// The async runtime could not be built or failed while serving.

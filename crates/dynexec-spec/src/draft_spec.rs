@@ -3,7 +3,7 @@
 
 use crate::drafter::{check_vocab, Drafter, ModelDrafter, NgramDrafter};
 use candle_core::Device;
-use dynexec_core::hub::Hub;
+use dynexec_core::files::Resolve;
 use dynexec_core::{Error, Result, Setting};
 use dynexec_exit::token_exit::ExitAdapters;
 use dynexec_models::linear::WeightFormat;
@@ -35,7 +35,7 @@ pub enum DraftSpec {
 /// What building a draft may need besides the target.
 pub struct DraftSources<'a> {
     /// Resolves a draft model's reference.
-    pub hub: &'a Hub,
+    pub hub: &'a dyn Resolve,
     /// The device a draft model is loaded on (the target's).
     pub device: &'a Device,
     /// How a draft model is loaded (the target's conversion and kernels).

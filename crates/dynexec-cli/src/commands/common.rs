@@ -343,7 +343,7 @@ pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
 /// Loads a BERT-family encoder (F32) and its tokenizer from a transformers folder.
 pub fn load_encoder(
     global: &GlobalOptions,
-    files: &dynexec_core::hub::ModelFiles,
+    files: &dynexec_core::files::ModelFiles,
     tokenizer: Option<&Path>,
 ) -> Result<(
     dynexec_models::bert::Bert,

@@ -45,7 +45,7 @@ pub fn dynexec(args: &[&str]) -> Output {
 
 /// A fetched data set under $DYNEXEC_CACHE/data.
 pub fn data_dir(name: &str, fetch: &str) -> PathBuf {
-    let dir = dynexec_core::hub::default_cache_dir()
+    let dir = dynexec_core::files::default_cache_dir()
         .join("data")
         .join(name);
     assert!(dir.exists(), "{} is missing: run {fetch}", dir.display());

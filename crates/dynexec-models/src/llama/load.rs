@@ -6,7 +6,7 @@ use crate::Result;
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
-use dynexec_core::hub::ModelFiles;
+use dynexec_core::files::ModelFiles;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Error;
 use std::fs::File;

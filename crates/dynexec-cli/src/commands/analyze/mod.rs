@@ -302,7 +302,7 @@ fn replay(
 fn capture_encoder(
     global: &GlobalOptions,
     args: &AnalyzeArgs,
-    files: &dynexec_core::hub::ModelFiles,
+    files: &dynexec_core::files::ModelFiles,
     model_name: &str,
     quant: Option<WeightFormat>,
     text: &str,

@@ -106,7 +106,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     let dir = args
         .data
         .clone()
-        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/fashion-mnist"));
+        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/fashion-mnist"));
     let reference = fid_reference(&classifier, &dir, args.fid_reference).context(
         "FID needs the Fashion-MNIST test images (fetch them with scripts/fetch-fashion-mnist.sh)",
     )?;

@@ -70,7 +70,7 @@ pub fn run(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     );
     let text_path = match &args.text {
         Some(p) => p.clone(),
-        None => dynexec_core::hub::default_cache_dir().join("data/sotu/heldout.txt"),
+        None => dynexec_core::files::default_cache_dir().join("data/sotu/heldout.txt"),
     };
     let text = read_text(&text_path)?;
     let files = global.hub()?.resolve(&args.model.model)?;
@@ -177,7 +177,7 @@ pub fn run(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
 fn bench_quant_encoder(
     global: &GlobalOptions,
     args: &BenchQuantArgs,
-    files: &dynexec_core::hub::ModelFiles,
+    files: &dynexec_core::files::ModelFiles,
     text: &str,
     text_path: &Path,
 ) -> Result<()> {

@@ -50,7 +50,7 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
     let dir = args
         .prompts_dir
         .clone()
-        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/prompts"));
+        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/prompts"));
     let questions = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?;
     let articles = read_jsonl(&dir.join("xsum.jsonl"), "document", args.articles)?;
     let mut summarize = Vec::new();

@@ -56,7 +56,7 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
     let dir = args
         .prompts_dir
         .clone()
-        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/prompts"));
+        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/prompts"));
     let prompts = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?
         .iter()
         .map(|q| Ok(tokenizer.encode(&tokenizer.chat_prompt(None, q)?)?))
@@ -64,7 +64,7 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
     let text_path = args
         .text
         .clone()
-        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/sotu/heldout.txt"));
+        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/sotu/heldout.txt"));
     let mut text_ids = tokenizer.encode(&read_text(&text_path)?)?;
     text_ids.truncate(args.eval_tokens + 1);
     let options = GenerateOptions::greedy(args.max_tokens);

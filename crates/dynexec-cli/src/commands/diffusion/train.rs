@@ -77,7 +77,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     let data_dir = args
         .data
         .clone()
-        .unwrap_or_else(|| dynexec_core::hub::default_cache_dir().join("data/fashion-mnist"));
+        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/fashion-mnist"));
     let mut data = read_idx(
         &data_dir.join("train-images-idx3-ubyte"),
         &data_dir.join("train-labels-idx1-ubyte"),

@@ -59,7 +59,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| (5..depth).step_by(5).collect());
     let prompts_path = args.prompts.clone().unwrap_or_else(|| {
-        dynexec_core::hub::default_cache_dir().join("data/prompts/truthfulqa.jsonl")
+        dynexec_core::files::default_cache_dir().join("data/prompts/truthfulqa.jsonl")
     });
     let questions = read_jsonl(&prompts_path, "question", args.skip + args.count)?;
     let questions = &questions[args.skip.min(questions.len())..];

@@ -262,7 +262,7 @@ pub(super) fn reproduce_command() -> String {
 /// `text` with the data cache's path written as `$DYNEXEC_CACHE`, so cards do not record
 /// this machine's home directory.
 pub(super) fn with_cache_variable(text: &str) -> String {
-    let cache = dynexec_core::hub::default_cache_dir()
+    let cache = dynexec_core::files::default_cache_dir()
         .to_string_lossy()
         .into_owned();
     text.replace(&cache, "$DYNEXEC_CACHE")

