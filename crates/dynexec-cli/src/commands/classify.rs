@@ -4,12 +4,12 @@
 use super::common::{load_classifier, resolve_exit_policy};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
 use clap::Args;
 use dynexec_exit::card::InputKind;
 use dynexec_exit::data::Examples;
+use dynexec_plot::images::read_grey_images;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ClassifyArgs {
@@ -63,7 +63,9 @@ pub fn run(global: &GlobalOptions, args: ClassifyArgs) -> Result<()> {
     for batch in inputs.chunks(args.batch_size.max(1)) {
         let examples = match classifier.card.kind {
             InputKind::Text => Examples::Text(batch.to_vec()),
-            InputKind::Image => Examples::Images(read_images(batch, side, &classifier.device)?),
+            InputKind::Image => {
+                Examples::Images(read_grey_images(batch, side, &classifier.device)?)
+            }
         };
         for (input, c) in batch.iter().zip(classifier.classify(&examples, &policy)?) {
             let row = Row {
@@ -86,26 +88,4 @@ pub fn run(global: &GlobalOptions, args: ClassifyArgs) -> Result<()> {
         print_json(&serde_json::json!({ "policy": policy.to_string(), "results": rows }))?;
     }
     Ok(())
-}
-
-/// Decodes image files to `(count, side, side)` grey u8 pixels.
-fn read_images(paths: &[String], side: usize, device: &Device) -> Result<Tensor> {
-    let mut pixels = Vec::with_capacity(paths.len() * side * side);
-    for path in paths {
-        let image = image::open(Path::new(path))
-            .with_context(|| format!("cannot read image {path} (PNG files are supported)"))?
-            .into_luma8();
-        let image = if image.dimensions() == (side as u32, side as u32) {
-            image
-        } else {
-            image::imageops::resize(
-                &image,
-                side as u32,
-                side as u32,
-                image::imageops::FilterType::Triangle,
-            )
-        };
-        pixels.extend(image.into_raw());
-    }
-    Ok(Tensor::from_vec(pixels, (paths.len(), side, side), device)?)
 }

@@ -229,35 +229,6 @@ pub fn load_pipeline(global: &GlobalOptions, reference: &str) -> Result<Pipeline
     )?)
 }
 
-/// Writes u8 images `(batch, h, w, 1 or 3)` side by side (2-pixel gaps) as one PNG.
-pub fn write_grid(images: &candle_core::Tensor, path: &Path, scale: Option<u32>) -> Result<()> {
-    let (batch, h, w, c) = images.dims4()?;
-    let scale = scale.unwrap_or(if h < 128 { 4 } else { 1 }).max(1);
-    let (h, w) = (h as u32, w as u32);
-    let gap = 2;
-    let width = batch as u32 * (w * scale + gap) - gap;
-    let mut canvas = image::RgbImage::from_pixel(width, h * scale, image::Rgb([255, 255, 255]));
-    let pixels = images.flatten_all()?.to_vec1::<u8>()?;
-    for b in 0..batch as u32 {
-        for y in 0..h * scale {
-            for x in 0..w * scale {
-                let i = (((b * h + y / scale) * w + x / scale) as usize) * c;
-                let rgb = match c {
-                    1 => [pixels[i]; 3],
-                    _ => [pixels[i], pixels[i + 1], pixels[i + 2]],
-                };
-                canvas.put_pixel(b * (w * scale + gap) + x, y, image::Rgb(rgb));
-            }
-        }
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    canvas
-        .save(path)
-        .with_context(|| format!("writing {} (use a .png name)", path.display()))
-}
-
 /// A prompt set: JSONL or CSV with `text` and `label` fields, as `(text, label)` pairs.
 pub fn read_prompts(path: &Path) -> Result<Vec<(String, String)>> {
     let data = dynexec_exit::data::read_text(path)

@@ -1,10 +1,11 @@
 //! `dynexec diffuse`: text to image with a step policy.
 
-use super::common::{load_pipeline, write_grid};
+use super::common::load_pipeline;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Result};
 use clap::Args;
 use dynexec_diffusion::pipeline::{resolve_policy, StepsSpec};
+use dynexec_plot::images::write_grid;
 use std::path::PathBuf;
 use std::time::Instant;
 

@@ -8,7 +8,6 @@
 //! comparison. `--trace FILE` reruns the analysis from a saved trace, without the model.
 
 mod compare;
-mod heatmap;
 mod report;
 mod settings;
 

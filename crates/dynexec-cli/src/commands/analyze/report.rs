@@ -2,13 +2,13 @@
 //! last, layer-by-layer comparison with a second system; written as CSV, JSON and PNG, and
 //! summarised on stdout.
 
-use super::heatmap::{write_png, Heatmap};
 use super::settings::library_metrics;
 use super::{AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use dynexec_dsa::layers::{compare_systems, layer_matrices, max_components};
 use dynexec_dsa::{Dsa, Metric, Trajectories};
+use dynexec_plot::heatmap::{write_png, Heatmap};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! the first of `$DYNEXEC_FONT` and a few usual locations is registered. Without one the
 //! heatmap is drawn without text and a note says so (the numbers are in the CSV and JSON).
 
-use anyhow::{anyhow, Result};
+use crate::{PlotError, Result};
 use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use std::path::Path;
@@ -41,6 +41,7 @@ fn font_available() -> bool {
 
 /// What a heatmap shows.
 pub struct Heatmap<'a> {
+    /// Drawn above the map.
     pub title: &'a str,
     /// Row/column labels (e.g. layer numbers), `n` of them.
     pub labels: &'a [String],
@@ -54,10 +55,10 @@ pub struct Heatmap<'a> {
 pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
     let n = heatmap.labels.len();
     if n == 0 || heatmap.values.len() != n * n {
-        return Err(anyhow!(
-            "heatmap: {} values for {n} labels",
+        return Err(PlotError::Shape(format!(
+            "{} values for {n} labels",
             heatmap.values.len()
-        ));
+        )));
     }
     let with_text = font_available();
     let finite = heatmap.values.iter().copied().filter(|v| v.is_finite());
@@ -69,7 +70,10 @@ pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
     } else {
         (0.0, 1.0)
     };
-    let plot_error = |e: &dyn std::fmt::Display| anyhow!("drawing {}: {e}", path.display());
+    let plot_error = |e: &dyn std::fmt::Display| PlotError::Draw {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
 
     let root = BitMapBackend::new(path, (760, 640)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| plot_error(&e))?;
