@@ -1,10 +1,12 @@
-//! A new exit classifier, assembled for training: a backbone (a CNN from scratch, or an
-//! encoder frozen or trainable), an exit head after every layer, the variables to train and
-//! how to save them. `dynexec exits train` is this plus data loading and output.
+//! A new exit classifier, assembled, trained and saved: a backbone (a CNN from scratch, or an
+//! encoder frozen or trainable), an exit head after every layer, the variables to train, the
+//! accuracy of every exit recorded in its card. `dynexec exits train` is this plus data
+//! loading and output.
 
-use crate::card::{ExitCard, TrainMode};
+use crate::card::{AccuracyRecord, ExitCard, TrainMode, CARD_FILE, WEIGHTS_FILE};
+use crate::data::Splits;
 use crate::model::{Backbone, ExitClassifier};
-use crate::train::{depth_weights, seeded_init};
+use crate::train::{depth_weights, seeded_init, train, TrainEvent};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use dynexec_core::tokenizer::TextTokenizer;
@@ -104,6 +106,43 @@ impl Untrained {
     /// Writes every trained variable into one safetensors file.
     pub fn save_weights(&self, path: &Path) -> Result<()> {
         save_varmaps(&[Some(&self.heads), self.backbone.as_ref()], path)
+    }
+
+    /// Trains on `splits.train` (reporting every epoch on `splits.val`), then measures every
+    /// exit on `splits.test` in batches of `batch_size`; the card records both accuracies.
+    /// `on_tested` hears how many test inputs are done.
+    pub fn train(
+        mut self,
+        splits: &Splits,
+        batch_size: usize,
+        on_event: impl FnMut(TrainEvent),
+        on_tested: impl FnMut(usize),
+    ) -> Result<Self> {
+        let record = self.classifier.card.training.clone();
+        let val = train(
+            &self.classifier,
+            self.trainable(),
+            &splits.train,
+            &splits.val,
+            &record,
+            on_event,
+        )?;
+        let test = self
+            .classifier
+            .predict(&splits.test, batch_size, on_tested)?;
+        self.classifier.card.accuracy = AccuracyRecord {
+            val_per_exit: val.accuracy_per_exit(),
+            test_per_exit: test.accuracy_per_exit(),
+        };
+        Ok(self)
+    }
+
+    /// Writes the weights and the card into `dir` (created if needed): what
+    /// `ExitClassifier::load` reads back.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        self.save_weights(&dir.join(WEIGHTS_FILE))?;
+        self.classifier.card.write(&dir.join(CARD_FILE))
     }
 }
 

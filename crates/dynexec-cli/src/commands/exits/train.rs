@@ -1,16 +1,15 @@
 //! `dynexec exits train`.
 
-use crate::commands::common::{predict_split, read_named_splits};
+use crate::commands::common::read_named_splits;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynexec_exit::assemble::{NewBackbone, Untrained};
 use dynexec_exit::card::{
-    AccuracyRecord, DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE,
-    WEIGHTS_FILE,
+    DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE, WEIGHTS_FILE,
 };
-use dynexec_exit::data::{distinct_labels, Examples};
-use dynexec_exit::train::{train, TrainEvent};
+use dynexec_exit::data::{distinct_labels, Examples, Splits};
+use dynexec_exit::train::TrainEvent;
 use dynexec_models::bert::EncoderFiles;
 use dynexec_models::cnn::CnnConfig;
 use std::path::PathBuf;
@@ -150,8 +149,6 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         args.loss_weights.clone(),
         &device,
     )?;
-    let classifier = &untrained.classifier;
-    let mut card = classifier.card.clone();
     let features_bar = progress_bar(global, 0, "features {bar:40} {pos}/{len} [{elapsed}<{eta}]");
     let step_bar = progress_bar(
         global,
@@ -159,12 +156,18 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
         "epoch {msg} {bar:40} {pos}/{len} [{elapsed}<{eta}]",
     );
     let quiet = global.quiet || global.json;
-    let val = train(
-        classifier,
-        untrained.trainable(),
-        &train_split,
-        &splits.val,
-        &card.training,
+    let splits = Splits {
+        train: train_split,
+        ..splits
+    };
+    let test_bar = progress_bar(
+        global,
+        splits.test.len() as u64,
+        "test {bar:40} {pos}/{len}",
+    );
+    let trained = untrained.train(
+        &splits,
+        args.batch_size,
         |event| match event {
             TrainEvent::Features { done, total } => {
                 features_bar.set_length(total as u64);
@@ -197,17 +200,14 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
                 }
             }
         },
+        |n| test_bar.inc(n as u64),
     )?;
     step_bar.finish_and_clear();
-    let test = predict_split(global, classifier, &splits.test, args.batch_size, "test")?;
-    card.accuracy = AccuracyRecord {
-        val_per_exit: val.accuracy_per_exit(),
-        test_per_exit: test.accuracy_per_exit(),
-    };
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    untrained.save_weights(&args.out.join(WEIGHTS_FILE))?;
-    card.write(&args.out.join(CARD_FILE))?;
+    test_bar.finish_and_clear();
+    trained
+        .save(&args.out)
+        .with_context(|| format!("writing the model into {}", args.out.display()))?;
+    let card = &trained.classifier.card;
     if global.json {
         return print_json(&serde_json::json!({ "out": args.out, "card": card }));
     }
