@@ -2,14 +2,17 @@
 //! while it generates, of a decoder replaying another trace's tokens (so two systems see the
 //! same text), or of an encoder over a text. `dynexec analyze` compares what these capture.
 
+use dynexec_core::files::Resolve;
 use dynexec_core::sampling::SamplingParams;
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_core::{Error, Result};
 use dynexec_dsa::Trajectories;
-use dynexec_models::bert::Bert;
+use dynexec_models::bert::{Bert, EncoderFiles};
 use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_models::llama::Llama;
+use dynexec_models::loading::{load, LoadOptions};
+use dynexec_models::quantize::{quantize_in_place, QuantTarget};
 use std::path::Path;
 
 /// Generates `max_tokens` greedy tokens after `prompt_ids` (end-of-sequence does not stop it,
@@ -118,4 +121,106 @@ pub fn read_trajectories(
         return Err(Error::InvalidArgument("the trace holds no layers".into()));
     }
     Ok((info, layers))
+}
+
+/// What a captured model reads.
+pub enum TraceInput<'a> {
+    /// A decoder generates `max_tokens` greedy tokens after `prompt` (as a user turn in its
+    /// chat template when `chat`); an encoder reads `prompt`.
+    Generate {
+        /// The prompt text.
+        prompt: &'a str,
+        /// Wrap it in the model's chat template.
+        chat: bool,
+        /// Tokens a decoder generates.
+        max_tokens: usize,
+    },
+    /// A decoder reads another trace's tokens (`prompt_tokens` of them the prompt); an
+    /// encoder reads `text`.
+    Replay {
+        /// The other trace's tokens.
+        token_ids: &'a [u32],
+        /// How many of them are the prompt.
+        prompt_tokens: usize,
+        /// The text, for an encoder.
+        text: &'a str,
+    },
+}
+
+/// A trace and the tokens it covers.
+pub struct Captured {
+    /// Every layer's hidden states.
+    pub trace: Trace,
+    /// The tokens (prompt and generated).
+    pub token_ids: Vec<u32>,
+    /// How many of them are the prompt (0 for an encoder: all of its tokens are analysed).
+    pub prompt_tokens: usize,
+    /// Whether an encoder's tokenizer cut the text to its limit.
+    pub truncated: bool,
+}
+
+/// Loads `reference` (a decoder, or a BERT-family encoder, converted per `options`) and
+/// traces every layer over `input`; `on_token` hears each generated token.
+pub fn capture(
+    resolver: &dyn Resolve,
+    device: &candle_core::Device,
+    reference: &str,
+    options: &LoadOptions,
+    input: TraceInput<'_>,
+    on_token: impl FnMut(),
+) -> Result<Captured> {
+    let files = resolver.resolve(reference)?;
+    if EncoderFiles::is_encoder(&files) {
+        let (mut model, tokenizer) =
+            EncoderFiles::find(&files, options.tokenizer.as_deref())?.load(device)?;
+        // Dense F32 layers already have the fast kernel: `auto` keeps them.
+        if let Some(QuantTarget::To(format)) = options.quant {
+            quantize_in_place(&mut model, format)
+                .map_err(|e| e.context(format!("converting `{reference}` to {format}")))?;
+        }
+        let text = match input {
+            TraceInput::Generate { prompt, .. } => prompt,
+            TraceInput::Replay { text, .. } => text,
+        };
+        let ids = tokenizer.encode(text)?;
+        return Ok(Captured {
+            trace: trace_encoder(&model, &ids)?,
+            truncated: tokenizer.truncation_limit() == Some(ids.len()),
+            token_ids: ids,
+            prompt_tokens: 0,
+        });
+    }
+    let decoder = load(resolver, reference, device, options)?.decoder;
+    match input {
+        TraceInput::Generate {
+            prompt,
+            chat,
+            max_tokens,
+        } => {
+            let tokenizer = &decoder.tokenizer;
+            let text = match chat {
+                true => tokenizer.chat_prompt(None, prompt)?,
+                false => prompt.to_string(),
+            };
+            let prompt_ids = tokenizer.encode(&text)?;
+            let (trace, token_ids) =
+                trace_generation(&decoder.model, tokenizer, &prompt_ids, max_tokens, on_token)?;
+            Ok(Captured {
+                trace,
+                token_ids,
+                prompt_tokens: prompt_ids.len(),
+                truncated: false,
+            })
+        }
+        TraceInput::Replay {
+            token_ids,
+            prompt_tokens,
+            ..
+        } => Ok(Captured {
+            trace: trace_tokens(&decoder.model, token_ids)?,
+            token_ids: token_ids.to_vec(),
+            prompt_tokens,
+            truncated: false,
+        }),
+    }
 }

@@ -11,14 +11,13 @@ mod compare;
 mod report;
 mod settings;
 
-use crate::commands::common::{load_encoder, load_model, ModelArgs};
+use crate::commands::common::ModelArgs;
 use crate::options::{parse_format, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dynexec_core::trace::{Trace, TraceInfo};
 use dynexec_dsa::{Rank, Trajectories};
-use dynexec_engine::trace::{read_trajectories, trace_encoder, trace_generation, trace_tokens};
-use dynexec_models::bert::EncoderFiles;
+use dynexec_engine::trace::{self, read_trajectories, TraceInput};
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
 use settings::{DsaArgs, MetricName};
@@ -138,14 +137,12 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         None => {
             let prompt = read_prompt(&args)?;
             let path = args.out.join("trace.safetensors");
-            capture(
-                global,
-                &args,
-                &args.model.model,
-                global.quant,
-                &prompt,
-                &path,
-            )?;
+            let input = TraceInput::Generate {
+                prompt: &prompt,
+                chat: args.chat,
+                max_tokens: args.max_tokens,
+            };
+            capture(global, &args, &args.model.model, global.quant, input, &path)?;
             path
         }
     };
@@ -172,14 +169,12 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         }
         (None, None, Some(prompt), _) => {
             let path = args.out.join("trace-vs-prompt.safetensors");
-            capture(
-                global,
-                &args,
-                &args.model.model,
-                global.quant,
+            let input = TraceInput::Generate {
                 prompt,
-                &path,
-            )?;
+                chat: args.chat,
+                max_tokens: args.max_tokens,
+            };
+            capture(global, &args, &args.model.model, global.quant, input, &path)?;
             Some(path)
         }
         (None, None, None, Some(model)) => {
@@ -228,41 +223,33 @@ fn read_prompt(args: &AnalyzeArgs) -> Result<String> {
     }
 }
 
-/// Generates greedily from `prompt` with every layer traced, and saves the trace to `path`.
+/// Traces `model_name` (converted to `quant`) over `input` and saves the trace to `path`.
 fn capture(
     global: &GlobalOptions,
     args: &AnalyzeArgs,
     model_name: &str,
     quant: Option<QuantTarget>,
-    prompt: &str,
+    input: TraceInput<'_>,
     path: &Path,
 ) -> Result<TraceInfo> {
-    let files = global.hub()?.resolve(model_name)?;
-    if EncoderFiles::is_encoder(&files) {
-        return capture_encoder(global, args, &files, model_name, fixed(quant), prompt, path);
-    }
-    let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
-    let text = if args.chat {
-        loaded.tokenizer.chat_prompt(None, prompt)?
-    } else {
-        prompt.to_string()
-    };
-    let prompt_ids = loaded.tokenizer.encode(&text)?;
+    let mut options = global.load_options(quant);
+    options.tokenizer = args.model.tokenizer.clone();
     let bar = crate::options::progress_bar(
         global,
         args.max_tokens as u64,
         "tracing {prefix} {bar:30} {pos}/{len} tokens",
     );
     bar.set_prefix(model_name.to_string());
-    let (trace, ids) = trace_generation(
-        &loaded.model,
-        &loaded.tokenizer,
-        &prompt_ids,
-        args.max_tokens,
-        || bar.inc(1),
-    )?;
+    let (hub, device) = (global.hub()?, global.open_device()?);
+    let captured = trace::capture(&hub, &device, model_name, &options, input, || bar.inc(1))
+        .with_context(|| format!("tracing {model_name}"))?;
     bar.finish_and_clear();
-    let info = trace.save(path, model_name, &ids, prompt_ids.len())?;
+    if captured.truncated {
+        let n = captured.token_ids.len();
+        eprintln!("note: the text was cut to the {n} tokens its tokenizer.json allows");
+    }
+    let (ids, prompt) = (&captured.token_ids, captured.prompt_tokens);
+    let info = captured.trace.save(path, model_name, ids, prompt)?;
     eprintln!("trace: {info} -> {}", path.display());
     Ok(info)
 }
@@ -278,51 +265,15 @@ fn replay(
     primary_path: &Path,
     path: &Path,
 ) -> Result<TraceInfo> {
-    let files = global.hub()?.resolve(model_name)?;
-    if EncoderFiles::is_encoder(&files) {
-        let text = read_prompt(args)?;
-        return capture_encoder(global, args, &files, model_name, fixed(quant), &text, path);
-    }
     let (primary, _) = Trace::load(primary_path)
         .with_context(|| format!("reading trace {}", primary_path.display()))?;
-    let loaded = load_model(global, model_name, args.model.tokenizer.as_deref(), quant)?;
-    let trace = trace_tokens(&loaded.model, &primary.token_ids)
-        .with_context(|| format!("replaying the trace's tokens through {model_name}"))?;
-    let info = trace.save(path, model_name, &primary.token_ids, primary.prompt_tokens)?;
-    eprintln!(
-        "trace: {info}, the first trace's tokens -> {}",
-        path.display()
-    );
-    Ok(info)
-}
-
-/// An encoder's trace: the hidden states after every layer (0 = embeddings) over the text's
-/// tokens, all of which are analysed (an encoder generates nothing).
-fn capture_encoder(
-    global: &GlobalOptions,
-    args: &AnalyzeArgs,
-    files: &dynexec_core::files::ModelFiles,
-    model_name: &str,
-    quant: Option<WeightFormat>,
-    text: &str,
-    path: &Path,
-) -> Result<TraceInfo> {
-    let (mut model, tokenizer) = load_encoder(global, files, args.model.tokenizer.as_deref())?;
-    if let Some(format) = quant {
-        dynexec_quant::quantize_in_place(&mut model, format)
-            .with_context(|| format!("converting `{model_name}` to {format}"))?;
-    }
-    let ids = tokenizer.encode(text)?;
-    if tokenizer.truncation_limit() == Some(ids.len()) {
-        eprintln!(
-            "note: the text was cut to the {} tokens its tokenizer.json allows",
-            ids.len()
-        );
-    }
-    let trace = trace_encoder(&model, &ids).with_context(|| format!("tracing {model_name}"))?;
-    let info = trace.save(path, model_name, &ids, 0)?;
-    eprintln!("trace: {info} -> {}", path.display());
-    Ok(info)
+    let text = read_prompt(args)?;
+    let input = TraceInput::Replay {
+        token_ids: &primary.token_ids,
+        prompt_tokens: primary.prompt_tokens,
+        text: &text,
+    };
+    capture(global, args, model_name, quant, input, path)
 }
 
 /// Reads a saved trace into per-layer trajectories (generated positions only, unless
@@ -335,13 +286,4 @@ fn load_system(path: &Path, include_prompt: bool) -> Result<System> {
         )
     })?;
     Ok(System { info, layers })
-}
-
-/// The encoder's format for `--quant`: its dense F32 layers already have the fast kernel, so
-/// `auto` keeps them.
-fn fixed(quant: Option<QuantTarget>) -> Option<WeightFormat> {
-    match quant {
-        Some(QuantTarget::To(format)) => Some(format),
-        _ => None,
-    }
 }
