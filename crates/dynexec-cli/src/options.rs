@@ -14,7 +14,7 @@ use dynexec_quant::{QuantTarget, WeightFormat};
 #[derive(Args, Clone)]
 pub struct GlobalOptions {
     /// Device to run on: auto (CUDA, then Metal, then CPU), cpu, cuda, cuda:N or metal.
-    #[arg(long, global = true, default_value = "auto", value_parser = parse_device)]
+    #[arg(long, global = true, default_value = "auto")]
     pub device: DeviceSpec,
 
     /// Activation/weight dtype for safetensors models: f32, f16 or bf16 (default: f32 on CPU,
@@ -26,19 +26,19 @@ pub struct GlobalOptions {
     /// norms stay in float; `f32` dequantizes a quantized GGUF), or `auto`: keep each layer's
     /// stored type when a fast kernel multiplies it, convert it to the nearest fast type
     /// otherwise (Q2_K/Q3_K to q4_1, Q5 types to q8_0, f16 to f32), and say what it did.
-    #[arg(long, global = true, value_parser = parse_quant)]
+    #[arg(long, global = true)]
     pub quant: Option<QuantTarget>,
 
     /// CPU kernels: `dynexec` (Q8_0/Q4_0/Q4_1/Q5_0/Q4_K/Q6_K with 15-16-bit activations, on AVX2
     /// and AVX-512 VNNI repacked eight rows at a time; attention over the KV cache in place;
     /// faster and more accurate) or `candle` (candle's own, bit-identical to candle-transformers).
-    #[arg(long, global = true, default_value = "dynexec", value_parser = parse_cpu_kernels)]
+    #[arg(long, global = true, default_value = "dynexec")]
     pub cpu_kernels: CpuKernels,
 
     /// Highest instruction set for dynexec's repacked CPU kernels: `avx2` or `avx512-vnni`
     /// (default: the best this CPU has). Every choice gives the same bits; lower it to
     /// measure one against another, or where the hypervisor hides what the CPU reports.
-    #[arg(long, global = true, value_parser = parse_isa)]
+    #[arg(long, global = true)]
     pub max_cpu_isa: Option<Isa>,
 
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
@@ -52,34 +52,6 @@ pub struct GlobalOptions {
     /// No progress bars.
     #[arg(long, short, global = true)]
     pub quiet: bool,
-}
-
-fn parse_device(s: &str) -> Result<DeviceSpec, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
-}
-
-/// Parses an instruction set flag (`--max-cpu-isa`, `--compare-cpu-isa`).
-pub fn parse_isa(s: &str) -> Result<Isa, String> {
-    s.parse()
-}
-
-fn parse_cpu_kernels(s: &str) -> Result<CpuKernels, String> {
-    match s {
-        "dynexec" => Ok(CpuKernels::Dynexec),
-        "candle" => Ok(CpuKernels::Candle),
-        other => Err(format!(
-            "unknown CPU kernels `{other}`: use dynexec or candle"
-        )),
-    }
-}
-
-/// Parses a weight format flag (`--quant`, `--to`, `--formats`, `--target-quant`).
-pub fn parse_format(s: &str) -> Result<WeightFormat, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
-}
-
-fn parse_quant(s: &str) -> Result<QuantTarget, String> {
-    s.parse().map_err(|e: dynexec_core::Error| e.to_string())
 }
 
 fn parse_dtype(s: &str) -> Result<DType, String> {

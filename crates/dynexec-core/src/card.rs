@@ -23,6 +23,35 @@ pub fn write_card(path: &Path, card: &impl Serialize) -> Result<()> {
     std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))
 }
 
+/// The running command line as a user would retype it (shell-quoted), with the data cache
+/// written as `$DYNEXEC_CACHE`: what a card records to say how to reproduce its weights.
+pub fn reproduce_command() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| {
+            let a = with_cache_variable(&a);
+            let plain = a
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./,:=$".contains(c));
+            if plain {
+                a
+            } else {
+                format!("\"{}\"", a.replace('\\', "\\\\").replace('"', "\\\""))
+            }
+        })
+        .collect();
+    format!("dynexec {}", args.join(" "))
+}
+
+/// `text` with the data cache's path written as `$DYNEXEC_CACHE`, so cards do not record
+/// this machine's home directory.
+pub fn with_cache_variable(text: &str) -> String {
+    let cache = crate::files::default_cache_dir()
+        .to_string_lossy()
+        .into_owned();
+    text.replace(&cache, "$DYNEXEC_CACHE")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

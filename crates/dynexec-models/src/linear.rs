@@ -76,6 +76,20 @@ impl std::fmt::Display for WeightFormat {
     }
 }
 
+impl FromStr for CpuKernels {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "dynexec" => Ok(Self::Dynexec),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!(
+                "unknown CPU kernels `{other}`: use dynexec or candle"
+            )),
+        }
+    }
+}
+
 /// Which CPU kernels multiply quantized weights and small batches of F32 rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuKernels {

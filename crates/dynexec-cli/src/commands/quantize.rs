@@ -1,7 +1,7 @@
 //! `dynexec quantize MODEL --to FORMAT --out FILE.gguf`.
 
 use super::common::load_model;
-use crate::options::{parse_format, print_json, GlobalOptions};
+use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_quant::gguf_export::{export_gguf, ExportSource};
@@ -18,7 +18,7 @@ pub struct QuantizeArgs {
     /// transformers folder (config.json + safetensors + tokenizer.json).
     pub model: String,
     /// Target format of the linear layers: f32, f16, q8_0, q4_0 or q4_1.
-    #[arg(long, value_parser = parse_format)]
+    #[arg(long)]
     pub to: WeightFormat,
     /// Output GGUF file.
     #[arg(long)]

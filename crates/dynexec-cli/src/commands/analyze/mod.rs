@@ -12,7 +12,7 @@ mod report;
 mod settings;
 
 use crate::commands::common::ModelArgs;
-use crate::options::{parse_format, GlobalOptions};
+use crate::options::GlobalOptions;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use dynexec_core::trace::{Trace, TraceInfo};
@@ -65,7 +65,7 @@ pub struct AnalyzeArgs {
 
     /// Second system, compared layer by layer: the same model converted to this precision
     /// (f32 vs int8: `--quant f32 --vs-quant q8_0`), run over the same tokens.
-    #[arg(long, value_parser = parse_format, conflicts_with_all = ["vs_prompt", "vs_model", "vs_trace"])]
+    #[arg(long, conflicts_with_all = ["vs_prompt", "vs_model", "vs_trace"])]
     pub vs_quant: Option<WeightFormat>,
 
     /// Second system: the same model on another prompt (easy vs hard inputs).

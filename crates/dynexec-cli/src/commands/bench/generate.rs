@@ -1,7 +1,7 @@
 //! `dynexec bench generate`: prefill and decode speed of dynexec next to its peers.
 
 use crate::commands::common::ModelArgs;
-use crate::options::{parse_isa, print_json, progress_bar, GlobalOptions};
+use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
@@ -42,7 +42,7 @@ pub struct BenchGenerateArgs {
     compare_llama_cpp: Vec<PathBuf>,
     /// Also run dynexec with its repacked kernels held to this instruction set (`avx2`),
     /// interleaved run by run: what the better one this CPU has is worth.
-    #[arg(long, value_name = "ISA", value_parser = parse_isa)]
+    #[arg(long, value_name = "ISA")]
     compare_cpu_isa: Option<Isa>,
 }
 

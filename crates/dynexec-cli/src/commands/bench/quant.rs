@@ -1,7 +1,7 @@
 //! `dynexec bench quant`: every precision of one model side by side.
 
 use crate::commands::common::{load_encoder, load_model, read_text, ModelArgs};
-use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
+use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
 use dynexec_core::device::device_name;
@@ -20,7 +20,7 @@ pub struct BenchQuantArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Formats to compare (f32, f16, q8_0, q4_0, q4_1).
-    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0,q4_1", value_parser = parse_format)]
+    #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0,q4_1")]
     formats: Vec<WeightFormat>,
     /// Held-out text for perplexity (default: the State of the Union slice of scripts/fetch-sotu.sh).
     #[arg(long)]

@@ -2,7 +2,7 @@
 //! same target and prompts, in one process.
 
 use crate::commands::common::{build_drafter, load_model, read_jsonl, ModelArgs};
-use crate::options::{parse_format, print_json, progress_bar, GlobalOptions};
+use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
 use dynexec_core::device::device_name;
@@ -21,7 +21,7 @@ pub struct BenchSpeculativeArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Target precisions to compare (repeat the flag); each is measured against its own plain decoding.
-    #[arg(long = "target-quant", default_values = ["f32", "q8_0"], value_parser = parse_format)]
+    #[arg(long = "target-quant", default_values = ["f32", "q8_0"])]
     target_quants: Vec<WeightFormat>,
     /// Drafters (repeat the flag), as `generate --draft` takes them.
     #[arg(long = "draft", default_values = ["ngram:3,10", "self-quant:q4_0", "self-layers:8"])]

@@ -1,11 +1,11 @@
 //! `dynexec exits train-adapters`: exit adapters for per-token early exit in a decoder,
 //! distilled from its final layer on text it generates.
 
-use super::train::{reproduce_command, with_cache_variable};
 use crate::commands::common::{read_jsonl, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dynexec_core::card::{reproduce_command, with_cache_variable};
 use dynexec_exit::distill::{distill, DistillEvent, DistillPlan};
 use dynexec_exit::token_exit::{AdapterCard, AdapterTraining, ADAPTERS_CARD, ADAPTERS_FILE};
 use std::path::PathBuf;

@@ -4,6 +4,7 @@ use crate::commands::common::read_named_splits;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use dynexec_core::card::{reproduce_command, with_cache_variable};
 use dynexec_exit::assemble::{NewBackbone, Untrained};
 use dynexec_exit::card::{
     DataRecord, ExitCard, InputKind, TrainMode, TrainingRecord, CARD_FILE, WEIGHTS_FILE,
@@ -237,33 +238,4 @@ fn percentages(values: &[f64]) -> String {
         .map(|v| format!("{:.1}%", v * 100.0))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// This command line as a user would retype it (shell-quoted), with the data cache written
-/// as `$DYNEXEC_CACHE`.
-pub(super) fn reproduce_command() -> String {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .map(|a| {
-            let a = with_cache_variable(&a);
-            let plain = a
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./,:=$".contains(c));
-            if plain {
-                a
-            } else {
-                format!("\"{}\"", a.replace('\\', "\\\\").replace('"', "\\\""))
-            }
-        })
-        .collect();
-    format!("dynexec {}", args.join(" "))
-}
-
-/// `text` with the data cache's path written as `$DYNEXEC_CACHE`, so cards do not record
-/// this machine's home directory.
-pub(super) fn with_cache_variable(text: &str) -> String {
-    let cache = dynexec_core::files::default_cache_dir()
-        .to_string_lossy()
-        .into_owned();
-    text.replace(&cache, "$DYNEXEC_CACHE")
 }
