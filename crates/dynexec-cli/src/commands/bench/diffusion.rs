@@ -126,17 +126,7 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
         args.classifier,
         reference.len()
     );
-    println!(
-        "{:<18} {:>10} {:>11} {:>12} {:>8} {:>13} {:>11} {:>8}",
-        "policy",
-        "mean steps",
-        "steps saved",
-        "s / prompt",
-        "speedup",
-        "SSIM to full",
-        "class cons.",
-        "FID"
-    );
+    println!("policy             mean steps steps saved   s / prompt  speedup  SSIM to full class cons.      FID");
     let (base_steps, base_seconds) = (rows[0].mean_steps, rows[0].seconds);
     for r in &rows {
         println!(

@@ -107,18 +107,7 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
         args.runs,
         args.batch_size
     );
-    println!(
-        "{:<11} {:<28} {:>8} {:>9} {:>7} {:>9} {:>7} {:>9} {:>7}",
-        "policy",
-        "setting",
-        "accuracy",
-        "mean exit",
-        "saved",
-        "batch1 ms",
-        "speedup",
-        "items/s",
-        "speedup"
-    );
+    println!("policy      setting                      accuracy mean exit   saved batch1 ms speedup   items/s speedup");
     for r in &rows {
         println!(
             "{:<11} {:<28} {:>7.2}% {:>9.2} {:>6.1}% {:>9.2} {:>6.2}x {:>9.1} {:>6.2}x",

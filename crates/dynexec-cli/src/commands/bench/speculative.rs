@@ -136,18 +136,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         args.questions,
         args.articles
     );
-    println!(
-        "{:<11} {:<6} {:<18} {:<11} {:>8} {:>8} {:>8} {:>8} {:>9}",
-        "prompts",
-        "target",
-        "draft",
-        "lookahead",
-        "tok/s",
-        "speedup",
-        "accept",
-        "acc/step",
-        "identical"
-    );
+    println!("prompts     target draft              lookahead      tok/s  speedup   accept acc/step identical");
     for r in &rows {
         println!(
             "{:<11} {:<6} {:<18} {:<11} {:>8.1} {:>7.2}x {:>7.1}% {:>8.2} {:>9}",
