@@ -443,6 +443,15 @@ fn bad_devices_and_flags() {
         &dynexec(&["generate", "--prompt", "x", "--max-tokens", "many"]),
         "invalid value",
     );
+    // Library spec errors are worded by the flag that set them.
+    assert_clear_error(
+        &dynexec(&["diffuse", "--prompt", "x", "--steps", "fast"]),
+        "bad --steps `fast`",
+    );
+    assert_clear_error(
+        &dynexec(&["generate", "--prompt", "x", "--draft", "ngram:0,3"]),
+        "bad --draft `ngram:0,3`",
+    );
 }
 
 #[test]

@@ -44,9 +44,9 @@ pub fn read_grey_images(paths: &[String], side: usize, device: &Device) -> Resul
     let mut pixels = Vec::with_capacity(paths.len() * side * side);
     for path in paths {
         let image = image::open(Path::new(path))
-            .map_err(|e| PlotError::Image {
+            .map_err(|e| PlotError::Unreadable {
                 path: path.into(),
-                message: format!("cannot read it: {e} (PNG files are supported)"),
+                message: e.to_string(),
             })?
             .into_luma8();
         let image = if image.dimensions() == (side as u32, side as u32) {

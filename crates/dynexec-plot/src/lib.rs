@@ -35,7 +35,15 @@ pub enum PlotError {
         /// The backend's error.
         message: String,
     },
-    /// An image could not be decoded or encoded.
+    /// An input image could not be read or decoded.
+    #[error("cannot read image {path} (PNG files are supported): {message}")]
+    Unreadable {
+        /// The image file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// An image could not be encoded or written.
     #[error("{path}: {message}")]
     Image {
         /// The image file.
