@@ -152,6 +152,20 @@ pub struct CalibrationRecord {
 }
 
 impl ExitCard {
+    /// The policy `text` names for this model: `calibrated` is the card's own (full depth
+    /// when it has none), anything else is parsed and checked against the model's exits.
+    pub fn policy(&self, text: &str) -> Result<ExitPolicy> {
+        if text == "calibrated" {
+            return Ok(self
+                .calibration
+                .as_ref()
+                .map_or(ExitPolicy::Full, |c| c.policy.clone()));
+        }
+        let policy = ExitPolicy::parse(text)?;
+        policy.check(self.layers)?;
+        Ok(policy)
+    }
+
     /// The card of a classifier about to be trained: what [`crate::assemble::Untrained`]
     /// completes (layers, head size, loss weights) and training fills in (accuracy).
     pub fn for_training(

@@ -252,6 +252,19 @@ pub fn load_classifier(global: &GlobalOptions, reference: &str) -> Result<ExitCl
     Ok(classifier)
 }
 
+/// The splits in `dir`, class numbers named as `labels`.
+pub fn read_splits(
+    global: &GlobalOptions,
+    dir: &Path,
+    val_size: usize,
+    labels: &[String],
+) -> Result<Splits> {
+    let device = global.open_device()?;
+    Ok(dynexec_exit::data::read_named_splits(
+        dir, val_size, labels, &device,
+    )?)
+}
+
 /// The splits of an exit model's task, from `data` or else from where the fetch scripts put
 /// the card's task (`$DYNEXEC_CACHE/data/TASK`).
 pub fn read_task_splits(
@@ -261,20 +274,7 @@ pub fn read_task_splits(
     val_size: usize,
 ) -> Result<Splits> {
     let dir = data.map_or_else(|| default_task_dir(&card.task), Path::to_path_buf);
-    read_named_splits(global, &dir, val_size, &card.labels)
-}
-
-/// The splits in `data` with class numbers named as `labels`.
-pub fn read_named_splits(
-    global: &GlobalOptions,
-    data: &Path,
-    val_size: usize,
-    labels: &[String],
-) -> Result<Splits> {
-    let device = global.open_device()?;
-    Ok(dynexec_exit::data::read_named_splits(
-        data, val_size, labels, &device,
-    )?)
+    read_splits(global, &dir, val_size, &card.labels)
 }
 
 /// Every exit's predictions on a split, with a progress bar.
@@ -297,29 +297,8 @@ pub fn predict_split(
 
 /// The policy a flag names; `calibrated` is the card's (full depth if it has none).
 pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
-    if text == "calibrated" {
-        return match &card.calibration {
-            Some(c) => Ok(c.policy.clone()),
-            None => {
-                eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
-                Ok(ExitPolicy::Full)
-            }
-        };
+    if text == "calibrated" && card.calibration.is_none() {
+        eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
     }
-    let policy = ExitPolicy::parse(text)?;
-    policy.check(card.layers)?;
-    Ok(policy)
-}
-
-/// Loads a BERT-family encoder (F32) and its tokenizer from a transformers folder.
-pub fn load_encoder(
-    global: &GlobalOptions,
-    files: &dynexec_core::files::ModelFiles,
-    tokenizer: Option<&Path>,
-) -> Result<(
-    dynexec_models::bert::Bert,
-    dynexec_core::tokenizer::TextTokenizer,
-)> {
-    let files = dynexec_models::bert::EncoderFiles::find(files, tokenizer)?;
-    Ok(files.load(&global.open_device()?)?)
+    Ok(card.policy(text)?)
 }

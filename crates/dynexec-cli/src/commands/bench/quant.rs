@@ -1,6 +1,6 @@
 //! `dynexec bench quant`: every precision of one model side by side.
 
-use crate::commands::common::{load_encoder, load_model, read_text, ModelArgs};
+use crate::commands::common::{load_model, read_text, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
@@ -182,7 +182,8 @@ fn bench_quant_encoder(
     text_path: &Path,
 ) -> Result<()> {
     let sentences = sentences_of(text, args.sentences);
-    let (reference, tokenizer) = load_encoder(global, files, args.model.tokenizer.as_deref())?;
+    let encoder = EncoderFiles::find(files, args.model.tokenizer.as_deref())?;
+    let (reference, tokenizer) = encoder.load(&global.open_device()?)?;
     let device = reference.device().clone();
     let rows = bench_encoder_formats(
         &reference,

@@ -1,6 +1,6 @@
 //! `dynexec exits train`.
 
-use crate::commands::common::read_named_splits;
+use crate::commands::common::read_splits;
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -85,7 +85,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     if labels.len() < 2 {
         bail!("the training split has only one label: a classifier needs two or more");
     }
-    let splits = read_named_splits(global, &args.data, args.val_size, &labels)?;
+    let splits = read_splits(global, &args.data, args.val_size, &labels)?;
     let train_split = match args.train_limit {
         Some(n) => splits.train.take(n)?,
         None => splits.train.clone(),
