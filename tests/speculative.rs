@@ -10,7 +10,7 @@ use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_models::generation::{generate, GenerateOptions, StopReason};
 use dynexec_models::llama::Llama;
 use dynexec_quant::{quantize_in_place, WeightFormat};
-use dynexec_spec::drafter::{check_vocab, Drafter, ModelDrafter, NgramDrafter};
+use dynexec_spec::drafter::{check_vocab, ChainDrafter, Drafter, ModelDrafter, NgramDrafter};
 use dynexec_spec::engine::generate_speculative;
 use dynexec_spec::lookahead::{self, Lookahead};
 
@@ -77,6 +77,12 @@ fn greedy_is_lossless_on_random_models_for_every_drafter_and_controller() {
             Box::new(ModelDrafter::new(target.clone(), "self")),
             Box::new(ModelDrafter::with_depth(target.clone(), 1, "self-layers:1")),
             Box::new(NgramDrafter::new(3, 8)),
+            // Prompt lookup first, the draft model where no n-gram matches: both kinds of
+            // proposal in one sequence, and the model's cache catching up between them.
+            Box::new(ChainDrafter::new(
+                Box::new(NgramDrafter::new(3, 8)),
+                Box::new(ModelDrafter::new(other.clone(), "random draft")),
+            )),
         ];
         for drafter in drafters.iter_mut() {
             let rate = assert_lossless(

@@ -685,13 +685,25 @@ fn generate_with_a_draft_matches_plain_greedy_and_reports_speculation() {
         "--ignore-eos",
     ];
     let plain = stdout_json(&dynexec(&base));
-    for (draft, lookahead) in [
-        ("ngram:3,8", "fixed:4"),
-        ("self-quant:q4_0", "heuristic"),
-        ("self-layers:6", "confidence"),
+    for (draft, lookahead, extra) in [
+        ("ngram:3,8", "fixed:4", &[][..]),
+        ("self-quant:q4_0", "heuristic", &[]),
+        ("self-layers:6", "confidence", &[]),
+        // A chain, and a draft model converted at load (the target itself, as q4_0).
+        ("ngram:3,8+self-layers:6", "fixed:4", &[]),
+        (
+            "smollm2-135m-instruct",
+            "heuristic",
+            &["--draft-quant", "q4_0"],
+        ),
     ] {
         let out = stdout_json(&dynexec(
-            &[&base[..], &["--draft", draft, "--lookahead", lookahead]].concat(),
+            &[
+                &base[..],
+                &["--draft", draft, "--lookahead", lookahead],
+                extra,
+            ]
+            .concat(),
         ));
         assert_eq!(
             out["token_ids"], plain["token_ids"],

@@ -1,7 +1,7 @@
 //! What to draft with, as a user names it (`--draft`, the server's draft), and how to build
 //! it for a target: the one place a new drafter is registered.
 
-use crate::drafter::{check_vocab, Drafter, ModelDrafter, NgramDrafter};
+use crate::drafter::{check_vocab, ChainDrafter, Drafter, ModelDrafter, NgramDrafter};
 use candle_core::Device;
 use dynexec_core::files::Resolve;
 use dynexec_core::{Error, Result, Setting};
@@ -9,12 +9,13 @@ use dynexec_exit::token_exit::ExitAdapters;
 use dynexec_models::linear::WeightFormat;
 use dynexec_models::llama::LoadedDecoder;
 use dynexec_models::loading::{load, LoadOptions};
-use dynexec_models::quantize::quantize_in_place;
+use dynexec_models::quantize::{quantize_in_place, QuantTarget};
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-/// A draft, parsed from `MODEL | self-quant[:TYPE] | self-layers:E | ngram[:N,K]`.
+/// A draft, parsed from `MODEL | self-quant[:TYPE] | self-layers:E | ngram[:N,K]`, or two
+/// of them joined by `+` (the first's proposal when it has one, the second's otherwise).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DraftSpec {
     /// A separate model with the target's tokenizer: a manifest name, `hf:` reference or path.
@@ -30,6 +31,9 @@ pub enum DraftSpec {
         /// Most tokens proposed at once.
         max_tokens: usize,
     },
+    /// The first draft's proposal when it has one, the second's otherwise (e.g. prompt
+    /// lookup, then a draft model).
+    Chain(Box<DraftSpec>, Box<DraftSpec>),
 }
 
 /// What building a draft may need besides the target.
@@ -40,6 +44,8 @@ pub struct DraftSources<'a> {
     pub device: &'a Device,
     /// How a draft model is loaded (the target's conversion and kernels).
     pub load_options: LoadOptions,
+    /// Convert a draft model to this format instead (a cheaper draft; output is unchanged).
+    pub draft_quant: Option<WeightFormat>,
     /// Exit adapters: a `self-layers:E` draft's hidden state goes through layer E's adapter
     /// before the head. Only that draft takes them.
     pub exit_adapters: Option<&'a ExitAdapters>,
@@ -57,6 +63,15 @@ impl FromStr for DraftSpec {
     type Err = Error;
 
     fn from_str(spec: &str) -> Result<Self> {
+        if let Some((first, then)) = spec.split_once('+') {
+            if first.is_empty() || then.is_empty() {
+                return Err(bad(spec, "a chain is FIRST+THEN, e.g. ngram+MODEL"));
+            }
+            return Ok(Self::Chain(
+                Box::new(first.parse()?),
+                Box::new(then.parse()?),
+            ));
+        }
         let (kind, arg) = spec
             .split_once(':')
             .map_or((spec, None), |(k, a)| (k, Some(a)));
@@ -99,11 +114,21 @@ impl fmt::Display for DraftSpec {
                 max_ngram,
                 max_tokens,
             } => write!(f, "ngram:{max_ngram},{max_tokens}"),
+            Self::Chain(first, then) => write!(f, "{first}+{then}"),
         }
     }
 }
 
 impl DraftSpec {
+    /// Whether exit adapters serve this draft (a `self-layers:E` draft, alone or in a chain).
+    pub fn uses_exit_adapters(&self) -> bool {
+        match self {
+            Self::SelfLayers(_) => true,
+            Self::Chain(first, then) => first.uses_exit_adapters() || then.uses_exit_adapters(),
+            _ => false,
+        }
+    }
+
     /// Builds the drafter for `target`. A draft model must spell every id as the target
     /// does; `self-layers:E` needs E below the target's depth (and, with exit adapters, an
     /// adapter after layer E).
@@ -112,7 +137,7 @@ impl DraftSpec {
         target: &LoadedDecoder,
         sources: &DraftSources<'_>,
     ) -> Result<Box<dyn Drafter>> {
-        if sources.exit_adapters.is_some() && !matches!(self, Self::SelfLayers(_)) {
+        if sources.exit_adapters.is_some() && !self.uses_exit_adapters() {
             return Err(Error::setting(
                 Setting::ExitAdapters,
                 format!("serves early exit or a self-layers:E draft, not `{self}`"),
@@ -158,15 +183,28 @@ impl DraftSpec {
                 max_ngram,
                 max_tokens,
             } => Ok(Box::new(NgramDrafter::new(max_ngram, max_tokens))),
+            Self::Chain(first, then) => {
+                // Exit adapters go to the self-layers part of a chain.
+                let part = |spec: &DraftSpec| DraftSources {
+                    hub: sources.hub,
+                    device: sources.device,
+                    load_options: sources.load_options.clone(),
+                    draft_quant: sources.draft_quant,
+                    exit_adapters: sources.exit_adapters.filter(|_| spec.uses_exit_adapters()),
+                };
+                Ok(Box::new(ChainDrafter::new(
+                    first.build(target, &part(first))?,
+                    then.build(target, &part(then))?,
+                )))
+            }
             Self::Model(reference) => {
-                let draft = load(
-                    sources.hub,
-                    reference,
-                    sources.device,
-                    &sources.load_options,
-                )
-                .map_err(|e| e.context(format!("loading draft model `{reference}`")))?
-                .decoder;
+                let mut options = sources.load_options.clone();
+                if let Some(format) = sources.draft_quant {
+                    options.quant = Some(QuantTarget::To(format));
+                }
+                let draft = load(sources.hub, reference, sources.device, &options)
+                    .map_err(|e| e.context(format!("loading draft model `{reference}`")))?
+                    .decoder;
                 check_vocab(&target.model, &draft.model)?;
                 check_same_tokens(target, &draft)?;
                 Ok(Box::new(ModelDrafter::new(draft.model, reference.clone())))

@@ -296,3 +296,54 @@ mod tests {
         assert_eq!(d.lookup(&[4, 4], 3), vec![4]);
     }
 }
+
+/// Two drafters in order: the first one's proposal when it has one, the second's otherwise.
+/// Prompt lookup first and a draft model when no n-gram matches costs a draft-model forward
+/// only where the cheap guess fails. The second drafter's cache catches up on the tokens the
+/// first proposed when it next drafts.
+pub struct ChainDrafter {
+    first: Box<dyn Drafter>,
+    then: Box<dyn Drafter>,
+}
+
+impl ChainDrafter {
+    /// Drafts with `first`, falling back to `then` when `first` proposes nothing.
+    pub fn new(first: Box<dyn Drafter>, then: Box<dyn Drafter>) -> Self {
+        Self { first, then }
+    }
+}
+
+impl Drafter for ChainDrafter {
+    fn name(&self) -> String {
+        format!("{}+{}", self.first.name(), self.then.name())
+    }
+
+    fn propose(
+        &mut self,
+        tokens: &[u32],
+        max: usize,
+        mut sampler: Option<&mut Sampler>,
+        lookahead: &dyn Lookahead,
+    ) -> Result<Draft> {
+        let draft = self
+            .first
+            .propose(tokens, max, sampler.as_deref_mut(), lookahead)?;
+        if !draft.tokens.is_empty() {
+            return Ok(draft);
+        }
+        self.then.propose(tokens, max, sampler, lookahead)
+    }
+
+    fn rollback(&mut self, len: usize) -> Result<()> {
+        self.first.rollback(len)?;
+        self.then.rollback(len)
+    }
+
+    fn forwards(&self) -> usize {
+        self.first.forwards() + self.then.forwards()
+    }
+
+    fn fresh(&self) -> Box<dyn Drafter> {
+        Box::new(Self::new(self.first.fresh(), self.then.fresh()))
+    }
+}

@@ -15,7 +15,7 @@ use dynexec_exit::token_exit::{ExitAdapters, ADAPTERS_CARD};
 use dynexec_models::llama::{Llama, LoadedDecoder};
 use dynexec_models::loading::{load, LoadOptions};
 use dynexec_quant::perplexity::{perplexity, Perplexity, Window};
-use dynexec_quant::QuantTarget;
+use dynexec_quant::{QuantTarget, WeightFormat};
 use dynexec_spec::draft_spec::{DraftSources, DraftSpec};
 use std::path::{Path, PathBuf};
 
@@ -108,10 +108,12 @@ impl SamplingArgs {
     }
 }
 
-/// The drafter `--draft` names, loaded (for a draft model) the way the target was.
+/// The drafter `--draft` names, loaded (for a draft model) the way the target was, or
+/// converted to `draft_quant`.
 pub fn build_drafter(
     global: &GlobalOptions,
     draft: &DraftSpec,
+    draft_quant: Option<WeightFormat>,
     target: &LoadedDecoder,
     exit_adapters: Option<&dynexec_exit::token_exit::ExitAdapters>,
 ) -> Result<Box<dyn dynexec_spec::drafter::Drafter>> {
@@ -120,6 +122,7 @@ pub fn build_drafter(
         hub: &hub,
         device: &device,
         load_options: global.load_options(global.quant),
+        draft_quant,
         exit_adapters,
     };
     Ok(draft.build(target, &sources)?)

@@ -11,6 +11,7 @@ use dynexec_core::trace::Trace;
 use dynexec_engine::{decode, EarlyExitReport, SpeculativeReport, Strategy};
 use dynexec_exit::token_exit::TokenExitPolicy;
 use dynexec_models::generation::{GenerateOptions, StopReason};
+use dynexec_models::linear::WeightFormat;
 use dynexec_models::llama::LoadedDecoder;
 use dynexec_spec::draft_spec::DraftSpec;
 use serde::Serialize;
@@ -55,9 +56,15 @@ pub struct GenerateArgs {
     /// Speculative decoding with a draft: a model (same tokenizer as the target),
     /// `self-quant[:q8_0|q4_0|...]` (the target's own quantized copy), `self-layers:E` (the
     /// target's first E layers and its head) or `ngram[:N,K]` (prompt lookup: n-grams up to
-    /// N, continuations up to K). Output is the same as without it.
+    /// N, continuations up to K); `FIRST+THEN` drafts with FIRST and falls back to THEN
+    /// (e.g. `ngram+MODEL`). Output is the same as without it.
     #[arg(long)]
     pub draft: Option<String>,
+
+    /// Convert a draft model's linear layers to this format (e.g. q4_0: a cheaper draft;
+    /// output is unchanged).
+    #[arg(long, requires = "draft")]
+    pub draft_quant: Option<WeightFormat>,
 
     /// How many tokens to draft per step: `fixed:K`, `heuristic[:START]` (+2 after a fully
     /// accepted draft, -1 otherwise) or `confidence[:T]` (stop when the draft's probability
@@ -152,7 +159,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     };
     let mut strategy = match (&draft, lookahead.take(), early_exit_policy, &adapters) {
         (Some(draft), Some(lookahead), _, _) => Strategy::Speculative {
-            drafter: build_drafter(global, draft, &loaded, adapters.as_ref())?,
+            drafter: build_drafter(global, draft, args.draft_quant, &loaded, adapters.as_ref())?,
             lookahead,
         },
         (None, _, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },

@@ -47,6 +47,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub draft: Option<String>,
 
+    /// Convert a draft model's linear layers to this format (e.g. q4_0).
+    #[arg(long, requires = "draft")]
+    pub draft_quant: Option<dynexec_quant::WeightFormat>,
+
     /// The lookahead speculative requests use unless they send their own.
     #[arg(long, default_value = "heuristic")]
     pub lookahead: String,
@@ -155,10 +159,14 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
     let drafter = match args.draft.as_deref().map(str::parse::<DraftSpec>) {
         Some(spec) => {
             let spec = spec?;
-            let adapters = exit_adapters
-                .as_ref()
-                .filter(|_| matches!(spec, DraftSpec::SelfLayers(_)));
-            Some(build_drafter(global, &spec, &loaded, adapters)?)
+            let adapters = exit_adapters.as_ref().filter(|_| spec.uses_exit_adapters());
+            Some(build_drafter(
+                global,
+                &spec,
+                args.draft_quant,
+                &loaded,
+                adapters,
+            )?)
         }
         None => None,
     };

@@ -26,6 +26,9 @@ pub struct BenchSpeculativeArgs {
     /// Drafters (repeat the flag), as `generate --draft` takes them.
     #[arg(long = "draft", default_values = ["ngram:3,10", "self-quant:q4_0", "self-layers:8"])]
     drafts: Vec<String>,
+    /// Convert draft models to this format, as `generate --draft-quant`.
+    #[arg(long)]
+    draft_quant: Option<WeightFormat>,
     /// Lookahead controllers (repeat the flag), as `generate --lookahead` takes them.
     #[arg(long = "lookahead", default_values = ["fixed:2", "fixed:4", "fixed:8", "heuristic", "confidence"])]
     lookaheads: Vec<String>,
@@ -97,7 +100,13 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             .map(|name| {
                 Ok(NamedDrafter {
                     name: name.clone(),
-                    drafter: build_drafter(global, &name.parse()?, &target, None)?,
+                    drafter: build_drafter(
+                        global,
+                        &name.parse()?,
+                        args.draft_quant,
+                        &target,
+                        None,
+                    )?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
