@@ -145,8 +145,15 @@ pub fn load_exit_adapters(
 
 /// The `field` strings of the first `count` lines of a JSON-lines file.
 pub fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {} (run scripts/fetch-prompts.sh)", path.display()))?;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "reading {} (scripts/fetch-prompts.sh and fetch-humaneval.sh fetch the prompt sets)",
+            path.display()
+        )
+    })?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .take(count)

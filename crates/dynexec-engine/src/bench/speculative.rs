@@ -5,7 +5,6 @@
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Result;
 use dynexec_models::generation::{generate, GenerateOptions};
-use dynexec_models::linear::WeightFormat;
 use dynexec_models::llama::Llama;
 use dynexec_spec::drafter::Drafter;
 use dynexec_spec::engine::generate_speculative;
@@ -20,7 +19,20 @@ pub struct PromptSet {
     pub prompts: Vec<Vec<u32>>,
 }
 
+/// HumanEval's fixed split: problems before this index train and tune (DISCO, settings),
+/// the rest give every reported figure.
+pub const HUMANEVAL_TEST_START: usize = 82;
+
 impl PromptSet {
+    /// Each text encoded as given (code completion: no chat template).
+    pub fn raw(name: &'static str, texts: &[String], tokenizer: &TextTokenizer) -> Result<Self> {
+        let prompts = texts
+            .iter()
+            .map(|text| tokenizer.encode(text))
+            .collect::<Result<_>>()?;
+        Ok(Self { name, prompts })
+    }
+
     /// Each text as a user turn in the model's chat template.
     pub fn chat(name: &'static str, texts: &[String], tokenizer: &TextTokenizer) -> Result<Self> {
         let prompts = texts
@@ -36,8 +48,8 @@ impl PromptSet {
 pub struct SpeculativeRow {
     /// The prompt set.
     pub prompts: &'static str,
-    /// The target's weight format.
-    pub target_quant: WeightFormat,
+    /// The target's weight format (`auto`: as stored where a fast kernel takes it).
+    pub target_quant: String,
     /// The drafter (`none` for plain decoding).
     pub draft: String,
     /// The lookahead controller (`-` for plain decoding).
@@ -69,7 +81,7 @@ pub struct NamedDrafter {
 pub fn bench_prompt_set(
     model: &Llama,
     tokenizer: &TextTokenizer,
-    target_quant: WeightFormat,
+    target_quant: &str,
     set: &PromptSet,
     drafters: &mut [NamedDrafter],
     lookaheads: &[String],
@@ -90,7 +102,7 @@ pub fn bench_prompt_set(
     let plain_rate = plain_tokens as f64 / plain_secs;
     let mut rows = vec![SpeculativeRow {
         prompts: set.name,
-        target_quant,
+        target_quant: target_quant.to_string(),
         draft: "none".to_string(),
         lookahead: "-".to_string(),
         tokens_per_s: plain_rate,
@@ -129,7 +141,7 @@ pub fn bench_prompt_set(
             let rate = tokens as f64 / secs;
             rows.push(SpeculativeRow {
                 prompts: set.name,
-                target_quant,
+                target_quant: target_quant.to_string(),
                 draft: name.clone(),
                 lookahead: lookahead.name(),
                 tokens_per_s: rate,

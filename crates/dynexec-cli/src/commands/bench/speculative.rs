@@ -7,7 +7,9 @@ use anyhow::Result;
 use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::tokenizer::TextTokenizer;
-use dynexec_engine::bench::speculative::{bench_prompt_set, NamedDrafter, PromptSet};
+use dynexec_engine::bench::speculative::{
+    bench_prompt_set, NamedDrafter, PromptSet, HUMANEVAL_TEST_START,
+};
 use dynexec_models::generation::GenerateOptions;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
@@ -20,9 +22,10 @@ use std::path::PathBuf;
 pub struct BenchSpeculativeArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Target precisions to compare (repeat the flag); each is measured against its own plain decoding.
+    /// Target precisions to compare (repeat the flag; `auto` keeps a GGUF's stored types where
+    /// a fast kernel takes them); each is measured against its own plain decoding.
     #[arg(long = "target-quant", default_values = ["f32", "q8_0"])]
-    target_quants: Vec<WeightFormat>,
+    target_quants: Vec<QuantTarget>,
     /// Drafters (repeat the flag), as `generate --draft` takes them.
     #[arg(long = "draft", default_values = ["ngram:3,10", "self-quant:q4_0", "self-layers:8"])]
     drafts: Vec<String>,
@@ -32,7 +35,8 @@ pub struct BenchSpeculativeArgs {
     /// Lookahead controllers (repeat the flag), as `generate --lookahead` takes them.
     #[arg(long = "lookahead", default_values = ["fixed:2", "fixed:4", "fixed:8", "heuristic", "confidence"])]
     lookaheads: Vec<String>,
-    /// Folder with truthfulqa.jsonl and xsum.jsonl (default: where scripts/fetch-prompts.sh puts them).
+    /// Folder with truthfulqa.jsonl, xsum.jsonl and humaneval.jsonl (default: where
+    /// scripts/fetch-prompts.sh and fetch-humaneval.sh put them).
     #[arg(long)]
     prompts_dir: Option<PathBuf>,
     /// TruthfulQA questions to use.
@@ -41,6 +45,10 @@ pub struct BenchSpeculativeArgs {
     /// BBC articles to summarize.
     #[arg(long, default_value_t = 2)]
     articles: usize,
+    /// HumanEval problems to complete as code (raw prompts), taken from its test split (the
+    /// last 82; scripts/fetch-humaneval.sh fetches them).
+    #[arg(long, default_value_t = 0)]
+    humaneval: usize,
     /// Articles are cut to this many tokens.
     #[arg(long, default_value_t = 384)]
     article_tokens: usize,
@@ -62,14 +70,23 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
         let cut = tokenizer.decode(&ids[..ids.len().min(args.article_tokens)])?;
         summarize.push(format!("Summarize: {cut}"));
     }
+    let humaneval = match args.humaneval {
+        0 => Vec::new(),
+        n => {
+            let path = dir.join("humaneval.jsonl");
+            let all = read_jsonl(&path, "prompt", usize::MAX)?;
+            all.into_iter().skip(HUMANEVAL_TEST_START).take(n).collect()
+        }
+    };
     let sets = vec![
         PromptSet::chat("truthfulqa", &questions, tokenizer)?,
         PromptSet::chat("summarize", &summarize, tokenizer)?,
+        PromptSet::raw("humaneval", &humaneval, tokenizer)?,
     ];
     // A set asked for with 0 prompts has no rows (rather than rows of NaN).
     let sets: Vec<PromptSet> = sets.into_iter().filter(|s| !s.prompts.is_empty()).collect();
     if sets.is_empty() {
-        anyhow::bail!("--questions and --articles are both 0: nothing to benchmark");
+        anyhow::bail!("--questions, --articles and --humaneval are all 0: nothing to benchmark");
     }
     Ok(sets)
 }
@@ -83,7 +100,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             global,
             &args.model.model,
             args.model.tokenizer.as_deref(),
-            Some(QuantTarget::To(quant)),
+            Some(quant),
         )?;
         device = device_name(target.model.device());
         let sets = prompt_sets(&args, &target.tokenizer)?;
@@ -114,7 +131,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             rows.extend(bench_prompt_set(
                 &target.model,
                 &target.tokenizer,
-                quant,
+                &quant.to_string(),
                 set,
                 &mut drafters,
                 &args.lookaheads,
