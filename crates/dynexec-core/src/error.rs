@@ -161,13 +161,14 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    /// An I/O failure other than a missing file, with the path it happened on (see
-    /// [`Error::io`]).
+    /// An I/O failure with the path it happened on: on a model's files any failure but a
+    /// missing file (see [`Error::io`]), on other files any failure ([`Error::file`]).
     #[error("I/O error on {path}: {source}")]
     Io {
         /// The file or directory the failed operation was on.
         path: PathBuf,
-        /// The OS error; never `NotFound`, which [`Error::io`] turns into [`Error::MissingFile`].
+        /// The OS error (from [`Error::io`] never `NotFound`, which it turns into
+        /// [`Error::MissingFile`]).
         #[source]
         source: std::io::Error,
     },
@@ -281,7 +282,16 @@ impl Error {
         }
     }
 
-    /// Wraps an I/O error with the path it happened on.
+    /// Wraps an I/O error on a file that is not a model's (a chat template, a label file, a
+    /// tool): as it is, without [`Error::MissingFile`]'s advice to pull a model.
+    pub fn file(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// Wraps an I/O error on a model's file with the path it happened on.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         if source.kind() == std::io::ErrorKind::NotFound {
             return Error::MissingFile(path.into());

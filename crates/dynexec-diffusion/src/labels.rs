@@ -125,20 +125,20 @@ pub fn append_labels(out: &mut impl Write, path: &Path, labels: &[StepLabel]) ->
     for label in labels {
         let line = serde_json::to_string(label)
             .map_err(|e| Error::InvalidArgument(format!("serializing a label: {e}")))?;
-        writeln!(out, "{line}").map_err(|e| Error::io(path, e))?;
+        writeln!(out, "{line}").map_err(|e| Error::file(path, e))?;
     }
-    out.flush().map_err(|e| Error::io(path, e))
+    out.flush().map_err(|e| Error::file(path, e))
 }
 
 /// Writes labels as a JSON-lines file.
 pub fn write_labels(path: &Path, labels: &[StepLabel]) -> Result<()> {
-    let mut out = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut out = std::fs::File::create(path).map_err(|e| Error::file(path, e))?;
     append_labels(&mut out, path, labels)
 }
 
 /// Reads labels written by [`write_labels`]; they must share one grid and threshold.
 pub fn read_labels(path: &Path) -> Result<Vec<StepLabel>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
     let labels = text
         .lines()
         .filter(|l| !l.trim().is_empty())

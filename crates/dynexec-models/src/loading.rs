@@ -79,7 +79,7 @@ pub fn load(
 /// Replaces a loaded decoder's chat template with the Jinja template in `file`.
 pub fn set_chat_template_file(decoder: &mut LoadedDecoder, file: &Path) -> Result<()> {
     let source = std::fs::read_to_string(file).map_err(|e| {
-        Error::io(file, e).context(format!("reading the chat template {}", file.display()))
+        Error::file(file, e).context(format!("reading the chat template {}", file.display()))
     })?;
     decoder
         .tokenizer

@@ -158,9 +158,9 @@ impl DraftSpec {
                         format!("self-layers:E needs 1 <= E < {layers} (the target's layer count)"),
                     ));
                 }
-                let drafter =
-                    ModelDrafter::with_depth(target.model.clone(), depth, self.to_string());
                 let Some(adapters) = sources.exit_adapters else {
+                    let drafter =
+                        ModelDrafter::with_depth(target.model.clone(), depth, self.to_string());
                     return Ok(Box::new(drafter));
                 };
                 let index = adapters.exit_index(depth).ok_or_else(|| {

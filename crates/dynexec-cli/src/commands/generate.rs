@@ -133,13 +133,11 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         .as_deref()
         .map(TokenExitPolicy::parse)
         .transpose()?;
-    let draft = args
-        .draft
-        .as_deref()
-        .map(str::parse::<DraftSpec>)
-        .transpose()?;
-    let mut lookahead = match draft {
-        Some(_) => Some(dynexec_spec::lookahead::parse(&args.lookahead)?),
+    let drafting = match args.draft.as_deref() {
+        Some(draft) => Some((
+            draft.parse::<DraftSpec>()?,
+            dynexec_spec::lookahead::parse(&args.lookahead)?,
+        )),
         None => None,
     };
     let loaded = args.model.load(global)?;
@@ -149,7 +147,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
             reference.as_deref().unwrap_or(DEFAULT_EXIT_ADAPTERS),
             &loaded.model,
         )?),
-        (None, Some(reference)) if draft.is_some() => {
+        (None, Some(reference)) if drafting.is_some() => {
             Some(load_exit_adapters(global, reference, &loaded.model)?)
         }
         (None, Some(_)) => {
@@ -157,12 +155,12 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         }
         (None, None) => None,
     };
-    let mut strategy = match (&draft, lookahead.take(), early_exit_policy, &adapters) {
-        (Some(draft), Some(lookahead), _, _) => Strategy::Speculative {
-            drafter: build_drafter(global, draft, args.draft_quant, &loaded, adapters.as_ref())?,
+    let mut strategy = match (drafting, early_exit_policy, &adapters) {
+        (Some((draft, lookahead)), _, _) => Strategy::Speculative {
+            drafter: build_drafter(global, &draft, args.draft_quant, &loaded, adapters.as_ref())?,
             lookahead,
         },
-        (None, _, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },
+        (None, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },
         _ => Strategy::Plain,
     };
     let LoadedDecoder {

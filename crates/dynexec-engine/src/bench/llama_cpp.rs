@@ -58,7 +58,7 @@ impl Contestant for LlamaCpp {
             .args(["-r", "1", "-o", "json"])
             .output()
             .map_err(|e| {
-                Error::io(&self.binary, e).context(format!("running {}", self.binary.display()))
+                Error::file(&self.binary, e).context(format!("running {}", self.binary.display()))
             })?;
         if !out.status.success() {
             return Err(failed(format!(
