@@ -47,6 +47,10 @@ enum Command {
     /// Serve a decoder over HTTP with OpenAI's API (chat and text completions, streaming),
     /// batching concurrent requests; requests choose speculative decoding or early exit.
     Serve(commands::serve::ServeArgs),
+    /// Prepare speculative decoding: rank tokens for a draft vocabulary (FR-Spec), train a
+    /// lookahead classifier (DISCO).
+    #[command(subcommand)]
+    Spec(commands::spec::SpecCommand),
     /// Convert a model's linear layers (f32, f16, q8_0, q4_0, q4_1) and write a GGUF.
     Quantize(commands::quantize::QuantizeArgs),
     /// Measure model quality (perplexity).
@@ -72,6 +76,7 @@ fn main() {
         Command::Diffuse(args) => commands::diffuse::run(&cli.global, args),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
         Command::Serve(args) => commands::serve::run(&cli.global, args),
+        Command::Spec(cmd) => commands::spec::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
         Command::Eval(cmd) => commands::eval::run(&cli.global, cmd),
         Command::Analyze(args) => commands::analyze::run(&cli.global, args),

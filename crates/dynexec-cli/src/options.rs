@@ -113,6 +113,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::Lookahead => "--lookahead",
         Setting::EarlyExit => "--early-exit",
         Setting::Draft => "--draft",
+        Setting::DraftVocab => "--draft-vocab",
         Setting::ExitAdapters => "--exit-adapters",
         Setting::PerplexityContext => "--context",
         Setting::PerplexityStride => "--stride",

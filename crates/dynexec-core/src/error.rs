@@ -204,6 +204,8 @@ pub enum Setting {
     EarlyExit,
     /// What speculative decoding drafts with.
     Draft,
+    /// The tokens a draft model may propose (FR-Spec).
+    DraftVocab,
     /// Exit adapters given for a technique that cannot use them.
     ExitAdapters,
     /// Perplexity's window and its stride.
@@ -237,6 +239,7 @@ impl std::fmt::Display for Setting {
             Setting::Lookahead => "lookahead",
             Setting::EarlyExit => "early-exit policy",
             Setting::Draft => "draft",
+            Setting::DraftVocab => "draft vocabulary",
             Setting::ExitAdapters => "exit adapters",
             Setting::PerplexityContext => "the perplexity window",
             Setting::PerplexityStride => "the perplexity stride",

@@ -19,7 +19,7 @@
 //!
 //! let (hub, device) = (Hub::from_env()?, candle_core::Device::Cpu);
 //! let target = load(&hub, "smollm2-135m-instruct", &device, &LoadOptions::default())?.decoder;
-//! let sources = DraftSources { hub: &hub, device: &device, load_options: LoadOptions::default(), draft_quant: None, exit_adapters: None };
+//! let sources = DraftSources { hub: &hub, device: &device, load_options: LoadOptions::default(), draft_quant: None, exit_adapters: None, draft_vocab: None };
 //! let drafter = "ngram".parse::<DraftSpec>()?.build(&target, &sources)?;
 //! let mut strategy = Strategy::Speculative {
 //!     drafter,

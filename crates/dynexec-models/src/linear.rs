@@ -274,6 +274,62 @@ impl Linear {
         })
     }
 
+    /// A layer with only the output rows `rows` of this one, in that order, stored exactly as
+    /// they are here (quantized rows keep their bytes): an LM head over a subset of the
+    /// vocabulary (FR-Spec's draft head) gives the same logits for those tokens.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<Linear> {
+        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= self.out_features) {
+            return Err(Error::InvalidArgument(format!(
+                "row {bad} is outside the layer's {} output rows",
+                self.out_features
+            )));
+        }
+        if rows.is_empty() {
+            return Err(Error::InvalidArgument(
+                "a layer needs at least one output row".to_string(),
+            ));
+        }
+        let bias = match &self.bias {
+            Some(b) => Some(b.index_select(&Tensor::new(rows, b.device())?, 0)?),
+            None => None,
+        };
+        let weight = match &self.weight {
+            Weight::Candle(QMatMul::Tensor(w)) => {
+                QMatMul::Tensor(w.index_select(&Tensor::new(rows, w.device())?, 0)?)
+            }
+            Weight::Candle(QMatMul::TensorF16(w)) => {
+                QMatMul::TensorF16(w.index_select(&Tensor::new(rows, w.device())?, 0)?)
+            }
+            _ => {
+                let q = self.to_qtensor()?;
+                let dtype = q.dtype();
+                let row_bytes = self.in_features / dtype.block_size() * dtype.type_size();
+                let data = q.data()?;
+                let mut picked = Vec::with_capacity(rows.len() * row_bytes);
+                for &r in rows {
+                    let start = r as usize * row_bytes;
+                    picked.extend_from_slice(&data[start..start + row_bytes]);
+                }
+                let storage = candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Owned(picked),
+                    &q.device(),
+                    dtype,
+                )?;
+                QMatMul::QTensor(Arc::new(QTensor::new(
+                    storage,
+                    (rows.len(), self.in_features),
+                )?))
+            }
+        };
+        Ok(Self {
+            weight: Weight::new(weight)?,
+            bias,
+            out_features: rows.len(),
+            in_features: self.in_features,
+            cpu_kernels: self.cpu_kernels,
+        })
+    }
+
     /// The repacked weight when this layer's product with `x` runs on the repacked kernels.
     fn packed_for(&self, x: &Tensor) -> Option<&Arc<PackedWeight>> {
         match &self.weight {
@@ -402,6 +458,39 @@ mod tests {
         }
         let err = "q3_k".parse::<WeightFormat>().unwrap_err().to_string();
         assert!(err.contains("q8_0"), "{err}");
+    }
+
+    #[test]
+    fn selected_rows_give_the_same_outputs_for_those_rows() {
+        let values: Vec<f32> = (0..16 * 64).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = Tensor::from_vec(values, (16, 64), &Device::Cpu).unwrap();
+        let x = Tensor::from_vec(
+            (0..2 * 64)
+                .map(|i| (i as f32 * 0.11).cos())
+                .collect::<Vec<f32>>(),
+            (2, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let rows = [9u32, 0, 15, 4];
+        for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Q4_0] {
+            let full = Linear::dense(w.clone(), None)
+                .unwrap()
+                .convert(format)
+                .unwrap();
+            let subset = full.select_rows(&rows).unwrap();
+            assert_eq!(subset.out_features(), 4);
+            let want = full
+                .forward(&x)
+                .unwrap()
+                .index_select(&Tensor::new(&rows, &Device::Cpu).unwrap(), 1)
+                .unwrap();
+            let got = subset.forward(&x).unwrap();
+            assert!(max_abs_diff(&want, &got) < 1e-5, "{format}");
+        }
+        let full = Linear::dense(w, None).unwrap();
+        assert!(full.select_rows(&[16]).is_err());
+        assert!(full.select_rows(&[]).is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! it for a target: the one place a new drafter is registered.
 
 use crate::drafter::{check_vocab, ChainDrafter, Drafter, ModelDrafter, NgramDrafter};
+use crate::token_ranking::DraftVocab;
 use candle_core::Device;
 use dynexec_core::files::Resolve;
 use dynexec_core::{Error, Result, Setting};
@@ -49,6 +50,8 @@ pub struct DraftSources<'a> {
     /// Exit adapters: a `self-layers:E` draft's hidden state goes through layer E's adapter
     /// before the head. Only that draft takes them.
     pub exit_adapters: Option<&'a ExitAdapters>,
+    /// FR-Spec: draft models propose only this ranking's most frequent tokens.
+    pub draft_vocab: Option<&'a DraftVocab>,
 }
 
 fn bad(spec: &str, help: impl Into<String>) -> Error {
@@ -120,6 +123,15 @@ impl fmt::Display for DraftSpec {
 }
 
 impl DraftSpec {
+    /// Whether this draft runs a model (anything but prompt lookup, alone or in a chain).
+    pub fn uses_a_model(&self) -> bool {
+        match self {
+            Self::Ngram { .. } => false,
+            Self::Chain(first, then) => first.uses_a_model() || then.uses_a_model(),
+            _ => true,
+        }
+    }
+
     /// Whether exit adapters serve this draft (a `self-layers:E` draft, alone or in a chain).
     pub fn uses_exit_adapters(&self) -> bool {
         match self {
@@ -143,12 +155,29 @@ impl DraftSpec {
                 format!("serves early exit or a self-layers:E draft, not `{self}`"),
             ));
         }
+        if sources.draft_vocab.is_some() && !self.uses_a_model() {
+            return Err(Error::setting(
+                Setting::DraftVocab,
+                format!("limits a draft model's proposals; `{self}` runs no model"),
+            ));
+        }
+        // A draft model proposes from the ranking's top tokens (ids mean the same tokens in
+        // the target's tokenizer, which every model draft shares).
+        let narrowed = |drafter: ModelDrafter| -> Result<Box<dyn Drafter>> {
+            Ok(match sources.draft_vocab {
+                Some(vocab) => Box::new(
+                    drafter
+                        .with_vocab_subset(&vocab.ranking.subset(vocab.size, &target.tokenizer)?)?,
+                ),
+                None => Box::new(drafter),
+            })
+        };
         match self {
             Self::SelfQuant(format) => {
                 let mut copy = target.model.clone();
                 quantize_in_place(&mut copy, *format)
                     .map_err(|e| e.context(format!("quantizing the target's copy to {format}")))?;
-                Ok(Box::new(ModelDrafter::new(copy, self.to_string())))
+                narrowed(ModelDrafter::new(copy, self.to_string()))
             }
             &Self::SelfLayers(depth) => {
                 let layers = target.model.num_layers();
@@ -161,7 +190,7 @@ impl DraftSpec {
                 let Some(adapters) = sources.exit_adapters else {
                     let drafter =
                         ModelDrafter::with_depth(target.model.clone(), depth, self.to_string());
-                    return Ok(Box::new(drafter));
+                    return narrowed(drafter);
                 };
                 let index = adapters.exit_index(depth).ok_or_else(|| {
                     Error::InvalidArgument(format!(
@@ -170,14 +199,14 @@ impl DraftSpec {
                     ))
                 })?;
                 let adapters = adapters.clone();
-                Ok(Box::new(
+                narrowed(
                     ModelDrafter::with_depth(
                         target.model.clone(),
                         depth,
                         format!("self-layers:{depth}+adapter"),
                     )
                     .with_exit_adapter(Arc::new(move |h| adapters.adapt(index, h))),
-                ))
+                )
             }
             &Self::Ngram {
                 max_ngram,
@@ -191,6 +220,7 @@ impl DraftSpec {
                     load_options: sources.load_options.clone(),
                     draft_quant: sources.draft_quant,
                     exit_adapters: sources.exit_adapters.filter(|_| spec.uses_exit_adapters()),
+                    draft_vocab: sources.draft_vocab.filter(|_| spec.uses_a_model()),
                 };
                 Ok(Box::new(ChainDrafter::new(
                     first.build(target, &part(first))?,
@@ -207,7 +237,12 @@ impl DraftSpec {
                     .decoder;
                 check_vocab(&target.model, &draft.model)?;
                 check_same_tokens(target, &draft)?;
-                Ok(Box::new(ModelDrafter::new(draft.model, reference.clone())))
+                // A converted draft drafts differently: its name says so (DISCO cards match it).
+                let name = match sources.draft_quant {
+                    Some(format) => format!("{reference}@{format}"),
+                    None => reference.clone(),
+                };
+                narrowed(ModelDrafter::new(draft.model, name))
             }
         }
     }

@@ -1,12 +1,12 @@
 //! Drafters: a small model, the target's own quantized copy or first layers, or n-grams of
 //! the prompt and the text so far.
 
-use crate::lookahead::Lookahead;
-use candle_core::{DType, Tensor, D};
+use crate::lookahead::{DraftSignal, Lookahead};
+use candle_core::{DType, Tensor};
 use dynexec_core::sampling::Sampler;
 use dynexec_core::Result;
 use dynexec_models::kv_cache::KvCache;
-use dynexec_models::llama::Llama;
+use dynexec_models::llama::{Llama, VocabSubset};
 use std::sync::Arc;
 
 /// Tokens proposed for one step.
@@ -17,8 +17,8 @@ pub struct Draft {
     /// The draft's distribution for each token (rejection sampling needs it); `None` when the
     /// proposal is deterministic or decoding is greedy.
     pub distributions: Vec<Option<Vec<f32>>>,
-    /// The draft's probability of each of its tokens (1 for deterministic drafters).
-    pub confidences: Vec<f32>,
+    /// What the draft knew when it proposed each token (certain for deterministic drafters).
+    pub signals: Vec<DraftSignal>,
 }
 
 /// Proposes continuations of a sequence.
@@ -77,6 +77,8 @@ pub struct ModelDrafter {
     forwards: usize,
     /// Maps the hidden state at `depth` into the head's input (an early-exit adapter).
     exit_adapter: Option<ExitAdapterFn>,
+    /// Proposes only these tokens, through a head over their rows (FR-Spec).
+    vocab: Option<Arc<VocabSubset>>,
 }
 
 /// A map from a layer's hidden state `(1, 1, hidden)` to what the final norm and head expect.
@@ -110,6 +112,24 @@ impl ModelDrafter {
             name: name.into(),
             forwards: 0,
             exit_adapter: None,
+            vocab: None,
+        }
+    }
+
+    /// Proposes only the tokens `ids` (FR-Spec: the most frequent ones), scoring them with
+    /// their rows of the head alone; the target still verifies over its full vocabulary.
+    pub fn with_vocab_subset(mut self, ids: &[u32]) -> Result<Self> {
+        let subset = self.model.vocab_subset(ids)?;
+        self.name = format!("{}/vocab:{}", self.name, ids.len());
+        self.vocab = Some(Arc::new(subset));
+        Ok(self)
+    }
+
+    /// The token id of position `index` of the draft's logits.
+    fn token_at(&self, index: u32) -> u32 {
+        match &self.vocab {
+            Some(subset) => subset.ids()[index as usize],
+            None => index,
         }
     }
 
@@ -122,17 +142,17 @@ impl ModelDrafter {
 
     fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
         self.forwards += 1;
-        match &self.exit_adapter {
-            None => self
-                .model
-                .forward_last_at_depth(ids, &mut self.cache, self.depth),
-            Some(adapt) => {
-                let hidden = self
-                    .model
-                    .last_hidden_at_depth(ids, &mut self.cache, self.depth)?;
-                Ok(self.model.head(&adapt(&hidden)?)?.flatten_all()?)
-            }
+        let mut hidden = self
+            .model
+            .last_hidden_at_depth(ids, &mut self.cache, self.depth)?;
+        if let Some(adapt) = &self.exit_adapter {
+            hidden = adapt(&hidden)?;
         }
+        let logits = match &self.vocab {
+            Some(subset) => self.model.head_over(&hidden, subset)?,
+            None => self.model.head(&hidden)?,
+        };
+        Ok(logits.flatten_all()?)
     }
 }
 
@@ -157,32 +177,37 @@ impl Drafter for ModelDrafter {
         self.cache.truncate(cached)?;
         let mut logits = self.logits(&tokens[cached..])?;
         loop {
-            let (token, confidence, distribution) = match sampler.as_deref_mut() {
+            let position = draft.tokens.len() + 1;
+            let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+            let (token, signal, distribution) = match sampler.as_deref_mut() {
                 Some(s) => {
-                    let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
                     let q = s.distribution(&row);
-                    let token = s.draw_from(&q);
-                    (token, q[token as usize], Some(q))
+                    let index = s.draw_from(&q) as usize;
+                    let signal = DraftSignal::from_probs(position, &q, index);
+                    // Verification compares distributions over the whole vocabulary.
+                    let q = match &self.vocab {
+                        Some(subset) => {
+                            let mut full = vec![0.0; self.model.vocab_size()];
+                            for (&id, &p) in subset.ids().iter().zip(&q) {
+                                full[id as usize] = p;
+                            }
+                            full
+                        }
+                        None => q,
+                    };
+                    (self.token_at(index as u32), signal, Some(q))
                 }
                 None => {
-                    // The most likely token and its probability in one copy of two numbers
-                    // (a token id is exact in F32 below 2^24).
-                    let probs = candle_nn::ops::softmax_last_dim(&logits)?.flatten_all()?;
-                    let best: Vec<f32> = Tensor::cat(
-                        &[
-                            probs.max_keepdim(D::Minus1)?.to_dtype(DType::F32)?,
-                            probs.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?,
-                        ],
-                        D::Minus1,
-                    )?
-                    .to_vec1()?;
-                    (best[1] as u32, best[0], None)
+                    let (index, signal) = DraftSignal::of_argmax(position, &row);
+                    (self.token_at(index as u32), signal, None)
                 }
             };
             draft.tokens.push(token);
-            draft.confidences.push(confidence);
+            draft.signals.push(signal);
             draft.distributions.push(distribution);
-            if draft.tokens.len() >= max || !lookahead.keep_drafting(confidence) {
+            // Asked even for the last token, so a controller sees every signal.
+            let keep = lookahead.keep_drafting(&signal);
+            if draft.tokens.len() >= max || !keep {
                 return Ok(draft);
             }
             logits = self.logits(&[token])?;
@@ -205,6 +230,7 @@ impl Drafter for ModelDrafter {
             name: self.name.clone(),
             forwards: 0,
             exit_adapter: self.exit_adapter.clone(),
+            vocab: self.vocab.clone(),
         })
     }
 }
@@ -259,7 +285,7 @@ impl Drafter for NgramDrafter {
     ) -> Result<Draft> {
         let tokens = self.lookup(tokens, max);
         Ok(Draft {
-            confidences: vec![1.0; tokens.len()],
+            signals: (1..=tokens.len()).map(DraftSignal::certain).collect(),
             distributions: vec![None; tokens.len()],
             tokens,
         })

@@ -76,6 +76,8 @@ pub struct SpeculativeSequence<'a> {
     /// The prompt and every token handed out so far; the last one is never in the cache.
     tokens: Vec<u32>,
     greedy: bool,
+    /// The drafter's forward count when this sequence started (a drafter may be reused).
+    forwards_at_start: usize,
     /// What speculation has done so far.
     pub spec: SpecStats,
 }
@@ -96,6 +98,7 @@ impl<'a> SpeculativeSequence<'a> {
                 "cannot be combined with speculative decoding yet (the penalty depends on each drafted position)",
             ));
         }
+        lookahead.check_pair(target, &drafter.name())?;
         let mut sampler = Sampler::new(options.sampling.clone())?;
         let mut cache = target.new_cache();
         let logits = target.forward_last(prompt_ids, &mut cache, None)?;
@@ -109,6 +112,7 @@ impl<'a> SpeculativeSequence<'a> {
         let mut tokens = prompt_ids.to_vec();
         tokens.push(first);
         let sequence = Self {
+            forwards_at_start: drafter.forwards(),
             target,
             drafter,
             lookahead,
@@ -180,12 +184,12 @@ impl<'a> SpeculativeSequence<'a> {
             self.spec.steps += 1;
             self.spec.proposed += draft.tokens.len();
             self.spec.accepted += accepted;
-            self.lookahead.observe(&draft.confidences, accepted);
+            self.lookahead.observe(&draft.signals, accepted);
         }
         let mut out = draft.tokens[..accepted].to_vec();
         out.push(next);
         self.tokens.extend_from_slice(&out);
-        self.spec.draft_forwards = self.drafter.forwards();
+        self.spec.draft_forwards = self.drafter.forwards() - self.forwards_at_start;
         Ok(out)
     }
 }

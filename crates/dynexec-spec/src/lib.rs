@@ -10,8 +10,11 @@
 
 #![warn(missing_docs)]
 
+pub mod cost;
+pub mod disco;
 pub mod draft_spec;
 pub mod drafter;
 pub mod engine;
 pub mod lookahead;
+pub mod token_ranking;
 pub mod verify;

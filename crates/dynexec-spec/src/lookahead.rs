@@ -1,6 +1,85 @@
-//! How many tokens to draft: fixed, heuristic, or by the draft's own confidence.
+//! How many tokens to draft: fixed, heuristic, by the draft's own confidence, or by a
+//! trained classifier (DISCO).
 
 use dynexec_core::{Error, Result, Setting};
+use dynexec_models::llama::Llama;
+use serde::{Deserialize, Serialize};
+
+/// What the draft knew when it proposed a token: what a controller decides from.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DraftSignal {
+    /// The token's place in the current draft, from 1.
+    pub position: usize,
+    /// The draft's probability of the token it proposed.
+    pub confidence: f32,
+    /// The draft's highest probability among the other tokens.
+    pub runner_up: f32,
+    /// The entropy of the draft's distribution, in nats.
+    pub entropy: f32,
+}
+
+impl DraftSignal {
+    /// A deterministic proposal (prompt lookup): certain, nothing else possible.
+    pub fn certain(position: usize) -> Self {
+        Self {
+            position,
+            confidence: 1.0,
+            runner_up: 0.0,
+            entropy: 0.0,
+        }
+    }
+
+    /// The signal of `chosen` in the probability vector `probs`.
+    pub fn from_probs(position: usize, probs: &[f32], chosen: usize) -> Self {
+        let mut runner_up = 0f32;
+        let mut entropy = 0f32;
+        for (i, &p) in probs.iter().enumerate() {
+            if i != chosen && p > runner_up {
+                runner_up = p;
+            }
+            if p > 0.0 {
+                entropy -= p * p.ln();
+            }
+        }
+        Self {
+            position,
+            confidence: probs.get(chosen).copied().unwrap_or(0.0),
+            runner_up,
+            entropy,
+        }
+    }
+
+    /// The signal of the most likely entry of `logits`, with it (one pass, no copy of the
+    /// probabilities): what greedy drafting needs.
+    pub fn of_argmax(position: usize, logits: &[f32]) -> (usize, Self) {
+        let (mut best, mut best_logit, mut second_logit) =
+            (0, f32::NEG_INFINITY, f32::NEG_INFINITY);
+        for (i, &l) in logits.iter().enumerate() {
+            if l > best_logit {
+                second_logit = best_logit;
+                best_logit = l;
+                best = i;
+            } else if l > second_logit {
+                second_logit = l;
+            }
+        }
+        // p_i = e^(l_i - max) / Z; H = ln Z - sum p_i (l_i - max).
+        let (mut z, mut weighted) = (0f64, 0f64);
+        for &l in logits {
+            let d = f64::from(l - best_logit);
+            let e = d.exp();
+            z += e;
+            weighted += e * d;
+        }
+        let signal = Self {
+            position,
+            confidence: (1.0 / z) as f32,
+            runner_up: (f64::from(second_logit - best_logit).exp() / z) as f32,
+            entropy: (z.ln() - weighted / z) as f32,
+        };
+        (best, signal)
+    }
+}
 
 /// Decides the lookahead before each step and learns from what was accepted.
 pub trait Lookahead {
@@ -8,13 +87,18 @@ pub trait Lookahead {
     fn name(&self) -> String;
     /// The most tokens to draft in the next step.
     fn next_k(&self) -> usize;
-    /// Whether to keep drafting after a token the draft gave probability `confidence`.
-    fn keep_drafting(&self, _confidence: f32) -> bool {
+    /// Whether to keep drafting after a token the draft proposed with `signal`.
+    fn keep_drafting(&self, _signal: &DraftSignal) -> bool {
         true
     }
-    /// The outcome of a step: `confidences[i]` of each proposed token, the first `accepted`
-    /// of which the target kept.
-    fn observe(&mut self, confidences: &[f32], accepted: usize);
+    /// The outcome of a step: the signal of each proposed token, the first `accepted` of
+    /// which the target kept.
+    fn observe(&mut self, signals: &[DraftSignal], accepted: usize);
+    /// Refuses a target and draft it was not made for (a trained controller); the draft is
+    /// named as [`crate::drafter::Drafter::name`] names it.
+    fn check_pair(&self, _target: &Llama, _draft: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A borrowed controller decides like the one it borrows (so a sequence can own either).
@@ -25,11 +109,14 @@ impl<T: Lookahead + ?Sized> Lookahead for &mut T {
     fn next_k(&self) -> usize {
         (**self).next_k()
     }
-    fn keep_drafting(&self, confidence: f32) -> bool {
-        (**self).keep_drafting(confidence)
+    fn keep_drafting(&self, signal: &DraftSignal) -> bool {
+        (**self).keep_drafting(signal)
     }
-    fn observe(&mut self, confidences: &[f32], accepted: usize) {
-        (**self).observe(confidences, accepted)
+    fn observe(&mut self, signals: &[DraftSignal], accepted: usize) {
+        (**self).observe(signals, accepted)
+    }
+    fn check_pair(&self, target: &Llama, draft: &str) -> Result<()> {
+        (**self).check_pair(target, draft)
     }
 }
 
@@ -43,7 +130,7 @@ impl Lookahead for Fixed {
     fn next_k(&self) -> usize {
         self.0
     }
-    fn observe(&mut self, _: &[f32], _: usize) {}
+    fn observe(&mut self, _: &[DraftSignal], _: usize) {}
 }
 
 /// transformers' "heuristic" schedule: +2 after a fully accepted draft, −1 otherwise, at
@@ -66,11 +153,11 @@ impl Lookahead for Heuristic {
     fn next_k(&self) -> usize {
         self.k
     }
-    fn observe(&mut self, confidences: &[f32], accepted: usize) {
-        if confidences.is_empty() {
+    fn observe(&mut self, signals: &[DraftSignal], accepted: usize) {
+        if signals.is_empty() {
             return;
         }
-        self.k = if accepted == confidences.len() {
+        self.k = if accepted == signals.len() {
             self.k + 2
         } else {
             self.k.saturating_sub(1).max(1)
@@ -149,12 +236,12 @@ impl Lookahead for Confidence {
     fn next_k(&self) -> usize {
         self.max
     }
-    fn keep_drafting(&self, confidence: f32) -> bool {
-        confidence >= self.threshold
+    fn keep_drafting(&self, signal: &DraftSignal) -> bool {
+        signal.confidence >= self.threshold
     }
-    fn observe(&mut self, confidences: &[f32], accepted: usize) {
-        for (i, &c) in confidences.iter().enumerate() {
-            self.history.push((c, i < accepted));
+    fn observe(&mut self, signals: &[DraftSignal], accepted: usize) {
+        for (i, s) in signals.iter().enumerate() {
+            self.history.push((s.confidence, i < accepted));
         }
         if let Some(t) = Self::tuned_threshold(&self.history) {
             self.threshold = t;
@@ -162,12 +249,16 @@ impl Lookahead for Confidence {
     }
 }
 
-/// Parses `fixed:K`, `heuristic[:START]` or `confidence[:THRESHOLD]`.
+/// Parses `fixed:K`, `heuristic[:START]`, `confidence[:THRESHOLD]` or `disco:PATH` (a
+/// DISCO classifier's folder or card file; front ends turn `disco[:NAME]` into a path first,
+/// see [`crate::disco::DEFAULT_DISCO`]).
 pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
     let bad = |why: &str| Error::BadSpec {
         setting: Setting::Lookahead,
         spec: spec.to_string(),
-        help: format!("{why}; use fixed:K, heuristic[:START] or confidence[:THRESHOLD]"),
+        help: format!(
+            "{why}; use fixed:K, heuristic[:START], confidence[:THRESHOLD] or disco[:MODEL]"
+        ),
     };
     let (kind, arg) = match spec.split_once(':') {
         Some((k, a)) => (k, Some(a)),
@@ -188,6 +279,10 @@ pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
             Confidence::DEFAULT_THRESHOLD,
             Confidence::DEFAULT_MAX,
         ))),
+        ("disco", Some(path)) => Ok(Box::new(crate::disco::Disco::load(std::path::Path::new(
+            path,
+        ))?)),
+        ("disco", None) => Err(bad("disco needs a trained classifier, disco:MODEL")),
         ("confidence", Some(t)) => match t.parse::<f32>() {
             Ok(t) if (0.0..=1.0).contains(&t) => {
                 Ok(Box::new(Confidence::new(t, Confidence::DEFAULT_MAX)))
@@ -202,15 +297,43 @@ pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
 mod tests {
     use super::*;
 
+    /// Signals with these confidences, at positions 1, 2, ...
+    pub(crate) fn signals(confidences: &[f32]) -> Vec<DraftSignal> {
+        confidences
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| DraftSignal {
+                position: i + 1,
+                confidence: c,
+                runner_up: (1.0 - c) / 2.0,
+                entropy: 1.0 - c,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn signals_from_logits_match_those_from_probabilities() {
+        let logits = [1.0f32, 3.0, -2.0, 2.5];
+        let z: f32 = logits.iter().map(|l| l.exp()).sum();
+        let probs: Vec<f32> = logits.iter().map(|l| l.exp() / z).collect();
+        let (best, a) = DraftSignal::of_argmax(2, &logits);
+        let b = DraftSignal::from_probs(2, &probs, 1);
+        assert_eq!(best, 1);
+        assert!((a.confidence - b.confidence).abs() < 1e-6);
+        assert!((a.runner_up - b.runner_up).abs() < 1e-6);
+        assert!((a.entropy - b.entropy).abs() < 1e-5, "{a:?} {b:?}");
+        assert_eq!(a.position, 2);
+    }
+
     #[test]
     fn heuristic_grows_by_two_and_shrinks_by_one_with_a_floor() {
         let mut h = Heuristic::new(2);
-        h.observe(&[0.9, 0.9], 2);
+        h.observe(&signals(&[0.9, 0.9]), 2);
         assert_eq!(h.next_k(), 4);
-        h.observe(&[0.9, 0.9, 0.9, 0.9], 1);
+        h.observe(&signals(&[0.9, 0.9, 0.9, 0.9]), 1);
         assert_eq!(h.next_k(), 3);
         for _ in 0..5 {
-            h.observe(&[0.1], 0);
+            h.observe(&signals(&[0.1]), 0);
         }
         assert_eq!(h.next_k(), 1);
     }
@@ -218,11 +341,12 @@ mod tests {
     #[test]
     fn confidence_stops_below_its_threshold_and_retunes() {
         let mut c = Confidence::new(0.4, 20);
-        assert!(c.keep_drafting(0.5) && !c.keep_drafting(0.3));
+        let one = |p: f32| signals(&[p])[0];
+        assert!(c.keep_drafting(&one(0.5)) && !c.keep_drafting(&one(0.3)));
         // Accepted tokens had confidence >= 0.7, rejected ones <= 0.3: the cheapest
         // threshold keeps every accepted token and drops the rejected ones.
-        c.observe(&[0.9, 0.8, 0.7, 0.3], 3);
-        c.observe(&[0.95, 0.2], 1);
+        c.observe(&signals(&[0.9, 0.8, 0.7, 0.3]), 3);
+        c.observe(&signals(&[0.95, 0.2]), 1);
         assert_eq!(c.threshold(), 0.7);
         // Missing an accepted token costs three times a false alarm.
         let t =

@@ -16,7 +16,9 @@ use dynexec_models::llama::{Llama, LoadedDecoder};
 use dynexec_models::loading::{load, LoadOptions};
 use dynexec_quant::perplexity::{perplexity, Perplexity, Window};
 use dynexec_quant::{QuantTarget, WeightFormat};
+use dynexec_spec::disco::{DEFAULT_DISCO, DISCO_CARD};
 use dynexec_spec::draft_spec::{DraftSources, DraftSpec};
+use dynexec_spec::token_ranking::{DraftVocab, DraftVocabSpec, TokenRanking, RANKING_FILE};
 use std::path::{Path, PathBuf};
 
 /// The model `generate` and `bench generate` use when none is named.
@@ -108,24 +110,93 @@ impl SamplingArgs {
     }
 }
 
-/// The drafter `--draft` names, loaded (for a draft model) the way the target was, or
-/// converted to `draft_quant`.
+/// What makes a draft model cheaper: flags shared by `generate`, `serve` and
+/// `bench speculative`. Neither changes the output.
+#[derive(Args, Clone, Default)]
+pub struct DraftCostArgs {
+    /// Convert a draft model's linear layers to this format (e.g. q4_0: a cheaper draft).
+    #[arg(long)]
+    pub draft_quant: Option<WeightFormat>,
+
+    /// FR-Spec: a draft model proposes only the N most frequent tokens of a ranking, `N[:RANKING]`
+    /// (a file or manifest name from `dynexec spec rank-tokens`; default
+    /// qwen2.5-token-ranking), scoring them with their rows of its LM head alone.
+    #[arg(long, value_name = "N[:RANKING]")]
+    pub draft_vocab: Option<DraftVocabSpec>,
+}
+
+impl DraftCostArgs {
+    /// Refuses these flags where nothing drafts (rather than ignoring them).
+    pub fn check_drafting(&self, drafting: bool) -> Result<()> {
+        if !drafting && (self.draft_quant.is_some() || self.draft_vocab.is_some()) {
+            anyhow::bail!("--draft-quant and --draft-vocab shape a draft model: add --draft");
+        }
+        Ok(())
+    }
+}
+
+/// Reads the ranking `--draft-vocab` names: a file, a model folder, or a manifest name.
+pub fn load_draft_vocab(global: &GlobalOptions, spec: &DraftVocabSpec) -> Result<DraftVocab> {
+    let path = Path::new(&spec.ranking);
+    let file = if path.is_file() {
+        path.to_path_buf()
+    } else {
+        let files = global.hub()?.resolve(&spec.ranking)?;
+        files
+            .find(RANKING_FILE)
+            .with_context(|| {
+                format!(
+                    "`{}` holds no {RANKING_FILE}: count one with `dynexec spec rank-tokens`",
+                    spec.ranking
+                )
+            })?
+            .to_path_buf()
+    };
+    Ok(DraftVocab {
+        size: spec.size,
+        ranking: TokenRanking::read(&file)?,
+    })
+}
+
+/// The drafter `--draft` names, loaded (for a draft model) the way the target was, and made
+/// cheaper as `cost` asks.
 pub fn build_drafter(
     global: &GlobalOptions,
     draft: &DraftSpec,
-    draft_quant: Option<WeightFormat>,
+    cost: &DraftCostArgs,
     target: &LoadedDecoder,
     exit_adapters: Option<&dynexec_exit::token_exit::ExitAdapters>,
 ) -> Result<Box<dyn dynexec_spec::drafter::Drafter>> {
     let (hub, device) = (global.hub()?, global.open_device()?);
+    let vocab = match &cost.draft_vocab {
+        Some(spec) => Some(load_draft_vocab(global, spec)?),
+        None => None,
+    };
     let sources = DraftSources {
         hub: &hub,
         device: &device,
         load_options: global.load_options(global.quant),
-        draft_quant,
+        draft_quant: cost.draft_quant,
         exit_adapters,
+        draft_vocab: vocab.as_ref(),
     };
     Ok(draft.build(target, &sources)?)
+}
+
+/// A `--lookahead` with any DISCO classifier it names turned into a path: `disco` (the
+/// default classifier) and `disco:NAME` resolve through the manifest; other specs, and
+/// `disco:PATH` for an existing path, stay as they are.
+pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
+    let name = match spec.split_once(':') {
+        None if spec == "disco" => DEFAULT_DISCO,
+        Some(("disco", reference)) if !Path::new(reference).exists() => reference,
+        _ => return Ok(spec.to_string()),
+    };
+    let files = global.hub()?.resolve(name)?;
+    let card = files.find(DISCO_CARD).with_context(|| {
+        format!("`{name}` holds no {DISCO_CARD}: train a classifier with `dynexec spec train-lookahead`")
+    })?;
+    Ok(format!("disco:{}", card.display()))
 }
 
 /// Loads exit adapters by manifest name or folder and checks they fit `model`.

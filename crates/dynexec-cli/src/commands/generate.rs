@@ -1,7 +1,8 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
 use super::common::{
-    build_drafter, load_exit_adapters, ModelArgs, SamplingArgs, DEFAULT_EXIT_ADAPTERS,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftCostArgs, ModelArgs, SamplingArgs,
+    DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
@@ -11,7 +12,6 @@ use dynexec_core::trace::Trace;
 use dynexec_engine::{decode, EarlyExitReport, SpeculativeReport, Strategy};
 use dynexec_exit::token_exit::TokenExitPolicy;
 use dynexec_models::generation::{GenerateOptions, StopReason};
-use dynexec_models::linear::WeightFormat;
 use dynexec_models::llama::LoadedDecoder;
 use dynexec_spec::draft_spec::DraftSpec;
 use serde::Serialize;
@@ -61,14 +61,13 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub draft: Option<String>,
 
-    /// Convert a draft model's linear layers to this format (e.g. q4_0: a cheaper draft;
-    /// output is unchanged).
-    #[arg(long, requires = "draft")]
-    pub draft_quant: Option<WeightFormat>,
+    #[command(flatten)]
+    pub draft_cost: DraftCostArgs,
 
     /// How many tokens to draft per step: `fixed:K`, `heuristic[:START]` (+2 after a fully
-    /// accepted draft, -1 otherwise) or `confidence[:T]` (stop when the draft's probability
-    /// falls below T, default 0.4, re-tuned online).
+    /// accepted draft, -1 otherwise), `confidence[:T]` (stop when the draft's probability
+    /// falls below T, default 0.4, re-tuned online) or `disco[:MODEL]` (stop where a trained
+    /// classifier predicts a rejection; `dynexec spec train-lookahead` makes one).
     #[arg(long, default_value = "heuristic", requires = "draft")]
     pub lookahead: String,
 
@@ -128,6 +127,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
         anyhow::bail!("--trace cannot be combined with --draft yet: run the trace without a draft (the output is the same)");
     }
     // Flags are checked before the (slow) model load.
+    args.draft_cost.check_drafting(args.draft.is_some())?;
     let early_exit_policy = args
         .early_exit
         .as_deref()
@@ -136,7 +136,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     let drafting = match args.draft.as_deref() {
         Some(draft) => Some((
             draft.parse::<DraftSpec>()?,
-            dynexec_spec::lookahead::parse(&args.lookahead)?,
+            dynexec_spec::lookahead::parse(&resolve_lookahead(global, &args.lookahead)?)?,
         )),
         None => None,
     };
@@ -157,7 +157,7 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     };
     let mut strategy = match (drafting, early_exit_policy, &adapters) {
         (Some((draft, lookahead)), _, _) => Strategy::Speculative {
-            drafter: build_drafter(global, &draft, args.draft_quant, &loaded, adapters.as_ref())?,
+            drafter: build_drafter(global, &draft, &args.draft_cost, &loaded, adapters.as_ref())?,
             lookahead,
         },
         (None, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },

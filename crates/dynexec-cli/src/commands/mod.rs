@@ -12,3 +12,4 @@ pub mod generate;
 pub mod models;
 pub mod quantize;
 pub mod serve;
+pub mod spec;

@@ -1,7 +1,8 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
 use super::common::{
-    build_drafter, load_exit_adapters, ModelArgs, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftCostArgs, ModelArgs,
+    DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
@@ -47,11 +48,11 @@ pub struct ServeArgs {
     #[arg(long)]
     pub draft: Option<String>,
 
-    /// Convert a draft model's linear layers to this format (e.g. q4_0).
-    #[arg(long, requires = "draft")]
-    pub draft_quant: Option<dynexec_quant::WeightFormat>,
+    #[command(flatten)]
+    pub draft_cost: DraftCostArgs,
 
-    /// The lookahead speculative requests use unless they send their own.
+    /// The lookahead speculative requests use unless they send their own, as `generate
+    /// --lookahead` takes it (`disco[:MODEL]` included; requests may name a DISCO card by path).
     #[arg(long, default_value = "heuristic")]
     pub lookahead: String,
 
@@ -79,10 +80,11 @@ pub struct ServeArgs {
     pub shutdown_timeout: u64,
 }
 
-pub fn run(global: &GlobalOptions, args: ServeArgs) -> Result<()> {
+pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.max_queue >= 1, "--max-queue must be at least 1");
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    args.lookahead = resolve_lookahead(global, &args.lookahead)?;
     dynexec_spec::lookahead::parse(&args.lookahead)?;
     let addr = format!("{}:{}", args.host, args.port);
     let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
@@ -156,6 +158,7 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
         }
         None => None,
     };
+    args.draft_cost.check_drafting(args.draft.is_some())?;
     let drafter = match args.draft.as_deref().map(str::parse::<DraftSpec>) {
         Some(spec) => {
             let spec = spec?;
@@ -163,7 +166,7 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
             Some(build_drafter(
                 global,
                 &spec,
-                args.draft_quant,
+                &args.draft_cost,
                 &loaded,
                 adapters,
             )?)

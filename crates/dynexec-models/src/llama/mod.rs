@@ -304,6 +304,20 @@ fn causal_mask(
     Ok(future.where_cond(&neg_inf, &zeros)?)
 }
 
+/// An LM head over some of the vocabulary's tokens ([`Llama::vocab_subset`]).
+#[derive(Debug, Clone)]
+pub struct VocabSubset {
+    head: Linear,
+    ids: Vec<u32>,
+}
+
+impl VocabSubset {
+    /// The token ids its logits stand for, in logit order.
+    pub fn ids(&self) -> &[u32] {
+        &self.ids
+    }
+}
+
 /// A loaded llama-family decoder.
 #[derive(Debug, Clone)]
 pub struct Llama {
@@ -482,6 +496,39 @@ impl Llama {
     /// Final norm + LM head: hidden `(batch, seq, hidden)` → logits `(batch, seq, vocab)`.
     pub fn head(&self, hidden: &Tensor) -> Result<Tensor> {
         self.lm_head.forward(&self.norm.forward(hidden)?)
+    }
+
+    /// The LM head restricted to the tokens `ids` (FR-Spec, Zhao et al. 2025: a draft that
+    /// proposes only frequent tokens skips most of a large vocabulary's head). Duplicate or
+    /// out-of-vocabulary ids are refused.
+    pub fn vocab_subset(&self, ids: &[u32]) -> Result<VocabSubset> {
+        let mut seen = vec![false; self.vocab_size()];
+        for &id in ids {
+            match seen.get_mut(id as usize) {
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {id} is outside the model's vocabulary of {}",
+                        self.vocab_size()
+                    )))
+                }
+                Some(true) => {
+                    return Err(Error::InvalidArgument(format!(
+                        "token id {id} appears twice in the vocabulary subset"
+                    )))
+                }
+                Some(s) => *s = true,
+            }
+        }
+        Ok(VocabSubset {
+            head: self.lm_head.select_rows(ids)?,
+            ids: ids.to_vec(),
+        })
+    }
+
+    /// Final norm + the subset's head: hidden `(batch, seq, hidden)` → logits over the
+    /// subset's tokens `(batch, seq, subset)`, equal to [`Self::head`]'s for those tokens.
+    pub fn head_over(&self, hidden: &Tensor, subset: &VocabSubset) -> Result<Tensor> {
+        subset.head.forward(&self.norm.forward(hidden)?)
     }
 
     /// Runs every layer on new tokens and returns logits for each of them, `(seq, vocab)`.

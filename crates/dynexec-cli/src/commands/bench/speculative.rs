@@ -1,18 +1,25 @@
 //! `dynexec bench speculative`: plain decoding against every drafter x controller, on the
 //! same target and prompts, in one process.
 
-use crate::commands::common::{build_drafter, load_model, read_jsonl, ModelArgs};
+use crate::commands::common::{
+    build_drafter, load_model, read_jsonl, resolve_lookahead, DraftCostArgs, ModelArgs,
+};
 use crate::options::{print_json, progress_bar, GlobalOptions};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_core::tokenizer::TextTokenizer;
+use dynexec_engine::bench::llama_cpp::LlamaSpeculative;
+use dynexec_engine::bench::speculative::LlamaSpeculativePeer;
 use dynexec_engine::bench::speculative::{
     bench_prompt_set, NamedDrafter, PromptSet, HUMANEVAL_TEST_START,
 };
 use dynexec_models::generation::GenerateOptions;
 use dynexec_quant::QuantTarget;
 use dynexec_quant::WeightFormat;
+use dynexec_spec::cost::verification_costs;
+use dynexec_spec::draft_spec::DraftSpec;
+use dynexec_spec::token_ranking::DraftVocabSpec;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -32,6 +39,20 @@ pub struct BenchSpeculativeArgs {
     /// Convert draft models to this format, as `generate --draft-quant`.
     #[arg(long)]
     draft_quant: Option<WeightFormat>,
+    /// Draft vocabularies to compare (repeat the flag): `full`, or `N[:RANKING]` as
+    /// `generate --draft-vocab` takes it (FR-Spec); each model draft runs with each.
+    #[arg(long = "draft-vocab", default_values = ["full"])]
+    draft_vocabs: Vec<String>,
+    /// Also run llama.cpp's `llama-speculative-simple` (this binary) on the same target
+    /// GGUF and the first draft model's GGUF, the same prompts, greedy, with the same threads,
+    /// at each fixed lookahead's K as its maximum draft length; rows interleave prompt by
+    /// prompt. scripts/build-llama-bench.sh builds it.
+    #[arg(long, value_name = "PATH")]
+    compare_llama_cpp: Option<PathBuf>,
+    /// Measure the target's forward over 1..=N rows as a fraction of one decoding step (the
+    /// verification cost); 0 skips it.
+    #[arg(long, default_value_t = 8)]
+    verify_rows: usize,
     /// Lookahead controllers (repeat the flag), as `generate --lookahead` takes them.
     #[arg(long = "lookahead", default_values = ["fixed:2", "fixed:4", "fixed:8", "heuristic", "confidence"])]
     lookaheads: Vec<String>,
@@ -91,9 +112,74 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
     Ok(sets)
 }
 
+/// The GGUF file a model reference resolves to (llama.cpp reads only GGUF).
+fn gguf_of(global: &GlobalOptions, reference: &str) -> Result<PathBuf> {
+    let files = global.hub()?.resolve(reference)?;
+    Ok(files
+        .find(".gguf")
+        .with_context(|| format!("`{reference}` has no GGUF file for llama.cpp to read"))?
+        .to_path_buf())
+}
+
+/// The first draft model among `drafts` (inside a chain too).
+fn first_draft_model(drafts: &[DraftSpec]) -> Option<String> {
+    fn find(spec: &DraftSpec) -> Option<String> {
+        match spec {
+            DraftSpec::Model(reference) => Some(reference.clone()),
+            DraftSpec::Chain(first, then) => find(first).or_else(|| find(then)),
+            _ => None,
+        }
+    }
+    drafts.iter().find_map(find)
+}
+
 pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
     let options = GenerateOptions::greedy(args.max_tokens);
+    let lookaheads: Vec<String> = args
+        .lookaheads
+        .iter()
+        .map(|l| resolve_lookahead(global, l))
+        .collect::<Result<_>>()?;
+    let drafts: Vec<DraftSpec> = args
+        .drafts
+        .iter()
+        .map(|d| d.parse())
+        .collect::<Result<_, _>>()?;
+    let vocabs: Vec<Option<DraftVocabSpec>> = args
+        .draft_vocabs
+        .iter()
+        .map(|v| {
+            if v == "full" {
+                Ok(None)
+            } else {
+                v.parse().map(Some)
+            }
+        })
+        .collect::<Result<_, _>>()?;
+    let threads = candle_core::utils::get_num_threads();
+    let llama_cpp = match &args.compare_llama_cpp {
+        None => Vec::new(),
+        Some(binary) => {
+            let draft = first_draft_model(&drafts).context("--compare-llama-cpp needs a draft model among --draft (llama.cpp drafts with a model)")?;
+            let mut draft_max: Vec<usize> = args
+                .lookaheads
+                .iter()
+                .filter_map(|l| l.strip_prefix("fixed:")?.parse().ok())
+                .collect();
+            if draft_max.is_empty() {
+                draft_max.push(4);
+            }
+            let tool = LlamaSpeculative::new(
+                binary,
+                &gguf_of(global, &args.model.model)?,
+                &gguf_of(global, &draft)?,
+                threads,
+            )?;
+            vec![LlamaSpeculativePeer { tool, draft_max }]
+        }
+    };
     let mut rows = Vec::new();
+    let mut verify = Vec::new();
     let mut device = String::new();
     for &quant in &args.target_quants {
         let target = load_model(
@@ -104,29 +190,39 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         )?;
         device = device_name(target.model.device());
         let sets = prompt_sets(&args, &target.tokenizer)?;
-        let runs = sets.iter().map(|s| s.prompts.len()).sum::<usize>()
-            * (1 + args.drafts.len() * args.lookaheads.len());
+        if args.verify_rows > 0 {
+            let context = &sets[0].prompts[0];
+            for cost in verification_costs(&target.model, context, args.verify_rows, 5)? {
+                verify.push((quant.to_string(), cost));
+            }
+        }
+        let mut drafters = Vec::new();
+        for spec in &drafts {
+            for vocab in &vocabs {
+                if vocab.is_some() && !spec.uses_a_model() {
+                    continue;
+                }
+                let cost = DraftCostArgs {
+                    draft_quant: args.draft_quant,
+                    draft_vocab: vocab.clone(),
+                };
+                let name = match vocab {
+                    Some(v) => format!("{spec} vocab:{}", v.size),
+                    None => spec.to_string(),
+                };
+                let drafter = build_drafter(global, spec, &cost, &target, None)?;
+                drafters.push(NamedDrafter { name, drafter });
+            }
+        }
+        let per_prompt = 1
+            + drafters.len() * args.lookaheads.len()
+            + llama_cpp.iter().map(|p| p.draft_max.len()).sum::<usize>();
+        let runs = sets.iter().map(|s| s.prompts.len()).sum::<usize>() * per_prompt;
         let bar = progress_bar(
             global,
             runs as u64,
             &format!("target {quant} [{{bar:30}}] {{pos}}/{{len}} generations {{msg}}"),
         );
-        let mut drafters = args
-            .drafts
-            .iter()
-            .map(|name| {
-                Ok(NamedDrafter {
-                    name: name.clone(),
-                    drafter: build_drafter(
-                        global,
-                        &name.parse()?,
-                        args.draft_quant,
-                        &target,
-                        None,
-                    )?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
         for set in &sets {
             rows.extend(bench_prompt_set(
                 &target.model,
@@ -134,7 +230,8 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
                 &quant.to_string(),
                 set,
                 &mut drafters,
-                &args.lookaheads,
+                &lookaheads,
+                &llama_cpp,
                 &options,
                 |label| {
                     bar.set_message(label.to_string());
@@ -144,37 +241,62 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         }
         bar.finish_and_clear();
     }
+    let verify_json: Vec<_> = verify
+        .iter()
+        .map(|(quant, c)| serde_json::json!({"target_quant": quant, "rows": c.rows, "ms": c.secs * 1e3, "fraction_of_step": c.fraction_of_step}))
+        .collect();
     if global.json {
         return print_json(&serde_json::json!({
             "model": args.model.model,
             "device": device,
-            "threads": candle_core::utils::get_num_threads(),
+            "threads": threads,
             "max_tokens": args.max_tokens,
+            "draft_quant": args.draft_quant.map(|q| q.to_string()),
+            "verification": verify_json,
             "rows": rows,
         }));
     }
     println!(
-        "model {} | device {} | threads {} | greedy, up to {} tokens per prompt | {} questions, {} articles",
+        "model {} | device {} | threads {} | greedy, up to {} tokens per prompt | {} questions, {} articles, {} HumanEval problems",
         args.model.model,
         device,
-        candle_core::utils::get_num_threads(),
+        threads,
         args.max_tokens,
         args.questions,
-        args.articles
+        args.articles,
+        args.humaneval
     );
-    println!("prompts     target draft              lookahead      tok/s  speedup   accept acc/step identical");
+    if !verify.is_empty() {
+        println!("verification: target forward over N rows, as a fraction of one decoding step");
+        for (quant, c) in &verify {
+            println!(
+                "  {quant:<6} {:>2} rows {:>7.1} ms {:>5.2}x",
+                c.rows,
+                c.secs * 1e3,
+                c.fraction_of_step
+            );
+        }
+    }
+    println!("prompts     target engine    draft                          lookahead      tok/s  speedup   accept acc/step draft-ms verify-ms identical");
     for r in &rows {
         println!(
-            "{:<11} {:<6} {:<18} {:<11} {:>8.1} {:>7.2}x {:>7.1}% {:>8.2} {:>9}",
+            "{:<11} {:<6} {:<9} {:<30} {:<11} {:>8.1} {:>7.2}x {:>7.1}% {:>8.2} {:>8.1} {:>9.1} {:>9}",
             r.prompts,
-            r.target_quant.to_string(),
+            r.target_quant,
+            r.engine,
             r.draft,
             r.lookahead,
             r.tokens_per_s,
             r.speedup,
             r.acceptance_rate * 100.0,
             r.mean_accepted_length,
-            if r.identical_to_plain { "yes" } else { "NO" }
+            r.draft_ms_per_forward,
+            r.verify_ms_per_step,
+            match r.identical_to_plain {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "-",
+            }
         );
     }
     Ok(())
