@@ -349,7 +349,10 @@ pub fn train(
     let speeds: Vec<(f64, f64)> = (0..=100)
         .map(|i| {
             let threshold = f64::from(i) / 100.0;
-            (threshold, costs.speed(training, |s| cut(&classifier, threshold, s)))
+            (
+                threshold,
+                costs.speed(training, |s| cut(&classifier, threshold, s)),
+            )
         })
         .collect();
     let best = speeds.iter().map(|s| s.1).fold(f64::MIN, f64::max);
@@ -637,7 +640,12 @@ mod tests {
         let loaded = Disco::load(&dir).unwrap().card().clone();
         assert_eq!((&loaded.target, &loaded.draft), (&card.target, &card.draft));
         assert_eq!(loaded.threshold, card.threshold);
-        for (a, b) in loaded.classifier.weights.iter().zip(&card.classifier.weights) {
+        for (a, b) in loaded
+            .classifier
+            .weights
+            .iter()
+            .zip(&card.classifier.weights)
+        {
             assert!((a - b).abs() < 1e-12);
         }
         std::fs::write(dir.join(DISCO_CARD), "{}").unwrap();

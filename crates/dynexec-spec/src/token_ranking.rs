@@ -19,6 +19,9 @@ pub struct TokenRanking {
     pub tokenizer: String,
     /// What was counted, as the user described it.
     pub corpus: String,
+    /// The command that reproduces it (empty where none was recorded).
+    #[serde(default)]
+    pub command: String,
     /// Tokens counted in all.
     pub counted_tokens: u64,
     /// The share of the counted tokens that the top N ids cover, for N = 1024, 2048, ...
@@ -72,6 +75,7 @@ impl TokenRanking {
         Ok(Self {
             tokenizer: tokenizer_fingerprint(tokenizer),
             corpus: corpus.to_string(),
+            command: String::new(),
             counted_tokens: counted,
             coverage,
             ranking,

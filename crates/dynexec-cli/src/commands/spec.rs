@@ -143,10 +143,11 @@ fn rank_tokens(global: &GlobalOptions, args: RankTokensArgs) -> Result<()> {
     let corpus = args
         .corpus
         .iter()
-        .map(|p| p.display().to_string())
+        .map(|p| dynexec_core::card::with_cache_variable(&p.display().to_string()))
         .collect::<Vec<_>>()
         .join(", ");
-    let ranking = TokenRanking::count(&tokenizer, &corpus, texts.iter().map(String::as_str))?;
+    let mut ranking = TokenRanking::count(&tokenizer, &corpus, texts.iter().map(String::as_str))?;
+    ranking.command = reproduce_command();
     if let Some(dir) = args.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

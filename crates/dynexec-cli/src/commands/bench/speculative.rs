@@ -36,9 +36,10 @@ pub struct BenchSpeculativeArgs {
     /// Drafters (repeat the flag), as `generate --draft` takes them.
     #[arg(long = "draft", default_values = ["ngram:3,10", "self-quant:q4_0", "self-layers:8"])]
     drafts: Vec<String>,
-    /// Convert draft models to this format, as `generate --draft-quant`.
-    #[arg(long)]
-    draft_quant: Option<WeightFormat>,
+    /// Draft-model formats to compare (repeat the flag): `stored`, or a format to convert
+    /// to as `generate --draft-quant` does; each model draft runs with each.
+    #[arg(long = "draft-quant", default_values = ["stored"])]
+    draft_quants: Vec<String>,
     /// Draft vocabularies to compare (repeat the flag): `full`, or `N[:RANKING]` as
     /// `generate --draft-vocab` takes it (FR-Spec); each model draft runs with each.
     #[arg(long = "draft-vocab", default_values = ["full"])]
@@ -66,10 +67,14 @@ pub struct BenchSpeculativeArgs {
     /// BBC articles to summarize.
     #[arg(long, default_value_t = 2)]
     articles: usize,
-    /// HumanEval problems to complete as code (raw prompts), taken from its test split (the
-    /// last 82; scripts/fetch-humaneval.sh fetches them).
+    /// HumanEval problems to complete as code (raw prompts), from --humaneval-split
+    /// (scripts/fetch-humaneval.sh fetches them).
     #[arg(long, default_value_t = 0)]
     humaneval: usize,
+    /// Which half of HumanEval: `test` (the last 82, for reported figures) or `train` (the
+    /// first 82, for choosing settings and training DISCO).
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    humaneval_split: String,
     /// Articles are cut to this many tokens.
     #[arg(long, default_value_t = 384)]
     article_tokens: usize,
@@ -96,7 +101,17 @@ fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result
         n => {
             let path = dir.join("humaneval.jsonl");
             let all = read_jsonl(&path, "prompt", usize::MAX)?;
-            all.into_iter().skip(HUMANEVAL_TEST_START).take(n).collect()
+            let skip = if args.humaneval_split == "train" {
+                0
+            } else {
+                HUMANEVAL_TEST_START
+            };
+            let split_len = if skip == 0 {
+                HUMANEVAL_TEST_START
+            } else {
+                usize::MAX
+            };
+            all.into_iter().skip(skip).take(n.min(split_len)).collect()
         }
     };
     let sets = vec![
@@ -144,6 +159,17 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         .drafts
         .iter()
         .map(|d| d.parse())
+        .collect::<Result<_, _>>()?;
+    let draft_quants: Vec<Option<WeightFormat>> = args
+        .draft_quants
+        .iter()
+        .map(|q| {
+            if q == "stored" {
+                Ok(None)
+            } else {
+                q.parse().map(Some)
+            }
+        })
         .collect::<Result<_, _>>()?;
     let vocabs: Vec<Option<DraftVocabSpec>> = args
         .draft_vocabs
@@ -198,20 +224,20 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         }
         let mut drafters = Vec::new();
         for spec in &drafts {
-            for vocab in &vocabs {
-                if vocab.is_some() && !spec.uses_a_model() {
-                    continue;
+            for quant in &draft_quants {
+                for vocab in &vocabs {
+                    // Only a draft model can be converted or narrowed.
+                    if (vocab.is_some() || quant.is_some()) && !spec.uses_a_model() {
+                        continue;
+                    }
+                    let cost = DraftCostArgs {
+                        draft_quant: *quant,
+                        draft_vocab: vocab.clone(),
+                    };
+                    let drafter = build_drafter(global, spec, &cost, &target, None)?;
+                    let name = drafter.name();
+                    drafters.push(NamedDrafter { name, drafter });
                 }
-                let cost = DraftCostArgs {
-                    draft_quant: args.draft_quant,
-                    draft_vocab: vocab.clone(),
-                };
-                let name = match vocab {
-                    Some(v) => format!("{spec} vocab:{}", v.size),
-                    None => spec.to_string(),
-                };
-                let drafter = build_drafter(global, spec, &cost, &target, None)?;
-                drafters.push(NamedDrafter { name, drafter });
             }
         }
         let per_prompt = 1
@@ -251,20 +277,20 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             "device": device,
             "threads": threads,
             "max_tokens": args.max_tokens,
-            "draft_quant": args.draft_quant.map(|q| q.to_string()),
             "verification": verify_json,
             "rows": rows,
         }));
     }
     println!(
-        "model {} | device {} | threads {} | greedy, up to {} tokens per prompt | {} questions, {} articles, {} HumanEval problems",
+        "model {} | device {} | threads {} | greedy, up to {} tokens per prompt | {} questions, {} articles, {} HumanEval problems ({} split)",
         args.model.model,
         device,
         threads,
         args.max_tokens,
         args.questions,
         args.articles,
-        args.humaneval
+        args.humaneval,
+        args.humaneval_split
     );
     if !verify.is_empty() {
         println!("verification: target forward over N rows, as a fraction of one decoding step");
