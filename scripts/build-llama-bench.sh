@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench and llama-tokenize (CPU only) from the llama.cpp vendored in the
-# llama-cpp-python 0.3.36 source distribution on PyPI, outside the repository, for
-# `dynexec bench generate --compare-llama-cpp`. Prints the binary's path.
+# Builds llama.cpp's llama-bench, llama-tokenize and llama-speculative-simple (CPU only) from the
+# llama.cpp vendored in the llama-cpp-python 0.3.36 source distribution on PyPI, outside the
+# repository: the peers of `dynexec bench generate --compare-llama-cpp` (llama-bench) and of
+# `dynexec bench speculative --compare-llama-cpp` (llama-speculative-simple, in the same
+# folder). Prints llama-bench's path.
 #   scripts/build-llama-bench.sh [DIR]      (default: ~/.cache/dynexec/llama.cpp)
 # LLAMA_CPU_ISA=avx512 builds the AVX-512 (VNNI, VBMI, BF16) variant instead, in its own build
 # folder: the fair peer where dynexec's kernels run on AVX-512 VNNI (`--max-cpu-isa`).
@@ -36,5 +38,5 @@ cmake -S "$src" -B "$src/$build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -D
   -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=$avx512 -DGGML_AVX512_VNNI=$avx512 \
   -DGGML_AVX512_VBMI=$avx512 -DGGML_AVX512_BF16=$avx512 -DGGML_AVX_VNNI=OFF -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_SERVER=OFF >&2
-cmake --build "$src/$build" --target llama-bench llama-tokenize -j "$(nproc)" >&2
+cmake --build "$src/$build" --target llama-bench llama-tokenize llama-speculative-simple -j "$(nproc)" >&2
 echo "$dir/$src/$build/bin/llama-bench"

@@ -345,6 +345,76 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
     }
 }
 
+/// Speculative sequences share the target's forward with plain ones (several rows each) and
+/// their draft model's forwards with each other; above --spec-max-batch they decode one token
+/// a step. Every answer stays what plain greedy decoding gives.
+#[test]
+fn speculative_requests_batch_their_drafts_and_verifications() {
+    let prompts = [
+        "Once upon a time",
+        "The three laws of motion are",
+        "def fibonacci(n):",
+        "My favourite recipe for soup",
+    ];
+    let body = |p: &str, speculative: bool| json!({"prompt": p, "max_tokens": 16, "temperature": 0, "speculative": speculative});
+    for (spec_max_batch, disabled) in [("8", false), ("1", true)] {
+        let server = Server::start(&[
+            "--draft",
+            "self-quant:q4_0",
+            "--lookahead",
+            "fixed:3",
+            "--max-batch",
+            "8",
+            "--spec-max-batch",
+            spec_max_batch,
+        ]);
+        let solo: Vec<String> = prompts
+            .iter()
+            .map(|p| text_of(&server.post("/v1/completions", &body(p, false)).1))
+            .collect();
+        let answers: Vec<(String, Value)> = std::thread::scope(|s| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let server = &server;
+                    // Three speculative requests and a plain one, all at once.
+                    s.spawn(move || {
+                        let (code, out) = server.post("/v1/completions", &body(p, i != 1));
+                        assert_eq!(code, 200, "{out}");
+                        (text_of(&out), out["dynexec"].clone())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for ((answer, report), expected) in answers.iter().zip(&solo) {
+            assert_eq!(
+                answer, expected,
+                "--spec-max-batch {spec_max_batch}: {report}"
+            );
+        }
+        assert!(
+            answers
+                .iter()
+                .any(|(_, r)| r["batch_size"].as_u64() > Some(1)),
+            "no request was decoded in a batch: {answers:?}"
+        );
+        // Drafting ran where allowed (with the limit at 1, maybe never: all may end together).
+        assert!(disabled || server.metric("dynexec_drafts_total") > 0.0);
+        assert!(
+            server.metric("dynexec_draft_tokens_accepted_total")
+                <= server.metric("dynexec_draft_tokens_proposed_total")
+        );
+        let off = server.metric("dynexec_speculation_disabled_steps_total");
+        assert_eq!(
+            off > 0.0,
+            disabled,
+            "--spec-max-batch {spec_max_batch}: {off} steps without drafts"
+        );
+    }
+}
+
 #[test]
 fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     let server = Server::start(&["--max-tokens", "64", "--exit-adapters", "none"]);

@@ -4,7 +4,9 @@
 //! decoding, per-token early exit (CALM, Schuster et al. 2022) or speculative decoding
 //! (Leviathan et al. 2023) with a drafter and a lookahead. [`decode`] runs a whole generation
 //! with one (what `generate` and the benchmarks do); [`Sequence`] advances one a step at a
-//! time (what the server's scheduler interleaves, batching the plain ones). Both report in one
+//! time (what the server's scheduler interleaves: [`batch_rows`] puts every plain and
+//! speculative sequence's rows into one target forward, drafting together where they share a
+//! draft model). Both report in one
 //! type, [`DecodeReport`], which front-ends show as they like. [`bench`] times decoders
 //! against each other (dynexec, candle-transformers, llama.cpp) the way `bench generate` does;
 //! [`trace`] captures hidden states at every layer for analysis.
@@ -48,7 +50,7 @@ use dynexec_models::generation::{
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
 use dynexec_spec::drafter::Drafter;
-use dynexec_spec::engine::{generate_speculative, SpecStats, SpeculativeSequence};
+use dynexec_spec::engine::{draft_together, generate_speculative, SpecStats, SpeculativeSequence};
 use dynexec_spec::lookahead::Lookahead;
 use serde::Serialize;
 
@@ -226,6 +228,62 @@ pub fn decode(
     }
 }
 
+/// One sequence's part in a shared step: the sequence, the prompt and tokens so far, and
+/// the most tokens it may draft.
+pub struct BatchMember<'a, 'm> {
+    /// The sequence.
+    pub sequence: &'a mut Sequence<'m>,
+    /// The prompt and the tokens so far (its last token is not yet in the cache).
+    pub history: &'a [u32],
+    /// The most tokens a speculative sequence may draft (a verification adds one more).
+    pub max_drafts: usize,
+}
+
+/// The rows each sequence's next step runs through the target in a forward shared by all
+/// ([`Llama::forward_segments`] on [`Sequence::batch_cache`]): a plain sequence's last
+/// token; a speculative one's last token and its drafts, drafted together where sequences
+/// share a draft model ([`draft_together`]), and none unless `speculate` (one token then,
+/// decoded plainly: still lossless). `None` for sequences that step themselves (early
+/// exit). [`Sequence::take_rows`] takes each sequence's logits.
+pub fn batch_rows(
+    members: &mut [BatchMember<'_, '_>],
+    speculate: bool,
+) -> Vec<Result<Option<Vec<u32>>>> {
+    let mut out: Vec<Option<Result<Option<Vec<u32>>>>> = (0..members.len()).map(|_| None).collect();
+    let mut speculative = Vec::new();
+    let mut budgets = Vec::new();
+    let mut slots = Vec::new();
+    for (i, member) in members.iter_mut().enumerate() {
+        match &mut member.sequence.stepper {
+            Stepper::Plain { .. } => {
+                out[i] = Some(match member.history.last() {
+                    Some(&last) => Ok(Some(vec![last])),
+                    None => Err(Error::InvalidArgument(
+                        "a sequence steps after at least one token".into(),
+                    )),
+                });
+            }
+            Stepper::EarlyExit { .. } => out[i] = Some(Ok(None)),
+            Stepper::Speculative(spec) => {
+                speculative.push(&mut **spec);
+                budgets.push(if speculate { member.max_drafts } else { 0 });
+                slots.push(i);
+            }
+        }
+    }
+    for (slot, rows) in slots
+        .into_iter()
+        .zip(draft_together(&mut speculative, &budgets))
+    {
+        out[slot] = Some(rows.map(Some));
+    }
+    out.into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| Err(Error::InvalidArgument("a sequence was not prepared".into())))
+        })
+        .collect()
+}
+
 /// How one [`Sequence`] steps.
 enum Stepper<'m> {
     Plain {
@@ -240,9 +298,9 @@ enum Stepper<'m> {
     Speculative(Box<SpeculativeSequence<'m>>),
 }
 
-/// One sequence decoded a step at a time with its strategy. Plain sequences can share a
-/// batched forward ([`Self::batch_cache`] + [`Self::sample_batched`]); the others step
-/// themselves ([`Self::step`]).
+/// One sequence decoded a step at a time with its strategy. Plain and speculative sequences
+/// can share a target forward ([`batch_rows`], [`Self::batch_cache`], [`Self::take_rows`]);
+/// early-exit ones step themselves ([`Self::step`]).
 pub struct Sequence<'m> {
     model: &'m Llama,
     stepper: Stepper<'m>,
@@ -289,24 +347,44 @@ impl<'m> Sequence<'m> {
         Ok((Self { model, stepper }, first))
     }
 
-    /// The KV cache of a plain sequence, for a batched forward of its last token; `None` for
-    /// sequences that step themselves.
+    /// The cache a shared forward runs this sequence's rows on ([`batch_rows`]); `None` for
+    /// sequences that step themselves (early exit).
     pub fn batch_cache(&mut self) -> Option<&mut KvCache> {
         match &mut self.stepper {
             Stepper::Plain { cache, .. } => Some(cache),
-            _ => None,
+            Stepper::Speculative(spec) => Some(spec.cache_mut()),
+            Stepper::EarlyExit { .. } => None,
         }
     }
 
-    /// Samples a plain sequence's next token from its row of a batched forward. `history` is
+    /// The next tokens from the logits of [`batch_rows`]'s rows `(rows, vocab)`: a
+    /// plain sequence samples its token, a speculative one verifies its drafts. `history` is
     /// the prompt and the tokens so far (for the repetition penalty).
-    pub fn sample_batched(&mut self, logits: &Tensor, history: &[u32]) -> Result<Vec<u32>> {
+    pub fn take_rows(&mut self, logits: &Tensor, history: &[u32]) -> Result<Vec<u32>> {
         match &mut self.stepper {
-            Stepper::Plain { sampler, .. } => Ok(vec![sampler.sample(logits, history)?]),
-            _ => Err(Error::InvalidArgument(
-                "only a plain sequence takes a row of a batched forward".into(),
+            Stepper::Plain { sampler, .. } => {
+                let last = logits.get(logits.dim(0)? - 1)?;
+                Ok(vec![sampler.sample(&last, history)?])
+            }
+            Stepper::Speculative(spec) => spec.verify(logits),
+            Stepper::EarlyExit { .. } => Err(Error::InvalidArgument(
+                "an early-exit sequence steps itself, not in a batched forward".into(),
             )),
         }
+    }
+
+    /// Speculative steps that drafted, draft tokens proposed and accepted so far (zeros for
+    /// other strategies).
+    pub fn draft_counts(&self) -> (usize, usize, usize) {
+        match &self.stepper {
+            Stepper::Speculative(spec) => (spec.spec.steps, spec.spec.proposed, spec.spec.accepted),
+            _ => (0, 0, 0),
+        }
+    }
+
+    /// Whether this sequence decodes speculatively.
+    pub fn is_speculative(&self) -> bool {
+        matches!(self.stepper, Stepper::Speculative(_))
     }
 
     /// Computes the next tokens after `history` (the prompt and the tokens so far; its last

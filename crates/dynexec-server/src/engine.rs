@@ -11,8 +11,8 @@ use crate::stop::{StopCheck, StopMatcher};
 use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
+use dynexec_engine::{batch_rows, BatchMember, Sequence, Strategy};
 pub use dynexec_engine::{EarlyExitReport, SpeculativeReport};
-use dynexec_engine::{Sequence, Strategy};
 use dynexec_exit::token_exit::{ExitAdapters, TokenExitPolicy};
 use dynexec_models::generation::GenerateOptions;
 use dynexec_models::llama::Llama;
@@ -67,6 +67,8 @@ pub struct EngineConfig {
     pub max_batch: usize,
     /// Requests waiting for a slot before new ones are refused (HTTP 503).
     pub max_queue: usize,
+    /// Speculative sequences draft only while at most this many sequences are active.
+    pub spec_max_batch: usize,
 }
 
 /// Dynamic execution chosen for one request.
@@ -437,58 +439,108 @@ impl<'m> Scheduler<'m> {
         Ok((seq, first))
     }
 
-    /// One token (or, speculatively, one verified run of tokens) for every active sequence:
-    /// each sequence's last token goes through the model (plain ones batched together), then
-    /// the next is sampled and handed out.
+    /// One token (or, speculatively, one verified run of tokens) for every active sequence.
+    /// Plain sequences' last tokens and speculative sequences' last tokens with their drafts
+    /// go through the target in one forward (each sequence a run of rows); early-exit ones
+    /// step themselves. Above `spec_max_batch` active sequences nobody drafts this step:
+    /// a batch that large already keeps the weights busy, and extra rows would cost more
+    /// than they save (vLLM's `speculative_disable_by_batch_size`).
     fn step(&mut self) {
         let model = &self.served.model;
-        let mut batch_ids = Vec::new();
+        let speculate = self.active.len() <= self.config.spec_max_batch;
+        if !speculate && self.active.iter().any(|s| s.decoder.is_speculative()) {
+            add(&self.metrics.speculation_disabled_steps, 1);
+        }
+        let counts_before: Vec<_> = self
+            .active
+            .iter()
+            .map(|s| s.decoder.draft_counts())
+            .collect();
+        // Rows for the shared forward, drafted together where sequences share a draft model.
+        let gone: Vec<bool> = self.active.iter().map(|s| s.events.is_closed()).collect();
+        let prepared = {
+            let mut members: Vec<BatchMember<'_, '_>> = self
+                .active
+                .iter_mut()
+                .zip(&gone)
+                .filter(|(_, gone)| !**gone)
+                .map(|(seq, _)| BatchMember {
+                    // Never draft past max_tokens: a verification adds one token of its own.
+                    max_drafts: seq.options.max_tokens.saturating_sub(seq.generated() + 1),
+                    sequence: &mut seq.decoder,
+                    history: &seq.tokens,
+                })
+                .collect();
+            batch_rows(&mut members, speculate)
+        };
+        let mut prepared = prepared.into_iter();
+        // Per sequence: in the shared forward, stepping itself, failed while drafting, or gone.
+        let mut plans: Vec<Plan> = Vec::with_capacity(self.active.len());
+        let mut segments: Vec<Vec<u32>> = Vec::new();
         let mut caches = Vec::new();
-        // Which sequences have a row in the batch (plain ones whose client is still there).
-        let mut in_batch = Vec::with_capacity(self.active.len());
-        for seq in &mut self.active {
-            let closed = seq.events.is_closed();
-            match seq.decoder.batch_cache() {
-                Some(cache) if !closed => {
-                    batch_ids.push(*seq.tokens.last().unwrap_or(&0));
-                    caches.push(cache);
-                    in_batch.push(true);
-                }
-                _ => in_batch.push(false),
+        for (seq, gone) in self.active.iter_mut().zip(gone) {
+            if gone {
+                plans.push(Plan::Gone);
+                continue;
+            }
+            match prepared.next() {
+                Some(Ok(Some(rows))) => match seq.decoder.batch_cache() {
+                    Some(cache) => {
+                        plans.push(Plan::Batched(rows.len()));
+                        segments.push(rows);
+                        caches.push(cache);
+                    }
+                    None => plans.push(Plan::Own),
+                },
+                Some(Ok(None)) => plans.push(Plan::Own),
+                Some(Err(e)) => plans.push(Plan::Failed(e)),
+                None => plans.push(Plan::Failed(Error::InvalidArgument(
+                    "a sequence was not prepared for the step".into(),
+                ))),
             }
         }
-        let batch_size = batch_ids.len();
-        let batch_logits: Result<Vec<Tensor>> = match batch_size {
-            0 => Ok(Vec::new()),
-            _ => model
-                .forward_batch(&batch_ids, &mut caches)
-                .and_then(|all| Ok(all.chunk(batch_size, 0)?)),
+        let batch_size = segments.len();
+        let batch_logits: Result<Tensor> = if batch_size == 0 {
+            Err(Error::InvalidArgument("no sequence is in the batch".into()))
+        } else {
+            let runs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
+            model.forward_segments(&runs, &mut caches)
         };
         drop(caches);
         if batch_size > 0 {
             self.metrics.batch_size.observe(batch_size as f64);
         }
-        let batch_error = batch_logits.as_ref().err().map(|e| e.to_string());
-        let mut rows = batch_logits.unwrap_or_default().into_iter();
+        let mut first_row = 0;
         let mut outcomes = Vec::with_capacity(self.active.len());
-        for (seq, batched) in self.active.iter_mut().zip(in_batch) {
-            let row = if batched { rows.next() } else { None };
-            if seq.events.is_closed() {
-                outcomes.push(Outcome::Cancelled);
-                continue;
-            }
-            // Never draft past max_tokens: a verification adds one token of its own.
-            let max_drafts = seq.options.max_tokens.saturating_sub(seq.generated() + 1);
-            let next = match (batched, &batch_error, row) {
-                (false, _, _) => seq.decoder.step(&seq.tokens, max_drafts),
-                (true, Some(e), _) => Err(Error::InvalidArgument(format!(
-                    "batched decoding failed: {e}"
-                ))),
-                (true, None, Some(logits)) => seq.decoder.sample_batched(&logits, &seq.tokens),
-                (true, None, None) => Err(Error::InvalidArgument(
-                    "batched decoding returned too few rows".into(),
-                )),
+        for ((seq, plan), before) in self.active.iter_mut().zip(plans).zip(counts_before) {
+            let next = match plan {
+                Plan::Gone => {
+                    outcomes.push(Outcome::Cancelled);
+                    continue;
+                }
+                Plan::Own => {
+                    let max_drafts = seq.options.max_tokens.saturating_sub(seq.generated() + 1);
+                    seq.decoder.step(&seq.tokens, max_drafts)
+                }
+                Plan::Failed(e) => Err(e),
+                Plan::Batched(rows) => {
+                    let start = first_row;
+                    first_row += rows;
+                    match &batch_logits {
+                        Ok(all) => all
+                            .narrow(0, start, rows)
+                            .map_err(Error::from)
+                            .and_then(|logits| seq.decoder.take_rows(&logits, &seq.tokens)),
+                        Err(e) => Err(Error::InvalidArgument(format!(
+                            "batched decoding failed: {e}"
+                        ))),
+                    }
+                }
             };
+            let after = seq.decoder.draft_counts();
+            add(&self.metrics.drafts, (after.0 - before.0) as u64);
+            add(&self.metrics.draft_proposed, (after.1 - before.1) as u64);
+            add(&self.metrics.draft_accepted, (after.2 - before.2) as u64);
             outcomes.push(match next {
                 Ok(tokens) => emit(seq, &tokens),
                 Err(e) => {
@@ -512,6 +564,18 @@ impl<'m> Scheduler<'m> {
             .active_sequences
             .store(self.active.len() as u64, Ordering::Relaxed);
     }
+}
+
+/// How a sequence takes part in a step.
+enum Plan {
+    /// Its rows (this many) are in the shared forward.
+    Batched(usize),
+    /// It steps itself (early exit).
+    Own,
+    /// Drafting failed.
+    Failed(Error),
+    /// Its client went away.
+    Gone,
 }
 
 /// Hands `tokens` to the client, stopping at end-of-sequence, a stop string, `max_tokens` or
@@ -594,10 +658,6 @@ fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: 
         speculative,
         early_exit,
     } = seq.decoder.report();
-    if let Some(s) = &speculative {
-        add(&metrics.draft_proposed, s.proposed as u64);
-        add(&metrics.draft_accepted, s.accepted as u64);
-    }
     if let Some(e) = &early_exit {
         add(&metrics.early_exit_tokens, e.exit_layers.len() as u64);
         add(

@@ -79,6 +79,10 @@ pub struct Metrics {
     pub queue_depth: AtomicU64,
     /// Gauge: sequences being decoded.
     pub active_sequences: AtomicU64,
+    /// Speculative steps that drafted (vLLM's `spec_decode_num_drafts`).
+    pub drafts: AtomicU64,
+    /// Steps in which speculation was switched off because the batch was too large.
+    pub speculation_disabled_steps: AtomicU64,
     /// Draft tokens proposed by speculative decoding.
     pub draft_proposed: AtomicU64,
     /// Draft tokens the target accepted.
@@ -111,6 +115,8 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             active_sequences: AtomicU64::new(0),
+            drafts: AtomicU64::new(0),
+            speculation_disabled_steps: AtomicU64::new(0),
             draft_proposed: AtomicU64::new(0),
             draft_accepted: AtomicU64::new(0),
             early_exit_tokens: AtomicU64::new(0),
@@ -181,17 +187,29 @@ impl Metrics {
             "Sequences being decoded.",
             get(&self.active_sequences).to_string(),
         );
+        scalar(
+            "dynexec_drafts_total",
+            "counter",
+            "Speculative steps that drafted (vLLM: spec_decode_num_drafts).",
+            get(&self.drafts).to_string(),
+        );
+        scalar(
+            "dynexec_speculation_disabled_steps_total",
+            "counter",
+            "Decoding steps in which speculation was off because more sequences were active than --spec-max-batch.",
+            get(&self.speculation_disabled_steps).to_string(),
+        );
         let (proposed, accepted) = (get(&self.draft_proposed), get(&self.draft_accepted));
         scalar(
             "dynexec_draft_tokens_proposed_total",
             "counter",
-            "Draft tokens proposed by speculative decoding.",
+            "Draft tokens proposed by speculative decoding (vLLM: spec_decode_num_draft_tokens).",
             proposed.to_string(),
         );
         scalar(
             "dynexec_draft_tokens_accepted_total",
             "counter",
-            "Draft tokens the target accepted.",
+            "Draft tokens the target accepted (vLLM: spec_decode_num_accepted_tokens).",
             accepted.to_string(),
         );
         let rate = if proposed == 0 {

@@ -40,6 +40,11 @@ pub trait Drafter {
     fn forwards(&self) -> usize;
     /// The same drafter with no sequence state, for another sequence (weights are shared).
     fn fresh(&self) -> Box<dyn Drafter>;
+    /// The draft model, where this drafter is one whose steps can share a forward with
+    /// other sequences' ([`crate::engine::draft_together`]); `None` otherwise.
+    fn as_batchable(&mut self) -> Option<&mut ModelDrafter> {
+        None
+    }
 }
 
 /// A borrowed drafter drafts like the one it borrows (so a sequence can own either).
@@ -64,6 +69,9 @@ impl<T: Drafter + ?Sized> Drafter for &mut T {
     }
     fn fresh(&self) -> Box<dyn Drafter> {
         (**self).fresh()
+    }
+    fn as_batchable(&mut self) -> Option<&mut ModelDrafter> {
+        (**self).as_batchable()
     }
 }
 
@@ -142,17 +150,86 @@ impl ModelDrafter {
 
     fn logits(&mut self, ids: &[u32]) -> Result<Tensor> {
         self.forwards += 1;
-        let mut hidden = self
+        let hidden = self
             .model
             .last_hidden_at_depth(ids, &mut self.cache, self.depth)?;
-        if let Some(adapt) = &self.exit_adapter {
-            hidden = adapt(&hidden)?;
-        }
+        self.head_logits(&hidden)
+    }
+
+    /// The head's logits `(vocab or subset,)` for a hidden state `(1, 1, hidden)` at the
+    /// draft depth (through the exit adapter, if any).
+    pub(crate) fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let adapted;
+        let hidden = match &self.exit_adapter {
+            Some(adapt) => {
+                adapted = adapt(hidden)?;
+                &adapted
+            }
+            None => hidden,
+        };
         let logits = match &self.vocab {
-            Some(subset) => self.model.head_over(&hidden, subset)?,
-            None => self.model.head(&hidden)?,
+            Some(subset) => self.model.head_over(hidden, subset)?,
+            None => self.model.head(hidden)?,
         };
         Ok(logits.flatten_all()?)
+    }
+
+    /// The tokens of `tokens` its cache lacks (at least the last one), after rolling the
+    /// cache back to the prefix it shares with them.
+    pub(crate) fn catch_up<'t>(&mut self, tokens: &'t [u32]) -> Result<&'t [u32]> {
+        let cached = self.cache.len().min(tokens.len().saturating_sub(1));
+        self.cache.truncate(cached)?;
+        Ok(&tokens[cached..])
+    }
+
+    /// The token to propose at `position` from the draft's logits, its signal, and (when
+    /// sampling) the draft's distribution over the whole vocabulary.
+    pub(crate) fn choose(
+        &self,
+        logits: &Tensor,
+        position: usize,
+        sampler: Option<&mut Sampler>,
+    ) -> Result<(u32, DraftSignal, Option<Vec<f32>>)> {
+        let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
+        Ok(match sampler {
+            Some(s) => {
+                let q = s.distribution(&row);
+                let index = s.draw_from(&q) as usize;
+                let signal = DraftSignal::from_probs(position, &q, index);
+                // Verification compares distributions over the whole vocabulary.
+                let q = match &self.vocab {
+                    Some(subset) => {
+                        let mut full = vec![0.0; self.model.vocab_size()];
+                        for (&id, &p) in subset.ids().iter().zip(&q) {
+                            full[id as usize] = p;
+                        }
+                        full
+                    }
+                    None => q,
+                };
+                (self.token_at(index as u32), signal, Some(q))
+            }
+            None => {
+                let (index, signal) = DraftSignal::of_argmax(position, &row);
+                (self.token_at(index as u32), signal, None)
+            }
+        })
+    }
+
+    /// Whether this drafter runs the whole model with its own head (what
+    /// [`crate::engine::draft_together`] batches); the name tells models apart.
+    fn whole_model(&self) -> bool {
+        self.depth == self.model.num_layers() && self.exit_adapter.is_none()
+    }
+
+    /// The draft model, its cache and its name, for a forward shared with others.
+    pub(crate) fn parts(&mut self) -> (&Llama, &mut KvCache, &str) {
+        (&self.model, &mut self.cache, &self.name)
+    }
+
+    /// Counts a forward this drafter took part in.
+    pub(crate) fn count_forward(&mut self) {
+        self.forwards += 1;
     }
 }
 
@@ -172,36 +249,12 @@ impl Drafter for ModelDrafter {
         if max == 0 || tokens.is_empty() {
             return Ok(draft);
         }
-        // The cache holds a prefix of `tokens`; feed what it lacks (at least the last token).
-        let cached = self.cache.len().min(tokens.len() - 1);
-        self.cache.truncate(cached)?;
-        let mut logits = self.logits(&tokens[cached..])?;
+        let feed = self.catch_up(tokens)?;
+        let mut logits = self.logits(feed)?;
         loop {
             let position = draft.tokens.len() + 1;
-            let row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-            let (token, signal, distribution) = match sampler.as_deref_mut() {
-                Some(s) => {
-                    let q = s.distribution(&row);
-                    let index = s.draw_from(&q) as usize;
-                    let signal = DraftSignal::from_probs(position, &q, index);
-                    // Verification compares distributions over the whole vocabulary.
-                    let q = match &self.vocab {
-                        Some(subset) => {
-                            let mut full = vec![0.0; self.model.vocab_size()];
-                            for (&id, &p) in subset.ids().iter().zip(&q) {
-                                full[id as usize] = p;
-                            }
-                            full
-                        }
-                        None => q,
-                    };
-                    (self.token_at(index as u32), signal, Some(q))
-                }
-                None => {
-                    let (index, signal) = DraftSignal::of_argmax(position, &row);
-                    (self.token_at(index as u32), signal, None)
-                }
-            };
+            let (token, signal, distribution) =
+                self.choose(&logits, position, sampler.as_deref_mut())?;
             draft.tokens.push(token);
             draft.signals.push(signal);
             draft.distributions.push(distribution);
@@ -232,6 +285,10 @@ impl Drafter for ModelDrafter {
             exit_adapter: self.exit_adapter.clone(),
             vocab: self.vocab.clone(),
         })
+    }
+
+    fn as_batchable(&mut self) -> Option<&mut ModelDrafter> {
+        self.whole_model().then_some(self)
     }
 }
 

@@ -1,9 +1,9 @@
 //! The speculative decoding loop shared by `generate`, `bench` and the server.
 
-use crate::drafter::Drafter;
+use crate::drafter::{Draft, Drafter};
 use crate::lookahead::Lookahead;
 use crate::verify::{verify_greedy, verify_sampling, Verdict};
-use candle_core::{DType, D};
+use candle_core::{DType, Tensor, D};
 use dynexec_core::sampling::Sampler;
 use dynexec_core::stats::{secs, GenerationStats};
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
@@ -78,6 +78,8 @@ pub struct SpeculativeSequence<'a> {
     greedy: bool,
     /// The drafter's forward count when this sequence started (a drafter may be reused).
     forwards_at_start: usize,
+    /// The draft of a step between [`Self::draft`] and [`Self::verify`].
+    pending: Option<Draft>,
     /// What speculation has done so far.
     pub spec: SpecStats,
 }
@@ -113,6 +115,7 @@ impl<'a> SpeculativeSequence<'a> {
         tokens.push(first);
         let sequence = Self {
             forwards_at_start: drafter.forwards(),
+            pending: None,
             target,
             drafter,
             lookahead,
@@ -134,12 +137,19 @@ impl<'a> SpeculativeSequence<'a> {
     /// drafts and the target's own next token (1 to `max_drafts + 1` tokens), already
     /// appended to [`Self::tokens`]. `max_drafts` must leave room in the context for them.
     pub fn step(&mut self, max_drafts: usize) -> Result<Vec<u32>> {
-        let room = self
-            .target
-            .config()
-            .context_length
-            .saturating_sub(self.tokens.len());
-        let k = self.lookahead.next_k().min(max_drafts).min(room);
+        let feed = self.draft(max_drafts)?;
+        let verify_start = Instant::now();
+        let logits = self.target.forward(&feed, &mut self.cache, None)?;
+        self.spec.verify_secs += secs(verify_start.elapsed());
+        self.verify(&logits)
+    }
+
+    /// The first half of a step, for a forward shared with other sequences: drafts at most
+    /// `max_drafts` tokens (none when 0: the step then decodes one token plainly) and returns
+    /// the rows the target must run, the last token and the drafts, on [`Self::cache_mut`].
+    /// [`Self::verify`] takes their logits.
+    pub fn draft(&mut self, max_drafts: usize) -> Result<Vec<u32>> {
+        let k = self.draft_budget(max_drafts);
         let draft_start = Instant::now();
         let draft = if k > 0 {
             let sampler = if self.greedy {
@@ -153,13 +163,45 @@ impl<'a> SpeculativeSequence<'a> {
             Default::default()
         };
         self.spec.draft_secs += secs(draft_start.elapsed());
+        Ok(self.hold_draft(draft))
+    }
 
-        let verify_start = Instant::now();
+    /// How many tokens the next step may draft: the lookahead's choice, within
+    /// `max_drafts` and the context.
+    fn draft_budget(&self, max_drafts: usize) -> usize {
+        let room = self
+            .target
+            .config()
+            .context_length
+            .saturating_sub(self.tokens.len());
+        self.lookahead.next_k().min(max_drafts).min(room)
+    }
+
+    /// Keeps `draft` for [`Self::verify`] and returns the rows the target must run.
+    fn hold_draft(&mut self, draft: Draft) -> Vec<u32> {
         let base = self.tokens.len() - 1; // positions the target's cache holds
         let mut feed = Vec::with_capacity(draft.tokens.len() + 1);
         feed.push(self.tokens[base]);
         feed.extend_from_slice(&draft.tokens);
-        let logits = self.target.forward(&feed, &mut self.cache, None)?; // (1 + drafts, vocab)
+        self.pending = Some(draft);
+        feed
+    }
+
+    /// The target's cache, for a forward of [`Self::draft`]'s rows shared with others.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// The second half of a step: `logits` `(1 + drafts, vocab)` are the target's for the
+    /// rows [`Self::draft`] returned, already run on [`Self::cache_mut`]. Accepts a prefix
+    /// of the drafts, adds the target's own token, rolls both caches back to what was kept,
+    /// and returns the new tokens (already appended to [`Self::tokens`]).
+    pub fn verify(&mut self, logits: &Tensor) -> Result<Vec<u32>> {
+        let draft = self.pending.take().ok_or_else(|| {
+            Error::InvalidArgument("a speculative step verifies after it drafts".into())
+        })?;
+        let verify_start = Instant::now();
+        let base = self.tokens.len() - 1;
         self.spec.target_forwards += 1;
         let verdict = if self.greedy {
             let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
@@ -192,6 +234,149 @@ impl<'a> SpeculativeSequence<'a> {
         self.spec.draft_forwards = self.drafter.forwards() - self.forwards_at_start;
         Ok(out)
     }
+}
+
+/// [`SpeculativeSequence::draft`] for several sequences at once: sequences whose drafters
+/// run the same whole draft model share one draft forward per drafted position (the
+/// others draft on their own). Returns each sequence's rows for the target, in order.
+pub fn draft_together(
+    sequences: &mut [&mut SpeculativeSequence<'_>],
+    max_drafts: &[usize],
+) -> Vec<Result<Vec<u32>>> {
+    let mut feeds: Vec<Option<Result<Vec<u32>>>> = (0..sequences.len()).map(|_| None).collect();
+    let mut budgets = vec![0; sequences.len()];
+    // The sequences drafting together: those whose drafter is the first batchable one's
+    // model (drafters of one server share it; the name tells models apart).
+    let mut shared_model: Option<String> = None;
+    let mut together = Vec::new();
+    for (i, seq) in sequences.iter_mut().enumerate() {
+        let k = seq.draft_budget(max_drafts.get(i).copied().unwrap_or(0));
+        budgets[i] = k;
+        let name = seq.drafter.as_batchable().map(|d| d.parts().2.to_string());
+        match name {
+            Some(name) if k > 0 && shared_model.as_ref().is_none_or(|m| *m == name) => {
+                shared_model = Some(name);
+                together.push(i);
+            }
+            _ => feeds[i] = Some(seq.draft(k)),
+        }
+    }
+    if together.len() < 2 {
+        // Nothing to share: draft as usual.
+        for &i in &together {
+            feeds[i] = Some(sequences[i].draft(budgets[i]));
+        }
+    } else {
+        let drafted = draft_rounds(sequences, &together, &budgets);
+        match drafted {
+            Ok(drafts) => {
+                for (i, draft) in drafts {
+                    feeds[i] = Some(Ok(sequences[i].hold_draft(draft)));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for &i in &together {
+                    feeds[i] = Some(Err(Error::InvalidArgument(format!(
+                        "batched drafting failed: {message}"
+                    ))));
+                }
+            }
+        }
+    }
+    feeds
+        .into_iter()
+        .map(|f| {
+            f.unwrap_or_else(|| Err(Error::InvalidArgument("a sequence was not drafted".into())))
+        })
+        .collect()
+}
+
+/// The drafting rounds of [`draft_together`]: round one feeds each sequence what its draft
+/// cache lacks, later rounds each continuing sequence's last draft token, all in one
+/// forward of the shared draft model per round.
+fn draft_rounds(
+    sequences: &mut [&mut SpeculativeSequence<'_>],
+    together: &[usize],
+    budgets: &[usize],
+) -> Result<Vec<(usize, Draft)>> {
+    let start = Instant::now();
+    let mut drafts: Vec<(usize, Draft)> = together.iter().map(|&i| (i, Draft::default())).collect();
+    // (index into `drafts`, the rows it feeds this round)
+    let mut feeding: Vec<(usize, Vec<u32>)> = Vec::with_capacity(together.len());
+    for (slot, &i) in together.iter().enumerate() {
+        let seq = &mut *sequences[i];
+        let tokens = seq.tokens.clone();
+        let drafter = seq
+            .drafter
+            .as_batchable()
+            .ok_or_else(|| Error::InvalidArgument("a shared draft lost its model".into()))?;
+        feeding.push((slot, drafter.catch_up(&tokens)?.to_vec()));
+    }
+    let first = together[0];
+    let model = match sequences[first].drafter.as_batchable() {
+        Some(d) => d.parts().0.clone(),
+        None => {
+            return Err(Error::InvalidArgument(
+                "a shared draft lost its model".into(),
+            ))
+        }
+    };
+    while !feeding.is_empty() {
+        let rows: Vec<&[u32]> = feeding.iter().map(|(_, r)| r.as_slice()).collect();
+        let hidden = {
+            let mut members: Vec<&mut SpeculativeSequence<'_>> = Vec::with_capacity(feeding.len());
+            let wanted: Vec<usize> = feeding.iter().map(|(slot, _)| together[*slot]).collect();
+            for (i, seq) in sequences.iter_mut().enumerate() {
+                if wanted.contains(&i) {
+                    members.push(&mut **seq);
+                }
+            }
+            let mut caches: Vec<&mut KvCache> = Vec::with_capacity(members.len());
+            for member in members.iter_mut() {
+                let drafter = member.drafter.as_batchable().ok_or_else(|| {
+                    Error::InvalidArgument("a shared draft lost its model".into())
+                })?;
+                drafter.count_forward();
+                caches.push(drafter.parts().1);
+            }
+            model.hidden_segments(&rows, &mut caches)?
+        };
+        let mut next = Vec::with_capacity(feeding.len());
+        let mut row_end = 0;
+        for (slot, fed) in &feeding {
+            row_end += fed.len();
+            let i = together[*slot];
+            let seq = &mut *sequences[i];
+            let last = hidden.narrow(1, row_end - 1, 1)?;
+            let sampler = if seq.greedy {
+                None
+            } else {
+                Some(&mut seq.sampler)
+            };
+            let drafter = seq
+                .drafter
+                .as_batchable()
+                .ok_or_else(|| Error::InvalidArgument("a shared draft lost its model".into()))?;
+            let logits = drafter.head_logits(&last)?;
+            let draft = &mut drafts[*slot].1;
+            let (token, signal, distribution) =
+                drafter.choose(&logits, draft.tokens.len() + 1, sampler)?;
+            draft.tokens.push(token);
+            draft.signals.push(signal);
+            draft.distributions.push(distribution);
+            if draft.tokens.len() < budgets[i] && seq.lookahead.keep_drafting(&signal) {
+                next.push((*slot, vec![token]));
+            }
+        }
+        feeding = next;
+    }
+    // The shared time, split evenly.
+    let share = secs(start.elapsed()) / together.len() as f64;
+    for &i in together {
+        sequences[i].spec.draft_secs += share;
+    }
+    Ok(drafts)
 }
 
 /// Generates from `prompt_ids` with `target`, drafting with `drafter`. The output is what

@@ -158,13 +158,14 @@ pub fn load_draft_vocab(global: &GlobalOptions, spec: &DraftVocabSpec) -> Result
     })
 }
 
-/// The drafter `--draft` names, loaded (for a draft model) the way the target was, and made
-/// cheaper as `cost` asks.
+/// The drafter `--draft` names for the target `target_name` (named with the draft in
+/// errors), loaded (for a draft model) the way the target was, and made cheaper as `cost`
+/// asks.
 pub fn build_drafter(
     global: &GlobalOptions,
     draft: &DraftSpec,
     cost: &DraftCostArgs,
-    target: &LoadedDecoder,
+    (target_name, target): (&str, &LoadedDecoder),
     exit_adapters: Option<&dynexec_exit::token_exit::ExitAdapters>,
 ) -> Result<Box<dyn dynexec_spec::drafter::Drafter>> {
     let (hub, device) = (global.hub()?, global.open_device()?);
@@ -180,7 +181,9 @@ pub fn build_drafter(
         exit_adapters,
         draft_vocab: vocab.as_ref(),
     };
-    Ok(draft.build(target, &sources)?)
+    draft
+        .build(target, &sources)
+        .with_context(|| format!("drafting with `{draft}` for `{target_name}`"))
 }
 
 /// A `--lookahead` with any DISCO classifier it names turned into a path: `disco` (the

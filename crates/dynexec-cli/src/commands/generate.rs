@@ -157,7 +157,13 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     };
     let mut strategy = match (drafting, early_exit_policy, &adapters) {
         (Some((draft, lookahead)), _, _) => Strategy::Speculative {
-            drafter: build_drafter(global, &draft, &args.draft_cost, &loaded, adapters.as_ref())?,
+            drafter: build_drafter(
+                global,
+                &draft,
+                &args.draft_cost,
+                (&args.model.model, &loaded),
+                adapters.as_ref(),
+            )?,
             lookahead,
         },
         (None, Some(policy), Some(adapters)) => Strategy::EarlyExit { adapters, policy },

@@ -65,6 +65,13 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub max_batch: usize,
 
+    /// Speculative requests draft only while at most this many sequences decode together;
+    /// above it every sequence decodes one token per step (a full batch already keeps the
+    /// weights busy, as vLLM's `speculative_disable_by_batch_size`). `bench serve
+    /// --speculative` measures where it stops paying.
+    #[arg(long, default_value_t = 4)]
+    pub spec_max_batch: usize,
+
     /// Requests that may wait for a decoding slot; more get HTTP 503.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -101,6 +108,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     let config = EngineConfig {
         max_batch: args.max_batch,
         max_queue: args.max_queue,
+        spec_max_batch: args.spec_max_batch,
     };
     let (load_global, load_args) = (global.clone(), args.clone());
     // The model is loaded on the engine thread, which keeps it; errors come back here.
@@ -167,7 +175,7 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
                 global,
                 &spec,
                 &args.draft_cost,
-                &loaded,
+                (&args.model, &loaded),
                 adapters,
             )?)
         }

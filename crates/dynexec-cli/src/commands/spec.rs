@@ -191,7 +191,13 @@ fn train_lookahead(global: &GlobalOptions, args: TrainLookaheadArgs) -> Result<(
     let texts = read_jsonl(&dir.join("humaneval.jsonl"), "prompt", args.problems)?;
     let draft: dynexec_spec::draft_spec::DraftSpec = args.draft.parse()?;
     let target = args.model.load(global)?;
-    let mut drafter = build_drafter(global, &draft, &args.draft_cost, &target, None)?;
+    let mut drafter = build_drafter(
+        global,
+        &draft,
+        &args.draft_cost,
+        (&args.model.model, &target),
+        None,
+    )?;
     let prompts = texts
         .iter()
         .map(|t| target.tokenizer.encode(t))

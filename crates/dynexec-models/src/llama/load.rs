@@ -234,6 +234,27 @@ impl Llama {
         Ok(model)
     }
 
+    /// A model of shape `config` with random F32 weights drawn from `seed`
+    /// ([`crate::init::seeded_init`]): for tests and examples that need two different models
+    /// with one vocabulary, such as a draft and its target.
+    pub fn random(config: LlamaConfig, seed: u64, device: &Device) -> Result<Self> {
+        let map = candle_nn::VarMap::new();
+        // The first pass creates the variables; the second reads them once redrawn.
+        Self::from_var_builder(
+            config.clone(),
+            VarBuilder::from_varmap(&map, DType::F32, device),
+            DType::F32,
+            device,
+        )?;
+        crate::init::seeded_init(&map, seed)?;
+        Self::from_var_builder(
+            config,
+            VarBuilder::from_varmap(&map, DType::F32, device),
+            DType::F32,
+            device,
+        )
+    }
+
     /// Reads transformers-layout weights (`model.layers.N.self_attn.q_proj.weight`, ...).
     pub fn load_safetensors(
         config_path: &Path,

@@ -151,32 +151,37 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// One new token for each of several sequences: `x` is `(1, rows, hidden)` (already
-    /// normed), row `i` belonging to the sequence whose cache is `caches[i]`. The projections
-    /// run once for all rows (the weights are read once); attention runs per row, since each
-    /// sequence has its own length.
-    fn forward_rows(
+    /// New tokens for each of several sequences: `x` is `(1, rows, hidden)` (already
+    /// normed), its rows in segments of `lens[i]` consecutive rows for the sequence whose
+    /// cache is `caches[i]`. The projections run once for all rows (the weights are read
+    /// once); attention runs per segment, as [`Self::forward`] would for that sequence alone.
+    fn forward_segments(
         &self,
         x: &Tensor,
         rope: &Rope,
         caches: &mut [&mut KvCache],
+        lens: &[usize],
         layer: usize,
     ) -> Result<Tensor> {
         let [q, k, v] =
             Linear::forward_shared_input([&self.q_proj, &self.k_proj, &self.v_proj], x)?;
         let mut outs = Vec::with_capacity(caches.len());
-        for (row, cache) in caches.iter_mut().enumerate() {
+        let mut start = 0;
+        for (cache, &len) in caches.iter_mut().zip(lens) {
             let offset = cache.layer_len(layer);
-            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
-                Ok(t.narrow(1, row, 1)?
-                    .reshape((1, 1, n, self.head_dim))?
-                    .transpose(1, 2)?)
-            };
-            let q = rope.apply(&heads(&q, self.num_heads)?, offset)?;
-            let k = rope.apply(&heads(&k, self.num_kv_heads)?, offset)?;
-            let v = heads(&v, self.num_kv_heads)?.contiguous()?;
+            let q = q
+                .narrow(1, start, len)?
+                .reshape((1, len, self.num_heads, self.head_dim))?;
+            let q = rope.apply(&q.transpose(1, 2)?, offset)?;
+            let (k, v) = self.kv_heads(
+                k.narrow(1, start, len)?,
+                v.narrow(1, start, len)?,
+                rope,
+                offset,
+            )?;
             let (k, v) = cache.append(layer, &k, &v)?;
-            outs.push(self.attend(&q, &k, &v, 1, 0)?);
+            outs.push(self.attend(&q, &k, &v, len, offset)?);
+            start += len;
         }
         self.o_proj.forward(&Tensor::cat(&outs, 1)?)
     }
@@ -567,26 +572,67 @@ impl Llama {
                 caches.len()
             )));
         }
-        self.check_ids(ids)?;
-        if let Some(full) = caches
+        let segments: Vec<&[u32]> = ids.chunks(1).collect();
+        self.forward_segments(&segments, caches)
+    }
+
+    /// Several sequences' new tokens in one pass: `segments[i]` (at least one token) continues
+    /// the sequence whose cache is `caches[i]`; returns logits for every row `(total rows,
+    /// vocab)`, segment after segment. Each segment's rows equal [`Self::forward`] on that
+    /// sequence alone (the kernels give every row the same arithmetic whatever the batch):
+    /// speculative verifications of several sequences, and plain decoding steps, share one
+    /// pass over the weights.
+    pub fn forward_segments(
+        &self,
+        segments: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        let x = self.hidden_segments(segments, caches)?;
+        Ok(self.head(&x)?.squeeze(0)?)
+    }
+
+    /// [`Self::forward_segments`] without the final norm and head: the last layer's hidden
+    /// states `(1, total rows, hidden)`, for callers that need the head on a few rows only.
+    pub fn hidden_segments(
+        &self,
+        segments: &[&[u32]],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Tensor> {
+        if segments.len() != caches.len()
+            || segments.is_empty()
+            || segments.iter().any(|s| s.is_empty())
+        {
+            return Err(Error::InvalidArgument(format!(
+                "a batched pass needs one non-empty run of tokens per sequence: {} runs for {} sequences",
+                segments.len(),
+                caches.len()
+            )));
+        }
+        let ids: Vec<u32> = segments.concat();
+        self.check_ids(&ids)?;
+        if let Some((cache, segment)) = caches
             .iter()
-            .find(|c| c.len() + 1 > self.config.context_length)
+            .zip(segments)
+            .find(|(c, s)| c.len() + s.len() > self.config.context_length)
         {
             return Err(Error::ContextOverflow {
-                prompt_tokens: full.len(),
-                requested: 1,
+                prompt_tokens: cache.len(),
+                requested: segment.len(),
                 context: self.config.context_length,
             });
         }
+        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
         // Rows go along the sequence axis: `(1, rows, hidden)`, one matmul row each.
-        let ids = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed(&ids)?;
         for (l, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, |h| {
-                layer.self_attn.forward_rows(h, &self.rope, caches, l)
+                layer
+                    .self_attn
+                    .forward_segments(h, &self.rope, caches, &lens, l)
             })?;
         }
-        Ok(self.head(&x)?.squeeze(0)?)
+        Ok(x)
     }
 
     /// Logits of the last position after only the first `depth` layers (then the final norm

@@ -234,7 +234,8 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
                         draft_quant: *quant,
                         draft_vocab: vocab.clone(),
                     };
-                    let drafter = build_drafter(global, spec, &cost, &target, None)?;
+                    let drafter =
+                        build_drafter(global, spec, &cost, (&args.model.model, &target), None)?;
                     let name = drafter.name();
                     drafters.push(NamedDrafter { name, drafter });
                 }
