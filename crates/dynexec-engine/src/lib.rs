@@ -49,8 +49,9 @@ use dynexec_models::generation::{
 };
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
+use dynexec_spec::batch::draft_together;
 use dynexec_spec::drafter::Drafter;
-use dynexec_spec::engine::{draft_together, generate_speculative, SpecStats, SpeculativeSequence};
+use dynexec_spec::engine::{generate_speculative, SpecStats, SpeculativeSequence};
 use dynexec_spec::lookahead::Lookahead;
 use serde::Serialize;
 

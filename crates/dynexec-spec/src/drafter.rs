@@ -41,7 +41,7 @@ pub trait Drafter {
     /// The same drafter with no sequence state, for another sequence (weights are shared).
     fn fresh(&self) -> Box<dyn Drafter>;
     /// The draft model, where this drafter is one whose steps can share a forward with
-    /// other sequences' ([`crate::engine::draft_together`]); `None` otherwise.
+    /// other sequences' ([`crate::batch::draft_together`]); `None` otherwise.
     fn as_batchable(&mut self) -> Option<&mut ModelDrafter> {
         None
     }
@@ -217,7 +217,7 @@ impl ModelDrafter {
     }
 
     /// Whether this drafter runs the whole model with its own head (what
-    /// [`crate::engine::draft_together`] batches); the name tells models apart.
+    /// [`crate::batch::draft_together`] batches); the name tells models apart.
     fn whole_model(&self) -> bool {
         self.depth == self.model.num_layers() && self.exit_adapter.is_none()
     }

@@ -10,6 +10,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod cost;
 pub mod disco;
 pub mod draft_spec;

@@ -66,12 +66,12 @@ fn next(model: &Llama, ids: &[u32]) -> Vec<f64> {
 fn exact_marginals(model: &Llama, prompt: &[u32]) -> (Vec<f64>, Vec<f64>) {
     let (mut second, mut third) = (vec![0.0; VOCAB], vec![0.0; VOCAB]);
     let p1 = next(model, prompt);
-    for t1 in 0..VOCAB {
+    for (t1, &q1) in p1.iter().enumerate() {
         let mut ids = prompt.to_vec();
         ids.push(t1 as u32);
         let p2 = next(model, &ids);
-        for t2 in 0..VOCAB {
-            let joint = p1[t1] * p2[t2];
+        for (t2, &q2) in p2.iter().enumerate() {
+            let joint = q1 * q2;
             second[t2] += joint;
             let mut ids = ids.clone();
             ids.push(t2 as u32);

@@ -9,6 +9,7 @@ use dynexec_models::generation::{generate, GenerateOptions};
 use dynexec_models::llama::Llama;
 use dynexec_spec::drafter::Drafter;
 use dynexec_spec::engine::generate_speculative;
+use dynexec_spec::lookahead::Lookahead;
 use serde::Serialize;
 use std::time::Instant;
 
@@ -154,14 +155,20 @@ pub fn bench_prompt_set(
     options: &GenerateOptions,
     mut on_generation: impl FnMut(&str),
 ) -> Result<Vec<SpeculativeRow>> {
-    let mut controllers = Vec::new();
-    for _ in drafters.iter() {
+    // (drafter, lookahead spec, controller) rows; a controller trained for another pair
+    // (DISCO) skips that drafter rather than failing the run.
+    let mut pairs: Vec<(usize, &String, Box<dyn Lookahead>)> = Vec::new();
+    for (d, named) in drafters.iter().enumerate() {
         for spec in lookaheads {
-            controllers.push(dynexec_spec::lookahead::parse(spec)?);
+            let controller = dynexec_spec::lookahead::parse(spec)?;
+            match controller.check_pair(model, &named.drafter.name()) {
+                Ok(()) => pairs.push((d, spec, controller)),
+                Err(e) => eprintln!("bench speculative: skipping {} / {spec}: {e}", named.name),
+            }
         }
     }
     let mut plain = Tally::default();
-    let mut tallies: Vec<Tally> = (0..controllers.len())
+    let mut tallies: Vec<Tally> = (0..pairs.len())
         .map(|_| Tally {
             identical: true,
             ..Default::default()
@@ -180,33 +187,29 @@ pub fn bench_prompt_set(
         plain.secs += start.elapsed().as_secs_f64() - reference.stats.prefill_secs;
         plain.tokens += reference.token_ids.len();
         on_generation("plain");
-        let mut row = 0;
-        for named in drafters.iter_mut() {
-            for spec in lookaheads {
-                let (lookahead, tally) = (&mut controllers[row], &mut tallies[row]);
-                row += 1;
-                named.drafter.rollback(0)?;
-                let start = Instant::now();
-                let out = generate_speculative(
-                    model,
-                    named.drafter.as_mut(),
-                    lookahead.as_mut(),
-                    tokenizer,
-                    prompt,
-                    options,
-                    |_| Ok(()),
-                )?;
-                tally.secs += start.elapsed().as_secs_f64() - out.generation.stats.prefill_secs;
-                tally.tokens += out.generation.token_ids.len();
-                tally.identical &= out.generation.token_ids == reference.token_ids;
-                tally.proposed += out.spec.proposed;
-                tally.accepted += out.spec.accepted;
-                tally.steps += out.spec.steps;
-                tally.draft_secs += out.spec.draft_secs;
-                tally.draft_forwards += out.spec.draft_forwards;
-                tally.verify_secs += out.spec.verify_secs;
-                on_generation(&format!("{} / {spec}", named.name));
-            }
+        for ((d, spec, lookahead), tally) in pairs.iter_mut().zip(tallies.iter_mut()) {
+            let named = &mut drafters[*d];
+            named.drafter.rollback(0)?;
+            let start = Instant::now();
+            let out = generate_speculative(
+                model,
+                named.drafter.as_mut(),
+                lookahead.as_mut(),
+                tokenizer,
+                prompt,
+                options,
+                |_| Ok(()),
+            )?;
+            tally.secs += start.elapsed().as_secs_f64() - out.generation.stats.prefill_secs;
+            tally.tokens += out.generation.token_ids.len();
+            tally.identical &= out.generation.token_ids == reference.token_ids;
+            tally.proposed += out.spec.proposed;
+            tally.accepted += out.spec.accepted;
+            tally.steps += out.spec.steps;
+            tally.draft_secs += out.spec.draft_secs;
+            tally.draft_forwards += out.spec.draft_forwards;
+            tally.verify_secs += out.spec.verify_secs;
+            on_generation(&format!("{} / {spec}", named.name));
         }
         let text = tokenizer.decode(prompt)?;
         let runs = llama_cpp
@@ -232,21 +235,16 @@ pub fn bench_prompt_set(
         plain_rate,
         Some(true),
     )];
-    let mut row = 0;
-    for named in drafters.iter() {
-        for _ in lookaheads {
-            let tally = &tallies[row];
-            out.push(tally.row(
-                set,
-                target_quant,
-                "dynexec",
-                named.name.clone(),
-                controllers[row].name(),
-                plain_rate,
-                Some(tally.identical),
-            ));
-            row += 1;
-        }
+    for ((d, _, controller), tally) in pairs.iter().zip(&tallies) {
+        out.push(tally.row(
+            set,
+            target_quant,
+            "dynexec",
+            drafters[*d].name.clone(),
+            controller.name(),
+            plain_rate,
+            Some(tally.identical),
+        ));
     }
     let runs = llama_cpp
         .iter()
