@@ -2,13 +2,18 @@
 # The serving benchmark of the README: `dynexec bench serve` against a batched server
 # (--max-batch 16) at 1, 4 and 16 clients, speculative decoding (prompt lookup) off and on,
 # then against a one-at-a-time server (--max-batch 1) at 16 clients.
-#   scripts/bench-serve.sh [OUT_DIR]     (env: THREADS=2 REQUESTS=32 MAX_TOKENS=64)
+#   scripts/bench-serve.sh [OUT_DIR]     (env: THREADS=2 REQUESTS=32 MAX_TOKENS=64,
+#                                         SERVE_ARGS="--draft ngram": the model and its draft)
+# The Qwen2.5-Coder pair of the README, with speculation never switched off by batch size:
+#   SERVE_ARGS="qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --draft-quant q4_0
+#     --draft-vocab 32768 --lookahead fixed:2 --spec-max-batch 16" REQUESTS=16 scripts/bench-serve.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-target/bench-serve}"
 threads="${THREADS:-2}"
 requests="${REQUESTS:-32}"
 max_tokens="${MAX_TOKENS:-64}"
+read -r -a serve_args <<<"${SERVE_ARGS:---draft ngram}"
 mkdir -p "$out"
 cargo build --quiet -p dynexec-cli
 dynexec="${CARGO_TARGET_DIR:-target}/debug/dynexec"
@@ -27,7 +32,7 @@ trap stop_server EXIT
 start_server() {
   local log="$out/serve-$1.log"
   shift
-  "$dynexec" --threads "$threads" --quiet serve --port 0 --draft ngram "$@" 2>"$log" &
+  "$dynexec" --threads "$threads" --quiet serve --port 0 "${serve_args[@]}" "$@" 2>"$log" &
   server_pid=$!
   for _ in $(seq 600); do
     url=$(grep -o 'http://[0-9.:]*' "$log" | head -1 || true)

@@ -258,9 +258,7 @@ impl Drafter for ModelDrafter {
             draft.tokens.push(token);
             draft.signals.push(signal);
             draft.distributions.push(distribution);
-            // Asked even for the last token, so a controller sees every signal.
-            let keep = lookahead.keep_drafting(&signal);
-            if draft.tokens.len() >= max || !keep {
+            if draft.tokens.len() >= max || !lookahead.keep_drafting(&signal) {
                 return Ok(draft);
             }
             logits = self.logits(&[token])?;
