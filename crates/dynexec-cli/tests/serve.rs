@@ -270,6 +270,23 @@ fn serves_chat_and_completions_like_generate_streamed_or_whole() {
     assert!(server.metric("dynexec_requests_total{outcome=\"ok\"}") >= 6.0);
 }
 
+/// Posts every body to /v1/completions at once; each answer's text and `dynexec` report.
+fn all_at_once(server: &Server, bodies: &[Value]) -> Vec<(String, Value)> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|body| {
+                s.spawn(move || {
+                    let (code, out) = server.post("/v1/completions", body);
+                    assert_eq!(code, 200, "{out}");
+                    (text_of(&out), out["dynexec"].clone())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn concurrent_requests_batch_and_match_their_solo_answers() {
     let server = Server::start(&["--draft", "ngram", "--max-batch", "8"]);
@@ -287,21 +304,12 @@ fn concurrent_requests_batch_and_match_their_solo_answers() {
         .map(|p| text_of(&server.post("/v1/completions", &body(p, false)).1))
         .collect();
     // All at once, plain (batched) and speculative (stepped alongside): the same answers.
-    let answers: Vec<(String, Value)> = std::thread::scope(|s| {
-        let handles: Vec<_> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let server = &server;
-                s.spawn(move || {
-                    let (code, out) = server.post("/v1/completions", &body(p, i % 3 == 0));
-                    assert_eq!(code, 200, "{out}");
-                    (text_of(&out), out["dynexec"].clone())
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let bodies: Vec<Value> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| body(p, i % 3 == 0))
+        .collect();
+    let answers = all_at_once(&server, &bodies);
     for ((answer, report), expected) in answers.iter().zip(&solo) {
         assert_eq!(answer, expected, "{report}");
     }
@@ -372,22 +380,13 @@ fn speculative_requests_batch_their_drafts_and_verifications() {
             .iter()
             .map(|p| text_of(&server.post("/v1/completions", &body(p, false)).1))
             .collect();
-        let answers: Vec<(String, Value)> = std::thread::scope(|s| {
-            let handles: Vec<_> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let server = &server;
-                    // Three speculative requests and a plain one, all at once.
-                    s.spawn(move || {
-                        let (code, out) = server.post("/v1/completions", &body(p, i != 1));
-                        assert_eq!(code, 200, "{out}");
-                        (text_of(&out), out["dynexec"].clone())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        // Three speculative requests and a plain one, all at once.
+        let bodies: Vec<Value> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| body(p, i != 1))
+            .collect();
+        let answers = all_at_once(&server, &bodies);
         for ((answer, report), expected) in answers.iter().zip(&solo) {
             assert_eq!(
                 answer, expected,
