@@ -224,12 +224,14 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         }
         let mut drafters = Vec::new();
         for spec in &drafts {
-            for quant in &draft_quants {
-                for vocab in &vocabs {
-                    // Only a draft model can be converted or narrowed.
-                    if (vocab.is_some() || quant.is_some()) && !spec.uses_a_model() {
-                        continue;
-                    }
+            // Only a draft model can be converted or narrowed: other drafts run once.
+            let (quants, vocabs) = if spec.uses_a_model() {
+                (draft_quants.as_slice(), vocabs.as_slice())
+            } else {
+                (&[None][..], &[None][..])
+            };
+            for quant in quants {
+                for vocab in vocabs {
                     let cost = DraftCostArgs {
                         draft_quant: *quant,
                         draft_vocab: vocab.clone(),
