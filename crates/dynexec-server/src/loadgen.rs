@@ -102,7 +102,8 @@ pub struct LoadRow {
     pub tpot_ms_p99: f64,
     /// Mean batch size the server reported for these requests.
     pub mean_batch_size: f64,
-    /// Accepted over proposed draft tokens (speculative rows).
+    /// Accepted over proposed draft tokens (speculative rows that drafted at all; none when
+    /// the server switched drafting off for the whole row, `serve --spec-max-batch`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acceptance_rate: Option<f64>,
 }
@@ -259,7 +260,8 @@ fn run_row(
         tpot_ms_p99: percentile(&tpot, 99.0),
         mean_batch_size: samples.iter().map(|s| s.batch_size).sum::<f64>()
             / samples.len().max(1) as f64,
-        acceptance_rate: speculative.then(|| drafted.1 as f64 / drafted.0.max(1) as f64),
+        acceptance_rate: (speculative && drafted.0 > 0)
+            .then(|| drafted.1 as f64 / drafted.0 as f64),
     }
 }
 
