@@ -78,12 +78,11 @@ fn draft_rounds(
     let mut feeding: Vec<(usize, Vec<u32>)> = Vec::with_capacity(together.len());
     for (slot, &i) in together.iter().enumerate() {
         let seq = &mut *sequences[i];
-        let tokens = seq.tokens.clone();
         let drafter = seq
             .drafter
             .as_batchable()
             .ok_or_else(|| Error::InvalidArgument("a shared draft lost its model".into()))?;
-        feeding.push((slot, drafter.catch_up(&tokens)?.to_vec()));
+        feeding.push((slot, drafter.catch_up(&seq.tokens)?.to_vec()));
     }
     let first = together[0];
     let model = match sequences[first].drafter.as_batchable() {

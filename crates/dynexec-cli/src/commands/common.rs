@@ -135,23 +135,34 @@ impl DraftCostArgs {
     }
 }
 
+/// The file `file_name` that `reference` names: `reference` itself when it is a file,
+/// otherwise that file in the model folder or manifest model it resolves to (pulled if
+/// needed). `make` tells the user how to produce one when it is missing.
+fn named_file(
+    global: &GlobalOptions,
+    reference: &str,
+    file_name: &str,
+    make: &str,
+) -> Result<PathBuf> {
+    let path = Path::new(reference);
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    let files = global.hub()?.resolve(reference)?;
+    Ok(files
+        .find(file_name)
+        .with_context(|| format!("`{reference}` holds no {file_name}: {make}"))?
+        .to_path_buf())
+}
+
 /// Reads the ranking `--draft-vocab` names: a file, a model folder, or a manifest name.
 pub fn load_draft_vocab(global: &GlobalOptions, spec: &DraftVocabSpec) -> Result<DraftVocab> {
-    let path = Path::new(&spec.ranking);
-    let file = if path.is_file() {
-        path.to_path_buf()
-    } else {
-        let files = global.hub()?.resolve(&spec.ranking)?;
-        files
-            .find(RANKING_FILE)
-            .with_context(|| {
-                format!(
-                    "`{}` holds no {RANKING_FILE}: count one with `dynexec spec rank-tokens`",
-                    spec.ranking
-                )
-            })?
-            .to_path_buf()
-    };
+    let file = named_file(
+        global,
+        &spec.ranking,
+        RANKING_FILE,
+        "count one with `dynexec spec rank-tokens`",
+    )?;
     Ok(DraftVocab {
         size: spec.size,
         ranking: TokenRanking::read(&file)?,
@@ -186,19 +197,21 @@ pub fn build_drafter(
         .with_context(|| format!("drafting with `{draft}` for `{target_name}`"))
 }
 
-/// A `--lookahead` with any DISCO classifier it names turned into a path: `disco` (the
-/// default classifier) and `disco:NAME` resolve through the manifest; other specs, and
-/// `disco:PATH` for an existing path, stay as they are.
+/// A `--lookahead` with the DISCO classifier it names turned into its card's path: `disco`
+/// (the default classifier), `disco:NAME` (a manifest name or folder) or `disco:FILE`;
+/// other specs stay as they are.
 pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
-    let name = match spec.split_once(':') {
+    let reference = match spec.split_once(':') {
         None if spec == "disco" => DEFAULT_DISCO,
-        Some(("disco", reference)) if !Path::new(reference).exists() => reference,
+        Some(("disco", reference)) => reference,
         _ => return Ok(spec.to_string()),
     };
-    let files = global.hub()?.resolve(name)?;
-    let card = files.find(DISCO_CARD).with_context(|| {
-        format!("`{name}` holds no {DISCO_CARD}: train a classifier with `dynexec spec train-lookahead`")
-    })?;
+    let card = named_file(
+        global,
+        reference,
+        DISCO_CARD,
+        "train a classifier with `dynexec spec train-lookahead`",
+    )?;
     Ok(format!("disco:{}", card.display()))
 }
 

@@ -6,7 +6,7 @@ use crate::options::{progress_bar, GlobalOptions};
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use dynexec_core::card::reproduce_command;
-use dynexec_engine::bench::speculative::HUMANEVAL_TEST_START;
+use dynexec_engine::bench::speculative::{PromptSet, HUMANEVAL_TEST_START};
 use dynexec_models::generation::GenerateOptions;
 use dynexec_spec::cost::verification_costs;
 use dynexec_spec::disco::{collect, train, Disco, DiscoCard, StepCosts, TargetShape, FEATURES};
@@ -198,10 +198,7 @@ fn train_lookahead(global: &GlobalOptions, args: TrainLookaheadArgs) -> Result<(
         (&args.model.model, &target),
         None,
     )?;
-    let prompts = texts
-        .iter()
-        .map(|t| target.tokenizer.encode(t))
-        .collect::<dynexec_core::Result<Vec<_>>>()?;
+    let prompts = PromptSet::raw("humaneval", &texts, &target.tokenizer)?.prompts;
     let bar = progress_bar(
         global,
         prompts.len() as u64,

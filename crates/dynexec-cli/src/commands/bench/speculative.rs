@@ -148,6 +148,23 @@ fn first_draft_model(drafts: &[DraftSpec]) -> Option<String> {
     drafts.iter().find_map(find)
 }
 
+/// Each value parsed, `none` (the word for "leave it as it is") as `None`.
+fn parse_or_none<T: std::str::FromStr<Err = dynexec_core::Error>>(
+    values: &[String],
+    none: &str,
+) -> dynexec_core::Result<Vec<Option<T>>> {
+    values
+        .iter()
+        .map(|v| {
+            if v == none {
+                Ok(None)
+            } else {
+                v.parse().map(Some)
+            }
+        })
+        .collect()
+}
+
 pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
     let options = GenerateOptions::greedy(args.max_tokens);
     let lookaheads: Vec<String> = args
@@ -160,28 +177,8 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
         .iter()
         .map(|d| d.parse())
         .collect::<Result<_, _>>()?;
-    let draft_quants: Vec<Option<WeightFormat>> = args
-        .draft_quants
-        .iter()
-        .map(|q| {
-            if q == "stored" {
-                Ok(None)
-            } else {
-                q.parse().map(Some)
-            }
-        })
-        .collect::<Result<_, _>>()?;
-    let vocabs: Vec<Option<DraftVocabSpec>> = args
-        .draft_vocabs
-        .iter()
-        .map(|v| {
-            if v == "full" {
-                Ok(None)
-            } else {
-                v.parse().map(Some)
-            }
-        })
-        .collect::<Result<_, _>>()?;
+    let draft_quants: Vec<Option<WeightFormat>> = parse_or_none(&args.draft_quants, "stored")?;
+    let vocabs: Vec<Option<DraftVocabSpec>> = parse_or_none(&args.draft_vocabs, "full")?;
     let threads = candle_core::utils::get_num_threads();
     let llama_cpp = match &args.compare_llama_cpp {
         None => Vec::new(),
