@@ -198,6 +198,12 @@ pub enum Setting {
     TopP,
     /// Penalty on tokens already in the context.
     RepetitionPenalty,
+    /// OpenAI's per-occurrence penalty on generated tokens.
+    FrequencyPenalty,
+    /// OpenAI's once-per-token penalty on generated tokens.
+    PresencePenalty,
+    /// Per-token additions to the logits.
+    LogitBias,
     /// A speculative lookahead controller's spec.
     Lookahead,
     /// A per-token early-exit policy's spec.
@@ -236,6 +242,9 @@ impl std::fmt::Display for Setting {
             Setting::Temperature => "the temperature",
             Setting::TopP => "top-p",
             Setting::RepetitionPenalty => "the repetition penalty",
+            Setting::FrequencyPenalty => "the frequency penalty",
+            Setting::PresencePenalty => "the presence penalty",
+            Setting::LogitBias => "the logit bias",
             Setting::Lookahead => "lookahead",
             Setting::EarlyExit => "early-exit policy",
             Setting::Draft => "draft",

@@ -1,4 +1,5 @@
-//! Choosing the next token: greedy, temperature, top-k, top-p and repetition penalty.
+//! Choosing the next token: greedy, temperature, top-k, top-p, the repetition penalty,
+//! OpenAI's frequency and presence penalties, and logit bias.
 //!
 //! Greedy decoding with no penalty takes the argmax on the device, so only one id crosses
 //! to the host per token; every other mode copies the logits row once.
@@ -21,6 +22,13 @@ pub struct SamplingParams {
     pub repetition_penalty: f32,
     /// How many recent tokens the penalty looks at.
     pub repeat_last_n: usize,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated so far.
+    pub frequency_penalty: f32,
+    /// OpenAI's: subtracted once from the logit of every token generated so far.
+    pub presence_penalty: f32,
+    /// Added to the logits of these tokens before sampling (OpenAI's `logit_bias`; -100
+    /// bans a token, +100 forces it).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Seed of the sampler's random generator; unused when greedy.
     pub seed: u64,
 }
@@ -33,6 +41,9 @@ impl Default for SamplingParams {
             top_p: None,
             repetition_penalty: 1.0,
             repeat_last_n: 64,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            logit_bias: Vec::new(),
             seed: 299792458,
         }
     }
@@ -59,19 +70,49 @@ impl SamplingParams {
                 "must be a finite number > 0 (1.0 disables it)",
             );
         }
+        for (setting, value) in [
+            (Setting::FrequencyPenalty, self.frequency_penalty),
+            (Setting::PresencePenalty, self.presence_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&value) {
+                return bad(setting, "must be between -2 and 2 (0 disables it)");
+            }
+        }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, bias)| !(-100.0..=100.0).contains(bias))
+        {
+            return bad(Setting::LogitBias, "values must be between -100 and 100");
+        }
         Ok(())
     }
 
-    /// Whether sampling takes the argmax (temperature 0).
+    /// Whether sampling takes the argmax: temperature 0, or so close to it (below
+    /// [`GREEDY_BELOW`]) that dividing by it would overflow, as vLLM treats it.
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        self.temperature < GREEDY_BELOW
+    }
+
+    /// Whether any penalty or bias changes the logits (they depend on the tokens so far).
+    pub fn adjusts_logits(&self) -> bool {
+        self.repetition_penalty != 1.0
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || !self.logit_bias.is_empty()
     }
 }
+
+/// Temperatures below this sample greedily.
+pub const GREEDY_BELOW: f64 = 1e-5;
 
 /// A seeded sampler: the same seed and logits give the same tokens.
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Tokens of the history that are the prompt: frequency and presence penalties count
+    /// only what follows (as OpenAI and vLLM do).
+    prompt_len: usize,
 }
 
 impl Sampler {
@@ -80,7 +121,20 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            prompt_len: 0,
+        })
+    }
+
+    /// A sampler for a generation whose history (passed to [`Self::sample`]) starts with a
+    /// prompt of `prompt_len` tokens.
+    pub fn for_prompt(params: SamplingParams, prompt_len: usize) -> Result<Self> {
+        Ok(Self {
+            prompt_len,
+            ..Self::new(params)?
+        })
     }
 
     /// The settings it samples with.
@@ -91,20 +145,34 @@ impl Sampler {
     /// Picks the next token from a `(vocab,)` logits row, given the tokens so far.
     pub fn sample(&mut self, logits: &Tensor, history: &[u32]) -> Result<u32> {
         let logits = logits.flatten_all()?;
-        let penalize = self.params.repetition_penalty != 1.0 && !history.is_empty();
-        if self.params.is_greedy() && !penalize {
+        if self.params.is_greedy() && !self.params.adjusts_logits() {
             return Ok(logits.argmax(D::Minus1)?.to_scalar::<u32>()?);
         }
         let mut row: Vec<f32> = logits.to_dtype(DType::F32)?.to_vec1()?;
-        if penalize {
-            let start = history.len().saturating_sub(self.params.repeat_last_n);
-            apply_repetition_penalty(&mut row, &history[start..], self.params.repetition_penalty);
-        }
+        self.adjust(&mut row, history);
         if self.params.is_greedy() {
             return Ok(argmax(&row));
         }
         let probs = self.filtered_probabilities(&row);
         Ok(self.draw(&probs))
+    }
+
+    /// Applies the penalties and the bias to a logits row, given the tokens so far.
+    fn adjust(&self, row: &mut [f32], history: &[u32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let start = history.len().saturating_sub(p.repeat_last_n);
+            apply_repetition_penalty(row, &history[start..], p.repetition_penalty);
+        }
+        if p.frequency_penalty != 0.0 || p.presence_penalty != 0.0 {
+            let generated = &history[self.prompt_len.min(history.len())..];
+            apply_openai_penalties(row, generated, p.frequency_penalty, p.presence_penalty);
+        }
+        for &(token, bias) in &p.logit_bias {
+            if let Some(v) = row.get_mut(token as usize) {
+                *v += bias;
+            }
+        }
     }
 
     /// The distribution this sampler draws from for a logits row: softmax at the
@@ -229,6 +297,20 @@ pub fn apply_repetition_penalty(row: &mut [f32], recent: &[u32], penalty: f32) {
     }
 }
 
+/// OpenAI's penalties: each generated token's logit loses `frequency` per occurrence and
+/// `presence` once.
+pub fn apply_openai_penalties(row: &mut [f32], generated: &[u32], frequency: f32, presence: f32) {
+    let mut counts = std::collections::HashMap::<u32, u32>::new();
+    for &token in generated {
+        *counts.entry(token).or_default() += 1;
+    }
+    for (token, count) in counts {
+        if let Some(v) = row.get_mut(token as usize) {
+            *v -= count as f32 * frequency + presence;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +324,51 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut s = Sampler::new(SamplingParams::default()).unwrap();
         assert_eq!(s.sample(&logits(&[0.1, 3.0, -1.0, 2.9]), &[]).unwrap(), 1);
+    }
+
+    #[test]
+    fn openai_penalties_count_generated_tokens_only_and_bias_can_force_or_ban() {
+        // Token 1 leads by 0.5; generated twice it loses 2 x 0.3 + 0.1 = 0.7 and token 3 wins.
+        // In the prompt (the first two tokens of the history) it is not penalized.
+        let row = [0.0, 3.0, -1.0, 2.5];
+        let params = SamplingParams {
+            frequency_penalty: 0.3,
+            presence_penalty: 0.1,
+            ..Default::default()
+        };
+        let mut s = Sampler::for_prompt(params.clone(), 2).unwrap();
+        assert_eq!(s.sample(&logits(&row), &[1, 1, 1, 1]).unwrap(), 3);
+        let mut s = Sampler::for_prompt(params, 3).unwrap();
+        assert_eq!(s.sample(&logits(&row), &[1, 1, 1, 1]).unwrap(), 1);
+        let mut penalized = row;
+        apply_openai_penalties(&mut penalized, &[1, 1, 3], 0.5, 1.0);
+        assert_eq!(penalized, [0.0, 1.0, -1.0, 1.0]);
+        // Bias, greedy or sampled: -100 bans the favourite, +100 forces an outsider.
+        for temperature in [0.0, 1.0] {
+            let params = |bias| SamplingParams {
+                temperature,
+                logit_bias: bias,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(params(vec![(1, -100.0), (3, -100.0)])).unwrap();
+            assert_eq!(s.sample(&logits(&row), &[]).unwrap(), 0);
+            let mut s = Sampler::new(params(vec![(2, 100.0)])).unwrap();
+            assert_eq!(s.sample(&logits(&row), &[]).unwrap(), 2);
+        }
+        // A temperature too small to divide by is greedy, not empty or NaN.
+        let tiny = SamplingParams {
+            temperature: 1e-46,
+            ..Default::default()
+        };
+        assert!(tiny.is_greedy());
+        assert_eq!(Sampler::new(tiny).unwrap().sample(&logits(&row), &[]).unwrap(), 1);
+        for bad in [
+            SamplingParams { frequency_penalty: 2.5, ..Default::default() },
+            SamplingParams { presence_penalty: -3.0, ..Default::default() },
+            SamplingParams { logit_bias: vec![(0, 101.0)], ..Default::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

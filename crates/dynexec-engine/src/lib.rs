@@ -315,37 +315,70 @@ impl<'m> Sequence<'m> {
         prompt_ids: &[u32],
         options: &GenerateOptions,
     ) -> Result<(Self, u32)> {
+        let mut sequence = Self::new(model, strategy, prompt_ids, options)?;
+        // A prompt runs at full depth whatever the strategy.
+        let logits = model.forward_last(prompt_ids, sequence.prompt_cache(), None)?;
+        let first = sequence.begin(&logits, prompt_ids)?;
+        Ok((sequence, first))
+    }
+
+    /// A sequence for `prompt_ids` with nothing computed yet. The caller prefills the prompt
+    /// at full depth on [`Self::prompt_cache`], in pieces if it likes (a server shares each
+    /// piece's forward with other sequences' rows: chunked prefill), then hands the last
+    /// position's logits to [`Self::begin`].
+    pub fn new(
+        model: &'m Llama,
+        strategy: Strategy<'m>,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<Self> {
         check_prompt(model, prompt_ids, options)?;
-        let (stepper, first) = match strategy {
+        let sampler = || Sampler::for_prompt(options.sampling.clone(), prompt_ids.len());
+        let stepper = match strategy {
             Strategy::Speculative { drafter, lookahead } => {
-                let (seq, first) =
-                    SpeculativeSequence::start(model, drafter, lookahead, prompt_ids, options)?;
-                (Stepper::Speculative(Box::new(seq)), first)
+                Stepper::Speculative(Box::new(SpeculativeSequence::new(
+                    model, drafter, lookahead, prompt_ids, options,
+                )?))
             }
-            Strategy::EarlyExit { adapters, policy } => {
-                let mut exit = TokenExit::new(model, adapters, policy)?;
-                let mut cache = model.new_cache();
-                let logits = exit.step(prompt_ids, &mut cache)?;
-                let mut sampler = Sampler::new(options.sampling.clone())?;
-                let first = sampler.sample(&logits, prompt_ids)?;
-                (
-                    Stepper::EarlyExit {
-                        cache,
-                        sampler,
-                        exit,
-                    },
-                    first,
-                )
-            }
-            Strategy::Plain => {
-                let mut cache = model.new_cache();
-                let logits = model.forward_last(prompt_ids, &mut cache, None)?;
-                let mut sampler = Sampler::new(options.sampling.clone())?;
-                let first = sampler.sample(&logits, prompt_ids)?;
-                (Stepper::Plain { cache, sampler }, first)
-            }
+            Strategy::EarlyExit { adapters, policy } => Stepper::EarlyExit {
+                exit: TokenExit::new(model, adapters, policy)?,
+                cache: model.new_cache(),
+                sampler: sampler()?,
+            },
+            Strategy::Plain => Stepper::Plain {
+                cache: model.new_cache(),
+                sampler: sampler()?,
+            },
         };
-        Ok((Self { model, stepper }, first))
+        Ok(Self { model, stepper })
+    }
+
+    /// The target's cache, where the prompt is prefilled ([`Self::new`]).
+    pub fn prompt_cache(&mut self) -> &mut KvCache {
+        match &mut self.stepper {
+            Stepper::Plain { cache, .. } | Stepper::EarlyExit { cache, .. } => cache,
+            Stepper::Speculative(spec) => spec.cache_mut(),
+        }
+    }
+
+    /// After a piece of the prompt was prefilled: a speculative sequence's draft model reads
+    /// the first `len` prompt tokens too, so its prefill also comes in pieces.
+    pub fn prefill_draft(&mut self, len: usize) -> Result<()> {
+        match &mut self.stepper {
+            Stepper::Speculative(spec) => spec.prefill_draft(len),
+            _ => Ok(()),
+        }
+    }
+
+    /// The first token, from the logits `(vocab,)` of the prompt's last position once the
+    /// whole prompt is in [`Self::prompt_cache`].
+    pub fn begin(&mut self, logits: &Tensor, prompt_ids: &[u32]) -> Result<u32> {
+        match &mut self.stepper {
+            Stepper::Plain { sampler, .. } | Stepper::EarlyExit { sampler, .. } => {
+                sampler.sample(logits, prompt_ids)
+            }
+            Stepper::Speculative(spec) => spec.begin(logits),
+        }
     }
 
     /// The cache a shared forward runs this sequence's rows on ([`batch_rows`]); `None` for

@@ -220,7 +220,8 @@ impl TokenExitPolicy {
         };
         let (kind, value) = text.split_once(':').ok_or_else(bad)?;
         let threshold: f32 = value.trim().parse().map_err(|_| bad())?;
-        if !threshold.is_finite() {
+        // Both measures lie in [0, 1] (a cosine below 0 would exit every token at once).
+        if !threshold.is_finite() || threshold < 0.0 {
             return Err(bad());
         }
         match kind {
@@ -578,6 +579,7 @@ mod tests {
             "confidence:x",
             "softmax:0.5",
             "saturation:inf",
+            "confidence:-5",
         ] {
             let err = TokenExitPolicy::parse(bad).unwrap_err().to_string();
             assert!(err.contains("confidence:T"), "{err}");

@@ -128,7 +128,7 @@ pub fn generate_with_step(
 ) -> Result<Generation> {
     let context = model.config().context_length;
     check_prompt(model, prompt_ids, options)?;
-    let mut sampler = Sampler::new(options.sampling.clone())?;
+    let mut sampler = Sampler::for_prompt(options.sampling.clone(), prompt_ids.len())?;
     let mut seq = Sequence::new(model);
     let mut stream = TokenStream::new(tokenizer);
     let mut stats = GenerationStats {

@@ -1,16 +1,19 @@
 //! The OpenAI request bodies, their checks, and the error bodies clients understand.
 //!
-//! Fields OpenAI defines that dynexec does not use (`user`, `presence_penalty`, ...) are
-//! accepted and ignored, as vLLM and llama-server do; fields whose meaning would change the
-//! output but are unsupported (`n` > 1, `logprobs`, tools) are refused with a 400.
+//! Every field is read by name ([`Fields`]), so errors name the JSON field and say what it
+//! must be. Nothing that would change the answer is ignored: a field dynexec implements is
+//! honoured, one it does not (`response_format`, `tool_choice`, `echo`, `best_of`, ...) is
+//! refused with a 400 naming it unless it holds its neutral value (`{"type": "text"}`,
+//! `"none"`, `false`, `1`), and an unknown field is refused too. Only fields that cannot
+//! change the answer (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`)
+//! are accepted and ignored.
 
 use crate::engine::{Dynamic, ModelInfo};
-use dynexec_core::sampling::SamplingParams;
+use dynexec_core::sampling::{SamplingParams, GREEDY_BELOW};
 use dynexec_core::tokenizer::ChatMessage;
 use dynexec_core::Setting;
 use dynexec_exit::token_exit::TokenExitPolicy;
 use dynexec_models::generation::GenerateOptions;
-use serde::Deserialize;
 use serde_json::Value;
 
 /// An error in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
@@ -23,7 +26,7 @@ pub struct ApiError {
     /// OpenAI's `type`, e.g. `invalid_request_error` or `server_error`.
     pub kind: &'static str,
     /// The request field at fault, if one is.
-    pub param: Option<&'static str>,
+    pub param: Option<String>,
     /// A machine-readable code, e.g. `context_length_exceeded`.
     pub code: Option<&'static str>,
 }
@@ -34,6 +37,9 @@ pub fn field(setting: Setting) -> Option<&'static str> {
         Setting::Temperature => Some("temperature"),
         Setting::TopP => Some("top_p"),
         Setting::RepetitionPenalty => Some("repetition_penalty"),
+        Setting::FrequencyPenalty => Some("frequency_penalty"),
+        Setting::PresencePenalty => Some("presence_penalty"),
+        Setting::LogitBias => Some("logit_bias"),
         Setting::Lookahead => Some("lookahead"),
         Setting::EarlyExit => Some("early_exit"),
         _ => None,
@@ -70,12 +76,12 @@ pub fn setting_error(e: dynexec_core::Error) -> ApiError {
 
 impl ApiError {
     /// A 400 `invalid_request_error`, blaming `param` when given.
-    pub fn invalid(param: Option<&'static str>, message: impl Into<String>) -> Self {
+    pub fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
         Self {
             status: 400,
             message: message.into(),
             kind: "invalid_request_error",
-            param,
+            param: param.map(str::to_string),
             code: None,
         }
     }
@@ -109,74 +115,243 @@ impl ApiError {
     }
 }
 
-/// The body of `POST /v1/chat/completions`.
-#[derive(Debug, Deserialize)]
+/// A JSON request body's fields, read one by one by name; [`Fields::finish`] refuses what
+/// is left, so nothing sent is silently ignored.
+pub struct Fields(serde_json::Map<String, Value>);
+
+/// Fields that cannot change the answer: accepted and ignored (OpenAI's bookkeeping).
+const IGNORED: &[&str] = &[
+    "user",
+    "metadata",
+    "store",
+    "service_tier",
+    "parallel_tool_calls",
+];
+
+/// OpenAI fields dynexec does not implement, each with the value that asks for nothing (and
+/// is therefore accepted) and why the rest is refused.
+const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
+    ("response_format", |v| v.get("type") == Some(&Value::from("text")) && v.as_object().is_some_and(|o| o.len() == 1), "structured output (JSON mode, schemas) is not supported; only {\"type\": \"text\"}"),
+    ("tools", |v| v.as_array().is_some_and(Vec::is_empty), "tool calls are not supported"),
+    ("tool_choice", |v| v == "none", "tool calls are not supported; only \"none\""),
+    ("functions", |v| v.as_array().is_some_and(Vec::is_empty), "function calls are not supported"),
+    ("function_call", |v| v == "none", "function calls are not supported; only \"none\""),
+    ("echo", |v| v == &Value::Bool(false), "echoing the prompt is not supported"),
+    ("best_of", |v| v == 1, "only best_of 1 is supported: send several requests"),
+    ("n", |v| v == 1, "`n` must be 1: send several requests for several completions"),
+    ("suffix", |v| v == "", "completing with a suffix (fill-in-the-middle) is not supported"),
+    ("logprobs", |v| v == &Value::Bool(false) || v == 0, "log-probabilities are not supported"),
+    ("top_logprobs", |v| v == 0, "log-probabilities are not supported"),
+    ("modalities", |v| v == &serde_json::json!(["text"]), "only text output is supported"),
+    ("audio", |_| false, "audio output is not supported"),
+    ("prediction", |_| false, "predicted outputs are not supported"),
+    ("reasoning_effort", |_| false, "these models have no reasoning-effort setting"),
+    ("web_search_options", |_| false, "web search is not supported"),
+    ("min_p", |v| v == 0, "min-p sampling is not supported: use top_p or top_k"),
+    ("min_tokens", |v| v == 0, "a minimum length is not supported"),
+];
+
+impl Fields {
+    /// The fields of a JSON object body; anything else is a 400 that says what is wrong.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::invalid(
+                None,
+                "the request body is empty: send a JSON object",
+            ));
+        }
+        match serde_json::from_slice::<Value>(body) {
+            Ok(Value::Object(map)) => Ok(Self(map)),
+            Ok(_) => Err(ApiError::invalid(
+                None,
+                "the request body must be a JSON object (`{...}`)",
+            )),
+            Err(e) => Err(ApiError::invalid(
+                None,
+                format!("the request body is not valid JSON: {e}"),
+            )),
+        }
+    }
+
+    /// Takes a field; `null` counts as absent.
+    pub fn take(&mut self, name: &str) -> Option<Value> {
+        self.0.remove(name).filter(|v| !v.is_null())
+    }
+
+    fn typed<T>(
+        &mut self,
+        name: &str,
+        what: &str,
+        read: impl FnOnce(&Value) -> Option<T>,
+    ) -> Result<Option<T>, ApiError> {
+        match self.take(name) {
+            None => Ok(None),
+            Some(v) => read(&v)
+                .map(Some)
+                .ok_or_else(|| ApiError::invalid(Some(name), format!("`{name}` must be {what}"))),
+        }
+    }
+
+    /// A boolean field.
+    pub fn bool(&mut self, name: &str) -> Result<Option<bool>, ApiError> {
+        self.typed(name, "true or false", Value::as_bool)
+    }
+
+    /// A finite number.
+    pub fn number(&mut self, name: &str) -> Result<Option<f64>, ApiError> {
+        self.typed(name, "a number", |v| v.as_f64().filter(|x| x.is_finite()))
+    }
+
+    /// A whole number (`3` or `3.0`).
+    pub fn integer(&mut self, name: &str) -> Result<Option<i64>, ApiError> {
+        self.typed(name, "a whole number", |v| {
+            v.as_i64().or_else(|| {
+                v.as_f64()
+                    .filter(|x| x.fract() == 0.0 && x.abs() < 9e15)
+                    .map(|x| x as i64)
+            })
+        })
+    }
+
+    /// A whole number >= 0 that fits the machine's sizes.
+    pub fn count(&mut self, name: &str) -> Result<Option<usize>, ApiError> {
+        self.typed(name, "a whole number >= 0", |v| {
+            v.as_u64().and_then(|n| usize::try_from(n).ok())
+        })
+    }
+
+    /// A string.
+    pub fn string(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        self.typed(name, "a string", |v| v.as_str().map(str::to_string))
+    }
+
+    /// Refuses every field left: unsupported ones unless neutral, unknown ones always.
+    pub fn finish(mut self) -> Result<(), ApiError> {
+        for name in IGNORED {
+            self.0.remove(*name);
+        }
+        for (name, neutral, why) in UNSUPPORTED {
+            if let Some(v) = self.take(name) {
+                if !neutral(&v) {
+                    return Err(ApiError::invalid(Some(name), format!("`{name}`: {why}")));
+                }
+            }
+        }
+        match self.0.keys().find(|k| !self.0[k.as_str()].is_null()) {
+            Some(name) => Err(ApiError::invalid(
+                Some(name),
+                format!("unknown field `{name}`: dynexec does not implement it, so it would be ignored; remove it"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A checked `POST /v1/chat/completions` body.
+#[derive(Debug)]
 pub struct ChatRequest {
     /// Must name the served model when given ([`check_model`]).
     pub model: Option<String>,
     /// The conversation so far; at least one message.
-    pub messages: Vec<RequestMessage>,
+    pub messages: Vec<ChatMessage>,
     /// Everything else.
-    #[serde(flatten)]
     pub params: Params,
 }
 
-/// One message of a chat request.
-#[derive(Debug, Deserialize)]
-pub struct RequestMessage {
-    /// `system`, `developer` (read as `system`), `user` or `assistant`.
-    pub role: String,
-    /// A string, or a list of `{"type": "text", "text": ...}` parts.
-    #[serde(default)]
-    pub content: Value,
+impl ChatRequest {
+    /// Reads and checks a body.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let mut fields = Fields::parse(body)?;
+        let model = fields.string("model")?;
+        let messages = chat_messages(fields.take("messages"))?;
+        let params = Params::take(&mut fields, Endpoint::Chat)?;
+        fields.finish()?;
+        Ok(Self {
+            model,
+            messages,
+            params,
+        })
+    }
 }
 
-/// The body of `POST /v1/completions`.
-#[derive(Debug, Deserialize)]
+/// A checked `POST /v1/completions` body.
+#[derive(Debug)]
 pub struct CompletionRequest {
     /// Must name the served model when given ([`check_model`]).
     pub model: Option<String>,
-    /// A string, a list of one string, or a list of token ids.
-    pub prompt: Value,
+    /// The prompt: text, or token ids.
+    pub prompt: PromptInput,
     /// Everything else.
-    #[serde(flatten)]
     pub params: Params,
 }
 
+impl CompletionRequest {
+    /// Reads and checks a body.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let mut fields = Fields::parse(body)?;
+        let model = fields.string("model")?;
+        let prompt = completion_prompt(fields.take("prompt"))?;
+        let params = Params::take(&mut fields, Endpoint::Completion)?;
+        fields.finish()?;
+        Ok(Self {
+            model,
+            prompt,
+            params,
+        })
+    }
+}
+
+/// Which endpoint a request came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`
+    Chat,
+    /// `POST /v1/completions`
+    Completion,
+}
+
+impl Endpoint {
+    /// The field that holds the prompt.
+    pub fn prompt_field(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "messages",
+            Endpoint::Completion => "prompt",
+        }
+    }
+}
+
 /// Parameters both endpoints share, including dynexec's own.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 pub struct Params {
+    /// Which endpoint they came to.
+    pub endpoint: Option<Endpoint>,
     /// Answer as server-sent events, one per text delta.
-    #[serde(default)]
     pub stream: bool,
-    /// Streaming extras.
-    pub stream_options: Option<StreamOptions>,
-    /// In `0..=2`; 1 when left out, 0 is greedy.
+    /// End a stream with a usage chunk (`stream_options.include_usage`).
+    pub include_usage: bool,
+    /// In `0..=2`; 1 when left out; below 1e-5 is greedy (as vLLM).
     pub temperature: Option<f64>,
     /// Nucleus-sampling mass in (0, 1]; 1 turns it off.
     pub top_p: Option<f64>,
-    /// Not OpenAI's, but llama-server's and vLLM's.
+    /// Not OpenAI's, but llama-server's and vLLM's; 0 or -1 turn it off.
     pub top_k: Option<usize>,
-    /// Tokens to generate, at most the server's limit; by default that limit or the rest of
-    /// the context, whichever is smaller.
+    /// Tokens to generate (`max_completion_tokens` wins over `max_tokens`), at most the
+    /// server's limit; by default that limit or the rest of the context, whichever is smaller.
     pub max_tokens: Option<usize>,
-    /// OpenAI's newer name for `max_tokens`; wins when both are given.
-    pub max_completion_tokens: Option<usize>,
-    /// A string, or a list of up to 4, that ends generation when produced.
-    pub stop: Option<Value>,
+    /// Strings that end generation when produced (at most 4).
+    pub stop: Vec<String>,
     /// Sampling seed; random when left out.
     pub seed: Option<u64>,
-    /// Completions per request; only 1 is accepted.
-    pub n: Option<usize>,
-    /// Refused unless `false` or null: log-probabilities are not supported.
-    pub logprobs: Option<Value>,
-    /// Refused unless null: tool calls are not supported.
-    pub tools: Option<Value>,
     /// vLLM's: keep generating past end-of-sequence (fixed-length benchmarks).
-    #[serde(default)]
     pub ignore_eos: bool,
     /// llama-server's and vLLM's name for the repetition penalty.
     pub repetition_penalty: Option<f32>,
+    /// OpenAI's, in [-2, 2].
+    pub frequency_penalty: f32,
+    /// OpenAI's, in [-2, 2].
+    pub presence_penalty: f32,
+    /// OpenAI's: token id to a bias in [-100, 100].
+    pub logit_bias: Vec<(u32, f32)>,
     /// dynexec: decode speculatively with the server's draft (default: when it has one).
     pub speculative: Option<bool>,
     /// dynexec: the lookahead for speculative decoding, e.g. `fixed:4`.
@@ -185,12 +360,145 @@ pub struct Params {
     pub early_exit: Option<String>,
 }
 
-/// OpenAI's `stream_options`.
-#[derive(Debug, Default, Deserialize)]
-pub struct StreamOptions {
-    /// Send a last chunk carrying the token counts.
-    #[serde(default)]
-    pub include_usage: bool,
+impl Params {
+    /// Takes the shared parameters out of `fields`, checking each one's type.
+    pub fn take(fields: &mut Fields, endpoint: Endpoint) -> Result<Self, ApiError> {
+        let include_usage = match fields.take("stream_options") {
+            None => false,
+            Some(Value::Object(mut options)) => {
+                let include = options.remove("include_usage").unwrap_or(Value::Null);
+                if let Some(name) = options.keys().next() {
+                    return Err(ApiError::invalid(
+                        Some("stream_options"),
+                        format!("unknown field `stream_options.{name}`: only `include_usage` is supported"),
+                    ));
+                }
+                match include {
+                    Value::Null => false,
+                    Value::Bool(b) => b,
+                    _ => {
+                        return Err(ApiError::invalid(
+                            Some("stream_options"),
+                            "`stream_options.include_usage` must be true or false",
+                        ))
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("stream_options"),
+                    "`stream_options` must be an object",
+                ))
+            }
+        };
+        let top_k = match fields.integer("top_k")? {
+            None | Some(-1) | Some(0) => None,
+            Some(k) if k > 0 => Some(k as usize),
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some("top_k"),
+                    "`top_k` must be a whole number >= 1 (0 or -1 turn it off)",
+                ))
+            }
+        };
+        let max_tokens = fields.count("max_tokens")?;
+        let max_completion_tokens = fields.count("max_completion_tokens")?;
+        let seed = match fields.integer("seed")? {
+            None => None,
+            // OpenAI's seeds are signed; any one picks a stream of draws.
+            Some(seed) => Some(seed as u64),
+        };
+        Ok(Self {
+            endpoint: Some(endpoint),
+            stream: fields.bool("stream")?.unwrap_or(false),
+            include_usage,
+            temperature: fields.number("temperature")?,
+            top_p: fields.number("top_p")?,
+            top_k,
+            max_tokens: max_completion_tokens.or(max_tokens),
+            stop: stop_strings(fields.take("stop"))?,
+            seed,
+            ignore_eos: fields.bool("ignore_eos")?.unwrap_or(false),
+            repetition_penalty: fields.number("repetition_penalty")?.map(|p| p as f32),
+            frequency_penalty: fields.number("frequency_penalty")?.unwrap_or(0.0) as f32,
+            presence_penalty: fields.number("presence_penalty")?.unwrap_or(0.0) as f32,
+            logit_bias: logit_bias(fields.take("logit_bias"))?,
+            speculative: fields.bool("speculative")?,
+            lookahead: fields.string("lookahead")?,
+            early_exit: fields.string("early_exit")?,
+        })
+    }
+
+    /// Whether a penalty or bias that depends on the tokens so far is asked for.
+    fn adjusts_logits(&self) -> bool {
+        self.repetition_penalty.is_some_and(|p| p != 1.0)
+            || self.frequency_penalty != 0.0
+            || self.presence_penalty != 0.0
+            || !self.logit_bias.is_empty()
+    }
+
+    /// The field of the first such penalty or bias, for errors.
+    fn logit_adjustment_field(&self) -> &'static str {
+        if self.repetition_penalty.is_some_and(|p| p != 1.0) {
+            "repetition_penalty"
+        } else if self.frequency_penalty != 0.0 {
+            "frequency_penalty"
+        } else if self.presence_penalty != 0.0 {
+            "presence_penalty"
+        } else {
+            "logit_bias"
+        }
+    }
+}
+
+fn stop_strings(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            Some("stop"),
+            "`stop` must be a string or a list of up to 4 strings",
+        )
+    };
+    match stop {
+        None => Ok(Vec::new()),
+        Some(Value::String(s)) => Ok(vec![s]),
+        Some(Value::Array(items)) if items.len() <= 4 => items
+            .into_iter()
+            .map(|v| match v {
+                Value::String(s) => Ok(s),
+                _ => Err(bad()),
+            })
+            .collect(),
+        Some(_) => Err(bad()),
+    }
+}
+
+/// OpenAI's `logit_bias`: an object from token ids (as strings) to numbers.
+fn logit_bias(bias: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |m: String| ApiError::invalid(Some("logit_bias"), m);
+    let Some(bias) = bias else {
+        return Ok(Vec::new());
+    };
+    let Value::Object(entries) = bias else {
+        return Err(bad(
+            "`logit_bias` must be an object from token ids to biases, e.g. {\"1234\": -100}"
+                .into(),
+        ));
+    };
+    entries
+        .iter()
+        .map(|(id, value)| {
+            let id: u32 = id
+                .trim()
+                .parse()
+                .map_err(|_| bad(format!("`logit_bias` key `{id}` is not a token id")))?;
+            match value.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(bad(format!(
+                    "`logit_bias` for token {id} must be a number from -100 to 100"
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// A checked request, ready for the engine.
@@ -217,22 +525,24 @@ pub struct Limits {
     pub max_tokens: usize,
 }
 
-/// Parses a JSON body, turning serde's complaint into a 400 that names the problem.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.is_empty() {
+/// Refuses, before any tokenizing, a prompt of `bytes` bytes of text that cannot fit the
+/// context: no token of this tokenizer spells more than `max_token_bytes` bytes, and a
+/// normalizer shrinks text at most fourfold (NFC composition: Hangul jamo three to one), so
+/// the prompt has at least `bytes / (4 * max_token_bytes)` tokens.
+pub fn check_prompt_bytes(bytes: usize, info: &ModelInfo, endpoint: Endpoint) -> Result<(), ApiError> {
+    let fewest_tokens = bytes / (4 * info.max_token_bytes.max(1));
+    if fewest_tokens >= info.context_length {
+        let field = endpoint.prompt_field();
         return Err(ApiError::invalid(
-            None,
-            "the request body is empty: send a JSON object",
-        ));
+            Some(field),
+            format!(
+                "the prompt is {bytes} bytes, at least {fewest_tokens} tokens, but the model's context holds {} tokens: shorten `{field}`",
+                info.context_length
+            ),
+        )
+        .with_code(400, "context_length_exceeded"));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        let what = if e.is_syntax() || e.is_eof() {
-            "the request body is not valid JSON"
-        } else {
-            "the request body does not fit the API"
-        };
-        ApiError::invalid(None, format!("{what}: {e}"))
-    })
+    Ok(())
 }
 
 /// The model a request names must be the one served (or be left out).
@@ -250,49 +560,53 @@ pub fn check_model(requested: Option<&str>, info: &ModelInfo) -> Result<(), ApiE
     }
 }
 
-/// The conversation of a chat request.
-pub fn chat_messages(messages: &[RequestMessage]) -> Result<Vec<ChatMessage>, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            Some("messages"),
-            "`messages` is empty: send at least one message",
-        ));
-    }
+/// The conversation of a chat request (its `messages` field).
+pub fn chat_messages(messages: Option<Value>) -> Result<Vec<ChatMessage>, ApiError> {
+    let bad = |m: String| ApiError::invalid(Some("messages"), m);
+    let messages = match messages {
+        None => return Err(bad("`messages` is missing: send the conversation".into())),
+        Some(Value::Array(items)) if items.is_empty() => {
+            return Err(bad("`messages` is empty: send at least one message".into()))
+        }
+        Some(Value::Array(items)) => items,
+        Some(_) => return Err(bad("`messages` must be a list of messages".into())),
+    };
     messages
-        .iter()
-        .map(|m| {
-            if !matches!(
-                m.role.as_str(),
-                "system" | "developer" | "user" | "assistant"
-            ) {
-                return Err(ApiError::invalid(
-                    Some("messages"),
-                    format!(
-                        "unsupported message role `{}`: use system, user or assistant",
-                        m.role
-                    ),
-                ));
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let Value::Object(mut m) = m else {
+                return Err(bad(format!(
+                    "`messages[{i}]` must be an object with `role` and `content`"
+                )));
+            };
+            let role = match m.remove("role") {
+                Some(Value::String(role)) => role,
+                _ => return Err(bad(format!("`messages[{i}].role` must be a string"))),
+            };
+            if !matches!(role.as_str(), "system" | "developer" | "user" | "assistant") {
+                return Err(bad(format!(
+                    "`messages[{i}].role` is `{role}`: use system, user or assistant"
+                )));
+            }
+            let content = message_text(i, m.remove("content").unwrap_or(Value::Null))?;
+            // A participant's name does not reach these chat templates; it changes nothing.
+            m.remove("name");
+            if let Some((name, _)) = m.iter().find(|(_, v)| !v.is_null()) {
+                return Err(bad(format!(
+                    "`messages[{i}].{name}` is not supported (tool calls and refusals are not)"
+                )));
             }
             // OpenAI's newer name for the system role.
-            let role = if m.role == "developer" {
-                "system"
-            } else {
-                &m.role
-            };
-            Ok(ChatMessage::new(role, message_text(&m.content)?))
+            let role = if role == "developer" { "system" } else { &role };
+            Ok(ChatMessage::new(role, content))
         })
         .collect()
 }
 
-fn message_text(content: &Value) -> Result<String, ApiError> {
-    let bad = || {
-        ApiError::invalid(
-            Some("messages"),
-            "a message's `content` must be a string or a list of text parts",
-        )
-    };
+fn message_text(index: usize, content: Value) -> Result<String, ApiError> {
     match content {
-        Value::String(s) => Ok(s.clone()),
+        Value::String(s) => Ok(s),
         Value::Null => Ok(String::new()),
         Value::Array(parts) => parts
             .iter()
@@ -302,16 +616,25 @@ fn message_text(content: &Value) -> Result<String, ApiError> {
                 }
                 _ => Err(ApiError::invalid(
                     Some("messages"),
-                    "only text content parts (`{\"type\": \"text\", \"text\": ...}`) are supported",
+                    format!("`messages[{index}].content`: only text parts (`{{\"type\": \"text\", \"text\": ...}}`) are supported"),
                 )),
             })
             .collect::<Result<Vec<_>, _>>()
             .map(|texts| texts.concat()),
-        _ => Err(bad()),
+        _ => Err(ApiError::invalid(
+            Some("messages"),
+            format!("`messages[{index}].content` must be a string or a list of text parts"),
+        )),
     }
 }
 
+/// The bytes of text a chat request's messages hold (for [`check_prompt_bytes`]).
+pub fn chat_bytes(messages: &[ChatMessage]) -> usize {
+    messages.iter().map(|m| m.content.len()).sum()
+}
+
 /// The prompt of a completion request: text to encode, or token ids as given.
+#[derive(Debug)]
 pub enum PromptInput {
     /// Text, encoded with the model's tokenizer.
     Text(String),
@@ -321,14 +644,18 @@ pub enum PromptInput {
 
 /// Reads a completion's `prompt`: a string, a list of one string, or a list of token ids;
 /// several prompts are refused.
-pub fn completion_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
+pub fn completion_prompt(prompt: Option<Value>) -> Result<PromptInput, ApiError> {
     let bad = |m: &str| ApiError::invalid(Some("prompt"), m);
     match prompt {
-        Value::String(s) => Ok(PromptInput::Text(s.clone())),
-        Value::Array(items) if items.len() == 1 && items[0].is_string() => Ok(PromptInput::Text(
-            items[0].as_str().unwrap_or_default().to_string(),
-        )),
-        Value::Array(items) if !items.is_empty() && items.iter().all(Value::is_u64) => items
+        None => Err(bad("`prompt` is missing: send the text to continue")),
+        Some(Value::String(s)) => Ok(PromptInput::Text(s)),
+        Some(Value::Array(mut items)) if items.len() == 1 && items[0].is_string() => {
+            match items.pop() {
+                Some(Value::String(s)) => Ok(PromptInput::Text(s)),
+                _ => Err(bad("`prompt` must be a string")),
+            }
+        }
+        Some(Value::Array(items)) if !items.is_empty() && items.iter().all(Value::is_u64) => items
             .iter()
             .map(|v| {
                 v.as_u64()
@@ -337,10 +664,10 @@ pub fn completion_prompt(prompt: &Value) -> Result<PromptInput, ApiError> {
             })
             .collect::<Result<Vec<_>, _>>()
             .map(PromptInput::Ids),
-        Value::Array(items) if items.len() > 1 => Err(bad(
+        Some(Value::Array(items)) if items.len() > 1 => Err(bad(
             "one prompt per request: send several requests to complete several prompts",
         )),
-        _ => Err(bad(
+        Some(_) => Err(bad(
             "`prompt` must be a string, a list of one string, or a list of token ids",
         )),
     }
@@ -353,31 +680,10 @@ pub fn prepare(
     info: &ModelInfo,
     limits: Limits,
 ) -> Result<Prepared, ApiError> {
-    if params.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::invalid(
-            Some("n"),
-            "`n` must be 1: send several requests for several completions",
-        ));
-    }
-    if params
-        .logprobs
-        .as_ref()
-        .is_some_and(|v| v != &Value::Bool(false) && !v.is_null())
-    {
-        return Err(ApiError::invalid(
-            Some("logprobs"),
-            "`logprobs` is not supported",
-        ));
-    }
-    if params.tools.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::invalid(
-            Some("tools"),
-            "tool calls are not supported",
-        ));
-    }
+    let prompt_field = params.endpoint.unwrap_or(Endpoint::Chat).prompt_field();
     if prompt_ids.is_empty() {
         return Err(ApiError::invalid(
-            Some("prompt"),
+            Some(prompt_field),
             "the prompt is empty: give some text to continue",
         ));
     }
@@ -386,7 +692,7 @@ pub fn prepare(
         .find(|&&id| id as usize >= info.tokenizer.vocab_size())
     {
         return Err(ApiError::invalid(
-            Some("prompt"),
+            Some(prompt_field),
             format!(
                 "token id {bad} is outside the vocabulary of {} tokens",
                 info.tokenizer.vocab_size()
@@ -397,15 +703,14 @@ pub fn prepare(
     let prompt_tokens = prompt_ids.len();
     if prompt_tokens >= context {
         return Err(ApiError::invalid(
-            Some("messages"),
+            Some(prompt_field),
             format!(
-                "the prompt is {prompt_tokens} tokens but the model's context holds {context}: shorten it"
+                "the prompt is {prompt_tokens} tokens but the model's context holds {context}: shorten `{prompt_field}`"
             ),
         )
         .with_code(400, "context_length_exceeded"));
     }
-    let requested = params.max_completion_tokens.or(params.max_tokens);
-    let max_tokens = match requested {
+    let max_tokens = match params.max_tokens {
         Some(0) => {
             return Err(ApiError::invalid(
                 Some("max_tokens"),
@@ -425,7 +730,7 @@ pub fn prepare(
             return Err(ApiError::invalid(
                 Some("max_tokens"),
                 format!(
-                    "this model's context holds {context} tokens, but {} were requested ({prompt_tokens} in the prompt, {n} to generate): lower max_tokens or shorten the prompt",
+                    "this model's context holds {context} tokens, but {} were requested ({prompt_tokens} in the prompt, {n} to generate): lower `max_tokens` or shorten `{prompt_field}`",
                     prompt_tokens + n
                 ),
             )
@@ -442,31 +747,40 @@ pub fn prepare(
             "`temperature` must be between 0 and 2",
         ));
     }
+    if let Some(p) = params.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::invalid(
+                Some("top_p"),
+                "`top_p` must be greater than 0 and at most 1",
+            ));
+        }
+    }
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= info.tokenizer.vocab_size())
+    {
+        return Err(ApiError::invalid(
+            Some("logit_bias"),
+            format!(
+                "`logit_bias` names token {id}, outside the vocabulary of {} tokens",
+                info.tokenizer.vocab_size()
+            ),
+        ));
+    }
     let sampling = SamplingParams {
-        temperature,
-        top_k: params.top_k.filter(|&k| k > 0),
+        // Below 1e-5 sampling is greedy (vLLM's rule): dividing by it would overflow.
+        temperature: if temperature < GREEDY_BELOW { 0.0 } else { temperature },
+        top_k: params.top_k,
         top_p: params.top_p.filter(|&p| p < 1.0),
         repetition_penalty: params.repetition_penalty.unwrap_or(1.0),
         repeat_last_n: 64,
+        frequency_penalty: params.frequency_penalty,
+        presence_penalty: params.presence_penalty,
+        logit_bias: params.logit_bias.clone(),
         seed: params.seed.unwrap_or_else(random_seed),
     };
     sampling.validate().map_err(setting_error)?;
-    let stop = match &params.stop {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::String(s)) => vec![s.clone()],
-        Some(Value::Array(items)) if items.len() <= 4 && items.iter().all(Value::is_string) => {
-            items
-                .iter()
-                .filter_map(|v| v.as_str().map(str::to_string))
-                .collect()
-        }
-        Some(_) => {
-            return Err(ApiError::invalid(
-                Some("stop"),
-                "`stop` must be a string or a list of up to 4 strings",
-            ))
-        }
-    };
     let dynamic = dynamic_options(params, info)?;
     Ok(Prepared {
         prompt_ids,
@@ -475,13 +789,10 @@ pub fn prepare(
             sampling,
             stop_at_eos: !params.ignore_eos,
         },
-        stop,
+        stop: params.stop.clone(),
         dynamic,
         stream: params.stream,
-        include_usage: params
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage),
+        include_usage: params.include_usage,
     })
 }
 
@@ -494,12 +805,13 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
             if info.exit_layers.is_none() {
                 return Err(ApiError::invalid(
                     Some("early_exit"),
-                    "this server has no exit adapters: start it with them to allow early_exit",
+                    "this server has no exit adapters, so it cannot honour `early_exit`",
                 ));
             }
             Some(policy)
         }
     };
+    let asked = params.speculative == Some(true) || params.lookahead.is_some();
     let wants_speculative = match (params.speculative, &params.lookahead) {
         (Some(false), Some(_)) => {
             return Err(ApiError::invalid(
@@ -509,8 +821,12 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
         }
         (Some(on), _) => on,
         (None, Some(_)) => true,
-        // By default a server with a draft drafts, except for early-exit requests.
-        (None, None) => info.draft.is_some() && early_exit.is_none(),
+        // By default a server with a draft drafts, except for requests whose sampling it
+        // cannot verify drafts under (penalties, bias) and early-exit ones: those decode
+        // plainly, and the response reports no speculation.
+        (None, None) => {
+            info.draft.is_some() && early_exit.is_none() && !params.adjusts_logits()
+        }
     };
     if wants_speculative && early_exit.is_some() {
         return Err(ApiError::invalid(
@@ -518,11 +834,18 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
             "`early_exit` cannot be combined with speculative decoding: send `\"speculative\": false`",
         ));
     }
+    if asked && params.adjusts_logits() {
+        let field = params.logit_adjustment_field();
+        return Err(ApiError::invalid(
+            Some(field),
+            format!("`{field}` cannot be combined with speculative decoding yet: send `\"speculative\": false`"),
+        ));
+    }
     let speculative = match (wants_speculative, &info.draft) {
         (false, _) => None,
         (true, None) => return Err(ApiError::invalid(
             Some("speculative"),
-            "this server has no draft: start it with a draft model to allow speculative decoding",
+            "this server has no draft model, so it cannot decode speculatively",
         )),
         (true, Some(_)) => {
             let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
@@ -530,12 +853,6 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
             Some(lookahead)
         }
     };
-    if speculative.is_some() && params.repetition_penalty.is_some_and(|p| p != 1.0) {
-        return Err(ApiError::invalid(
-            Some("repetition_penalty"),
-            "`repetition_penalty` cannot be combined with speculative decoding: send `\"speculative\": false`",
-        ));
-    }
     Ok(Dynamic {
         speculative,
         early_exit,

@@ -5,28 +5,38 @@
 //! dynamic execution with extra fields — `speculative`, `lookahead`, `early_exit` — and every
 //! response reports what was used in a `dynexec` field.
 //!
-//! Model work runs on one engine thread ([`engine`]), off the async runtime: it decodes all
-//! admitted requests together, batching the plain ones into one forward per step. A bounded
-//! queue in front of it answers 503 when full; a client that disconnects has its sequence
-//! dropped at the next step; shutdown stops taking requests and lets streams in flight end.
+//! Model work runs on one engine thread ([`engine`]), off the async runtime: each step runs
+//! every admitted request's next rows in one forward, long prompts a piece at a time
+//! (chunked prefill). A bounded queue in front of it answers 503 when full; a client that
+//! disconnects has its sequence dropped at the next step. Before a handler runs, [`guard`]
+//! checks sizes, Host, Origin, API key and Content-Type and reads the body under a deadline;
+//! prompts are tokenized on blocking threads, so `/health` never waits on a big one. On
+//! shutdown the server stops taking connections, lets requests in flight finish, and after
+//! the shutdown timeout ends whatever is left.
 
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod engine;
+pub mod guard;
 pub mod loadgen;
 pub mod metrics;
 mod routes;
+mod scheduler;
 pub mod stop;
 
 pub use api::Limits;
 pub use engine::{Engine, EngineConfig, ServedModel};
+pub use guard::Access;
 pub use metrics::Metrics;
 
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinSet;
 
 /// Where and how to serve.
 #[derive(Debug, Clone)]
@@ -35,7 +45,13 @@ pub struct ServeOptions {
     pub addr: SocketAddr,
     /// Per-request limits.
     pub limits: Limits,
-    /// After a shutdown signal, how long streams in flight may run before they are ended.
+    /// Who may call, from where, and how big and slow a request body may be.
+    pub access: Access,
+    /// How long a client may take to send a request's headers; also how long a kept-alive
+    /// connection may sit idle.
+    pub header_timeout: Duration,
+    /// After a shutdown signal, how long requests in flight may run before they are ended
+    /// and their connections closed.
     pub shutdown_timeout: Duration,
     /// Runtime threads for HTTP work (model work has its own thread).
     pub http_threads: usize,
@@ -58,8 +74,10 @@ pub enum ServeError {
 }
 
 /// Serves `engine` until Ctrl-C or SIGTERM, calling `on_listening` with the bound address
-/// (useful with port 0). On the signal, new requests get 503, requests in flight finish
-/// (or are ended after `shutdown_timeout`), and the engine thread is joined.
+/// (useful with port 0). On the signal it stops accepting connections and lets requests in
+/// flight finish; after `shutdown_timeout` the engine ends the generations left (their
+/// streams get an error event) and every connection still open is closed, a stalled client's
+/// included. The engine thread is then given a moment to end.
 pub fn serve(
     engine: Engine,
     metrics: Arc<Metrics>,
@@ -72,43 +90,83 @@ pub fn serve(
         .build()
         .map_err(ServeError::Runtime)?;
     let state = Arc::new(routes::AppState::new(engine, metrics, options.limits));
-    runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(options.addr)
-            .await
-            .map_err(|source| ServeError::Bind {
-                addr: options.addr,
-                source,
-            })?;
-        let bound = listener.local_addr().map_err(ServeError::Runtime)?;
-        on_listening(bound);
-        let app = routes::router(state.clone());
-        let on_signal = {
-            let state = state.clone();
-            let timeout = options.shutdown_timeout;
-            async move {
-                shutdown_signal().await;
-                state.shutting_down.store(true, Ordering::Relaxed);
-                eprintln!(
-                    "dynexec serve: shutting down; finishing requests in flight (at most {}s)",
-                    timeout.as_secs()
-                );
-                tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
-                    state.engine.abort_in_flight();
-                });
-            }
-        };
-        axum::serve(listener, app)
-            .with_graceful_shutdown(on_signal)
-            .await
-            .map_err(ServeError::Runtime)
-    })?;
-    // Dropping the runtime ends the abort timer; dropping the last state joins the engine.
-    drop(runtime);
-    drop(state);
+    let served = runtime.block_on(run(state.clone(), &options, on_listening));
+    // Blocking work (a tokenization) is not waited for past a second.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    served?;
+    if let Ok(state) = Arc::try_unwrap(state) {
+        state.engine.shut_down(Duration::from_secs(5));
+    }
     Ok(())
 }
 
+async fn run(
+    state: Arc<routes::AppState>,
+    options: &ServeOptions,
+    on_listening: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let listener = tokio::net::TcpListener::bind(options.addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: options.addr,
+            source,
+        })?;
+    on_listening(listener.local_addr().map_err(ServeError::Runtime)?);
+    let app = routes::router(state.clone(), Arc::new(options.access.clone()));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        // Room for the guard to answer oversized heads itself, in JSON.
+        .max_buf_size(4 * guard::MAX_HEADER_BYTES)
+        .max_headers(200);
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
+    let mut connections = JoinSet::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                // A failed accept (out of descriptors, a reset) concerns one connection.
+                let Ok((stream, _)) = accepted else { continue };
+                let connection = http.serve_connection(
+                    TokioIo::new(stream),
+                    TowerToHyperService::new(app.clone()),
+                );
+                let mut closing = closing_rx.clone();
+                connections.spawn(async move {
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        _ = closing.changed() => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
+                    }
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    state.shutting_down.store(true, Ordering::Relaxed);
+    let timeout = options.shutdown_timeout;
+    eprintln!(
+        "dynexec serve: shutting down; finishing requests in flight (at most {}s)",
+        timeout.as_secs()
+    );
+    let _ = closing.send(true);
+    let drain = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, drain).await.is_err() {
+        // Generations still running end now; their streams get an error event and [DONE]
+        // if their clients are reading, and then every connection left is closed.
+        state.engine.abort_in_flight();
+        let ended = async { while connections.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
+        connections.shutdown().await;
+    }
+    Ok(())
+}
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;

@@ -77,8 +77,12 @@ pub struct Metrics {
     pub generated_tokens: AtomicU64,
     /// Gauge: requests waiting for a decoding slot.
     pub queue_depth: AtomicU64,
-    /// Gauge: sequences being decoded.
+    /// Gauge: sequences holding a slot (prefilling or decoding).
     pub active_sequences: AtomicU64,
+    /// Gauge: sequences whose prompt is still being prefilled.
+    pub prefilling_sequences: AtomicU64,
+    /// Prompt pieces prefilled (chunked prefill).
+    pub prefill_pieces: AtomicU64,
     /// Speculative steps that drafted (vLLM's `spec_decode_num_drafts`).
     pub drafts: AtomicU64,
     /// Steps in which speculation was switched off because the batch was too large.
@@ -115,6 +119,8 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             active_sequences: AtomicU64::new(0),
+            prefilling_sequences: AtomicU64::new(0),
+            prefill_pieces: AtomicU64::new(0),
             drafts: AtomicU64::new(0),
             speculation_disabled_steps: AtomicU64::new(0),
             draft_proposed: AtomicU64::new(0),
@@ -184,8 +190,20 @@ impl Metrics {
         scalar(
             "dynexec_active_sequences",
             "gauge",
-            "Sequences being decoded.",
+            "Sequences holding a slot, prefilling or decoding.",
             get(&self.active_sequences).to_string(),
+        );
+        scalar(
+            "dynexec_prefilling_sequences",
+            "gauge",
+            "Sequences whose prompt is still being prefilled.",
+            get(&self.prefilling_sequences).to_string(),
+        );
+        scalar(
+            "dynexec_prefill_pieces_total",
+            "counter",
+            "Prompt pieces prefilled (a prompt longer than a step's token budget takes several).",
+            get(&self.prefill_pieces).to_string(),
         );
         scalar(
             "dynexec_drafts_total",

@@ -2,23 +2,36 @@
 //! `/health` and `/metrics`.
 
 use crate::api::{
-    chat_messages, check_model, completion_prompt, parse_body, prepare, ApiError, ChatRequest,
-    CompletionRequest, Limits, Prepared, PromptInput,
+    chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest,
+    CompletionRequest, Endpoint, Limits, Prepared, PromptInput,
 };
 use crate::engine::{Engine, Event, Job, SubmitError, Summary};
+use crate::guard::{self, Access};
 use crate::metrics::{add, Metrics};
 use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use dynexec_core::tokenizer::TextTokenizer;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::Semaphore;
+
+/// Prompts tokenized at once, on blocking threads; more wait their turn without holding up
+/// the async workers (and `/health`).
+const TOKENIZING_AT_ONCE: usize = 2;
+
+/// A step running longer than this counts as a stalled engine for `/health`.
+const STALLED_AFTER: Duration = Duration::from_secs(60);
+
+/// Seconds a client refused with 503 is asked to wait (`Retry-After`).
+const RETRY_AFTER_SECS: &str = "2";
 
 /// What every handler shares.
 pub struct AppState {
@@ -29,6 +42,7 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     pub started: u64,
     next_id: AtomicU64,
+    tokenizing: Semaphore,
 }
 
 impl AppState {
@@ -40,11 +54,27 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             started: unix_now(),
             next_id: AtomicU64::new(1),
+            tokenizing: Semaphore::new(TOKENIZING_AT_ONCE),
         }
+    }
+
+    /// Runs `work` with the tokenizer on a blocking thread, a few at a time.
+    async fn tokenize<T: Send + 'static>(
+        &self,
+        field: &'static str,
+        work: impl FnOnce(&TextTokenizer) -> dynexec_core::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let gone = || ApiError::server(503, "server_error", "the server is shutting down");
+        let _permit = self.tokenizing.acquire().await.map_err(|_| gone())?;
+        let tokenizer = self.engine.info().tokenizer.clone();
+        tokio::task::spawn_blocking(move || work(&tokenizer))
+            .await
+            .map_err(|_| gone())?
+            .map_err(|e| ApiError::invalid(Some(field), e.to_string()))
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+pub fn router(state: Arc<AppState>, access: Arc<Access>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
@@ -54,12 +84,22 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        // The guard reads and limits bodies itself (in OpenAI's error shape).
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(access, guard::check))
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::BAD_REQUEST);
-        json_response(status, &self.body())
+        let mut response = json_response(status, &self.body());
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }
 
@@ -78,45 +118,47 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Which endpoint a generation answers.
-#[derive(Clone, Copy, PartialEq)]
-enum Endpoint {
-    Chat,
-    Completion,
-}
-
 async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let received = Instant::now();
-    let prepared = (|| {
-        let request: ChatRequest = parse_body(&body)?;
+    let prepared = async {
+        let request = ChatRequest::parse(&body)?;
+        drop(body);
         let info = state.engine.info();
         check_model(request.model.as_deref(), info)?;
-        let messages = chat_messages(&request.messages)?;
-        let prompt = info
-            .tokenizer
-            .chat_messages(&messages)
-            .and_then(|text| info.tokenizer.encode(&text))
-            .map_err(|e| ApiError::invalid(Some("messages"), e.to_string()))?;
+        check_prompt_bytes(chat_bytes(&request.messages), info, Endpoint::Chat)?;
+        let messages = request.messages;
+        let prompt = state
+            .tokenize("messages", move |tokenizer| {
+                tokenizer
+                    .chat_messages(&messages)
+                    .and_then(|text| tokenizer.encode(&text))
+            })
+            .await?;
         prepare(&request.params, prompt, info, state.limits)
-    })();
+    }
+    .await;
     generate(state, prepared, Endpoint::Chat, received).await
 }
 
 async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let received = Instant::now();
-    let prepared = (|| {
-        let request: CompletionRequest = parse_body(&body)?;
+    let prepared = async {
+        let request = CompletionRequest::parse(&body)?;
+        drop(body);
         let info = state.engine.info();
         check_model(request.model.as_deref(), info)?;
-        let prompt = match completion_prompt(&request.prompt)? {
+        let prompt = match request.prompt {
             PromptInput::Ids(ids) => ids,
-            PromptInput::Text(text) => info
-                .tokenizer
-                .encode(&text)
-                .map_err(|e| ApiError::invalid(Some("prompt"), e.to_string()))?,
+            PromptInput::Text(text) => {
+                check_prompt_bytes(text.len(), info, Endpoint::Completion)?;
+                state
+                    .tokenize("prompt", move |tokenizer| tokenizer.encode(&text))
+                    .await?
+            }
         };
         prepare(&request.params, prompt, info, state.limits)
-    })();
+    }
+    .await;
     generate(state, prepared, Endpoint::Completion, received).await
 }
 
@@ -358,13 +400,54 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     )
 }
 
-async fn health(State(state): State<Arc<AppState>>) -> Response {
+/// `/health`: the engine's state. 200 with `ok` (a slot is free) or `busy` (every slot is
+/// taken: new requests queue); 503 with `shutting_down` or `stalled` (a step has run for
+/// over a minute). `/health?ready` also answers 503 while the queue is full, for load
+/// balancers that should send the next request elsewhere.
+async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -> Response {
+    let get = |gauge: &AtomicU64| gauge.load(Ordering::Relaxed);
+    let config = state.engine.config();
+    let queued = get(&state.metrics.queue_depth);
+    let active = get(&state.metrics.active_sequences);
+    let step = state.engine.status().step_running_for();
+    let ready_check = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv.split('=').next() == Some("ready"))
+    });
+    let queue_full = queued >= config.max_queue as u64;
     let status = if state.shutting_down.load(Ordering::Relaxed) {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting_down")
+        "shutting_down"
+    } else if step.is_some_and(|s| s > STALLED_AFTER) {
+        "stalled"
+    } else if active >= config.max_batch as u64 {
+        "busy"
     } else {
-        (StatusCode::OK, "ok")
+        "ok"
     };
-    json_response(status.0, &json!({"status": status.1}))
+    let healthy = matches!(status, "ok" | "busy") && !(ready_check && queue_full);
+    let body = json!({
+        "status": status,
+        "ready": healthy && !queue_full,
+        "queue_depth": queued,
+        "queue_capacity": config.max_queue,
+        "active_sequences": active,
+        "prefilling_sequences": get(&state.metrics.prefilling_sequences),
+        "max_batch": config.max_batch,
+        "step_running_ms": step.map(|s| s.as_millis() as u64),
+    });
+    let code = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut response = json_response(code, &body);
+    if !healthy {
+        response.headers_mut().insert(
+            header::RETRY_AFTER,
+            HeaderValue::from_static(RETRY_AFTER_SECS),
+        );
+    }
+    response
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

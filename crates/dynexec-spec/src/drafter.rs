@@ -36,6 +36,12 @@ pub trait Drafter {
     ) -> Result<Draft>;
     /// The sequence was rewritten from position `len` on: forget any state past it.
     fn rollback(&mut self, len: usize) -> Result<()>;
+    /// Reads `tokens` (a prefix of the prompt) ahead of the first proposal, so that a long
+    /// prompt is taken in pieces; proposing works the same without it. Nothing by default.
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        let _ = tokens;
+        Ok(())
+    }
     /// Forward passes run so far (0 for model-free drafters).
     fn forwards(&self) -> usize;
     /// The same drafter with no sequence state, for another sequence (weights are shared).
@@ -63,6 +69,9 @@ impl<T: Drafter + ?Sized> Drafter for &mut T {
     }
     fn rollback(&mut self, len: usize) -> Result<()> {
         (**self).rollback(len)
+    }
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        (**self).prefill(tokens)
     }
     fn forwards(&self) -> usize {
         (**self).forwards()
@@ -269,6 +278,18 @@ impl Drafter for ModelDrafter {
         self.cache.truncate(len)
     }
 
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        let cached = self.cache.len().min(tokens.len());
+        self.cache.truncate(cached)?;
+        if cached < tokens.len() {
+            // The layers up to the draft depth fill the cache; no head is needed.
+            self.forwards += 1;
+            self.model
+                .last_hidden_at_depth(&tokens[cached..], &mut self.cache, self.depth)?;
+        }
+        Ok(())
+    }
+
     fn forwards(&self) -> usize {
         self.forwards
     }
@@ -418,6 +439,11 @@ impl Drafter for ChainDrafter {
     fn rollback(&mut self, len: usize) -> Result<()> {
         self.first.rollback(len)?;
         self.then.rollback(len)
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
+        self.first.prefill(tokens)?;
+        self.then.prefill(tokens)
     }
 
     fn forwards(&self) -> usize {

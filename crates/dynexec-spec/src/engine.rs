@@ -93,27 +93,46 @@ impl<'a> SpeculativeSequence<'a> {
         prompt_ids: &[u32],
         options: &GenerateOptions,
     ) -> Result<(Self, u32)> {
+        let mut sequence = Self::new(target, drafter, lookahead, prompt_ids, options)?;
+        let logits = target.forward_last(prompt_ids, &mut sequence.cache, None)?;
+        let first = sequence.begin(&logits)?;
+        Ok((sequence, first))
+    }
+
+    /// A sequence for `prompt_ids` with nothing computed yet: the caller prefills the prompt
+    /// on [`Self::cache_mut`] (in pieces, shared with other sequences, as it likes) and
+    /// hands the last position's logits to [`Self::begin`].
+    pub fn new(
+        target: &'a Llama,
+        drafter: Box<dyn Drafter + 'a>,
+        lookahead: Box<dyn Lookahead + 'a>,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<Self> {
         check_prompt(target, prompt_ids, options)?;
-        if options.sampling.repetition_penalty != 1.0 {
+        let sampling = &options.sampling;
+        if let Some(setting) = [
+            (sampling.repetition_penalty != 1.0, Setting::RepetitionPenalty),
+            (sampling.frequency_penalty != 0.0, Setting::FrequencyPenalty),
+            (sampling.presence_penalty != 0.0, Setting::PresencePenalty),
+            (!sampling.logit_bias.is_empty(), Setting::LogitBias),
+        ]
+        .into_iter()
+        .find_map(|(set, setting)| set.then_some(setting))
+        {
             return Err(Error::setting(
-                Setting::RepetitionPenalty,
-                "cannot be combined with speculative decoding yet (the penalty depends on each drafted position)",
+                setting,
+                "cannot be combined with speculative decoding yet (verification scores drafts without it)",
             ));
         }
         lookahead.check_pair(target, &drafter.name())?;
-        let mut sampler = Sampler::new(options.sampling.clone())?;
-        let mut cache = target.new_cache();
-        let logits = target.forward_last(prompt_ids, &mut cache, None)?;
-        let first = sampler.sample(&logits, prompt_ids)?;
+        let sampler = Sampler::for_prompt(options.sampling.clone(), prompt_ids.len())?;
         let spec = SpecStats {
             draft: drafter.name(),
             lookahead: lookahead.name(),
-            target_forwards: 1,
             ..Default::default()
         };
-        let mut tokens = prompt_ids.to_vec();
-        tokens.push(first);
-        let sequence = Self {
+        Ok(Self {
             forwards_at_start: drafter.forwards(),
             pending: None,
             target,
@@ -121,11 +140,25 @@ impl<'a> SpeculativeSequence<'a> {
             lookahead,
             greedy: options.sampling.is_greedy(),
             sampler,
-            cache,
-            tokens,
+            cache: target.new_cache(),
+            tokens: prompt_ids.to_vec(),
             spec,
-        };
-        Ok((sequence, first))
+        })
+    }
+
+    /// Lets the draft read the prompt's first `len` tokens ahead of its first draft, so a
+    /// long prompt reaches the draft in the same pieces as the target.
+    pub fn prefill_draft(&mut self, len: usize) -> Result<()> {
+        self.drafter.prefill(&self.tokens[..len.min(self.tokens.len())])
+    }
+
+    /// Samples the first token from the logits `(vocab,)` of the prompt's last position, once
+    /// the whole prompt is in [`Self::cache_mut`], and appends it to [`Self::tokens`].
+    pub fn begin(&mut self, logits: &Tensor) -> Result<u32> {
+        let first = self.sampler.sample(logits, &self.tokens)?;
+        self.spec.target_forwards += 1;
+        self.tokens.push(first);
+        Ok(first)
     }
 
     /// The prompt and the tokens produced so far.

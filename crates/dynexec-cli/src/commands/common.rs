@@ -92,6 +92,18 @@ pub struct SamplingArgs {
     /// How many recent tokens the repeat penalty considers.
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
+    /// OpenAI's frequency penalty in [-2, 2]: each generated token's logit loses this much
+    /// per time it was generated (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub frequency_penalty: f32,
+    /// OpenAI's presence penalty in [-2, 2]: every token generated so far loses this much
+    /// once (0 = off).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub presence_penalty: f32,
+    /// Add BIAS (-100 to 100) to token ID's logit, as `ID=BIAS` (llama.cpp's `ID+BIAS` and
+    /// `ID-BIAS` also work); repeatable. -100 bans the token.
+    #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Random seed: the same seed gives the same output.
     #[arg(long, default_value_t = 299792458)]
     pub seed: u64,
@@ -105,9 +117,24 @@ impl SamplingArgs {
             top_p: self.top_p,
             repetition_penalty: self.repeat_penalty,
             repeat_last_n: self.repeat_last_n,
+            frequency_penalty: self.frequency_penalty,
+            presence_penalty: self.presence_penalty,
+            logit_bias: self.logit_bias.clone(),
             seed: self.seed,
         }
     }
+}
+
+/// `ID=BIAS`, `ID+BIAS` or `ID-BIAS`.
+fn parse_logit_bias(text: &str) -> std::result::Result<(u32, f32), String> {
+    let bad = || format!("`{text}` is not ID=BIAS (e.g. 15043=-100 bans token 15043)");
+    let at = text.find(['=', '+', '-']).ok_or_else(bad)?;
+    let id = text[..at].trim().parse().map_err(|_| bad())?;
+    let bias = match &text[at..at + 1] {
+        "=" => &text[at + 1..],
+        _ => &text[at..],
+    };
+    Ok((id, bias.trim().parse().map_err(|_| bad())?))
 }
 
 /// What makes a draft model cheaper: flags shared by `generate`, `serve` and

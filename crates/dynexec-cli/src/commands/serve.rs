@@ -7,7 +7,9 @@ use super::common::{
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
 use clap::Args;
-use dynexec_server::{serve, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel};
+use dynexec_server::{
+    serve, Access, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel,
+};
 use dynexec_spec::draft_spec::DraftSpec;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -74,7 +76,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 1)]
     pub spec_max_batch: usize,
 
-    /// Requests that may wait for a decoding slot; more get HTTP 503.
+    /// Tokens one step may run, decoding rows and prompt pieces together (llama-server's
+    /// `--batch-size`, vLLM's `--max-num-batched-tokens`). Prompts are prefilled in pieces of
+    /// this many tokens between other requests' decoding steps, so a long prompt delays a
+    /// short request by about one piece. Smaller: lower latency for others; larger: a long
+    /// prompt finishes sooner.
+    #[arg(long, short = 'b', alias = "max-num-batched-tokens", default_value_t = 256)]
+    pub batch_size: usize,
+
+    /// Requests that may wait for a decoding slot; more get HTTP 503 with Retry-After.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
 
@@ -83,16 +93,46 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 512)]
     pub max_tokens: usize,
 
-    /// On Ctrl-C or SIGTERM, how many seconds streams in flight may run before they are
-    /// ended.
+    /// On Ctrl-C or SIGTERM, how many seconds requests in flight may run before they are
+    /// ended and every connection left is closed.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
+
+    /// Seconds a client may take to send a request's headers, and then its body; also how
+    /// long an idle kept-alive connection stays open.
+    #[arg(long, default_value_t = 30)]
+    pub timeout: u64,
+
+    /// Largest request body accepted, in bytes (larger ones get HTTP 413).
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_body_bytes: usize,
+
+    /// Require `Authorization: Bearer KEY` on /v1/* (repeatable; /health and /metrics stay
+    /// open). Prefer --api-key-file: a key on the command line is visible to other users.
+    #[arg(long, value_name = "KEY")]
+    pub api_key: Vec<String>,
+
+    /// Read API keys from FILE, one per line.
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+
+    /// Origins whose web pages may call the server, comma-separated (`*` for any); by
+    /// default none: browsers' cross-origin requests are refused.
+    #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
+
+    /// Host names requests may be addressed to, comma-separated (`*` for any). Default: the
+    /// loopback names when listening on loopback (against DNS rebinding), any otherwise.
+    #[arg(long, value_name = "HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
 }
 
 pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.max_batch >= 1, "--max-batch must be at least 1");
     anyhow::ensure!(args.max_queue >= 1, "--max-queue must be at least 1");
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
+    anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
+    anyhow::ensure!(args.timeout >= 1, "--timeout must be at least 1 second");
     args.lookahead = resolve_lookahead(global, &args.lookahead)?;
     dynexec_spec::lookahead::parse(&args.lookahead)?;
     let addr = format!("{}:{}", args.host, args.port);
@@ -106,11 +146,13 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         .next()
         .with_context(|| format!("{addr} resolves to no address"))?;
 
+    let access = access(&args, &addr)?;
     let metrics = Arc::new(Metrics::default());
     let config = EngineConfig {
         max_batch: args.max_batch,
         max_queue: args.max_queue,
         spec_max_batch: args.spec_max_batch,
+        step_tokens: args.batch_size,
     };
     let (load_global, load_args) = (global.clone(), args.clone());
     // The model is loaded on the engine thread, which keeps it; errors come back here.
@@ -126,16 +168,19 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         limits: Limits {
             max_tokens: args.max_tokens,
         },
+        access,
+        header_timeout: Duration::from_secs(args.timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         http_threads: 2,
     };
     serve(engine, metrics, options, |bound| {
         eprintln!(
-            "dynexec serve: `{}` ({} layers, context {}) on http://{bound} | batch {} | queue {} | draft {} | early exit {}",
+            "dynexec serve: `{}` ({} layers, context {}) on http://{bound} | batch {} | {} tokens a step | queue {} | draft {} | early exit {}",
             info.name,
             info.num_layers,
             info.context_length,
             args.max_batch,
+            args.batch_size,
             args.max_queue,
             info.draft.as_deref().unwrap_or("none"),
             info.exit_layers
@@ -145,6 +190,50 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     })?;
     eprintln!("dynexec serve: stopped");
     Ok(())
+}
+
+/// Who may call: API keys, CORS origins, Host names, body limits.
+fn access(args: &ServeArgs, addr: &std::net::SocketAddr) -> Result<Access> {
+    let mut api_keys = args.api_key.clone();
+    if let Some(path) = &args.api_key_file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--api-key-file {}: cannot read it", path.display()))?;
+        let keys: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        anyhow::ensure!(
+            !keys.is_empty(),
+            "--api-key-file {} holds no key (one per line)",
+            path.display()
+        );
+        api_keys.extend(keys);
+    }
+    anyhow::ensure!(
+        api_keys.iter().all(|k| !k.trim().is_empty()),
+        "--api-key must not be empty"
+    );
+    let allowed_hosts = match args.allowed_hosts.as_slice() {
+        [] if addr.ip().is_loopback() => Some(Access::loopback_hosts()),
+        [] => None,
+        hosts if hosts.iter().any(|h| h == "*") => None,
+        hosts => Some(hosts.to_vec()),
+    };
+    if !addr.ip().is_loopback() && api_keys.is_empty() {
+        eprintln!(
+            "dynexec serve: warning: listening on {} with no --api-key: anyone who can reach this address can use the server",
+            addr.ip()
+        );
+    }
+    Ok(Access {
+        api_keys,
+        cors_origins: args.cors_origins.clone(),
+        allowed_hosts,
+        max_body_bytes: args.max_body_bytes,
+        body_timeout: Duration::from_secs(args.timeout),
+    })
 }
 
 fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> {

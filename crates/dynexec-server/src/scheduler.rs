@@ -1,0 +1,604 @@
+//! The engine thread's loop: admit waiting jobs into free slots, then run one step for every
+//! slot, until the queue closes.
+//!
+//! A step is one forward of the model shared by every sequence (each linear layer reads its
+//! weights once for all rows). Decoding sequences put in their last token (speculative ones
+//! also their drafts); prefilling ones put in the next piece of their prompt. Decoding rows
+//! go first, then prompt pieces while the step's token budget lasts, shortest prompt first
+//! (a piece that has waited a few steps goes ahead), so a long prompt advances a piece per
+//! step instead of freezing everyone for its whole prefill, and a short request that
+//! arrives meanwhile waits for one piece, not for the long prompt. A prompt is always cut at
+//! the same places (multiples of the budget from its start), so its answer does not depend
+//! on what else the server is doing. Early-exit sequences decode in their own forwards.
+
+use crate::engine::{
+    EngineConfig, EngineStatus, Event, FinishReason, Job, ServedModel, Summary, Usage,
+    DynamicReport,
+};
+use crate::metrics::{add, Metrics};
+use crate::stop::{StopCheck, StopMatcher};
+use candle_core::Tensor;
+use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
+use dynexec_core::{Error, Result};
+use dynexec_engine::{batch_rows, BatchMember, Sequence, Strategy};
+use dynexec_models::generation::GenerateOptions;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
+
+/// Steps a prompt piece may be passed over for shorter ones before it goes first.
+const MAX_SKIPPED_STEPS: usize = 4;
+
+/// A sequence being prefilled or decoded for one request.
+struct Active<'m> {
+    events: UnboundedSender<Event>,
+    /// Decodes with the request's strategy; plain and speculative ones share the forward.
+    decoder: Sequence<'m>,
+    tokenizer: &'m TextTokenizer,
+    stream: TokenStream<'m>,
+    stops: StopMatcher,
+    options: GenerateOptions,
+    /// Prompt and generated tokens (the sampler's penalty history).
+    tokens: Vec<u32>,
+    prompt_tokens: usize,
+    /// Prompt tokens already in the cache; the sequence decodes once all are.
+    prefilled: usize,
+    /// Steps in a row its next prompt piece was passed over.
+    skipped: usize,
+    context: usize,
+    received: Instant,
+    queue_secs: f64,
+    first_token_at: Option<Instant>,
+    last_token_at: Option<Instant>,
+}
+
+impl Active<'_> {
+    /// Tokens generated so far (all of `tokens` after the prompt).
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_tokens
+    }
+
+    fn is_decoding(&self) -> bool {
+        self.prefilled == self.prompt_tokens
+    }
+
+    /// The most tokens a speculative step may draft: a verification adds one of its own.
+    fn max_drafts(&self) -> usize {
+        self.options.max_tokens.saturating_sub(self.generated() + 1)
+    }
+}
+
+/// What emitting a token led to.
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+    /// The client went away.
+    Cancelled,
+    /// An error, already sent to the client.
+    Failed,
+}
+
+/// How a sequence takes part in a step.
+enum Plan {
+    /// Its decoding rows (this many) are in the shared forward.
+    Batched(usize),
+    /// It decodes in its own forward (early exit).
+    Own,
+    /// Its next prompt piece (this many tokens) is in the shared forward; `last` when it
+    /// ends the prompt (its last row's logits give the first token).
+    Prefill { len: usize, last: bool },
+    /// Its prompt piece waits for a later step.
+    Waiting,
+    /// Drafting failed.
+    Failed(Error),
+    /// Its client went away.
+    Gone,
+}
+
+pub(crate) struct Scheduler<'m> {
+    served: &'m ServedModel,
+    config: EngineConfig,
+    metrics: Arc<Metrics>,
+    abort: Arc<AtomicBool>,
+    status: Arc<EngineStatus>,
+    active: Vec<Active<'m>>,
+}
+
+impl<'m> Scheduler<'m> {
+    pub(crate) fn new(
+        served: &'m ServedModel,
+        config: EngineConfig,
+        metrics: Arc<Metrics>,
+        abort: Arc<AtomicBool>,
+        status: Arc<EngineStatus>,
+    ) -> Self {
+        Self {
+            served,
+            config,
+            metrics,
+            abort,
+            status,
+            active: Vec::new(),
+        }
+    }
+
+    pub(crate) fn run(mut self, queue: Receiver<Job>) {
+        let mut open = true;
+        loop {
+            while open && self.active.len() < self.config.max_batch.max(1) {
+                // Idle, the engine sleeps until a job comes; busy, it only takes waiting ones.
+                let job = if self.active.is_empty() {
+                    queue.recv().map_err(|_| TryRecvError::Disconnected)
+                } else {
+                    queue.try_recv()
+                };
+                match job {
+                    Ok(job) => {
+                        self.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                        self.admit(job);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if self.active.is_empty() {
+                if open {
+                    continue;
+                }
+                return;
+            }
+            if self.abort.load(Ordering::Relaxed) {
+                for seq in self.active.drain(..) {
+                    add(&self.metrics.requests_failed, 1);
+                    let _ = seq.events.send(Event::Ended(
+                        "the server is shutting down and ended this generation before it finished"
+                            .to_string(),
+                    ));
+                }
+                self.publish_gauges();
+                continue;
+            }
+            self.status.step_begins();
+            self.step();
+            self.status.step_ends();
+            self.publish_gauges();
+        }
+    }
+
+    fn publish_gauges(&self) {
+        let prefilling = self.active.iter().filter(|s| !s.is_decoding()).count();
+        self.metrics
+            .active_sequences
+            .store(self.active.len() as u64, Ordering::Relaxed);
+        self.metrics
+            .prefilling_sequences
+            .store(prefilling as u64, Ordering::Relaxed);
+    }
+
+    /// Gives a job a slot; its prompt is prefilled by the steps that follow.
+    fn admit(&mut self, job: Job) {
+        if job.events.is_closed() {
+            add(&self.metrics.requests_cancelled, 1);
+            return;
+        }
+        if self.abort.load(Ordering::Relaxed) {
+            add(&self.metrics.requests_failed, 1);
+            let _ = job.events.send(Event::Ended(
+                "the server is shutting down and did not start this generation".to_string(),
+            ));
+            return;
+        }
+        let queue_secs = job.received.elapsed().as_secs_f64();
+        self.metrics.queue_wait.observe(queue_secs);
+        match self.sequence(&job) {
+            Ok(decoder) => {
+                let served = self.served;
+                self.active.push(Active {
+                    decoder,
+                    tokenizer: &served.tokenizer,
+                    stream: TokenStream::new(&served.tokenizer),
+                    stops: StopMatcher::new(job.stop),
+                    prompt_tokens: job.prompt_ids.len(),
+                    tokens: job.prompt_ids,
+                    prefilled: 0,
+                    skipped: 0,
+                    context: served.model.config().context_length,
+                    options: job.options,
+                    events: job.events,
+                    received: job.received,
+                    queue_secs,
+                    first_token_at: None,
+                    last_token_at: None,
+                });
+                self.publish_gauges();
+            }
+            Err(e) => {
+                add(&self.metrics.requests_failed, 1);
+                let _ = job.events.send(Event::Failed(e));
+            }
+        }
+    }
+
+    /// The job's sequence with its strategy, nothing computed yet.
+    fn sequence(&self, job: &Job) -> Result<Sequence<'m>> {
+        let served = self.served;
+        let strategy = match (&job.dynamic.speculative, job.dynamic.early_exit) {
+            (Some(lookahead), _) => {
+                let drafter = served.drafter.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument("this server has no draft: speculative decoding needs a server started with a draft model".into())
+                })?;
+                Strategy::Speculative {
+                    drafter: drafter.fresh(),
+                    lookahead: dynexec_spec::lookahead::parse(lookahead)?,
+                }
+            }
+            (None, Some(policy)) => {
+                let adapters = served.exit_adapters.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "this server has no exit adapters: early exit needs a server started with them".into(),
+                    )
+                })?;
+                Strategy::EarlyExit { adapters, policy }
+            }
+            (None, None) => Strategy::Plain,
+        };
+        Sequence::new(&served.model, strategy, &job.prompt_ids, &job.options)
+    }
+
+    /// Which prefilling sequences put a prompt piece into this step, and how long: pieces
+    /// that waited too long first, then the shortest remaining prompts, while the budget
+    /// left after `decode_rows` lasts (at least one piece, so prefill always progresses).
+    fn choose_pieces(&self, decode_rows: usize, gone: &[bool]) -> Vec<Option<usize>> {
+        let budget = self.config.step_tokens.max(1);
+        let mut waiting: Vec<usize> = (0..self.active.len())
+            .filter(|&i| !gone[i] && !self.active[i].is_decoding())
+            .collect();
+        waiting.sort_by_key(|&i| {
+            let seq = &self.active[i];
+            (
+                seq.skipped < MAX_SKIPPED_STEPS,
+                seq.prompt_tokens - seq.prefilled,
+            )
+        });
+        let mut left = budget.saturating_sub(decode_rows);
+        let mut pieces = vec![None; self.active.len()];
+        let mut any = false;
+        for i in waiting {
+            let seq = &self.active[i];
+            let len = budget.min(seq.prompt_tokens - seq.prefilled);
+            if len <= left || !any {
+                pieces[i] = Some(len);
+                left = left.saturating_sub(len);
+                any = true;
+            }
+        }
+        pieces
+    }
+
+    /// One step: a token (or a verified run of tokens) for every decoding sequence and a
+    /// prompt piece for prefilling ones, in one forward ([`Self`]'s module explains the
+    /// order). Above `spec_max_batch` decoding sequences nobody drafts this step: a batch
+    /// that large already keeps the weights busy, and extra rows would cost more than they
+    /// save (vLLM's `speculative_disable_by_batch_size`).
+    fn step(&mut self) {
+        let decoding = self.active.iter().filter(|s| s.is_decoding()).count();
+        let speculate = decoding <= self.config.spec_max_batch;
+        if !speculate
+            && self
+                .active
+                .iter()
+                .any(|s| s.is_decoding() && s.decoder.is_speculative())
+        {
+            add(&self.metrics.speculation_disabled_steps, 1);
+        }
+        let counts_before: Vec<_> = self
+            .active
+            .iter()
+            .map(|s| s.decoder.draft_counts())
+            .collect();
+        let gone: Vec<bool> = self.active.iter().map(|s| s.events.is_closed()).collect();
+        // Decoding rows, drafted together where sequences share a draft model.
+        let prepared = {
+            let mut members: Vec<BatchMember<'_, '_>> = self
+                .active
+                .iter_mut()
+                .zip(&gone)
+                .filter(|(seq, gone)| !**gone && seq.is_decoding())
+                .map(|(seq, _)| BatchMember {
+                    max_drafts: seq.max_drafts(),
+                    sequence: &mut seq.decoder,
+                    history: &seq.tokens,
+                })
+                .collect();
+            batch_rows(&mut members, speculate)
+        };
+        let decode_rows: usize = prepared
+            .iter()
+            .map(|rows| match rows {
+                Ok(Some(rows)) => rows.len(),
+                _ => 0,
+            })
+            .sum();
+        let pieces = self.choose_pieces(decode_rows, &gone);
+        let mut prepared = prepared.into_iter();
+        // Per sequence, its plan; for the shared forward, its rows and cache.
+        let mut plans: Vec<Plan> = Vec::with_capacity(self.active.len());
+        let mut segments: Vec<Vec<u32>> = Vec::new();
+        let mut caches = Vec::new();
+        for ((seq, gone), piece) in self.active.iter_mut().zip(gone).zip(pieces) {
+            if gone {
+                plans.push(Plan::Gone);
+                continue;
+            }
+            if !seq.is_decoding() {
+                match piece {
+                    Some(len) => {
+                        let start = seq.prefilled;
+                        segments.push(seq.tokens[start..start + len].to_vec());
+                        caches.push(seq.decoder.prompt_cache());
+                        plans.push(Plan::Prefill {
+                            len,
+                            last: start + len == seq.prompt_tokens,
+                        });
+                    }
+                    None => plans.push(Plan::Waiting),
+                }
+                continue;
+            }
+            match prepared.next() {
+                Some(Ok(Some(rows))) => match seq.decoder.batch_cache() {
+                    Some(cache) => {
+                        plans.push(Plan::Batched(rows.len()));
+                        segments.push(rows);
+                        caches.push(cache);
+                    }
+                    None => plans.push(Plan::Own),
+                },
+                Some(Ok(None)) => plans.push(Plan::Own),
+                Some(Err(e)) => plans.push(Plan::Failed(e)),
+                None => plans.push(Plan::Failed(Error::InvalidArgument(
+                    "a sequence was not prepared for the step".into(),
+                ))),
+            }
+        }
+        // Logits are needed for decoding rows and for the last row of a prompt's last piece.
+        let mut wanted: Vec<u32> = Vec::new();
+        let mut row = 0;
+        for plan in &plans {
+            match *plan {
+                Plan::Batched(rows) => {
+                    wanted.extend(row as u32..(row + rows) as u32);
+                    row += rows;
+                }
+                Plan::Prefill { len, last } => {
+                    if last {
+                        wanted.push((row + len - 1) as u32);
+                    }
+                    row += len;
+                }
+                _ => {}
+            }
+        }
+        let in_forward = segments.len();
+        let logits: Result<Option<Tensor>> = if in_forward == 0 {
+            Ok(None)
+        } else {
+            let runs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
+            shared_forward(self.served, &runs, &mut caches, &wanted)
+        };
+        drop(caches);
+        if in_forward > 0 {
+            self.metrics.batch_size.observe(in_forward as f64);
+        }
+        let mut next_row = 0;
+        let mut outcomes = Vec::with_capacity(self.active.len());
+        for ((seq, plan), before) in self.active.iter_mut().zip(plans).zip(counts_before) {
+            let rows_of = |count: usize, next_row: &mut usize| -> Result<Tensor> {
+                let start = *next_row;
+                *next_row += count;
+                match &logits {
+                    Ok(Some(all)) => Ok(all.narrow(0, start, count)?),
+                    Ok(None) => Err(Error::InvalidArgument(
+                        "the shared forward computed no logits for this sequence".into(),
+                    )),
+                    Err(e) => Err(Error::InvalidArgument(format!(
+                        "the batched forward failed: {e}"
+                    ))),
+                }
+            };
+            let next = match plan {
+                Plan::Gone => {
+                    outcomes.push(Outcome::Cancelled);
+                    continue;
+                }
+                Plan::Waiting => {
+                    seq.skipped += 1;
+                    outcomes.push(Outcome::Continue);
+                    continue;
+                }
+                Plan::Prefill { len, last } => {
+                    seq.skipped = 0;
+                    seq.prefilled += len;
+                    add(&self.metrics.prompt_tokens, len as u64);
+                    add(&self.metrics.prefill_pieces, 1);
+                    let prefilled = seq.prefilled;
+                    let drafted = match &logits {
+                        Ok(_) => seq.decoder.prefill_draft(prefilled),
+                        Err(e) => Err(Error::InvalidArgument(format!(
+                            "the batched forward failed: {e}"
+                        ))),
+                    };
+                    match (drafted, last) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), false) => {
+                            outcomes.push(Outcome::Continue);
+                            continue;
+                        }
+                        (Ok(()), true) => rows_of(1, &mut next_row).and_then(|row| {
+                            let row = row.squeeze(0)?;
+                            seq.decoder.begin(&row, &seq.tokens).map(|t| vec![t])
+                        }),
+                    }
+                }
+                Plan::Own => seq.decoder.step(&seq.tokens, seq.max_drafts()),
+                Plan::Failed(e) => Err(e),
+                Plan::Batched(rows) => rows_of(rows, &mut next_row)
+                    .and_then(|logits| seq.decoder.take_rows(&logits, &seq.tokens)),
+            };
+            let after = seq.decoder.draft_counts();
+            add(&self.metrics.drafts, (after.0 - before.0) as u64);
+            add(&self.metrics.draft_proposed, (after.1 - before.1) as u64);
+            add(&self.metrics.draft_accepted, (after.2 - before.2) as u64);
+            outcomes.push(match next {
+                Ok(tokens) => emit(seq, &tokens),
+                Err(e) => {
+                    add(&self.metrics.requests_failed, 1);
+                    let _ = seq.events.send(Event::Failed(e));
+                    Outcome::Failed
+                }
+            });
+        }
+        // Retire finished and cancelled sequences, keeping the order of the others.
+        let batch_total = self.active.len();
+        let mut kept = Vec::with_capacity(batch_total);
+        for (seq, outcome) in self.active.drain(..).zip(outcomes) {
+            match outcome {
+                Outcome::Continue => kept.push(seq),
+                outcome => finish(&self.metrics, seq, outcome, batch_total),
+            }
+        }
+        self.active = kept;
+    }
+}
+
+/// The shared forward: every run of rows on its own cache, then the head on the `wanted`
+/// rows only (a prompt piece needs no logits, the last piece only its last row's), as
+/// `(wanted, vocab)`; `None` when no row is wanted.
+fn shared_forward(
+    served: &ServedModel,
+    runs: &[&[u32]],
+    caches: &mut [&mut dynexec_models::kv_cache::KvCache],
+    wanted: &[u32],
+) -> Result<Option<Tensor>> {
+    let model = &served.model;
+    let hidden = model.hidden_segments(runs, caches)?;
+    if wanted.is_empty() {
+        return Ok(None);
+    }
+    let rows = Tensor::new(wanted, hidden.device())?;
+    let picked = hidden.index_select(&rows, 1)?;
+    Ok(Some(model.head(&picked)?.squeeze(0)?))
+}
+
+/// Hands `tokens` to the client, stopping at end-of-sequence, a stop string, `max_tokens` or
+/// the end of the context. No tokens means the client has gone.
+fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
+    if tokens.is_empty() || seq.events.is_closed() {
+        return Outcome::Cancelled;
+    }
+    for &token in tokens {
+        let now = Instant::now();
+        seq.first_token_at.get_or_insert(now);
+        if seq.options.stop_at_eos && seq.tokenizer.is_eos(token) {
+            return Outcome::Finished(FinishReason::Stop);
+        }
+        seq.tokens.push(token);
+        seq.last_token_at = Some(now);
+        let piece = match seq.stream.push(token) {
+            Ok(piece) => piece,
+            Err(e) => {
+                let _ = seq.events.send(Event::Failed(e));
+                return Outcome::Cancelled;
+            }
+        };
+        if let Some(piece) = piece {
+            let (text, stopped) = match seq.stops.push(&piece) {
+                StopCheck::Continue(t) => (t, false),
+                StopCheck::Stop(t) => (t, true),
+            };
+            if !text.is_empty() && seq.events.send(Event::Text(text)).is_err() {
+                return Outcome::Cancelled;
+            }
+            if stopped {
+                return Outcome::Finished(FinishReason::Stop);
+            }
+        }
+        if seq.generated() >= seq.options.max_tokens || seq.tokens.len() >= seq.context {
+            return Outcome::Finished(FinishReason::Length);
+        }
+    }
+    Outcome::Continue
+}
+
+/// Sends the rest of a finished sequence's text and its summary, and records its metrics.
+fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: usize) {
+    let generated = seq.generated();
+    add(&metrics.generated_tokens, generated as u64);
+    let finish_reason = match outcome {
+        Outcome::Finished(reason) => reason,
+        Outcome::Cancelled => {
+            add(&metrics.requests_cancelled, 1);
+            return;
+        }
+        Outcome::Continue | Outcome::Failed => return,
+    };
+    // Text held back for a possible stop string (or an incomplete character) is released,
+    // unless a stop string ended the text.
+    let mut rest = String::new();
+    if let Ok(Some(piece)) = seq.stream.finish() {
+        let (StopCheck::Continue(t) | StopCheck::Stop(t)) = seq.stops.push(&piece);
+        rest.push_str(&t);
+    }
+    rest.push_str(&seq.stops.finish());
+    if !rest.is_empty() && seq.events.send(Event::Text(rest)).is_err() {
+        add(&metrics.requests_cancelled, 1);
+        return;
+    }
+    let ttft = seq
+        .first_token_at
+        .map_or(0.0, |t| t.duration_since(seq.received).as_secs_f64());
+    metrics.ttft.observe(ttft);
+    if let (Some(first), Some(last), true) = (seq.first_token_at, seq.last_token_at, generated > 1)
+    {
+        let per_token = last.duration_since(first).as_secs_f64() / (generated - 1) as f64;
+        metrics.time_per_output_token.observe(per_token);
+    }
+    metrics
+        .request_duration
+        .observe(seq.received.elapsed().as_secs_f64());
+    let dynexec_engine::DecodeReport {
+        speculative,
+        early_exit,
+    } = seq.decoder.report();
+    if let Some(e) = &early_exit {
+        add(&metrics.early_exit_tokens, e.exit_layers.len() as u64);
+        add(
+            &metrics.early_exit_layers,
+            e.exit_layers.iter().sum::<usize>() as u64,
+        );
+    }
+    let summary = Summary {
+        finish_reason,
+        usage: Usage {
+            prompt_tokens: seq.prompt_tokens,
+            completion_tokens: generated,
+            total_tokens: seq.prompt_tokens + generated,
+        },
+        report: DynamicReport {
+            batch_size,
+            queue_ms: seq.queue_secs * 1000.0,
+            ttft_ms: ttft * 1000.0,
+            speculative,
+            early_exit,
+        },
+    };
+    // Counted before sending, so a client that reads /metrics after its answer sees it.
+    if seq.events.is_closed() {
+        add(&metrics.requests_cancelled, 1);
+    } else {
+        add(&metrics.requests_ok, 1);
+        let _ = seq.events.send(Event::Finished(summary));
+    }
+}
