@@ -1,4 +1,4 @@
-"""Drives `dynexec serve` with the official openai package: python3 openai_client.py URL MODEL.
+"""Drives `dynexec serve` with the official openai package: python3 openai_client.py URL MODEL KEY.
 
 Prints one JSON object with what it saw; exits non-zero on the first mismatch.
 """
@@ -7,8 +7,14 @@ import sys
 
 import openai
 
-base, model = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=300)
+base, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
+stranger = openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0, timeout=300)
+try:
+    stranger.models.list()
+    raise AssertionError("a wrong API key must be refused")
+except openai.AuthenticationError as e:
+    unauthorized = e.status_code
 
 models = [m.id for m in client.models.list().data]
 assert model in models, models
@@ -50,6 +56,20 @@ completion = client.completions.create(
 )
 assert completion.choices[0].text, completion
 
+# OpenAI's penalties and bias are honoured (plain decoding: they cannot be drafted under).
+penalized = client.completions.create(
+    model=model, prompt="The capital of France is", max_tokens=6, temperature=0,
+    frequency_penalty=1.0, presence_penalty=0.5, logit_bias={"28": 5},
+)
+assert penalized.choices[0].text, penalized
+try:
+    client.chat.completions.create(
+        model=model, messages=messages, max_tokens=4, response_format={"type": "json_object"}
+    )
+    raise AssertionError("an unsupported response_format must be refused")
+except openai.BadRequestError as e:
+    assert e.body["param"] == "response_format", e.body
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages, max_tokens=4)
     raise AssertionError("an unknown model must be refused")
@@ -67,5 +87,5 @@ print(json.dumps({
     "streamed": "".join(pieces),
     "speculative": drafted.choices[0].message.content,
     "completion": completion.choices[0].text,
-    "errors": [not_found, bad_request],
+    "errors": [not_found, bad_request, unauthorized],
 }))

@@ -3,155 +3,12 @@
 
 mod common;
 
+use common::server::{assert_api_error, into_json, read_events, Server};
 use common::{dynexec, stdout_json};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{BufRead, BufReader};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-/// A `dynexec serve` process on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    base: String,
-    log: std::sync::Mutex<mpsc::Receiver<String>>,
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_dynexec"))
-            .args(["--device", "cpu", "--quiet", "serve", "--port", "0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start dynexec serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let line = log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .expect("the server printed no address in time (or exited)");
-            if let Some(rest) = line.split("on http://").nth(1) {
-                let addr = rest.split_whitespace().next().expect("address");
-                return Self {
-                    child,
-                    base: format!("http://{addr}"),
-                    log: std::sync::Mutex::new(log),
-                };
-            }
-            assert!(!line.contains("error"), "serve failed: {line}");
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// POSTs a JSON body; any status comes back with its JSON body.
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        self.post_raw(path, &body.to_string())
-    }
-
-    fn post_raw(&self, path: &str, body: &str) -> (u16, Value) {
-        let response = ureq::post(&self.url(path))
-            .set("content-type", "application/json")
-            .send_string(body);
-        into_json(response)
-    }
-
-    fn get(&self, path: &str) -> (u16, String) {
-        match ureq::get(&self.url(path)).call() {
-            Ok(r) => (r.status(), r.into_string().expect("body")),
-            Err(ureq::Error::Status(code, r)) => (code, r.into_string().expect("body")),
-            Err(e) => panic!("GET {path}: {e}"),
-        }
-    }
-
-    /// POSTs with `"stream": true` and returns the parsed `data:` events (without `[DONE]`)
-    /// and whether `[DONE]` ended the stream.
-    fn stream(&self, path: &str, body: &Value) -> (Vec<Value>, bool) {
-        let mut body = body.clone();
-        body["stream"] = json!(true);
-        let response = ureq::post(&self.url(path))
-            .set("content-type", "application/json")
-            .send_string(&body.to_string())
-            .expect("streaming request");
-        assert_eq!(response.header("content-type"), Some("text/event-stream"));
-        read_events(response.into_reader())
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        let (_, text) = self.get("/metrics");
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
-    }
-
-    /// Sends SIGTERM, as a service manager would.
-    fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn into_json(response: Result<ureq::Response, ureq::Error>) -> (u16, Value) {
-    let (code, r) = match response {
-        Ok(r) => (r.status(), r),
-        Err(ureq::Error::Status(code, r)) => (code, r),
-        Err(e) => panic!("request failed: {e}"),
-    };
-    let text = r.into_string().expect("body");
-    let value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("status {code}: body is not JSON ({e}): {text}"));
-    (code, value)
-}
-
-fn read_events(reader: impl Read) -> (Vec<Value>, bool) {
-    let mut events = Vec::new();
-    for line in BufReader::new(reader).lines() {
-        let line = line.expect("stream line");
-        let Some(data) = line.strip_prefix("data: ") else {
-            assert!(line.is_empty(), "unexpected stream line: {line}");
-            continue;
-        };
-        if data == "[DONE]" {
-            return (events, true);
-        }
-        events.push(serde_json::from_str(data).expect("event JSON"));
-    }
-    (events, false)
-}
-
-/// The OpenAI error of a failed request: its status, type and message.
-fn assert_api_error(response: (u16, Value), status: u16, needle: &str) -> Value {
-    let (code, body) = response;
-    assert_eq!(code, status, "{body}");
-    let error = &body["error"];
-    assert!(error["type"].is_string(), "{body}");
-    let message = error["message"].as_str().expect("message");
-    assert!(
-        message.to_lowercase().contains(&needle.to_lowercase()),
-        "expected `{needle}` in: {message}"
-    );
-    error.clone()
-}
 
 fn chat(content: &str, max_tokens: usize) -> Value {
     json!({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": max_tokens,
@@ -424,11 +281,11 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
         "not valid JSON",
     );
     assert_api_error(server.post_raw(path, ""), 400, "empty");
-    assert_api_error(server.post_raw(path, "[1, 2]"), 400, "does not fit");
+    assert_api_error(server.post_raw(path, "[1, 2]"), 400, "JSON object");
     assert_api_error(
         server.post(path, &json!({"messages": "hi"})),
         400,
-        "does not fit",
+        "`messages` must be a list",
     );
     assert_api_error(server.post(path, &json!({"messages": []})), 400, "messages");
     let mut bad = chat("hi", 8);
@@ -437,7 +294,7 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     assert_eq!(error["code"], "model_not_found");
     for (field, value, needle) in [
         ("temperature", json!(3.5), "temperature"),
-        ("temperature", json!("hot"), "does not fit"),
+        ("temperature", json!("hot"), "`temperature` must be a number"),
         ("top_p", json!(0), "top_p"),
         ("max_tokens", json!(0), "at least 1"),
         ("max_tokens", json!(65), "at most 64"),
@@ -595,10 +452,10 @@ fn the_official_openai_python_client_works() {
         eprintln!("skipped: the openai Python package is not installed (pip install openai)");
         return;
     }
-    let server = Server::start(&["--draft", "ngram"]);
+    let server = Server::start(&["--draft", "ngram", "--api-key", "sk-dynexec-test"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let out = Command::new("python3")
-        .args([script, &server.base, "smollm2-135m-instruct"])
+        .args([script, &server.base, "smollm2-135m-instruct", "sk-dynexec-test"])
         .output()
         .expect("run python3");
     assert!(
@@ -612,4 +469,5 @@ fn the_official_openai_python_client_works() {
     assert_eq!(report["streamed"], report["chat"]);
     assert_eq!(report["speculative"], report["chat"]);
     assert!(!report["chat"].as_str().unwrap().is_empty());
+    assert_eq!(report["errors"], json!([404, 400, 401]));
 }

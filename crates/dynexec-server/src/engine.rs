@@ -324,13 +324,15 @@ impl Drop for Engine {
     }
 }
 
-/// The longest token's spelling in bytes. A token's stored form is never shorter than the
-/// text it stands for (byte-level forms spell each byte with one or two bytes, byte-fallback
-/// forms like `<0x0A>` with six), so this bounds the text one token can cover.
+/// The most bytes of text one token stands for: its decoded text (a lone byte of a
+/// multi-byte character decodes to a 3-byte replacement, more than it covers), or, for
+/// special tokens that decode to nothing, their spelling (which a prompt may contain).
 fn max_token_bytes(tokenizer: &TextTokenizer) -> usize {
     (0..tokenizer.vocab_size() as u32)
-        .filter_map(|id| tokenizer.id_to_token(id))
-        .map(|token| token.len())
+        .map(|id| match tokenizer.decode(&[id]) {
+            Ok(text) if !text.is_empty() => text.len(),
+            _ => tokenizer.id_to_token(id).map_or(0, |t| t.len()),
+        })
         .max()
         .unwrap_or(1)
 }

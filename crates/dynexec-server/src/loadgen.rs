@@ -108,6 +108,27 @@ pub struct LoadRow {
     pub acceptance_rate: Option<f64>,
 }
 
+/// How a long prompt's prefill delays short requests: one request with a prompt of
+/// `long_prompt_tokens` tokens, and short chat requests sent one after another while it
+/// prefills (from just after it was sent until its first token).
+#[derive(Debug, Clone, Serialize)]
+pub struct InterferenceRow {
+    /// Tokens in the long prompt.
+    pub long_prompt_tokens: usize,
+    /// The long request's time to first token (its whole prefill), ms.
+    pub long_ttft_ms: f64,
+    /// Short requests sent while the long prompt was prefilling.
+    pub short_requests: usize,
+    /// Their time to first token, 50th percentile (ms).
+    pub short_ttft_ms_p50: f64,
+    /// Their time to first token, 95th percentile (ms).
+    pub short_ttft_ms_p95: f64,
+    /// Their longest time to first token (ms).
+    pub short_ttft_ms_max: f64,
+    /// Requests that failed.
+    pub errors: usize,
+}
+
 /// What one streamed request measured.
 struct Sample {
     ttft: f64,
@@ -196,6 +217,72 @@ impl Target {
     }
 }
 
+impl Target {
+    /// Measures [`InterferenceRow`]: the long prompt is token ids spread over the first
+    /// `vocab_hint` ids (its content does not matter to the cost), sent to
+    /// `/v1/completions`; the short requests ask `short_prompt`, `short_tokens` tokens each.
+    pub fn interference(
+        &self,
+        long_prompt_tokens: usize,
+        vocab_hint: u32,
+        short_prompt: &str,
+        short_tokens: usize,
+    ) -> Result<InterferenceRow, LoadError> {
+        let ids: Vec<u32> = (0..long_prompt_tokens as u64)
+            .map(|i| (1000 + i * 7919 % vocab_hint.saturating_sub(1000).max(1) as u64) as u32)
+            .collect();
+        let long = json!({"model": self.model, "prompt": ids, "max_tokens": 2, "temperature": 0,
+            "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true,
+            "speculative": false});
+        let short = LoadConfig {
+            max_tokens: short_tokens,
+            temperature: 0.0,
+            requests: 1,
+        };
+        let short = request(&self.model, short_prompt, &short, false);
+        let long_done = std::sync::atomic::AtomicBool::new(false);
+        let sent = Instant::now();
+        let (long_result, shorts) = std::thread::scope(|s| {
+            let long_thread = s.spawn(|| {
+                let result = stream_to(&self.base, "/v1/completions", &long);
+                long_done.store(true, Ordering::Relaxed);
+                result
+            });
+            // Let the long request reach the engine first.
+            std::thread::sleep(Duration::from_millis(300));
+            let mut shorts = Vec::new();
+            while !long_done.load(Ordering::Relaxed) {
+                let sent_at = sent.elapsed();
+                shorts.push((sent_at, stream_request(&self.base, &short)));
+            }
+            (long_thread.join(), shorts)
+        });
+        let long = long_result
+            .map_err(|_| LoadError::Protocol("the long request's thread panicked".into()))??;
+        let long_first = Duration::from_secs_f64(long.ttft);
+        // Only requests sent while the long prompt was still prefilling count.
+        let during: Vec<_> = shorts
+            .into_iter()
+            .filter(|(sent_at, _)| *sent_at < long_first)
+            .collect();
+        let errors = during.iter().filter(|(_, r)| r.is_err()).count();
+        let ttft: Vec<f64> = during
+            .iter()
+            .filter_map(|(_, r)| r.as_ref().ok())
+            .map(|s| s.ttft * 1000.0)
+            .collect();
+        Ok(InterferenceRow {
+            long_prompt_tokens,
+            long_ttft_ms: long.ttft * 1000.0,
+            short_requests: during.len(),
+            short_ttft_ms_p50: percentile(&ttft, 50.0),
+            short_ttft_ms_p95: percentile(&ttft, 95.0),
+            short_ttft_ms_max: ttft.iter().cloned().fold(0.0, f64::max),
+            errors,
+        })
+    }
+}
+
 fn run_row(
     base: &str,
     model: &str,
@@ -265,10 +352,15 @@ fn run_row(
     }
 }
 
-/// Streams one request, timing the first content and the rest.
+/// Streams one chat request, timing the first content and the rest.
 fn stream_request(base: &str, body: &Value) -> Result<Sample, LoadError> {
+    stream_to(base, "/v1/chat/completions", body)
+}
+
+/// Streams one request to `path`, timing the first content and the rest.
+fn stream_to(base: &str, path: &str, body: &Value) -> Result<Sample, LoadError> {
     let start = Instant::now();
-    let response = ureq::post(&format!("{base}/v1/chat/completions"))
+    let response = ureq::post(&format!("{base}{path}"))
         .timeout(Duration::from_secs(600))
         .send_json(body.clone())
         .map_err(|e| match e {
@@ -297,8 +389,10 @@ fn stream_request(base: &str, body: &Value) -> Result<Sample, LoadError> {
                 "the server ended the stream: {error}"
             )));
         }
-        if event["choices"][0]["delta"]["content"]
+        let choice = &event["choices"][0];
+        if choice["delta"]["content"]
             .as_str()
+            .or(choice["text"].as_str())
             .is_some_and(|t| !t.is_empty())
         {
             let now = Instant::now();

@@ -81,7 +81,9 @@ pub struct ServeArgs {
     /// this many tokens between other requests' decoding steps, so a long prompt delays a
     /// short request by about one piece. Smaller: lower latency for others; larger: a long
     /// prompt finishes sooner.
-    #[arg(long, short = 'b', alias = "max-num-batched-tokens", default_value_t = 256)]
+    /// The default keeps a step near half a second at the end of SmolLM2's 8K context on
+    /// 2 cores (scripts/bench-prefill.sh); raise it on GPUs and many-core machines.
+    #[arg(long, short = 'b', alias = "max-num-batched-tokens", default_value_t = 64)]
     pub batch_size: usize,
 
     /// Requests that may wait for a decoding slot; more get HTTP 503 with Retry-After.

@@ -1,6 +1,8 @@
 //! Helpers the CLI test files share.
 #![allow(dead_code)]
 
+pub mod server;
+
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -51,6 +51,12 @@ pub struct BenchServeArgs {
     /// Sampling temperature of every request (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+
+    /// Instead of the load rows: send one prompt of this many tokens and, while it is being
+    /// prefilled, short chat requests one after another; report their time to first token
+    /// (how much a long prompt holds others up; see `serve --batch-size`).
+    #[arg(long, value_name = "TOKENS")]
+    pub long_prompt: Option<usize>,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
@@ -88,6 +94,25 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     };
     // A warm-up request, so no row pays for first-touch costs.
     target.warm_up(&prompts[0], &config)?;
+    if let Some(tokens) = args.long_prompt {
+        let row = target.interference(tokens, 20_000, &prompts[0], 4)?;
+        if global.json {
+            return print_json(&row);
+        }
+        println!("| long prompt tokens | long TTFT ms | short requests meanwhile | short TTFT p50 / p95 / max ms | errors |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| {} | {:.0} | {} | {:.0} / {:.0} / {:.0} | {} |",
+            row.long_prompt_tokens,
+            row.long_ttft_ms,
+            row.short_requests,
+            row.short_ttft_ms_p50,
+            row.short_ttft_ms_p95,
+            row.short_ttft_ms_max,
+            row.errors
+        );
+        return Ok(());
+    }
 
     let mut rows = Vec::new();
     for &speculative in &modes {
