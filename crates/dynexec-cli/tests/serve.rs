@@ -378,6 +378,19 @@ fn a_full_queue_answers_503_and_shutdown_finishes_streams_in_flight() {
         "queue is full",
     );
     assert_eq!(error["code"], "server_overloaded");
+    // Alive but full: /health says busy (200); /health?ready tells a balancer to go elsewhere.
+    let (code, health) = server.get("/health");
+    assert_eq!(code, 200, "{health}");
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "busy", "{health}");
+    assert_eq!((health["queue_depth"].as_u64(), health["ready"].as_bool()), (Some(1), Some(false)));
+    let ready = ureq::get(&server.url("/health?ready")).call();
+    match ready {
+        Err(ureq::Error::Status(503, r)) => {
+            assert!(r.header("retry-after").is_some());
+        }
+        other => panic!("/health?ready with a full queue: {other:?}"),
+    }
 
     // SIGTERM while streaming: the stream still ends properly, then the process exits cleanly.
     server.terminate();

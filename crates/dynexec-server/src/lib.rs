@@ -159,10 +159,15 @@ async fn run(
     let drain = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(timeout, drain).await.is_err() {
         // Generations still running end now; their streams get an error event and [DONE]
-        // if their clients are reading, and then every connection left is closed.
-        state.engine.abort_in_flight();
-        let ended = async { while connections.join_next().await.is_some() {} };
-        let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
+        // if their clients are reading (the engine stops between steps). Then every
+        // connection left (a stalled client's too) is closed.
+        let generating = state.metrics.active_sequences.load(Ordering::Relaxed)
+            + state.metrics.queue_depth.load(Ordering::Relaxed);
+        if generating > 0 {
+            state.engine.abort_in_flight();
+            let ended = async { while connections.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(Duration::from_secs(2), ended).await;
+        }
         connections.shutdown().await;
     }
     Ok(())
