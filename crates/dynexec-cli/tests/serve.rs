@@ -294,7 +294,11 @@ fn bad_requests_get_openai_errors_and_the_server_stays_up() {
     assert_eq!(error["code"], "model_not_found");
     for (field, value, needle) in [
         ("temperature", json!(3.5), "temperature"),
-        ("temperature", json!("hot"), "`temperature` must be a number"),
+        (
+            "temperature",
+            json!("hot"),
+            "`temperature` must be a number",
+        ),
         ("top_p", json!(0), "top_p"),
         ("max_tokens", json!(0), "at least 1"),
         ("max_tokens", json!(65), "at most 64"),
@@ -383,7 +387,10 @@ fn a_full_queue_answers_503_and_shutdown_finishes_streams_in_flight() {
     assert_eq!(code, 200, "{health}");
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["status"], "busy", "{health}");
-    assert_eq!((health["queue_depth"].as_u64(), health["ready"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (health["queue_depth"].as_u64(), health["ready"].as_bool()),
+        (Some(1), Some(false))
+    );
     let ready = ureq::get(&server.url("/health?ready")).call();
     match ready {
         Err(ureq::Error::Status(503, r)) => {
@@ -468,7 +475,12 @@ fn the_official_openai_python_client_works() {
     let server = Server::start(&["--draft", "ngram", "--api-key", "sk-dynexec-test"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let out = Command::new("python3")
-        .args([script, &server.base, "smollm2-135m-instruct", "sk-dynexec-test"])
+        .args([
+            script,
+            &server.base,
+            "smollm2-135m-instruct",
+            "sk-dynexec-test",
+        ])
         .output()
         .expect("run python3");
     assert!(

@@ -69,7 +69,10 @@ fn a_long_prompt_does_not_stall_a_short_one() {
         let health_latency = asked.elapsed();
         assert_eq!(code, 200, "{health}");
         let health: Value = serde_json::from_str(&health).unwrap();
-        assert!(health["prefilling_sequences"].as_u64() >= Some(1), "{health}");
+        assert!(
+            health["prefilling_sequences"].as_u64() >= Some(1),
+            "{health}"
+        );
         let (code, body) = server.post("/v1/chat/completions", &chat("Say hi.", 4));
         let short_done = Instant::now();
         assert_eq!(code, 200, "{body}");
@@ -89,7 +92,10 @@ fn a_long_prompt_does_not_stall_a_short_one() {
             short_ttft < long_took.as_secs_f64() / 3.0,
             "short TTFT {short_ttft:.2}s against a {long_took:?} prefill"
         );
-        assert!(health_latency < Duration::from_secs(2), "{health_latency:?}");
+        assert!(
+            health_latency < Duration::from_secs(2),
+            "{health_latency:?}"
+        );
     });
     assert!(server.metric("dynexec_prefill_pieces_total") >= 1500.0 / 64.0);
 }
@@ -131,7 +137,10 @@ fn a_half_sent_request_does_not_stop_shutdown() {
         b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le",
         Duration::from_secs(20),
     );
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "a stalled header was kept {:?}",
@@ -182,7 +191,11 @@ fn huge_bodies_and_prompts_are_rejected_fast() {
     let rejected_in = started.elapsed();
     assert_eq!(error["code"], "context_length_exceeded");
     assert_eq!(error["param"], "prompt");
-    let error = assert_api_error(server.post("/v1/chat/completions", &chat(&huge, 4)), 400, "context");
+    let error = assert_api_error(
+        server.post("/v1/chat/completions", &chat(&huge, 4)),
+        400,
+        "context",
+    );
     assert_eq!(error["param"], "messages");
     // Eight at once, and /health answers in the meantime.
     std::thread::scope(|s| {
@@ -210,7 +223,8 @@ fn huge_bodies_and_prompts_are_rejected_fast() {
     // Refused as it arrives, when no length was declared.
     let mut chunked = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
     for _ in 0..40 {
-        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 100_000, "x".repeat(100_000)).as_bytes());
+        chunked
+            .extend_from_slice(format!("{:x}\r\n{}\r\n", 100_000, "x".repeat(100_000)).as_bytes());
     }
     let (status, error) = raw_json(&raw(&server, &chunked, Duration::from_secs(10)));
     assert_eq!(status, 413, "{error}");
@@ -249,7 +263,11 @@ fn strangers_are_refused_and_keys_let_clients_in() {
     let error = assert_api_error(status(ureq::get(&models).call()), 401, "API key");
     assert_eq!(error["code"], "invalid_api_key");
     assert_api_error(
-        status(ureq::get(&models).set("Authorization", "Bearer sk-wrong").call()),
+        status(
+            ureq::get(&models)
+                .set("Authorization", "Bearer sk-wrong")
+                .call(),
+        ),
         401,
         "not valid",
     );
@@ -264,9 +282,8 @@ fn strangers_are_refused_and_keys_let_clients_in() {
     // Probes and scrapers need no key.
     assert_eq!(server.get("/health").0, 200);
     assert_eq!(server.get("/metrics").0, 200);
-    let authorized = |path: &str| {
-        ureq::post(&server.url(path)).set("Authorization", "Bearer sk-first")
-    };
+    let authorized =
+        |path: &str| ureq::post(&server.url(path)).set("Authorization", "Bearer sk-first");
     // A simple cross-origin POST (text/plain, no preflight) is refused for its type...
     let error = assert_api_error(
         status(
@@ -311,7 +328,11 @@ fn strangers_are_refused_and_keys_let_clients_in() {
     );
     // DNS rebinding: a name that resolves here but is not ours.
     let error = assert_api_error(
-        status(ureq::get(&server.url("/health")).set("Host", "attacker.example").call()),
+        status(
+            ureq::get(&server.url("/health"))
+                .set("Host", "attacker.example")
+                .call(),
+        ),
         403,
         "attacker.example",
     );
@@ -384,19 +405,40 @@ fn every_option_is_honoured_or_refused() {
             "--json", "generate", "--prompt", prompt, "-n", "16", flag, "1.5",
         ]));
         assert_eq!(served["choices"][0]["text"], reference["text"], "{field}");
-        let plain = server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 16, "temperature": 0})).1;
-        assert_ne!(served["choices"][0]["text"], plain["choices"][0]["text"], "{field} changed nothing");
+        let plain = server
+            .post(
+                "/v1/completions",
+                &json!({"prompt": prompt, "max_tokens": 16, "temperature": 0}),
+            )
+            .1;
+        assert_ne!(
+            served["choices"][0]["text"], plain["choices"][0]["text"],
+            "{field} changed nothing"
+        );
     }
     // logit_bias forces a token, as `generate --logit-bias` does.
     let prompt = "The capital of France is";
-    let body = json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "logit_bias": {"28": 100}});
+    let body =
+        json!({"prompt": prompt, "max_tokens": 3, "temperature": 0, "logit_bias": {"28": 100}});
     let (code, biased) = server.post("/v1/completions", &body);
     assert_eq!(code, 200, "{biased}");
     let reference = stdout_json(&dynexec(&[
-        "--json", "generate", "--prompt", prompt, "-n", "3", "--logit-bias", "28=100",
+        "--json",
+        "generate",
+        "--prompt",
+        prompt,
+        "-n",
+        "3",
+        "--logit-bias",
+        "28=100",
     ]));
     assert_eq!(biased["choices"][0]["text"], reference["text"]);
-    let plain = server.post("/v1/completions", &json!({"prompt": prompt, "max_tokens": 3, "temperature": 0})).1;
+    let plain = server
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompt, "max_tokens": 3, "temperature": 0}),
+        )
+        .1;
     assert_ne!(biased["choices"][0]["text"], plain["choices"][0]["text"]);
 }
 
@@ -404,7 +446,14 @@ fn every_option_is_honoured_or_refused() {
 /// one is answered, and nothing else fails.
 #[test]
 fn a_burst_beyond_the_queue_gets_503_with_retry_after() {
-    let server = Server::start(&["--max-batch", "1", "--max-queue", "2", "--exit-adapters", "none"]);
+    let server = Server::start(&[
+        "--max-batch",
+        "1",
+        "--max-queue",
+        "2",
+        "--exit-adapters",
+        "none",
+    ]);
     let body = json!({"prompt": "Count to twenty:", "max_tokens": 24, "temperature": 0,
         "ignore_eos": true});
     let outcomes: Vec<(u16, Option<String>, Value)> = std::thread::scope(|s| {
@@ -429,9 +478,16 @@ fn a_burst_beyond_the_queue_gets_503_with_retry_after() {
     let ok = outcomes.iter().filter(|o| o.0 == 200).count();
     let busy: Vec<_> = outcomes.iter().filter(|o| o.0 == 503).collect();
     assert_eq!(ok + busy.len(), 12, "{outcomes:?}");
-    assert!(ok >= 3 && !busy.is_empty(), "{ok} answered, {} refused", busy.len());
+    assert!(
+        ok >= 3 && !busy.is_empty(),
+        "{ok} answered, {} refused",
+        busy.len()
+    );
     for (_, retry, body) in busy {
-        assert!(retry.as_deref().is_some_and(|r| r.parse::<u64>().is_ok()), "{body}");
+        assert!(
+            retry.as_deref().is_some_and(|r| r.parse::<u64>().is_ok()),
+            "{body}"
+        );
         assert_eq!(body["error"]["code"], "server_overloaded");
     }
 }
@@ -443,8 +499,17 @@ fn memory_does_not_grow_over_200_requests() {
     let rss = || {
         let status =
             std::fs::read_to_string(format!("/proc/{}/status", server.child.id())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().to_string();
-        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .to_string();
+        line.split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            / 1024
     };
     let server = &server;
     let run = |n: usize| {

@@ -361,11 +361,26 @@ mod tests {
             ..Default::default()
         };
         assert!(tiny.is_greedy());
-        assert_eq!(Sampler::new(tiny).unwrap().sample(&logits(&row), &[]).unwrap(), 1);
+        assert_eq!(
+            Sampler::new(tiny)
+                .unwrap()
+                .sample(&logits(&row), &[])
+                .unwrap(),
+            1
+        );
         for bad in [
-            SamplingParams { frequency_penalty: 2.5, ..Default::default() },
-            SamplingParams { presence_penalty: -3.0, ..Default::default() },
-            SamplingParams { logit_bias: vec![(0, 101.0)], ..Default::default() },
+            SamplingParams {
+                frequency_penalty: 2.5,
+                ..Default::default()
+            },
+            SamplingParams {
+                presence_penalty: -3.0,
+                ..Default::default()
+            },
+            SamplingParams {
+                logit_bias: vec![(0, 101.0)],
+                ..Default::default()
+            },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }

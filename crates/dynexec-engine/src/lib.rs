@@ -335,11 +335,9 @@ impl<'m> Sequence<'m> {
         check_prompt(model, prompt_ids, options)?;
         let sampler = || Sampler::for_prompt(options.sampling.clone(), prompt_ids.len());
         let stepper = match strategy {
-            Strategy::Speculative { drafter, lookahead } => {
-                Stepper::Speculative(Box::new(SpeculativeSequence::new(
-                    model, drafter, lookahead, prompt_ids, options,
-                )?))
-            }
+            Strategy::Speculative { drafter, lookahead } => Stepper::Speculative(Box::new(
+                SpeculativeSequence::new(model, drafter, lookahead, prompt_ids, options)?,
+            )),
             Strategy::EarlyExit { adapters, policy } => Stepper::EarlyExit {
                 exit: TokenExit::new(model, adapters, policy)?,
                 cache: model.new_cache(),

@@ -131,24 +131,95 @@ const IGNORED: &[&str] = &[
 /// OpenAI fields dynexec does not implement, each with the value that asks for nothing (and
 /// is therefore accepted) and why the rest is refused.
 const UNSUPPORTED: &[(&str, fn(&Value) -> bool, &str)] = &[
-    ("response_format", |v| v.get("type") == Some(&Value::from("text")) && v.as_object().is_some_and(|o| o.len() == 1), "structured output (JSON mode, schemas) is not supported; only {\"type\": \"text\"}"),
-    ("tools", |v| v.as_array().is_some_and(Vec::is_empty), "tool calls are not supported"),
-    ("tool_choice", |v| v == "none", "tool calls are not supported; only \"none\""),
-    ("functions", |v| v.as_array().is_some_and(Vec::is_empty), "function calls are not supported"),
-    ("function_call", |v| v == "none", "function calls are not supported; only \"none\""),
-    ("echo", |v| v == &Value::Bool(false), "echoing the prompt is not supported"),
-    ("best_of", |v| v == 1, "only best_of 1 is supported: send several requests"),
-    ("n", |v| v == 1, "`n` must be 1: send several requests for several completions"),
-    ("suffix", |v| v == "", "completing with a suffix (fill-in-the-middle) is not supported"),
-    ("logprobs", |v| v == &Value::Bool(false) || v == 0, "log-probabilities are not supported"),
-    ("top_logprobs", |v| v == 0, "log-probabilities are not supported"),
-    ("modalities", |v| v == &serde_json::json!(["text"]), "only text output is supported"),
+    (
+        "response_format",
+        |v| {
+            v.get("type") == Some(&Value::from("text"))
+                && v.as_object().is_some_and(|o| o.len() == 1)
+        },
+        "structured output (JSON mode, schemas) is not supported; only {\"type\": \"text\"}",
+    ),
+    (
+        "tools",
+        |v| v.as_array().is_some_and(Vec::is_empty),
+        "tool calls are not supported",
+    ),
+    (
+        "tool_choice",
+        |v| v == "none",
+        "tool calls are not supported; only \"none\"",
+    ),
+    (
+        "functions",
+        |v| v.as_array().is_some_and(Vec::is_empty),
+        "function calls are not supported",
+    ),
+    (
+        "function_call",
+        |v| v == "none",
+        "function calls are not supported; only \"none\"",
+    ),
+    (
+        "echo",
+        |v| v == &Value::Bool(false),
+        "echoing the prompt is not supported",
+    ),
+    (
+        "best_of",
+        |v| v == 1,
+        "only best_of 1 is supported: send several requests",
+    ),
+    (
+        "n",
+        |v| v == 1,
+        "`n` must be 1: send several requests for several completions",
+    ),
+    (
+        "suffix",
+        |v| v == "",
+        "completing with a suffix (fill-in-the-middle) is not supported",
+    ),
+    (
+        "logprobs",
+        |v| v == &Value::Bool(false) || v == 0,
+        "log-probabilities are not supported",
+    ),
+    (
+        "top_logprobs",
+        |v| v == 0,
+        "log-probabilities are not supported",
+    ),
+    (
+        "modalities",
+        |v| v == &serde_json::json!(["text"]),
+        "only text output is supported",
+    ),
     ("audio", |_| false, "audio output is not supported"),
-    ("prediction", |_| false, "predicted outputs are not supported"),
-    ("reasoning_effort", |_| false, "these models have no reasoning-effort setting"),
-    ("web_search_options", |_| false, "web search is not supported"),
-    ("min_p", |v| v == 0, "min-p sampling is not supported: use top_p or top_k"),
-    ("min_tokens", |v| v == 0, "a minimum length is not supported"),
+    (
+        "prediction",
+        |_| false,
+        "predicted outputs are not supported",
+    ),
+    (
+        "reasoning_effort",
+        |_| false,
+        "these models have no reasoning-effort setting",
+    ),
+    (
+        "web_search_options",
+        |_| false,
+        "web search is not supported",
+    ),
+    (
+        "min_p",
+        |v| v == 0,
+        "min-p sampling is not supported: use top_p or top_k",
+    ),
+    (
+        "min_tokens",
+        |v| v == 0,
+        "a minimum length is not supported",
+    ),
 ];
 
 impl Fields {
@@ -204,19 +275,13 @@ impl Fields {
 
     /// A whole number (`3` or `3.0`).
     pub fn integer(&mut self, name: &str) -> Result<Option<i64>, ApiError> {
-        self.typed(name, "a whole number", |v| {
-            v.as_i64().or_else(|| {
-                v.as_f64()
-                    .filter(|x| x.fract() == 0.0 && x.abs() < 9e15)
-                    .map(|x| x as i64)
-            })
-        })
+        self.typed(name, "a whole number", whole_number)
     }
 
     /// A whole number >= 0 that fits the machine's sizes.
     pub fn count(&mut self, name: &str) -> Result<Option<usize>, ApiError> {
         self.typed(name, "a whole number >= 0", |v| {
-            v.as_u64().and_then(|n| usize::try_from(n).ok())
+            whole_number(v).and_then(|n| usize::try_from(n).ok())
         })
     }
 
@@ -245,6 +310,15 @@ impl Fields {
             None => Ok(()),
         }
     }
+}
+
+/// `3`, or `3.0` as some clients write it.
+fn whole_number(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|x| x.fract() == 0.0 && x.abs() < 9e15)
+            .map(|x| x as i64)
+    })
 }
 
 /// A checked `POST /v1/chat/completions` body.
@@ -480,8 +554,7 @@ fn logit_bias(bias: Option<Value>) -> Result<Vec<(u32, f32)>, ApiError> {
     };
     let Value::Object(entries) = bias else {
         return Err(bad(
-            "`logit_bias` must be an object from token ids to biases, e.g. {\"1234\": -100}"
-                .into(),
+            "`logit_bias` must be an object from token ids to biases, e.g. {\"1234\": -100}".into(),
         ));
     };
     entries
@@ -529,7 +602,11 @@ pub struct Limits {
 /// context: no token of this tokenizer spells more than `max_token_bytes` bytes, and a
 /// normalizer shrinks text at most fourfold (NFC composition: Hangul jamo three to one), so
 /// the prompt has at least `bytes / (4 * max_token_bytes)` tokens.
-pub fn check_prompt_bytes(bytes: usize, info: &ModelInfo, endpoint: Endpoint) -> Result<(), ApiError> {
+pub fn check_prompt_bytes(
+    bytes: usize,
+    info: &ModelInfo,
+    endpoint: Endpoint,
+) -> Result<(), ApiError> {
     let fewest_tokens = bytes / (4 * info.max_token_bytes.max(1));
     if fewest_tokens >= info.context_length {
         let field = endpoint.prompt_field();
@@ -770,7 +847,11 @@ pub fn prepare(
     }
     let sampling = SamplingParams {
         // Below 1e-5 sampling is greedy (vLLM's rule): dividing by it would overflow.
-        temperature: if temperature < GREEDY_BELOW { 0.0 } else { temperature },
+        temperature: if temperature < GREEDY_BELOW {
+            0.0
+        } else {
+            temperature
+        },
         top_k: params.top_k,
         top_p: params.top_p.filter(|&p| p < 1.0),
         repetition_penalty: params.repetition_penalty.unwrap_or(1.0),
@@ -824,9 +905,7 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
         // By default a server with a draft drafts, except for requests whose sampling it
         // cannot verify drafts under (penalties, bias) and early-exit ones: those decode
         // plainly, and the response reports no speculation.
-        (None, None) => {
-            info.draft.is_some() && early_exit.is_none() && !params.adjusts_logits()
-        }
+        (None, None) => info.draft.is_some() && early_exit.is_none() && !params.adjusts_logits(),
     };
     if wants_speculative && early_exit.is_some() {
         return Err(ApiError::invalid(
@@ -843,10 +922,12 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
     }
     let speculative = match (wants_speculative, &info.draft) {
         (false, _) => None,
-        (true, None) => return Err(ApiError::invalid(
-            Some("speculative"),
-            "this server has no draft model, so it cannot decode speculatively",
-        )),
+        (true, None) => {
+            return Err(ApiError::invalid(
+                Some("speculative"),
+                "this server has no draft model, so it cannot decode speculatively",
+            ))
+        }
         (true, Some(_)) => {
             let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
             dynexec_spec::lookahead::parse(&lookahead).map_err(setting_error)?;
@@ -882,17 +963,86 @@ mod tests {
     #[test]
     fn setting_errors_name_the_request_field() {
         let e = setting_error(Error::setting(Setting::TopP, "must be in (0, 1]"));
-        assert_eq!((e.status, e.param), (400, Some("top_p")));
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("top_p")));
         assert_eq!(e.message, "`top_p` must be in (0, 1]");
         let e = setting_error(Error::BadSpec {
             setting: Setting::Lookahead,
             spec: "sometimes".into(),
             help: "use fixed:K".into(),
         });
-        assert_eq!(e.param, Some("lookahead"));
+        assert_eq!(e.param.as_deref(), Some("lookahead"));
         assert_eq!(e.message, "bad `lookahead` `sometimes`: use fixed:K");
         let e = setting_error(Error::setting(Setting::BatchSize, "must be at least 1"));
         assert_eq!(e.param, None);
         assert_eq!(e.message, "the batch size must be at least 1");
+    }
+
+    /// Fields are read by name with their types named in errors; neutral values of
+    /// unsupported options pass, others and unknown fields are refused by name.
+    #[test]
+    fn fields_are_typed_and_nothing_is_ignored() {
+        let parse = |body: &str| CompletionRequest::parse(body.as_bytes());
+        let request = parse(
+            r#"{"prompt": "hi", "max_tokens": 4.0, "top_k": -1, "seed": -7,
+            "stop": ["a"], "logit_bias": {"12": -100}, "user": "x", "echo": false,
+            "response_format": {"type": "text"}, "n": 1, "tools": null}"#,
+        )
+        .unwrap();
+        assert_eq!(request.params.max_tokens, Some(4));
+        assert_eq!(request.params.top_k, None);
+        assert_eq!(request.params.logit_bias, vec![(12, -100.0)]);
+        assert_eq!(request.params.endpoint, Some(Endpoint::Completion));
+        for (body, param, needle) in [
+            (
+                r#"{"prompt": "hi", "max_tokens": -1}"#,
+                "max_tokens",
+                "whole number >= 0",
+            ),
+            (
+                r#"{"prompt": "hi", "temperature": "hot"}"#,
+                "temperature",
+                "must be a number",
+            ),
+            (r#"{"prompt": "hi", "echo": true}"#, "echo", "echoing"),
+            (
+                r#"{"prompt": "hi", "response_format": {"type": "json_object"}}"#,
+                "response_format",
+                "structured",
+            ),
+            (
+                r#"{"prompt": "hi", "frobnicate": 1}"#,
+                "frobnicate",
+                "unknown field",
+            ),
+            (
+                r#"{"prompt": "hi", "logit_bias": {"x": 1}}"#,
+                "logit_bias",
+                "not a token id",
+            ),
+            (
+                r#"{"prompt": "hi", "stream_options": {"chunks": 2}}"#,
+                "stream_options",
+                "include_usage",
+            ),
+        ] {
+            let e = parse(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}: {}", e.message);
+            assert!(e.message.contains(needle), "{body}: {}", e.message);
+            assert!(
+                !e.message.contains("u64") && !e.message.contains("f64"),
+                "{}",
+                e.message
+            );
+        }
+        assert!(parse("[1]").unwrap_err().message.contains("JSON object"));
+        let e = ChatRequest::parse(
+            br#"{"messages": [{"role": "user", "content": "hi", "tool_calls": []}]}"#,
+        )
+        .unwrap_err();
+        assert!(
+            e.message.contains("messages[0].tool_calls"),
+            "{}",
+            e.message
+        );
     }
 }

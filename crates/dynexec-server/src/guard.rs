@@ -100,7 +100,10 @@ fn check_head(
     }
     if let (Some(allowed), Some(host)) = (&access.allowed_hosts, headers.get(header::HOST)) {
         let host = host.to_str().unwrap_or_default();
-        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(host_name(host))) {
+        if !allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(host_name(host)))
+        {
             return Err(ApiError::invalid(
                 None,
                 format!("this server does not answer requests addressed to `{host}` (its Host allow-list; it guards against DNS rebinding)"),
@@ -191,8 +194,7 @@ fn authorize(access: &Access, path: &str, headers: &HeaderMap) -> Result<(), Api
 /// Compares secrets in time that does not depend on where they differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |diff, (x, y)| diff | (x ^ y))
             == 0

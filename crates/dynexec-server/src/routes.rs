@@ -2,8 +2,8 @@
 //! `/health` and `/metrics`.
 
 use crate::api::{
-    chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest,
-    CompletionRequest, Endpoint, Limits, Prepared, PromptInput,
+    chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest, CompletionRequest,
+    Endpoint, Limits, Prepared, PromptInput,
 };
 use crate::engine::{Engine, Event, Job, SubmitError, Summary};
 use crate::guard::{self, Access};
@@ -410,10 +410,9 @@ async fn health(State(state): State<Arc<AppState>>, RawQuery(query): RawQuery) -
     let queued = get(&state.metrics.queue_depth);
     let active = get(&state.metrics.active_sequences);
     let step = state.engine.status().step_running_for();
-    let ready_check = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|kv| kv.split('=').next() == Some("ready"))
-    });
+    let ready_check = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv.split('=').next() == Some("ready")));
     let queue_full = queued >= config.max_queue as u64;
     let status = if state.shutting_down.load(Ordering::Relaxed) {
         "shutting_down"

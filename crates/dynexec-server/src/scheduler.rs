@@ -12,8 +12,8 @@
 //! on what else the server is doing. Early-exit sequences decode in their own forwards.
 
 use crate::engine::{
-    EngineConfig, EngineStatus, Event, FinishReason, Job, ServedModel, Summary, Usage,
-    DynamicReport,
+    DynamicReport, EngineConfig, EngineStatus, Event, FinishReason, Job, ServedModel, Summary,
+    Usage,
 };
 use crate::metrics::{add, Metrics};
 use crate::stop::{StopCheck, StopMatcher};

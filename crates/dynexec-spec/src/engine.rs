@@ -112,7 +112,10 @@ impl<'a> SpeculativeSequence<'a> {
         check_prompt(target, prompt_ids, options)?;
         let sampling = &options.sampling;
         if let Some(setting) = [
-            (sampling.repetition_penalty != 1.0, Setting::RepetitionPenalty),
+            (
+                sampling.repetition_penalty != 1.0,
+                Setting::RepetitionPenalty,
+            ),
             (sampling.frequency_penalty != 0.0, Setting::FrequencyPenalty),
             (sampling.presence_penalty != 0.0, Setting::PresencePenalty),
             (!sampling.logit_bias.is_empty(), Setting::LogitBias),
@@ -149,7 +152,8 @@ impl<'a> SpeculativeSequence<'a> {
     /// Lets the draft read the prompt's first `len` tokens ahead of its first draft, so a
     /// long prompt reaches the draft in the same pieces as the target.
     pub fn prefill_draft(&mut self, len: usize) -> Result<()> {
-        self.drafter.prefill(&self.tokens[..len.min(self.tokens.len())])
+        self.drafter
+            .prefill(&self.tokens[..len.min(self.tokens.len())])
     }
 
     /// Samples the first token from the logits `(vocab,)` of the prompt's last position, once

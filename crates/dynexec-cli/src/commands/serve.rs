@@ -83,7 +83,12 @@ pub struct ServeArgs {
     /// prompt finishes sooner.
     /// The default keeps a step near half a second at the end of SmolLM2's 8K context on
     /// 2 cores (scripts/bench-prefill.sh); raise it on GPUs and many-core machines.
-    #[arg(long, short = 'b', alias = "max-num-batched-tokens", default_value_t = 64)]
+    #[arg(
+        long,
+        short = 'b',
+        alias = "max-num-batched-tokens",
+        default_value_t = 64
+    )]
     pub batch_size: usize,
 
     /// Requests that may wait for a decoding slot; more get HTTP 503 with Retry-After.

@@ -148,4 +148,3 @@ pub fn assert_api_error(response: (u16, Value), status: u16, needle: &str) -> Va
     );
     error.clone()
 }
-
