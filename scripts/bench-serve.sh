@@ -15,34 +15,7 @@ requests="${REQUESTS:-32}"
 max_tokens="${MAX_TOKENS:-64}"
 read -r -a serve_args <<<"${SERVE_ARGS:---draft ngram}"
 mkdir -p "$out"
-cargo build --quiet -p dynexec-cli
-dynexec="${CARGO_TARGET_DIR:-target}/debug/dynexec"
-
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ]; then
-    kill -TERM "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_pid=""
-  fi
-}
-trap stop_server EXIT
-
-# Starts a server on a free port; sets $url.
-start_server() {
-  local log="$out/serve-$1.log"
-  shift
-  "$dynexec" --threads "$threads" --quiet serve --port 0 "${serve_args[@]}" "$@" 2>"$log" &
-  server_pid=$!
-  for _ in $(seq 600); do
-    url=$(grep -o 'http://[0-9.:]*' "$log" | head -1 || true)
-    [ -n "$url" ] && return 0
-    kill -0 "$server_pid" 2>/dev/null || { cat "$log" >&2; exit 1; }
-    sleep 0.2
-  done
-  echo "the server did not start" >&2
-  exit 1
-}
+source scripts/serve-helpers.sh
 
 bench() {
   "$dynexec" bench serve --url "$url" --requests "$requests" --max-tokens "$max_tokens" "$@"

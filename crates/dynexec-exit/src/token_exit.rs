@@ -215,20 +215,25 @@ impl TokenExitPolicy {
             Error::BadSpec {
                 setting: Setting::EarlyExit,
                 spec: text.to_string(),
-                help: "write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, 0–1); above 1 never exits early".into(),
+                help: "write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, -1–1); above 1 never exits early".into(),
             }
         };
         let (kind, value) = text.split_once(':').ok_or_else(bad)?;
         let threshold: f32 = value.trim().parse().map_err(|_| bad())?;
-        // Both measures lie in [0, 1] (a cosine below 0 would exit every token at once).
-        if !threshold.is_finite() || threshold < 0.0 {
+        // Below a measure's range a threshold means nothing more than its floor (0 for a
+        // probability margin, -1 for a cosine, both: always exit): refuse it as a likely typo.
+        let floor = match kind {
+            "confidence" => 0.0,
+            "saturation" => -1.0,
+            _ => return Err(bad()),
+        };
+        if !threshold.is_finite() || threshold < floor {
             return Err(bad());
         }
-        match kind {
-            "confidence" => Ok(Self::Confidence { threshold }),
-            "saturation" => Ok(Self::Saturation { threshold }),
-            _ => Err(bad()),
-        }
+        Ok(match kind {
+            "confidence" => Self::Confidence { threshold },
+            _ => Self::Saturation { threshold },
+        })
     }
 }
 
@@ -580,6 +585,7 @@ mod tests {
             "softmax:0.5",
             "saturation:inf",
             "confidence:-5",
+            "saturation:-1.5",
         ] {
             let err = TokenExitPolicy::parse(bad).unwrap_err().to_string();
             assert!(err.contains("confidence:T"), "{err}");
