@@ -55,6 +55,8 @@ pub struct Target {
     pub model: String,
     /// Whether the server has a draft (speculative requests work).
     pub has_draft: bool,
+    /// The model's vocabulary size, when the server says (dynexec's servers do).
+    pub vocab_size: Option<u32>,
 }
 
 /// Chat questions to cycle through when the user gives none.
@@ -170,10 +172,14 @@ impl Target {
             .ok_or_else(|| LoadError::Protocol("GET /v1/models lists no model".into()))?
             .to_string();
         let has_draft = !models["data"][0]["dynexec"]["draft"].is_null();
+        let vocab_size = models["data"][0]["dynexec"]["vocab_size"]
+            .as_u64()
+            .and_then(|v| u32::try_from(v).ok());
         Ok(Self {
             base,
             model,
             has_draft,
+            vocab_size,
         })
     }
 
@@ -215,21 +221,20 @@ impl Target {
             &on_error,
         ))
     }
-}
 
-impl Target {
-    /// Measures [`InterferenceRow`]: the long prompt is token ids spread over the first
-    /// `vocab_hint` ids (its content does not matter to the cost), sent to
-    /// `/v1/completions`; the short requests ask `short_prompt`, `short_tokens` tokens each.
+    /// Measures [`InterferenceRow`]: the long prompt is token ids spread over the
+    /// vocabulary (its content does not matter to the cost), sent to `/v1/completions`; the
+    /// short requests ask `short_prompt`, `short_tokens` tokens each.
     pub fn interference(
         &self,
         long_prompt_tokens: usize,
-        vocab_hint: u32,
         short_prompt: &str,
         short_tokens: usize,
     ) -> Result<InterferenceRow, LoadError> {
+        // Ordinary tokens sit past the first few hundred ids (bytes, special tokens).
+        let vocab = u64::from(self.vocab_size.unwrap_or(20_000).max(2_000));
         let ids: Vec<u32> = (0..long_prompt_tokens as u64)
-            .map(|i| (1000 + i * 7919 % vocab_hint.saturating_sub(1000).max(1) as u64) as u32)
+            .map(|i| (1000 + (i * 7919) % (vocab - 1000)) as u32)
             .collect();
         let long = json!({"model": self.model, "prompt": ids, "max_tokens": 2, "temperature": 0,
             "stream": true, "stream_options": {"include_usage": true}, "ignore_eos": true,

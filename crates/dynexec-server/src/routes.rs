@@ -394,7 +394,8 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
         &json!({"object": "list", "data": [{
             "id": info.name, "object": "model", "created": state.started, "owned_by": "dynexec",
             "context_length": info.context_length,
-            "dynexec": {"layers": info.num_layers, "draft": info.draft,
+            "dynexec": {"layers": info.num_layers, "vocab_size": info.tokenizer.vocab_size(),
+                "draft": info.draft,
                 "lookahead": info.lookahead, "exit_layers": info.exit_layers},
         }]}),
     )

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 #[derive(Args, Clone)]
 #[command(
-    after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  curl -s localhost:8080/v1/chat/completions -H 'content-type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\". Responses report what was used under \"dynexec\"."
+    after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  dynexec serve --host 0.0.0.0 --api-key-file keys.txt --cors-origins https://app.example\n  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\". Responses report what was used under \"dynexec\". Fields,\nerrors, security and scheduling: docs/serving.md."
 )]
 pub struct ServeArgs {
     /// Model: a manifest name, hf:ORG/REPO[@REV][:FILE], or a local GGUF file / folder.

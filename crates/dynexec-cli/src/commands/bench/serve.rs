@@ -95,7 +95,7 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     // A warm-up request, so no row pays for first-touch costs.
     target.warm_up(&prompts[0], &config)?;
     if let Some(tokens) = args.long_prompt {
-        let row = target.interference(tokens, 20_000, &prompts[0], 4)?;
+        let row = target.interference(tokens, &prompts[0], 4)?;
         if global.json {
             return print_json(&row);
         }
