@@ -190,6 +190,11 @@ fn huge_bodies_and_prompts_are_rejected_fast() {
     );
     let rejected_in = started.elapsed();
     assert_eq!(error["code"], "context_length_exceeded");
+    // Refused on its length in bytes, without tokenizing it.
+    assert!(
+        error["message"].as_str().unwrap().contains("bytes"),
+        "{error}"
+    );
     assert_eq!(error["param"], "prompt");
     let error = assert_api_error(
         server.post("/v1/chat/completions", &chat(&huge, 4)),

@@ -599,15 +599,16 @@ pub struct Limits {
 }
 
 /// Refuses, before any tokenizing, a prompt of `bytes` bytes of text that cannot fit the
-/// context: no token of this tokenizer spells more than `max_token_bytes` bytes, and a
-/// normalizer shrinks text at most fourfold (NFC composition: Hangul jamo three to one), so
-/// the prompt has at least `bytes / (4 * max_token_bytes)` tokens.
+/// context: it has at least `bytes / text_bytes_per_token` tokens ([`ModelInfo`]).
 pub fn check_prompt_bytes(
     bytes: usize,
     info: &ModelInfo,
     endpoint: Endpoint,
 ) -> Result<(), ApiError> {
-    let fewest_tokens = bytes / (4 * info.max_token_bytes.max(1));
+    let Some(per_token) = info.text_bytes_per_token else {
+        return Ok(());
+    };
+    let fewest_tokens = bytes / per_token.max(1);
     if fewest_tokens >= info.context_length {
         let field = endpoint.prompt_field();
         return Err(ApiError::invalid(

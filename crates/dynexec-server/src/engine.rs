@@ -44,9 +44,9 @@ pub struct ModelInfo {
     pub tokenizer: Arc<TextTokenizer>,
     /// The model's context, in tokens (prompt plus generated).
     pub context_length: usize,
-    /// The most bytes any one token spells (a prompt of N bytes has at least N over this
-    /// many tokens, give or take normalization).
-    pub max_token_bytes: usize,
+    /// The most bytes of prompt text one token can cover, normalization included; `None`
+    /// when the tokenizer's normalizer may delete text (no bound then).
+    pub text_bytes_per_token: Option<usize>,
     /// The model's decoder layers.
     pub num_layers: usize,
     /// The draft's name, when the server can decode speculatively.
@@ -324,17 +324,27 @@ impl Drop for Engine {
     }
 }
 
-/// The most bytes of text one token stands for: its decoded text (a lone byte of a
-/// multi-byte character decodes to a 3-byte replacement, more than it covers), or, for
-/// special tokens that decode to nothing, their spelling (which a prompt may contain).
-fn max_token_bytes(tokenizer: &TextTokenizer) -> usize {
-    (0..tokenizer.vocab_size() as u32)
+/// The most bytes of prompt text one token can cover. A token covers its decoded text (a
+/// lone byte of a multi-byte character decodes to a 3-byte replacement, more than it covers)
+/// or, for special tokens that decode to nothing, its spelling, which a prompt may contain.
+/// Normalization can shrink text before it is split: Unicode composition at most threefold
+/// (Hangul jamo), so NFC and NFKC triple the bound; a normalizer that may delete text
+/// (accent stripping, replacements) leaves no bound.
+fn text_bytes_per_token(tokenizer: &TextTokenizer) -> Option<usize> {
+    use tokenizers::NormalizerWrapper as N;
+    let shrink = match tokenizer.inner().get_normalizer() {
+        None => 1,
+        Some(N::NFC(_) | N::NFKC(_)) => 3,
+        Some(_) => return None,
+    };
+    let longest = (0..tokenizer.vocab_size() as u32)
         .map(|id| match tokenizer.decode(&[id]) {
             Ok(text) if !text.is_empty() => text.len(),
             _ => tokenizer.id_to_token(id).map_or(0, |t| t.len()),
         })
         .max()
-        .unwrap_or(1)
+        .unwrap_or(1);
+    Some(shrink * longest.max(1))
 }
 
 impl ServedModel {
@@ -343,7 +353,7 @@ impl ServedModel {
             name: self.name.clone(),
             tokenizer: Arc::new(self.tokenizer.clone()),
             context_length: self.model.config().context_length,
-            max_token_bytes: max_token_bytes(&self.tokenizer),
+            text_bytes_per_token: text_bytes_per_token(&self.tokenizer),
             num_layers: self.model.num_layers(),
             draft: self.drafter.as_ref().map(|d| d.name()),
             lookahead: self.lookahead.clone(),
