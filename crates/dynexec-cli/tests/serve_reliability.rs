@@ -16,15 +16,29 @@ fn chat(content: &str, max_tokens: usize) -> Value {
         "messages": [{"role": "user", "content": content}]})
 }
 
-/// Sends raw bytes on a new connection and returns the whole answer (until the server
-/// closes the connection or `wait` passes).
+/// Sends raw bytes on a new connection and returns the answer (until the server closes the
+/// connection or `wait` passes). It reads while it writes: a server that refuses a body
+/// early answers and closes before the rest is sent, and the answer must be read before the
+/// connection is reset.
 fn raw(server: &Server, request: &[u8], wait: Duration) -> String {
     let addr = server.base.trim_start_matches("http://");
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(wait)).unwrap();
-    stream.write_all(request).expect("write");
+    let mut writer = stream.try_clone().expect("clone the socket");
+    let request = request.to_vec();
+    let writing = std::thread::spawn(move || {
+        // The server may close before taking it all (an early refusal).
+        let _ = writer.write_all(&request);
+    });
     let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let _ = writing.join();
     String::from_utf8_lossy(&answer).to_string()
 }
 
