@@ -329,6 +329,10 @@ fn strangers_are_refused_and_keys_let_clients_in() {
     let preflight = ureq::request("OPTIONS", &server.url("/v1/chat/completions"))
         .set("Origin", "http://app.example")
         .set("Access-Control-Request-Method", "POST")
+        .set(
+            "Access-Control-Request-Headers",
+            "authorization, content-type, x-stainless-os",
+        )
         .call()
         .expect("preflight");
     assert_eq!(preflight.status(), 204);
@@ -336,6 +340,27 @@ fn strangers_are_refused_and_keys_let_clients_in() {
         preflight.header("access-control-allow-origin"),
         Some("http://app.example")
     );
+    assert_eq!(
+        preflight.header("access-control-allow-headers"),
+        Some("authorization, content-type, x-stainless-os")
+    );
+    // The scheme is case-insensitive; an allowed page can read a refusal too.
+    let (code, _) = status(
+        ureq::get(&models)
+            .set("Authorization", "bearer sk-first")
+            .call(),
+    );
+    assert_eq!(code, 200);
+    let refused = ureq::get(&models)
+        .set("Origin", "http://app.example")
+        .call();
+    match refused {
+        Err(ureq::Error::Status(401, r)) => assert_eq!(
+            r.header("access-control-allow-origin"),
+            Some("http://app.example")
+        ),
+        other => panic!("expected a 401 an allowed origin can read: {other:?}"),
+    }
     let allowed = authorized("/v1/chat/completions")
         .set("Content-Type", "application/json")
         .set("Origin", "http://app.example")
@@ -361,7 +386,8 @@ fn strangers_are_refused_and_keys_let_clients_in() {
 /// Every option that used to be accepted and ignored is now honoured or refused.
 #[test]
 fn every_option_is_honoured_or_refused() {
-    let server = Server::start(&["--exit-adapters", "none"]);
+    // With a draft, so penalized requests also show they fall back to plain decoding.
+    let server = Server::start(&["--draft", "ngram", "--exit-adapters", "none"]);
     let path = "/v1/chat/completions";
     for (field, value) in [
         ("response_format", json!({"type": "json_object"})),
@@ -397,6 +423,8 @@ fn every_option_is_honoured_or_refused() {
         ("frequency_penalty", json!(3)),
         ("logit_bias", json!({"5": 200})),
         ("logit_bias", json!({"99999999": 1})),
+        // A request may not make the server read a file.
+        ("lookahead", json!("disco:/etc/passwd")),
     ] {
         let mut body = chat("hi", 4);
         body[field] = value;

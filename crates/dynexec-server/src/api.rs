@@ -931,6 +931,13 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
         }
         (true, Some(_)) => {
             let lookahead = params.lookahead.clone().unwrap_or(info.lookahead.clone());
+            // A DISCO lookahead names a file: a request may only use the server's own.
+            if lookahead.starts_with("disco") && lookahead != info.lookahead {
+                return Err(ApiError::invalid(
+                    Some("lookahead"),
+                    "a request cannot load a DISCO classifier: use fixed:K, heuristic[:START] or confidence[:THRESHOLD], or leave `lookahead` out for the server's own",
+                ));
+            }
             dynexec_spec::lookahead::parse(&lookahead).map_err(setting_error)?;
             Some(lookahead)
         }

@@ -344,7 +344,9 @@ fn text_bytes_per_token(tokenizer: &TextTokenizer) -> Option<usize> {
         })
         .max()
         .unwrap_or(1);
-    Some(shrink * longest.max(1))
+    // One more byte: decoding a lone token may drop a leading space the text holds
+    // (SentencePiece's `▁`).
+    Some(shrink * (longest + 1))
 }
 
 impl ServedModel {

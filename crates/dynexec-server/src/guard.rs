@@ -35,7 +35,7 @@ pub struct Access {
 impl Access {
     /// Loopback names, the default Host allow-list of a server bound to loopback.
     pub fn loopback_hosts() -> Vec<String> {
-        ["localhost", "127.0.0.1", "[::1]", "::1"]
+        ["localhost", "127.0.0.1", "[::1]"]
             .map(str::to_string)
             .to_vec()
     }
@@ -48,26 +48,32 @@ pub async fn check(State(access): State<Arc<Access>>, request: Request, next: Ne
     if let Err(e) = check_head(&access, &parts.method, &parts.uri, &parts.headers) {
         return e.into_response();
     }
-    let origin = allowed_origin(&access, &parts.headers);
-    if let Some(origin) = &origin {
-        if parts.method == Method::OPTIONS {
-            return with_cors(StatusCode::NO_CONTENT.into_response(), origin, true);
+    // From here on an allowed origin's page can read every answer, refusals included.
+    let cors = |response: Response| match allowed_origin(&access, &parts.headers) {
+        Some(origin) => with_cors(response, &origin, None),
+        None => response,
+    };
+    if parts.method == Method::OPTIONS {
+        if let Some(origin) = allowed_origin(&access, &parts.headers) {
+            let asked = parts.headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS);
+            return with_cors(StatusCode::NO_CONTENT.into_response(), &origin, Some(asked));
         }
     }
     if let Err(e) = authorize(&access, parts.uri.path(), &parts.headers) {
-        return e.into_response();
+        return cors(e.into_response());
     }
     let body = if parts.method == Method::POST {
         match read_body(&access, &parts.headers, body).await {
             Ok(bytes) => Body::from(bytes),
-            Err(e) => return e.into_response(),
+            Err(e) => return cors(e.into_response()),
         }
     } else {
         body
     };
+    let headers = parts.headers.clone();
     let response = next.run(Request::from_parts(parts, body)).await;
-    match origin {
-        Some(origin) => with_cors(response, &origin, false),
+    match allowed_origin(&access, &headers) {
+        Some(origin) => with_cors(response, &origin, None),
         None => response,
     }
 }
@@ -100,10 +106,11 @@ fn check_head(
     }
     if let (Some(allowed), Some(host)) = (&access.allowed_hosts, headers.get(header::HOST)) {
         let host = host.to_str().unwrap_or_default();
-        if !allowed
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(host_name(host)))
-        {
+        let allowed_name = |a: &String| match (host_name(host), host_name(a)) {
+            (Some(name), Some(ours)) => name.eq_ignore_ascii_case(ours),
+            _ => false,
+        };
+        if !allowed.iter().any(allowed_name) {
             return Err(ApiError::invalid(
                 None,
                 format!("this server does not answer requests addressed to `{host}` (its Host allow-list; it guards against DNS rebinding)"),
@@ -129,14 +136,24 @@ fn check_head(
     Ok(())
 }
 
-/// `example.com:8080` → `example.com`; `[::1]:8080` → `[::1]`.
-fn host_name(host: &str) -> &str {
+/// `example.com:8080` → `example.com`; `[::1]:8080` → `[::1]`; `None` for what is not a
+/// host with an optional port.
+fn host_name(host: &str) -> Option<&str> {
+    let port_ok = |port: &str| port.is_empty() || port.bytes().all(|b| b.is_ascii_digit());
     if host.starts_with('[') {
-        return host.split_inclusive(']').next().unwrap_or(host);
+        let end = host.find(']')?;
+        let rest = &host[end + 1..];
+        let port = match rest.strip_prefix(':') {
+            Some(port) if !port.is_empty() => port,
+            None if rest.is_empty() => "",
+            _ => return None,
+        };
+        return port_ok(port).then_some(&host[..=end]);
     }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
+    match host.split_once(':') {
+        Some((name, port)) if !port.is_empty() && port_ok(port) => Some(name),
+        Some(_) => None,
+        None => Some(host),
     }
 }
 
@@ -151,18 +168,30 @@ fn allowed_origin(access: &Access, headers: &HeaderMap) -> Option<HeaderValue> {
     allowed.then(|| origin.clone())
 }
 
-fn with_cors(mut response: Response, origin: &HeaderValue, preflight: bool) -> Response {
+/// Adds CORS headers for an allowed `origin`; for a preflight (`Some`), also the methods and
+/// the request headers it asked for (SDKs send their own, e.g. `x-stainless-*`).
+fn with_cors(
+    mut response: Response,
+    origin: &HeaderValue,
+    preflight: Option<Option<&HeaderValue>>,
+) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
-    headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-    if preflight {
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Retry-After"),
+    );
+    if let Some(asked) = preflight {
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static("GET, POST, OPTIONS"),
         );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("authorization, content-type"),
+            asked
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("authorization, content-type")),
         );
         headers.insert(
             header::ACCESS_CONTROL_MAX_AGE,
@@ -181,8 +210,9 @@ fn authorize(access: &Access, path: &str, headers: &HeaderMap) -> Result<(), Api
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, key)| key.trim());
     let message = match given {
         None => "no API key was given: send it as `Authorization: Bearer KEY`",
         Some(key) if access.api_keys.iter().any(|k| same_secret(k, key)) => return Ok(()),
@@ -269,10 +299,13 @@ mod tests {
 
     #[test]
     fn host_names_drop_their_port_and_secrets_compare_whole() {
-        assert_eq!(host_name("localhost:8080"), "localhost");
-        assert_eq!(host_name("[::1]:8080"), "[::1]");
-        assert_eq!(host_name("[::1]"), "[::1]");
-        assert_eq!(host_name("example.com"), "example.com");
+        assert_eq!(host_name("localhost:8080"), Some("localhost"));
+        assert_eq!(host_name("[::1]:8080"), Some("[::1]"));
+        assert_eq!(host_name("[::1]"), Some("[::1]"));
+        assert_eq!(host_name("example.com"), Some("example.com"));
+        for bad in ["[::1]evil.com", "[::1]:80x", "a:b:c", "host:"] {
+            assert_eq!(host_name(bad), None, "{bad}");
+        }
         assert!(same_secret("abc", "abc"));
         assert!(!same_secret("abc", "abd"));
         assert!(!same_secret("abc", "abcd"));

@@ -126,8 +126,12 @@ async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                // A failed accept (out of descriptors, a reset) concerns one connection.
-                let Ok((stream, _)) = accepted else { continue };
+                // A failed accept concerns one connection; out of descriptors, the next
+                // would fail too, so pause rather than spin.
+                let Ok((stream, _)) = accepted else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
                 let connection = http.serve_connection(
                     TokioIo::new(stream),
                     TowerToHyperService::new(app.clone()),

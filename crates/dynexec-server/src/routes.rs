@@ -27,6 +27,9 @@ use tokio::sync::Semaphore;
 /// the async workers (and `/health`).
 const TOKENIZING_AT_ONCE: usize = 2;
 
+/// Prompts that may wait to be tokenized; more are refused with 503.
+const TOKENIZING_QUEUE: usize = 64;
+
 /// A step running longer than this counts as a stalled engine for `/health`.
 const STALLED_AFTER: Duration = Duration::from_secs(60);
 
@@ -42,7 +45,9 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     pub started: u64,
     next_id: AtomicU64,
-    tokenizing: Semaphore,
+    tokenizing: Arc<Semaphore>,
+    /// Prompts waiting for or in tokenization.
+    tokenize_waiting: AtomicU64,
 }
 
 impl AppState {
@@ -54,23 +59,51 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             started: unix_now(),
             next_id: AtomicU64::new(1),
-            tokenizing: Semaphore::new(TOKENIZING_AT_ONCE),
+            tokenizing: Arc::new(Semaphore::new(TOKENIZING_AT_ONCE)),
+            tokenize_waiting: AtomicU64::new(0),
         }
     }
 
-    /// Runs `work` with the tokenizer on a blocking thread, a few at a time.
+    /// Runs `work` with the tokenizer on a blocking thread, a few at a time. The permit
+    /// goes with the work, so a client that hangs up does not free a slot while its prompt
+    /// is still being tokenized.
     async fn tokenize<T: Send + 'static>(
         &self,
         field: &'static str,
         work: impl FnOnce(&TextTokenizer) -> dynexec_core::Result<T> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let gone = || ApiError::server(503, "server_error", "the server is shutting down");
-        let _permit = self.tokenizing.acquire().await.map_err(|_| gone())?;
+        let waiting = self.tokenize_waiting.fetch_add(1, Ordering::Relaxed);
+        let result = if waiting >= TOKENIZING_QUEUE as u64 {
+            Err(ApiError::server(
+                503,
+                "server_error",
+                "too many prompts are waiting to be tokenized: retry later",
+            )
+            .with_code(503, "server_overloaded"))
+        } else {
+            self.tokenize_now(field, work).await
+        };
+        self.tokenize_waiting.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    async fn tokenize_now<T: Send + 'static>(
+        &self,
+        field: &'static str,
+        work: impl FnOnce(&TextTokenizer) -> dynexec_core::Result<T> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = self.tokenizing.clone().acquire_owned().await.map_err(|_| {
+            ApiError::server(503, "server_error", "the server is shutting down")
+                .with_code(503, "shutting_down")
+        })?;
         let tokenizer = self.engine.info().tokenizer.clone();
-        tokio::task::spawn_blocking(move || work(&tokenizer))
-            .await
-            .map_err(|_| gone())?
-            .map_err(|e| ApiError::invalid(Some(field), e.to_string()))
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&tokenizer)
+        })
+        .await
+        .map_err(|_| ApiError::server(500, "server_error", "tokenizing the prompt failed"))?
+        .map_err(|e| ApiError::invalid(Some(field), e.to_string()))
     }
 }
 
@@ -193,14 +226,15 @@ async fn generate(
     };
     if let Err(e) = state.engine.submit(job) {
         add(&state.metrics.requests_rejected_busy, 1);
-        let message = match e {
-            SubmitError::Busy => {
-                "the server's queue is full: retry later, or give the server a longer queue"
-            }
-            SubmitError::Closed => "the server is shutting down",
+        let (message, code) = match e {
+            SubmitError::Busy => (
+                "the server's queue is full: retry later, or give the server a longer queue",
+                "server_overloaded",
+            ),
+            SubmitError::Closed => ("the server is shutting down", "shutting_down"),
         };
         return ApiError::server(503, "server_error", message)
-            .with_code(503, "server_overloaded")
+            .with_code(503, code)
             .into_response();
     }
     let chunks = ChunkWriter {

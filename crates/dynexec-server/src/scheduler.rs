@@ -4,12 +4,13 @@
 //! A step is one forward of the model shared by every sequence (each linear layer reads its
 //! weights once for all rows). Decoding sequences put in their last token (speculative ones
 //! also their drafts); prefilling ones put in the next piece of their prompt. Decoding rows
-//! go first, then prompt pieces while the step's token budget lasts, shortest prompt first
-//! (a piece that has waited a few steps goes ahead), so a long prompt advances a piece per
-//! step instead of freezing everyone for its whole prefill, and a short request that
-//! arrives meanwhile waits for one piece, not for the long prompt. A prompt is always cut at
-//! the same places (multiples of the budget from its start), so its answer does not depend
-//! on what else the server is doing. Early-exit sequences decode in their own forwards.
+//! go first, then prompt pieces while the step's token budget lasts (at least one piece a
+//! step, so a step runs at most the decoding rows plus one budget), shortest prompt first (a
+//! piece that has waited a few steps goes ahead), so a long prompt advances a piece per step
+//! instead of freezing everyone for its whole prefill, and a short request that arrives
+//! meanwhile waits for one piece, not for the long prompt. A prompt is always cut at the same
+//! places (multiples of the budget from its start), whatever else the server is doing.
+//! Early-exit sequences decode in their own forwards.
 
 use crate::engine::{
     DynamicReport, EngineConfig, EngineStatus, Event, FinishReason, Job, ServedModel, Summary,
@@ -255,12 +256,15 @@ impl<'m> Scheduler<'m> {
         let mut waiting: Vec<usize> = (0..self.active.len())
             .filter(|&i| !gone[i] && !self.active[i].is_decoding())
             .collect();
+        // Pieces that waited too long go first, the longest-waiting first; then the shortest
+        // remaining prompts.
         waiting.sort_by_key(|&i| {
             let seq = &self.active[i];
-            (
-                seq.skipped < MAX_SKIPPED_STEPS,
-                seq.prompt_tokens - seq.prefilled,
-            )
+            if seq.skipped >= MAX_SKIPPED_STEPS {
+                (0, usize::MAX - seq.skipped)
+            } else {
+                (1, seq.prompt_tokens - seq.prefilled)
+            }
         });
         let mut left = budget.saturating_sub(decode_rows);
         let mut pieces = vec![None; self.active.len()];
@@ -358,7 +362,7 @@ impl<'m> Scheduler<'m> {
                 },
                 Some(Ok(None)) => plans.push(Plan::Own),
                 Some(Err(e)) => plans.push(Plan::Failed(e)),
-                None => plans.push(Plan::Failed(Error::InvalidArgument(
+                None => plans.push(Plan::Failed(internal(
                     "a sequence was not prepared for the step".into(),
                 ))),
             }
@@ -400,12 +404,10 @@ impl<'m> Scheduler<'m> {
                 *next_row += count;
                 match &logits {
                     Ok(Some(all)) => Ok(all.narrow(0, start, count)?),
-                    Ok(None) => Err(Error::InvalidArgument(
+                    Ok(None) => Err(internal(
                         "the shared forward computed no logits for this sequence".into(),
                     )),
-                    Err(e) => Err(Error::InvalidArgument(format!(
-                        "the batched forward failed: {e}"
-                    ))),
+                    Err(e) => Err(internal(format!("the batched forward failed: {e}"))),
                 }
             };
             let next = match plan {
@@ -423,20 +425,21 @@ impl<'m> Scheduler<'m> {
                     seq.prefilled += len;
                     add(&self.metrics.prompt_tokens, len as u64);
                     add(&self.metrics.prefill_pieces, 1);
+                    // Its logits row is taken first, so the rows after it stay in step
+                    // whatever happens next.
+                    let row = last.then(|| rows_of(1, &mut next_row));
                     let prefilled = seq.prefilled;
                     let drafted = match &logits {
                         Ok(_) => seq.decoder.prefill_draft(prefilled),
-                        Err(e) => Err(Error::InvalidArgument(format!(
-                            "the batched forward failed: {e}"
-                        ))),
+                        Err(e) => Err(internal(format!("the batched forward failed: {e}"))),
                     };
-                    match (drafted, last) {
+                    match (drafted, row) {
                         (Err(e), _) => Err(e),
-                        (Ok(()), false) => {
+                        (Ok(()), None) => {
                             outcomes.push(Outcome::Continue);
                             continue;
                         }
-                        (Ok(()), true) => rows_of(1, &mut next_row).and_then(|row| {
+                        (Ok(()), Some(row)) => row.and_then(|row| {
                             let row = row.squeeze(0)?;
                             seq.decoder.begin(&row, &seq.tokens).map(|t| vec![t])
                         }),
@@ -471,6 +474,11 @@ impl<'m> Scheduler<'m> {
         }
         self.active = kept;
     }
+}
+
+/// A failure of the engine, not of the request (reported as a server error).
+fn internal(message: String) -> Error {
+    Error::Candle(candle_core::Error::Msg(message))
 }
 
 /// The shared forward: every run of rows on its own cache, then the head on the `wanted`
@@ -510,7 +518,7 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
             Ok(piece) => piece,
             Err(e) => {
                 let _ = seq.events.send(Event::Failed(e));
-                return Outcome::Cancelled;
+                return Outcome::Failed;
             }
         };
         if let Some(piece) = piece {

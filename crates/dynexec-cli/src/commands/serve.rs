@@ -128,7 +128,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "ORIGINS", value_delimiter = ',')]
     pub cors_origins: Vec<String>,
 
-    /// Host names requests may be addressed to, comma-separated (`*` for any). Default: the
+    /// Host names requests may be addressed to, comma-separated, with or without a port
+    /// (which is not checked; `*` for any). Default: the
     /// loopback names when listening on loopback (against DNS rebinding), any otherwise.
     #[arg(long, value_name = "HOSTS", value_delimiter = ',')]
     pub allowed_hosts: Vec<String>,
@@ -201,7 +202,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
 
 /// Who may call: API keys, CORS origins, Host names, body limits.
 fn access(args: &ServeArgs, addr: &std::net::SocketAddr) -> Result<Access> {
-    let mut api_keys = args.api_key.clone();
+    let mut api_keys: Vec<String> = args.api_key.iter().map(|k| k.trim().to_string()).collect();
     if let Some(path) = &args.api_key_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--api-key-file {}: cannot read it", path.display()))?;
