@@ -67,9 +67,11 @@ pub struct EngineConfig {
     pub max_queue: usize,
     /// Speculative sequences draft only while at most this many sequences are decoding.
     pub spec_max_batch: usize,
-    /// Tokens one step may run, decoding rows and prompt pieces together (vLLM's
-    /// `max_num_batched_tokens`, llama-server's `n_batch`). Prompts are prefilled in pieces
-    /// of this many tokens, so a long prompt holds the others up for one piece at a time.
+    /// Tokens one step may run, decoding rows and prompt pieces together, each counted at
+    /// its cost in rows at the start of a context ([`crate::prefill::PieceCost`]; vLLM's
+    /// `max_num_batched_tokens`, llama-server's `n_batch`, there uncounted). Prompts are
+    /// prefilled in pieces that fit it, so a long prompt holds the others up for one piece
+    /// at a time.
     pub step_tokens: usize,
 }
 

@@ -21,6 +21,7 @@ pub mod engine;
 pub mod guard;
 pub mod loadgen;
 pub mod metrics;
+pub mod prefill;
 mod routes;
 mod scheduler;
 pub mod stop;

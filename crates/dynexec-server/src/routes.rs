@@ -205,7 +205,12 @@ async fn generate(
     let prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
-            add(&state.metrics.requests_client_error, 1);
+            let counter = match e.status {
+                503 => &state.metrics.requests_rejected_busy,
+                500.. => &state.metrics.requests_failed,
+                _ => &state.metrics.requests_client_error,
+            };
+            add(counter, 1);
             return e.into_response();
         }
     };

@@ -4,12 +4,13 @@
 //! A step is one forward of the model shared by every sequence (each linear layer reads its
 //! weights once for all rows). Decoding sequences put in their last token (speculative ones
 //! also their drafts); prefilling ones put in the next piece of their prompt. Decoding rows
-//! go first, then prompt pieces while the step's token budget lasts (at least one piece a
-//! step, so a step runs at most the decoding rows plus one budget), shortest prompt first (a
-//! piece that has waited a few steps goes ahead), so a long prompt advances a piece per step
-//! instead of freezing everyone for its whole prefill, and a short request that arrives
-//! meanwhile waits for one piece, not for the long prompt. A prompt is always cut at the same
-//! places (multiples of the budget from its start), whatever else the server is doing.
+//! go first, then prompt pieces while the step's token budget lasts, rows counted at their
+//! cost ([`crate::prefill`]: deep rows cost more) and at least one piece a step (so a step
+//! runs at most the decoding rows plus one budget), shortest prompt first (a piece that has
+//! waited a few steps goes ahead). So a long prompt advances a piece per step instead of
+//! freezing everyone for its whole prefill, and a short request that arrives meanwhile waits
+//! for one piece, not for the long prompt. A prompt is always cut at the same places,
+//! whatever else the server is doing.
 //! Early-exit sequences decode in their own forwards.
 
 use crate::engine::{
@@ -17,6 +18,7 @@ use crate::engine::{
     Usage,
 };
 use crate::metrics::{add, Metrics};
+use crate::prefill::PieceCost;
 use crate::stop::{StopCheck, StopMatcher};
 use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
@@ -105,6 +107,7 @@ pub(crate) struct Scheduler<'m> {
     abort: Arc<AtomicBool>,
     status: Arc<EngineStatus>,
     active: Vec<Active<'m>>,
+    cost: PieceCost,
 }
 
 impl<'m> Scheduler<'m> {
@@ -122,6 +125,7 @@ impl<'m> Scheduler<'m> {
             abort,
             status,
             active: Vec::new(),
+            cost: PieceCost::for_model(served.model.config()),
         }
     }
 
@@ -250,9 +254,12 @@ impl<'m> Scheduler<'m> {
 
     /// Which prefilling sequences put a prompt piece into this step, and how long: pieces
     /// that waited too long first, then the shortest remaining prompts, while the budget
-    /// left after `decode_rows` lasts (at least one piece, so prefill always progresses).
-    fn choose_pieces(&self, decode_rows: usize, gone: &[bool]) -> Vec<Option<usize>> {
-        let budget = self.config.step_tokens.max(1);
+    /// left after the decoding rows (`decode_cost`) lasts, counting rows at their cost
+    /// ([`PieceCost`]); at least one piece goes, so prefill always progresses. A piece is the
+    /// longest that a whole budget allows at its depth, so a prompt is cut at the same places
+    /// whatever else runs.
+    fn choose_pieces(&self, decode_cost: f64, gone: &[bool]) -> Vec<Option<usize>> {
+        let budget = self.config.step_tokens.max(1) as f64;
         let mut waiting: Vec<usize> = (0..self.active.len())
             .filter(|&i| !gone[i] && !self.active[i].is_decoding())
             .collect();
@@ -266,15 +273,18 @@ impl<'m> Scheduler<'m> {
                 (1, seq.prompt_tokens - seq.prefilled)
             }
         });
-        let mut left = budget.saturating_sub(decode_rows);
+        let mut left = budget - decode_cost;
         let mut pieces = vec![None; self.active.len()];
         let mut any = false;
         for i in waiting {
             let seq = &self.active[i];
-            let len = budget.min(seq.prompt_tokens - seq.prefilled);
-            if len <= left || !any {
+            let len = self
+                .cost
+                .piece_len(seq.prefilled, seq.prompt_tokens - seq.prefilled, budget);
+            let cost = self.cost.cost(seq.prefilled, len);
+            if cost <= left || !any {
                 pieces[i] = Some(len);
-                left = left.saturating_sub(len);
+                left -= cost;
                 any = true;
             }
         }
@@ -318,14 +328,21 @@ impl<'m> Scheduler<'m> {
                 .collect();
             batch_rows(&mut members, speculate)
         };
-        let decode_rows: usize = prepared
+        let decoding_depths = self
+            .active
             .iter()
-            .map(|rows| match rows {
-                Ok(Some(rows)) => rows.len(),
-                _ => 0,
+            .zip(&gone)
+            .filter(|(seq, gone)| !**gone && seq.is_decoding())
+            .map(|(seq, _)| seq.tokens.len() - 1);
+        let decode_cost: f64 = prepared
+            .iter()
+            .zip(decoding_depths)
+            .map(|(rows, depth)| match rows {
+                Ok(Some(rows)) => self.cost.cost(depth, rows.len()),
+                _ => 0.0,
             })
             .sum();
-        let pieces = self.choose_pieces(decode_rows, &gone);
+        let pieces = self.choose_pieces(decode_cost, &gone);
         let mut prepared = prepared.into_iter();
         // Per sequence, its plan; for the shared forward, its rows and cache.
         let mut plans: Vec<Plan> = Vec::with_capacity(self.active.len());

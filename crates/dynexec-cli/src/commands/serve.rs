@@ -77,17 +77,19 @@ pub struct ServeArgs {
     pub spec_max_batch: usize,
 
     /// Tokens one step may run, decoding rows and prompt pieces together (llama-server's
-    /// `--batch-size`, vLLM's `--max-num-batched-tokens`). Prompts are prefilled in pieces of
-    /// this many tokens between other requests' decoding steps, so a long prompt delays a
-    /// short request by about one piece. Smaller: lower latency for others; larger: a long
-    /// prompt finishes sooner.
-    /// The default keeps a step near half a second at the end of SmolLM2's 8K context on
-    /// 2 cores (scripts/bench-prefill.sh); raise it on GPUs and many-core machines.
+    /// `--batch-size`, vLLM's `--max-num-batched-tokens`), each row counted at its cost: deep
+    /// in a long context a row's attention reads every earlier position, so it counts for
+    /// more (3.6 rows at the end of SmolLM2's 8K context). Prompts are prefilled in pieces
+    /// that fit, between other requests' decoding steps, so a long prompt delays a short
+    /// request by about one piece, and short prompts go several to a step. Smaller: lower
+    /// latency for others; larger: a long prompt finishes sooner. The default keeps a step
+    /// near half a second on SmolLM2 on 2 cores (scripts/bench-prefill.sh); raise it on GPUs
+    /// and many-core machines.
     #[arg(
         long,
         short = 'b',
         alias = "max-num-batched-tokens",
-        default_value_t = 64
+        default_value_t = 256
     )]
     pub batch_size: usize,
 
