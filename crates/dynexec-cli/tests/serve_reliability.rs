@@ -525,8 +525,10 @@ fn a_burst_beyond_the_queue_gets_503_with_retry_after() {
     let ok = outcomes.iter().filter(|o| o.0 == 200).count();
     let busy: Vec<_> = outcomes.iter().filter(|o| o.0 == 503).collect();
     assert_eq!(ok + busy.len(), 12, "{outcomes:?}");
+    // At least the queue's two are answered (the slot's request may have come through the
+    // queue too, when all arrived before the engine took the first).
     assert!(
-        ok >= 3 && !busy.is_empty(),
+        ok >= 2 && !busy.is_empty(),
         "{ok} answered, {} refused",
         busy.len()
     );
