@@ -64,8 +64,26 @@ enum Command {
     Models(commands::models::ModelsCommand),
 }
 
+/// llama.cpp's multi-letter single-dash flags, which clap cannot declare, as the long flags
+/// they mean here.
+const LLAMA_CPP_FLAGS: &[(&str, &str)] = &[("-md", "--model-draft"), ("-np", "--parallel")];
+
+/// The command line with llama.cpp's spellings rewritten ([`LLAMA_CPP_FLAGS`]).
+fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    args.map(|arg| {
+        match LLAMA_CPP_FLAGS
+            .iter()
+            .find(|(short, _)| arg.to_str() == Some(short))
+        {
+            Some((_, long)) => long.into(),
+            None => arg,
+        }
+    })
+    .collect()
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(llama_cpp_spellings(std::env::args_os()));
     cli.global.apply_process_settings();
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(&cli.global, args),
@@ -84,5 +102,73 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {}", options::error_message(&err));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(line: &str) -> Cli {
+        let args = line.split_whitespace().map(std::ffi::OsString::from);
+        Cli::try_parse_from(llama_cpp_spellings(args)).unwrap_or_else(|e| panic!("{line}: {e}"))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// llama.cpp's, mistral.rs's and vLLM's spellings parse to the same options as ours.
+    #[test]
+    fn peer_spellings_parse_to_the_same_options() {
+        let generate = |line: &str| match parse(line) {
+            Cli {
+                global,
+                command: Command::Generate(args),
+            } => (
+                global.threads,
+                args.model.model,
+                args.max_tokens,
+                args.sampling.temperature,
+                args.sampling.seed,
+                args.draft,
+            ),
+            _ => panic!("not generate"),
+        };
+        assert_eq!(
+            generate("dynexec -t 2 generate -m qwen -n 9 --temp 0.5 -s 7 -md small"),
+            generate(
+                "dynexec --threads 2 generate --model qwen --max-tokens 9 --temperature 0.5 --seed 7 --draft small"
+            )
+        );
+        assert_eq!(
+            generate("dynexec generate --n-predict 9 --model-draft small").2,
+            9
+        );
+        let serve = |line: &str| match parse(line) {
+            Cli {
+                command: Command::Serve(args),
+                ..
+            } => (
+                args.model_flag.unwrap_or(args.model),
+                args.served_name,
+                args.max_batch,
+                args.draft,
+                args.batch_size,
+            ),
+            _ => panic!("not serve"),
+        };
+        let ours = serve(
+            "dynexec serve qwen --served-name coder --max-batch 4 --draft small --batch-size 512",
+        );
+        for line in [
+            "dynexec serve -m qwen -a coder -np 4 -md small -b 512",
+            "dynexec serve --model qwen --alias coder --parallel 4 --model-draft small --max-num-batched-tokens 512",
+            "dynexec serve --model qwen --served-model-name coder --parallel 4 --draft small -b 512",
+        ] {
+            assert_eq!(serve(line), ours, "{line}");
+        }
     }
 }

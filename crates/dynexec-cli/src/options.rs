@@ -42,7 +42,7 @@ pub struct GlobalOptions {
     pub max_cpu_isa: Option<Isa>,
 
     /// CPU threads for candle (default: physical cores). Recorded in benchmark output.
-    #[arg(long, global = true)]
+    #[arg(long, short = 't', global = true)]
     pub threads: Option<usize>,
 
     /// Print one JSON object on stdout instead of text.

@@ -78,7 +78,7 @@ fn load_with(global: &GlobalOptions, model: &str, options: &LoadOptions) -> Resu
 #[derive(Args)]
 pub struct SamplingArgs {
     /// Sampling temperature; 0 means greedy (always the most likely token).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, alias = "temp", default_value_t = 0.0)]
     pub temperature: f64,
     /// Sample only among the K most likely tokens.
     #[arg(long)]
@@ -105,7 +105,7 @@ pub struct SamplingArgs {
     #[arg(long, value_name = "ID=BIAS", value_parser = parse_logit_bias, allow_hyphen_values = true)]
     pub logit_bias: Vec<(u32, f32)>,
     /// Random seed: the same seed gives the same output.
-    #[arg(long, default_value_t = 299792458)]
+    #[arg(long, short = 's', default_value_t = 299792458)]
     pub seed: u64,
 }
 

@@ -42,8 +42,8 @@ pub struct GenerateArgs {
     #[arg(long, requires = "chat")]
     pub system: Option<String>,
 
-    /// Maximum number of tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 128)]
+    /// Maximum number of tokens to generate (llama.cpp's `-n/--n-predict`).
+    #[arg(long, short = 'n', alias = "n-predict", default_value_t = 128)]
     pub max_tokens: usize,
 
     /// Keep generating past end-of-sequence tokens.
@@ -57,8 +57,9 @@ pub struct GenerateArgs {
     /// `self-quant[:q8_0|q4_0|...]` (the target's own quantized copy), `self-layers:E` (the
     /// target's first E layers and its head) or `ngram[:N,K]` (prompt lookup: n-grams up to
     /// N, continuations up to K); `FIRST+THEN` drafts with FIRST and falls back to THEN
-    /// (e.g. `ngram+MODEL`). Output is the same as without it.
-    #[arg(long)]
+    /// (e.g. `ngram+MODEL`). Output is the same as without it. llama.cpp's
+    /// `-md/--model-draft` are accepted for a model.
+    #[arg(long, alias = "model-draft")]
     pub draft: Option<String>,
 
     #[command(flatten)]

@@ -20,9 +20,14 @@ use std::time::Duration;
     after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  dynexec serve --host 0.0.0.0 --api-key-file keys.txt --cors-origins https://app.example\n  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\". Responses report what was used under \"dynexec\". Fields,\nerrors, security and scheduling: docs/serving.md."
 )]
 pub struct ServeArgs {
-    /// Model: a manifest name, hf:ORG/REPO[@REV][:FILE], or a local GGUF file / folder.
+    /// Model: a manifest name, hf:ORG/REPO[@REV][:FILE], or a local GGUF file / folder
+    /// (also as `-m/--model MODEL`).
     #[arg(default_value = DEFAULT_DECODER)]
     pub model: String,
+
+    /// The model, as llama-server and the other commands take it; overrides MODEL.
+    #[arg(long = "model", short = 'm', value_name = "MODEL")]
+    pub model_flag: Option<String>,
 
     /// Use this tokenizer.json instead of the model's own.
     #[arg(long)]
@@ -32,8 +37,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
 
-    /// The model name clients send and /v1/models lists (default: MODEL as given).
-    #[arg(long)]
+    /// The model name clients send and /v1/models lists (default: MODEL as given;
+    /// llama-server's `-a/--alias`, vLLM's `--served-model-name`).
+    #[arg(long, short = 'a', aliases = ["alias", "served-model-name"])]
     pub served_name: Option<String>,
 
     /// Address to listen on (0.0.0.0 for every interface).
@@ -46,8 +52,9 @@ pub struct ServeArgs {
 
     /// A draft for speculative decoding, as for `generate --draft` (a model,
     /// `self-quant[:TYPE]`, `self-layers:E`, `ngram[:N,K]`). Requests then decode
-    /// speculatively unless they send "speculative": false.
-    #[arg(long)]
+    /// speculatively unless they send "speculative": false. (llama-server's
+    /// `-md/--model-draft` for a model.)
+    #[arg(long, alias = "model-draft")]
     pub draft: Option<String>,
 
     #[command(flatten)]
@@ -63,8 +70,9 @@ pub struct ServeArgs {
     #[arg(long)]
     pub exit_adapters: Option<String>,
 
-    /// Sequences decoded together in one batched step; 1 serves one request at a time.
-    #[arg(long, default_value_t = 16)]
+    /// Sequences decoded together in one batched step; 1 serves one request at a time
+    /// (llama-server's slots, `-np/--parallel`).
+    #[arg(long, alias = "parallel", default_value_t = 16)]
     pub max_batch: usize,
 
     /// Speculative requests draft only while at most this many sequences decode together;
@@ -143,6 +151,9 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     anyhow::ensure!(args.batch_size >= 1, "--batch-size must be at least 1");
     anyhow::ensure!(args.timeout >= 1, "--timeout must be at least 1 second");
+    if let Some(model) = args.model_flag.take() {
+        args.model = model;
+    }
     args.lookahead = resolve_lookahead(global, &args.lookahead)?;
     dynexec_spec::lookahead::parse(&args.lookahead)?;
     let addr = format!("{}:{}", args.host, args.port);
