@@ -496,3 +496,43 @@ fn the_official_openai_python_client_works() {
     assert!(!report["chat"].as_str().unwrap().is_empty());
     assert_eq!(report["errors"], json!([404, 400, 401]));
 }
+
+/// llama-server's `/tokenize` and `/detokenize`, and the KV-cache gauge.
+#[test]
+fn tokenize_and_detokenize_like_llama_server() {
+    let server = Server::start(&["--exit-adapters", "none"]);
+    let text = "Hello world, 你好";
+    let (code, out) = server.post("/tokenize", &json!({"content": text}));
+    assert_eq!(code, 200, "{out}");
+    let ids = out["tokens"].as_array().expect("tokens").clone();
+    assert!(!ids.is_empty() && ids.iter().all(Value::is_u64), "{out}");
+    let (_, pieces) = server.post("/tokenize", &json!({"content": text, "with_pieces": true}));
+    let pieces = pieces["tokens"].as_array().unwrap();
+    assert_eq!(pieces.len(), ids.len());
+    assert_eq!(pieces[0]["id"], ids[0]);
+    let (code, back) = server.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(code, 200, "{back}");
+    assert_eq!(back["content"], text);
+    // With the model's own specials, the count is what a completion's prompt costs.
+    let (_, special) = server.post("/tokenize", &json!({"content": text, "add_special": true}));
+    let (_, completion) = server.post(
+        "/v1/completions",
+        &json!({"prompt": text, "max_tokens": 1, "temperature": 0}),
+    );
+    assert_eq!(
+        completion["usage"]["prompt_tokens"].as_u64(),
+        Some(special["tokens"].as_array().unwrap().len() as u64)
+    );
+    assert_api_error(server.post("/tokenize", &json!({})), 400, "content");
+    assert_api_error(
+        server.post("/tokenize", &json!({"content": "x", "pieces": true})),
+        400,
+        "unknown field",
+    );
+    assert_api_error(
+        server.post("/detokenize", &json!({"tokens": [1, 99999999]})),
+        400,
+        "vocabulary",
+    );
+    assert!(server.metric("dynexec_kv_cache_usage_ratio") >= 0.0);
+}

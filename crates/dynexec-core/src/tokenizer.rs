@@ -219,6 +219,13 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Encodes text without the specials the model adds (no BOS); special-token text still
+    /// maps to its id.
+    pub fn encode_without_specials(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(tok_err)?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Decodes ids to text, leaving out special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(tok_err)

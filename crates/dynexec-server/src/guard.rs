@@ -201,10 +201,10 @@ fn with_cors(
     response
 }
 
-/// With API keys set, `/v1/*` needs `Authorization: Bearer KEY`; `/health` and `/metrics`
-/// stay open for probes and scrapers (as vLLM does).
+/// With API keys set, every endpoint needs `Authorization: Bearer KEY` but `/health` and
+/// `/metrics`, which stay open for probes and scrapers (as in vLLM and llama-server).
 fn authorize(access: &Access, path: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    if access.api_keys.is_empty() || !path.starts_with("/v1/") {
+    if access.api_keys.is_empty() || matches!(path, "/health" | "/metrics") {
         return Ok(());
     }
     let given = headers

@@ -83,6 +83,10 @@ pub struct Metrics {
     pub prefilling_sequences: AtomicU64,
     /// Prompt pieces prefilled (chunked prefill).
     pub prefill_pieces: AtomicU64,
+    /// Gauge: positions held in the slots' KV caches.
+    pub kv_cache_tokens: AtomicU64,
+    /// Gauge: positions the slots' KV caches can hold (slots times the context).
+    pub kv_cache_capacity: AtomicU64,
     /// Speculative steps that drafted (vLLM's `spec_decode_num_drafts`).
     pub drafts: AtomicU64,
     /// Steps in which speculation was switched off because the batch was too large.
@@ -121,6 +125,8 @@ impl Default for Metrics {
             active_sequences: AtomicU64::new(0),
             prefilling_sequences: AtomicU64::new(0),
             prefill_pieces: AtomicU64::new(0),
+            kv_cache_tokens: AtomicU64::new(0),
+            kv_cache_capacity: AtomicU64::new(0),
             drafts: AtomicU64::new(0),
             speculation_disabled_steps: AtomicU64::new(0),
             draft_proposed: AtomicU64::new(0),
@@ -198,6 +204,19 @@ impl Metrics {
             "gauge",
             "Sequences whose prompt is still being prefilled.",
             get(&self.prefilling_sequences).to_string(),
+        );
+        let (cached, capacity) = (get(&self.kv_cache_tokens), get(&self.kv_cache_capacity));
+        scalar(
+            "dynexec_kv_cache_tokens",
+            "gauge",
+            "Positions held in the slots' KV caches.",
+            cached.to_string(),
+        );
+        scalar(
+            "dynexec_kv_cache_usage_ratio",
+            "gauge",
+            "KV-cache positions held over what the slots can hold, 0 to 1 (vLLM: kv_cache_usage_perc).",
+            (cached as f64 / capacity.max(1) as f64).to_string(),
         );
         scalar(
             "dynexec_prefill_pieces_total",

@@ -3,7 +3,7 @@
 
 use crate::api::{
     chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest, CompletionRequest,
-    Endpoint, Limits, Prepared, PromptInput,
+    Endpoint, Fields, Limits, Prepared, PromptInput,
 };
 use crate::engine::{Engine, Event, Job, SubmitError, Summary};
 use crate::guard::{self, Access};
@@ -112,6 +112,8 @@ pub fn router(state: Arc<AppState>, access: Arc<Access>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -426,6 +428,89 @@ impl ChunkWriter {
     }
 }
 
+/// llama-server's `POST /tokenize`: `{"content", "add_special": false, "with_pieces": false}`
+/// → `{"tokens": [ids]}`, or `[{"id", "piece"}]` with pieces.
+async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let answer = async {
+        let mut fields = Fields::parse(&body)?;
+        let content = fields.string("content")?.ok_or_else(|| {
+            ApiError::invalid(Some("content"), "`content` is missing: send the text to tokenize")
+        })?;
+        let add_special = fields.bool("add_special")?.unwrap_or(false);
+        let with_pieces = fields.bool("with_pieces")?.unwrap_or(false);
+        if fields.bool("parse_special")? == Some(false) {
+            return Err(ApiError::invalid(
+                Some("parse_special"),
+                "special-token text always maps to its token here; `parse_special: false` is not supported",
+            ));
+        }
+        fields.finish()?;
+        let tokens = state
+            .tokenize("content", move |tokenizer| {
+                let ids = if add_special {
+                    tokenizer.encode(&content)?
+                } else {
+                    tokenizer.encode_without_specials(&content)?
+                };
+                if !with_pieces {
+                    return Ok(json!(ids));
+                }
+                let pieces = ids
+                    .iter()
+                    .map(|&id| {
+                        let piece = tokenizer.decode(&[id])?;
+                        Ok(json!({"id": id, "piece": piece}))
+                    })
+                    .collect::<dynexec_core::Result<Vec<_>>>()?;
+                Ok(json!(pieces))
+            })
+            .await?;
+        Ok(json!({"tokens": tokens}))
+    }
+    .await;
+    match answer {
+        Ok(body) => json_response(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// llama-server's `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`.
+async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let answer = async {
+        let mut fields = Fields::parse(&body)?;
+        let bad = || ApiError::invalid(Some("tokens"), "`tokens` must be a list of token ids");
+        let ids: Vec<u32> = match fields.take("tokens") {
+            None => Vec::new(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|id| u32::try_from(id).ok())
+                        .ok_or_else(bad)
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad()),
+        };
+        fields.finish()?;
+        let vocab = state.engine.info().tokenizer.vocab_size();
+        if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(ApiError::invalid(
+                Some("tokens"),
+                format!("token id {id} is outside the vocabulary of {vocab} tokens"),
+            ));
+        }
+        let content = state
+            .tokenize("tokens", move |tokenizer| tokenizer.decode(&ids))
+            .await?;
+        Ok(json!({"content": content}))
+    }
+    .await;
+    match answer {
+        Ok(body) => json_response(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     let info = state.engine.info();
     json_response(
@@ -500,7 +585,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 async fn not_found() -> Response {
     ApiError::invalid(
         None,
-        "no such endpoint: dynexec serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /metrics",
+        "no such endpoint: dynexec serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health and GET /metrics",
     )
     .with_code(404, "not_found")
     .into_response()

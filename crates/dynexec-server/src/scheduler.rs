@@ -180,6 +180,19 @@ impl<'m> Scheduler<'m> {
         self.metrics
             .prefilling_sequences
             .store(prefilling as u64, Ordering::Relaxed);
+        // Positions held in the slots' KV caches (a sequence's last token is not cached yet).
+        let cached: usize = self
+            .active
+            .iter()
+            .map(|s| s.prefilled + s.generated().saturating_sub(1))
+            .sum();
+        let capacity = self.config.max_batch.max(1) * self.served.model.config().context_length;
+        self.metrics
+            .kv_cache_tokens
+            .store(cached as u64, Ordering::Relaxed);
+        self.metrics
+            .kv_cache_capacity
+            .store(capacity as u64, Ordering::Relaxed);
     }
 
     /// Gives a job a slot; its prompt is prefilled by the steps that follow.

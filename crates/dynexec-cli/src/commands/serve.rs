@@ -124,7 +124,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 8 << 20)]
     pub max_body_bytes: usize,
 
-    /// Require `Authorization: Bearer KEY` on /v1/* (repeatable; /health and /metrics stay
+    /// Require `Authorization: Bearer KEY` on every endpoint (repeatable; /health and /metrics stay
     /// open). Prefer --api-key-file: a key on the command line is visible to other users.
     #[arg(long, value_name = "KEY")]
     pub api_key: Vec<String>,
