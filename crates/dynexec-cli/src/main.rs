@@ -129,6 +129,7 @@ mod tests {
                 command: Command::Generate(args),
             } => (
                 global.threads,
+                args.model.ctx_size,
                 args.model.model,
                 args.max_tokens,
                 args.sampling.temperature,
@@ -138,13 +139,13 @@ mod tests {
             _ => panic!("not generate"),
         };
         assert_eq!(
-            generate("dynexec -t 2 generate -m qwen -n 9 --temp 0.5 -s 7 -md small"),
+            generate("dynexec -t 2 generate -m qwen -c 512 -n 9 --temp 0.5 -s 7 -md small"),
             generate(
-                "dynexec --threads 2 generate --model qwen --max-tokens 9 --temperature 0.5 --seed 7 --draft small"
+                "dynexec --threads 2 generate --model qwen --ctx-size 512 --max-tokens 9 --temperature 0.5 --seed 7 --draft small"
             )
         );
         assert_eq!(
-            generate("dynexec generate --n-predict 9 --model-draft small").2,
+            generate("dynexec generate --n-predict 9 --model-draft small").3,
             9
         );
         let serve = |line: &str| match parse(line) {
@@ -157,16 +158,17 @@ mod tests {
                 args.max_batch,
                 args.draft,
                 args.batch_size,
+                args.ctx_size,
             ),
             _ => panic!("not serve"),
         };
         let ours = serve(
-            "dynexec serve qwen --served-name coder --max-batch 4 --draft small --batch-size 512",
+            "dynexec serve qwen --served-name coder --max-batch 4 --draft small --batch-size 512 --ctx-size 4096",
         );
         for line in [
-            "dynexec serve -m qwen -a coder -np 4 -md small -b 512",
-            "dynexec serve --model qwen --alias coder --parallel 4 --model-draft small --max-num-batched-tokens 512",
-            "dynexec serve --model qwen --served-model-name coder --parallel 4 --draft small -b 512",
+            "dynexec serve -m qwen -a coder -np 4 -md small -b 512 -c 4096",
+            "dynexec serve --model qwen --alias coder --parallel 4 --model-draft small --max-num-batched-tokens 512 -c 4096",
+            "dynexec serve --model qwen --served-model-name coder --parallel 4 --draft small -b 512 --ctx-size 4096",
         ] {
             assert_eq!(serve(line), ours, "{line}");
         }

@@ -113,6 +113,7 @@ pub fn flag(setting: Setting) -> &'static str {
         Setting::FrequencyPenalty => "--frequency-penalty",
         Setting::PresencePenalty => "--presence-penalty",
         Setting::LogitBias => "--logit-bias",
+        Setting::ContextSize => "--ctx-size",
         Setting::Lookahead => "--lookahead",
         Setting::EarlyExit => "--early-exit",
         Setting::Draft => "--draft",

@@ -886,3 +886,29 @@ fn bench_generate_compares_several_llama_cpp_builds_in_one_run() {
         "no such file",
     );
 }
+
+/// `-c/--ctx-size` caps the context: a prompt past the cap is refused as past the context,
+/// a cap past the model's own is refused by name, and within the cap nothing changes.
+#[test]
+fn ctx_size_caps_the_context() {
+    let prompt = "one two three four five six seven eight nine ten eleven twelve";
+    let capped = dynexec(&["generate", "-c", "8", "--prompt", prompt, "-n", "2"]);
+    assert_clear_error(&capped, "context");
+    let too_big = dynexec(&[
+        "generate",
+        "--ctx-size",
+        "100000",
+        "--prompt",
+        "hi",
+        "-n",
+        "2",
+    ]);
+    assert_clear_error(&too_big, "--ctx-size must be between 1 and 8192");
+    let plain = stdout_json(&dynexec(&[
+        "--json", "generate", "--prompt", prompt, "-n", "4",
+    ]));
+    let roomy = stdout_json(&dynexec(&[
+        "--json", "generate", "-c", "64", "--prompt", prompt, "-n", "4",
+    ]));
+    assert_eq!(plain["text"], roomy["text"]);
+}

@@ -536,3 +536,24 @@ fn tokenize_and_detokenize_like_llama_server() {
     );
     assert!(server.metric("dynexec_kv_cache_usage_ratio") >= 0.0);
 }
+
+/// `serve -c N` caps the context every request must fit in.
+#[test]
+fn a_capped_context_is_served_and_enforced() {
+    let server = Server::start(&["-c", "64", "--exit-adapters", "none"]);
+    let (_, models) = server.get("/v1/models");
+    let models: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(models["data"][0]["context_length"], 64);
+    let long = "word ".repeat(80);
+    let error = assert_api_error(
+        server.post("/v1/completions", &json!({"prompt": long, "max_tokens": 2})),
+        400,
+        "context",
+    );
+    assert_eq!(error["code"], "context_length_exceeded");
+    let (code, body) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(code, 200, "{body}");
+}

@@ -204,6 +204,8 @@ pub enum Setting {
     PresencePenalty,
     /// Per-token additions to the logits.
     LogitBias,
+    /// The context a decoder is capped to.
+    ContextSize,
     /// A speculative lookahead controller's spec.
     Lookahead,
     /// A per-token early-exit policy's spec.
@@ -245,6 +247,7 @@ impl std::fmt::Display for Setting {
             Setting::FrequencyPenalty => "the frequency penalty",
             Setting::PresencePenalty => "the presence penalty",
             Setting::LogitBias => "the logit bias",
+            Setting::ContextSize => "the context size",
             Setting::Lookahead => "lookahead",
             Setting::EarlyExit => "early-exit policy",
             Setting::Draft => "draft",

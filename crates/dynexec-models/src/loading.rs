@@ -25,6 +25,8 @@ pub struct LoadOptions {
     pub tokenizer: Option<PathBuf>,
     /// A Jinja chat template to use instead of the model's own.
     pub chat_template: Option<PathBuf>,
+    /// Cap the context at this many tokens ([`crate::llama::Llama::limit_context`]).
+    pub context: Option<usize>,
 }
 
 /// A loaded decoder and what loading chose for it.
@@ -67,6 +69,9 @@ pub fn load(
         None => None,
     };
     decoder.model.set_cpu_kernels(options.cpu_kernels);
+    if let Some(tokens) = options.context {
+        decoder.model.limit_context(tokens)?;
+    }
     if let Some(file) = &options.chat_template {
         set_chat_template_file(&mut decoder, file)?;
     }

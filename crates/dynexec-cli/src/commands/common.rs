@@ -42,6 +42,11 @@ pub struct ModelArgs {
     /// (`tokenizer.chat_template` in the GGUF or tokenizer_config.json).
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
+
+    /// Cap the context at N tokens (llama.cpp's `-c`; default: the model's own). Longer
+    /// prompts and generations are refused, and each sequence's KV cache stays within N.
+    #[arg(long = "ctx-size", short = 'c', value_name = "N")]
+    pub ctx_size: Option<usize>,
 }
 
 impl ModelArgs {
@@ -50,6 +55,7 @@ impl ModelArgs {
         let mut options = global.load_options(global.quant);
         options.tokenizer = self.tokenizer.clone();
         options.chat_template = self.chat_template.clone();
+        options.context = self.ctx_size;
         load_with(global, &self.model, &options)
     }
 }

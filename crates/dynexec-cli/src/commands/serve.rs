@@ -37,6 +37,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<PathBuf>,
 
+    /// Cap the context at N tokens (llama-server's `-c`; default: the model's own): the
+    /// prompt and generation of every request must fit, and each slot's KV cache stays
+    /// within N.
+    #[arg(long = "ctx-size", short = 'c', value_name = "N")]
+    pub ctx_size: Option<usize>,
+
     /// The model name clients send and /v1/models lists (default: MODEL as given;
     /// llama-server's `-a/--alias`, vLLM's `--served-model-name`).
     #[arg(long, short = 'a', aliases = ["alias", "served-model-name"])]
@@ -262,6 +268,7 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
         model: args.model.clone(),
         tokenizer: args.tokenizer.clone(),
         chat_template: args.chat_template.clone(),
+        ctx_size: args.ctx_size,
     }
     .load(global)?;
     let exit_adapters = match args.exit_adapters.as_deref() {

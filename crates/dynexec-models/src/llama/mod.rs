@@ -337,6 +337,21 @@ pub struct Llama {
 }
 
 impl Llama {
+    /// Caps the context at `tokens` (llama.cpp's `-c/--ctx-size`): prompts and generations
+    /// longer than that are refused, so KV memory stays within `tokens` positions per
+    /// sequence. It cannot exceed the context the model was trained for.
+    pub fn limit_context(&mut self, tokens: usize) -> Result<()> {
+        let trained = self.config.context_length;
+        if tokens == 0 || tokens > trained {
+            return Err(Error::setting(
+                dynexec_core::Setting::ContextSize,
+                format!("must be between 1 and {trained}, the context this model was trained for"),
+            ));
+        }
+        self.config.context_length = tokens;
+        Ok(())
+    }
+
     /// The hyper-parameters it was built from.
     pub fn config(&self) -> &LlamaConfig {
         &self.config
