@@ -96,10 +96,19 @@ impl SamplingParams {
 
     /// Whether any penalty or bias changes the logits (they depend on the tokens so far).
     pub fn adjusts_logits(&self) -> bool {
-        self.repetition_penalty != 1.0
-            || self.frequency_penalty != 0.0
-            || self.presence_penalty != 0.0
-            || !self.logit_bias.is_empty()
+        self.logit_adjustment().is_some()
+    }
+
+    /// The first setting that changes the logits, if any (for errors that name it).
+    pub fn logit_adjustment(&self) -> Option<Setting> {
+        [
+            (self.repetition_penalty != 1.0, Setting::RepetitionPenalty),
+            (self.frequency_penalty != 0.0, Setting::FrequencyPenalty),
+            (self.presence_penalty != 0.0, Setting::PresencePenalty),
+            (!self.logit_bias.is_empty(), Setting::LogitBias),
+        ]
+        .into_iter()
+        .find_map(|(set, setting)| set.then_some(setting))
     }
 }
 

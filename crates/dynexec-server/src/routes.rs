@@ -428,6 +428,14 @@ impl ChunkWriter {
     }
 }
 
+/// A JSON answer with 200, or the error.
+fn json_answer(answer: Result<Value, ApiError>) -> Response {
+    match answer {
+        Ok(body) => json_response(StatusCode::OK, &body),
+        Err(e) => e.into_response(),
+    }
+}
+
 /// llama-server's `POST /tokenize`: `{"content", "add_special": false, "with_pieces": false}`
 /// → `{"tokens": [ids]}`, or `[{"id", "piece"}]` with pieces.
 async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
@@ -468,10 +476,7 @@ async fn tokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         Ok(json!({"tokens": tokens}))
     }
     .await;
-    match answer {
-        Ok(body) => json_response(StatusCode::OK, &body),
-        Err(e) => e.into_response(),
-    }
+    json_answer(answer)
 }
 
 /// llama-server's `POST /detokenize`: `{"tokens": [ids]}` → `{"content"}`.
@@ -505,10 +510,7 @@ async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response
         Ok(json!({"content": content}))
     }
     .await;
-    match answer {
-        Ok(body) => json_response(StatusCode::OK, &body),
-        Err(e) => e.into_response(),
-    }
+    json_answer(answer)
 }
 
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {

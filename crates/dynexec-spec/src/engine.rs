@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor, D};
 use dynexec_core::sampling::Sampler;
 use dynexec_core::stats::{secs, GenerationStats};
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
-use dynexec_core::{Error, Result, Setting};
+use dynexec_core::{Error, Result};
 use dynexec_models::generation::{check_prompt, GenerateOptions, Generation, StopReason};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
@@ -110,19 +110,7 @@ impl<'a> SpeculativeSequence<'a> {
         options: &GenerateOptions,
     ) -> Result<Self> {
         check_prompt(target, prompt_ids, options)?;
-        let sampling = &options.sampling;
-        if let Some(setting) = [
-            (
-                sampling.repetition_penalty != 1.0,
-                Setting::RepetitionPenalty,
-            ),
-            (sampling.frequency_penalty != 0.0, Setting::FrequencyPenalty),
-            (sampling.presence_penalty != 0.0, Setting::PresencePenalty),
-            (!sampling.logit_bias.is_empty(), Setting::LogitBias),
-        ]
-        .into_iter()
-        .find_map(|(set, setting)| set.then_some(setting))
-        {
+        if let Some(setting) = options.sampling.logit_adjustment() {
             return Err(Error::setting(
                 setting,
                 "cannot be combined with speculative decoding yet (verification scores drafts without it)",

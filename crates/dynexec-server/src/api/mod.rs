@@ -299,7 +299,7 @@ pub fn prepare(
         seed: params.seed.unwrap_or_else(random_seed),
     };
     sampling.validate().map_err(setting_error)?;
-    let dynamic = dynamic_options(params, info)?;
+    let dynamic = dynamic_options(params, &sampling, info)?;
     Ok(Prepared {
         prompt_ids,
         options: GenerateOptions {
@@ -315,7 +315,11 @@ pub fn prepare(
 }
 
 /// Speculative decoding and early exit as the request and the server allow.
-fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiError> {
+fn dynamic_options(
+    params: &Params,
+    sampling: &SamplingParams,
+    info: &ModelInfo,
+) -> Result<Dynamic, ApiError> {
     let early_exit = match &params.early_exit {
         None => None,
         Some(spec) => {
@@ -342,7 +346,7 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
         // By default a server with a draft drafts, except for requests whose sampling it
         // cannot verify drafts under (penalties, bias) and early-exit ones: those decode
         // plainly, and the response reports no speculation.
-        (None, None) => info.draft.is_some() && early_exit.is_none() && !params.adjusts_logits(),
+        (None, None) => info.draft.is_some() && early_exit.is_none() && !sampling.adjusts_logits(),
     };
     if wants_speculative && early_exit.is_some() {
         return Err(ApiError::invalid(
@@ -350,12 +354,11 @@ fn dynamic_options(params: &Params, info: &ModelInfo) -> Result<Dynamic, ApiErro
             "`early_exit` cannot be combined with speculative decoding: send `\"speculative\": false`",
         ));
     }
-    if asked && params.adjusts_logits() {
-        let field = params.logit_adjustment_field();
-        return Err(ApiError::invalid(
-            Some(field),
-            format!("`{field}` cannot be combined with speculative decoding yet: send `\"speculative\": false`"),
-        ));
+    if let Some(setting) = sampling.logit_adjustment().filter(|_| asked) {
+        return Err(setting_error(dynexec_core::Error::setting(
+            setting,
+            "cannot be combined with speculative decoding yet: send `\"speculative\": false`",
+        )));
     }
     let speculative = match (wants_speculative, &info.draft) {
         (false, _) => None,

@@ -186,27 +186,6 @@ impl Params {
             early_exit: fields.string("early_exit")?,
         })
     }
-
-    /// Whether a penalty or bias that depends on the tokens so far is asked for.
-    pub(super) fn adjusts_logits(&self) -> bool {
-        self.repetition_penalty.is_some_and(|p| p != 1.0)
-            || self.frequency_penalty != 0.0
-            || self.presence_penalty != 0.0
-            || !self.logit_bias.is_empty()
-    }
-
-    /// The field of the first such penalty or bias, for errors.
-    pub(super) fn logit_adjustment_field(&self) -> &'static str {
-        if self.repetition_penalty.is_some_and(|p| p != 1.0) {
-            "repetition_penalty"
-        } else if self.frequency_penalty != 0.0 {
-            "frequency_penalty"
-        } else if self.presence_penalty != 0.0 {
-            "presence_penalty"
-        } else {
-            "logit_bias"
-        }
-    }
 }
 
 fn stop_strings(stop: Option<Value>) -> Result<Vec<String>, ApiError> {
