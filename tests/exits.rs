@@ -3,8 +3,9 @@
 //! full depth equals the plain model, and batches that shrink as inputs exit agree with
 //! batch 1.
 
+mod common;
+
 use candle_core::Device;
-use dynexec_core::files::default_cache_dir;
 use dynexec_exit::data::{read_splits, Dataset, Examples};
 use dynexec_exit::model::{image_features, Backbone, ExitClassifier};
 use dynexec_exit::policy::{softmax, ExitPolicy};
@@ -12,13 +13,9 @@ use dynexec_hub::Hub;
 use dynexec_models::bert::{mean_pool, pad_batch};
 
 /// The two committed models with the data folder each was trained on.
-const MODELS: [(&str, &str, &str); 2] = [
-    ("minilm-l6-reviews", "reviews", "scripts/fetch-reviews.sh"),
-    (
-        "cnn-fashion-mnist",
-        "fashion-mnist",
-        "scripts/fetch-fashion-mnist.sh",
-    ),
+const MODELS: [(&str, &str); 2] = [
+    ("minilm-l6-reviews", "reviews"),
+    ("cnn-fashion-mnist", "fashion-mnist"),
 ];
 
 fn load(name: &str) -> ExitClassifier {
@@ -28,18 +25,17 @@ fn load(name: &str) -> ExitClassifier {
         .unwrap_or_else(|e| panic!("{name}: {e} (run `dynexec models pull {name}`)"))
 }
 
-fn test_split(classifier: &ExitClassifier, data: &str, fetch: &str) -> Dataset {
-    let dir = default_cache_dir().join("data").join(data);
-    let splits =
-        read_splits(&dir, 5000, &Device::Cpu).unwrap_or_else(|e| panic!("{e}: run {fetch} first"));
+fn test_split(classifier: &ExitClassifier, data: &str) -> Dataset {
+    let dir = common::data_dir(data);
+    let splits = read_splits(&dir, 5000, &Device::Cpu).unwrap_or_else(|e| panic!("{data}: {e}"));
     splits.test.name_classes(&classifier.card.labels)
 }
 
 #[test]
 fn committed_models_reproduce_their_cards_test_accuracy() {
-    for (name, data, fetch) in MODELS {
+    for (name, data) in MODELS {
         let classifier = load(name);
-        let test = test_split(&classifier, data, fetch);
+        let test = test_split(&classifier, data);
         let predictions = classifier.predict(&test, 64, |_| {}).unwrap();
         let measured = predictions.accuracy_per_exit();
         let card = &classifier.card.accuracy.test_per_exit;
@@ -69,9 +65,9 @@ fn committed_models_reproduce_their_cards_test_accuracy() {
 
 #[test]
 fn threshold_zero_exits_first_and_above_one_runs_the_plain_model() {
-    for (name, data, fetch) in MODELS {
+    for (name, data) in MODELS {
         let classifier = load(name);
-        let sample = test_split(&classifier, data, fetch).take(24).unwrap();
+        let sample = test_split(&classifier, data).take(24).unwrap();
         let layers = classifier.num_exits();
         let first = classifier
             .classify(&sample.inputs, &ExitPolicy::parse("confidence:0").unwrap())
@@ -115,9 +111,9 @@ fn threshold_zero_exits_first_and_above_one_runs_the_plain_model() {
 
 #[test]
 fn shrinking_batches_agree_with_batch_one() {
-    for (name, data, fetch) in MODELS {
+    for (name, data) in MODELS {
         let classifier = load(name);
-        let sample = test_split(&classifier, data, fetch).take(16).unwrap();
+        let sample = test_split(&classifier, data).take(16).unwrap();
         for policy in ["confidence:0.9", "entropy:0.5", "patience:1"] {
             let policy = ExitPolicy::parse(policy).unwrap();
             let batched = classifier.classify(&sample.inputs, &policy).unwrap();

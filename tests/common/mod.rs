@@ -5,8 +5,7 @@ use dynexec_core::files::ModelFiles;
 use dynexec_hub::Hub;
 use std::path::PathBuf;
 
-/// The default decoder's files. Pulled (and cached) on first use, like the CLI does; CI pulls
-/// it beforehand with `dynexec models pull`.
+/// The default decoder's files, pulled (and cached) on first use, like the CLI does.
 pub fn smollm2_files() -> ModelFiles {
     let mut hub = Hub::from_env().expect("manifest");
     hub.progress = false;
@@ -15,7 +14,7 @@ pub fn smollm2_files() -> ModelFiles {
     )
 }
 
-/// The GGUF of a manifest model, pulled (and cached) on first use; CI pulls it beforehand.
+/// The GGUF of a manifest model, pulled (and cached) on first use.
 pub fn manifest_gguf(name: &str) -> PathBuf {
     let mut hub = Hub::from_env().expect("manifest");
     hub.progress = false;
@@ -137,4 +136,13 @@ pub fn greedy_side_by_side(
         their_logits = peer(&[b], ids.len() + step);
     }
     (our_tokens, their_tokens, worst)
+}
+
+/// A data set's folder, pulled into the cache on first use (parallel tests wait on one pull).
+pub fn data_dir(name: &str) -> PathBuf {
+    let mut hub = Hub::from_env().expect("hub");
+    hub.progress = false;
+    hub.data_set(name)
+        .unwrap_or_else(|e| panic!("pulling data set `{name}` failed: {e}"))
+        .dir
 }

@@ -62,6 +62,9 @@ enum Command {
     /// List, pull and locate the models of the manifest.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
+    /// List, pull and locate the data sets the tests, training commands and benchmarks read.
+    #[command(subcommand)]
+    Data(commands::data::DataCommand),
 }
 
 /// llama.cpp's multi-letter single-dash flags, which clap cannot declare, as the long flags
@@ -93,6 +96,7 @@ fn main() {
         Command::Diffusion(cmd) => commands::diffusion::run(&cli.global, cmd),
         Command::Diffuse(args) => commands::diffuse::run(&cli.global, args),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
+        Command::Data(cmd) => commands::data::run(&cli.global, cmd),
         Command::Serve(args) => commands::serve::run(&cli.global, args),
         Command::Spec(cmd) => commands::spec::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),

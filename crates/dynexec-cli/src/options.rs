@@ -6,6 +6,7 @@ use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::Setting;
 use dynexec_hub::Hub;
+use std::path::{Path, PathBuf};
 use dynexec_models::cpu_kernels::Isa;
 use dynexec_models::linear::CpuKernels;
 use dynexec_models::loading::LoadOptions;
@@ -101,6 +102,30 @@ impl GlobalOptions {
         let mut hub = Hub::from_env()?;
         hub.progress = !self.quiet;
         Ok(hub)
+    }
+
+    /// The folder of a data set: `given` when it is an existing path, else the manifest data
+    /// set it names (or `default` when none is given), pulled into the cache on first use.
+    pub fn data_dir(&self, given: Option<&Path>, default: &str) -> Result<PathBuf> {
+        let name = match given {
+            Some(path) if path.exists() => return Ok(path.to_path_buf()),
+            Some(path) => path.to_string_lossy().into_owned(),
+            None => default.to_string(),
+        };
+        let hub = self.hub()?;
+        let pulled = hub.data_set(&name).map_err(|e| match (given, &e) {
+            (Some(path), dynexec_core::Error::UnknownDataSet { .. }) => anyhow::anyhow!(
+                "{} is neither a folder nor a data set name ({e})",
+                path.display()
+            ),
+            _ => e.into(),
+        })?;
+        if let Some(source) = &pulled.source {
+            if !self.quiet {
+                eprintln!("pulled data set {name} from {source} into {}", pulled.dir.display());
+            }
+        }
+        Ok(pulled.dir)
     }
 }
 

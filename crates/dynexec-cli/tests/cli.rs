@@ -579,7 +579,7 @@ fn eval_perplexity_reports_json() {
     assert_eq!(report["quant"], "f32");
     assert_clear_error(
         &dynexec(&["eval", "perplexity", "--text", "/nonexistent.txt"]),
-        "fetch-sotu",
+        "dynexec data path sotu",
     );
     assert_clear_error(
         &dynexec(&[
@@ -817,7 +817,7 @@ fn bench_speculative_compares_drafters_with_plain_decoding() {
     }
     assert_clear_error(
         &dynexec(&["bench", "speculative", "--prompts-dir", "/nonexistent"]),
-        "fetch-prompts",
+        "neither a folder nor a data set",
     );
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// The first `n` reviews of each split, in a fresh folder.
 fn small_reviews(n: usize) -> tempfile::TempDir {
-    let source = data_dir("reviews", "scripts/fetch-reviews.sh");
+    let source = data_dir("reviews");
     let dir = tempfile::tempdir().unwrap();
     for split in ["train", "val", "test"] {
         let text = std::fs::read_to_string(source.join(format!("{split}.jsonl"))).unwrap();
@@ -361,7 +361,7 @@ fn bad_exit_inputs_are_clear_errors() {
             "--out",
             s(empty.path()),
         ]),
-        "fetch-reviews.sh",
+        "dynexec data pull",
     );
     assert_clear_error(
         &dynexec(&[

@@ -28,6 +28,15 @@ pub enum Error {
         known: String,
     },
 
+    /// A data set name that `models/data.toml` does not list; `known` lists those it does.
+    #[error("unknown data set `{name}`: the data sets are {known} (`dynexec data list`)")]
+    UnknownDataSet {
+        /// The name as given.
+        name: String,
+        /// The manifest's data set names, for the message.
+        known: String,
+    },
+
     /// A model file that should exist does not (also what [`Error::io`] makes of `NotFound`).
     #[error("model file not found: {0} (check the path, or pull the model with `dynexec models pull NAME`)")]
     MissingFile(PathBuf),

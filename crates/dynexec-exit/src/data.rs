@@ -260,13 +260,6 @@ pub fn read_named_splits(
     })
 }
 
-/// Where the fetch scripts put a task's splits: `$DYNEXEC_CACHE/data/TASK`.
-pub fn default_task_dir(task: &str) -> PathBuf {
-    dynexec_core::files::default_cache_dir()
-        .join("data")
-        .join(task)
-}
-
 /// The splits in `dir`: `{train,val,test}.jsonl` (or `.csv`) for text, or the four
 /// MNIST-style idx files, whose last `val_size` training images are the validation split.
 pub fn read_splits(dir: &Path, val_size: usize, device: &Device) -> Result<Splits> {
@@ -290,8 +283,8 @@ pub fn read_splits(dir: &Path, val_size: usize, device: &Device) -> Result<Split
     if !idx("train-images-idx3-ubyte").exists() {
         return Err(Error::InvalidArgument(format!(
             "{} holds neither train/val/test .jsonl or .csv files nor MNIST-style idx files \
-             (train-images-idx3-ubyte, ...): fetch a data set with scripts/fetch-reviews.sh or \
-             scripts/fetch-fashion-mnist.sh",
+             (train-images-idx3-ubyte, ...): pass a data set's name instead (`--data reviews`, \
+             `--data fashion-mnist`), or pull one with `dynexec data pull NAME`",
             dir.display()
         )));
     }
@@ -375,7 +368,7 @@ mod tests {
         let err = read_splits(dir.path(), 10, &Device::Cpu)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("fetch-reviews.sh"), "{err}");
+        assert!(err.contains("dynexec data pull"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod data;
 pub mod manifest;
 mod split_pull;
 
@@ -72,11 +73,29 @@ impl HfHub {
     /// One file from the hub: from the local hub cache when it is there (no network), else
     /// downloaded into that cache through hf-hub.
     pub fn get(&self, repo: &str, revision: &str, file: &str, progress: bool) -> Result<PathBuf> {
-        let hf_repo = hf_hub::Repo::with_revision(
-            repo.to_string(),
-            hf_hub::RepoType::Model,
-            revision.to_string(),
-        );
+        self.get_typed(hf_hub::RepoType::Model, repo, revision, file, progress)
+    }
+
+    /// One file of a dataset repository, as [`HfHub::get`] fetches a model's.
+    pub fn get_dataset_file(
+        &self,
+        repo: &str,
+        revision: &str,
+        file: &str,
+        progress: bool,
+    ) -> Result<PathBuf> {
+        self.get_typed(hf_hub::RepoType::Dataset, repo, revision, file, progress)
+    }
+
+    fn get_typed(
+        &self,
+        repo_type: hf_hub::RepoType,
+        repo: &str,
+        revision: &str,
+        file: &str,
+        progress: bool,
+    ) -> Result<PathBuf> {
+        let hf_repo = hf_hub::Repo::with_revision(repo.to_string(), repo_type, revision.to_string());
         let cache = hf_hub::Cache::new(self.cache_dir.clone());
         if let Some(path) = cache.repo(hf_repo.clone()).get(file) {
             return Ok(path);
@@ -166,6 +185,18 @@ impl Hub {
         let entry = self.entry(name)?;
         let dir = self.model_dir(name);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+        // Parallel tests and two shells may pull the same model: one fetches, the other
+        // waits here and then finds it cached.
+        let lock_path = self.cache_dir.join("models").join(format!(".{name}.lock"));
+        let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        lock.lock().map_err(|e| Error::io(&lock_path, e))?;
+        if let Some(files) = self.cached(name)? {
+            return Ok(Pulled {
+                files,
+                source: None,
+                skipped: Vec::new(),
+            });
+        }
         let mut attempts = Vec::new();
         for source in &entry.sources {
             match self.pull_from(entry, source, &dir) {
@@ -512,7 +543,7 @@ fn extract_wheel_members(
 /// Files a `hf:` reference with no file name stands for: a transformers-layout model.
 const HF_MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 
-fn hf_error(repo: &str, file: &str, message: &str) -> Error {
+pub(crate) fn hf_error(repo: &str, file: &str, message: &str) -> Error {
     Error::Fetch(format!(
         "hub download of {repo}/{file} failed: {message} (check the network, HF_ENDPOINT and HF_TOKEN, or use a cached or local model)"
     ))

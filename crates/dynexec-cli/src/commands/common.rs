@@ -8,7 +8,7 @@ use dynexec_core::sampling::SamplingParams;
 use dynexec_diffusion::pipeline::Pipeline;
 use dynexec_exit::calibrate::ExitPredictions;
 use dynexec_exit::card::ExitCard;
-use dynexec_exit::data::{default_task_dir, Dataset, Splits};
+use dynexec_exit::data::{Dataset, Splits};
 use dynexec_exit::model::ExitClassifier;
 use dynexec_exit::policy::ExitPolicy;
 use dynexec_exit::token_exit::{ExitAdapters, ADAPTERS_CARD};
@@ -270,7 +270,7 @@ pub fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>>
     }
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
-            "reading {} (scripts/fetch-prompts.sh and fetch-humaneval.sh fetch the prompt sets)",
+            "reading {} (`dynexec data pull prompts humaneval` fetches the prompt sets)",
             path.display()
         )
     })?;
@@ -292,7 +292,7 @@ pub fn read_jsonl(path: &Path, field: &str, count: usize) -> Result<Vec<String>>
 pub fn read_text(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).with_context(|| {
         format!(
-            "reading --text {} (for the State of the Union slice run scripts/fetch-sotu.sh)",
+            "reading --text {} (`dynexec data path sotu` gives the State of the Union text)",
             path.display()
         )
     })?;
@@ -395,15 +395,15 @@ pub fn read_splits(
     )?)
 }
 
-/// The splits of an exit model's task, from `data` or else from where the fetch scripts put
-/// the card's task (`$DYNEXEC_CACHE/data/TASK`).
+/// The splits of an exit model's task, from `data` (a folder or a data set name) or else
+/// from the data set named by the card's task, pulled on first use.
 pub fn read_task_splits(
     global: &GlobalOptions,
     data: Option<&Path>,
     card: &ExitCard,
     val_size: usize,
 ) -> Result<Splits> {
-    let dir = data.map_or_else(|| default_task_dir(&card.task), Path::to_path_buf);
+    let dir = global.data_dir(data, &card.task)?;
     read_splits(global, &dir, val_size, &card.labels)
 }
 

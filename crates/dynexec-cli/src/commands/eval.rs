@@ -11,7 +11,7 @@ use std::path::PathBuf;
 pub enum EvalCommand {
     /// Sliding-window perplexity of a decoder on a text file.
     #[command(
-        after_help = "Examples:\n  scripts/fetch-sotu.sh   # held-out State of the Union text\n  dynexec eval perplexity smollm2-135m-instruct --text \"$DYNEXEC_CACHE/data/sotu/heldout.txt\" --max-tokens 2048\n  dynexec eval perplexity smollm2-135m-instruct --quant q8_0 --text heldout.txt --json"
+        after_help = "Examples:\n  dynexec eval perplexity smollm2-135m-instruct --text \"$(dynexec data path sotu)/heldout.txt\" --max-tokens 2048\n  dynexec eval perplexity smollm2-135m-instruct --quant q8_0 --text heldout.txt --json"
     )]
     Perplexity(PerplexityArgs),
 }

@@ -4,6 +4,7 @@ pub mod analyze;
 pub mod bench;
 pub mod classify;
 pub mod common;
+pub mod data;
 pub mod diffuse;
 pub mod diffusion;
 pub mod eval;

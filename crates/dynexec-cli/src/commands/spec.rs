@@ -28,7 +28,7 @@ pub enum SpecCommand {
     /// costs. Use it with `--lookahead disco:DIR`.
     #[command(
         name = "train-lookahead",
-        after_help = "Example (the committed disco-qwen2.5-coder-1.5b-0.5b):\n  scripts/fetch-humaneval.sh\n  dynexec --threads 2 spec train-lookahead -m qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --out models/disco-qwen2.5-coder-1.5b-0.5b"
+        after_help = "Example (the committed disco-qwen2.5-coder-1.5b-0.5b):\n  dynexec --threads 2 spec train-lookahead -m qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct --out models/disco-qwen2.5-coder-1.5b-0.5b"
     )]
     TrainLookahead(TrainLookaheadArgs),
 }
@@ -54,7 +54,7 @@ pub struct TrainLookaheadArgs {
     /// Tokens generated per problem (greedy).
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// Folder with humaneval.jsonl (default: where scripts/fetch-humaneval.sh puts it).
+    /// Folder with humaneval.jsonl (default: the `humaneval` data set, pulled on first use).
     #[arg(long)]
     prompts_dir: Option<PathBuf>,
     /// Folder to write the classifier's card.json into.
@@ -184,10 +184,7 @@ fn train_lookahead(global: &GlobalOptions, args: TrainLookaheadArgs) -> Result<(
     if args.max_lookahead == 0 {
         anyhow::bail!("--max-lookahead must be at least 1");
     }
-    let dir = args
-        .prompts_dir
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/prompts"));
+    let dir = global.data_dir(args.prompts_dir.as_deref(), "humaneval")?;
     let texts = read_jsonl(&dir.join("humaneval.jsonl"), "prompt", args.problems)?;
     let draft: dynexec_spec::draft_spec::DraftSpec = args.draft.parse()?;
     let target = args.model.load(global)?;

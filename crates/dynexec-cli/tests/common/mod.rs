@@ -45,18 +45,19 @@ pub fn dynexec(args: &[&str]) -> Output {
         .expect("run dynexec")
 }
 
-/// A fetched data set under $DYNEXEC_CACHE/data.
-pub fn data_dir(name: &str, fetch: &str) -> PathBuf {
-    let dir = dynexec_core::files::default_cache_dir()
-        .join("data")
-        .join(name);
-    assert!(dir.exists(), "{} is missing: run {fetch}", dir.display());
-    dir
+/// A data set's folder, pulled into $DYNEXEC_CACHE on first use (parallel tests wait on one
+/// pull), as `dynexec data path NAME` does.
+pub fn data_dir(name: &str) -> PathBuf {
+    let mut hub = dynexec_hub::Hub::from_env().expect("hub");
+    hub.progress = false;
+    hub.data_set(name)
+        .unwrap_or_else(|e| panic!("pulling data set `{name}` failed: {e}"))
+        .dir
 }
 
 /// The first `train` training and `test` test images of Fashion-MNIST as idx files.
 pub fn small_fashion(train: usize, test: usize) -> tempfile::TempDir {
-    let source = data_dir("fashion-mnist", "scripts/fetch-fashion-mnist.sh");
+    let source = data_dir("fashion-mnist");
     let dir = tempfile::tempdir().unwrap();
     for (prefix, n) in [("train", train), ("t10k", test)] {
         let images = std::fs::read(source.join(format!("{prefix}-images-idx3-ubyte"))).unwrap();

@@ -103,12 +103,9 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
 
-    let dir = args
-        .data
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/fashion-mnist"));
+    let dir = global.data_dir(args.data.as_deref(), "fashion-mnist")?;
     let reference = fid_reference(&classifier, &dir, args.fid_reference).context(
-        "FID needs the Fashion-MNIST test images (fetch them with scripts/fetch-fashion-mnist.sh)",
+        "FID needs the Fashion-MNIST test images (the `fashion-mnist` data set)",
     )?;
     let expected: Vec<usize> = classes
         .iter()

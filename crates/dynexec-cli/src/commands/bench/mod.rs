@@ -27,7 +27,7 @@ pub enum BenchCommand {
     /// Every precision of one decoder side by side: weight bytes in memory, prefill and
     /// decode tok/s, and perplexity on a held-out text.
     #[command(
-        after_help = "Example:\n  scripts/fetch-sotu.sh\n  dynexec bench quant --threads 2 --formats f32,q8_0,q4_1 --eval-tokens 1024"
+        after_help = "Example:\n  dynexec bench quant --threads 2 --formats f32,q8_0,q4_1 --eval-tokens 1024"
     )]
     Quant(quant::BenchQuantArgs),
     /// Speculative decoding: plain decoding vs every drafter x lookahead controller on the
@@ -39,20 +39,20 @@ pub enum BenchCommand {
     /// Early exit: accuracy, mean exit layer, % layers saved, batch-1 latency and batched
     /// throughput of each exit policy next to full depth, on a task's test split.
     #[command(
-        after_help = "Example:\n  scripts/fetch-reviews.sh\n  dynexec bench exits --model minilm-l6-reviews --data $DYNEXEC_CACHE/data/reviews --threads 2"
+        after_help = "Example:\n  dynexec bench exits --model minilm-l6-reviews --threads 2"
     )]
     Exits(exits::BenchExitsArgs),
     /// Per-token early exit in a decoder: agreement with full-depth greedy tokens, perplexity,
     /// mean exit layer and decode speed of each policy next to full depth.
     #[command(
         name = "token-exits",
-        after_help = "Example:\n  scripts/fetch-prompts.sh; scripts/fetch-sotu.sh\n  dynexec bench token-exits --threads 2 --policies confidence:0.9,saturation:0.99"
+        after_help = "Example:\n  dynexec bench token-exits --threads 2 --policies confidence:0.9,saturation:0.99"
     )]
     TokenExits(token_exits::BenchTokenExitsArgs),
     /// Adaptive-step diffusion: fixed steps vs the predicted and converge policies on held-out
     /// prompts — mean steps, wall time, SSIM to the fixed-step image, class consistency, FID.
     #[command(
-        after_help = "Example:\n  scripts/fetch-fashion-mnist.sh\n  dynexec bench diffusion --threads 2 --seeds 2"
+        after_help = "Example:\n  dynexec bench diffusion --threads 2 --seeds 2"
     )]
     Diffusion(diffusion::BenchDiffusionArgs),
 }

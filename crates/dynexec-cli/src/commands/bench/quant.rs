@@ -22,7 +22,7 @@ pub struct BenchQuantArgs {
     /// Formats to compare (f32, f16, q8_0, q4_0, q4_1).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16,q8_0,q4_0,q4_1")]
     formats: Vec<WeightFormat>,
-    /// Held-out text for perplexity (default: the State of the Union slice of scripts/fetch-sotu.sh).
+    /// Held-out text for perplexity (default: the held-out slice of the `sotu` data set).
     #[arg(long)]
     text: Option<PathBuf>,
     /// Tokens of the text to score.
@@ -70,7 +70,7 @@ pub fn run(global: &GlobalOptions, args: BenchQuantArgs) -> Result<()> {
     );
     let text_path = match &args.text {
         Some(p) => p.clone(),
-        None => dynexec_core::files::default_cache_dir().join("data/sotu/heldout.txt"),
+        None => global.data_dir(None, "sotu")?.join("heldout.txt"),
     };
     let text = read_text(&text_path)?;
     let files = global.hub()?.resolve(&args.model.model)?;

@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 #[derive(Args)]
 #[command(
-    after_help = "Example:\n  scripts/fetch-prompts.sh\n  dynexec bench speculative --threads 2 --target-quant f32 --target-quant q8_0"
+    after_help = "Example:\n  dynexec bench speculative --threads 2 --target-quant f32 --target-quant q8_0"
 )]
 pub struct BenchSpeculativeArgs {
     #[command(flatten)]
@@ -58,7 +58,7 @@ pub struct BenchSpeculativeArgs {
     #[arg(long = "lookahead", default_values = ["fixed:2", "fixed:4", "fixed:8", "heuristic", "confidence"])]
     lookaheads: Vec<String>,
     /// Folder with truthfulqa.jsonl, xsum.jsonl and humaneval.jsonl (default: where
-    /// scripts/fetch-prompts.sh and fetch-humaneval.sh put them).
+    /// the `prompts` and `humaneval` data sets, pulled on first use).
     #[arg(long)]
     prompts_dir: Option<PathBuf>,
     /// TruthfulQA questions to use.
@@ -68,7 +68,7 @@ pub struct BenchSpeculativeArgs {
     #[arg(long, default_value_t = 2)]
     articles: usize,
     /// HumanEval problems to complete as code (raw prompts), from --humaneval-split
-    /// (scripts/fetch-humaneval.sh fetches them).
+    /// (the `humaneval` data set).
     #[arg(long, default_value_t = 0)]
     humaneval: usize,
     /// Which half of HumanEval: `test` (the last 82, for reported figures) or `train` (the
@@ -83,11 +83,15 @@ pub struct BenchSpeculativeArgs {
     max_tokens: usize,
 }
 
-fn prompt_sets(args: &BenchSpeculativeArgs, tokenizer: &TextTokenizer) -> Result<Vec<PromptSet>> {
-    let dir = args
-        .prompts_dir
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/prompts"));
+fn prompt_sets(
+    global: &GlobalOptions,
+    args: &BenchSpeculativeArgs,
+    tokenizer: &TextTokenizer,
+) -> Result<Vec<PromptSet>> {
+    let dir = global.data_dir(args.prompts_dir.as_deref(), "prompts")?;
+    if args.prompts_dir.is_none() && args.humaneval > 0 {
+        global.data_dir(None, "humaneval")?;
+    }
     let questions = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?;
     let articles = read_jsonl(&dir.join("xsum.jsonl"), "document", args.articles)?;
     let mut summarize = Vec::new();
@@ -212,7 +216,7 @@ pub fn run(global: &GlobalOptions, args: BenchSpeculativeArgs) -> Result<()> {
             Some(quant),
         )?;
         device = device_name(target.model.device());
-        let sets = prompt_sets(&args, &target.tokenizer)?;
+        let sets = prompt_sets(global, &args, &target.tokenizer)?;
         if args.verify_rows > 0 {
             let context = &sets[0].prompts[0];
             for cost in verification_costs(&target.model, context, args.verify_rows, 5)? {

@@ -27,7 +27,7 @@ pub struct BenchTokenExitsArgs {
         default_value = "confidence:0.9,confidence:0.7,confidence:0.5,saturation:0.99,saturation:0.98,saturation:0.97"
     )]
     policies: Vec<String>,
-    /// Folder with truthfulqa.jsonl (default: where scripts/fetch-prompts.sh puts it); the
+    /// Folder with truthfulqa.jsonl (default: the `prompts` data set, pulled on first use); the
     /// first --questions questions are the prompts.
     #[arg(long)]
     prompts_dir: Option<PathBuf>,
@@ -36,7 +36,7 @@ pub struct BenchTokenExitsArgs {
     /// Tokens generated per prompt.
     #[arg(long, default_value_t = 48)]
     max_tokens: usize,
-    /// Held-out text for perplexity (default: the State of the Union slice of scripts/fetch-sotu.sh).
+    /// Held-out text for perplexity (default: the held-out slice of the `sotu` data set).
     #[arg(long)]
     text: Option<PathBuf>,
     /// Tokens of the text scored, one decoding step each.
@@ -53,18 +53,15 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
         .iter()
         .map(|p| TokenExitPolicy::parse(p))
         .collect::<dynexec_core::Result<Vec<_>>>()?;
-    let dir = args
-        .prompts_dir
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/prompts"));
+    let dir = global.data_dir(args.prompts_dir.as_deref(), "prompts")?;
     let prompts = read_jsonl(&dir.join("truthfulqa.jsonl"), "question", args.questions)?
         .iter()
         .map(|q| Ok(tokenizer.encode(&tokenizer.chat_prompt(None, q)?)?))
         .collect::<Result<Vec<_>>>()?;
-    let text_path = args
-        .text
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/sotu/heldout.txt"));
+    let text_path = match &args.text {
+        Some(p) => p.clone(),
+        None => global.data_dir(None, "sotu")?.join("heldout.txt"),
+    };
     let mut text_ids = tokenizer.encode(&read_text(&text_path)?)?;
     text_ids.truncate(args.eval_tokens + 1);
     let options = GenerateOptions::greedy(args.max_tokens);

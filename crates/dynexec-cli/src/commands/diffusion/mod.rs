@@ -19,7 +19,7 @@ pub enum DiffusionCommand {
     /// Train the small text-conditioned UNet on Fashion-MNIST: each image is paired with a
     /// random prompt describing its class, embedded by the sentence encoder.
     #[command(
-        after_help = "Example:\n  scripts/fetch-fashion-mnist.sh\n  dynexec diffusion train --prompts models/unet-fashion-mnist/prompts-train.jsonl --test-prompts models/unet-fashion-mnist/prompts-test.jsonl --out my-unet"
+        after_help = "Example:\n  dynexec diffusion train --prompts models/unet-fashion-mnist/prompts-train.jsonl --test-prompts models/unet-fashion-mnist/prompts-test.jsonl --out my-unet"
     )]
     Train(train::TrainArgs),
     /// Step Saver labels: generate each prompt at every step count of a grid and record the

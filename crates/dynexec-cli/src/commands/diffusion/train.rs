@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 #[derive(Args)]
 pub struct TrainArgs {
     /// Folder with MNIST-style idx files (default: $DYNEXEC_CACHE/data/fashion-mnist, where
-    /// scripts/fetch-fashion-mnist.sh puts them).
+    /// `dynexec data pull fashion-mnist` puts them, pulled on first use); or a data set name.
     #[arg(long)]
     data: Option<PathBuf>,
     /// Training prompts (JSONL or CSV with `text` and `label`, labels being class names).
@@ -74,10 +74,7 @@ pub struct TrainArgs {
 
 pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     let device = global.open_device()?;
-    let data_dir = args
-        .data
-        .clone()
-        .unwrap_or_else(|| dynexec_core::files::default_cache_dir().join("data/fashion-mnist"));
+    let data_dir = global.data_dir(args.data.as_deref(), "fashion-mnist")?;
     let mut data = read_idx(
         &data_dir.join("train-images-idx3-ubyte"),
         &data_dir.join("train-labels-idx1-ubyte"),
@@ -85,7 +82,7 @@ pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
     )
     .with_context(|| {
         format!(
-            "reading the training images in {} (fetch them with scripts/fetch-fashion-mnist.sh)",
+            "reading the training images in {} (`--data fashion-mnist` pulls them)",
             data_dir.display()
         )
     })?;

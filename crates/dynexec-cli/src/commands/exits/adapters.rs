@@ -18,7 +18,7 @@ pub struct TrainAdaptersArgs {
     #[arg(long)]
     out: PathBuf,
     /// JSONL prompts whose `question` field the model answers to make the training text
-    /// (default: TruthfulQA from scripts/fetch-prompts.sh).
+    /// (default: TruthfulQA from the `prompts` data set, pulled on first use).
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// Prompts skipped at the file's start (keep them for evaluation, as `bench token-exits`
@@ -58,9 +58,10 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         .layers
         .clone()
         .unwrap_or_else(|| (5..depth).step_by(5).collect());
-    let prompts_path = args.prompts.clone().unwrap_or_else(|| {
-        dynexec_core::files::default_cache_dir().join("data/prompts/truthfulqa.jsonl")
-    });
+    let prompts_path = match &args.prompts {
+        Some(p) => p.clone(),
+        None => global.data_dir(None, "prompts")?.join("truthfulqa.jsonl"),
+    };
     let questions = read_jsonl(&prompts_path, "question", args.skip + args.count)?;
     let questions = &questions[args.skip.min(questions.len())..];
     if questions.len() < 2 {

@@ -18,7 +18,7 @@ pub enum ExitsCommand {
     /// Train an exit head after every layer of an encoder (frozen backbone or joint
     /// fine-tuning) or of a CNN trained from scratch; saves exits.safetensors and card.json.
     #[command(
-        after_help = "Examples:\n  scripts/fetch-reviews.sh\n  dynexec exits train --data $DYNEXEC_CACHE/data/reviews --backbone minilm-l6 --out my-reviews\n  scripts/fetch-fashion-mnist.sh\n  dynexec exits train --data $DYNEXEC_CACHE/data/fashion-mnist --backbone cnn --mode joint --out my-cnn"
+        after_help = "Examples:\n  dynexec exits train --data reviews --backbone minilm-l6 --out my-reviews\n  dynexec exits train --data fashion-mnist --backbone cnn --mode joint --out my-cnn"
     )]
     Train(TrainArgs),
     /// Pick the thresholds that exit earliest while losing at most --max-accuracy-drop of
@@ -32,7 +32,7 @@ pub enum ExitsCommand {
     /// token from its hidden state.
     #[command(
         name = "train-adapters",
-        after_help = "Example:\n  scripts/fetch-prompts.sh\n  dynexec exits train-adapters --model smollm2-135m-instruct --out my-adapters"
+        after_help = "Example:\n  dynexec exits train-adapters --model smollm2-135m-instruct --out my-adapters"
     )]
     TrainAdapters(adapters::TrainAdaptersArgs),
 }

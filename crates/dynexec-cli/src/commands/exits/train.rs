@@ -18,7 +18,8 @@ use std::path::PathBuf;
 #[derive(Args)]
 pub struct TrainArgs {
     /// Folder with the splits: {train,val,test}.jsonl or .csv (text,label), or MNIST-style idx
-    /// files (the last --val-size training images become the validation split).
+    /// files (the last --val-size training images become the validation split); or a data
+    /// set's name (`reviews`, `fashion-mnist`), pulled on first use.
     #[arg(long)]
     data: PathBuf,
     /// Folder to write exits.safetensors and card.json into.
@@ -66,7 +67,8 @@ pub struct TrainArgs {
     train_limit: Option<usize>,
 }
 
-pub fn run(global: &GlobalOptions, args: TrainArgs) -> Result<()> {
+pub fn run(global: &GlobalOptions, mut args: TrainArgs) -> Result<()> {
+    args.data = global.data_dir(Some(&args.data), "")?;
     let device = global.open_device()?;
     let probe = dynexec_exit::data::read_splits(&args.data, args.val_size, &device)?;
     let images = matches!(probe.train.inputs, Examples::Images(_));
