@@ -71,18 +71,57 @@ enum Command {
 /// they mean here.
 const LLAMA_CPP_FLAGS: &[(&str, &str)] = &[("-md", "--model-draft"), ("-np", "--parallel")];
 
-/// The command line with llama.cpp's spellings rewritten ([`LLAMA_CPP_FLAGS`]).
+/// llama.cpp's hub flags (`-hf ORG/REPO[:QUANT]`) and the model flag each stands for: the
+/// value becomes the model reference `hf:ORG/REPO:QUANT`.
+const LLAMA_CPP_HUB_FLAGS: &[(&str, &str)] = &[
+    ("-hf", "--model"),
+    ("-hfr", "--model"),
+    ("--hf-repo", "--model"),
+    ("-hfd", "--model-draft"),
+    ("-hfrd", "--model-draft"),
+    ("--hf-repo-draft", "--model-draft"),
+];
+
+/// The quantization llama.cpp's `-hf` picks when the reference names none.
+const LLAMA_CPP_DEFAULT_QUANT: &str = "Q4_K_M";
+
+/// `ORG/REPO[:QUANT]` as a model reference, `hf:ORG/REPO:QUANT` (Q4_K_M by default).
+fn hub_reference(value: &str) -> String {
+    if value.contains(':') {
+        format!("hf:{value}")
+    } else {
+        format!("hf:{value}:{LLAMA_CPP_DEFAULT_QUANT}")
+    }
+}
+
+/// The command line with llama.cpp's spellings rewritten ([`LLAMA_CPP_FLAGS`],
+/// [`LLAMA_CPP_HUB_FLAGS`]).
 fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
-    args.map(|arg| {
-        match LLAMA_CPP_FLAGS
-            .iter()
-            .find(|(short, _)| arg.to_str() == Some(short))
-        {
-            Some((_, long)) => long.into(),
-            None => arg,
+    let mut out = Vec::new();
+    let mut args = args.peekable();
+    while let Some(arg) = args.next() {
+        let text = arg.to_str().unwrap_or_default();
+        if let Some((_, long)) = LLAMA_CPP_FLAGS.iter().find(|(short, _)| *short == text) {
+            out.push(long.into());
+            continue;
         }
-    })
-    .collect()
+        let (flag, inline) = match text.split_once('=') {
+            Some((flag, value)) => (flag, Some(value.to_string())),
+            None => (text, None),
+        };
+        match LLAMA_CPP_HUB_FLAGS.iter().find(|(hub, _)| *hub == flag) {
+            Some((_, model_flag)) => {
+                out.push(model_flag.into());
+                // A missing value is left for clap to report against the model flag.
+                let value = inline.or_else(|| args.next().and_then(|v| v.into_string().ok()));
+                if let Some(value) = value {
+                    out.push(hub_reference(&value).into());
+                }
+            }
+            None => out.push(arg),
+        }
+    }
+    out
 }
 
 fn main() {
@@ -175,6 +214,54 @@ mod tests {
             "dynexec serve --model qwen --served-model-name coder --parallel 4 --draft small -b 512 --ctx-size 4096",
         ] {
             assert_eq!(serve(line), ours, "{line}");
+        }
+    }
+
+    /// llama.cpp's `--draft-max/--draft-min` bound any lookahead, appended to its spec.
+    #[test]
+    fn draft_bounds_append_to_the_lookahead() {
+        match parse("dynexec generate -md small --lookahead confidence:0.5 --draft-max 16 --draft-min 2") {
+            Cli {
+                command: Command::Generate(args),
+                ..
+            } => assert_eq!(
+                args.draft_bounds.apply(&args.lookahead),
+                "confidence:0.5,min=2,max=16"
+            ),
+            _ => panic!("not generate"),
+        }
+        let lone = llama_cpp_spellings(["dynexec", "generate", "--draft-max", "4"].map(Into::into).into_iter());
+        assert!(Cli::try_parse_from(lone).is_err(), "bounds without a draft are refused");
+    }
+
+    /// `-hf ORG/REPO[:QUANT]` names the GGUF of that quantization (Q4_K_M by default), for
+    /// the model and, with `-hfd`, the draft; which file that is, the hub crate's tests check.
+    #[test]
+    fn hub_flags_become_quantization_references() {
+        let models = |line: &str| match parse(line) {
+            Cli {
+                command: Command::Generate(args),
+                ..
+            } => (args.model.model, args.draft),
+            _ => panic!("not generate"),
+        };
+        assert_eq!(
+            models("dynexec generate -hf Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF -hfd Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:q8_0"),
+            (
+                "hf:Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF:Q4_K_M".to_string(),
+                Some("hf:Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF:q8_0".to_string())
+            )
+        );
+        assert_eq!(
+            models("dynexec generate --hf-repo=org/m-GGUF:Q8_0").0,
+            "hf:org/m-GGUF:Q8_0"
+        );
+        match parse("dynexec serve -hf org/m-GGUF") {
+            Cli {
+                command: Command::Serve(args),
+                ..
+            } => assert_eq!(args.model_flag.as_deref(), Some("hf:org/m-GGUF:Q4_K_M")),
+            _ => panic!("not serve"),
         }
     }
 }

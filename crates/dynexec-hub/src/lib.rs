@@ -87,6 +87,40 @@ impl HfHub {
         self.get_typed(hf_hub::RepoType::Dataset, repo, revision, file, progress)
     }
 
+    /// The files of a model repository at `revision`: those already in the local hub cache
+    /// when the wanted one is among them (no network), else the hub's listing.
+    pub fn list_files(&self, repo: &str, revision: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+        let folder = self.cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+        let snapshot = std::fs::read_to_string(folder.join("refs").join(revision))
+            .map(|hash| folder.join("snapshots").join(hash.trim()))
+            .unwrap_or_else(|_| folder.join("snapshots").join(revision));
+        if let Ok(entries) = std::fs::read_dir(&snapshot) {
+            let local: Vec<String> = entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect();
+            if local.iter().any(|f| wanted(f)) {
+                return Ok(local);
+            }
+        }
+        let hf_repo = hf_hub::Repo::with_revision(
+            repo.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        );
+        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(
+            self.cache_dir.clone(),
+        ))
+        .with_progress(false);
+        if let Some(endpoint) = &self.endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
+        }
+        let listing = builder
+            .build()
+            .and_then(|api| api.repo(hf_repo).info())
+            .map_err(|e| hf_error(repo, "(file listing)", &e.to_string()))?;
+        Ok(listing.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+
     fn get_typed(
         &self,
         repo_type: hf_hub::RepoType,
@@ -251,6 +285,18 @@ impl Hub {
     fn hf_resolve(&self, repo: &str, revision: &str, file: Option<&str>) -> Result<ModelFiles> {
         let get = |file: &str| self.hf.get(repo, revision, file, self.progress);
         let name = format!("hf:{repo}@{revision}");
+        // `ORG/REPO:Q4_K_M` (llama.cpp's `-hf`) names a quantization, not a file.
+        let picked;
+        let file = match file {
+            Some(quant) if is_quant_tag(quant) => {
+                let files = self.hf.list_files(repo, revision, |f| gguf_has_quant(f, quant))?;
+                picked = pick_gguf(&files, quant).map_err(|message| {
+                    Error::InvalidArgument(format!("hf:{repo}:{quant}: {message}"))
+                })?;
+                Some(picked.as_str())
+            }
+            other => other,
+        };
         if let Some(file) = file {
             return Ok(ModelFiles {
                 name,
@@ -540,6 +586,57 @@ fn extract_wheel_members(
     Ok(())
 }
 
+/// Whether the part after `ORG/REPO:` is a quantization tag (`Q4_K_M`, `q8_0`, `IQ4_XS`,
+/// `f16`) rather than a file name: it has no extension.
+pub fn is_quant_tag(text: &str) -> bool {
+    !text.contains(['.', '/']) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// Whether the GGUF file name carries `quant` as a whole tag, case-insensitively:
+/// `…-q4_k_m.gguf` and `….Q4_K_M.gguf` carry `Q4_K_M`; neither carries `Q4_K`.
+pub fn gguf_has_quant(file: &str, quant: &str) -> bool {
+    let name = file.rsplit('/').next().unwrap_or(file).to_ascii_lowercase();
+    let Some(stem) = name.strip_suffix(".gguf") else {
+        return false;
+    };
+    let quant = quant.to_ascii_lowercase();
+    stem.match_indices(&quant).any(|(at, _)| {
+        let before = stem[..at].chars().next_back();
+        let after = stem[at + quant.len()..].chars().next();
+        matches!(before, None | Some('-' | '.' | '_')) && matches!(after, None | Some('-' | '.'))
+    })
+}
+
+/// The GGUF of a repository listing with quantization `quant`, as llama.cpp's
+/// `-hf ORG/REPO:QUANT` picks it; a split GGUF's first part names the whole.
+pub fn pick_gguf(files: &[String], quant: &str) -> std::result::Result<String, String> {
+    let mut matching: Vec<&String> = files.iter().filter(|f| gguf_has_quant(f, quant)).collect();
+    matching.sort();
+    let is_later_part = |f: &str| f.contains("-of-") && !f.contains("-00001-of-");
+    matching.retain(|f| !is_later_part(f));
+    match matching.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => {
+            let mut quants: Vec<String> = files
+                .iter()
+                .filter(|f| f.ends_with(".gguf"))
+                .map(|f| f.trim_end_matches(".gguf").rsplit(['-', '.']).next().unwrap_or(f).to_string())
+                .collect();
+            quants.sort();
+            quants.dedup();
+            Err(if quants.is_empty() {
+                "the repository holds no GGUF file".to_string()
+            } else {
+                format!("no GGUF with quantization `{quant}`; it has {}", quants.join(", "))
+            })
+        }
+        many => Err(format!(
+            "several GGUFs carry `{quant}` ({}): name one as hf:ORG/REPO:FILE",
+            many.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
 /// Files a `hf:` reference with no file name stands for: a transformers-layout model.
 const HF_MODEL_FILES: [&str; 3] = ["config.json", "tokenizer.json", "tokenizer_config.json"];
 
@@ -676,6 +773,56 @@ mod tests {
             err.contains("local:nowhere") && err.contains("local:also-nowhere"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_quant_tag_picks_its_gguf_as_llama_cpp_does() {
+        let files: Vec<String> = [
+            "README.md",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            "qwen2.5-coder-1.5b-instruct-q4_k_s.gguf",
+            "qwen2.5-coder-1.5b-instruct-q8_0.gguf",
+            "qwen2.5-coder-1.5b-instruct-fp16-00001-of-00002.gguf",
+            "qwen2.5-coder-1.5b-instruct-fp16-00002-of-00002.gguf",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(pick_gguf(&files, "Q4_K_M").unwrap(), "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf");
+        assert_eq!(pick_gguf(&files, "q8_0").unwrap(), "qwen2.5-coder-1.5b-instruct-q8_0.gguf");
+        assert_eq!(
+            pick_gguf(&files, "fp16").unwrap(),
+            "qwen2.5-coder-1.5b-instruct-fp16-00001-of-00002.gguf"
+        );
+        // A prefix of a tag is not the tag.
+        let err = pick_gguf(&files, "Q4_K").unwrap_err();
+        assert!(err.contains("no GGUF with quantization `Q4_K`") && err.contains("q4_k_m"), "{err}");
+        assert!(gguf_has_quant("SmolLM2-135M-Instruct.Q4_1.gguf", "q4_1"));
+        assert!(is_quant_tag("Q4_K_M") && !is_quant_tag("model-q4_k_m.gguf"));
+        assert!(pick_gguf(&["a-q4_0.gguf".into(), "b-q4_0.gguf".into()], "q4_0")
+            .unwrap_err()
+            .contains("several"));
+    }
+
+    /// `hf:ORG/REPO:QUANT` resolves offline from a hub cache that already holds the file.
+    #[test]
+    fn an_hf_quant_reference_resolves_from_the_hub_cache() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut hub = Hub::new(Manifest::parse("", "t", tmp.path()).unwrap(), tmp.path().join("c"));
+        hub.progress = false;
+        hub.hf.cache_dir = tmp.path().join("hf");
+        hub.hf.endpoint = Some("http://127.0.0.1:9".to_string());
+        let repo = hub.hf.cache_dir.join("models--org--m-GGUF");
+        std::fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc").unwrap();
+        for f in ["m-q4_k_m.gguf", "m-q8_0.gguf"] {
+            std::fs::write(repo.join("snapshots/abc").join(f), f).unwrap();
+        }
+        let files = hub.resolve("hf:org/m-GGUF:Q8_0").unwrap();
+        assert!(files.files[0].ends_with("m-q8_0.gguf"), "{:?}", files.files);
+        // A quantization the cache lacks needs the hub's listing: unreachable here, and said so.
+        let err = hub.resolve("hf:org/m-GGUF:Q6_K").unwrap_err().to_string();
+        assert!(err.contains("org/m-GGUF"), "{err}");
     }
 
     #[test]

@@ -274,7 +274,8 @@ fn check_source(model: &ModelEntry, source: &Source) -> std::result::Result<(), 
 pub enum ModelRef {
     /// A name in the manifest.
     Named(String),
-    /// `hf:ORG/REPO[@REV][:FILE]`: a hub repo, optionally one file of it (e.g. a GGUF).
+    /// `hf:ORG/REPO[@REV][:FILE]`: a hub repo, optionally one file of it (e.g. a GGUF), or
+    /// `hf:ORG/REPO[@REV]:QUANT`: the GGUF of that quantization in the repo (llama.cpp's `-hf`).
     HuggingFace {
         /// The repository, `ORG/REPO`.
         repo: String,
@@ -317,7 +318,7 @@ impl ModelRef {
 fn parse_hf(rest: &str) -> Result<ModelRef> {
     let bad = || {
         Error::InvalidArgument(format!(
-            "`hf:{rest}` is not a hub reference: write hf:ORG/REPO, hf:ORG/REPO@REVISION or hf:ORG/REPO[@REVISION]:FILE"
+            "`hf:{rest}` is not a hub reference: write hf:ORG/REPO, hf:ORG/REPO@REVISION, hf:ORG/REPO[@REVISION]:FILE or hf:ORG/REPO[@REVISION]:QUANT"
         ))
     };
     let (repo_rev, file) = match rest.split_once(':') {

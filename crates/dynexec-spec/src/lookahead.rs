@@ -249,15 +249,90 @@ impl Lookahead for Confidence {
     }
 }
 
+/// Another controller held between `min` and `max` drafted tokens per step: llama.cpp's
+/// `--draft-min`/`--draft-max` over any controller. Below `min` the inner controller's stop
+/// signals are overruled (llama.cpp instead discards drafts shorter than its minimum; here
+/// the draft is extended, which keeps every step's verification worth its batch).
+pub struct Bounded {
+    inner: Box<dyn Lookahead>,
+    min: usize,
+    max: usize,
+}
+
+impl Bounded {
+    /// `inner` held to `min..=max` tokens per step; `None` when the bounds are empty.
+    pub fn new(inner: Box<dyn Lookahead>, min: usize, max: usize) -> Option<Self> {
+        (max >= 1 && min <= max).then_some(Self { inner, min, max })
+    }
+}
+
+impl Lookahead for Bounded {
+    fn name(&self) -> String {
+        format!("{},min={},max={}", self.inner.name(), self.min, self.max)
+    }
+    fn next_k(&self) -> usize {
+        self.inner.next_k().clamp(self.min.max(1), self.max)
+    }
+    fn keep_drafting(&self, signal: &DraftSignal) -> bool {
+        signal.position < self.min || self.inner.keep_drafting(signal)
+    }
+    fn observe(&mut self, signals: &[DraftSignal], accepted: usize) {
+        self.inner.observe(signals, accepted)
+    }
+    fn check_pair(&self, target: &Llama, draft: &str) -> Result<()> {
+        self.inner.check_pair(target, draft)
+    }
+}
+
+/// The `,min=N` and `,max=N` suffixes of a lookahead spec, split off its controller.
+fn split_bounds(spec: &str) -> (&str, Option<usize>, Option<usize>, bool) {
+    let (mut rest, mut min, mut max, mut bad) = (spec, None, None, false);
+    while let Some((head, tail)) = rest.rsplit_once(',') {
+        let slot = match tail.split_once('=') {
+            Some(("min", n)) => (&mut min, n),
+            Some(("max", n)) => (&mut max, n),
+            _ => break,
+        };
+        match slot.1.parse::<usize>() {
+            Ok(n) if slot.0.is_none() => *slot.0 = Some(n),
+            _ => bad = true,
+        }
+        rest = head;
+    }
+    (rest, min, max, bad)
+}
+
 /// Parses `fixed:K`, `heuristic[:START]`, `confidence[:THRESHOLD]` or `disco:PATH` (a
 /// DISCO classifier's folder or card file; front ends turn `disco[:NAME]` into a path first,
-/// see [`crate::disco::DEFAULT_DISCO`]).
+/// see [`crate::disco::DEFAULT_DISCO`]), each optionally followed by `,min=N` and/or
+/// `,max=N` ([`Bounded`]; the CLI's `--draft-min`/`--draft-max`).
 pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
+    let (controller, min, max, bad_bounds) = split_bounds(spec);
+    let bad = |why: &str| Error::BadSpec {
+        setting: Setting::Lookahead,
+        spec: spec.to_string(),
+        help: format!("{why}; bounds are ,min=N and ,max=N with 0 <= N and 1 <= max, min <= max"),
+    };
+    if bad_bounds {
+        return Err(bad("a bound is not a whole number or is given twice"));
+    }
+    let inner = parse_controller(controller)?;
+    if min.is_none() && max.is_none() {
+        return Ok(inner);
+    }
+    let (min, max) = (min.unwrap_or(0), max.unwrap_or(usize::MAX));
+    match Bounded::new(inner, min, max) {
+        Some(bounded) => Ok(Box::new(bounded)),
+        None => Err(bad("the bounds are empty")),
+    }
+}
+
+fn parse_controller(spec: &str) -> Result<Box<dyn Lookahead>> {
     let bad = |why: &str| Error::BadSpec {
         setting: Setting::Lookahead,
         spec: spec.to_string(),
         help: format!(
-            "{why}; use fixed:K, heuristic[:START], confidence[:THRESHOLD] or disco[:MODEL]"
+            "{why}; use fixed:K, heuristic[:START], confidence[:THRESHOLD] or disco[:MODEL], optionally followed by ,min=N and ,max=N"
         ),
     };
     let (kind, arg) = match spec.split_once(':') {
@@ -296,6 +371,23 @@ pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bounds_clamp_any_controller_and_overrule_early_stops() {
+        let bounded = parse("fixed:8,max=3").unwrap();
+        assert_eq!(bounded.next_k(), 3);
+        assert_eq!(parse("fixed:1,min=2,max=4").unwrap().next_k(), 2);
+        // A confidence controller stops on a weak token, but not below min.
+        let c = parse("confidence:0.9,min=2").unwrap();
+        let weak = |position| DraftSignal { position, confidence: 0.1, runner_up: 0.0, entropy: 0.0 };
+        assert!(c.keep_drafting(&weak(1)) && !c.keep_drafting(&weak(2)));
+        assert_eq!(c.next_k(), Confidence::DEFAULT_MAX);
+        assert_eq!(parse("heuristic,max=16").unwrap().name(), "heuristic,min=0,max=16");
+        for bad in ["fixed:4,max=0", "fixed:4,min=5,max=3", "fixed:4,max=x", "fixed:4,max=2,max=3"] {
+            let err = parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("bounds"), "{bad}: {err}");
+        }
+    }
 
     /// Signals with these confidences, at positions 1, 2, ...
     pub(crate) fn signals(confidences: &[f32]) -> Vec<DraftSignal> {

@@ -29,8 +29,9 @@ pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
 
 #[derive(Args)]
 pub struct ModelArgs {
-    /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE], or a
-    /// local GGUF file / transformers folder.
+    /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE],
+    /// hf:ORG/REPO:QUANT (the GGUF of that quantization; llama.cpp's `-hf ORG/REPO[:QUANT]`
+    /// is read as this, Q4_K_M by default), or a local GGUF file / transformers folder.
     #[arg(long, short, default_value = DEFAULT_DECODER)]
     pub model: String,
 
@@ -234,8 +235,13 @@ pub fn build_drafter(
 /// (the default classifier), `disco:NAME` (a manifest name or folder) or `disco:FILE`;
 /// other specs stay as they are.
 pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
-    let reference = match spec.split_once(':') {
-        None if spec == "disco" => DEFAULT_DISCO,
+    // Bounds (`,min=N`, `,max=N`) follow the controller and are kept as they are.
+    let (controller, bounds) = match spec.find(",min=").or(spec.find(",max=")) {
+        Some(at) => spec.split_at(at),
+        None => (spec, ""),
+    };
+    let reference = match controller.split_once(':') {
+        None if controller == "disco" => DEFAULT_DISCO,
         Some(("disco", reference)) => reference,
         _ => return Ok(spec.to_string()),
     };
@@ -245,7 +251,36 @@ pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
         DISCO_CARD,
         "train a classifier with `dynexec spec train-lookahead`",
     )?;
-    Ok(format!("disco:{}", card.display()))
+    Ok(format!("disco:{}{bounds}", card.display()))
+}
+
+/// llama.cpp's bounds on the tokens drafted per step, over any `--lookahead`: flags shared
+/// by `generate` and `serve`.
+#[derive(Args, Clone, Default)]
+pub struct DraftBoundsArgs {
+    /// Draft at most N tokens per step, whatever the lookahead proposes (llama.cpp's
+    /// `--draft-max`, transformers' `num_assistant_tokens` with a fixed schedule).
+    #[arg(long, value_name = "N", requires = "draft")]
+    pub draft_max: Option<usize>,
+
+    /// Draft at least N tokens per step: the lookahead's early stops count only after N
+    /// (llama.cpp's `--draft-min`, which instead drops shorter drafts).
+    #[arg(long, value_name = "N", requires = "draft")]
+    pub draft_min: Option<usize>,
+}
+
+impl DraftBoundsArgs {
+    /// `lookahead` with these bounds appended (`,min=N`, `,max=N`), as the spec parser reads them.
+    pub fn apply(&self, lookahead: &str) -> String {
+        let mut spec = lookahead.to_string();
+        if let Some(min) = self.draft_min {
+            spec.push_str(&format!(",min={min}"));
+        }
+        if let Some(max) = self.draft_max {
+            spec.push_str(&format!(",max={max}"));
+        }
+        spec
+    }
 }
 
 /// Loads exit adapters by manifest name or folder and checks they fit `model`.

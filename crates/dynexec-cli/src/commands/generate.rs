@@ -1,7 +1,7 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftCostArgs, ModelArgs, SamplingArgs,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs, ModelArgs, SamplingArgs,
     DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::{print_json, GlobalOptions};
@@ -64,6 +64,9 @@ pub struct GenerateArgs {
 
     #[command(flatten)]
     pub draft_cost: DraftCostArgs,
+
+    #[command(flatten)]
+    pub draft_bounds: DraftBoundsArgs,
 
     /// How many tokens to draft per step: `fixed:K`, `heuristic[:START]` (+2 after a fully
     /// accepted draft, -1 otherwise), `confidence[:T]` (stop when the draft's probability
@@ -137,7 +140,10 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     let drafting = match args.draft.as_deref() {
         Some(draft) => Some((
             draft.parse::<DraftSpec>()?,
-            dynexec_spec::lookahead::parse(&resolve_lookahead(global, &args.lookahead)?)?,
+            dynexec_spec::lookahead::parse(&resolve_lookahead(
+                global,
+                &args.draft_bounds.apply(&args.lookahead),
+            )?)?,
         )),
         None => None,
     };

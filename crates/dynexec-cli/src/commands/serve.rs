@@ -1,7 +1,7 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftCostArgs, ModelArgs,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs, ModelArgs,
     DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::GlobalOptions;
@@ -65,6 +65,9 @@ pub struct ServeArgs {
 
     #[command(flatten)]
     pub draft_cost: DraftCostArgs,
+
+    #[command(flatten)]
+    pub draft_bounds: DraftBoundsArgs,
 
     /// The lookahead speculative requests use unless they send their own, as `generate
     /// --lookahead` takes it (`disco[:MODEL]` included; requests may name a DISCO card by path).
@@ -160,7 +163,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     if let Some(model) = args.model_flag.take() {
         args.model = model;
     }
-    args.lookahead = resolve_lookahead(global, &args.lookahead)?;
+    args.lookahead = resolve_lookahead(global, &args.draft_bounds.apply(&args.lookahead))?;
     dynexec_spec::lookahead::parse(&args.lookahead)?;
     let addr = format!("{}:{}", args.host, args.port);
     let addr: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
