@@ -220,7 +220,9 @@ mod tests {
     /// llama.cpp's `--draft-max/--draft-min` bound any lookahead, appended to its spec.
     #[test]
     fn draft_bounds_append_to_the_lookahead() {
-        match parse("dynexec generate -md small --lookahead confidence:0.5 --draft-max 16 --draft-min 2") {
+        match parse(
+            "dynexec generate -md small --lookahead confidence:0.5 --draft-max 16 --draft-min 2",
+        ) {
             Cli {
                 command: Command::Generate(args),
                 ..
@@ -230,8 +232,15 @@ mod tests {
             ),
             _ => panic!("not generate"),
         }
-        let lone = llama_cpp_spellings(["dynexec", "generate", "--draft-max", "4"].map(Into::into).into_iter());
-        assert!(Cli::try_parse_from(lone).is_err(), "bounds without a draft are refused");
+        let lone = llama_cpp_spellings(
+            ["dynexec", "generate", "--draft-max", "4"]
+                .map(Into::into)
+                .into_iter(),
+        );
+        assert!(
+            Cli::try_parse_from(lone).is_err(),
+            "bounds without a draft are refused"
+        );
     }
 
     /// `-hf ORG/REPO[:QUANT]` names the GGUF of that quantization (Q4_K_M by default), for

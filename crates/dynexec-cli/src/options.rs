@@ -6,11 +6,11 @@ use clap::Args;
 use dynexec_core::device::DeviceSpec;
 use dynexec_core::Setting;
 use dynexec_hub::Hub;
-use std::path::{Path, PathBuf};
 use dynexec_models::cpu_kernels::Isa;
 use dynexec_models::linear::CpuKernels;
 use dynexec_models::loading::LoadOptions;
 use dynexec_quant::{QuantTarget, WeightFormat};
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone)]
 pub struct GlobalOptions {
@@ -122,7 +122,10 @@ impl GlobalOptions {
         })?;
         if let Some(source) = &pulled.source {
             if !self.quiet {
-                eprintln!("pulled data set {name} from {source} into {}", pulled.dir.display());
+                eprintln!(
+                    "pulled data set {name} from {source} into {}",
+                    pulled.dir.display()
+                );
             }
         }
         Ok(pulled.dir)

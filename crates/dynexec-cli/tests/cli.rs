@@ -210,6 +210,84 @@ fn bench_generate_reports_ours_and_the_peer() {
     assert!(report["decode_ratio_vs_peer"].as_f64().unwrap() > 0.0);
 }
 
+/// `-o json|jsonl|csv|md` writes llama-bench's records: one per implementation and test,
+/// with llama-bench's field names, readable by what reads llama-bench's.
+#[test]
+fn bench_generate_writes_llama_bench_records() {
+    let bench = |format: &str| {
+        let args = [
+            "bench",
+            "generate",
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--peer",
+            "-o",
+            format,
+        ];
+        let out = dynexec(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let records: Value = serde_json::from_str(&bench("json")).unwrap();
+    let records = records.as_array().unwrap();
+    let tests: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["implementation"].as_str().unwrap(),
+                r["test"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(tests[..2], [("dynexec", "pp8"), ("dynexec", "tg4")]);
+    assert_eq!(records.len(), 4, "{records:?}");
+    for r in records {
+        for key in [
+            "model_type",
+            "model_n_params",
+            "model_size",
+            "n_threads",
+            "n_prompt",
+            "n_gen",
+            "avg_ns",
+            "stddev_ts",
+        ] {
+            assert!(r.get(key).is_some(), "{key} missing from {r}");
+        }
+        assert_eq!(r["samples_ts"].as_array().unwrap().len(), 2);
+        assert!(r["avg_ts"].as_f64().unwrap() > 0.0);
+    }
+    // SmolLM2-135M has 134.5M parameters, as llama.cpp counts them.
+    assert_eq!(records[0]["model_n_params"], 134_515_008);
+    assert_ne!(records[2]["build_commit"], records[0]["build_commit"]);
+    assert_eq!(bench("jsonl").lines().count(), 4);
+    let csv = bench("csv");
+    assert_eq!(csv.lines().count(), 5);
+    assert!(csv
+        .lines()
+        .next()
+        .unwrap()
+        .split(',')
+        .any(|f| f == "avg_ts"));
+    assert!(bench("md").starts_with(
+        "| implementation | model | size | params | backend | threads | test | t/s |"
+    ));
+    assert_clear_error(
+        &dynexec(&["bench", "generate", "-o", "xml"]),
+        "use json, jsonl, csv or md",
+    );
+}
+
 /// Every instruction set's kernels give the same bits, so the same greedy tokens; the bench
 /// names the one it ran and measures the other in the same run; a bad name is a clear error.
 #[test]

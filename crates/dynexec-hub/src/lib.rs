@@ -89,8 +89,15 @@ impl HfHub {
 
     /// The files of a model repository at `revision`: those already in the local hub cache
     /// when the wanted one is among them (no network), else the hub's listing.
-    pub fn list_files(&self, repo: &str, revision: &str, wanted: impl Fn(&str) -> bool) -> Result<Vec<String>> {
-        let folder = self.cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+    pub fn list_files(
+        &self,
+        repo: &str,
+        revision: &str,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>> {
+        let folder = self
+            .cache_dir
+            .join(format!("models--{}", repo.replace('/', "--")));
         let snapshot = std::fs::read_to_string(folder.join("refs").join(revision))
             .map(|hash| folder.join("snapshots").join(hash.trim()))
             .unwrap_or_else(|_| folder.join("snapshots").join(revision));
@@ -107,10 +114,9 @@ impl HfHub {
             hf_hub::RepoType::Model,
             revision.to_string(),
         );
-        let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(
-            self.cache_dir.clone(),
-        ))
-        .with_progress(false);
+        let mut builder =
+            hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(self.cache_dir.clone()))
+                .with_progress(false);
         if let Some(endpoint) = &self.endpoint {
             builder = builder.with_endpoint(endpoint.clone());
         }
@@ -129,7 +135,8 @@ impl HfHub {
         file: &str,
         progress: bool,
     ) -> Result<PathBuf> {
-        let hf_repo = hf_hub::Repo::with_revision(repo.to_string(), repo_type, revision.to_string());
+        let hf_repo =
+            hf_hub::Repo::with_revision(repo.to_string(), repo_type, revision.to_string());
         let cache = hf_hub::Cache::new(self.cache_dir.clone());
         if let Some(path) = cache.repo(hf_repo.clone()).get(file) {
             return Ok(path);
@@ -289,7 +296,9 @@ impl Hub {
         let picked;
         let file = match file {
             Some(quant) if is_quant_tag(quant) => {
-                let files = self.hf.list_files(repo, revision, |f| gguf_has_quant(f, quant))?;
+                let files = self
+                    .hf
+                    .list_files(repo, revision, |f| gguf_has_quant(f, quant))?;
                 picked = pick_gguf(&files, quant).map_err(|message| {
                     Error::InvalidArgument(format!("hf:{repo}:{quant}: {message}"))
                 })?;
@@ -620,19 +629,31 @@ pub fn pick_gguf(files: &[String], quant: &str) -> std::result::Result<String, S
             let mut quants: Vec<String> = files
                 .iter()
                 .filter(|f| f.ends_with(".gguf"))
-                .map(|f| f.trim_end_matches(".gguf").rsplit(['-', '.']).next().unwrap_or(f).to_string())
+                .map(|f| {
+                    f.trim_end_matches(".gguf")
+                        .rsplit(['-', '.'])
+                        .next()
+                        .unwrap_or(f)
+                        .to_string()
+                })
                 .collect();
             quants.sort();
             quants.dedup();
             Err(if quants.is_empty() {
                 "the repository holds no GGUF file".to_string()
             } else {
-                format!("no GGUF with quantization `{quant}`; it has {}", quants.join(", "))
+                format!(
+                    "no GGUF with quantization `{quant}`; it has {}",
+                    quants.join(", ")
+                )
             })
         }
         many => Err(format!(
             "several GGUFs carry `{quant}` ({}): name one as hf:ORG/REPO:FILE",
-            many.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
+            many.iter()
+                .map(|f| f.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
 }
@@ -787,27 +808,41 @@ mod tests {
         ]
         .map(String::from)
         .to_vec();
-        assert_eq!(pick_gguf(&files, "Q4_K_M").unwrap(), "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf");
-        assert_eq!(pick_gguf(&files, "q8_0").unwrap(), "qwen2.5-coder-1.5b-instruct-q8_0.gguf");
+        assert_eq!(
+            pick_gguf(&files, "Q4_K_M").unwrap(),
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+        );
+        assert_eq!(
+            pick_gguf(&files, "q8_0").unwrap(),
+            "qwen2.5-coder-1.5b-instruct-q8_0.gguf"
+        );
         assert_eq!(
             pick_gguf(&files, "fp16").unwrap(),
             "qwen2.5-coder-1.5b-instruct-fp16-00001-of-00002.gguf"
         );
         // A prefix of a tag is not the tag.
         let err = pick_gguf(&files, "Q4_K").unwrap_err();
-        assert!(err.contains("no GGUF with quantization `Q4_K`") && err.contains("q4_k_m"), "{err}");
+        assert!(
+            err.contains("no GGUF with quantization `Q4_K`") && err.contains("q4_k_m"),
+            "{err}"
+        );
         assert!(gguf_has_quant("SmolLM2-135M-Instruct.Q4_1.gguf", "q4_1"));
         assert!(is_quant_tag("Q4_K_M") && !is_quant_tag("model-q4_k_m.gguf"));
-        assert!(pick_gguf(&["a-q4_0.gguf".into(), "b-q4_0.gguf".into()], "q4_0")
-            .unwrap_err()
-            .contains("several"));
+        assert!(
+            pick_gguf(&["a-q4_0.gguf".into(), "b-q4_0.gguf".into()], "q4_0")
+                .unwrap_err()
+                .contains("several")
+        );
     }
 
     /// `hf:ORG/REPO:QUANT` resolves offline from a hub cache that already holds the file.
     #[test]
     fn an_hf_quant_reference_resolves_from_the_hub_cache() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut hub = Hub::new(Manifest::parse("", "t", tmp.path()).unwrap(), tmp.path().join("c"));
+        let mut hub = Hub::new(
+            Manifest::parse("", "t", tmp.path()).unwrap(),
+            tmp.path().join("c"),
+        );
         hub.progress = false;
         hub.hf.cache_dir = tmp.path().join("hf");
         hub.hf.endpoint = Some("http://127.0.0.1:9".to_string());

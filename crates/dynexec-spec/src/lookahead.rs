@@ -328,12 +328,14 @@ pub fn parse(spec: &str) -> Result<Box<dyn Lookahead>> {
 }
 
 fn parse_controller(spec: &str) -> Result<Box<dyn Lookahead>> {
-    let bad = |why: &str| Error::BadSpec {
+    let bad = |why: &str| {
+        Error::BadSpec {
         setting: Setting::Lookahead,
         spec: spec.to_string(),
         help: format!(
             "{why}; use fixed:K, heuristic[:START], confidence[:THRESHOLD] or disco[:MODEL], optionally followed by ,min=N and ,max=N"
         ),
+    }
     };
     let (kind, arg) = match spec.split_once(':') {
         Some((k, a)) => (k, Some(a)),
@@ -379,11 +381,24 @@ mod tests {
         assert_eq!(parse("fixed:1,min=2,max=4").unwrap().next_k(), 2);
         // A confidence controller stops on a weak token, but not below min.
         let c = parse("confidence:0.9,min=2").unwrap();
-        let weak = |position| DraftSignal { position, confidence: 0.1, runner_up: 0.0, entropy: 0.0 };
+        let weak = |position| DraftSignal {
+            position,
+            confidence: 0.1,
+            runner_up: 0.0,
+            entropy: 0.0,
+        };
         assert!(c.keep_drafting(&weak(1)) && !c.keep_drafting(&weak(2)));
         assert_eq!(c.next_k(), Confidence::DEFAULT_MAX);
-        assert_eq!(parse("heuristic,max=16").unwrap().name(), "heuristic,min=0,max=16");
-        for bad in ["fixed:4,max=0", "fixed:4,min=5,max=3", "fixed:4,max=x", "fixed:4,max=2,max=3"] {
+        assert_eq!(
+            parse("heuristic,max=16").unwrap().name(),
+            "heuristic,min=0,max=16"
+        );
+        for bad in [
+            "fixed:4,max=0",
+            "fixed:4,min=5,max=3",
+            "fixed:4,max=x",
+            "fixed:4,max=2,max=3",
+        ] {
             let err = parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(err.contains("bounds"), "{bad}: {err}");
         }

@@ -19,7 +19,9 @@ pub enum DataCommand {
         names: Vec<String>,
     },
     /// Print a data set's folder (pulling it first if needed).
-    #[command(after_help = "Example:\n  dynexec eval perplexity smollm2-135m-instruct --text \"$(dynexec data path sotu)/heldout.txt\"")]
+    #[command(
+        after_help = "Example:\n  dynexec eval perplexity smollm2-135m-instruct --text \"$(dynexec data path sotu)/heldout.txt\""
+    )]
     Path {
         /// A data set name.
         name: String,

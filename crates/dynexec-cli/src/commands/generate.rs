@@ -1,8 +1,8 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs, ModelArgs, SamplingArgs,
-    DEFAULT_EXIT_ADAPTERS,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
+    ModelArgs, SamplingArgs, DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};

@@ -1,8 +1,8 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs, ModelArgs,
-    DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
+    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
+    ModelArgs, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
 };
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};

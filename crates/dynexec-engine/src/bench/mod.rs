@@ -8,6 +8,7 @@
 
 pub mod llama_cpp;
 pub mod quant;
+pub mod records;
 pub mod speculative;
 pub mod token_exits;
 
@@ -163,6 +164,12 @@ pub struct Row {
     pub prefill: Summary,
     /// Decode tokens/s over the measured runs.
     pub decode: Summary,
+    /// Prefill tokens/s of each measured run, in order (for llama-bench's `samples_ts`).
+    #[serde(skip)]
+    pub prefill_samples: Vec<f64>,
+    /// Decode tokens/s of each measured run, in order.
+    #[serde(skip)]
+    pub decode_samples: Vec<f64>,
 }
 
 impl Row {
@@ -216,6 +223,8 @@ pub fn run_generation(
                 decode_tokens_per_s: decode.median,
                 prefill,
                 decode,
+                prefill_samples: pp,
+                decode_samples: tg,
             }
         })
         .collect())

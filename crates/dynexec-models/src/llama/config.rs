@@ -77,6 +77,26 @@ fn default_rope_theta() -> f64 {
 }
 
 impl LlamaConfig {
+    /// The weights' parameter count as llama.cpp reports it: embeddings, every layer's
+    /// projections, biases and norms, the final norm, and the output head when untied.
+    pub fn parameter_count(&self) -> u64 {
+        let (h, kv) = (
+            self.hidden_size as u64,
+            (self.num_kv_heads * self.head_dim) as u64,
+        );
+        let q = (self.num_heads * self.head_dim) as u64;
+        let attention = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
+        let mlp = 3 * h * self.intermediate_size as u64;
+        let layer = attention + mlp + 2 * h;
+        let embeddings = self.vocab_size as u64 * h;
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            embeddings
+        };
+        embeddings + self.num_layers as u64 * layer + h + head
+    }
+
     /// Reads a transformers `config.json` of a llama, mistral or qwen2 model.
     pub fn from_hf_json(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

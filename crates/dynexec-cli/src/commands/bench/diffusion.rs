@@ -104,9 +104,8 @@ pub fn run(global: &GlobalOptions, args: BenchDiffusionArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let dir = global.data_dir(args.data.as_deref(), "fashion-mnist")?;
-    let reference = fid_reference(&classifier, &dir, args.fid_reference).context(
-        "FID needs the Fashion-MNIST test images (the `fashion-mnist` data set)",
-    )?;
+    let reference = fid_reference(&classifier, &dir, args.fid_reference)
+        .context("FID needs the Fashion-MNIST test images (the `fashion-mnist` data set)")?;
     let expected: Vec<usize> = classes
         .iter()
         .flat_map(|&c| std::iter::repeat_n(c, args.seeds))

@@ -6,6 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynexec_core::device::device_name;
 use dynexec_engine::bench::llama_cpp::{build_names, LlamaCpp, LLAMA_CPP_NAME};
+use dynexec_engine::bench::records::{records, render, rfc3339, Format, RunInfo};
 use dynexec_engine::bench::{
     bench_prompt, run_generation, CandlePeer, Contestant, Greedy, HeldToIsa, Ratios, Row,
 };
@@ -44,6 +45,12 @@ pub struct BenchGenerateArgs {
     /// interleaved run by run: what the better one this CPU has is worth.
     #[arg(long, value_name = "ISA")]
     compare_cpu_isa: Option<Isa>,
+    /// Print llama-bench's records instead of the table: `json`, `jsonl`, `csv` or `md`, with
+    /// llama-bench's field names (`model_type`, `n_threads`, `n_prompt`, `n_gen`, `avg_ts`,
+    /// `stddev_ts`, `samples_ts`, ...) beside dynexec's (`implementation`, `test`,
+    /// `median_ts`), a record per implementation and test (llama-bench's `-o`).
+    #[arg(long, short = 'o', value_name = "FORMAT")]
+    output: Option<Format>,
 }
 
 #[derive(Serialize)]
@@ -147,6 +154,12 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
         ratios: Ratios::of(&rows, &llama_cpp_names, args.compare_cpu_isa),
         rows,
     };
+    if let Some(format) = args.output {
+        let run = run_info(global, &args, model, loaded.format)?;
+        let records = records(&report.rows, &run, args.prompt_tokens, args.gen_tokens);
+        print!("{}", render(&records, format)?);
+        return Ok(());
+    }
     if global.json {
         return print_json(&report);
     }
@@ -211,4 +224,86 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The model and machine facts llama-bench records carry.
+fn run_info(
+    global: &GlobalOptions,
+    args: &BenchGenerateArgs,
+    model: &dynexec_models::llama::Llama,
+    format: &str,
+) -> Result<RunInfo> {
+    let files = global.hub()?.resolve(&args.model.model)?;
+    let weights = files
+        .find(".gguf")
+        .or(files.files.first().map(PathBuf::as_path));
+    let model_size = files
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let config = model.config();
+    let n_params = config.parameter_count();
+    let device = model.device();
+    let backend = match device {
+        candle_core::Device::Cpu => "CPU",
+        candle_core::Device::Cuda(_) => "CUDA",
+        candle_core::Device::Metal(_) => "Metal",
+    };
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let kv_type = format!("{:?}", model.dtype()).to_lowercase();
+    Ok(RunInfo {
+        build_commit: format!("dynexec {}", env!("CARGO_PKG_VERSION")),
+        cpu_info: cpu_model_name(),
+        gpu_info: if device.is_cpu() {
+            String::new()
+        } else {
+            device_name(device)
+        },
+        backends: backend.to_string(),
+        model_filename: weights.map(|p| p.display().to_string()).unwrap_or_default(),
+        model_type: format!(
+            "{} {:.1}B {format}",
+            weights
+                .and_then(gguf_architecture)
+                .unwrap_or_else(|| "llama".to_string()),
+            n_params as f64 / 1e9
+        ),
+        model_size,
+        model_n_params: n_params,
+        n_batch: args.prompt_tokens,
+        n_threads: candle_core::utils::get_num_threads(),
+        type_k: kv_type.clone(),
+        type_v: kv_type,
+        test_time: rfc3339(secs),
+    })
+}
+
+/// The CPU's model name (Linux's /proc/cpuinfo), else the architecture.
+fn cpu_model_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines().find_map(|l| {
+                l.strip_prefix("model name")?
+                    .split_once(':')
+                    .map(|(_, v)| v.trim().to_string())
+            })
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// A GGUF's `general.architecture` (`qwen2`, `llama`), read from its header alone.
+fn gguf_architecture(path: &std::path::Path) -> Option<String> {
+    let mut file = std::fs::File::open(path).ok()?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).ok()?;
+    content
+        .metadata
+        .get("general.architecture")?
+        .to_string()
+        .ok()
+        .cloned()
 }

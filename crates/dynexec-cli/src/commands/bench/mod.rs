@@ -51,9 +51,7 @@ pub enum BenchCommand {
     TokenExits(token_exits::BenchTokenExitsArgs),
     /// Adaptive-step diffusion: fixed steps vs the predicted and converge policies on held-out
     /// prompts — mean steps, wall time, SSIM to the fixed-step image, class consistency, FID.
-    #[command(
-        after_help = "Example:\n  dynexec bench diffusion --threads 2 --seeds 2"
-    )]
+    #[command(after_help = "Example:\n  dynexec bench diffusion --threads 2 --seeds 2")]
     Diffusion(diffusion::BenchDiffusionArgs),
 }
 
