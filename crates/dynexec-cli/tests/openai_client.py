@@ -1,4 +1,5 @@
-"""Drives `dynexec serve` with the official openai package: python3 openai_client.py URL MODEL KEY.
+"""Drives `dynexec serve` with the official openai package:
+python3 openai_client.py URL MODEL KEY EMBEDDING_MODEL.
 
 Prints one JSON object with what it saw; exits non-zero on the first mismatch.
 """
@@ -7,7 +8,7 @@ import sys
 
 import openai
 
-base, model, key = sys.argv[1], sys.argv[2], sys.argv[3]
+base, model, key, embedding_model = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=300)
 stranger = openai.OpenAI(base_url=base + "/v1", api_key="sk-wrong", max_retries=0, timeout=300)
 try:
@@ -81,7 +82,23 @@ try:
 except openai.BadRequestError as e:
     bad_request = e.status_code
 
+# Embeddings: the client asks for base64 by default and decodes it; floats on request.
+pairs = [
+    ("The cat sits outside", "The cat plays in the garden"),
+    ("The new movie is awesome", "The new movie is so great"),
+    ("I love pasta", "Do you like pizza?"),
+]
+texts = [t for pair in pairs for t in pair]
+embedded = client.embeddings.create(model=embedding_model, input=texts)
+assert [d.index for d in embedded.data] == list(range(len(texts))), embedded
+assert embedded.usage.prompt_tokens > len(texts), embedded.usage
+vectors = [d.embedding for d in embedded.data]
+floats = client.embeddings.create(model=embedding_model, input=texts[0], encoding_format="float")
+assert max(abs(a - b) for a, b in zip(floats.data[0].embedding, vectors[0])) < 1e-6
+cosines = [sum(a * b for a, b in zip(vectors[2 * i], vectors[2 * i + 1])) for i in range(len(pairs))]
+
 print(json.dumps({
+    "cosines": cosines,
     "models": models,
     "chat": chat,
     "streamed": "".join(pieces),

@@ -472,7 +472,14 @@ fn the_official_openai_python_client_works() {
         eprintln!("skipped: the openai Python package is not installed (pip install openai)");
         return;
     }
-    let server = Server::start(&["--draft", "ngram", "--api-key", "sk-dynexec-test"]);
+    let server = Server::start(&[
+        "--draft",
+        "ngram",
+        "--api-key",
+        "sk-dynexec-test",
+        "--embedding",
+        "minilm-l6",
+    ]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/openai_client.py");
     let out = Command::new("python3")
         .args([
@@ -480,6 +487,7 @@ fn the_official_openai_python_client_works() {
             &server.base,
             "smollm2-135m-instruct",
             "sk-dynexec-test",
+            "minilm-l6",
         ])
         .output()
         .expect("run python3");
@@ -490,11 +498,163 @@ fn the_official_openai_python_client_works() {
         String::from_utf8_lossy(&out.stderr)
     );
     let report: Value = serde_json::from_slice(&out.stdout).expect("the script prints JSON");
-    assert_eq!(report["models"], json!(["smollm2-135m-instruct"]));
+    assert_eq!(
+        report["models"],
+        json!(["smollm2-135m-instruct", "minilm-l6"])
+    );
+    assert_cosines(&report["cosines"]);
     assert_eq!(report["streamed"], report["chat"]);
     assert_eq!(report["speculative"], report["chat"]);
     assert!(!report["chat"].as_str().unwrap().is_empty());
     assert_eq!(report["errors"], json!([404, 400, 401]));
+}
+
+/// sentence-transformers' cosines for all-MiniLM-L6-v2 on three pairs (the cat, the movie,
+/// pasta and pizza), in the order `the_embedding_pairs` lists them.
+const REFERENCE_COSINES: [f64; 3] = [0.6788, 0.8939, 0.5096];
+
+fn the_embedding_pairs() -> Vec<&'static str> {
+    vec![
+        "The cat sits outside",
+        "The cat plays in the garden",
+        "The new movie is awesome",
+        "The new movie is so great",
+        "I love pasta",
+        "Do you like pizza?",
+    ]
+}
+
+/// Standard base64 of little-endian f32s, decoded.
+fn decode_base64_f32(text: &str) -> Vec<f32> {
+    let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let (mut count, mut bytes) = (0, Vec::new());
+    for c in text.chars().filter(|&c| c != '=') {
+        bits = bits << 6 | alphabet.find(c).expect("a base64 character") as u32;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            bytes.push((bits >> count) as u8);
+        }
+    }
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+fn assert_cosines(cosines: &Value) {
+    let cosines = cosines.as_array().expect("cosines");
+    for (cos, expected) in cosines.iter().zip(REFERENCE_COSINES) {
+        let cos = cos.as_f64().unwrap();
+        assert!(
+            (cos - expected).abs() < 1e-3,
+            "cosine {cos}, sentence-transformers {expected}"
+        );
+    }
+    assert_eq!(cosines.len(), 3);
+}
+
+/// `/v1/embeddings` in OpenAI's shape from a BERT encoder beside the decoder: the reference
+/// cosines, base64 equal to floats, and clear errors.
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let server = Server::start(&["--exit-adapters", "none", "--embedding", "minilm-l6"]);
+    let texts = the_embedding_pairs();
+    let (code, out) = server.post(
+        "/v1/embeddings",
+        &json!({"model": "minilm-l6", "input": texts}),
+    );
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["object"], "list");
+    let vectors: Vec<Vec<f64>> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            assert_eq!(
+                (d["index"].as_u64(), d["object"].as_str()),
+                (Some(i as u64), Some("embedding"))
+            );
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(vectors[0].len(), 384);
+    let dot = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f64>();
+    let cosines: Vec<f64> = (0..3)
+        .map(|i| dot(&vectors[2 * i], &vectors[2 * i + 1]))
+        .collect();
+    assert_cosines(&json!(cosines));
+    assert!(out["usage"]["prompt_tokens"].as_u64().unwrap() > 6, "{out}");
+
+    // base64 carries the same little-endian f32s.
+    let (_, b64) = server.post(
+        "/v1/embeddings",
+        &json!({"input": texts[0], "encoding_format": "base64", "dimensions": 384}),
+    );
+    let encoded = b64["data"][0]["embedding"]
+        .as_str()
+        .expect("a base64 string");
+    let decoded = decode_base64_f32(encoded);
+    assert_eq!(decoded.len(), 384);
+    let worst = decoded
+        .iter()
+        .zip(&vectors[0])
+        .map(|(a, b)| (*a as f64 - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-6,
+        "base64 and float embeddings differ by {worst}"
+    );
+    let (code, models) = server.get("/v1/models");
+    assert_eq!(code, 200);
+    assert!(
+        models.contains("\"minilm-l6\"") && models.contains("\"embedding\""),
+        "{models}"
+    );
+
+    for (body, status, needle) in [
+        (
+            json!({"input": [[1, 2, 3]]}),
+            400,
+            "token-id inputs are not supported",
+        ),
+        (json!({"input": []}), 400, "1 to 2048"),
+        (json!({"input": ""}), 400, "empty string"),
+        (
+            json!({"input": "x", "model": "text-embedding-3-small"}),
+            404,
+            "does not exist",
+        ),
+        (
+            json!({"input": "x", "dimensions": 128}),
+            400,
+            "384 dimensions",
+        ),
+        (
+            json!({"input": "x", "encoding_format": "int8"}),
+            400,
+            "float or base64",
+        ),
+        (
+            json!({"input": "x", "truncate": true}),
+            400,
+            "unknown field `truncate`",
+        ),
+        (
+            json!({"input": "word ".repeat(200)}),
+            400,
+            "takes at most 128",
+        ),
+    ] {
+        assert_api_error(server.post("/v1/embeddings", &body), status, needle);
+    }
 }
 
 /// llama-server's `/tokenize` and `/detokenize`, and the KV-cache gauge.
@@ -556,4 +716,44 @@ fn a_capped_context_is_served_and_enforced() {
         &json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0}),
     );
     assert_eq!(code, 200, "{body}");
+}
+
+/// A stream waiting in the queue behind a long prefill gets SSE keep-alive comments before
+/// its first event, then its answer as usual.
+#[test]
+fn a_queued_stream_gets_keep_alive_comments() {
+    let server = Server::start(&[
+        "--exit-adapters",
+        "none",
+        "--max-batch",
+        "1",
+        "--sse-keep-alive",
+        "1",
+    ]);
+    let long =
+        json!({"prompt": "the river runs far ".repeat(500), "max_tokens": 32, "temperature": 0});
+    let url = server.url("/v1/completions");
+    let first = std::thread::spawn(move || {
+        ureq::post(&url)
+            .set("content-type", "application/json")
+            .send_string(&long.to_string())
+            .map(|r| r.status())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0, "stream": true});
+    let raw = ureq::post(&server.url("/v1/completions"))
+        .set("content-type", "application/json")
+        .send_string(&body.to_string())
+        .expect("the stream starts")
+        .into_string()
+        .expect("the stream's body");
+    let waited = started.elapsed();
+    assert_eq!(first.join().unwrap().expect("the long request"), 200);
+    let comment = raw.find(": keep-alive").unwrap_or_else(|| {
+        panic!("no keep-alive comment in a stream that waited {waited:?}: {raw}")
+    });
+    assert!(comment < raw.find("data:").expect("events"), "{raw}");
+    assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
 }

@@ -1,7 +1,8 @@
 //! An OpenAI-compatible HTTP server over dynexec's engines.
 //!
 //! `POST /v1/chat/completions` and `/v1/completions` (whole or streamed as server-sent
-//! events), `GET /v1/models`, `/health` and `/metrics` (Prometheus text). Requests choose
+//! events), `/v1/embeddings` (with a sentence encoder beside the decoder), `GET /v1/models`,
+//! llama-server's `/tokenize` and `/detokenize`, `/health` and `/metrics` (Prometheus text). Requests choose
 //! dynamic execution with extra fields — `speculative`, `lookahead`, `early_exit` — and every
 //! response reports what was used in a `dynexec` field.
 //!
@@ -17,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod embeddings;
 pub mod engine;
 pub mod guard;
 pub mod loadgen;
@@ -27,6 +29,7 @@ mod scheduler;
 pub mod stop;
 
 pub use api::Limits;
+pub use embeddings::Embedder;
 pub use engine::{Engine, EngineConfig, ServedModel};
 pub use guard::Access;
 pub use metrics::Metrics;
@@ -56,6 +59,11 @@ pub struct ServeOptions {
     pub shutdown_timeout: Duration,
     /// Runtime threads for HTTP work (model work has its own thread).
     pub http_threads: usize,
+    /// The sentence encoder behind `/v1/embeddings`, if any.
+    pub embedder: Option<Arc<Embedder>>,
+    /// How long a stream may wait for its next event (in the queue, in a long prefill)
+    /// before it gets an SSE keep-alive comment; `None`: never.
+    pub sse_keep_alive: Option<Duration>,
 }
 
 /// Why [`serve`] could not run; request errors are answered, never returned here.
@@ -90,7 +98,10 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(ServeError::Runtime)?;
-    let state = Arc::new(routes::AppState::new(engine, metrics, options.limits));
+    let mut state = routes::AppState::new(engine, metrics, options.limits);
+    state.embedder = options.embedder.clone();
+    state.keep_alive = options.sse_keep_alive;
+    let state = Arc::new(state);
     let served = runtime.block_on(run(state.clone(), &options, on_listening));
     // Blocking work (a tokenization) is not waited for past a second.
     runtime.shutdown_timeout(Duration::from_secs(1));

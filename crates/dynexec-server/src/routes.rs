@@ -1,5 +1,5 @@
-//! The HTTP endpoints: OpenAI's completions, chat completions and model list, plus
-//! `/health` and `/metrics`.
+//! The HTTP endpoints: OpenAI's completions, chat completions, embeddings and model list,
+//! llama-server's tokenizer endpoints, `/health` and `/metrics`.
 
 use crate::api::{
     chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest, CompletionRequest,
@@ -48,6 +48,10 @@ pub struct AppState {
     tokenizing: Arc<Semaphore>,
     /// Prompts waiting for or in tokenization.
     tokenize_waiting: AtomicU64,
+    /// The sentence encoder behind `/v1/embeddings`, if the server has one.
+    pub embedder: Option<Arc<crate::embeddings::Embedder>>,
+    /// How long a stream may go without an event before a keep-alive comment; `None`: never.
+    pub keep_alive: Option<Duration>,
 }
 
 impl AppState {
@@ -61,6 +65,8 @@ impl AppState {
             next_id: AtomicU64::new(1),
             tokenizing: Arc::new(Semaphore::new(TOKENIZING_AT_ONCE)),
             tokenize_waiting: AtomicU64::new(0),
+            embedder: None,
+            keep_alive: None,
         }
     }
 
@@ -112,6 +118,7 @@ pub fn router(state: Arc<AppState>, access: Arc<Access>) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(list_models))
+        .route("/v1/embeddings", post(embeddings))
         .route("/tokenize", post(tokenize))
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
@@ -260,15 +267,25 @@ async fn generate(
         include_usage: prepared.include_usage,
         sent_role: false,
     };
-    // The first event comes after the prefill: an error there is still an HTTP error.
-    let first = match rx.recv().await {
+    // The first event comes after the prefill: an error there is still an HTTP error. A
+    // stream whose first event is slow in coming (a long queue, a long prefill) starts
+    // anyway, with keep-alive comments, so clients and proxies do not time it out.
+    let keep_alive = state.keep_alive.filter(|_| prepared.stream);
+    let first = match keep_alive {
+        Some(wait) => match tokio::time::timeout(wait, rx.recv()).await {
+            Ok(first) => first,
+            Err(_) => return stream_response(chunks, None, rx, keep_alive),
+        },
+        None => rx.recv().await,
+    };
+    let first = match first {
         Some(Event::Failed(e)) => return engine_error(e).into_response(),
         Some(Event::Ended(why)) => return ended(why).into_response(),
         None => return engine_gone().into_response(),
         Some(event) => event,
     };
     if prepared.stream {
-        return stream_response(chunks, first, rx);
+        return stream_response(chunks, Some(first), rx, keep_alive);
     }
     let mut text = String::new();
     let mut next = Some(first);
@@ -308,16 +325,33 @@ fn engine_gone() -> ApiError {
     )
 }
 
-fn stream_response(chunks: ChunkWriter, first: Event, rx: UnboundedReceiver<Event>) -> Response {
+/// An SSE comment line: clients skip it, and it keeps idle-timeouts at bay.
+const KEEP_ALIVE_COMMENT: &str = ": keep-alive\n\n";
+
+/// The event stream of one request: `first` (if it came already), then the rest; with
+/// `keep_alive`, a comment whenever that long passes without an event.
+fn stream_response(
+    chunks: ChunkWriter,
+    first: Option<Event>,
+    rx: UnboundedReceiver<Event>,
+    keep_alive: Option<Duration>,
+) -> Response {
     let stream = futures_util::stream::unfold(
-        (Some(first), rx, chunks, false),
-        |(pending, mut rx, mut chunks, done)| async move {
+        (first, rx, chunks, false),
+        move |(pending, mut rx, mut chunks, done)| async move {
             if done {
                 return None;
             }
-            let event = match pending {
-                Some(e) => Some(e),
-                None => rx.recv().await,
+            let event = match (pending, keep_alive) {
+                (Some(e), _) => Some(e),
+                (None, None) => rx.recv().await,
+                (None, Some(wait)) => match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        let comment = Bytes::from_static(KEEP_ALIVE_COMMENT.as_bytes());
+                        return Some((Ok::<_, Infallible>(comment), (None, rx, chunks, false)));
+                    }
+                },
             };
             let finished = !matches!(event, Some(Event::Text(_)));
             let data = match event {
@@ -513,18 +547,36 @@ async fn detokenize(State(state): State<Arc<AppState>>, body: Bytes) -> Response
     json_answer(answer)
 }
 
+/// OpenAI's `POST /v1/embeddings`, when the server has a sentence encoder.
+async fn embeddings(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let Some(embedder) = state.embedder.clone() else {
+        return ApiError::invalid(
+            Some("model"),
+            "this server has no embedding model: it serves text generation only",
+        )
+        .with_code(404, "model_not_found")
+        .into_response();
+    };
+    json_answer(embedder.answer(&body).await)
+}
+
 async fn list_models(State(state): State<Arc<AppState>>) -> Response {
     let info = state.engine.info();
-    json_response(
-        StatusCode::OK,
-        &json!({"object": "list", "data": [{
-            "id": info.name, "object": "model", "created": state.started, "owned_by": "dynexec",
-            "context_length": info.context_length,
-            "dynexec": {"layers": info.num_layers, "vocab_size": info.tokenizer.vocab_size(),
-                "draft": info.draft,
-                "lookahead": info.lookahead, "exit_layers": info.exit_layers},
-        }]}),
-    )
+    let mut models = vec![json!({
+        "id": info.name, "object": "model", "created": state.started, "owned_by": "dynexec",
+        "context_length": info.context_length,
+        "dynexec": {"layers": info.num_layers, "vocab_size": info.tokenizer.vocab_size(),
+            "draft": info.draft,
+            "lookahead": info.lookahead, "exit_layers": info.exit_layers},
+    })];
+    if let Some(embedder) = &state.embedder {
+        models.push(json!({
+            "id": embedder.name(), "object": "model", "created": state.started,
+            "owned_by": "dynexec", "context_length": embedder.max_tokens(),
+            "dynexec": {"task": "embedding", "dimensions": embedder.dimensions()},
+        }));
+    }
+    json_response(StatusCode::OK, &json!({"object": "list", "data": models}))
 }
 
 /// `/health`: the engine's state. 200 with `ok` (a slot is free) or `busy` (every slot is
@@ -587,7 +639,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 async fn not_found() -> Response {
     ApiError::invalid(
         None,
-        "no such endpoint: dynexec serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, POST /tokenize, POST /detokenize, GET /health and GET /metrics",
+        "no such endpoint: dynexec serves POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models, POST /tokenize, POST /detokenize, GET /health and GET /metrics",
     )
     .with_code(404, "not_found")
     .into_response()

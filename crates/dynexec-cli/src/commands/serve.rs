@@ -7,8 +7,9 @@ use super::common::{
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
 use clap::Args;
+use dynexec_models::bert::EncoderFiles;
 use dynexec_server::{
-    serve, Access, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel,
+    serve, Access, Embedder, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel,
 };
 use dynexec_spec::draft_spec::DraftSpec;
 use std::path::PathBuf;
@@ -47,6 +48,18 @@ pub struct ServeArgs {
     /// llama-server's `-a/--alias`, vLLM's `--served-model-name`).
     #[arg(long, short = 'a', aliases = ["alias", "served-model-name"])]
     pub served_name: Option<String>,
+
+    /// Also serve OpenAI's `/v1/embeddings` with this BERT-family sentence encoder (a
+    /// manifest name, hf: reference or folder; `--embedding` alone: minilm-l6). Embeddings
+    /// are mean-pooled and L2-normalized, as sentence-transformers makes them.
+    #[arg(long, alias = "embeddings", value_name = "ENCODER", num_args = 0..=1, default_missing_value = "minilm-l6")]
+    pub embedding: Option<String>,
+
+    /// Send a streaming request an SSE comment (`: keep-alive`) whenever it waits this many
+    /// seconds for its next event (queued, or behind long prefills), so clients and proxies
+    /// with idle timeouts keep it open; 0 never sends one.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub sse_keep_alive: u64,
 
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
@@ -176,6 +189,11 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         .next()
         .with_context(|| format!("{addr} resolves to no address"))?;
 
+    let embedder = args
+        .embedding
+        .as_deref()
+        .map(|reference| load_embedder(global, reference))
+        .transpose()?;
     let access = access(&args, &addr)?;
     let metrics = Arc::new(Metrics::default());
     let config = EngineConfig {
@@ -202,6 +220,8 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         header_timeout: Duration::from_secs(args.timeout),
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         http_threads: 2,
+        embedder,
+        sse_keep_alive: (args.sse_keep_alive > 0).then(|| Duration::from_secs(args.sse_keep_alive)),
     };
     serve(engine, metrics, options, |bound| {
         eprintln!(
@@ -311,4 +331,19 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
         lookahead: args.lookahead.clone(),
         exit_adapters,
     })
+}
+
+/// The sentence encoder behind `/v1/embeddings`, served under the name it was given by.
+fn load_embedder(global: &GlobalOptions, reference: &str) -> Result<Arc<Embedder>> {
+    let files = global.hub()?.resolve(reference)?;
+    anyhow::ensure!(
+        EncoderFiles::is_encoder(&files),
+        "--embedding {reference} is not a BERT-family encoder (its config.json must say model_type \"bert\"), e.g. --embedding minilm-l6"
+    );
+    let (bert, tokenizer) = EncoderFiles::find(&files, None)?.load(&global.open_device()?)?;
+    Ok(Arc::new(Embedder::new(
+        reference.to_string(),
+        bert,
+        tokenizer,
+    )))
 }
