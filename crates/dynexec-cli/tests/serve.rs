@@ -757,3 +757,61 @@ fn a_queued_stream_gets_keep_alive_comments() {
     assert!(comment < raw.find("data:").expect("events"), "{raw}");
     assert!(raw.trim_end().ends_with("data: [DONE]"), "{raw}");
 }
+
+/// A multi-turn chat reuses the previous turn's KV cache: each turn after the first reports
+/// cached prompt tokens, prefills only the rest, and answers exactly as a cold request
+/// (`cache_prompt: false`) does; a shared system prompt is reused across conversations.
+#[test]
+fn prefix_reuse_answers_as_a_cold_request_does() {
+    let server = Server::start(&["--exit-adapters", "none", "--max-batch", "2"]);
+    let system = json!({"role": "system", "content": "You are a terse assistant. Answer in one short sentence."});
+    let mut messages = vec![system.clone()];
+    let questions = [
+        "Name a planet.",
+        "How far is it from the Sun?",
+        "And its largest moon?",
+    ];
+    let (_, before) = server.get("/metrics");
+    for (turn, question) in questions.iter().enumerate() {
+        messages.push(json!({"role": "user", "content": question}));
+        let body = |cache: bool| json!({"messages": messages, "max_tokens": 24, "temperature": 0, "cache_prompt": cache});
+        let (code, warm) = server.post("/v1/chat/completions", &body(true));
+        assert_eq!(code, 200, "{warm}");
+        let (_, cold) = server.post("/v1/chat/completions", &body(false));
+        assert_eq!(text_of(&warm), text_of(&cold), "turn {turn}");
+        let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+        if turn > 0 {
+            // Everything up to the new user turn was cached (the template closes the
+            // previous answer the way the model ended it, or close to it).
+            assert!(
+                cached > prompt / 2 && cached < prompt,
+                "turn {turn}: {cached} of {prompt}"
+            );
+        }
+        messages.push(json!({"role": "assistant", "content": text_of(&warm)}));
+    }
+    // Another conversation with the same system prompt reuses at least that.
+    let other = json!({"messages": [system, {"role": "user", "content": "Name a colour."}],
+        "max_tokens": 8, "temperature": 0});
+    let (_, answer) = server.post("/v1/chat/completions", &other);
+    assert!(
+        answer["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap()
+            >= 15,
+        "{answer}"
+    );
+    let (_, after) = server.get("/metrics");
+    let counter = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let hits = counter(&after, "dynexec_prefix_cache_hits_total")
+        - counter(&before, "dynexec_prefix_cache_hits_total");
+    assert!(hits > 30, "{after}");
+}

@@ -36,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod bench;
+pub mod chat;
 pub mod trace;
 
 use candle_core::Tensor;
@@ -285,6 +286,37 @@ pub fn batch_rows(
         .collect()
 }
 
+/// The KV cache a finished plain sequence leaves, with the tokens whose keys and values it
+/// holds: the next request that starts with the same tokens (the next turn of a chat, a shared
+/// system prompt) skips prefilling them ([`Sequence::resume`]), as llama-server's
+/// `cache_prompt` and vLLM's prefix caching do. Only plain sequences leave one: early exit
+/// fills skipped layers with approximations, and a speculative sequence's draft cache would
+/// need its own bookkeeping.
+pub struct CachedPrefix {
+    cache: KvCache,
+    tokens: Vec<u32>,
+}
+
+impl CachedPrefix {
+    /// The tokens whose keys and values the cache holds.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// How many of `prompt`'s first tokens can come from this cache: their common prefix,
+    /// less one when it is the whole prompt (the last prompt token's logits give the first
+    /// new token, so it is always computed).
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
+        common.min(prompt.len().saturating_sub(1))
+    }
+}
+
 /// How one [`Sequence`] steps.
 enum Stepper<'m> {
     Plain {
@@ -349,6 +381,41 @@ impl<'m> Sequence<'m> {
             },
         };
         Ok(Self { model, stepper })
+    }
+
+    /// A plain sequence for `prompt_ids` whose first tokens come from `prefix`'s cache:
+    /// it is cut back to what the prompt shares with it ([`CachedPrefix::reusable`]), and the
+    /// caller prefills only `prompt_ids[reused..]` on [`Self::prompt_cache`]. Returns the
+    /// sequence and `reused`. The keys and values are the ones a cold prefill computes, so
+    /// the output is the same.
+    pub fn resume(
+        model: &'m Llama,
+        prompt_ids: &[u32],
+        options: &GenerateOptions,
+        prefix: CachedPrefix,
+    ) -> Result<(Self, usize)> {
+        check_prompt(model, prompt_ids, options)?;
+        let reused = prefix.reusable(prompt_ids);
+        let mut cache = prefix.cache;
+        cache.truncate(reused)?;
+        let stepper = Stepper::Plain {
+            cache,
+            sampler: Sampler::for_prompt(options.sampling.clone(), prompt_ids.len())?,
+        };
+        Ok((Self { model, stepper }, reused))
+    }
+
+    /// The cache a finished plain sequence leaves for the next request, given `history`, the
+    /// prompt and the tokens generated (whose last one is not in the cache yet); `None` for
+    /// other strategies, or when the cache does not match the history.
+    pub fn into_prefix(self, history: &[u32]) -> Option<CachedPrefix> {
+        match self.stepper {
+            Stepper::Plain { cache, .. } if cache.len() <= history.len() => {
+                let tokens = history[..cache.len()].to_vec();
+                Some(CachedPrefix { cache, tokens })
+            }
+            _ => None,
+        }
     }
 
     /// The target's cache, where the prompt is prefilled ([`Self::new`]).

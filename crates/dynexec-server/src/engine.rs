@@ -120,6 +120,8 @@ pub struct Dynamic {
     pub speculative: Option<String>,
     /// Let each token leave at an exit layer under this policy.
     pub early_exit: Option<TokenExitPolicy>,
+    /// Start from the longest cached prefix of the prompt, where a plain sequence can.
+    pub cache_prompt: bool,
 }
 
 /// One request for the engine.
@@ -171,6 +173,15 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// The sum of the two.
     pub total_tokens: usize,
+    /// OpenAI's breakdown of the prompt: `cached_tokens` came from a cached prefix.
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// How much of a prompt came from the prefix cache.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose keys and values were reused, not computed.
+    pub cached_tokens: usize,
 }
 
 /// What dynamic execution did for a request (the `dynexec` field of a response).

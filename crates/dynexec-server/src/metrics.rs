@@ -83,6 +83,11 @@ pub struct Metrics {
     pub prefilling_sequences: AtomicU64,
     /// Prompt pieces prefilled (chunked prefill).
     pub prefill_pieces: AtomicU64,
+    /// Prompt tokens of requests that looked for a cached prefix (vLLM's
+    /// `prefix_cache_queries`).
+    pub prefix_cache_queries: AtomicU64,
+    /// Of those, the tokens a cached prefix served (vLLM's `prefix_cache_hits`).
+    pub prefix_cache_hits: AtomicU64,
     /// Gauge: positions held in the slots' KV caches.
     pub kv_cache_tokens: AtomicU64,
     /// Gauge: positions the slots' KV caches can hold (slots times the context).
@@ -125,6 +130,8 @@ impl Default for Metrics {
             active_sequences: AtomicU64::new(0),
             prefilling_sequences: AtomicU64::new(0),
             prefill_pieces: AtomicU64::new(0),
+            prefix_cache_queries: AtomicU64::new(0),
+            prefix_cache_hits: AtomicU64::new(0),
             kv_cache_tokens: AtomicU64::new(0),
             kv_cache_capacity: AtomicU64::new(0),
             drafts: AtomicU64::new(0),
@@ -223,6 +230,18 @@ impl Metrics {
             "counter",
             "Prompt pieces prefilled (a prompt longer than a step's token budget takes several).",
             get(&self.prefill_pieces).to_string(),
+        );
+        scalar(
+            "dynexec_prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens of requests that looked for a cached prefix (vLLM: prefix_cache_queries).",
+            get(&self.prefix_cache_queries).to_string(),
+        );
+        scalar(
+            "dynexec_prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens served from a cached prefix instead of prefilled (vLLM: prefix_cache_hits).",
+            get(&self.prefix_cache_hits).to_string(),
         );
         scalar(
             "dynexec_drafts_total",

@@ -14,8 +14,8 @@
 //! Early-exit sequences decode in their own forwards.
 
 use crate::engine::{
-    DynamicReport, EngineConfig, EngineStatus, Event, FinishReason, Job, ServedModel, Summary,
-    Usage,
+    DynamicReport, EngineConfig, EngineStatus, Event, FinishReason, Job, PromptTokensDetails,
+    ServedModel, Summary, Usage,
 };
 use crate::metrics::{add, Metrics};
 use crate::prefill::PieceCost;
@@ -23,7 +23,7 @@ use crate::stop::{StopCheck, StopMatcher};
 use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
-use dynexec_engine::{batch_rows, BatchMember, Sequence, Strategy};
+use dynexec_engine::{batch_rows, BatchMember, CachedPrefix, Sequence, Strategy};
 use dynexec_models::generation::GenerateOptions;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -48,6 +48,8 @@ struct Active<'m> {
     prompt_tokens: usize,
     /// Prompt tokens already in the cache; the sequence decodes once all are.
     prefilled: usize,
+    /// Prompt tokens that came from a cached prefix.
+    cached_tokens: usize,
     /// Steps in a row its next prompt piece was passed over.
     skipped: usize,
     context: usize,
@@ -108,6 +110,10 @@ pub(crate) struct Scheduler<'m> {
     status: Arc<EngineStatus>,
     active: Vec<Active<'m>>,
     cost: PieceCost,
+    /// Caches finished plain sequences left, oldest first. With the active sequences' they
+    /// never number more than `max_batch`, so prefix caching costs no more memory than
+    /// full slots do.
+    prefixes: Vec<CachedPrefix>,
 }
 
 impl<'m> Scheduler<'m> {
@@ -126,6 +132,7 @@ impl<'m> Scheduler<'m> {
             status,
             active: Vec::new(),
             cost: PieceCost::for_model(served.model.config()),
+            prefixes: Vec::new(),
         }
     }
 
@@ -185,6 +192,7 @@ impl<'m> Scheduler<'m> {
             .active
             .iter()
             .map(|s| s.prefilled + s.generated().saturating_sub(1))
+            .chain(self.prefixes.iter().map(|p| p.tokens().len()))
             .sum();
         let capacity = self.config.max_batch.max(1) * self.served.model.config().context_length;
         self.metrics
@@ -211,8 +219,15 @@ impl<'m> Scheduler<'m> {
         let queue_secs = job.received.elapsed().as_secs_f64();
         self.metrics.queue_wait.observe(queue_secs);
         match self.sequence(&job) {
-            Ok(decoder) => {
+            Ok((decoder, cached_tokens)) => {
                 let served = self.served;
+                if job.dynamic.cache_prompt {
+                    add(
+                        &self.metrics.prefix_cache_queries,
+                        job.prompt_ids.len() as u64,
+                    );
+                    add(&self.metrics.prefix_cache_hits, cached_tokens as u64);
+                }
                 self.active.push(Active {
                     decoder,
                     tokenizer: &served.tokenizer,
@@ -220,7 +235,8 @@ impl<'m> Scheduler<'m> {
                     stops: StopMatcher::new(job.stop),
                     prompt_tokens: job.prompt_ids.len(),
                     tokens: job.prompt_ids,
-                    prefilled: 0,
+                    prefilled: cached_tokens,
+                    cached_tokens,
                     skipped: 0,
                     context: served.model.config().context_length,
                     options: job.options,
@@ -230,6 +246,7 @@ impl<'m> Scheduler<'m> {
                     first_token_at: None,
                     last_token_at: None,
                 });
+                self.bound_prefixes();
                 self.publish_gauges();
             }
             Err(e) => {
@@ -239,8 +256,33 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// The job's sequence with its strategy, nothing computed yet.
-    fn sequence(&self, job: &Job) -> Result<Sequence<'m>> {
+    /// Drops the oldest cached prefixes while they and the active sequences would hold
+    /// more than `max_batch` caches.
+    fn bound_prefixes(&mut self) {
+        let room = self
+            .config
+            .max_batch
+            .max(1)
+            .saturating_sub(self.active.len());
+        if self.prefixes.len() > room {
+            self.prefixes.drain(..self.prefixes.len() - room);
+        }
+    }
+
+    /// The cached prefix that serves the most of `prompt`, taken out of the pool.
+    fn take_prefix(&mut self, prompt: &[u32]) -> Option<CachedPrefix> {
+        let (best, reusable) = self
+            .prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, p.reusable(prompt)))
+            .max_by_key(|&(i, n)| (n, i))?;
+        (reusable > 0).then(|| self.prefixes.remove(best))
+    }
+
+    /// The job's sequence with its strategy, and how many prompt tokens came from a cached
+    /// prefix (only plain sequences reuse one).
+    fn sequence(&mut self, job: &Job) -> Result<(Sequence<'m>, usize)> {
         let served = self.served;
         let strategy = match (&job.dynamic.speculative, job.dynamic.early_exit) {
             (Some(lookahead), _) => {
@@ -262,7 +304,15 @@ impl<'m> Scheduler<'m> {
             }
             (None, None) => Strategy::Plain,
         };
-        Sequence::new(&served.model, strategy, &job.prompt_ids, &job.options)
+        if matches!(strategy, Strategy::Plain) && job.dynamic.cache_prompt {
+            if let Some(prefix) = self.take_prefix(&job.prompt_ids) {
+                return Sequence::resume(&served.model, &job.prompt_ids, &job.options, prefix);
+            }
+        }
+        Ok((
+            Sequence::new(&served.model, strategy, &job.prompt_ids, &job.options)?,
+            0,
+        ))
     }
 
     /// Which prefilling sequences put a prompt piece into this step, and how long: pieces
@@ -499,10 +549,15 @@ impl<'m> Scheduler<'m> {
         for (seq, outcome) in self.active.drain(..).zip(outcomes) {
             match outcome {
                 Outcome::Continue => kept.push(seq),
-                outcome => finish(&self.metrics, seq, outcome, batch_total),
+                outcome => {
+                    if let Some(prefix) = finish(&self.metrics, seq, outcome, batch_total) {
+                        self.prefixes.push(prefix);
+                    }
+                }
             }
         }
         self.active = kept;
+        self.bound_prefixes();
     }
 }
 
@@ -571,16 +626,23 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
 }
 
 /// Sends the rest of a finished sequence's text and its summary, and records its metrics.
-fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: usize) {
+/// Ends a sequence: its summary goes to its client, and its cache, when it can serve a
+/// later prompt, comes back.
+fn finish(
+    metrics: &Metrics,
+    mut seq: Active<'_>,
+    outcome: Outcome,
+    batch_size: usize,
+) -> Option<CachedPrefix> {
     let generated = seq.generated();
     add(&metrics.generated_tokens, generated as u64);
     let finish_reason = match outcome {
         Outcome::Finished(reason) => reason,
         Outcome::Cancelled => {
             add(&metrics.requests_cancelled, 1);
-            return;
+            return seq.decoder.into_prefix(&seq.tokens);
         }
-        Outcome::Continue | Outcome::Failed => return,
+        Outcome::Continue | Outcome::Failed => return None,
     };
     // Text held back for a possible stop string (or an incomplete character) is released,
     // unless a stop string ended the text.
@@ -592,7 +654,7 @@ fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: 
     rest.push_str(&seq.stops.finish());
     if !rest.is_empty() && seq.events.send(Event::Text(rest)).is_err() {
         add(&metrics.requests_cancelled, 1);
-        return;
+        return seq.decoder.into_prefix(&seq.tokens);
     }
     let ttft = seq
         .first_token_at
@@ -623,6 +685,9 @@ fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: 
             prompt_tokens: seq.prompt_tokens,
             completion_tokens: generated,
             total_tokens: seq.prompt_tokens + generated,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: seq.cached_tokens,
+            },
         },
         report: DynamicReport {
             batch_size,
@@ -639,4 +704,5 @@ fn finish(metrics: &Metrics, mut seq: Active<'_>, outcome: Outcome, batch_size: 
         add(&metrics.requests_ok, 1);
         let _ = seq.events.send(Event::Finished(summary));
     }
+    seq.decoder.into_prefix(&seq.tokens)
 }

@@ -384,6 +384,7 @@ fn dynamic_options(
     Ok(Dynamic {
         speculative,
         early_exit,
+        cache_prompt: params.cache_prompt,
     })
 }
 

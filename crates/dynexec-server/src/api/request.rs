@@ -116,6 +116,8 @@ pub struct Params {
     pub lookahead: Option<String>,
     /// dynexec: per-token early exit, e.g. `confidence:0.9`.
     pub early_exit: Option<String>,
+    /// llama-server's: reuse the longest cached prefix of the prompt (default true).
+    pub cache_prompt: bool,
 }
 
 impl Params {
@@ -184,6 +186,7 @@ impl Params {
             speculative: fields.bool("speculative")?,
             lookahead: fields.string("lookahead")?,
             early_exit: fields.string("early_exit")?,
+            cache_prompt: fields.bool("cache_prompt")?.unwrap_or(true),
         })
     }
 }
