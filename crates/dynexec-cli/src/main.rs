@@ -62,6 +62,9 @@ enum Command {
     /// List, pull and locate the models of the manifest.
     #[command(subcommand)]
     Models(commands::models::ModelsCommand),
+    /// Talk with a decoder: a multi-turn conversation in the terminal that keeps its KV cache
+    /// between turns, so each turn prefills only what is new.
+    Chat(commands::chat::ChatArgs),
     /// List, pull and locate the data sets the tests, training commands and benchmarks read.
     #[command(subcommand)]
     Data(commands::data::DataCommand),
@@ -69,7 +72,11 @@ enum Command {
 
 /// llama.cpp's multi-letter single-dash flags, which clap cannot declare, as the long flags
 /// they mean here.
-const LLAMA_CPP_FLAGS: &[(&str, &str)] = &[("-md", "--model-draft"), ("-np", "--parallel")];
+const LLAMA_CPP_FLAGS: &[(&str, &str)] = &[
+    ("-md", "--model-draft"),
+    ("-np", "--parallel"),
+    ("-sys", "--system"),
+];
 
 /// llama.cpp's hub flags (`-hf ORG/REPO[:QUANT]`) and the model flag each stands for: the
 /// value becomes the model reference `hf:ORG/REPO:QUANT`.
@@ -136,6 +143,7 @@ fn main() {
         Command::Diffuse(args) => commands::diffuse::run(&cli.global, args),
         Command::Models(cmd) => commands::models::run(&cli.global, cmd),
         Command::Data(cmd) => commands::data::run(&cli.global, cmd),
+        Command::Chat(args) => commands::chat::run(&cli.global, args),
         Command::Serve(args) => commands::serve::run(&cli.global, args),
         Command::Spec(cmd) => commands::spec::run(&cli.global, cmd),
         Command::Quantize(args) => commands::quantize::run(&cli.global, args),
@@ -241,6 +249,25 @@ mod tests {
             Cli::try_parse_from(lone).is_err(),
             "bounds without a draft are refused"
         );
+    }
+
+    /// llama-cli's `-sys` is the chat's system prompt.
+    #[test]
+    fn chat_takes_llama_cli_spellings() {
+        match parse("dynexec chat -m qwen -sys terse -n 64 --temp 0.2") {
+            Cli {
+                command: Command::Chat(args),
+                ..
+            } => assert_eq!(
+                (
+                    args.model.model.as_str(),
+                    args.system.as_deref(),
+                    args.max_tokens
+                ),
+                ("qwen", Some("terse"), 64)
+            ),
+            _ => panic!("not chat"),
+        }
     }
 
     /// `-hf ORG/REPO[:QUANT]` names the GGUF of that quantization (Q4_K_M by default), for

@@ -2,6 +2,7 @@
 
 pub mod analyze;
 pub mod bench;
+pub mod chat;
 pub mod classify;
 pub mod common;
 pub mod data;
