@@ -3,6 +3,9 @@
 //! `dynexec bench serve` reports them. It speaks only the OpenAI API (plus the `dynexec`
 //! extension fields), so it can load any compatible server.
 
+mod conversation;
+
+pub use conversation::{ConversationRow, FOLLOW_UPS};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
@@ -134,6 +137,12 @@ pub struct InterferenceRow {
 /// What one streamed request measured.
 struct Sample {
     ttft: f64,
+    /// The text streamed.
+    text: String,
+    /// Prompt tokens the server took from a cached prefix (OpenAI's `cached_tokens`).
+    cached_tokens: usize,
+    /// Prompt tokens in all.
+    prompt_tokens: usize,
     /// Mean time per output token after the first.
     tpot: Option<f64>,
     tokens: usize,
@@ -379,6 +388,8 @@ fn stream_to(base: &str, path: &str, body: &Value) -> Result<Sample, LoadError> 
     let mut last = start;
     let mut usage = None;
     let mut report = Value::Null;
+    let mut text = String::new();
+    let (mut prompt_tokens, mut cached_tokens) = (0, 0);
     for line in BufReader::new(response.into_reader()).lines() {
         let line = line.map_err(|e| LoadError::Protocol(format!("reading the stream: {e}")))?;
         let Some(data) = line.strip_prefix("data: ") else {
@@ -395,20 +406,25 @@ fn stream_to(base: &str, path: &str, body: &Value) -> Result<Sample, LoadError> 
             )));
         }
         let choice = &event["choices"][0];
-        if choice["delta"]["content"]
+        if let Some(piece) = choice["delta"]["content"]
             .as_str()
             .or(choice["text"].as_str())
-            .is_some_and(|t| !t.is_empty())
+            .filter(|t| !t.is_empty())
         {
             let now = Instant::now();
             first.get_or_insert(now);
             last = now;
+            text.push_str(piece);
         }
         if !event["dynexec"].is_null() {
             report = event["dynexec"].clone();
         }
         if let Some(n) = event["usage"]["completion_tokens"].as_u64() {
             usage = Some(n as usize);
+            prompt_tokens = event["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+            cached_tokens = event["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0) as usize;
         }
     }
     let tokens = usage
@@ -417,6 +433,9 @@ fn stream_to(base: &str, path: &str, body: &Value) -> Result<Sample, LoadError> 
     let spec = &report["speculative"];
     Ok(Sample {
         ttft: first.duration_since(start).as_secs_f64(),
+        text,
+        cached_tokens,
+        prompt_tokens,
         tpot: (tokens > 1).then(|| last.duration_since(first).as_secs_f64() / (tokens - 1) as f64),
         tokens,
         batch_size: report["batch_size"].as_f64().unwrap_or(1.0),

@@ -18,7 +18,7 @@ struct Report {
 
 #[derive(Args)]
 #[command(
-    after_help = "Examples:\n  dynexec serve --draft ngram &\n  dynexec bench serve --concurrency 1,4,16 --requests 32 --max-tokens 64\n  dynexec bench serve --url http://10.0.0.5:8080 --speculative off --json\n\nscripts/bench-serve.sh runs the whole comparison (batched and one-at-a-time servers)."
+    after_help = "Examples:\n  dynexec serve --draft ngram &\n  dynexec bench serve --concurrency 1,4,16 --requests 32 --max-tokens 64\n  dynexec bench serve --url http://10.0.0.5:8080 --speculative off --json\n  dynexec bench serve --chat-turns 5 --max-tokens 64\n\nscripts/bench-serve.sh runs the whole comparison (batched and one-at-a-time servers)."
 )]
 pub struct BenchServeArgs {
     /// The server to load, as started by `dynexec serve`.
@@ -55,8 +55,19 @@ pub struct BenchServeArgs {
     /// Instead of the load rows: send one prompt of this many tokens and, while it is being
     /// prefilled, short chat requests one after another; report their time to first token
     /// (how much a long prompt holds others up; see `serve --batch-size`).
-    #[arg(long, value_name = "TOKENS")]
+    #[arg(long, value_name = "TOKENS", conflicts_with = "chat_turns")]
     pub long_prompt: Option<usize>,
+
+    /// Instead of the load rows: hold greedy conversations of N turns (the prompts open
+    /// them, general follow-ups continue them), send every turn reusing the server's cached
+    /// prefix and then without it (`cache_prompt: false`), and report each turn's time to
+    /// first token both ways (what prefix caching saves a chat).
+    #[arg(long, value_name = "N")]
+    pub chat_turns: Option<usize>,
+
+    /// With --chat-turns: conversations to hold (medians over them).
+    #[arg(long, default_value_t = 3, requires = "chat_turns")]
+    pub conversations: usize,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
@@ -94,6 +105,31 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     };
     // A warm-up request, so no row pays for first-touch costs.
     target.warm_up(&prompts[0], &config)?;
+    if let Some(turns) = args.chat_turns {
+        let rows =
+            target.conversation(&prompts, turns, args.conversations.max(1), args.max_tokens)?;
+        if global.json {
+            return print_json(
+                &serde_json::json!({"url": target.url(), "model": target.model,
+                "max_tokens": args.max_tokens, "conversations": args.conversations, "turns": rows}),
+            );
+        }
+        println!("| turn | prompt tokens | cached tokens | TTFT reused ms | TTFT cold ms | cold / reused | same answer |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2}x | {} |",
+                r.turn,
+                r.prompt_tokens,
+                r.cached_tokens,
+                r.ttft_ms_reused,
+                r.ttft_ms_cold,
+                r.speedup,
+                if r.same_answer { "yes" } else { "no" }
+            );
+        }
+        return Ok(());
+    }
     if let Some(tokens) = args.long_prompt {
         let row = target.interference(tokens, &prompts[0], 4)?;
         if global.json {
