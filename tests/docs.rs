@@ -75,7 +75,11 @@ fn relative_links_resolve() {
                 let headings = std::fs::read_to_string(&target).unwrap();
                 let found = headings
                     .lines()
-                    .filter_map(|l| l.trim_start_matches('#').strip_prefix(' ').filter(|_| l.starts_with('#')))
+                    .filter_map(|l| {
+                        l.trim_start_matches('#')
+                            .strip_prefix(' ')
+                            .filter(|_| l.starts_with('#'))
+                    })
                     .any(|h| anchor(h) == fragment);
                 if !found {
                     dead.push(format!("{}: {link} (no such heading)", page.display()));
@@ -104,5 +108,9 @@ fn no_paragraph_is_written_twice() {
             }
         }
     }
-    assert!(repeated.is_empty(), "repeated paragraphs:\n{}", repeated.join("\n"));
+    assert!(
+        repeated.is_empty(),
+        "repeated paragraphs:\n{}",
+        repeated.join("\n")
+    );
 }

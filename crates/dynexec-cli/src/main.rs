@@ -89,7 +89,8 @@ const LLAMA_CPP_HUB_FLAGS: &[(&str, &str)] = &[
     ("--hf-repo-draft", "--model-draft"),
 ];
 
-/// The quantization llama.cpp's `-hf` picks when the reference names none.
+/// The quantization llama.cpp's `-hf` asks for when the reference names none (where a repo
+/// lacks it, llama.cpp falls back to another file; dynexec refuses, listing the ones it has).
 const LLAMA_CPP_DEFAULT_QUANT: &str = "Q4_K_M";
 
 /// `ORG/REPO[:QUANT]` as a model reference, `hf:ORG/REPO:QUANT` (Q4_K_M by default).
@@ -119,10 +120,13 @@ fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<st
         match LLAMA_CPP_HUB_FLAGS.iter().find(|(hub, _)| *hub == flag) {
             Some((_, model_flag)) => {
                 out.push(model_flag.into());
-                // A missing value is left for clap to report against the model flag.
-                let value = inline.or_else(|| args.next().and_then(|v| v.into_string().ok()));
-                if let Some(value) = value {
-                    out.push(hub_reference(&value).into());
+                // A missing value is left for clap to report against the model flag, and a
+                // value that is not text goes on as it is, for clap to refuse.
+                if let Some(value) = inline.map(std::ffi::OsString::from).or_else(|| args.next()) {
+                    out.push(match value.to_str() {
+                        Some(text) => hub_reference(text).into(),
+                        None => value,
+                    });
                 }
             }
             None => out.push(arg),

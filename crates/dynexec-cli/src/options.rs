@@ -118,6 +118,9 @@ impl GlobalOptions {
                 "{} is neither a folder nor a data set name ({e})",
                 path.display()
             ),
+            (None, dynexec_core::Error::UnknownDataSet { .. }) => anyhow::anyhow!(
+                "no data was given and `{name}` names no data set ({e}): pass the folder with --data"
+            ),
             _ => e.into(),
         })?;
         if let Some(source) = &pulled.source {

@@ -794,6 +794,19 @@ fn prefix_reuse_answers_as_a_cold_request_does() {
         }
         messages.push(json!({"role": "assistant", "content": text_of(&warm)}));
     }
+    // Another client (another cache_salt, as another API key would be) reuses nothing of it,
+    // and learns nothing from `cached_tokens`; its own next request reuses what it left.
+    let mut salted = json!({"messages": messages, "max_tokens": 4, "temperature": 0,
+        "cache_salt": "another tenant"});
+    let (_, stranger) = server.post("/v1/chat/completions", &salted);
+    assert_eq!(
+        stranger["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{stranger}"
+    );
+    salted["max_tokens"] = json!(2);
+    let (_, again) = server.post("/v1/chat/completions", &salted);
+    let reused = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    assert!(reused.unwrap() > 30, "{again}");
     // Another conversation with the same system prompt reuses at least that.
     let other = json!({"messages": [system, {"role": "user", "content": "Name a colour."}],
         "max_tokens": 8, "temperature": 0});

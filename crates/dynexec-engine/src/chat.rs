@@ -97,25 +97,45 @@ impl<'m> ChatSession<'m> {
         user: &str,
         options: &GenerateOptions,
         interrupt: &AtomicBool,
-        mut on_text: impl FnMut(&str) -> Result<()>,
+        on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<TurnReport> {
-        let started = Instant::now();
         self.messages.push(ChatMessage::new("user", user));
-        let prompt = match self.render() {
-            Ok(prompt) => prompt,
-            Err(e) => {
+        let answered = self.answer(options, interrupt, on_text);
+        match &answered {
+            Ok((_, answer)) => self
+                .messages
+                .push(ChatMessage::new("assistant", answer.clone())),
+            // A turn that failed leaves no trace: no unanswered message, no cache that may
+            // hold part of it.
+            Err(_) => {
                 self.messages.pop();
-                return Err(e);
+                self.prefix = None;
             }
-        };
+        }
+        answered.map(|(report, _)| report)
+    }
+
+    /// Answers the conversation as it stands (ending with the user's message).
+    fn answer(
+        &mut self,
+        options: &GenerateOptions,
+        interrupt: &AtomicBool,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<(TurnReport, String)> {
+        let started = Instant::now();
+        let prompt = self.render()?;
         let context = self.model.config().context_length;
         if prompt.len() >= context {
-            self.messages.pop();
             return Err(Error::ContextOverflow {
                 prompt_tokens: prompt.len(),
                 requested: options.max_tokens,
                 context,
             });
+        }
+        if options.max_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "an answer needs a budget of at least one token".into(),
+            ));
         }
         let (mut sequence, reused) = match self.prefix.take() {
             Some(prefix) => Sequence::resume(self.model, &prompt, options, prefix)?,
@@ -163,8 +183,7 @@ impl<'m> ChatSession<'m> {
         };
         emit(stream.finish()?, &mut answer)?;
         self.prefix = sequence.into_prefix(&history);
-        self.messages.push(ChatMessage::new("assistant", answer));
-        Ok(TurnReport {
+        let report = TurnReport {
             prompt_tokens: prompt.len(),
             reused_tokens: reused,
             prefilled_tokens: prompt.len() - reused,
@@ -172,7 +191,16 @@ impl<'m> ChatSession<'m> {
             prefill_secs,
             decode_secs: started.elapsed().as_secs_f64() - prefill_secs,
             end,
-        })
+        };
+        Ok((report, answer))
+    }
+
+    /// Checks that the conversation can be rendered (the model has a chat template that
+    /// takes it), so a front-end can refuse before the first message.
+    pub fn check_template(&self) -> Result<()> {
+        let mut probe = ChatSession::new(self.model, self.tokenizer, self.system.clone());
+        probe.messages.push(ChatMessage::new("user", "Hello."));
+        probe.render().map(|_| ())
     }
 
     /// The conversation as the model reads it, ending where the assistant's turn begins.

@@ -386,8 +386,10 @@ impl<'m> Sequence<'m> {
     /// A plain sequence for `prompt_ids` whose first tokens come from `prefix`'s cache:
     /// it is cut back to what the prompt shares with it ([`CachedPrefix::reusable`]), and the
     /// caller prefills only `prompt_ids[reused..]` on [`Self::prompt_cache`]. Returns the
-    /// sequence and `reused`. The keys and values are the ones a cold prefill computes, so
-    /// the output is the same.
+    /// sequence and `reused`. The reused keys and values were computed by the same layers,
+    /// partly a row at a time where a cold prefill computes them together, so they agree up
+    /// to rounding; with kernels whose rows do not depend on the batch (dynexec's CPU
+    /// kernels) they are the same bits, and the tests check that answers are identical.
     pub fn resume(
         model: &'m Llama,
         prompt_ids: &[u32],

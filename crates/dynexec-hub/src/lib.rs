@@ -101,13 +101,9 @@ impl HfHub {
         let snapshot = std::fs::read_to_string(folder.join("refs").join(revision))
             .map(|hash| folder.join("snapshots").join(hash.trim()))
             .unwrap_or_else(|_| folder.join("snapshots").join(revision));
-        if let Ok(entries) = std::fs::read_dir(&snapshot) {
-            let local: Vec<String> = entries
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .collect();
-            if local.iter().any(|f| wanted(f)) {
-                return Ok(local);
-            }
+        let local = files_below(&snapshot, "");
+        if local.iter().any(|f| wanted(f)) {
+            return Ok(local);
         }
         let hf_repo = hf_hub::Repo::with_revision(
             repo.to_string(),
@@ -595,67 +591,99 @@ fn extract_wheel_members(
     Ok(())
 }
 
-/// Whether the part after `ORG/REPO:` is a quantization tag (`Q4_K_M`, `q8_0`, `IQ4_XS`,
-/// `f16`) rather than a file name: it has no extension.
+/// Whether the part after `ORG/REPO:` is a quantization tag rather than a file name: it is
+/// shaped like llama.cpp's type names (`Q4_K_M`, `q8_0`, `IQ4_XS`, `F16`, `BF16`), so files
+/// without an extension (`LICENSE`) stay files.
 pub fn is_quant_tag(text: &str) -> bool {
-    !text.contains(['.', '/']) && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+    let lower = text.to_ascii_lowercase();
+    let body = ["iq", "q", "bf", "fp", "f"]
+        .iter()
+        .find_map(|prefix| lower.strip_prefix(prefix));
+    body.is_some_and(|b| b.starts_with(|c: char| c.is_ascii_digit()))
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// Whether the GGUF file name carries `quant` as a whole tag, case-insensitively:
-/// `…-q4_k_m.gguf` and `….Q4_K_M.gguf` carry `Q4_K_M`; neither carries `Q4_K`.
+/// `…-q4_k_m.gguf` and `….Q4_K_M.gguf` carry `Q4_K_M`; neither carries `Q4_K` nor `K_M`.
+/// Multimodal projectors (`mmproj…`) carry none.
 pub fn gguf_has_quant(file: &str, quant: &str) -> bool {
     let name = file.rsplit('/').next().unwrap_or(file).to_ascii_lowercase();
     let Some(stem) = name.strip_suffix(".gguf") else {
         return false;
     };
+    if stem.starts_with("mmproj") {
+        return false;
+    }
     let quant = quant.to_ascii_lowercase();
     stem.match_indices(&quant).any(|(at, _)| {
         let before = stem[..at].chars().next_back();
         let after = stem[at + quant.len()..].chars().next();
-        matches!(before, None | Some('-' | '.' | '_')) && matches!(after, None | Some('-' | '.'))
+        matches!(before, None | Some('-' | '.')) && matches!(after, None | Some('-' | '.'))
     })
 }
 
+/// A part of a split GGUF (`…-00001-of-00003.gguf`).
+fn is_split_part(file: &str) -> bool {
+    file.trim_end_matches(".gguf")
+        .rsplit_once("-of-")
+        .is_some_and(|(head, total)| {
+            total.chars().all(|c| c.is_ascii_digit())
+                && head
+                    .rsplit('-')
+                    .next()
+                    .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+        })
+}
+
 /// The GGUF of a repository listing with quantization `quant`, as llama.cpp's
-/// `-hf ORG/REPO:QUANT` picks it; a split GGUF's first part names the whole.
+/// `-hf ORG/REPO:QUANT` picks it. Split GGUFs are refused: dynexec loads single files.
 pub fn pick_gguf(files: &[String], quant: &str) -> std::result::Result<String, String> {
     let mut matching: Vec<&String> = files.iter().filter(|f| gguf_has_quant(f, quant)).collect();
     matching.sort();
-    let is_later_part = |f: &str| f.contains("-of-") && !f.contains("-00001-of-");
-    matching.retain(|f| !is_later_part(f));
     match matching.as_slice() {
-        [one] => Ok(one.to_string()),
+        [one] if !is_split_part(one) => Ok(one.to_string()),
         [] => {
-            let mut quants: Vec<String> = files
+            let ggufs: Vec<&str> = files
                 .iter()
-                .filter(|f| f.ends_with(".gguf"))
-                .map(|f| {
-                    f.trim_end_matches(".gguf")
-                        .rsplit(['-', '.'])
-                        .next()
-                        .unwrap_or(f)
-                        .to_string()
-                })
+                .filter(|f| f.ends_with(".gguf") && !is_split_part(f))
+                .map(String::as_str)
                 .collect();
-            quants.sort();
-            quants.dedup();
-            Err(if quants.is_empty() {
-                "the repository holds no GGUF file".to_string()
+            Err(if ggufs.is_empty() {
+                "the repository holds no single-file GGUF".to_string()
             } else {
-                format!(
-                    "no GGUF with quantization `{quant}`; it has {}",
-                    quants.join(", ")
-                )
+                format!("no GGUF with quantization `{quant}`; it has {}", ggufs.join(", "))
             })
         }
+        parts if parts.iter().all(|f| is_split_part(f)) => Err(format!(
+            "`{quant}` is split across {} files ({}…); dynexec loads single-file GGUFs: merge them with llama.cpp's `llama-gguf-split --merge`",
+            parts.len(),
+            parts[0]
+        )),
         many => Err(format!(
             "several GGUFs carry `{quant}` ({}): name one as hf:ORG/REPO:FILE",
-            many.iter()
-                .map(|f| f.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            many.iter().map(|f| f.as_str()).collect::<Vec<_>>().join(", ")
         )),
     }
+}
+
+/// The files under `dir`, as repository paths (`sub/file`) prefixed by `prefix`.
+fn files_below(dir: &Path, prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_below(&path, &format!("{prefix}{name}/")));
+        } else {
+            out.push(format!("{prefix}{name}"));
+        }
+    }
+    out
 }
 
 /// Files a `hf:` reference with no file name stands for: a transformers-layout model.
@@ -816,14 +844,21 @@ mod tests {
             pick_gguf(&files, "q8_0").unwrap(),
             "qwen2.5-coder-1.5b-instruct-q8_0.gguf"
         );
-        assert_eq!(
-            pick_gguf(&files, "fp16").unwrap(),
-            "qwen2.5-coder-1.5b-instruct-fp16-00001-of-00002.gguf"
+        // A split GGUF is refused by name (dynexec loads single files).
+        let err = pick_gguf(&files, "fp16").unwrap_err();
+        assert!(
+            err.contains("split across 2 files") && err.contains("llama-gguf-split"),
+            "{err}"
         );
-        // A prefix of a tag is not the tag.
+        // Neither a prefix nor a suffix of a tag is the tag, and projectors carry none.
+        assert!(pick_gguf(&files, "K_M").is_err());
+        assert!(!gguf_has_quant("mmproj-model-f16.gguf", "f16"));
+        assert!(is_quant_tag("IQ4_XS") && is_quant_tag("bf16") && !is_quant_tag("LICENSE"));
         let err = pick_gguf(&files, "Q4_K").unwrap_err();
         assert!(
-            err.contains("no GGUF with quantization `Q4_K`") && err.contains("q4_k_m"),
+            err.contains("no GGUF with quantization `Q4_K`")
+                && err.contains("q4_k_m")
+                && !err.contains("00002"),
             "{err}"
         );
         assert!(gguf_has_quant("SmolLM2-135M-Instruct.Q4_1.gguf", "q4_1"));

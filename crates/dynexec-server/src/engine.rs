@@ -73,6 +73,8 @@ pub struct EngineConfig {
     /// prefilled in pieces that fit it, so a long prompt holds the others up for one piece
     /// at a time.
     pub step_tokens: usize,
+    /// Keep finished plain sequences' KV caches for later requests with the same prefix.
+    pub prefix_cache: bool,
 }
 
 /// What the engine thread is doing, for `/health`.
@@ -122,6 +124,10 @@ pub struct Dynamic {
     pub early_exit: Option<TokenExitPolicy>,
     /// Start from the longest cached prefix of the prompt, where a plain sequence can.
     pub cache_prompt: bool,
+    /// Which cached prefixes the request may reuse: only those left by requests of the same
+    /// scope (the same API key and `cache_salt`), so no client learns from timings or
+    /// `cached_tokens` what another sent.
+    pub cache_scope: u64,
 }
 
 /// One request for the engine.

@@ -2,19 +2,20 @@
 //! llama-server's tokenizer endpoints, `/health` and `/metrics`.
 
 use crate::api::{
-    chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest, CompletionRequest,
-    Endpoint, Fields, Limits, Prepared, PromptInput,
+    cache_scope, chat_bytes, check_model, check_prompt_bytes, prepare, ApiError, ChatRequest,
+    CompletionRequest, Endpoint, Fields, Limits, Prepared, PromptInput,
 };
 use crate::engine::{Engine, Event, Job, SubmitError, Summary};
 use crate::guard::{self, Access};
 use crate::metrics::{add, Metrics};
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use dynexec_core::tokenizer::TextTokenizer;
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -160,7 +161,11 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let received = Instant::now();
     let prepared = async {
         let request = ChatRequest::parse(&body)?;
@@ -176,13 +181,21 @@ async fn chat_completions(State(state): State<Arc<AppState>>, body: Bytes) -> Re
                     .and_then(|text| tokenizer.encode(&text))
             })
             .await?;
-        prepare(&request.params, prompt, info, state.limits)
+        let scope = cache_scope(&headers, request.params.cache_salt.as_deref());
+        prepare(&request.params, prompt, info, state.limits).map(|mut prepared| {
+            prepared.dynamic.cache_scope = scope;
+            prepared
+        })
     }
     .await;
     generate(state, prepared, Endpoint::Chat, received).await
 }
 
-async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let received = Instant::now();
     let prepared = async {
         let request = CompletionRequest::parse(&body)?;
@@ -198,7 +211,11 @@ async fn completions(State(state): State<Arc<AppState>>, body: Bytes) -> Respons
                     .await?
             }
         };
-        prepare(&request.params, prompt, info, state.limits)
+        let scope = cache_scope(&headers, request.params.cache_salt.as_deref());
+        prepare(&request.params, prompt, info, state.limits).map(|mut prepared| {
+            prepared.dynamic.cache_scope = scope;
+            prepared
+        })
     }
     .await;
     generate(state, prepared, Endpoint::Completion, received).await
@@ -336,6 +353,13 @@ fn stream_response(
     rx: UnboundedReceiver<Event>,
     keep_alive: Option<Duration>,
 ) -> Response {
+    // A stream that starts before its first event says so at once, then every interval.
+    let opening = match (&first, keep_alive) {
+        (None, Some(_)) => Some(Ok::<_, Infallible>(Bytes::from_static(
+            KEEP_ALIVE_COMMENT.as_bytes(),
+        ))),
+        _ => None,
+    };
     let stream = futures_util::stream::unfold(
         (first, rx, chunks, false),
         move |(pending, mut rx, mut chunks, done)| async move {
@@ -371,7 +395,9 @@ fn stream_response(
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream")
         .header(header::CACHE_CONTROL, "no-cache")
-        .body(Body::from_stream(stream))
+        .body(Body::from_stream(
+            futures_util::stream::iter(opening).chain(stream),
+        ))
         .unwrap_or_else(|_| engine_gone().into_response())
 }
 

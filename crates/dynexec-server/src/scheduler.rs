@@ -24,7 +24,7 @@ use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::{Error, Result};
 use dynexec_engine::{batch_rows, BatchMember, CachedPrefix, Sequence, Strategy};
-use dynexec_models::generation::GenerateOptions;
+use dynexec_models::generation::{check_prompt, GenerateOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -50,6 +50,8 @@ struct Active<'m> {
     prefilled: usize,
     /// Prompt tokens that came from a cached prefix.
     cached_tokens: usize,
+    /// The request's prefix-cache scope, which the cache it leaves keeps.
+    cache_scope: u64,
     /// Steps in a row its next prompt piece was passed over.
     skipped: usize,
     context: usize,
@@ -110,10 +112,10 @@ pub(crate) struct Scheduler<'m> {
     status: Arc<EngineStatus>,
     active: Vec<Active<'m>>,
     cost: PieceCost,
-    /// Caches finished plain sequences left, oldest first. With the active sequences' they
-    /// never number more than `max_batch`, so prefix caching costs no more memory than
-    /// full slots do.
-    prefixes: Vec<CachedPrefix>,
+    /// Caches finished plain sequences left, oldest first, each with the cache scope of the
+    /// request that left it. With the active sequences' they never number more than
+    /// `max_batch`, so prefix caching costs no more memory than full slots do.
+    prefixes: Vec<(u64, CachedPrefix)>,
 }
 
 impl<'m> Scheduler<'m> {
@@ -192,7 +194,7 @@ impl<'m> Scheduler<'m> {
             .active
             .iter()
             .map(|s| s.prefilled + s.generated().saturating_sub(1))
-            .chain(self.prefixes.iter().map(|p| p.tokens().len()))
+            .chain(self.prefixes.iter().map(|(_, p)| p.tokens().len()))
             .sum();
         let capacity = self.config.max_batch.max(1) * self.served.model.config().context_length;
         self.metrics
@@ -219,13 +221,12 @@ impl<'m> Scheduler<'m> {
         let queue_secs = job.received.elapsed().as_secs_f64();
         self.metrics.queue_wait.observe(queue_secs);
         match self.sequence(&job) {
-            Ok((decoder, cached_tokens)) => {
+            Ok((decoder, reuse)) => {
                 let served = self.served;
-                if job.dynamic.cache_prompt {
-                    add(
-                        &self.metrics.prefix_cache_queries,
-                        job.prompt_ids.len() as u64,
-                    );
+                let cached_tokens = reuse.unwrap_or(0);
+                if reuse.is_some() {
+                    let looked_up = job.prompt_ids.len() as u64;
+                    add(&self.metrics.prefix_cache_queries, looked_up);
                     add(&self.metrics.prefix_cache_hits, cached_tokens as u64);
                 }
                 self.active.push(Active {
@@ -234,6 +235,7 @@ impl<'m> Scheduler<'m> {
                     stream: TokenStream::new(&served.tokenizer),
                     stops: StopMatcher::new(job.stop),
                     prompt_tokens: job.prompt_ids.len(),
+                    cache_scope: job.dynamic.cache_scope,
                     tokens: job.prompt_ids,
                     prefilled: cached_tokens,
                     cached_tokens,
@@ -269,20 +271,29 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// The cached prefix that serves the most of `prompt`, taken out of the pool.
-    fn take_prefix(&mut self, prompt: &[u32]) -> Option<CachedPrefix> {
-        let (best, reusable) = self
+    /// The cached prefix of `scope` that serves the most of `prompt` (on a tie, the one that
+    /// loses the fewest cached tokens), taken out of the pool. As llama-server does with its
+    /// slots, a cache that would lose more than half of what it holds is left for the
+    /// conversation it belongs to while there is room for a fresh one.
+    fn take_prefix(&mut self, scope: u64, prompt: &[u32]) -> Option<CachedPrefix> {
+        let (best, reusable, held) = self
             .prefixes
             .iter()
             .enumerate()
-            .map(|(i, p)| (i, p.reusable(prompt)))
-            .max_by_key(|&(i, n)| (n, i))?;
-        (reusable > 0).then(|| self.prefixes.remove(best))
+            .filter(|(_, (s, _))| *s == scope)
+            .map(|(i, (_, p))| (i, p.reusable(prompt), p.tokens().len()))
+            .max_by_key(|&(i, n, held)| (n, std::cmp::Reverse(held), i))?;
+        let room = self.active.len() + self.prefixes.len() < self.config.max_batch.max(1);
+        if reusable == 0 || (2 * reusable < held && room) {
+            return None;
+        }
+        Some(self.prefixes.remove(best).1)
     }
 
-    /// The job's sequence with its strategy, and how many prompt tokens came from a cached
-    /// prefix (only plain sequences reuse one).
-    fn sequence(&mut self, job: &Job) -> Result<(Sequence<'m>, usize)> {
+    /// The job's sequence with its strategy, and, for a sequence that looked for a cached
+    /// prefix (plain ones, when the request and the server allow), how many prompt tokens
+    /// came from one.
+    fn sequence(&mut self, job: &Job) -> Result<(Sequence<'m>, Option<usize>)> {
         let served = self.served;
         let strategy = match (&job.dynamic.speculative, job.dynamic.early_exit) {
             (Some(lookahead), _) => {
@@ -304,15 +315,20 @@ impl<'m> Scheduler<'m> {
             }
             (None, None) => Strategy::Plain,
         };
-        if matches!(strategy, Strategy::Plain) && job.dynamic.cache_prompt {
-            if let Some(prefix) = self.take_prefix(&job.prompt_ids) {
-                return Sequence::resume(&served.model, &job.prompt_ids, &job.options, prefix);
+        let reusing = matches!(strategy, Strategy::Plain)
+            && job.dynamic.cache_prompt
+            && self.config.prefix_cache;
+        if reusing {
+            // Checked before a cache is taken, so a refused prompt costs no one theirs.
+            check_prompt(&served.model, &job.prompt_ids, &job.options)?;
+            if let Some(prefix) = self.take_prefix(job.dynamic.cache_scope, &job.prompt_ids) {
+                let (sequence, reused) =
+                    Sequence::resume(&served.model, &job.prompt_ids, &job.options, prefix)?;
+                return Ok((sequence, Some(reused)));
             }
         }
-        Ok((
-            Sequence::new(&served.model, strategy, &job.prompt_ids, &job.options)?,
-            0,
-        ))
+        let sequence = Sequence::new(&served.model, strategy, &job.prompt_ids, &job.options)?;
+        Ok((sequence, reusing.then_some(0)))
     }
 
     /// Which prefilling sequences put a prompt piece into this step, and how long: pieces
@@ -550,8 +566,10 @@ impl<'m> Scheduler<'m> {
             match outcome {
                 Outcome::Continue => kept.push(seq),
                 outcome => {
-                    if let Some(prefix) = finish(&self.metrics, seq, outcome, batch_total) {
-                        self.prefixes.push(prefix);
+                    let scope = seq.cache_scope;
+                    let kept = finish(&self.metrics, seq, outcome, batch_total);
+                    if let Some(prefix) = kept.filter(|_| self.config.prefix_cache) {
+                        self.prefixes.push((scope, prefix));
                     }
                 }
             }

@@ -268,7 +268,14 @@ impl Bounded {
 
 impl Lookahead for Bounded {
     fn name(&self) -> String {
-        format!("{},min={},max={}", self.inner.name(), self.min, self.max)
+        let mut name = self.inner.name();
+        if self.min > 0 {
+            name.push_str(&format!(",min={}", self.min));
+        }
+        if self.max < usize::MAX {
+            name.push_str(&format!(",max={}", self.max));
+        }
+        name
     }
     fn next_k(&self) -> usize {
         self.inner.next_k().clamp(self.min.max(1), self.max)
@@ -391,8 +398,9 @@ mod tests {
         assert_eq!(c.next_k(), Confidence::DEFAULT_MAX);
         assert_eq!(
             parse("heuristic,max=16").unwrap().name(),
-            "heuristic,min=0,max=16"
+            "heuristic,max=16"
         );
+        assert_eq!(parse("fixed:3,min=2").unwrap().name(), "fixed:3,min=2");
         for bad in [
             "fixed:4,max=0",
             "fixed:4,min=5,max=3",

@@ -86,7 +86,9 @@ pub fn run(global: &GlobalOptions, args: ChatArgs) -> Result<()> {
     };
     // Bad sampling settings are refused now, not at the first message.
     dynexec_core::sampling::Sampler::new(options.sampling.clone())?;
+    anyhow::ensure!(args.max_tokens >= 1, "--max-tokens must be at least 1");
     let mut session = ChatSession::new(&loaded.model, &loaded.tokenizer, args.system.clone());
+    session.check_template()?;
     catch_interrupts();
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();

@@ -236,7 +236,11 @@ pub fn build_drafter(
 /// other specs stay as they are.
 pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
     // Bounds (`,min=N`, `,max=N`) follow the controller and are kept as they are.
-    let (controller, bounds) = match spec.find(",min=").or(spec.find(",max=")) {
+    let first_bound = [spec.find(",min="), spec.find(",max=")]
+        .into_iter()
+        .flatten()
+        .min();
+    let (controller, bounds) = match first_bound {
         Some(at) => spec.split_at(at),
         None => (spec, ""),
     };

@@ -1,5 +1,6 @@
 //! `dynexec data list | pull | path`: the data sets of `models/data.toml`.
 
+use super::models::report_pull;
 use crate::options::{print_json, GlobalOptions};
 use anyhow::Result;
 use clap::Subcommand;
@@ -77,13 +78,7 @@ pub fn run(global: &GlobalOptions, cmd: DataCommand) -> Result<()> {
                 let entry = manifest.get(name)?;
                 let result = hub.pull_data(entry)?;
                 if !global.json {
-                    for skipped in &result.skipped {
-                        eprintln!("note: skipped {}", skipped.trim());
-                    }
-                    match &result.source {
-                        Some(source) => eprintln!("pulled {name} from {source}"),
-                        None => eprintln!("{name} is already cached"),
-                    }
+                    report_pull(name, &result.skipped, result.source.as_deref());
                     println!("{}", result.dir.display());
                 }
                 pulled.push(serde_json::json!({

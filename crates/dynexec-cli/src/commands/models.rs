@@ -92,13 +92,7 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
             for name in &names {
                 let result = hub.pull(name)?;
                 if !global.json {
-                    for skipped in &result.skipped {
-                        eprintln!("note: skipped {}", skipped.trim());
-                    }
-                    match &result.source {
-                        Some(source) => eprintln!("pulled {name} from {source}"),
-                        None => eprintln!("{name} is already cached"),
-                    }
+                    report_pull(name, &result.skipped, result.source.as_deref());
                     for f in &result.files.files {
                         println!("{}", f.display());
                     }
@@ -142,4 +136,15 @@ pub fn run(global: &GlobalOptions, cmd: ModelsCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where a pulled model or data set came from, and the sources skipped on the way (stderr).
+pub fn report_pull(name: &str, skipped: &[String], source: Option<&str>) {
+    for skipped in skipped {
+        eprintln!("note: skipped {}", skipped.trim());
+    }
+    match source {
+        Some(source) => eprintln!("pulled {name} from {source}"),
+        None => eprintln!("{name} is already cached"),
+    }
 }

@@ -61,6 +61,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub sse_keep_alive: u64,
 
+    /// Keep no finished sequence's KV cache: every request prefills its whole prompt
+    /// (by default a plain request starts from the longest prefix an earlier request of the
+    /// same client left; see docs/serving.md).
+    #[arg(long)]
+    pub no_cache_prompt: bool,
+
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -201,6 +207,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         max_queue: args.max_queue,
         spec_max_batch: args.spec_max_batch,
         step_tokens: args.batch_size,
+        prefix_cache: !args.no_cache_prompt,
     };
     let (load_global, load_args) = (global.clone(), args.clone());
     // The model is loaded on the engine thread, which keeps it; errors come back here.

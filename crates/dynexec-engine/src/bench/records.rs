@@ -118,9 +118,16 @@ fn record(
     samples: &[f64],
 ) -> Record {
     let tokens = (n_prompt + n_gen) as f64;
+    // A run measured at 0 tokens/s (none at all) has no duration to report.
     let samples_ns: Vec<u64> = samples
         .iter()
-        .map(|ts| (tokens / ts * 1e9).round() as u64)
+        .map(|&ts| {
+            if ts > 0.0 {
+                (tokens / ts * 1e9).round() as u64
+            } else {
+                0
+            }
+        })
         .collect();
     let as_f64: Vec<f64> = samples_ns.iter().map(|&ns| ns as f64).collect();
     let ns = Summary::of(&as_f64);

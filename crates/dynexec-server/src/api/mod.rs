@@ -385,6 +385,8 @@ fn dynamic_options(
         speculative,
         early_exit,
         cache_prompt: params.cache_prompt,
+        // The handler scopes it to the caller ([`cache_scope`]).
+        cache_scope: 0,
     })
 }
 
@@ -399,6 +401,20 @@ fn random_seed() -> u64 {
         ^ COUNTER
             .fetch_add(1, Ordering::Relaxed)
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// The prefix-cache scope of a request: its API key and `cache_salt`, hashed (the same for
+/// every request of one client, different across clients).
+pub fn cache_scope(headers: &axum::http::HeaderMap, salt: Option<&str>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let key = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (key, salt).hash(&mut hasher);
+    hasher.finish()
 }
 
 #[cfg(test)]

@@ -118,6 +118,8 @@ pub struct Params {
     pub early_exit: Option<String>,
     /// llama-server's: reuse the longest cached prefix of the prompt (default true).
     pub cache_prompt: bool,
+    /// vLLM's: requests reuse only cached prefixes left by requests with the same salt.
+    pub cache_salt: Option<String>,
 }
 
 impl Params {
@@ -187,6 +189,7 @@ impl Params {
             lookahead: fields.string("lookahead")?,
             early_exit: fields.string("early_exit")?,
             cache_prompt: fields.bool("cache_prompt")?.unwrap_or(true),
+            cache_salt: fields.string("cache_salt")?,
         })
     }
 }

@@ -155,6 +155,10 @@ pub fn run(global: &GlobalOptions, args: BenchGenerateArgs) -> Result<()> {
         rows,
     };
     if let Some(format) = args.output {
+        anyhow::ensure!(
+            !global.json,
+            "--json and -o both choose the output: keep one (-o json writes llama-bench's records)"
+        );
         let run = run_info(global, &args, model, loaded.format)?;
         let records = records(&report.rows, &run, args.prompt_tokens, args.gen_tokens);
         print!("{}", render(&records, format)?);
@@ -237,9 +241,14 @@ fn run_info(
     let weights = files
         .find(".gguf")
         .or(files.files.first().map(PathBuf::as_path));
+    // The weights alone, as llama-bench counts them (not config or tokenizer files).
     let model_size = files
         .files
         .iter()
+        .filter(|f| {
+            f.extension()
+                .is_some_and(|e| e == "gguf" || e == "safetensors")
+        })
         .filter_map(|f| std::fs::metadata(f).ok())
         .map(|m| m.len())
         .sum();

@@ -62,12 +62,12 @@ pub struct BenchServeArgs {
     /// them, general follow-ups continue them), send every turn reusing the server's cached
     /// prefix and then without it (`cache_prompt: false`), and report each turn's time to
     /// first token both ways (what prefix caching saves a chat).
-    #[arg(long, value_name = "N")]
-    pub chat_turns: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=8), conflicts_with_all = ["concurrency", "requests", "speculative"])]
+    pub chat_turns: Option<u16>,
 
     /// With --chat-turns: conversations to hold (medians over them).
-    #[arg(long, default_value_t = 3, requires = "chat_turns")]
-    pub conversations: usize,
+    #[arg(long, default_value_t = 3, requires = "chat_turns", value_parser = clap::value_parser!(u16).range(1..))]
+    pub conversations: u16,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
@@ -106,8 +106,12 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     // A warm-up request, so no row pays for first-touch costs.
     target.warm_up(&prompts[0], &config)?;
     if let Some(turns) = args.chat_turns {
-        let rows =
-            target.conversation(&prompts, turns, args.conversations.max(1), args.max_tokens)?;
+        let rows = target.conversation(
+            &prompts,
+            usize::from(turns),
+            usize::from(args.conversations),
+            args.max_tokens,
+        )?;
         if global.json {
             return print_json(
                 &serde_json::json!({"url": target.url(), "model": target.model,
