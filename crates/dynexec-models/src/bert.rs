@@ -101,8 +101,11 @@ impl LayerNorm {
 
     fn forward(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         let x = x.contiguous()?;
-        // candle's fused layer norm has no backward pass; training takes the composed one.
-        Ok(if differentiable {
+        // candle's fused layer norm has no backward pass; training takes dynexec's fused one
+        // (f32 on the CPU) or the composed one.
+        Ok(if differentiable && crate::fused::fusable(&x) {
+            crate::fused::layer_norm(&x, &self.weight, &self.bias, self.eps)?
+        } else if differentiable {
             candle_nn::ops::layer_norm_slow(&x, &self.weight, &self.bias, self.eps)?
         } else {
             candle_nn::ops::layer_norm(&x, &self.weight, &self.bias, self.eps)?
@@ -413,7 +416,9 @@ impl Bert {
         let v = split(layer.value.forward(x)?)?;
         let scores =
             (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?.broadcast_add(attention_bias)?;
-        let probs = if self.differentiable {
+        let probs = if self.differentiable && crate::fused::fusable(&scores) {
+            crate::fused::softmax_last_dim(&scores.contiguous()?)?
+        } else if self.differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
@@ -428,6 +433,9 @@ impl Bert {
         )?;
         let inner = layer.intermediate.forward(&attended)?;
         let inner = match self.config.hidden_act.as_str() {
+            "gelu" if self.differentiable && crate::fused::fusable(&inner) => {
+                crate::fused::gelu_erf(&inner.contiguous()?)?
+            }
             "gelu" => inner.gelu_erf()?,
             "relu" => inner.relu()?,
             _ => inner.gelu()?,

@@ -415,14 +415,32 @@ impl Linear {
                 x.contiguous()?
                     .apply_op2_no_bwd(&w.contiguous()?, &DenseSmallBatch)?
             }
+            // Training: one 2-D matmul over every row. candle's batched form broadcasts the
+            // weight over the batch, and its backward then sums that broadcast back over a
+            // strided dimension, the slowest reduction it has.
+            Weight::Candle(QMatMul::Tensor(w))
+                if (w.track_op() || x.track_op()) && x.rank() > 2 =>
+            {
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = self.out_features;
+                }
+                x.reshape((rows, self.in_features))?
+                    .matmul(&w.t()?)?
+                    .reshape(shape)?
+            }
             Weight::Candle(weight) => weight.forward(x)?,
         };
         self.add_bias(y)
     }
 
-    /// `y + b`, where the layer has a bias.
+    /// `y + b`, where the layer has a bias (fused when training on the CPU, whose backward
+    /// sums the rows in one pass).
     fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         Ok(match &self.bias {
+            Some(b) if (b.track_op() || y.track_op()) && crate::fused::fusable(&y) => {
+                crate::fused::add_row_bias(&y.contiguous()?, b)?
+            }
             Some(b) => y.broadcast_add(b)?,
             None => y,
         })

@@ -168,6 +168,7 @@ pub fn run(global: &GlobalOptions, mut args: TrainArgs) -> Result<()> {
         splits.test.len() as u64,
         "test {bar:40} {pos}/{len}",
     );
+    let mut speeds = Vec::new();
     let trained = untrained.train(
         &splits,
         args.batch_size,
@@ -191,12 +192,14 @@ pub fn run(global: &GlobalOptions, mut args: TrainArgs) -> Result<()> {
                 epoch,
                 mean_loss,
                 val_accuracy,
+                examples_per_sec,
             } => {
+                speeds.push(examples_per_sec);
                 step_bar.reset();
                 if !quiet {
                     step_bar.suspend(|| {
                         eprintln!(
-                            "epoch {epoch}: mean loss {mean_loss:.4}; val accuracy per exit {}",
+                            "epoch {epoch}: mean loss {mean_loss:.4}; val accuracy per exit {}; {examples_per_sec:.1} training examples/s",
                             percentages(&val_accuracy)
                         )
                     });
@@ -211,9 +214,14 @@ pub fn run(global: &GlobalOptions, mut args: TrainArgs) -> Result<()> {
         .save(&args.out)
         .with_context(|| format!("writing the model into {}", args.out.display()))?;
     let card = &trained.classifier.card;
+    let examples_per_sec = speeds.iter().sum::<f64>() / speeds.len().max(1) as f64;
     if global.json {
-        return print_json(&serde_json::json!({ "out": args.out, "card": card }));
+        return print_json(&serde_json::json!({ "out": args.out, "card": card,
+            "training_examples_per_sec": examples_per_sec }));
     }
+    eprintln!(
+        "training: {examples_per_sec:.1} examples/s (mean over epochs; validation not counted)"
+    );
     println!("exit  val      test");
     for (i, (v, t)) in card
         .accuracy
