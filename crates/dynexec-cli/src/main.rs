@@ -137,8 +137,9 @@ fn llama_cpp_spellings(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<st
 
 /// glibc hands every buffer over 128 KiB back to the kernel when it is freed, so each tensor
 /// of a training step (a few MiB each, thousands per step) arrives as fresh zeroed pages and
-/// page faults: a quarter of an encoder's training time. Keeping buffers up to 32 MiB in the
-/// heap, and the heap's free memory up to 1 GiB, lets the next step reuse them.
+/// page faults. Keeping buffers up to 32 MiB in the heap, and the heap's free memory up to
+/// 1 GiB, lets the next step reuse them (measured on MiniLM joint training with candle's
+/// composed ops: 26.9 s to 19.9 s; with the fused ops the gain is within this machine's noise).
 fn keep_freed_buffers() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator thresholds; called before any other thread.

@@ -197,8 +197,8 @@ pub fn train(
     val_predictions.ok_or_else(|| Error::InvalidArgument("no epochs ran".into()))
 }
 
-/// Inputs a group is sorted by length within, in batches, as transformers' `group_by_length`
-/// does: random groups, similar lengths inside a batch.
+/// Batches per group sorted by length, as transformers' `group_by_length` does: random
+/// groups, similar lengths inside a batch.
 const LENGTH_GROUP_BATCHES: usize = 50;
 
 /// The epoch's batches from the shuffled `order`: with `lengths`, each group of
