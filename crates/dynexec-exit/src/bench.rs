@@ -116,9 +116,94 @@ fn time_policies(
     Ok((batch1, batched))
 }
 
+/// Each policy kind's accuracy (%) against the share of layers it saves (%) on `predictions`
+/// as its setting moves from stopping nothing early to stopping everything at the first exit:
+/// confidence and entropy thresholds in steps of 0.01 and 0.02, every patience, every fixed
+/// exit. Points are sorted by layers saved; what a trade-off plot draws.
+pub fn tradeoff(predictions: &ExitPredictions, layers: usize) -> Vec<(String, Vec<(f64, f64)>)> {
+    let point = |policy: ExitPolicy| {
+        let e = predictions.evaluate(&policy);
+        (
+            100.0 * (1.0 - e.mean_exit / layers.max(1) as f64),
+            100.0 * e.accuracy,
+        )
+    };
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = vec![
+        (
+            "confidence".into(),
+            (0..=101)
+                .map(|i| {
+                    point(ExitPolicy::Confidence {
+                        thresholds: vec![i as f32 / 100.0],
+                    })
+                })
+                .collect(),
+        ),
+        (
+            "entropy".into(),
+            (-1..=50)
+                .map(|i| {
+                    point(ExitPolicy::Entropy {
+                        thresholds: vec![i as f32 / 50.0],
+                    })
+                })
+                .collect(),
+        ),
+        (
+            "patience".into(),
+            (0..layers)
+                .map(|p| point(ExitPolicy::Patience { patience: p }))
+                .collect(),
+        ),
+        (
+            "fixed".into(),
+            (1..=layers)
+                .map(|exit| point(ExitPolicy::Fixed { exit }))
+                .collect(),
+        ),
+    ];
+    for (_, points) in &mut series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0).then(b.1.total_cmp(&a.1)));
+        points.dedup_by(|a, b| (a.0 - b.0).abs() < 1e-9 && (a.1 - b.1).abs() < 1e-9);
+    }
+    series
+}
+
 /// The policy's setting: its threshold(s), patience or exit.
 pub fn threshold_of(policy: &ExitPolicy) -> String {
     let text = policy.to_string();
     text.split_once(':')
         .map_or(String::new(), |(_, v)| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three exits, four inputs: the fixed policy's ends are full depth (nothing saved) and
+    /// the first exit (two thirds saved), with those exits' accuracies.
+    #[test]
+    fn the_tradeoff_runs_from_full_depth_to_the_first_exit() {
+        let confident = vec![0.9f32, 0.1];
+        let unsure = vec![0.4f32, 0.6];
+        let predictions = ExitPredictions {
+            probs: vec![
+                vec![confident.clone(), confident.clone(), confident.clone()],
+                vec![unsure.clone(), confident.clone(), confident.clone()],
+                vec![unsure.clone(), unsure.clone(), confident.clone()],
+                vec![confident.clone(), unsure.clone(), unsure.clone()],
+            ],
+            labels: vec![0, 0, 0, 1],
+        };
+        let series = tradeoff(&predictions, 3);
+        let fixed = &series.iter().find(|(n, _)| n == "fixed").unwrap().1;
+        assert_eq!(fixed.first().unwrap().0, 0.0);
+        let last = fixed.last().unwrap();
+        assert!((last.0 - 200.0 / 3.0).abs() < 1e-9, "{fixed:?}");
+        assert_eq!(last.1, 25.0);
+        assert_eq!(fixed.first().unwrap().1, 100.0);
+        assert!(series
+            .iter()
+            .all(|(_, p)| p.windows(2).all(|w| w[0].0 <= w[1].0)));
+    }
 }

@@ -10,7 +10,7 @@ use plotters::style::colors::colormaps::ViridisRGB;
 use std::path::Path;
 use std::sync::OnceLock;
 
-const FONT_FAMILY: &str = "sans-serif";
+pub(crate) const FONT_FAMILY: &str = "sans-serif";
 const FONT_CANDIDATES: [&str; 6] = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/TTF/DejaVuSans.ttf",
@@ -21,7 +21,7 @@ const FONT_CANDIDATES: [&str; 6] = [
 ];
 
 /// Registers a font once per process; false when none could be loaded.
-fn font_available() -> bool {
+pub(crate) fn font_available() -> bool {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     *REGISTERED.get_or_init(|| {
         let from_env = std::env::var("DYNEXEC_FONT").ok();

@@ -1,6 +1,7 @@
 //! dynexec-plot: PNG in and out for the front-ends and for library users.
 //!
 //! - [`heatmap`]: a distance matrix as a PNG heatmap (the analyzer's layer × layer plots).
+//! - [`curves`]: trade-off lines as a PNG (early exit's accuracy against layers saved).
 //! - [`images`]: image files decoded to grey pixels (a classifier's input), and generated
 //!   images written side by side as one PNG (the diffusion samples).
 //!
@@ -16,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod curves;
 pub mod heatmap;
 pub mod images;
 

@@ -44,6 +44,10 @@ pub struct BenchExitsArgs {
     runs: usize,
     #[arg(long, default_value_t = 5000)]
     val_size: usize,
+    /// Also draw each policy's accuracy against the layers it saves on the test split, as its
+    /// setting moves, into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
@@ -75,6 +79,28 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
             (_, other) => resolve_exit_policy(other, &card)?,
         };
         policies.push((name.clone(), policy));
+    }
+    if let Some(path) = &args.plot {
+        let series = dynexec_exit::bench::tradeoff(&test, card.layers);
+        let title = format!("{}: accuracy against layers saved (test split)", card.task);
+        let chart = dynexec_plot::curves::LineChart {
+            title: &title,
+            x_desc: "layers saved (%)",
+            y_desc: "accuracy (%)",
+            series: &series,
+        };
+        let with_text = dynexec_plot::curves::write_png(&chart, path)?;
+        if !global.quiet {
+            eprintln!(
+                "wrote {}{}",
+                path.display(),
+                if with_text {
+                    ""
+                } else {
+                    " (no font found: drawn without text; set DYNEXEC_FONT)"
+                }
+            );
+        }
     }
     let timed = splits.test.take(args.timed_inputs.max(1))?;
     let bar = progress_bar(
