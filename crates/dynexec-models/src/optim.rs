@@ -149,16 +149,7 @@ mod tests {
             fused.backward_step(&loss(&a)).unwrap();
             theirs.backward_step(&loss(&b)).unwrap();
         }
-        let diff = (a.as_tensor() - b.as_tensor())
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = crate::fused::tests::max_diff(a.as_tensor(), b.as_tensor());
         // The same arithmetic in another order: equal up to f32 rounding.
         assert!(diff < 1e-5, "parameters differ by {diff}");
         assert!(
