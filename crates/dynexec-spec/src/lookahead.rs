@@ -291,8 +291,9 @@ impl Lookahead for Bounded {
     }
 }
 
-/// The `,min=N` and `,max=N` suffixes of a lookahead spec, split off its controller.
-fn split_bounds(spec: &str) -> (&str, Option<usize>, Option<usize>, bool) {
+/// The `,min=N` and `,max=N` suffixes of a lookahead spec, split off its controller: the
+/// controller (a prefix of `spec`), the bounds, and whether a bound was malformed or repeated.
+pub fn split_bounds(spec: &str) -> (&str, Option<usize>, Option<usize>, bool) {
     let (mut rest, mut min, mut max, mut bad) = (spec, None, None, false);
     while let Some((head, tail)) = rest.rsplit_once(',') {
         let slot = match tail.split_once('=') {

@@ -236,14 +236,8 @@ pub fn build_drafter(
 /// other specs stay as they are.
 pub fn resolve_lookahead(global: &GlobalOptions, spec: &str) -> Result<String> {
     // Bounds (`,min=N`, `,max=N`) follow the controller and are kept as they are.
-    let first_bound = [spec.find(",min="), spec.find(",max=")]
-        .into_iter()
-        .flatten()
-        .min();
-    let (controller, bounds) = match first_bound {
-        Some(at) => spec.split_at(at),
-        None => (spec, ""),
-    };
+    let (controller, ..) = dynexec_spec::lookahead::split_bounds(spec);
+    let bounds = &spec[controller.len()..];
     let reference = match controller.split_once(':') {
         None if controller == "disco" => DEFAULT_DISCO,
         Some(("disco", reference)) => reference,
