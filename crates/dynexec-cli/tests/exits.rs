@@ -484,3 +484,114 @@ fn generate_with_early_exit_reports_exit_layers_and_never_exits_above_one() {
         "cannot be used with",
     );
 }
+
+#[test]
+fn exit_classifiers_train_on_kept_adapters_and_decide_exits() {
+    let committed =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/smollm2-135m-instruct-exits");
+    let out = tempfile::tempdir().unwrap();
+    let trained = stdout_json(&dynexec(&[
+        "exits",
+        "train-adapters",
+        "--keep-adapters",
+        s(&committed),
+        "--out",
+        s(out.path()),
+        "--skip",
+        "0",
+        "--count",
+        "6",
+        "--gen-tokens",
+        "12",
+        "--held-out",
+        "0.34",
+        "--classifier-steps",
+        "40",
+        "--json",
+    ]));
+    let card = &trained["card"];
+    let kept: Value = serde_json::from_str(
+        &std::fs::read_to_string(committed.join("adapters.json")).unwrap(),
+    )
+    .unwrap();
+    // The adapters and their record are kept; only the classifiers are new.
+    assert_eq!(card["training"], kept["training"]);
+    assert_eq!(card["agreement_after"], kept["agreement_after"]);
+    let classifier = &card["classifier"];
+    assert_eq!(classifier["steps"], 40);
+    assert!(classifier["command"]
+        .as_str()
+        .unwrap()
+        .contains("--keep-adapters"));
+    for key in ["held_out_agreement", "held_out_accuracy", "held_out_auc"] {
+        let values = classifier[key].as_array().unwrap();
+        assert_eq!(values.len(), 5, "{key}");
+        assert!(values
+            .iter()
+            .all(|v| (0.0..=1.0).contains(&v.as_f64().unwrap())));
+    }
+    let read = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("adapters.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (before, after) = (read(&committed), read(out.path()));
+    for (name, tensor) in before.iter().filter(|(n, _)| n.starts_with("adapters.")) {
+        let diff = (tensor - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(diff, 0.0, "{name} changed");
+    }
+    assert_eq!(
+        after.keys().filter(|n| n.starts_with("classifiers.")).count(),
+        10
+    );
+
+    let generate = |policy: Option<&str>, adapters: &str| {
+        let mut a = vec![
+            "generate",
+            "--prompt",
+            "The capital of France is",
+            "-n",
+            "10",
+            "--ignore-eos",
+            "--json",
+        ];
+        if let Some(p) = policy {
+            a.extend(["--early-exit", p, "--exit-adapters", adapters]);
+        }
+        dynexec(&a)
+    };
+    let plain = stdout_json(&generate(None, ""));
+    let never = stdout_json(&generate(Some("classifier:1.5"), s(out.path())));
+    assert_eq!(never["token_ids"], plain["token_ids"]);
+    assert_eq!(never["early_exit"]["mean_exit_layer"], 30.0);
+    // Threshold 0: every probability passes, so each token leaves at the first exit.
+    let always = stdout_json(&generate(Some("classifier:0"), s(out.path())));
+    let layers = always["early_exit"]["exit_layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 9);
+    assert!(layers.iter().all(|l| l.as_u64() == Some(5)), "{layers:?}");
+
+    // Adapters without classifiers refuse `classifier:T` by name.
+    let bare = tempfile::tempdir().unwrap();
+    let mut bare_card = card.clone();
+    bare_card.as_object_mut().unwrap().remove("classifier");
+    std::fs::write(
+        bare.path().join("adapters.json"),
+        serde_json::to_string(&bare_card).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        out.path().join("adapters.safetensors"),
+        bare.path().join("adapters.safetensors"),
+    )
+    .unwrap();
+    assert_clear_error(
+        &generate(Some("classifier:0.9"), s(bare.path())),
+        "carry no exit classifiers",
+    );
+}

@@ -122,7 +122,7 @@ impl From<&SpecStats> for SpeculativeReport {
 /// What per-token early exit did for one sequence.
 #[derive(Debug, Clone, Serialize)]
 pub struct EarlyExitReport {
-    /// The policy, as `confidence:T` or `saturation:T`.
+    /// The policy, as `confidence:T`, `saturation:T` or `classifier:T`.
     pub policy: String,
     /// Mean of [`Self::exit_layers`] (0 with none).
     pub mean_exit_layer: f64,

@@ -17,6 +17,7 @@ pub mod calibrate;
 pub mod card;
 pub mod data;
 pub mod distill;
+pub mod exit_classifier;
 pub mod heads;
 pub mod model;
 pub mod policy;

@@ -13,6 +13,7 @@ use dynexec_core::card::read_card;
 use dynexec_core::{Error, Result, Setting};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
+use crate::exit_classifier::{ClassifierCard, ExitClassifiers};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -41,6 +42,9 @@ pub struct AdapterCard {
     pub agreement_before: Vec<f64>,
     /// The same through the trained adapter.
     pub agreement_after: Vec<f64>,
+    /// The exit classifiers stored with the adapters (`classifier:T`), if trained.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier: Option<ClassifierCard>,
 }
 
 /// How exit adapters were trained.
@@ -102,19 +106,40 @@ impl Adapter {
 #[derive(Debug, Clone)]
 pub struct ExitAdapters {
     adapters: Vec<Adapter>,
+    classifiers: Option<ExitClassifiers>,
     /// What the adapters are: exit layers, shapes, training record.
     pub card: AdapterCard,
 }
 
 impl ExitAdapters {
-    /// Creates (over a `VarMap`) or loads adapters named `adapters.{layer}.{down,up}.weight`.
+    /// Creates (over a `VarMap`) or loads adapters named `adapters.{layer}.{down,up}.weight`,
+    /// and the exit classifiers (`classifiers.{layer}.{weight,bias}`) when the card has them.
     pub fn new(vb: VarBuilder, card: AdapterCard) -> Result<Self> {
         let adapters = card
             .layers
             .iter()
             .map(|l| Adapter::load(vb.pp(format!("adapters.{l}")), card.hidden_size, card.rank))
             .collect::<Result<_>>()?;
-        Ok(Self { adapters, card })
+        let classifiers = match card.classifier {
+            Some(_) => Some(ExitClassifiers::new(vb, &card.layers, card.hidden_size)?),
+            None => None,
+        };
+        Ok(Self {
+            adapters,
+            classifiers,
+            card,
+        })
+    }
+
+    /// Adds trained exit classifiers and their record.
+    pub fn set_classifiers(&mut self, classifiers: ExitClassifiers, card: ClassifierCard) {
+        self.classifiers = Some(classifiers);
+        self.card.classifier = Some(card);
+    }
+
+    /// The exit classifiers, if these adapters carry them.
+    pub fn classifiers(&self) -> Option<&ExitClassifiers> {
+        self.classifiers.as_ref()
     }
 
     /// Fresh adapters for training, over the returned variables: the down projections drawn
@@ -206,43 +231,67 @@ pub enum TokenExitPolicy {
         /// Minimum cosine similarity (0–1) of the hidden states before and after the exit layer; above 1 never exits early.
         threshold: f32,
     },
+    /// The exit's learned classifier ([`crate::exit_classifier`]) gives at least `threshold`
+    /// probability that the exit's top token is the final layer's (costs one dot product).
+    Classifier {
+        /// Minimum predicted probability of agreement (0–1); above 1 never exits early.
+        threshold: f32,
+    },
 }
 
 impl TokenExitPolicy {
-    /// Parses `confidence:T` or `saturation:T`.
+    /// Parses `confidence:T`, `saturation:T` or `classifier:T`.
     pub fn parse(text: &str) -> Result<Self> {
         let bad = || {
             Error::BadSpec {
                 setting: Setting::EarlyExit,
                 spec: text.to_string(),
-                help: "write confidence:T (top-1 minus top-2 probability, 0–1) or saturation:T (cosine of consecutive hidden states, -1–1); above 1 never exits early".into(),
+                help: "write confidence:T (top-1 minus top-2 probability, 0–1), saturation:T (cosine of consecutive hidden states, -1–1) or classifier:T (the exit classifier's probability that the exit agrees with the last layer, 0–1); above 1 never exits early".into(),
             }
         };
         let (kind, value) = text.split_once(':').ok_or_else(bad)?;
         let threshold: f32 = value.trim().parse().map_err(|_| bad())?;
         // Below a measure's range a threshold means nothing more than its floor (0 for a
         // probability margin, -1 for a cosine, both: always exit): refuse it as a likely typo.
-        let floor = match kind {
-            "confidence" => 0.0,
-            "saturation" => -1.0,
+        let (policy, floor) = match kind {
+            "confidence" => (Self::Confidence { threshold }, 0.0),
+            "saturation" => (Self::Saturation { threshold }, -1.0),
+            "classifier" => (Self::Classifier { threshold }, 0.0),
             _ => return Err(bad()),
         };
         if !threshold.is_finite() || threshold < floor {
             return Err(bad());
         }
-        Ok(match kind {
-            "confidence" => Self::Confidence { threshold },
-            _ => Self::Saturation { threshold },
-        })
+        Ok(policy)
+    }
+
+    /// The threshold the measure must reach.
+    pub fn threshold(&self) -> f32 {
+        match *self {
+            Self::Confidence { threshold }
+            | Self::Saturation { threshold }
+            | Self::Classifier { threshold } => threshold,
+        }
+    }
+
+    /// Whether a token whose measure scored `score` leaves at this exit.
+    pub fn exits_at(&self, score: f32) -> bool {
+        score >= self.threshold()
+    }
+
+    /// The measure's name, as written before the colon.
+    pub fn measure(&self) -> &'static str {
+        match self {
+            Self::Confidence { .. } => "confidence",
+            Self::Saturation { .. } => "saturation",
+            Self::Classifier { .. } => "classifier",
+        }
     }
 }
 
 impl std::fmt::Display for TokenExitPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Confidence { threshold } => write!(f, "confidence:{threshold}"),
-            Self::Saturation { threshold } => write!(f, "saturation:{threshold}"),
-        }
+        write!(f, "{}:{}", self.measure(), self.threshold())
     }
 }
 
@@ -259,13 +308,20 @@ pub struct TokenExit<'a> {
 }
 
 impl<'a> TokenExit<'a> {
-    /// A stepper over `model`; fails if `adapters` were made for a model of another shape.
+    /// A stepper over `model`; fails if `adapters` were made for a model of another shape,
+    /// or carry no classifiers for a `classifier:T` policy.
     pub fn new(
         model: &'a Llama,
         adapters: &'a ExitAdapters,
         policy: TokenExitPolicy,
     ) -> Result<Self> {
         adapters.check(model)?;
+        if matches!(policy, TokenExitPolicy::Classifier { .. }) && adapters.classifiers.is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "these exit adapters for `{}` carry no exit classifiers, which {policy} needs: train them with `dynexec exits train-adapters` (--keep-adapters DIR adds classifiers to trained adapters), or use confidence:T or saturation:T",
+                adapters.card.model
+            )));
+        }
         Ok(Self {
             model,
             adapters,
@@ -285,31 +341,44 @@ impl<'a> TokenExit<'a> {
         let mut hidden = self.model.embed(&id)?;
         let mut done = 0;
         for (index, &layer) in self.adapters.card.layers.iter().enumerate() {
-            let (logits, stop) = match self.policy {
-                TokenExitPolicy::Confidence { threshold } => {
+            let exit_logits = match self.policy {
+                TokenExitPolicy::Confidence { .. } => {
                     hidden = self
                         .model
                         .forward_layers(&hidden, done..layer, cache, None)?;
                     let logits = self.adapters.exit_logits(self.model, index, &hidden)?;
-                    let margin = top2_margin(&logits)?;
-                    (Some(logits), margin >= threshold)
+                    let exits = self.policy.exits_at(top2_margin(&logits)?);
+                    exits.then_some(logits)
                 }
-                TokenExitPolicy::Saturation { threshold } => {
+                TokenExitPolicy::Saturation { .. } => {
                     let before =
                         self.model
                             .forward_layers(&hidden, done..layer - 1, cache, None)?;
                     hidden = self
                         .model
                         .forward_layers(&before, layer - 1..layer, cache, None)?;
-                    (None, cosine(&before, &hidden)? >= threshold)
+                    match self.policy.exits_at(cosine(&before, &hidden)?) {
+                        true => Some(self.adapters.exit_logits(self.model, index, &hidden)?),
+                        false => None,
+                    }
+                }
+                TokenExitPolicy::Classifier { .. } => {
+                    hidden = self
+                        .model
+                        .forward_layers(&hidden, done..layer, cache, None)?;
+                    let adapted = self.adapters.adapt(index, &hidden)?;
+                    let classifiers = self.adapters.classifiers.as_ref().ok_or_else(|| {
+                        Error::InvalidArgument("these exit adapters carry no classifiers".into())
+                    })?;
+                    // The head runs only at the exit the token leaves at.
+                    match self.policy.exits_at(classifiers.probability(index, &adapted)?) {
+                        true => Some(self.model.head(&adapted)?.flatten_all()?),
+                        false => None,
+                    }
                 }
             };
             done = layer;
-            if stop {
-                let logits = match logits {
-                    Some(l) => l,
-                    None => self.adapters.exit_logits(self.model, index, &hidden)?,
-                };
+            if let Some(logits) = exit_logits {
                 self.model.fill_kv(&hidden, layer..depth, cache)?;
                 self.exit_layers.push(layer);
                 return Ok(logits);
@@ -483,6 +552,43 @@ pub fn train_adapters(
     Ok(())
 }
 
+/// What one exit makes of some positions of the distillation data.
+pub struct ExitOutcomes {
+    /// The adapted hidden states `(positions, hidden)`, what the head reads.
+    pub adapted: Tensor,
+    /// Whether the exit's top token equals the final layer's, per position.
+    pub agrees: Vec<bool>,
+}
+
+/// Every exit's adapted hidden states at `positions`, and whether its top token there
+/// equals the final layer's.
+pub fn exit_outcomes(
+    model: &Llama,
+    adapters: &ExitAdapters,
+    data: &DistillationData,
+    positions: &[usize],
+) -> Result<Vec<ExitOutcomes>> {
+    const CHUNK: usize = 64;
+    let rows: Vec<u32> = positions.iter().map(|&r| r as u32).collect();
+    let rows = Tensor::from_vec(rows, positions.len(), model.device())?;
+    (0..adapters.adapters.len())
+        .map(|i| {
+            let adapted = adapters.adapt(i, &data.hidden[i].index_select(&rows, 0)?)?;
+            let mut agrees = Vec::with_capacity(positions.len());
+            for (k, part) in positions.chunks(CHUNK).enumerate() {
+                let h = adapted.narrow(0, k * CHUNK, part.len())?;
+                let top = model
+                    .head(&h.unsqueeze(0)?)?
+                    .squeeze(0)?
+                    .argmax(D::Minus1)?;
+                let top: Vec<u32> = top.to_vec1()?;
+                agrees.extend(part.iter().zip(top).map(|(&p, t)| data.targets[p] == t));
+            }
+            Ok(ExitOutcomes { adapted, agrees })
+        })
+        .collect()
+}
+
 /// Share of `positions` where each exit's top token equals the final layer's.
 pub fn exit_agreement(
     model: &Llama,
@@ -490,32 +596,10 @@ pub fn exit_agreement(
     data: &DistillationData,
     positions: &[usize],
 ) -> Result<Vec<f64>> {
-    let rows: Vec<u32> = positions.iter().map(|&r| r as u32).collect();
-    let rows = Tensor::from_vec(rows, positions.len(), model.device())?;
-    adapters
-        .adapters
+    Ok(exit_outcomes(model, adapters, data, positions)?
         .iter()
-        .enumerate()
-        .map(|(i, adapter)| {
-            let mut agree = 0;
-            for chunk in positions.chunks(64).zip(0..) {
-                let (part, k) = chunk;
-                let r = rows.narrow(0, k * 64, part.len())?;
-                let h = adapter.forward(&data.hidden[i].index_select(&r, 0)?)?;
-                let top = model
-                    .head(&h.unsqueeze(0)?)?
-                    .squeeze(0)?
-                    .argmax(D::Minus1)?;
-                let top: Vec<u32> = top.to_vec1()?;
-                agree += part
-                    .iter()
-                    .zip(top)
-                    .filter(|(&p, t)| data.targets[p] == *t)
-                    .count();
-            }
-            Ok(agree as f64 / positions.len().max(1) as f64)
-        })
-        .collect()
+        .map(|o| o.agrees.iter().filter(|&&a| a).count() as f64 / o.agrees.len().max(1) as f64)
+        .collect())
 }
 
 #[cfg(test)]

@@ -55,6 +55,8 @@ pub struct ModelInfo {
     pub lookahead: String,
     /// The layers with exit adapters, when the server can exit early.
     pub exit_layers: Option<Vec<usize>>,
+    /// Whether the exit adapters carry exit classifiers (`early_exit: "classifier:T"`).
+    pub exit_classifiers: bool,
 }
 
 /// How many sequences decode together, how many tokens a step may run, and how many
@@ -379,6 +381,10 @@ impl ServedModel {
             draft: self.drafter.as_ref().map(|d| d.name()),
             lookahead: self.lookahead.clone(),
             exit_layers: self.exit_adapters.as_ref().map(|a| a.card.layers.clone()),
+            exit_classifiers: self
+                .exit_adapters
+                .as_ref()
+                .is_some_and(|a| a.classifiers().is_some()),
         }
     }
 }

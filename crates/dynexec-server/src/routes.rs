@@ -593,7 +593,8 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
         "context_length": info.context_length,
         "dynexec": {"layers": info.num_layers, "vocab_size": info.tokenizer.vocab_size(),
             "draft": info.draft,
-            "lookahead": info.lookahead, "exit_layers": info.exit_layers},
+            "lookahead": info.lookahead, "exit_layers": info.exit_layers,
+            "exit_classifiers": info.exit_classifiers},
     })];
     if let Some(embedder) = &state.embedder {
         models.push(json!({

@@ -27,6 +27,16 @@ pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
 /// The exit adapters shipped for the default decoder.
 pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
 
+/// The exit adapters a model gets when none are named: the manifest's `MODEL-exits` when it
+/// has them, else [`DEFAULT_EXIT_ADAPTERS`] (whose shape check then names any mismatch).
+pub fn default_exit_adapters(global: &GlobalOptions, model: &str) -> Result<String> {
+    let own = format!("{model}-exits");
+    Ok(match global.hub()?.manifest.get(&own) {
+        Some(_) => own,
+        None => DEFAULT_EXIT_ADAPTERS.to_string(),
+    })
+}
+
 #[derive(Args)]
 pub struct ModelArgs {
     /// Model: a manifest name (see `dynexec models list`), hf:ORG/REPO[@REV][:FILE],
@@ -464,4 +474,15 @@ pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
         eprintln!("note: the model's card has no calibrated policy; running full depth (calibrate with `dynexec exits calibrate`)");
     }
     Ok(card.policy(text)?)
+}
+
+/// Says where a chart was written, and that it has no text when no font was found.
+pub fn report_plot(global: &GlobalOptions, path: &Path, with_text: bool) {
+    if !global.quiet {
+        let note = match with_text {
+            true => "",
+            false => " (no font found: drawn without text; set DYNEXEC_FONT)",
+        };
+        eprintln!("wrote {}{note}", path.display());
+    }
 }

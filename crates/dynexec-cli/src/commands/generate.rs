@@ -1,8 +1,8 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
-    ModelArgs, SamplingArgs, DEFAULT_EXIT_ADAPTERS,
+    build_drafter, default_exit_adapters, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
+    ModelArgs, SamplingArgs,
 };
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
@@ -75,14 +75,17 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "heuristic", requires = "draft")]
     pub lookahead: String,
 
-    /// Per-token early exit (CALM): `confidence:T` (an exit's top-1 minus top-2 probability
-    /// reaches T) or `saturation:T` (the hidden state's cosine across the exit layer reaches
-    /// T); the skipped layers' keys and values are filled from the exit state.
+    /// Per-token early exit (CALM): `classifier:T` (the exit's learned classifier gives at
+    /// least T probability that the exit agrees with the last layer; the cheapest test),
+    /// `confidence:T` (an exit's top-1 minus top-2 probability reaches T; costs an LM head
+    /// per exit tried) or `saturation:T` (the hidden state's cosine across the exit layer
+    /// reaches T); above 1 never exits. The skipped layers' keys and values are filled from
+    /// the exit state.
     #[arg(long, conflicts_with_all = ["draft", "trace"])]
     pub early_exit: Option<String>,
 
     /// Exit adapters (a manifest name or a folder with adapters.json) for --early-exit
-    /// (default: smollm2-135m-instruct-exits) or for a `--draft self-layers:E` draft, whose
+    /// (default: the manifest's MODEL-exits, else smollm2-135m-instruct-exits) or for a `--draft self-layers:E` draft, whose
     /// hidden state then goes through layer E's adapter before the head.
     #[arg(long)]
     pub exit_adapters: Option<String>,
@@ -149,11 +152,13 @@ pub fn run(global: &GlobalOptions, args: GenerateArgs) -> Result<()> {
     };
     let loaded = args.model.load(global)?;
     let adapters = match (&args.early_exit, &args.exit_adapters) {
-        (Some(_), reference) => Some(load_exit_adapters(
-            global,
-            reference.as_deref().unwrap_or(DEFAULT_EXIT_ADAPTERS),
-            &loaded.model,
-        )?),
+        (Some(_), reference) => {
+            let reference = match reference {
+                Some(r) => r.clone(),
+                None => default_exit_adapters(global, &args.model.model)?,
+            };
+            Some(load_exit_adapters(global, &reference, &loaded.model)?)
+        }
         (None, Some(reference)) if drafting.is_some() => {
             Some(load_exit_adapters(global, reference, &loaded.model)?)
         }

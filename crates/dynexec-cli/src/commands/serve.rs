@@ -2,7 +2,7 @@
 
 use super::common::{
     build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
-    ModelArgs, DEFAULT_DECODER, DEFAULT_EXIT_ADAPTERS,
+    ModelArgs, DEFAULT_DECODER,
 };
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
@@ -93,8 +93,9 @@ pub struct ServeArgs {
     #[arg(long, default_value = "heuristic")]
     pub lookahead: String,
 
-    /// Exit adapters for requests with "early_exit" (default: smollm2-135m-instruct-exits
-    /// when serving the default model and it is pulled; `none` to serve without).
+    /// Exit adapters for requests with "early_exit" (default: the manifest's MODEL-exits
+    /// when it has them, e.g. smollm2-135m-instruct-exits for the default model; `none` to
+    /// serve without).
     #[arg(long)]
     pub exit_adapters: Option<String>,
 
@@ -304,16 +305,20 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
     let exit_adapters = match args.exit_adapters.as_deref() {
         Some("none") => None,
         Some(reference) => Some(load_exit_adapters(global, reference, &loaded.model)?),
-        None if args.model == DEFAULT_DECODER => {
-            match load_exit_adapters(global, DEFAULT_EXIT_ADAPTERS, &loaded.model) {
-                Ok(adapters) => Some(adapters),
-                Err(e) => {
-                    eprintln!("dynexec serve: serving without early exit ({e:#}); `dynexec models pull {DEFAULT_EXIT_ADAPTERS}` enables it");
-                    None
-                }
+        None => {
+            // The manifest's own adapters for the model, when it has them.
+            let own = format!("{}-exits", args.model);
+            match global.hub()?.manifest.get(&own) {
+                None => None,
+                Some(_) => match load_exit_adapters(global, &own, &loaded.model) {
+                    Ok(adapters) => Some(adapters),
+                    Err(e) => {
+                        eprintln!("dynexec serve: serving without early exit ({e:#}); `dynexec models pull {own}` enables it");
+                        None
+                    }
+                },
             }
         }
-        None => None,
     };
     args.draft_cost.check_drafting(args.draft.is_some())?;
     let drafter = match args.draft.as_deref().map(str::parse::<DraftSpec>) {

@@ -152,3 +152,59 @@ fn perplexity(model: &Llama, mut exit: Option<&mut TokenExit<'_>>, ids: &[u32]) 
     }
     Ok((nll / ids.len().saturating_sub(1).max(1) as f64).exp())
 }
+
+/// The per-token trade-off curves: for each measure (the part of a policy before `:`), its
+/// rows' (layers saved %, agreement %) points in order of layers saved, each starting at full
+/// depth (0, 100).
+pub fn tradeoff(rows: &[TokenExitRow]) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    for row in rows.iter().filter(|r| r.policy != "full") {
+        let measure = row.policy.split(':').next().unwrap_or(&row.policy);
+        let point = (row.layers_saved_pct, 100.0 * row.agreement);
+        match series.iter_mut().find(|(name, _)| name == measure) {
+            Some((_, points)) => points.push(point),
+            None => series.push((measure.to_string(), vec![(0.0, 100.0), point])),
+        }
+    }
+    for (_, points) in &mut series {
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    series
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(policy: &str, saved: f64, agreement: f64) -> TokenExitRow {
+        TokenExitRow {
+            policy: policy.into(),
+            agreement,
+            identical_outputs: 0,
+            mean_exit_layer: 0.0,
+            layers_saved_pct: saved,
+            decode_tokens_per_s: 0.0,
+            speedup: 1.0,
+            perplexity: 1.0,
+            perplexity_delta_pct: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_curves_group_policies_by_measure_from_full_depth() {
+        let rows = [
+            row("full", 0.0, 1.0),
+            row("classifier:0.6", 40.0, 0.7),
+            row("confidence:0.9", 5.0, 0.95),
+            row("classifier:0.9", 10.0, 0.9),
+        ];
+        let series = tradeoff(&rows);
+        assert_eq!(series.len(), 2);
+        assert_eq!(series[0].0, "classifier");
+        assert_eq!(
+            series[0].1,
+            vec![(0.0, 100.0), (10.0, 90.0), (40.0, 70.0)]
+        );
+        assert_eq!(series[1].1, vec![(0.0, 100.0), (5.0, 95.0)]);
+    }
+}

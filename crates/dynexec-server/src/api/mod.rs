@@ -330,6 +330,12 @@ fn dynamic_options(
                     "this server has no exit adapters, so it cannot honour `early_exit`",
                 ));
             }
+            if matches!(policy, TokenExitPolicy::Classifier { .. }) && !info.exit_classifiers {
+                return Err(ApiError::invalid(
+                    Some("early_exit"),
+                    "this server's exit adapters carry no exit classifiers: use `confidence:T` or `saturation:T`",
+                ));
+            }
             Some(policy)
         }
     };

@@ -90,17 +90,7 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
             series: &series,
         };
         let with_text = dynexec_plot::curves::write_png(&chart, path)?;
-        if !global.quiet {
-            eprintln!(
-                "wrote {}{}",
-                path.display(),
-                if with_text {
-                    ""
-                } else {
-                    " (no font found: drawn without text; set DYNEXEC_FONT)"
-                }
-            );
-        }
+        crate::commands::common::report_plot(global, path, with_text);
     }
     let timed = splits.test.take(args.timed_inputs.max(1))?;
     let bar = progress_bar(

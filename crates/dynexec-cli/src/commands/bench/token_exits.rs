@@ -3,12 +3,12 @@
 //! decoding speed for each policy.
 
 use crate::commands::common::{
-    load_exit_adapters, read_jsonl, read_text, ModelArgs, DEFAULT_EXIT_ADAPTERS,
+    default_exit_adapters, load_exit_adapters, read_jsonl, read_text, ModelArgs,
 };
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::Result;
 use clap::Args;
-use dynexec_engine::bench::token_exits::bench_token_exits;
+use dynexec_engine::bench::token_exits::{bench_token_exits, tradeoff};
 use dynexec_exit::token_exit::TokenExitPolicy;
 use dynexec_models::generation::GenerateOptions;
 use std::path::PathBuf;
@@ -17,14 +17,15 @@ use std::path::PathBuf;
 pub struct BenchTokenExitsArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Exit adapters: a manifest name or a folder with adapters.json.
-    #[arg(long, default_value = DEFAULT_EXIT_ADAPTERS)]
-    exit_adapters: String,
+    /// Exit adapters: a manifest name or a folder with adapters.json (default: the manifest's
+    /// MODEL-exits, else smollm2-135m-instruct-exits).
+    #[arg(long)]
+    exit_adapters: Option<String>,
     /// Policies to compare with full depth.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "confidence:0.9,confidence:0.7,confidence:0.5,saturation:0.99,saturation:0.98,saturation:0.97"
+        default_value = "classifier:0.95,classifier:0.9,classifier:0.8,confidence:0.9,confidence:0.5,saturation:0.99,saturation:0.98"
     )]
     policies: Vec<String>,
     /// Folder with truthfulqa.jsonl (default: the `prompts` data set, pulled on first use); the
@@ -42,12 +43,20 @@ pub struct BenchTokenExitsArgs {
     /// Tokens of the text scored, one decoding step each.
     #[arg(long, default_value_t = 256)]
     eval_tokens: usize,
+    /// Also draw each measure's agreement with full-depth greedy tokens against the layers it
+    /// saves, across the thresholds given, into this PNG.
+    #[arg(long, value_name = "FILE.png")]
+    plot: Option<PathBuf>,
 }
 
 pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
     let loaded = args.model.load(global)?;
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
-    let adapters = load_exit_adapters(global, &args.exit_adapters, model)?;
+    let adapters_name = match &args.exit_adapters {
+        Some(name) => name.clone(),
+        None => default_exit_adapters(global, &args.model.model)?,
+    };
+    let adapters = load_exit_adapters(global, &adapters_name, model)?;
     let policies = args
         .policies
         .iter()
@@ -85,10 +94,22 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
         },
     )?;
     bar.finish_and_clear();
+    if let Some(path) = &args.plot {
+        let series = tradeoff(&rows);
+        let title = format!("{}: per-token early exit", args.model.model);
+        let chart = dynexec_plot::curves::LineChart {
+            title: &title,
+            x_desc: "layers saved (%)",
+            y_desc: "agreement with full-depth greedy tokens (%)",
+            series: &series,
+        };
+        let with_text = dynexec_plot::curves::write_png(&chart, path)?;
+        crate::commands::common::report_plot(global, path, with_text);
+    }
     if global.json {
         return print_json(&serde_json::json!({
             "model": args.model.model,
-            "adapters": args.exit_adapters,
+            "adapters": adapters_name,
             "prompts": prompts.len(),
             "max_tokens": args.max_tokens,
             "eval_tokens": text_ids.len().saturating_sub(1),

@@ -1,12 +1,14 @@
 //! `dynexec exits train-adapters`: exit adapters for per-token early exit in a decoder,
-//! distilled from its final layer on text it generates.
+//! distilled from its final layer on text it generates, and each exit's classifier (CALM's
+//! learned measure, `--early-exit classifier:T`).
 
 use crate::commands::common::{read_jsonl, ModelArgs};
 use crate::options::{print_json, progress_bar, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dynexec_core::card::{reproduce_command, with_cache_variable};
-use dynexec_exit::distill::{distill, DistillEvent, DistillPlan};
+use dynexec_exit::distill::{distill, DistillEvent, DistillPlan, KeptAdapters};
+use dynexec_exit::exit_classifier::ClassifierPlan;
 use dynexec_exit::token_exit::{AdapterCard, AdapterTraining, ADAPTERS_CARD, ADAPTERS_FILE};
 use std::path::PathBuf;
 
@@ -48,16 +50,38 @@ pub struct TrainAdaptersArgs {
     /// Share of the sequences held out to measure agreement.
     #[arg(long, default_value_t = 0.1)]
     held_out: f64,
+    /// Keep these trained adapters (a manifest name or a folder with adapters.json) and
+    /// train only their exit classifiers; the adapters' own training record is kept.
+    #[arg(long, value_name = "ADAPTERS", conflicts_with_all = ["layers", "rank"])]
+    keep_adapters: Option<String>,
+    /// Full-batch AdamW steps fitting each exit classifier (logistic regression).
+    #[arg(long, default_value_t = ClassifierPlan::default().steps)]
+    classifier_steps: usize,
+    /// Learning rate of the exit classifiers.
+    #[arg(long, default_value_t = ClassifierPlan::default().learning_rate)]
+    classifier_lr: f64,
 }
 
 pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
     let loaded = args.model.load(global)?;
     let (model, tokenizer) = (&loaded.model, &loaded.tokenizer);
     let depth = model.num_layers();
-    let layers = args
-        .layers
-        .clone()
-        .unwrap_or_else(|| (5..depth).step_by(5).collect());
+    let kept = match &args.keep_adapters {
+        Some(reference) => {
+            let files = global.hub()?.resolve(reference)?;
+            let card = files.find(ADAPTERS_CARD).with_context(|| {
+                format!("--keep-adapters `{reference}` holds no {ADAPTERS_CARD}")
+            })?;
+            let dir = card.parent().unwrap_or(std::path::Path::new("."));
+            Some(KeptAdapters::load(dir, model).with_context(|| format!("--keep-adapters `{reference}`"))?)
+        }
+        None => None,
+    };
+    let layers = match (&kept, &args.layers) {
+        (Some(kept), _) => kept.layers().to_vec(),
+        (None, Some(layers)) => layers.clone(),
+        (None, None) => (5..depth).step_by(5).collect(),
+    };
     let prompts_path = match &args.prompts {
         Some(p) => p.clone(),
         None => global.data_dir(None, "prompts")?.join("truthfulqa.jsonl"),
@@ -80,6 +104,11 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         learning_rate: args.learning_rate,
         seed: args.seed,
         held_out: args.held_out,
+        classifier: ClassifierPlan {
+            steps: args.classifier_steps,
+            learning_rate: args.classifier_lr,
+            ..ClassifierPlan::default()
+        },
     };
     let card_base = AdapterCard {
         model: args.model.model.clone(),
@@ -107,6 +136,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         questions,
         &plan,
         card_base,
+        kept,
         |event| match event {
             DistillEvent::Generated(n) => bar.set_position(n as u64),
             DistillEvent::Tapped(n) => {
@@ -118,6 +148,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
                 bar.set_position(step as u64);
                 bar.set_message(format!("epoch {epoch} loss {loss:.3}"));
             }
+            DistillEvent::Classifiers => bar.set_message("fitting the exit classifiers"),
         },
     )
     .context("--layers, --held-out")?;
@@ -138,6 +169,17 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
             before * 100.0,
             after * 100.0
         );
+    }
+    if let Some(classifier) = &card.classifier {
+        println!("exit layer  exit classifier on held-out positions: agreement rate, accuracy, ROC AUC");
+        for (i, layer) in layers.iter().enumerate() {
+            println!(
+                "{layer:>10}  {:>6.1}%  {:>6.1}%  {:.3}",
+                classifier.held_out_agreement[i] * 100.0,
+                classifier.held_out_accuracy[i] * 100.0,
+                classifier.held_out_auc[i]
+            );
+        }
     }
     eprintln!(
         "wrote {} and {}",
