@@ -113,6 +113,13 @@ fn serves_chat_and_completions_like_generate_streamed_or_whole() {
     let mean = exit["mean_exit_layer"].as_f64().unwrap();
     assert!(mean > 0.0 && mean <= 30.0, "{exit}");
     assert!(body["dynexec"]["speculative"].is_null());
+    // The committed adapters carry exit classifiers: CALM's cheap measure, per request.
+    early["early_exit"] = json!("classifier:0.9");
+    let (code, body) = server.post("/v1/chat/completions", &early);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["dynexec"]["early_exit"]["policy"], "classifier:0.9");
+    let models: Value = serde_json::from_str(&server.get("/v1/models").1).unwrap();
+    assert_eq!(models["data"][0]["dynexec"]["exit_classifiers"], true);
 
     let metrics = server.get("/metrics").1;
     for name in [

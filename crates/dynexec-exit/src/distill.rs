@@ -72,6 +72,10 @@ impl Distilled {
     }
 }
 
+/// What [`distill`] trains adapters to match, as their card records it.
+pub const DISTILLATION_OBJECTIVE: &str =
+    "cross-entropy against the final layer's whole distribution";
+
 /// Adapters already trained, to which [`distill`] adds classifiers only.
 pub struct KeptAdapters {
     adapters: ExitAdapters,
@@ -189,6 +193,7 @@ pub fn distill(
                     batch_size: plan.batch_size,
                     learning_rate: plan.learning_rate,
                     seed: plan.seed,
+                    objective: DISTILLATION_OBJECTIVE.into(),
                     ..card_base.training
                 },
                 agreement_before: Vec::new(),

@@ -66,6 +66,9 @@ pub struct AdapterTraining {
     pub learning_rate: f64,
     /// Seed of the shuffling.
     pub seed: u64,
+    /// What the adapters were trained to match (empty in cards older than this field).
+    #[serde(default)]
+    pub objective: String,
     /// The command that reproduces these adapters.
     pub command: String,
 }
@@ -427,21 +430,17 @@ fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(sums[0] / (sums[1] * sums[2]).max(1e-12))
 }
 
-/// Tokens of the final layer's distribution kept per position as distillation targets.
-pub const TEACHER_TOP_K: usize = 32;
-
-/// Hidden states at each exit layer and the final layer's distribution, for every position
-/// of some token sequences: the distillation data of the adapters.
+/// Hidden states at each exit layer and at the final layer, for every position of some
+/// token sequences: the distillation data of the adapters.
 pub struct DistillationData {
     /// Per exit, `(positions, hidden)`.
     pub hidden: Vec<Tensor>,
+    /// The final layer's output before the final norm, `(positions, hidden)`: the teacher's
+    /// full distribution is recomputed from it batch by batch, which costs one head per
+    /// batch but no `positions × vocabulary` table.
+    pub final_hidden: Tensor,
     /// The final layer's top token at each position.
     pub targets: Vec<u32>,
-    /// The final layer's [`TEACHER_TOP_K`] most likely tokens at each position,
-    /// `(positions, k)` u32, and their probabilities `(positions, k)` f32.
-    pub teacher_ids: Tensor,
-    /// The final layer's probabilities of `teacher_ids`, `(positions, k)` f32.
-    pub teacher_probs: Tensor,
 }
 
 /// Runs each sequence through the model once, tapping the exit layers.
@@ -452,8 +451,8 @@ pub fn collect_distillation_data(
     mut progress: impl FnMut(usize),
 ) -> Result<DistillationData> {
     let mut hidden: Vec<Vec<Tensor>> = vec![Vec::new(); layers.len()];
+    let mut final_hidden = Vec::new();
     let mut targets = Vec::new();
-    let (mut teacher_ids, mut teacher_probs) = (Vec::new(), Vec::new());
     for (n, ids) in sequences.iter().enumerate() {
         let mut cache = model.new_cache();
         let input = Tensor::new(ids.as_slice(), model.device())?.unsqueeze(0)?;
@@ -465,40 +464,25 @@ pub fn collect_distillation_data(
             done = layer;
         }
         h = model.forward_layers(&h, done..model.num_layers(), &mut cache, None)?;
-        let logits = model.head(&h)?.squeeze(0)?;
-        targets.extend(Llama::argmax_rows(&logits)?);
-        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(DType::F32)?)?;
-        for row in probs.to_vec2::<f32>()? {
-            let mut order: Vec<u32> = (0..row.len() as u32).collect();
-            let k = TEACHER_TOP_K.min(row.len());
-            order.select_nth_unstable_by(k - 1, |&a, &b| {
-                row[b as usize].total_cmp(&row[a as usize])
-            });
-            for &id in &order[..k] {
-                teacher_ids.push(id);
-                teacher_probs.push(row[id as usize]);
-            }
-        }
+        final_hidden.push(h.squeeze(0)?.to_dtype(DType::F32)?);
+        targets.extend(Llama::argmax_rows(&model.head(&h)?.squeeze(0)?)?);
         progress(n + 1);
     }
-    let positions = targets.len();
-    let k = teacher_ids.len() / positions.max(1);
-    let device = model.device();
     Ok(DistillationData {
         hidden: hidden
             .iter()
             .map(|parts| Ok(Tensor::cat(parts, 0)?))
             .collect::<Result<_>>()?,
+        final_hidden: Tensor::cat(&final_hidden, 0)?,
         targets,
-        teacher_ids: Tensor::from_vec(teacher_ids, (positions, k), device)?,
-        teacher_probs: Tensor::from_vec(teacher_probs, (positions, k), device)?,
     })
 }
 
 /// Trains every adapter by distillation from the final layer, with AdamW: the loss is the
-/// cross-entropy of the exit's distribution against the final layer's on its
-/// [`TEACHER_TOP_K`] most likely tokens (soft targets keep the exits' probabilities
-/// calibrated, which hard labels would make overconfident).
+/// cross-entropy of the exit's distribution against the final layer's whole distribution.
+/// Soft targets keep the exits' probabilities calibrated, which hard labels make
+/// overconfident; the whole vocabulary (not only the teacher's top tokens) keeps the tail
+/// calibrated too, where the tokens of text the model did not write often lie.
 #[allow(clippy::too_many_arguments)]
 pub fn train_adapters(
     model: &Llama,
@@ -533,15 +517,19 @@ pub fn train_adapters(
         for (step, batch) in order.chunks(batch_size.max(1)).enumerate() {
             let rows: Vec<u32> = batch.iter().map(|&r| r as u32).collect();
             let rows = Tensor::from_vec(rows, batch.len(), device)?;
-            let teacher_ids = data.teacher_ids.index_select(&rows, 0)?;
-            let teacher_probs = data.teacher_probs.index_select(&rows, 0)?;
+            let logits = |h: &Tensor| -> Result<Tensor> {
+                let normed = candle_nn::ops::rms_norm_slow(h, &norm_weight, eps)?;
+                Ok(normed.matmul(&head.t()?)?)
+            };
+            let teacher = candle_nn::ops::softmax_last_dim(
+                &logits(&data.final_hidden.index_select(&rows, 0)?)?,
+            )?
+            .detach();
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             for (i, adapter) in adapters.adapters.iter().enumerate() {
                 let h = adapter.forward(&data.hidden[i].index_select(&rows, 0)?)?;
-                let normed = candle_nn::ops::rms_norm_slow(&h, &norm_weight, eps)?;
-                let log_q = candle_nn::ops::log_softmax(&normed.matmul(&head.t()?)?, D::Minus1)?;
-                let picked = log_q.gather(&teacher_ids, 1)?;
-                let cross_entropy = (picked * &teacher_probs)?.sum(1)?.mean(0)?.neg()?;
+                let log_q = candle_nn::ops::log_softmax(&logits(&h)?, D::Minus1)?;
+                let cross_entropy = (log_q * &teacher)?.sum(1)?.mean(0)?.neg()?;
                 loss = (loss + cross_entropy)?;
             }
             optimizer.backward_step(&loss)?;
@@ -663,6 +651,10 @@ mod tests {
                 .to_string(),
             "saturation:0.99"
         );
+        let classifier = TokenExitPolicy::parse("classifier:0.9").unwrap();
+        assert_eq!(classifier, TokenExitPolicy::Classifier { threshold: 0.9 });
+        assert_eq!(classifier.to_string(), "classifier:0.9");
+        assert!(classifier.exits_at(0.9) && !classifier.exits_at(0.89));
         for bad in [
             "confidence",
             "confidence:x",
@@ -670,6 +662,8 @@ mod tests {
             "saturation:inf",
             "confidence:-5",
             "saturation:-1.5",
+            "classifier:-0.1",
+            "classifier:nan",
         ] {
             let err = TokenExitPolicy::parse(bad).unwrap_err().to_string();
             assert!(err.contains("confidence:T"), "{err}");
