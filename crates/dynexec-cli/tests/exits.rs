@@ -510,10 +510,9 @@ fn exit_classifiers_train_on_kept_adapters_and_decide_exits() {
         "--json",
     ]));
     let card = &trained["card"];
-    let kept: Value = serde_json::from_str(
-        &std::fs::read_to_string(committed.join("adapters.json")).unwrap(),
-    )
-    .unwrap();
+    let kept: Value =
+        serde_json::from_str(&std::fs::read_to_string(committed.join("adapters.json")).unwrap())
+            .unwrap();
     // The adapters and their record are kept; only the classifiers are new.
     assert_eq!(card["training"], kept["training"]);
     assert_eq!(card["agreement_after"], kept["agreement_after"]);
@@ -547,7 +546,10 @@ fn exit_classifiers_train_on_kept_adapters_and_decide_exits() {
         assert_eq!(diff, 0.0, "{name} changed");
     }
     assert_eq!(
-        after.keys().filter(|n| n.starts_with("classifiers.")).count(),
+        after
+            .keys()
+            .filter(|n| n.starts_with("classifiers."))
+            .count(),
         10
     );
 
@@ -593,5 +595,85 @@ fn exit_classifiers_train_on_kept_adapters_and_decide_exits() {
     assert_clear_error(
         &generate(Some("classifier:0.9"), s(bare.path())),
         "carry no exit classifiers",
+    );
+}
+
+/// Deferred skipped layers leave no trace on later tokens: every token that runs the full
+/// depth after others exited gets exactly the logits plain decoding gives it, because the
+/// exited positions' skipped layers ran with it.
+#[test]
+fn deferred_layers_keep_full_depth_tokens_exact() {
+    use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+    let mut hub = dynexec_hub::Hub::from_env().unwrap();
+    hub.progress = false;
+    let device = candle_core::Device::Cpu;
+    let files = hub.resolve("smollm2-135m-instruct").unwrap();
+    let loaded = dynexec_models::llama::load_decoder(&files, None, None, &device).unwrap();
+    let model = &loaded.model;
+    let adapters_dir = hub.resolve("smollm2-135m-instruct-exits").unwrap();
+    let adapters = ExitAdapters::load(
+        adapters_dir
+            .find("adapters.json")
+            .unwrap()
+            .parent()
+            .unwrap(),
+        &device,
+    )
+    .unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog, and then it runs back home to sleep in the warm sun.")
+        .unwrap();
+    let prompt = 4;
+    let plain: Vec<Vec<f32>> = {
+        let mut cache = model.new_cache();
+        let mut out = vec![model
+            .forward_last(&ids[..prompt], &mut cache, None)
+            .unwrap()
+            .to_vec1()
+            .unwrap()];
+        for &id in &ids[prompt..] {
+            out.push(
+                model
+                    .forward_last(&[id], &mut cache, None)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+        }
+        out
+    };
+    let depth = model.num_layers();
+    let mut checked_after_exits = 0;
+    for spec in ["classifier:0.6", "saturation:0.95"] {
+        let mut exit =
+            TokenExit::new(model, &adapters, TokenExitPolicy::parse(spec).unwrap()).unwrap();
+        let mut cache = model.new_cache();
+        exit.step(&ids[..prompt], &mut cache).unwrap();
+        for (step, &id) in ids[prompt..].iter().enumerate() {
+            let logits: Vec<f32> = exit.step(&[id], &mut cache).unwrap().to_vec1().unwrap();
+            let exits_before = exit.exit_layers[..step]
+                .iter()
+                .filter(|&&l| l < depth)
+                .count();
+            if exit.exit_layers[step] == depth && exits_before > 0 {
+                let diff = logits
+                    .iter()
+                    .zip(&plain[step + 1])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-3, "{spec} step {step}: logits differ by {diff}");
+                checked_after_exits += 1;
+            }
+        }
+        assert!(
+            exit.exit_layers.iter().any(|&l| l < depth),
+            "{spec}: no token exited, so nothing was deferred: {:?}",
+            exit.exit_layers
+        );
+    }
+    assert!(
+        checked_after_exits > 0,
+        "no full-depth token followed an exit"
     );
 }

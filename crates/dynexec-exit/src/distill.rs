@@ -5,10 +5,12 @@
 //! ([`crate::exit_classifier`]) learns, on the same positions, where its adapted exit agrees.
 
 use crate::assemble::save_varmaps;
-use crate::exit_classifier::{self, accuracy_and_auc, ClassifierCard, ClassifierPlan};
+use crate::exit_classifier::{
+    self, accuracy_and_auc, fold_platt, platt_scaling, ClassifierCard, ClassifierPlan,
+};
 use crate::token_exit::{
-    collect_distillation_data, exit_agreement, exit_outcomes, train_adapters, AdapterCard, AdapterTraining,
-    ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
+    collect_distillation_data, exit_agreement, exit_outcomes, train_adapters, AdapterCard,
+    AdapterTraining, ExitAdapters, ADAPTERS_CARD, ADAPTERS_FILE,
 };
 use candle_nn::VarMap;
 use dynexec_core::tokenizer::TextTokenizer;
@@ -158,8 +160,8 @@ pub fn distill(
     })?;
 
     // Whole sequences are held out, so no held-out position shares a context with training.
-    let held_sequences = ((sequences.len() as f64 * plan.held_out).round() as usize)
-        .clamp(1, sequences.len() - 1);
+    let held_sequences =
+        ((sequences.len() as f64 * plan.held_out).round() as usize).clamp(1, sequences.len() - 1);
     let held_from: usize = sequences[..sequences.len() - held_sequences]
         .iter()
         .map(Vec::len)
@@ -230,9 +232,19 @@ pub fn distill(
         exit_classifier::untrained(layers, model.config().hidden_size, model.device())?;
     let hidden: Vec<_> = train.iter().map(|o| o.adapted.clone()).collect();
     let labels: Vec<_> = train.iter().map(|o| o.agrees.clone()).collect();
-    exit_classifier::fit(&classifiers, &classifier_vars, &hidden, &labels, &plan.classifier)?;
+    exit_classifier::fit(
+        &classifiers,
+        &classifier_vars,
+        &hidden,
+        &labels,
+        &plan.classifier,
+    )?;
     let mut record = classifier_record;
     for (index, outcome) in held.iter().enumerate() {
+        let logits: Vec<f32> = classifiers.logits(index, &outcome.adapted)?.to_vec1()?;
+        let platt = platt_scaling(&logits, &outcome.agrees);
+        fold_platt(&classifiers, index, &classifier_vars, platt)?;
+        record.platt.push(platt);
         let scores = classifiers.probabilities(index, &outcome.adapted)?;
         let (accuracy, auc) = accuracy_and_auc(&scores, &outcome.agrees);
         record.held_out_agreement.push(share(&outcome.agrees));

@@ -51,6 +51,11 @@ pub struct ClassifierCard {
     /// Per exit, the area under the ROC curve on held-out positions: the chance that a
     /// position where the exit agrees scores above one where it does not (0.5 is chance).
     pub held_out_auc: Vec<f64>,
+    /// Per exit, the Platt scaling `(scale, shift)` fitted on the held-out positions and
+    /// folded into the probe, so that its probabilities mean what they say there (a probe
+    /// fitted on a few thousand positions of a wide hidden state is overconfident).
+    #[serde(default)]
+    pub platt: Vec<(f64, f64)>,
     /// The command that trained them.
     pub command: String,
 }
@@ -215,6 +220,98 @@ pub fn fit(
     Ok(())
 }
 
+/// Platt scaling: the `(scale, shift)` minimising the binary cross-entropy of
+/// `sigmoid(scale * logit + shift)` against `labels`, by Newton's method (a two-parameter
+/// logistic regression, convex). With one class only there is nothing to fit: `(1, 0)`.
+pub fn platt_scaling(logits: &[f32], labels: &[bool]) -> (f64, f64) {
+    let positives = labels.iter().filter(|&&l| l).count();
+    if positives == 0 || positives == labels.len() {
+        return (1.0, 0.0);
+    }
+    // A small ridge keeps the problem strictly convex when the classes separate.
+    const RIDGE: f64 = 1e-3;
+    let loss = |a: f64, b: f64| -> f64 {
+        let data: f64 = logits
+            .iter()
+            .zip(labels)
+            .map(|(&z, &y)| {
+                let t = a * f64::from(z) + b;
+                // log(1 + e^t) - y t, computed stably.
+                t.max(0.0) + (-t.abs()).exp().ln_1p() - if y { t } else { 0.0 }
+            })
+            .sum();
+        data + 0.5 * RIDGE * (a * a + b * b)
+    };
+    // Damped Newton from (0, 0), where every probability is 1/2: full steps can overshoot
+    // on sharp logits, so a step is halved until the loss falls.
+    let (mut a, mut b) = (0.0f64, 0.0f64);
+    let mut current = loss(a, b);
+    for _ in 0..100 {
+        let (mut ga, mut gb, mut haa, mut hab, mut hbb) = (RIDGE * a, RIDGE * b, RIDGE, 0.0, RIDGE);
+        for (&z, &y) in logits.iter().zip(labels) {
+            let z = f64::from(z);
+            let p = 1.0 / (1.0 + (-(a * z + b)).exp());
+            let r = p - f64::from(u8::from(y));
+            let w = p * (1.0 - p);
+            ga += r * z;
+            gb += r;
+            haa += w * z * z;
+            hab += w * z;
+            hbb += w;
+        }
+        let det = haa * hbb - hab * hab;
+        if det <= 0.0 {
+            break;
+        }
+        let (da, db) = ((hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det);
+        let mut step = 1.0;
+        let mut improved = false;
+        for _ in 0..30 {
+            let next = loss(a - step * da, b - step * db);
+            if next <= current {
+                (a, b, current) = (a - step * da, b - step * db, next);
+                improved = true;
+                break;
+            }
+            step *= 0.5;
+        }
+        if !improved || (step * (da.abs() + db.abs())) < 1e-10 {
+            break;
+        }
+    }
+    (a, b)
+}
+
+/// Folds Platt scaling into probe `index` (variables `vars`): `w ← scale w`,
+/// `b ← scale b + shift`.
+pub fn fold_platt(
+    classifiers: &ExitClassifiers,
+    index: usize,
+    vars: &VarMap,
+    (scale, shift): (f64, f64),
+) -> Result<()> {
+    let probe = &classifiers.probes[index];
+    let data = vars
+        .data()
+        .lock()
+        .map_err(|_| Error::InvalidArgument("a variable map was poisoned by a panic".into()))?;
+    let find = |t: &Tensor| {
+        data.values()
+            .find(|v| v.as_tensor().id() == t.id())
+            .cloned()
+    };
+    let weight = find(probe.weight());
+    let bias = probe.bias().and_then(find);
+    let (Some(weight), Some(bias)) = (weight, bias) else {
+        return Err(Error::InvalidArgument(
+            "the exit classifier's variables are not in this variable map".into(),
+        ));
+    };
+    weight.set(&weight.as_tensor().affine(scale, 0.0)?)?;
+    bias.set(&bias.as_tensor().affine(scale, shift)?)?;
+    Ok(())
+}
+
 /// Mean binary cross-entropy of logits `z` against 0/1 `targets`, in the stable form
 /// `max(z, 0) - z t + log(1 + exp(-|z|))`.
 fn binary_cross_entropy(z: &Tensor, targets: &Tensor) -> Result<Tensor> {
@@ -250,16 +347,29 @@ pub fn accuracy_and_auc(scores: &[f32], labels: &[bool]) -> (f64, f64) {
     let auc = if positives == 0.0 || negatives == 0.0 {
         0.5
     } else {
-        let rank_sum: f64 = ranks.iter().zip(labels).filter(|(_, &l)| l).map(|(r, _)| r).sum();
+        let rank_sum: f64 = ranks
+            .iter()
+            .zip(labels)
+            .filter(|(_, &l)| l)
+            .map(|(r, _)| r)
+            .sum();
         (rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives)
     };
     (right as f64 / n, auc)
 }
 
 /// Fresh probes for `layers` over a new variable map.
-pub fn untrained(layers: &[usize], hidden: usize, device: &Device) -> Result<(ExitClassifiers, VarMap)> {
+pub fn untrained(
+    layers: &[usize],
+    hidden: usize,
+    device: &Device,
+) -> Result<(ExitClassifiers, VarMap)> {
     let vars = VarMap::new();
-    let classifiers = ExitClassifiers::new(VarBuilder::from_varmap(&vars, DType::F32, device), layers, hidden)?;
+    let classifiers = ExitClassifiers::new(
+        VarBuilder::from_varmap(&vars, DType::F32, device),
+        layers,
+        hidden,
+    )?;
     Ok((classifiers, vars))
 }
 
@@ -268,7 +378,10 @@ mod tests {
     use super::*;
 
     fn probe(weight: &[f32], bias: f32) -> ExitClassifiers {
-        let w = Tensor::new(weight, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let w = Tensor::new(weight, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let b = Tensor::new(&[bias], &Device::Cpu).unwrap();
         ExitClassifiers::from_parts(vec![(w, b)]).unwrap()
     }
@@ -277,7 +390,11 @@ mod tests {
     fn decisions_on_hand_made_hidden_states() {
         // Hidden size 4; the probe trusts states along +e0 and distrusts states along +e1.
         let probes = probe(&[2.0, -2.0, 0.0, 0.0], -0.5);
-        let p = |h: [f32; 4]| probes.probability(0, &Tensor::new(&h, &Device::Cpu).unwrap()).unwrap();
+        let p = |h: [f32; 4]| {
+            probes
+                .probability(0, &Tensor::new(&h, &Device::Cpu).unwrap())
+                .unwrap()
+        };
         // rmsnorm(a e0) = 2 e0 for hidden 4, so the logit is 2 * 2 - 0.5.
         let along = p([3.0, 0.0, 0.0, 0.0]);
         assert!((along - sigmoid(3.5)).abs() < 1e-5, "{along}");
@@ -303,18 +420,65 @@ mod tests {
             .map(|i| {
                 let t = i as f32 * 0.73;
                 let scale = 1.0 + (i % 7) as f32;
-                [t.sin() * scale, (t * 1.3).cos() * scale, (t * 0.37).sin() * scale]
+                [
+                    t.sin() * scale,
+                    (t * 1.3).cos() * scale,
+                    (t * 0.37).sin() * scale,
+                ]
             })
             .collect();
         let labels: Vec<bool> = rows.iter().map(|r| r[0] > r[1]).collect();
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let hidden = Tensor::from_vec(flat, (n, 3), &Device::Cpu).unwrap();
         let (probes, vars) = untrained(&[4], 3, &Device::Cpu).unwrap();
-        let (train, held) = (hidden.narrow(0, 0, 300).unwrap(), hidden.narrow(0, 300, 100).unwrap());
-        fit(&probes, &vars, &[train], &[labels[..300].to_vec()], &ClassifierPlan::default()).unwrap();
+        let (train, held) = (
+            hidden.narrow(0, 0, 300).unwrap(),
+            hidden.narrow(0, 300, 100).unwrap(),
+        );
+        fit(
+            &probes,
+            &vars,
+            &[train],
+            &[labels[..300].to_vec()],
+            &ClassifierPlan::default(),
+        )
+        .unwrap();
         let scores = probes.probabilities(0, &held).unwrap();
         let (accuracy, auc) = accuracy_and_auc(&scores, &labels[300..]);
         assert!(accuracy > 0.9 && auc > 0.95, "{accuracy} {auc}");
+    }
+
+    #[test]
+    fn platt_scaling_tempers_an_overconfident_probe() {
+        // Logits five times too sharp: the labels follow sigmoid(z / 5).
+        let logits: Vec<f32> = (0..2000).map(|i| (i as f32 / 100.0) - 10.0).collect();
+        let labels: Vec<bool> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, z)| {
+                let p = 1.0 / (1.0 + (-z / 5.0).exp());
+                // A deterministic, well-spread draw per row.
+                ((i as f32 * 0.618_034).fract()) < p
+            })
+            .collect();
+        let (scale, shift) = platt_scaling(&logits, &labels);
+        assert!(
+            (scale - 0.2).abs() < 0.04 && shift.abs() < 0.15,
+            "{scale} {shift}"
+        );
+        assert_eq!(platt_scaling(&[1.0, 2.0], &[true, true]), (1.0, 0.0));
+
+        let (probes, vars) = untrained(&[3], 2, &Device::Cpu).unwrap();
+        fold_platt(&probes, 0, &vars, (2.0, 0.5)).unwrap();
+        let logit: Vec<f32> = probes
+            .logits(0, &Tensor::new(&[[1f32, 1.0]], &Device::Cpu).unwrap())
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (logit[0] - 0.5).abs() < 1e-6,
+            "zero weights: only the shift: {logit:?}"
+        );
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! thresholds that stop earliest within an accuracy budget on the validation split. The
 //! result is saved as weights plus a JSON [`card::ExitCard`]. For decoders, [`token_exit`]
 //! lets each generated token leave at an exit layer (CALM), through adapters trained by
-//! distillation from the final layer.
+//! distillation from the final layer, when a measure — such as the learned
+//! [`exit_classifier`] — says the deeper layers would not change it.
 
 #![warn(missing_docs)]
 

@@ -5,15 +5,17 @@
 //! shared LM head expect (a residual low-rank map `h + up(down(h))`, trained by distillation
 //! from the final layer on text the model generates). The skipped layers still get keys and
 //! values for the token — computed from the exited hidden state — so later tokens can attend
-//! to it there (CALM's state propagation).
+//! to it there (CALM's state propagation). Whether a token leaves is decided by a measure
+//! ([`TokenExitPolicy`]): the exit's softmax confidence, the saturation of the hidden state,
+//! or a learned classifier per exit ([`crate::exit_classifier`]) stored with the adapters.
 
+use crate::exit_classifier::{ClassifierCard, ExitClassifiers};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{Init, VarBuilder, VarMap};
 use dynexec_core::card::read_card;
 use dynexec_core::{Error, Result, Setting};
 use dynexec_models::kv_cache::KvCache;
 use dynexec_models::llama::Llama;
-use crate::exit_classifier::{ClassifierCard, ExitClassifiers};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -218,84 +220,118 @@ impl ExitAdapters {
     }
 }
 
-/// How sure an exit must be for a token to stop there.
+/// What decides whether a token leaves at an exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitMeasure {
+    /// The exit's top-1 minus top-2 softmax probability (0–1; costs one LM head per exit
+    /// tried).
+    Confidence,
+    /// The cosine similarity of the hidden state before and after the exit layer (-1–1;
+    /// costs almost nothing).
+    Saturation,
+    /// The exit's learned classifier ([`crate::exit_classifier`]): its probability that the
+    /// exit's top token is the final layer's (0–1; costs one dot product).
+    Classifier,
+}
+
+impl ExitMeasure {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Confidence => "confidence",
+            Self::Saturation => "saturation",
+            Self::Classifier => "classifier",
+        }
+    }
+}
+
+/// How the layers a token skipped get its keys and values, which later tokens attend to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SkippedLayers {
+    /// At once, from the exit's hidden state (CALM's state propagation): nothing more is
+    /// computed, but later tokens attend to approximate keys and values there, and the
+    /// error compounds as more tokens exit.
+    Propagate,
+    /// Later: the next token that runs those layers runs them for the exited positions too,
+    /// in the same forward (a few rows more through weights read once), so every key and
+    /// value is the full-depth one and only the exited tokens' own predictions change.
+    Defer,
+}
+
+/// When a token may stop at an exit, and what happens to the layers it skips.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-#[serde(tag = "measure", rename_all = "lowercase")]
-pub enum TokenExitPolicy {
-    /// The exit's top-1 minus top-2 softmax probability is at least `threshold` (costs one LM
-    /// head per exit tried).
-    Confidence {
-        /// Minimum top-1 minus top-2 probability (0–1); above 1 never exits early.
-        threshold: f32,
-    },
-    /// The cosine similarity of the hidden state before and after the exit layer is at least
-    /// `threshold` (costs almost nothing).
-    Saturation {
-        /// Minimum cosine similarity (0–1) of the hidden states before and after the exit layer; above 1 never exits early.
-        threshold: f32,
-    },
-    /// The exit's learned classifier ([`crate::exit_classifier`]) gives at least `threshold`
-    /// probability that the exit's top token is the final layer's (costs one dot product).
-    Classifier {
-        /// Minimum predicted probability of agreement (0–1); above 1 never exits early.
-        threshold: f32,
-    },
+pub struct TokenExitPolicy {
+    /// The measure.
+    pub measure: ExitMeasure,
+    /// The least score that exits; above the measure's range (above 1) never exits early.
+    pub threshold: f32,
+    /// How skipped layers get the token's keys and values.
+    pub skipped: SkippedLayers,
 }
 
 impl TokenExitPolicy {
-    /// Parses `confidence:T`, `saturation:T` or `classifier:T`.
+    /// Parses `MEASURE:T[:defer|:propagate]`, MEASURE one of `confidence`, `saturation` and
+    /// `classifier` (skipped layers default to `defer`).
     pub fn parse(text: &str) -> Result<Self> {
         let bad = || {
             Error::BadSpec {
                 setting: Setting::EarlyExit,
                 spec: text.to_string(),
-                help: "write confidence:T (top-1 minus top-2 probability, 0–1), saturation:T (cosine of consecutive hidden states, -1–1) or classifier:T (the exit classifier's probability that the exit agrees with the last layer, 0–1); above 1 never exits early".into(),
+                help: "write confidence:T (top-1 minus top-2 probability, 0–1), saturation:T (cosine of consecutive hidden states, -1–1) or classifier:T (the exit classifier's probability that the exit agrees with the last layer, 0–1), optionally followed by :defer (skipped layers run later with the next deeper token; the default) or :propagate (their keys and values come from the exit state); above 1 never exits early".into(),
             }
         };
-        let (kind, value) = text.split_once(':').ok_or_else(bad)?;
+        let mut parts = text.split(':');
+        let (kind, value) = (parts.next().ok_or_else(bad)?, parts.next().ok_or_else(bad)?);
+        let skipped = match parts.next() {
+            None | Some("defer") => SkippedLayers::Defer,
+            Some("propagate") => SkippedLayers::Propagate,
+            Some(_) => return Err(bad()),
+        };
+        if parts.next().is_some() {
+            return Err(bad());
+        }
         let threshold: f32 = value.trim().parse().map_err(|_| bad())?;
         // Below a measure's range a threshold means nothing more than its floor (0 for a
-        // probability margin, -1 for a cosine, both: always exit): refuse it as a likely typo.
-        let (policy, floor) = match kind {
-            "confidence" => (Self::Confidence { threshold }, 0.0),
-            "saturation" => (Self::Saturation { threshold }, -1.0),
-            "classifier" => (Self::Classifier { threshold }, 0.0),
+        // probability, -1 for a cosine, both: always exit): refuse it as a likely typo.
+        let (measure, floor) = match kind {
+            "confidence" => (ExitMeasure::Confidence, 0.0),
+            "saturation" => (ExitMeasure::Saturation, -1.0),
+            "classifier" => (ExitMeasure::Classifier, 0.0),
             _ => return Err(bad()),
         };
         if !threshold.is_finite() || threshold < floor {
             return Err(bad());
         }
-        Ok(policy)
-    }
-
-    /// The threshold the measure must reach.
-    pub fn threshold(&self) -> f32 {
-        match *self {
-            Self::Confidence { threshold }
-            | Self::Saturation { threshold }
-            | Self::Classifier { threshold } => threshold,
-        }
+        Ok(Self {
+            measure,
+            threshold,
+            skipped,
+        })
     }
 
     /// Whether a token whose measure scored `score` leaves at this exit.
     pub fn exits_at(&self, score: f32) -> bool {
-        score >= self.threshold()
-    }
-
-    /// The measure's name, as written before the colon.
-    pub fn measure(&self) -> &'static str {
-        match self {
-            Self::Confidence { .. } => "confidence",
-            Self::Saturation { .. } => "saturation",
-            Self::Classifier { .. } => "classifier",
-        }
+        score >= self.threshold
     }
 }
 
 impl std::fmt::Display for TokenExitPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.measure(), self.threshold())
+        write!(f, "{}:{}", self.measure.name(), self.threshold)?;
+        match self.skipped {
+            SkippedLayers::Defer => Ok(()),
+            SkippedLayers::Propagate => write!(f, ":propagate"),
+        }
     }
+}
+
+/// A token that left early and whose skipped layers have not run yet.
+struct Deferred {
+    /// Its residual stream after `done` layers, `(1, 1, hidden)`.
+    hidden: Tensor,
+    /// Layers it has run.
+    done: usize,
 }
 
 /// A decoder stepping with per-token early exit. Every step records the layer it left at.
@@ -308,6 +344,11 @@ pub struct TokenExit<'a> {
     pub policy: TokenExitPolicy,
     /// Layers each decoded token ran (1-based exit layer, or the model's depth).
     pub exit_layers: Vec<usize>,
+    /// Exited positions whose skipped layers wait for the next deeper token, in position
+    /// order. Their `done` never increases along the list (a later position that ran a
+    /// layer took every earlier waiting one through it), so the positions waiting for any
+    /// layer are a suffix.
+    deferred: Vec<Deferred>,
 }
 
 impl<'a> TokenExit<'a> {
@@ -319,7 +360,7 @@ impl<'a> TokenExit<'a> {
         policy: TokenExitPolicy,
     ) -> Result<Self> {
         adapters.check(model)?;
-        if matches!(policy, TokenExitPolicy::Classifier { .. }) && adapters.classifiers.is_none() {
+        if policy.measure == ExitMeasure::Classifier && adapters.classifiers.is_none() {
             return Err(Error::InvalidArgument(format!(
                 "these exit adapters for `{}` carry no exit classifiers, which {policy} needs: train them with `dynexec exits train-adapters` (--keep-adapters DIR adds classifiers to trained adapters), or use confidence:T or saturation:T",
                 adapters.card.model
@@ -330,51 +371,92 @@ impl<'a> TokenExit<'a> {
             adapters,
             policy,
             exit_layers: Vec::new(),
+            deferred: Vec::new(),
         })
     }
 
+    /// Runs `layers` on `hidden`, first taking the deferred positions waiting for each layer
+    /// through it in the same forward.
+    fn run_layers(
+        &mut self,
+        hidden: &Tensor,
+        layers: std::ops::Range<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if self.deferred.is_empty() {
+            return self.model.forward_layers(hidden, layers, cache, None);
+        }
+        let mut x = hidden.clone();
+        for l in layers {
+            let waiting = self
+                .deferred
+                .iter()
+                .rev()
+                .take_while(|d| d.done == l)
+                .count();
+            if waiting == 0 {
+                x = self.model.forward_layers(&x, l..l + 1, cache, None)?;
+                continue;
+            }
+            let from = self.deferred.len() - waiting;
+            let mut rows: Vec<Tensor> = self.deferred[from..]
+                .iter()
+                .map(|d| d.hidden.clone())
+                .collect();
+            rows.push(x.clone());
+            let out = self
+                .model
+                .forward_layers(&Tensor::cat(&rows, 1)?, l..l + 1, cache, None)?;
+            for (i, d) in self.deferred[from..].iter_mut().enumerate() {
+                d.hidden = out.narrow(1, i, 1)?;
+                d.done = l + 1;
+            }
+            x = out.narrow(1, waiting, x.dim(1)?)?;
+        }
+        let depth = self.model.num_layers();
+        self.deferred.retain(|d| d.done < depth);
+        Ok(x)
+    }
+
     /// Next-token logits `(vocab,)` after `ids`. Several ids (a prompt) run at full depth;
-    /// one id may exit early, filling the skipped layers' keys and values from its exit state.
+    /// one id may exit early, leaving its skipped layers to the policy's [`SkippedLayers`].
     pub fn step(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let depth = self.model.num_layers();
+        let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let mut hidden = self.model.embed(&input)?;
         if ids.len() != 1 {
-            return self.model.forward_last(ids, cache, None);
+            hidden = self.run_layers(&hidden, 0..depth, cache)?;
+            let last = hidden.narrow(1, ids.len().saturating_sub(1), 1)?;
+            return Ok(self.model.head(&last)?.flatten_all()?);
         }
-        let id = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let mut hidden = self.model.embed(&id)?;
         let mut done = 0;
         for (index, &layer) in self.adapters.card.layers.iter().enumerate() {
-            let exit_logits = match self.policy {
-                TokenExitPolicy::Confidence { .. } => {
-                    hidden = self
-                        .model
-                        .forward_layers(&hidden, done..layer, cache, None)?;
+            let exit_logits = match self.policy.measure {
+                ExitMeasure::Confidence => {
+                    hidden = self.run_layers(&hidden, done..layer, cache)?;
                     let logits = self.adapters.exit_logits(self.model, index, &hidden)?;
                     let exits = self.policy.exits_at(top2_margin(&logits)?);
                     exits.then_some(logits)
                 }
-                TokenExitPolicy::Saturation { .. } => {
-                    let before =
-                        self.model
-                            .forward_layers(&hidden, done..layer - 1, cache, None)?;
-                    hidden = self
-                        .model
-                        .forward_layers(&before, layer - 1..layer, cache, None)?;
+                ExitMeasure::Saturation => {
+                    let before = self.run_layers(&hidden, done..layer - 1, cache)?;
+                    hidden = self.run_layers(&before, layer - 1..layer, cache)?;
                     match self.policy.exits_at(cosine(&before, &hidden)?) {
                         true => Some(self.adapters.exit_logits(self.model, index, &hidden)?),
                         false => None,
                     }
                 }
-                TokenExitPolicy::Classifier { .. } => {
-                    hidden = self
-                        .model
-                        .forward_layers(&hidden, done..layer, cache, None)?;
+                ExitMeasure::Classifier => {
+                    hidden = self.run_layers(&hidden, done..layer, cache)?;
                     let adapted = self.adapters.adapt(index, &hidden)?;
                     let classifiers = self.adapters.classifiers.as_ref().ok_or_else(|| {
                         Error::InvalidArgument("these exit adapters carry no classifiers".into())
                     })?;
                     // The head runs only at the exit the token leaves at.
-                    match self.policy.exits_at(classifiers.probability(index, &adapted)?) {
+                    match self
+                        .policy
+                        .exits_at(classifiers.probability(index, &adapted)?)
+                    {
                         true => Some(self.model.head(&adapted)?.flatten_all()?),
                         false => None,
                     }
@@ -382,14 +464,18 @@ impl<'a> TokenExit<'a> {
             };
             done = layer;
             if let Some(logits) = exit_logits {
-                self.model.fill_kv(&hidden, layer..depth, cache)?;
+                match self.policy.skipped {
+                    SkippedLayers::Propagate => self.model.fill_kv(&hidden, layer..depth, cache)?,
+                    SkippedLayers::Defer => self.deferred.push(Deferred {
+                        hidden,
+                        done: layer,
+                    }),
+                }
                 self.exit_layers.push(layer);
                 return Ok(logits);
             }
         }
-        hidden = self
-            .model
-            .forward_layers(&hidden, done..depth, cache, None)?;
+        hidden = self.run_layers(&hidden, done..depth, cache)?;
         self.exit_layers.push(depth);
         Ok(self.model.head(&hidden)?.flatten_all()?)
     }
@@ -521,9 +607,9 @@ pub fn train_adapters(
                 let normed = candle_nn::ops::rms_norm_slow(h, &norm_weight, eps)?;
                 Ok(normed.matmul(&head.t()?)?)
             };
-            let teacher = candle_nn::ops::softmax_last_dim(
-                &logits(&data.final_hidden.index_select(&rows, 0)?)?,
-            )?
+            let teacher = candle_nn::ops::softmax_last_dim(&logits(
+                &data.final_hidden.index_select(&rows, 0)?,
+            )?)?
             .detach();
             let mut loss = Tensor::zeros((), DType::F32, device)?;
             for (i, adapter) in adapters.adapters.iter().enumerate() {
@@ -643,7 +729,20 @@ mod tests {
     fn policies_parse_and_measures_behave() {
         assert_eq!(
             TokenExitPolicy::parse("confidence:0.5").unwrap(),
-            TokenExitPolicy::Confidence { threshold: 0.5 }
+            TokenExitPolicy {
+                measure: ExitMeasure::Confidence,
+                threshold: 0.5,
+                skipped: SkippedLayers::Defer
+            }
+        );
+        let propagate = TokenExitPolicy::parse("saturation:0.9:propagate").unwrap();
+        assert_eq!(propagate.skipped, SkippedLayers::Propagate);
+        assert_eq!(propagate.to_string(), "saturation:0.9:propagate");
+        assert_eq!(
+            TokenExitPolicy::parse("saturation:0.9:defer")
+                .unwrap()
+                .to_string(),
+            "saturation:0.9"
         );
         assert_eq!(
             TokenExitPolicy::parse("saturation:0.99")
@@ -652,7 +751,7 @@ mod tests {
             "saturation:0.99"
         );
         let classifier = TokenExitPolicy::parse("classifier:0.9").unwrap();
-        assert_eq!(classifier, TokenExitPolicy::Classifier { threshold: 0.9 });
+        assert_eq!(classifier.measure, ExitMeasure::Classifier);
         assert_eq!(classifier.to_string(), "classifier:0.9");
         assert!(classifier.exits_at(0.9) && !classifier.exits_at(0.89));
         for bad in [
@@ -664,6 +763,8 @@ mod tests {
             "saturation:-1.5",
             "classifier:-0.1",
             "classifier:nan",
+            "classifier:0.9:later",
+            "classifier:0.9:defer:x",
         ] {
             let err = TokenExitPolicy::parse(bad).unwrap_err().to_string();
             assert!(err.contains("confidence:T"), "{err}");

@@ -1,8 +1,8 @@
 //! `dynexec generate`: stream a completion and report its speed.
 
 use super::common::{
-    build_drafter, default_exit_adapters, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
-    ModelArgs, SamplingArgs,
+    build_drafter, default_exit_adapters, load_exit_adapters, resolve_lookahead, DraftBoundsArgs,
+    DraftCostArgs, ModelArgs, SamplingArgs,
 };
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};

@@ -201,10 +201,7 @@ mod tests {
         let series = tradeoff(&rows);
         assert_eq!(series.len(), 2);
         assert_eq!(series[0].0, "classifier");
-        assert_eq!(
-            series[0].1,
-            vec![(0.0, 100.0), (10.0, 90.0), (40.0, 70.0)]
-        );
+        assert_eq!(series[0].1, vec![(0.0, 100.0), (10.0, 90.0), (40.0, 70.0)]);
         assert_eq!(series[1].1, vec![(0.0, 100.0), (5.0, 95.0)]);
     }
 }

@@ -11,7 +11,7 @@
 use crate::engine::{Dynamic, ModelInfo};
 use dynexec_core::sampling::{SamplingParams, GREEDY_BELOW};
 use dynexec_core::Setting;
-use dynexec_exit::token_exit::TokenExitPolicy;
+use dynexec_exit::token_exit::{ExitMeasure, TokenExitPolicy};
 use dynexec_models::generation::GenerateOptions;
 use serde_json::Value;
 
@@ -330,7 +330,7 @@ fn dynamic_options(
                     "this server has no exit adapters, so it cannot honour `early_exit`",
                 ));
             }
-            if matches!(policy, TokenExitPolicy::Classifier { .. }) && !info.exit_classifiers {
+            if policy.measure == ExitMeasure::Classifier && !info.exit_classifiers {
                 return Err(ApiError::invalid(
                     Some("early_exit"),
                     "this server's exit adapters carry no exit classifiers: use `confidence:T` or `saturation:T`",

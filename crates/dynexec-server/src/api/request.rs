@@ -114,7 +114,7 @@ pub struct Params {
     pub speculative: Option<bool>,
     /// dynexec: the lookahead for speculative decoding, e.g. `fixed:4`.
     pub lookahead: Option<String>,
-    /// dynexec: per-token early exit, e.g. `confidence:0.9`.
+    /// dynexec: per-token early exit, e.g. `classifier:0.9` or `confidence:0.9`.
     pub early_exit: Option<String>,
     /// llama-server's: reuse the longest cached prefix of the prompt (default true).
     pub cache_prompt: bool,

@@ -25,7 +25,7 @@ pub struct BenchTokenExitsArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "classifier:0.95,classifier:0.9,classifier:0.8,confidence:0.9,confidence:0.5,saturation:0.99,saturation:0.98"
+        default_value = "classifier:0.95,classifier:0.9,classifier:0.8,classifier:0.9:propagate,confidence:0.9,saturation:0.99"
     )]
     policies: Vec<String>,
     /// Folder with truthfulqa.jsonl (default: the `prompts` data set, pulled on first use); the
@@ -125,12 +125,12 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
         text_path.display()
     );
     println!(
-        "{:<18} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7}",
+        "{:<26} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7}",
         "policy", "agreement", "identical", "mean exit", "saved", "tok/s", "speedup", "ppl", "Δppl"
     );
     for r in &rows {
         println!(
-            "{:<18} {:>8.1}% {:>6}/{:<2} {:>9.1} {:>6.1}% {:>8.1} {:>7.2}x {:>8.2} {:>6.1}%",
+            "{:<26} {:>8.1}% {:>6}/{:<2} {:>9.1} {:>6.1}% {:>8.1} {:>7.2}x {:>8.2} {:>6.1}%",
             r.policy,
             r.agreement * 100.0,
             r.identical_outputs,

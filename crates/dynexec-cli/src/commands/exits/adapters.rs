@@ -73,7 +73,10 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
                 format!("--keep-adapters `{reference}` holds no {ADAPTERS_CARD}")
             })?;
             let dir = card.parent().unwrap_or(std::path::Path::new("."));
-            Some(KeptAdapters::load(dir, model).with_context(|| format!("--keep-adapters `{reference}`"))?)
+            Some(
+                KeptAdapters::load(dir, model)
+                    .with_context(|| format!("--keep-adapters `{reference}`"))?,
+            )
         }
         None => None,
     };
@@ -171,7 +174,9 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
         );
     }
     if let Some(classifier) = &card.classifier {
-        println!("exit layer  exit classifier on held-out positions: agreement rate, accuracy, ROC AUC");
+        println!(
+            "exit layer  exit classifier on held-out positions: agreement rate, accuracy, ROC AUC"
+        );
         for (i, layer) in layers.iter().enumerate() {
             println!(
                 "{layer:>10}  {:>6.1}%  {:>6.1}%  {:.3}",
