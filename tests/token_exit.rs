@@ -96,7 +96,7 @@ fn threshold_above_one_is_plain_decoding_and_zero_exits_at_the_first_adapter() {
     let mut exit = TokenExit::new(
         &model,
         &adapters,
-        TokenExitPolicy::parse("confidence:0").unwrap(),
+        TokenExitPolicy::parse("confidence:0:propagate").unwrap(),
     )
     .unwrap();
     let mut cache = model.new_cache();
@@ -134,4 +134,120 @@ fn threshold_above_one_is_plain_decoding_and_zero_exits_at_the_first_adapter() {
     for layer in 0..model.num_layers() {
         assert_eq!(cache.layer_len(layer), tokens.len(), "layer {layer}");
     }
+}
+
+/// Under `:defer` an always-exit policy leaves the layers above the exit waiting: they hold
+/// only the prompt's positions, and the cache belongs to that stepper alone.
+#[test]
+fn deferred_layers_wait_and_stay_with_their_cache() {
+    let (model, tokenizer) = smollm2();
+    let adapters = committed_adapters(&model);
+    let first = adapters.card.layers[0];
+    let prompt = tokenizer.encode("The quick brown fox jumps over").unwrap();
+    let mut exit = TokenExit::new(
+        &model,
+        &adapters,
+        TokenExitPolicy::parse("confidence:0").unwrap(),
+    )
+    .unwrap();
+    let mut cache = model.new_cache();
+    let mut logits = exit.step(&prompt, &mut cache).unwrap();
+    let mut tokens = prompt.clone();
+    for _ in 0..4 {
+        tokens.push(Llama::argmax_rows(&logits.unsqueeze(0).unwrap()).unwrap()[0]);
+        logits = exit.step(&tokens[tokens.len() - 1..], &mut cache).unwrap();
+    }
+    for layer in 0..model.num_layers() {
+        let expected = if layer < first {
+            tokens.len()
+        } else {
+            prompt.len()
+        };
+        assert_eq!(cache.layer_len(layer), expected, "layer {layer}");
+    }
+    let err = exit.step(&tokens[..1], &mut model.new_cache()).unwrap_err();
+    assert!(
+        err.to_string().contains("one TokenExit per sequence"),
+        "{err}"
+    );
+}
+
+/// Deferred skipped layers leave no trace on later tokens: every token that runs the full
+/// depth after others exited gets exactly the logits plain decoding gives it, because the
+/// exited positions' skipped layers ran with it.
+#[test]
+fn deferred_layers_keep_full_depth_tokens_exact() {
+    use dynexec_exit::token_exit::{ExitAdapters, TokenExit, TokenExitPolicy};
+    let mut hub = dynexec_hub::Hub::from_env().unwrap();
+    hub.progress = false;
+    let device = candle_core::Device::Cpu;
+    let files = hub.resolve("smollm2-135m-instruct").unwrap();
+    let loaded = dynexec_models::llama::load_decoder(&files, None, None, &device).unwrap();
+    let model = &loaded.model;
+    let adapters_dir = hub.resolve("smollm2-135m-instruct-exits").unwrap();
+    let adapters = ExitAdapters::load(
+        adapters_dir
+            .find("adapters.json")
+            .unwrap()
+            .parent()
+            .unwrap(),
+        &device,
+    )
+    .unwrap();
+    let ids = loaded
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog, and then it runs back home to sleep in the warm sun.")
+        .unwrap();
+    let prompt = 4;
+    let plain: Vec<Vec<f32>> = {
+        let mut cache = model.new_cache();
+        let mut out = vec![model
+            .forward_last(&ids[..prompt], &mut cache, None)
+            .unwrap()
+            .to_vec1()
+            .unwrap()];
+        for &id in &ids[prompt..] {
+            out.push(
+                model
+                    .forward_last(&[id], &mut cache, None)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            );
+        }
+        out
+    };
+    let depth = model.num_layers();
+    let mut checked_after_exits = 0;
+    for spec in ["classifier:0.6", "saturation:0.95"] {
+        let mut exit =
+            TokenExit::new(model, &adapters, TokenExitPolicy::parse(spec).unwrap()).unwrap();
+        let mut cache = model.new_cache();
+        exit.step(&ids[..prompt], &mut cache).unwrap();
+        for (step, &id) in ids[prompt..].iter().enumerate() {
+            let logits: Vec<f32> = exit.step(&[id], &mut cache).unwrap().to_vec1().unwrap();
+            let exits_before = exit.exit_layers[..step]
+                .iter()
+                .filter(|&&l| l < depth)
+                .count();
+            if exit.exit_layers[step] == depth && exits_before > 0 {
+                let diff = logits
+                    .iter()
+                    .zip(&plain[step + 1])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-3, "{spec} step {step}: logits differ by {diff}");
+                checked_after_exits += 1;
+            }
+        }
+        assert!(
+            exit.exit_layers.iter().any(|&l| l < depth),
+            "{spec}: no token exited, so nothing was deferred: {:?}",
+            exit.exit_layers
+        );
+    }
+    assert!(
+        checked_after_exits > 0,
+        "no full-depth token followed an exit"
+    );
 }

@@ -4,8 +4,9 @@
 //! At an exit layer, a small adapter maps the hidden state into what the final norm and the
 //! shared LM head expect (a residual low-rank map `h + up(down(h))`, trained by distillation
 //! from the final layer on text the model generates). The skipped layers still get keys and
-//! values for the token — computed from the exited hidden state — so later tokens can attend
-//! to it there (CALM's state propagation). Whether a token leaves is decided by a measure
+//! values for the token, so later tokens can attend to it there: by default they run later,
+//! with the next token that goes deeper (exact), or at once from the exited hidden state
+//! (CALM's state propagation, `:propagate`). Whether a token leaves is decided by a measure
 //! ([`TokenExitPolicy`]): the exit's softmax confidence, the saturation of the hidden state,
 //! or a learned classifier per exit ([`crate::exit_classifier`]) stored with the adapters.
 
@@ -349,6 +350,8 @@ pub struct TokenExit<'a> {
     /// layer took every earlier waiting one through it), so the positions waiting for any
     /// layer are a suffix.
     deferred: Vec<Deferred>,
+    /// The cache's length after the last step: deferred positions belong to that cache.
+    cache_len: Option<usize>,
 }
 
 impl<'a> TokenExit<'a> {
@@ -372,6 +375,7 @@ impl<'a> TokenExit<'a> {
             policy,
             exit_layers: Vec::new(),
             deferred: Vec::new(),
+            cache_len: None,
         })
     }
 
@@ -420,7 +424,21 @@ impl<'a> TokenExit<'a> {
 
     /// Next-token logits `(vocab,)` after `ids`. Several ids (a prompt) run at full depth;
     /// one id may exit early, leaving its skipped layers to the policy's [`SkippedLayers`].
+    /// A stepper serves one sequence: `cache` must be the one its earlier steps filled (under
+    /// `:defer` its deep layers may hold fewer positions than its first, so it is not a cache
+    /// to reuse for another prompt).
     pub fn step(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        if !self.deferred.is_empty() && self.cache_len != Some(cache.len()) {
+            return Err(Error::InvalidArgument(
+                "an early-exit stepper with deferred layers was given another sequence's cache: make one TokenExit per sequence".into(),
+            ));
+        }
+        let logits = self.step_on(ids, cache)?;
+        self.cache_len = Some(cache.len());
+        Ok(logits)
+    }
+
+    fn step_on(&mut self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let depth = self.model.num_layers();
         let input = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
         let mut hidden = self.model.embed(&input)?;

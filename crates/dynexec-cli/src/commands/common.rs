@@ -25,15 +25,17 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_DECODER: &str = "smollm2-135m-instruct";
 
 /// The exit adapters shipped for the default decoder.
-pub const DEFAULT_EXIT_ADAPTERS: &str = "smollm2-135m-instruct-exits";
 
-/// The exit adapters a model gets when none are named: the manifest's `MODEL-exits` when it
-/// has them, else [`DEFAULT_EXIT_ADAPTERS`] (whose shape check then names any mismatch).
-pub fn default_exit_adapters(global: &GlobalOptions, model: &str) -> Result<String> {
+/// The manifest's exit adapters for `model` (`MODEL-exits`), if it has them.
+pub fn own_exit_adapters(global: &GlobalOptions, model: &str) -> Result<Option<String>> {
     let own = format!("{model}-exits");
-    Ok(match global.hub()?.manifest.get(&own) {
-        Some(_) => own,
-        None => DEFAULT_EXIT_ADAPTERS.to_string(),
+    Ok(global.hub()?.manifest.get(&own).map(|_| own))
+}
+
+/// The exit adapters a model gets when none are named: the manifest's `MODEL-exits`.
+pub fn default_exit_adapters(global: &GlobalOptions, model: &str) -> Result<String> {
+    own_exit_adapters(global, model)?.with_context(|| {
+        format!("the manifest has no exit adapters for `{model}`: name some with --exit-adapters NAME|DIR, or train them with `dynexec exits train-adapters --model {model} --out DIR`")
     })
 }
 

@@ -79,13 +79,14 @@ pub struct GenerateArgs {
     /// least T probability that the exit agrees with the last layer; the cheapest test),
     /// `confidence:T` (an exit's top-1 minus top-2 probability reaches T; costs an LM head
     /// per exit tried) or `saturation:T` (the hidden state's cosine across the exit layer
-    /// reaches T); above 1 never exits. The skipped layers' keys and values are filled from
-    /// the exit state.
+    /// reaches T); above 1 never exits. A token's skipped layers run later with the next
+    /// token that goes deeper (exact; `:defer`, the default), or their keys and values come
+    /// from the exit state at once (`:propagate`, e.g. `classifier:0.9:propagate`).
     #[arg(long, conflicts_with_all = ["draft", "trace"])]
     pub early_exit: Option<String>,
 
     /// Exit adapters (a manifest name or a folder with adapters.json) for --early-exit
-    /// (default: the manifest's MODEL-exits, else smollm2-135m-instruct-exits) or for a `--draft self-layers:E` draft, whose
+    /// (default: the manifest's MODEL-exits) or for a `--draft self-layers:E` draft, whose
     /// hidden state then goes through layer E's adapter before the head.
     #[arg(long)]
     pub exit_adapters: Option<String>,

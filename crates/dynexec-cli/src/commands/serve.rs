@@ -1,8 +1,8 @@
 //! `dynexec serve`: the OpenAI-compatible HTTP server.
 
 use super::common::{
-    build_drafter, load_exit_adapters, resolve_lookahead, DraftBoundsArgs, DraftCostArgs,
-    ModelArgs, DEFAULT_DECODER,
+    build_drafter, load_exit_adapters, own_exit_adapters, resolve_lookahead, DraftBoundsArgs,
+    DraftCostArgs, ModelArgs, DEFAULT_DECODER,
 };
 use crate::options::GlobalOptions;
 use anyhow::{Context, Result};
@@ -307,10 +307,9 @@ fn load_served(global: &GlobalOptions, args: &ServeArgs) -> Result<ServedModel> 
         Some(reference) => Some(load_exit_adapters(global, reference, &loaded.model)?),
         None => {
             // The manifest's own adapters for the model, when it has them.
-            let own = format!("{}-exits", args.model);
-            match global.hub()?.manifest.get(&own) {
+            match own_exit_adapters(global, &args.model)? {
                 None => None,
-                Some(_) => match load_exit_adapters(global, &own, &loaded.model) {
+                Some(own) => match load_exit_adapters(global, &own, &loaded.model) {
                     Ok(adapters) => Some(adapters),
                     Err(e) => {
                         eprintln!("dynexec serve: serving without early exit ({e:#}); `dynexec models pull {own}` enables it");

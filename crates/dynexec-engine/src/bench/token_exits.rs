@@ -63,8 +63,9 @@ pub fn bench_token_exits(
         // Agreement: teacher-forced on the full-depth tokens.
         let mut agree = 0;
         let mut steps = 0;
-        let mut exit = TokenExit::new(model, adapters, policy)?;
         for (p, tokens) in prompts.iter().zip(&reference) {
+            // One stepper per sequence: deferred positions belong to their own cache.
+            let mut exit = TokenExit::new(model, adapters, policy)?;
             let mut cache = model.new_cache();
             exit.step(p, &mut cache)?;
             for pair in tokens.windows(2) {

@@ -18,7 +18,7 @@ pub struct BenchTokenExitsArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Exit adapters: a manifest name or a folder with adapters.json (default: the manifest's
-    /// MODEL-exits, else smollm2-135m-instruct-exits).
+    /// MODEL-exits).
     #[arg(long)]
     exit_adapters: Option<String>,
     /// Policies to compare with full depth.

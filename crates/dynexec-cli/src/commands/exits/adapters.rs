@@ -52,7 +52,7 @@ pub struct TrainAdaptersArgs {
     held_out: f64,
     /// Keep these trained adapters (a manifest name or a folder with adapters.json) and
     /// train only their exit classifiers; the adapters' own training record is kept.
-    #[arg(long, value_name = "ADAPTERS", conflicts_with_all = ["layers", "rank"])]
+    #[arg(long, value_name = "ADAPTERS", conflicts_with_all = ["layers", "rank", "epochs", "batch_size", "learning_rate"])]
     keep_adapters: Option<String>,
     /// Full-batch AdamW steps fitting each exit classifier (logistic regression).
     #[arg(long, default_value_t = ClassifierPlan::default().steps)]
@@ -154,7 +154,7 @@ pub fn run(global: &GlobalOptions, args: TrainAdaptersArgs) -> Result<()> {
             DistillEvent::Classifiers => bar.set_message("fitting the exit classifiers"),
         },
     )
-    .context("--layers, --held-out")?;
+    .context("training exit adapters (check --layers and --held-out)")?;
     bar.finish_and_clear();
     distilled.save(&args.out)?;
     let card = &distilled.card;
