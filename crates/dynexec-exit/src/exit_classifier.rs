@@ -46,7 +46,8 @@ pub struct ClassifierCard {
     /// Per exit, the share of held-out positions where the exit agrees with the final layer
     /// (the rate a classifier that always says "exit" would be right at).
     pub held_out_agreement: Vec<f64>,
-    /// Per exit, the share of held-out positions the classifier labels right at 0.5.
+    /// Per exit, the share of held-out positions the classifier labels right at 0.5, after
+    /// the Platt scaling fitted on those same positions (two parameters per exit).
     pub held_out_accuracy: Vec<f64>,
     /// Per exit, the area under the ROC curve on held-out positions: the chance that a
     /// position where the exit agrees scores above one where it does not (0.5 is chance).
@@ -290,7 +291,12 @@ pub fn fold_platt(
     vars: &VarMap,
     (scale, shift): (f64, f64),
 ) -> Result<()> {
-    let probe = &classifiers.probes[index];
+    let probe = classifiers.probes.get(index).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "exit {index} has no classifier ({} exits)",
+            classifiers.probes.len()
+        ))
+    })?;
     let data = vars
         .data()
         .lock()

@@ -478,8 +478,14 @@ pub fn resolve_exit_policy(text: &str, card: &ExitCard) -> Result<ExitPolicy> {
     Ok(card.policy(text)?)
 }
 
-/// Says where a chart was written, and that it has no text when no font was found.
-pub fn report_plot(global: &GlobalOptions, path: &Path, with_text: bool) {
+/// Draws `chart` into the PNG at `path` and says where, noting a chart drawn without text
+/// when no font was found.
+pub fn write_curves(
+    global: &GlobalOptions,
+    path: &Path,
+    chart: &dynexec_plot::curves::LineChart,
+) -> Result<()> {
+    let with_text = dynexec_plot::curves::write_png(chart, path)?;
     if !global.quiet {
         let note = match with_text {
             true => "",
@@ -487,4 +493,5 @@ pub fn report_plot(global: &GlobalOptions, path: &Path, with_text: bool) {
         };
         eprintln!("wrote {}{note}", path.display());
     }
+    Ok(())
 }

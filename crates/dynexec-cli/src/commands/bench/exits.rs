@@ -89,8 +89,7 @@ pub fn run(global: &GlobalOptions, args: BenchExitsArgs) -> Result<()> {
             y_desc: "accuracy (%)",
             series: &series,
         };
-        let with_text = dynexec_plot::curves::write_png(&chart, path)?;
-        crate::commands::common::report_plot(global, path, with_text);
+        crate::commands::common::write_curves(global, path, &chart)?;
     }
     let timed = splits.test.take(args.timed_inputs.max(1))?;
     let bar = progress_bar(

@@ -103,8 +103,7 @@ pub fn run(global: &GlobalOptions, args: BenchTokenExitsArgs) -> Result<()> {
             y_desc: "agreement with full-depth greedy tokens (%)",
             series: &series,
         };
-        let with_text = dynexec_plot::curves::write_png(&chart, path)?;
-        crate::commands::common::report_plot(global, path, with_text);
+        crate::commands::common::write_curves(global, path, &chart)?;
     }
     if global.json {
         return print_json(&serde_json::json!({
