@@ -154,13 +154,18 @@ fn perplexity(model: &Llama, mut exit: Option<&mut TokenExit<'_>>, ids: &[u32]) 
     Ok((nll / ids.len().saturating_sub(1).max(1) as f64).exp())
 }
 
-/// The per-token trade-off curves: for each measure (the part of a policy before `:`), its
-/// rows' (layers saved %, agreement %) points in order of layers saved, each starting at full
-/// depth (0, 100).
+/// The per-token trade-off curves: for each measure and skipped-layer mode (a policy without
+/// its threshold, e.g. `classifier` or `classifier:propagate`), its rows' (layers saved %,
+/// agreement %) points in order of layers saved, each starting at full depth (0, 100).
 pub fn tradeoff(rows: &[TokenExitRow]) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
     for row in rows.iter().filter(|r| r.policy != "full") {
-        let measure = row.policy.split(':').next().unwrap_or(&row.policy);
+        let parts: Vec<&str> = row.policy.split(':').collect();
+        let measure = match parts.as_slice() {
+            [measure, _, mode] => format!("{measure}:{mode}"),
+            _ => parts[0].to_string(),
+        };
+        let measure = measure.as_str();
         let point = (row.layers_saved_pct, 100.0 * row.agreement);
         match series.iter_mut().find(|(name, _)| name == measure) {
             Some((_, points)) => points.push(point),
@@ -198,9 +203,12 @@ mod tests {
             row("classifier:0.6", 40.0, 0.7),
             row("confidence:0.9", 5.0, 0.95),
             row("classifier:0.9", 10.0, 0.9),
+            row("classifier:0.9:propagate", 12.0, 0.8),
         ];
         let series = tradeoff(&rows);
-        assert_eq!(series.len(), 2);
+        assert_eq!(series.len(), 3);
+        assert_eq!(series[2].0, "classifier:propagate");
+        assert_eq!(series[2].1, vec![(0.0, 100.0), (12.0, 80.0)]);
         assert_eq!(series[0].0, "classifier");
         assert_eq!(series[0].1, vec![(0.0, 100.0), (10.0, 90.0), (40.0, 70.0)]);
         assert_eq!(series[1].1, vec![(0.0, 100.0), (5.0, 95.0)]);
