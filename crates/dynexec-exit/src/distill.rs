@@ -179,6 +179,7 @@ pub fn distill(
         held_out_positions: held_positions.len(),
         ..Default::default()
     };
+    let trains_adapters = kept.is_none();
     let (mut adapters, vars) = match kept {
         Some(kept) => (kept.adapters, kept.vars),
         None => {
@@ -218,7 +219,6 @@ pub fn distill(
                 plan.seed,
                 |epoch, step, steps, loss| on_event(DistillEvent::Step(epoch, step, steps, loss)),
             )?;
-            card.agreement_after = exit_agreement(model, &adapters, &data, &held_positions)?;
             adapters.card = card;
             (adapters, vars)
         }
@@ -228,6 +228,10 @@ pub fn distill(
     on_event(DistillEvent::Classifiers);
     let train = exit_outcomes(model, &adapters, &data, &train_positions)?;
     let held = exit_outcomes(model, &adapters, &data, &held_positions)?;
+    if trains_adapters {
+        // The adapters' held-out agreement after training is these outcomes'.
+        adapters.card.agreement_after = held.iter().map(|o| share(&o.agrees)).collect();
+    }
     let (classifiers, classifier_vars) =
         exit_classifier::untrained(layers, model.config().hidden_size, model.device())?;
     let hidden: Vec<_> = train.iter().map(|o| o.adapted.clone()).collect();

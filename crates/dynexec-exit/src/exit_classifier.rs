@@ -114,14 +114,18 @@ impl ExitClassifiers {
     /// Exit `index`'s logits (before the sigmoid) for hidden states `(..., hidden)`, one per
     /// row `(...)`.
     pub fn logits(&self, index: usize, hidden: &Tensor) -> Result<Tensor> {
-        let probe = self.probes.get(index).ok_or_else(|| {
+        let probe = self.probe(index)?;
+        let features = rms_normalise(&hidden.to_dtype(DType::F32)?)?;
+        Ok(candle_nn::Module::forward(probe, &features)?.squeeze(D::Minus1)?)
+    }
+
+    fn probe(&self, index: usize) -> Result<&candle_nn::Linear> {
+        self.probes.get(index).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "exit {index} has no classifier ({} exits)",
                 self.probes.len()
             ))
-        })?;
-        let features = rms_normalise(&hidden.to_dtype(DType::F32)?)?;
-        Ok(candle_nn::Module::forward(probe, &features)?.squeeze(D::Minus1)?)
+        })
     }
 
     /// [`Self::probability`] for each row of hidden states `(rows, hidden)`.
@@ -291,12 +295,7 @@ pub fn fold_platt(
     vars: &VarMap,
     (scale, shift): (f64, f64),
 ) -> Result<()> {
-    let probe = classifiers.probes.get(index).ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "exit {index} has no classifier ({} exits)",
-            classifiers.probes.len()
-        ))
-    })?;
+    let probe = classifiers.probe(index)?;
     let data = vars
         .data()
         .lock()
