@@ -835,3 +835,159 @@ fn prefix_reuse_answers_as_a_cold_request_does() {
         - counter(&before, "dynexec_prefix_cache_hits_total");
     assert!(hits > 30, "{after}");
 }
+
+/// A saved trace's files: the states (safetensors bytes) and the sidecar without its
+/// `model` field (the server names the model it serves, `generate` the name it was given).
+fn trace_files(path: &std::path::Path) -> (Vec<u8>, Value) {
+    let states = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let sidecar = format!("{}.json", path.display());
+    let mut info: Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    info.as_object_mut().unwrap().remove("model");
+    (states, info)
+}
+
+fn traced_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn served_traces_equal_generate_traces_and_never_change_the_answer() {
+    let question = "Name two rivers.";
+    let mut traced = chat(question, 10);
+    traced["dynexec"] = json!({"trace": {"layers": [0, 7, 30]}});
+
+    // Off by default: a server without --trace-dir refuses the opt-in and says how.
+    let plain = Server::start(&["--exit-adapters", "none"]);
+    assert_api_error(
+        plain.post("/v1/chat/completions", &traced),
+        400,
+        "--trace-dir",
+    );
+    drop(plain);
+
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces");
+    // A self-layer draft proposes every step and is often rejected: the trace must drop the
+    // rows of rejected drafts as the cache does.
+    let server = Server::start(&[
+        "--exit-adapters",
+        "none",
+        "--draft",
+        "self-layers:10",
+        "--trace-dir",
+        traces.to_str().unwrap(),
+    ]);
+    let (_, untraced) = server.post("/v1/chat/completions", &chat(question, 10));
+    assert!(traced_files(&traces).is_empty(), "an untraced request saved a trace");
+    let reference = dir.path().join("generate.safetensors");
+    let out = dynexec(&[
+        "--json",
+        "generate",
+        "--chat",
+        "--prompt",
+        question,
+        "-n",
+        "10",
+        "--trace",
+        reference.to_str().unwrap(),
+        "--trace-layers",
+        "0,7,30",
+    ]);
+    let generated = stdout_json(&out);
+    let (expected_states, expected_info) = trace_files(&reference);
+    for speculative in [true, false] {
+        traced["speculative"] = json!(speculative);
+        let (code, answer) = server.post("/v1/chat/completions", &traced);
+        assert_eq!(code, 200, "{answer}");
+        assert_eq!(text_of(&answer), text_of(&untraced), "tracing changed the answer");
+        assert_eq!(text_of(&answer), generated["text"].as_str().unwrap());
+        assert_eq!(
+            answer["dynexec"]["speculative"].is_object(),
+            speculative,
+            "{answer}"
+        );
+        let report = &answer["dynexec"]["trace"];
+        let path = std::path::PathBuf::from(report["path"].as_str().unwrap());
+        assert_eq!(
+            path.file_name().unwrap().to_string_lossy(),
+            format!("{}.safetensors", answer["id"].as_str().unwrap())
+        );
+        assert_eq!(report["layers"], json!([0, 7, 30]));
+        let (states, info) = trace_files(&path);
+        assert_eq!(info, expected_info, "speculative: {speculative}");
+        assert!(
+            states == expected_states,
+            "the served trace's states differ from generate --trace's (speculative: {speculative})"
+        );
+        // The saved trace is analysed without the model.
+        let analysis = dir.path().join(format!("analysis-{speculative}"));
+        let out = dynexec(&[
+            "--json",
+            "analyze",
+            "--trace",
+            path.to_str().unwrap(),
+            "--metric",
+            "cka",
+            "--no-plots",
+            "--out",
+            analysis.to_str().unwrap(),
+        ]);
+        assert_eq!(stdout_json(&out)["layers"], json!([0, 7, 30]));
+    }
+    // Bad requests for a trace are refused by name.
+    let mut bad = traced.clone();
+    bad["dynexec"] = json!({"trace": {"layers": [31]}});
+    assert_api_error(server.post("/v1/chat/completions", &bad), 400, "layer 31");
+    bad["dynexec"] = json!({"trace": {"layer": [3]}});
+    assert_api_error(server.post("/v1/chat/completions", &bad), 400, "dynexec.trace.layer");
+    bad["dynexec"] = json!({"trace": "yes"});
+    assert_api_error(server.post("/v1/chat/completions", &bad), 400, "dynexec.trace");
+}
+
+#[test]
+fn the_trace_folder_stays_under_its_quota_oldest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let quota: u64 = 400 << 10;
+    let server = Server::start(&[
+        "--exit-adapters",
+        "none",
+        "--trace-dir",
+        dir.path().to_str().unwrap(),
+        "--trace-quota",
+        "400K",
+    ]);
+    let mut ids = Vec::new();
+    let mut dropped = Vec::new();
+    for question in ["Name a fruit.", "Name a tree.", "Name a bird."] {
+        let mut body = chat(question, 6);
+        body["dynexec"] = json!({"trace": {"layers": [0, 30]}});
+        let (code, answer) = server.post("/v1/chat/completions", &body);
+        assert_eq!(code, 200, "{answer}");
+        ids.push(answer["id"].as_str().unwrap().to_string());
+        let report = &answer["dynexec"]["trace"];
+        assert!(report["path"].is_string(), "{answer}");
+        for name in report["dropped"].as_array().into_iter().flatten() {
+            dropped.push(name.as_str().unwrap().to_string());
+        }
+        let total: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(total <= quota, "{total} bytes in the trace folder, quota {quota}");
+    }
+    // Two traces of ~40 positions x 2 layers x 576 features fit in 400 KiB, not three:
+    // the first one went.
+    assert_eq!(dropped.first(), Some(&ids[0]), "{dropped:?}");
+    let left = traced_files(dir.path());
+    assert!(!left.iter().any(|f| f.starts_with(&ids[0])), "{left:?}");
+    assert!(left.contains(&format!("{}.safetensors", ids[2])), "{left:?}");
+    // A request whose trace could never fit is refused before it runs.
+    let mut huge = chat("Name a fish.", 200);
+    huge["dynexec"] = json!({"trace": true});
+    assert_api_error(server.post("/v1/chat/completions", &huge), 400, "trace quota");
+}

@@ -82,6 +82,43 @@ impl Trace {
         Ok(())
     }
 
+    /// Positions recorded so far (the most any layer holds).
+    pub fn positions(&self) -> usize {
+        self.chunks
+            .values()
+            .map(|chunks| chunks.iter().map(|c| c.dim(0).unwrap_or(0)).sum::<usize>())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Forgets every position from `positions` on, in every layer: what a speculative step
+    /// recorded for drafts the target then rejected.
+    pub fn truncate(&mut self, positions: usize) -> Result<()> {
+        for chunks in self.chunks.values_mut() {
+            let mut kept = 0;
+            let mut keep_chunks = 0;
+            for chunk in chunks.iter_mut() {
+                if kept >= positions {
+                    break;
+                }
+                let rows = chunk.dim(0)?;
+                if kept + rows > positions {
+                    *chunk = chunk.narrow(0, 0, positions - kept)?;
+                }
+                kept += chunk.dim(0)?;
+                keep_chunks += 1;
+            }
+            chunks.truncate(keep_chunks);
+        }
+        Ok(())
+    }
+
+    /// Bytes a saved trace of `positions` positions of `features` each takes for `layers`
+    /// layers (f32 states; the JSON sidecar is not counted).
+    pub fn size_for(layers: usize, positions: usize, features: usize) -> u64 {
+        (layers * positions * features * std::mem::size_of::<f32>()) as u64
+    }
+
     /// The states of one layer as `(positions, features)`, on the CPU.
     pub fn layer(&self, layer: usize) -> Result<Option<Tensor>> {
         match self.chunks.get(&layer) {
@@ -189,5 +226,29 @@ mod tests {
         let l0: Vec<f32> = layers[&0].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(l0, (0..9).map(|i| i as f32).collect::<Vec<_>>());
         assert_eq!(layers[&2].dims(), &[2, 3]);
+    }
+
+    #[test]
+    fn truncation_drops_the_last_positions_of_every_layer() {
+        let mut trace = Trace::new([0, 1]);
+        let rows = |start: f32, n: usize| {
+            Tensor::arange(start, start + n as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((n, 1))
+                .unwrap()
+        };
+        trace.record(0, &rows(0., 3)).unwrap();
+        trace.record(0, &rows(3., 4)).unwrap();
+        trace.record(1, &rows(10., 7)).unwrap();
+        assert_eq!(trace.positions(), 7);
+        trace.truncate(5).unwrap();
+        assert_eq!(trace.positions(), 5);
+        let l0: Vec<f32> = trace.layer(0).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(l0, vec![0., 1., 2., 3., 4.]);
+        trace.truncate(2).unwrap();
+        trace.record(0, &rows(9., 1)).unwrap();
+        let l0: Vec<f32> = trace.layer(0).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(l0, vec![0., 1., 9.]);
+        assert_eq!(trace.layer(1).unwrap().unwrap().dims(), &[2, 1]);
     }
 }

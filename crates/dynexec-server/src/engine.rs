@@ -4,6 +4,7 @@
 
 use crate::metrics::{add, Metrics};
 use crate::scheduler::Scheduler;
+use crate::traces::{TraceReport, TraceStore};
 use dynexec_core::tokenizer::TextTokenizer;
 use dynexec_core::Error;
 pub use dynexec_engine::{EarlyExitReport, SpeculativeReport};
@@ -49,6 +50,8 @@ pub struct ModelInfo {
     pub text_bytes_per_token: Option<usize>,
     /// The model's decoder layers.
     pub num_layers: usize,
+    /// Features of the residual stream (a traced position takes 4 bytes each per layer).
+    pub hidden_size: usize,
     /// The draft's name, when the server can decode speculatively.
     pub draft: Option<String>,
     /// The default lookahead of speculative requests.
@@ -61,7 +64,7 @@ pub struct ModelInfo {
 
 /// How many sequences decode together, how many tokens a step may run, and how many
 /// requests may wait.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EngineConfig {
     /// Sequences decoded together (prefilling ones included); 1 serves requests one at a time.
     pub max_batch: usize,
@@ -77,6 +80,8 @@ pub struct EngineConfig {
     pub step_tokens: usize,
     /// Keep finished plain sequences' KV caches for later requests with the same prefix.
     pub prefix_cache: bool,
+    /// Where requests that ask for a trace have it saved (`None`: tracing is off).
+    pub traces: Option<TraceStore>,
 }
 
 /// What the engine thread is doing, for `/health`.
@@ -130,6 +135,17 @@ pub struct Dynamic {
     /// scope (the same API key and `cache_salt`), so no client learns from timings or
     /// `cached_tokens` what another sent.
     pub cache_scope: u64,
+    /// Record the residual stream and save it ([`crate::traces`]).
+    pub trace: Option<TraceRequest>,
+}
+
+/// A request's trace: which layers, and the name its files get (the response id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceRequest {
+    /// Layers to record, ascending (0 = embeddings, the model's layer count = the last).
+    pub layers: Vec<usize>,
+    /// The file name without extension; the HTTP side sets it to the response id.
+    pub name: String,
 }
 
 /// One request for the engine.
@@ -207,6 +223,9 @@ pub struct DynamicReport {
     /// Present when the request used per-token early exit.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub early_exit: Option<EarlyExitReport>,
+    /// Present when the request asked for a trace: where it went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace: Option<TraceReport>,
 }
 
 /// The end of a request.
@@ -254,6 +273,7 @@ impl Engine {
         let status = Arc::new(EngineStatus::new());
         let thread = {
             let (metrics, abort, status) = (metrics.clone(), abort.clone(), status.clone());
+            let thread_config = config.clone();
             std::thread::Builder::new()
                 .name("dynexec-engine".into())
                 .spawn(move || {
@@ -265,7 +285,7 @@ impl Engine {
                         }
                     };
                     let _ = ready_tx.send(Ok(served.info()));
-                    Scheduler::new(&served, config, metrics, abort, status).run(queue);
+                    Scheduler::new(&served, thread_config, metrics, abort, status).run(queue);
                 })
                 .map_err(|e| format!("starting the engine thread: {e}"))?
         };
@@ -378,6 +398,7 @@ impl ServedModel {
             context_length: self.model.config().context_length,
             text_bytes_per_token: text_bytes_per_token(&self.tokenizer),
             num_layers: self.model.num_layers(),
+            hidden_size: self.model.config().hidden_size,
             draft: self.drafter.as_ref().map(|d| d.name()),
             lookahead: self.lookahead.clone(),
             exit_layers: self.exit_adapters.as_ref().map(|a| a.card.layers.clone()),

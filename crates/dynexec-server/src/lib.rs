@@ -27,12 +27,14 @@ pub mod prefill;
 mod routes;
 mod scheduler;
 pub mod stop;
+pub mod traces;
 
 pub use api::Limits;
 pub use embeddings::Embedder;
 pub use engine::{Engine, EngineConfig, ServedModel};
 pub use guard::Access;
 pub use metrics::Metrics;
+pub use traces::TraceStore;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;

@@ -228,7 +228,7 @@ async fn generate(
     endpoint: Endpoint,
     received: Instant,
 ) -> Response {
-    let prepared = match prepared {
+    let mut prepared = match prepared {
         Ok(p) => p,
         Err(e) => {
             let counter = match e.status {
@@ -245,6 +245,22 @@ async fn generate(
         return ApiError::server(503, "server_error", "the server is shutting down")
             .with_code(503, "shutting_down")
             .into_response();
+    }
+    // Unique across restarts too (the server's start time is in it), so a trace folder
+    // reused by a later server never has a trace overwritten.
+    let id = format!(
+        "{}-{}-{}",
+        if endpoint == Endpoint::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+        state.started,
+        state.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    // A trace is named by the response it belongs to.
+    if let Some(trace) = &mut prepared.dynamic.trace {
+        trace.name = id.clone();
     }
     let (events, mut rx) = unbounded_channel();
     let job = Job {
@@ -269,15 +285,7 @@ async fn generate(
             .into_response();
     }
     let chunks = ChunkWriter {
-        id: format!(
-            "{}-{}",
-            if endpoint == Endpoint::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            state.next_id.fetch_add(1, Ordering::Relaxed)
-        ),
+        id,
         created: unix_now(),
         model: state.engine.info().name.clone(),
         endpoint,

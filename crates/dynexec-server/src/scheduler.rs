@@ -20,8 +20,10 @@ use crate::engine::{
 use crate::metrics::{add, Metrics};
 use crate::prefill::PieceCost;
 use crate::stop::{StopCheck, StopMatcher};
+use crate::traces::{TraceReport, TraceStore};
 use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
+use dynexec_core::trace::Trace;
 use dynexec_core::{Error, Result};
 use dynexec_engine::{batch_rows, BatchMember, CachedPrefix, Sequence, Strategy};
 use dynexec_models::generation::{check_prompt, GenerateOptions};
@@ -59,6 +61,9 @@ struct Active<'m> {
     queue_secs: f64,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    /// The residual stream of every position the cache holds, when the request asked for it
+    /// ([`crate::traces`]), and the name its files get.
+    trace: Option<(Trace, String)>,
 }
 
 impl Active<'_> {
@@ -247,6 +252,10 @@ impl<'m> Scheduler<'m> {
                     queue_secs,
                     first_token_at: None,
                     last_token_at: None,
+                    trace: job
+                        .dynamic
+                        .trace
+                        .map(|t| (Trace::new(t.layers), t.name)),
                 });
                 self.bound_prefixes();
                 self.publish_gauges();
@@ -315,7 +324,9 @@ impl<'m> Scheduler<'m> {
             }
             (None, None) => Strategy::Plain,
         };
+        // A traced sequence computes its whole prompt, so its trace covers every position.
         let reusing = matches!(strategy, Strategy::Plain)
+            && job.dynamic.trace.is_none()
             && job.dynamic.cache_prompt
             && self.config.prefix_cache;
         if reusing {
@@ -427,6 +438,7 @@ impl<'m> Scheduler<'m> {
         let mut plans: Vec<Plan> = Vec::with_capacity(self.active.len());
         let mut segments: Vec<Vec<u32>> = Vec::new();
         let mut caches = Vec::new();
+        let mut traces: Vec<Option<&mut Trace>> = Vec::new();
         for ((seq, gone), piece) in self.active.iter_mut().zip(gone).zip(pieces) {
             if gone {
                 plans.push(Plan::Gone);
@@ -438,6 +450,7 @@ impl<'m> Scheduler<'m> {
                         let start = seq.prefilled;
                         segments.push(seq.tokens[start..start + len].to_vec());
                         caches.push(seq.decoder.prompt_cache());
+                        traces.push(seq.trace.as_mut().map(|(t, _)| t));
                         plans.push(Plan::Prefill {
                             len,
                             last: start + len == seq.prompt_tokens,
@@ -453,6 +466,7 @@ impl<'m> Scheduler<'m> {
                         plans.push(Plan::Batched(rows.len()));
                         segments.push(rows);
                         caches.push(cache);
+                        traces.push(seq.trace.as_mut().map(|(t, _)| t));
                     }
                     None => plans.push(Plan::Own),
                 },
@@ -486,9 +500,10 @@ impl<'m> Scheduler<'m> {
             Ok(None)
         } else {
             let runs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
-            shared_forward(self.served, &runs, &mut caches, &wanted)
+            shared_forward(self.served, &runs, &mut caches, &mut traces, &wanted)
         };
         drop(caches);
+        drop(traces);
         if in_forward > 0 {
             self.metrics.batch_size.observe(in_forward as f64);
         }
@@ -544,7 +559,15 @@ impl<'m> Scheduler<'m> {
                 Plan::Own => seq.decoder.step(&seq.tokens, seq.max_drafts()),
                 Plan::Failed(e) => Err(e),
                 Plan::Batched(rows) => rows_of(rows, &mut next_row)
-                    .and_then(|logits| seq.decoder.take_rows(&logits, &seq.tokens)),
+                    .and_then(|logits| seq.decoder.take_rows(&logits, &seq.tokens))
+                    .and_then(|tokens| {
+                        // The cache now holds the history and the new tokens but the last;
+                        // rows for rejected drafts leave the trace as they left the cache.
+                        if let Some((trace, _)) = &mut seq.trace {
+                            trace.truncate(seq.tokens.len() + tokens.len() - 1)?;
+                        }
+                        Ok(tokens)
+                    }),
             };
             let after = seq.decoder.draft_counts();
             add(&self.metrics.drafts, (after.0 - before.0) as u64);
@@ -567,7 +590,15 @@ impl<'m> Scheduler<'m> {
                 Outcome::Continue => kept.push(seq),
                 outcome => {
                     let scope = seq.cache_scope;
-                    let kept = finish(&self.metrics, seq, outcome, batch_total);
+                    let traces = self.config.traces.as_ref();
+                    let kept = finish(
+                        &self.metrics,
+                        traces,
+                        &self.served.name,
+                        seq,
+                        outcome,
+                        batch_total,
+                    );
                     if let Some(prefix) = kept.filter(|_| self.config.prefix_cache) {
                         self.prefixes.push((scope, prefix));
                     }
@@ -591,10 +622,11 @@ fn shared_forward(
     served: &ServedModel,
     runs: &[&[u32]],
     caches: &mut [&mut dynexec_models::kv_cache::KvCache],
+    traces: &mut [Option<&mut Trace>],
     wanted: &[u32],
 ) -> Result<Option<Tensor>> {
     let model = &served.model;
-    let hidden = model.hidden_segments(runs, caches)?;
+    let hidden = model.hidden_segments_traced(runs, caches, traces)?;
     if wanted.is_empty() {
         return Ok(None);
     }
@@ -648,6 +680,8 @@ fn emit(seq: &mut Active<'_>, tokens: &[u32]) -> Outcome {
 /// later prompt, comes back.
 fn finish(
     metrics: &Metrics,
+    traces: Option<&TraceStore>,
+    model_name: &str,
     mut seq: Active<'_>,
     outcome: Outcome,
     batch_size: usize,
@@ -697,6 +731,14 @@ fn finish(
             e.exit_layers.iter().sum::<usize>() as u64,
         );
     }
+    // Every position fed through the model: the history but a last token no forward read.
+    let trace = match (seq.trace.take(), traces) {
+        (Some((mut trace, name)), Some(store)) => Some(match trace.truncate(seq.tokens.len()) {
+            Ok(()) => store.save(&name, &trace, model_name, &seq.tokens, seq.prompt_tokens),
+            Err(e) => TraceReport::failed(&trace, e.to_string()),
+        }),
+        _ => None,
+    };
     let summary = Summary {
         finish_reason,
         usage: Usage {
@@ -713,6 +755,7 @@ fn finish(
             ttft_ms: ttft * 1000.0,
             speculative,
             early_exit,
+            trace,
         },
     };
     // Counted before sending, so a client that reads /metrics after its answer sees it.

@@ -10,6 +10,7 @@ use clap::Args;
 use dynexec_models::bert::EncoderFiles;
 use dynexec_server::{
     serve, Access, Embedder, Engine, EngineConfig, Limits, Metrics, ServeOptions, ServedModel,
+    TraceStore,
 };
 use dynexec_spec::draft_spec::DraftSpec;
 use std::path::PathBuf;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 #[derive(Args, Clone)]
 #[command(
-    after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  dynexec serve --host 0.0.0.0 --api-key-file keys.txt --cors-origins https://app.example\n  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\". Responses report what was used under \"dynexec\". Fields,\nerrors, security and scheduling: docs/serving.md."
+    after_help = "Examples:\n  dynexec serve --port 8080\n  dynexec serve smollm2-135m-instruct --draft ngram --max-batch 16\n  dynexec serve --host 0.0.0.0 --api-key-file keys.txt --cors-origins https://app.example\n  curl -s localhost:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", \"content\": \"Name three fruits.\"}], \"max_tokens\": 32}'\n\nPer-request options (extra JSON fields): \"speculative\": true|false, \"lookahead\": \"fixed:4\",\n\"early_exit\": \"confidence:0.9\", \"dynexec\": {\"trace\": true} (with --trace-dir). Responses report what was used under \"dynexec\". Fields,\nerrors, security and scheduling: docs/serving.md."
 )]
 pub struct ServeArgs {
     /// Model: a manifest name, hf:ORG/REPO[@REV][:FILE], or a local GGUF file / folder
@@ -66,6 +67,19 @@ pub struct ServeArgs {
     /// same client left; see docs/serving.md).
     #[arg(long)]
     pub no_cache_prompt: bool,
+
+    /// Save hidden-state traces of the requests that ask for one (`"dynexec": {"trace":
+    /// {"layers": [0, 14, 28]}}`, every layer when none are named) in DIR, named by the
+    /// response id, in `generate --trace`'s format; `dynexec analyze --trace DIR/ID.safetensors`
+    /// reads them. Off by default.
+    #[arg(long, value_name = "DIR")]
+    pub trace_dir: Option<PathBuf>,
+
+    /// The most bytes the traces in --trace-dir may take together (e.g. 512M, 4G); the
+    /// oldest are deleted to make room, with a warning. A request whose trace could not fit
+    /// is refused up front.
+    #[arg(long, value_name = "SIZE", default_value = "2G", value_parser = dynexec_server::traces::parse_size)]
+    pub trace_quota: u64,
 
     /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
@@ -203,12 +217,19 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         .transpose()?;
     let access = access(&args, &addr)?;
     let metrics = Arc::new(Metrics::default());
+    let traces = args
+        .trace_dir
+        .as_deref()
+        .map(|dir| TraceStore::open(dir, args.trace_quota))
+        .transpose()
+        .with_context(|| "--trace-dir: cannot use it for traces")?;
     let config = EngineConfig {
         max_batch: args.max_batch,
         max_queue: args.max_queue,
         spec_max_batch: args.spec_max_batch,
         step_tokens: args.batch_size,
         prefix_cache: !args.no_cache_prompt,
+        traces,
     };
     let (load_global, load_args) = (global.clone(), args.clone());
     // The model is loaded on the engine thread, which keeps it; errors come back here.
@@ -223,6 +244,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
         addr,
         limits: Limits {
             max_tokens: args.max_tokens,
+            trace_quota: args.trace_dir.as_ref().map(|_| args.trace_quota),
         },
         access,
         header_timeout: Duration::from_secs(args.timeout),
@@ -233,7 +255,7 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
     };
     serve(engine, metrics, options, |bound| {
         eprintln!(
-            "dynexec serve: `{}` ({} layers, context {}) on http://{bound} | batch {} | {} tokens a step | queue {} | draft {} | early exit {}",
+            "dynexec serve: `{}` ({} layers, context {}) on http://{bound} | batch {} | {} tokens a step | queue {} | draft {} | early exit {} | traces {}",
             info.name,
             info.num_layers,
             info.context_length,
@@ -244,6 +266,9 @@ pub fn run(global: &GlobalOptions, mut args: ServeArgs) -> Result<()> {
             info.exit_layers
                 .as_ref()
                 .map_or("none".to_string(), |l| format!("exits after layers {l:?}")),
+            args.trace_dir
+                .as_ref()
+                .map_or("off".to_string(), |d| format!("to {} (quota {} bytes)", d.display(), args.trace_quota)),
         );
     })?;
     eprintln!("dynexec serve: stopped");

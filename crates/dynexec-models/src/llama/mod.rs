@@ -613,6 +613,19 @@ impl Llama {
         segments: &[&[u32]],
         caches: &mut [&mut KvCache],
     ) -> Result<Tensor> {
+        self.hidden_segments_traced(segments, caches, &mut [])
+    }
+
+    /// [`Self::hidden_segments`] that also records each segment's rows in its trace:
+    /// `traces[i]`, when present, continues segment `i`'s sequence (missing entries trace
+    /// nothing). The rows are the same bits [`Self::forward`] would record for that sequence
+    /// alone, so a server's trace equals a lone generation's.
+    pub fn hidden_segments_traced(
+        &self,
+        segments: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        traces: &mut [Option<&mut Trace>],
+    ) -> Result<Tensor> {
         if segments.len() != caches.len()
             || segments.is_empty()
             || segments.iter().any(|s| s.is_empty())
@@ -640,12 +653,24 @@ impl Llama {
         // Rows go along the sequence axis: `(1, rows, hidden)`, one matmul row each.
         let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.embed(&ids)?;
+        let mut record = |layer: usize, x: &Tensor| -> Result<()> {
+            let mut start = 0;
+            for (len, trace) in lens.iter().zip(traces.iter_mut()) {
+                if let Some(trace) = trace.as_deref_mut().filter(|t| t.wants(layer)) {
+                    trace.record(layer, &x.narrow(1, start, *len)?)?;
+                }
+                start += len;
+            }
+            Ok(())
+        };
+        record(0, &x)?;
         for (l, layer) in self.layers.iter().enumerate() {
             x = layer.forward(&x, |h| {
                 layer
                     .self_attn
                     .forward_segments(h, &self.rope, caches, &lens, l)
             })?;
+            record(l + 1, &x)?;
         }
         Ok(x)
     }

@@ -8,7 +8,8 @@
 //! change the answer (`user`, `metadata`, `store`, `service_tier`, `parallel_tool_calls`)
 //! are accepted and ignored.
 
-use crate::engine::{Dynamic, ModelInfo};
+use crate::engine::{Dynamic, ModelInfo, TraceRequest};
+use dynexec_core::trace::Trace;
 use dynexec_core::sampling::{SamplingParams, GREEDY_BELOW};
 use dynexec_core::Setting;
 use dynexec_exit::token_exit::{ExitMeasure, TokenExitPolicy};
@@ -145,6 +146,8 @@ pub struct Prepared {
 pub struct Limits {
     /// The most tokens one request may ask for; also the default.
     pub max_tokens: usize,
+    /// The byte quota of the server's trace folder; `None` when the server saves no traces.
+    pub trace_quota: Option<u64>,
 }
 
 /// Refuses, before any tokenizing, a prompt of `bytes` bytes of text that cannot fit the
@@ -299,7 +302,8 @@ pub fn prepare(
         seed: params.seed.unwrap_or_else(random_seed),
     };
     sampling.validate().map_err(setting_error)?;
-    let dynamic = dynamic_options(params, &sampling, info)?;
+    let mut dynamic = dynamic_options(params, &sampling, info)?;
+    dynamic.trace = trace_request(params, info, limits, prompt_tokens + max_tokens)?;
     Ok(Prepared {
         prompt_ids,
         options: GenerateOptions {
@@ -393,7 +397,52 @@ fn dynamic_options(
         cache_prompt: params.cache_prompt,
         // The handler scopes it to the caller ([`cache_scope`]).
         cache_scope: 0,
+        trace: None,
     })
+}
+
+/// The trace a request asked for, checked against the model and the server's quota (which
+/// also bounds the memory a trace holds while it is recorded). The name is set later.
+fn trace_request(
+    params: &Params,
+    info: &ModelInfo,
+    limits: Limits,
+    positions: usize,
+) -> Result<Option<TraceRequest>, ApiError> {
+    let Some(asked) = &params.trace else {
+        return Ok(None);
+    };
+    let invalid = |m: String| ApiError::invalid(Some("dynexec"), m);
+    let Some(quota) = limits.trace_quota else {
+        return Err(invalid(
+            "this server saves no traces: start it with `dynexec serve --trace-dir DIR`".into(),
+        ));
+    };
+    if params.early_exit.is_some() {
+        return Err(invalid(
+            "`dynexec.trace` cannot be combined with `early_exit` yet (exited tokens skip layers): trace without it".into(),
+        ));
+    }
+    let top = info.num_layers;
+    let mut layers = asked.layers.clone().unwrap_or_else(|| (0..=top).collect());
+    if let Some(bad) = layers.iter().find(|&&l| l > top) {
+        return Err(invalid(format!(
+            "`dynexec.trace.layers` names layer {bad}, but the model has {top} (0 = embeddings, {top} = the last)"
+        )));
+    }
+    layers.sort_unstable();
+    layers.dedup();
+    let bytes = Trace::size_for(layers.len(), positions, info.hidden_size);
+    if bytes > quota {
+        return Err(invalid(format!(
+            "a trace of {} layers over up to {positions} positions would take {bytes} bytes, more than the server's trace quota of {quota}: trace fewer layers (`dynexec.trace.layers`) or lower `max_tokens`",
+            layers.len()
+        )));
+    }
+    Ok(Some(TraceRequest {
+        layers,
+        name: String::new(),
+    }))
 }
 
 /// A seed for requests that give none: every such request samples differently.

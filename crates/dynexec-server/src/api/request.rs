@@ -120,6 +120,15 @@ pub struct Params {
     pub cache_prompt: bool,
     /// vLLM's: requests reuse only cached prefixes left by requests with the same salt.
     pub cache_salt: Option<String>,
+    /// dynexec: save the request's residual stream (`"dynexec": {"trace": ...}`).
+    pub trace: Option<TraceParams>,
+}
+
+/// `"dynexec": {"trace": true}` or `{"trace": {"layers": [0, 14, 28]}}`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TraceParams {
+    /// Layers to record (0 = embeddings); every layer when left out.
+    pub layers: Option<Vec<usize>>,
 }
 
 impl Params {
@@ -190,7 +199,53 @@ impl Params {
             early_exit: fields.string("early_exit")?,
             cache_prompt: fields.bool("cache_prompt")?.unwrap_or(true),
             cache_salt: fields.string("cache_salt")?,
+            trace: dynexec_options(fields.take("dynexec"))?,
         })
+    }
+}
+
+/// dynexec's own options object: `{"trace": true | false | {"layers": [...]}}`.
+fn dynexec_options(options: Option<Value>) -> Result<Option<TraceParams>, ApiError> {
+    let bad = |m: &str| ApiError::invalid(Some("dynexec"), m);
+    let Some(options) = options else {
+        return Ok(None);
+    };
+    let Value::Object(mut options) = options else {
+        return Err(bad("`dynexec` must be an object, e.g. {\"trace\": {\"layers\": [0, 14, 28]}}"));
+    };
+    let trace = options.remove("trace");
+    if let Some(name) = options.keys().next() {
+        return Err(ApiError::invalid(
+            Some("dynexec"),
+            format!("unknown field `dynexec.{name}`: only `trace` is supported"),
+        ));
+    }
+    let layers_error = "`dynexec.trace.layers` must be a list of layer numbers (0 = embeddings), e.g. [0, 14, 28]";
+    match trace {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(TraceParams::default())),
+        Some(Value::Object(mut trace)) => {
+            let layers = match trace.remove("layers") {
+                None | Some(Value::Null) => None,
+                Some(Value::Array(items)) if !items.is_empty() => Some(
+                    items
+                        .iter()
+                        .map(|v| v.as_u64().map(|l| l as usize).ok_or_else(|| bad(layers_error)))
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+                Some(_) => return Err(bad(layers_error)),
+            };
+            if let Some(name) = trace.keys().next() {
+                return Err(ApiError::invalid(
+                    Some("dynexec"),
+                    format!("unknown field `dynexec.trace.{name}`: only `layers` is supported"),
+                ));
+            }
+            Ok(Some(TraceParams { layers }))
+        }
+        Some(_) => Err(bad(
+            "`dynexec.trace` must be true, false or an object such as {\"layers\": [0, 14, 28]}",
+        )),
     }
 }
 
