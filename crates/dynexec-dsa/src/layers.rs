@@ -2,9 +2,10 @@
 //! one system with its counterpart in another ([`compare_systems`]): which layer faces which,
 //! each trajectory reduced to its principal components, every metric for one pair.
 
+use crate::matrix::{pair_metrics, parallel_map, thread_count};
 use crate::{
-    cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, DistanceMatrix, Dsa, Error,
-    Metric, RdmComparison, RdmDistance, Result, Trajectories,
+    cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, DistanceMatrix, Dmd, Dsa,
+    Error, Metric, RdmComparison, RdmDistance, Result, Trajectories,
 };
 use faer::Mat;
 use std::collections::{BTreeMap, BTreeSet};
@@ -146,6 +147,77 @@ pub fn layer_matrices(
     Ok((matrices, entropy))
 }
 
+/// One metric between every layer of one system (rows) and every layer of another
+/// (columns): all pairs, not just those at the same relative depth.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossMatrix {
+    /// Which metric.
+    pub metric: Metric,
+    /// Layers of the first system.
+    pub rows: usize,
+    /// Layers of the second system.
+    pub columns: usize,
+    /// `rows × columns` values, row-major.
+    pub values: Vec<f64>,
+}
+
+impl CrossMatrix {
+    /// The value between row layer `i` and column layer `j`.
+    pub fn get(&self, i: usize, j: usize) -> f64 {
+        self.values[i * self.columns + j]
+    }
+}
+
+/// Every metric between every layer of `a` and every layer of `b` (two models over the same
+/// tokens, say): DSA on `components` principal components, each layer's DMD fitted once;
+/// geometry metrics on the full states cut to the shorter length; pairs in parallel.
+pub fn cross_layer_matrices(
+    a: &[Trajectories],
+    b: &[Trajectories],
+    dsa: &Dsa,
+    metrics: &[Metric],
+    components: usize,
+    threads: Option<usize>,
+) -> Result<Vec<CrossMatrix>> {
+    let threads = thread_count(threads);
+    let time = a
+        .iter()
+        .chain(b)
+        .map(Trajectories::time)
+        .min()
+        .ok_or_else(|| Error::Shape("no layers to compare".into()))?;
+    let fit_all = |systems: &[Trajectories]| -> Result<Vec<Option<Dmd>>> {
+        if !metrics.iter().any(|m| m.is_dsa()) {
+            return Ok(vec![None; systems.len()]);
+        }
+        let components = components.min(max_components(dsa, time));
+        parallel_map(systems.len(), threads, |i| {
+            Ok(Some(dsa.fit(&principal_components(&systems[i], components)?)?))
+        })
+    };
+    let (fits_a, fits_b) = (fit_all(a)?, fit_all(b)?);
+    let cut = |systems: &[Trajectories]| -> Result<Vec<Trajectories>> {
+        systems.iter().map(|x| truncate(x, time)).collect()
+    };
+    let (cut_a, cut_b) = (cut(a)?, cut(b)?);
+    let columns = b.len();
+    let values = parallel_map(a.len() * columns, threads, |k| {
+        let (i, j) = (k / columns, k % columns);
+        let fitted = fits_a[i].as_ref().zip(fits_b[j].as_ref());
+        pair_metrics(dsa, metrics, fitted, &cut_a[i], &cut_b[j])
+    })?;
+    Ok(metrics
+        .iter()
+        .enumerate()
+        .map(|(m, &metric)| CrossMatrix {
+            metric,
+            rows: a.len(),
+            columns,
+            values: values.iter().map(|v| v[m]).collect(),
+        })
+        .collect())
+}
+
 /// One layer of a system facing its counterpart in another.
 #[derive(Debug, Clone)]
 pub struct PairedLayers {
@@ -198,6 +270,41 @@ mod tests {
         assert_eq!(pairs[0], (0, 0));
         assert_eq!(pairs[15], (15, 5));
         assert_eq!(pairs[30], (30, 10));
+    }
+
+    #[test]
+    fn cross_matrices_hold_every_pair_and_match_the_square_one() {
+        let mut seed = 0u64;
+        let mut wave = |freq: f64| -> Trajectories {
+            seed += 1;
+            let data: Vec<f64> = (0..40)
+                .flat_map(|t| {
+                    let x = t as f64 * freq + seed as f64;
+                    [x.sin(), x.cos(), (2.0 * x).sin()]
+                })
+                .collect();
+            Trajectories::from_2d(40, 3, data).unwrap()
+        };
+        let a = vec![wave(0.2), wave(0.5)];
+        let b = vec![wave(0.2), wave(0.9), wave(0.3)];
+        let dsa = Dsa::new(crate::DsaConfig {
+            n_delays: 2,
+            rank: crate::Rank::Full,
+            ..Default::default()
+        });
+        let metrics = [Metric::DsaAngular, Metric::CkaLinear];
+        let cross = cross_layer_matrices(&a, &b, &dsa, &metrics, 3, Some(2)).unwrap();
+        assert_eq!((cross[0].rows, cross[0].columns, cross[0].values.len()), (2, 3, 6));
+        let all: Vec<Trajectories> = a.iter().chain(&b).cloned().collect();
+        let square = layer_matrices(&all, &dsa, &metrics, 3, Some(1)).unwrap().0;
+        for (m, matrix) in square.iter().enumerate() {
+            for i in 0..2 {
+                for j in 0..3 {
+                    let (x, y) = (cross[m].get(i, j), matrix.get(i, 2 + j));
+                    assert!((x - y).abs() < 1e-9, "{:?} {i},{j}: {x} vs {y}", matrix.metric);
+                }
+            }
+        }
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! [`read_npy`] loads them from NumPy files and [`write_npy_f32`] saves them.
 //! [`distance_matrix`] compares many systems at once, in parallel. [`dmd_entropy`] and
 //! [`weight_entropy`] summarise a spectrum's spread. [`layers`] pairs two models' layers and
-//! compares each pair on every metric. Everything is computed in f64 with faer;
+//! compares each pair on every metric; [`groups`] asks whether two groups of inputs (drafts
+//! the target accepted and rejected, inputs that exit early and late) differ in their dynamics. Everything is computed in f64 with faer;
 //! no GPU, no candle.
 //!
 //! The alignment search (Riemannian L-BFGS from informed and seeded random starts, both
@@ -52,6 +53,7 @@ mod embedding;
 mod entropy;
 mod error;
 mod geometry;
+pub mod groups;
 pub mod layers;
 mod matrix;
 mod npy;

@@ -102,10 +102,7 @@ pub fn distance_matrix(
     threads: Option<usize>,
 ) -> Result<Vec<DistanceMatrix>> {
     let n = systems.len();
-    let threads = threads
-        .or_else(|| std::thread::available_parallelism().ok().map(|p| p.get()))
-        .unwrap_or(1)
-        .max(1);
+    let threads = thread_count(threads);
     let fits: Vec<Option<Dmd>> = if metrics.iter().any(|m| m.is_dsa()) {
         parallel_map(n, threads, |i| dsa.fit(&systems[i]))?
             .into_iter()
@@ -119,29 +116,8 @@ pub fn distance_matrix(
         .collect();
     let values = parallel_map(pairs.len(), threads, |k| {
         let (i, j) = pairs[k];
-        let scores: Option<Scores> = match (&fits[i], &fits[j]) {
-            (Some(a), Some(b)) => Some(dsa.compare_fitted(a, b)?),
-            _ => None,
-        };
-        metrics
-            .iter()
-            .map(|&metric| {
-                let (x, y) = (&systems[i], &systems[j]);
-                Ok(match metric {
-                    Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
-                    Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),
-                    Metric::DsaWasserstein => scores.map_or(f64::NAN, |s| s.wasserstein),
-                    Metric::ProcrustesAngular => procrustes_angular(x, y)?,
-                    Metric::CkaLinear => cka_linear(x, y)?,
-                    Metric::RsaSpearmanEuclidean => {
-                        rsa(x, y, RdmDistance::Euclidean, RdmComparison::Spearman)?
-                    }
-                    Metric::RsaSpearmanCorrelation => {
-                        rsa(x, y, RdmDistance::Correlation, RdmComparison::Spearman)?
-                    }
-                })
-            })
-            .collect::<Result<Vec<f64>>>()
+        let fitted = fits[i].as_ref().zip(fits[j].as_ref());
+        pair_metrics(dsa, metrics, fitted, &systems[i], &systems[j])
     })?;
     Ok(metrics
         .iter()
@@ -161,8 +137,49 @@ pub fn distance_matrix(
         .collect())
 }
 
+/// Every metric in `metrics` between `x` and `y`, in order; DSA scores from their fitted
+/// models (NaN without them).
+pub(crate) fn pair_metrics(
+    dsa: &Dsa,
+    metrics: &[Metric],
+    fitted: Option<(&Dmd, &Dmd)>,
+    x: &Trajectories,
+    y: &Trajectories,
+) -> Result<Vec<f64>> {
+    let scores: Option<Scores> = match fitted {
+        Some((a, b)) => Some(dsa.compare_fitted(a, b)?),
+        None => None,
+    };
+    metrics
+        .iter()
+        .map(|&metric| {
+            Ok(match metric {
+                Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
+                Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),
+                Metric::DsaWasserstein => scores.map_or(f64::NAN, |s| s.wasserstein),
+                Metric::ProcrustesAngular => procrustes_angular(x, y)?,
+                Metric::CkaLinear => cka_linear(x, y)?,
+                Metric::RsaSpearmanEuclidean => {
+                    rsa(x, y, RdmDistance::Euclidean, RdmComparison::Spearman)?
+                }
+                Metric::RsaSpearmanCorrelation => {
+                    rsa(x, y, RdmDistance::Correlation, RdmComparison::Spearman)?
+                }
+            })
+        })
+        .collect()
+}
+
+/// Threads to use: `threads`, or every available core.
+pub(crate) fn thread_count(threads: Option<usize>) -> usize {
+    threads
+        .or_else(|| std::thread::available_parallelism().ok().map(|p| p.get()))
+        .unwrap_or(1)
+        .max(1)
+}
+
 /// `f(0..len)` on up to `threads` scoped threads, results in index order; the first error wins.
-fn parallel_map<T: Send>(
+pub(crate) fn parallel_map<T: Send>(
     len: usize,
     threads: usize,
     f: impl Fn(usize) -> Result<T> + Sync,
