@@ -11,7 +11,7 @@ use dynexec_models::generation::{generate, GenerateOptions, StopReason};
 use dynexec_models::llama::Llama;
 use dynexec_quant::{quantize_in_place, WeightFormat};
 use dynexec_spec::drafter::{check_vocab, ChainDrafter, Drafter, ModelDrafter, NgramDrafter};
-use dynexec_spec::engine::generate_speculative;
+use dynexec_spec::engine::{generate_speculative, TokenOrigin};
 use dynexec_spec::lookahead::{self, Lookahead};
 
 fn random_llama(dir: &std::path::Path, vocab: usize) -> Llama {
@@ -58,6 +58,17 @@ fn assert_lossless(
         drafter.name()
     );
     assert_eq!(spec.generation.text, plain.text);
+    // The per-token record agrees with the counts: one origin per token, each rejection
+    // ends a step, and no more accepted tokens than drafts accepted.
+    let origins = &spec.origins;
+    assert_eq!(origins.len(), spec.generation.token_ids.len());
+    assert_eq!(origins.first(), Some(&TokenOrigin::Target));
+    let count = |o: TokenOrigin| origins.iter().filter(|&&x| x == o).count();
+    assert!(count(TokenOrigin::Accepted) <= spec.spec.accepted);
+    assert!(count(TokenOrigin::Rejected) <= spec.spec.steps);
+    if spec.spec.accepted < spec.spec.proposed {
+        assert!(count(TokenOrigin::Rejected) > 0, "{origins:?}");
+    }
     spec.spec.acceptance_rate()
 }
 

@@ -57,12 +57,28 @@ impl SpecStats {
     }
 }
 
+/// Where a generated token came from: the speculative engine's record of the target's
+/// verdict on each position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenOrigin {
+    /// A draft token the target accepted.
+    Accepted,
+    /// The target's token where it rejected the draft's.
+    Rejected,
+    /// The target's token where nothing was drafted or every draft was accepted (and the
+    /// first token, from the prefill).
+    Target,
+}
+
 /// A finished speculative generation.
 pub struct SpecGeneration {
     /// Tokens, text and timing, as a plain generation reports them.
     pub generation: Generation,
     /// What speculation did.
     pub spec: SpecStats,
+    /// One entry per generated token: whether the target accepted a draft there.
+    pub origins: Vec<TokenOrigin>,
 }
 
 /// One sequence being decoded speculatively, a verification step at a time: what
@@ -80,6 +96,8 @@ pub struct SpeculativeSequence<'a> {
     forwards_at_start: usize,
     /// The draft of a step between [`Self::draft`] and [`Self::verify`].
     pending: Option<Draft>,
+    /// The origin of each token after the prompt.
+    origins: Vec<TokenOrigin>,
     /// What speculation has done so far.
     pub spec: SpecStats,
 }
@@ -126,6 +144,7 @@ impl<'a> SpeculativeSequence<'a> {
         Ok(Self {
             forwards_at_start: drafter.forwards(),
             pending: None,
+            origins: Vec::new(),
             target,
             drafter,
             lookahead,
@@ -150,12 +169,18 @@ impl<'a> SpeculativeSequence<'a> {
         let first = self.sampler.sample(logits, &self.tokens)?;
         self.spec.target_forwards += 1;
         self.tokens.push(first);
+        self.origins.push(TokenOrigin::Target);
         Ok(first)
     }
 
     /// The prompt and the tokens produced so far.
     pub fn tokens(&self) -> &[u32] {
         &self.tokens
+    }
+
+    /// The origin of each token produced so far (after the prompt).
+    pub fn origins(&self) -> &[TokenOrigin] {
+        &self.origins
     }
 
     /// One draft-and-verify step proposing at most `max_drafts` tokens. Returns the accepted
@@ -255,6 +280,13 @@ impl<'a> SpeculativeSequence<'a> {
         }
         let mut out = draft.tokens[..accepted].to_vec();
         out.push(next);
+        self.origins
+            .extend(std::iter::repeat_n(TokenOrigin::Accepted, accepted));
+        self.origins.push(if accepted < draft.tokens.len() {
+            TokenOrigin::Rejected
+        } else {
+            TokenOrigin::Target
+        });
         self.tokens.extend_from_slice(&out);
         self.spec.draft_forwards = self.drafter.forwards() - self.forwards_at_start;
         Ok(out)
@@ -327,6 +359,7 @@ pub fn generate_speculative(
     }
     stats.generated_tokens = generated.len();
     stats.decode_secs = secs(last_at.duration_since(first_at));
+    let origins = sequence.origins[..generated.len().min(sequence.origins.len())].to_vec();
     Ok(SpecGeneration {
         generation: Generation {
             token_ids: generated,
@@ -334,6 +367,7 @@ pub fn generate_speculative(
             stop_reason,
             stats,
         },
+        origins,
         spec: sequence.spec,
     })
 }
