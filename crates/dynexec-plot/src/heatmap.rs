@@ -39,24 +39,42 @@ pub(crate) fn font_available() -> bool {
     })
 }
 
-/// What a heatmap shows.
+/// What a heatmap shows: rows top to bottom, columns left to right.
 pub struct Heatmap<'a> {
     /// Drawn above the map.
     pub title: &'a str,
-    /// Row/column labels (e.g. layer numbers), `n` of them.
-    pub labels: &'a [String],
-    /// Axis description.
-    pub axis: &'a str,
-    /// `n × n` values, row-major; NaNs are drawn grey.
+    /// Row labels (e.g. one model's layers).
+    pub row_labels: &'a [String],
+    /// Column labels (e.g. another model's layers).
+    pub column_labels: &'a [String],
+    /// What the rows are.
+    pub row_axis: &'a str,
+    /// What the columns are.
+    pub column_axis: &'a str,
+    /// `rows × columns` values, row-major; NaNs are drawn grey.
     pub values: &'a [f64],
+}
+
+impl<'a> Heatmap<'a> {
+    /// A square map whose rows and columns are the same things (a distance matrix).
+    pub fn square(title: &'a str, labels: &'a [String], axis: &'a str, values: &'a [f64]) -> Self {
+        Self {
+            title,
+            row_labels: labels,
+            column_labels: labels,
+            row_axis: axis,
+            column_axis: axis,
+            values,
+        }
+    }
 }
 
 /// Writes `heatmap` to `path` as a PNG; returns whether text could be drawn.
 pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
-    let n = heatmap.labels.len();
-    if n == 0 || heatmap.values.len() != n * n {
+    let (rows, columns) = (heatmap.row_labels.len(), heatmap.column_labels.len());
+    if rows == 0 || columns == 0 || heatmap.values.len() != rows * columns {
         return Err(PlotError::Shape(format!(
-            "{} values for {n} labels",
+            "{} values for {rows} x {columns} labels",
             heatmap.values.len()
         )));
     }
@@ -87,27 +105,31 @@ pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
             .y_label_area_size(48);
     }
     let mut chart = builder
-        .build_cartesian_2d(0f64..n as f64, n as f64..0f64)
+        .build_cartesian_2d(0f64..columns as f64, rows as f64..0f64)
         .map_err(|e| plot_error(&e))?;
     if with_text {
-        let step = n.div_ceil(16).max(1);
-        let label = |v: &f64| {
+        // Labels sit at cell centres, at most 16 per axis.
+        let label = |labels: &[String], v: &f64| {
+            let n = labels.len();
+            let step = n.div_ceil(16).max(1);
             let i = v.floor() as usize;
             if i < n && i % step == 0 && (*v - i as f64 - 0.5).abs() < 1e-9 {
-                heatmap.labels[i].clone()
+                labels[i].clone()
             } else {
                 String::new()
             }
         };
+        let x_label = |v: &f64| label(heatmap.column_labels, v);
+        let y_label = |v: &f64| label(heatmap.row_labels, v);
         chart
             .configure_mesh()
             .disable_mesh()
-            .x_labels(2 * n + 1)
-            .y_labels(2 * n + 1)
-            .x_label_formatter(&label)
-            .y_label_formatter(&label)
-            .x_desc(heatmap.axis)
-            .y_desc(heatmap.axis)
+            .x_labels(2 * columns + 1)
+            .y_labels(2 * rows + 1)
+            .x_label_formatter(&x_label)
+            .y_label_formatter(&y_label)
+            .x_desc(heatmap.column_axis)
+            .y_desc(heatmap.row_axis)
             .label_style((FONT_FAMILY, 12))
             .draw()
             .map_err(|e| plot_error(&e))?;
@@ -120,8 +142,8 @@ pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
         }
     };
     chart
-        .draw_series((0..n * n).map(|k| {
-            let (i, j) = (k / n, k % n);
+        .draw_series((0..rows * columns).map(|k| {
+            let (i, j) = (k / columns, k % columns);
             Rectangle::new(
                 [(j as f64, i as f64), (j as f64 + 1.0, i as f64 + 1.0)],
                 color(heatmap.values[k]).filled(),
@@ -150,4 +172,32 @@ pub fn write_png(heatmap: &Heatmap, path: &Path) -> Result<bool> {
     }
     root.present().map_err(|e| plot_error(&e))?;
     Ok(with_text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rectangular_maps_are_drawn_and_mismatched_values_refused() {
+        let rows: Vec<String> = (0..3).map(|l| l.to_string()).collect();
+        let columns: Vec<String> = (0..5).map(|l| l.to_string()).collect();
+        let values: Vec<f64> = (0..15).map(f64::from).collect();
+        let path = std::env::temp_dir().join(format!("dynexec-heatmap-{}.png", std::process::id()));
+        let map = Heatmap {
+            title: "draft vs target",
+            row_labels: &rows,
+            column_labels: &columns,
+            row_axis: "draft layer",
+            column_axis: "target layer",
+            values: &values,
+        };
+        write_png(&map, &path).unwrap();
+        let image = image::open(&path).unwrap();
+        assert_eq!((image.width(), image.height()), (760, 640));
+        std::fs::remove_file(&path).unwrap();
+        let square = Heatmap::square("x", &rows, "layer", &values);
+        let err = write_png(&square, &path).unwrap_err();
+        assert!(err.to_string().contains("15 values for 3 x 3"), "{err}");
+    }
 }

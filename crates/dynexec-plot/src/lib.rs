@@ -1,6 +1,7 @@
 //! dynexec-plot: PNG in and out for the front-ends and for library users.
 //!
-//! - [`heatmap`]: a distance matrix as a PNG heatmap (the analyzer's layer × layer plots).
+//! - [`heatmap`]: a matrix as a PNG heatmap (the analyzer's layer × layer plots, square or
+//!   one model's layers against another's).
 //! - [`curves`]: trade-off lines as a PNG (early exit's accuracy against layers saved).
 //! - [`images`]: image files decoded to grey pixels (a classifier's input), and generated
 //!   images written side by side as one PNG (the diffusion samples).
@@ -10,7 +11,7 @@
 //!
 //! let labels: Vec<String> = (0..3).map(|l| l.to_string()).collect();
 //! let values = [0.0, 0.2, 0.5, 0.2, 0.0, 0.3, 0.5, 0.3, 0.0];
-//! let heatmap = Heatmap { title: "CKA between layers", labels: &labels, axis: "layer", values: &values };
+//! let heatmap = Heatmap::square("CKA between layers", &labels, "layer", &values);
 //! let drew_text = write_png(&heatmap, std::path::Path::new("layers.png"))?;
 //! # Ok::<(), dynexec_plot::PlotError>(())
 //! ```

@@ -93,12 +93,7 @@ pub fn analyse(
             let png = args.out.join(format!("layers-{name}.png"));
             let title = format!("{} - {name} between layers", primary.info.model);
             let drew_text = write_png(
-                &Heatmap {
-                    title: &title,
-                    labels: &labels,
-                    axis: "layer (0 = embeddings)",
-                    values: &matrix.values,
-                },
+                &Heatmap::square(&title, &labels, "layer (0 = embeddings)", &matrix.values),
                 &png,
             )?;
             missing_font |= !drew_text;
