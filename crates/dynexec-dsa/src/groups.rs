@@ -105,11 +105,23 @@ pub fn compare_groups(
         .map(|_| shuffled(in_a, &mut rng))
         .collect();
     let lasts: Vec<Vec<Vec<f64>>> = layers.iter().map(|(_, t)| last_states(t)).collect();
+    // The smaller group's delay embedding must stay tall: rows (trials × embedded steps per
+    // trial) at least as many as columns (components × delays).
+    let time = layers.first().map_or(0, |(_, t)| t.time());
+    let settings = dsa.config();
+    let steps = time.saturating_sub((settings.n_delays - 1) * settings.delay_interval);
+    let components = config
+        .components
+        .min((sizes.0.min(sizes.1) * steps) / settings.n_delays)
+        .max(1);
     parallel_map(layers.len(), thread_count(threads), |i| {
         let (layer, states) = &layers[i];
-        let reduced = principal_components(states, config.components)?;
+        let reduced = principal_components(states, components)?;
         let dsa_distance = |labels: &[bool]| -> Result<f64> {
-            let (a, b) = (select(&reduced, labels, true)?, select(&reduced, labels, false)?);
+            let (a, b) = (
+                select_trials(&reduced, labels, true)?,
+                select_trials(&reduced, labels, false)?,
+            );
             Ok(dsa.compare(&a, &b)?.angular)
         };
         let centroid_distance =
@@ -158,8 +170,8 @@ fn shuffled(labels: &[bool], rng: &mut SplitMix64) -> Vec<bool> {
     out
 }
 
-/// The trials whose label is `group`, as one multi-trial trajectory.
-fn select(x: &Trajectories, labels: &[bool], group: bool) -> Result<Trajectories> {
+/// The trials of `x` whose label is `group`, as one multi-trial trajectory.
+pub fn select_trials(x: &Trajectories, labels: &[bool], group: bool) -> Result<Trajectories> {
     let (time, features) = (x.time(), x.features());
     let mut data = Vec::new();
     let mut trials = 0;

@@ -2,7 +2,7 @@
 //! one system with its counterpart in another ([`compare_systems`]): which layer faces which,
 //! each trajectory reduced to its principal components, every metric for one pair.
 
-use crate::matrix::{pair_metrics, parallel_map, thread_count};
+use crate::matrix::{pair_metrics, parallel_map, thread_count, View};
 use crate::{
     cka_linear, distance_matrix, dmd_entropy, procrustes_angular, rsa, DistanceMatrix, Dmd, Dsa,
     Error, Metric, RdmComparison, RdmDistance, Result, Trajectories,
@@ -63,6 +63,18 @@ pub fn principal_components(x: &Trajectories, k: usize) -> Result<Trajectories> 
     }
 }
 
+/// The states in the basis of their own principal directions, centred, every direction with
+/// variance kept: for wide states (more features than samples, as a model's hidden states
+/// over a few hundred tokens) a far smaller matrix on which Procrustes, CKA and Euclidean
+/// RSA give the same values ([`Metric::rotation_invariant`]); other states are returned as
+/// they are.
+pub fn compact(x: &Trajectories) -> Result<Trajectories> {
+    if x.features() <= x.n_samples() {
+        return Ok(x.clone());
+    }
+    principal_components(x, x.n_samples())
+}
+
 /// The most principal components `dsa` can use on `time` positions: its delay embedding
 /// must keep at least as many rows as columns.
 pub fn max_components(dsa: &Dsa, time: usize) -> usize {
@@ -100,6 +112,10 @@ pub fn compare_pair(
     let (xs, ys) = (truncate(x, time)?, truncate(y, time)?);
     let mut out = BTreeMap::new();
     for &metric in metrics {
+        let (xs, ys) = match metric.rotation_invariant() {
+            true => (compact(&xs)?, compact(&ys)?),
+            false => (xs.clone(), ys.clone()),
+        };
         let value = match metric {
             Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
             Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),
@@ -139,7 +155,13 @@ pub fn layer_matrices(
             .collect::<Result<_>>()?
     };
     let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, threads)?;
-    matrices.extend(distance_matrix(layers, dsa, &geometry_metrics, threads)?);
+    let (invariant, other): (Vec<Metric>, Vec<Metric>) =
+        geometry_metrics.iter().partition(|m| m.rotation_invariant());
+    if !invariant.is_empty() {
+        let compacted: Vec<Trajectories> = layers.iter().map(compact).collect::<Result<_>>()?;
+        matrices.extend(distance_matrix(&compacted, dsa, &invariant, threads)?);
+    }
+    matrices.extend(distance_matrix(layers, dsa, &other, threads)?);
     let entropy = reduced
         .iter()
         .map(|t| Ok(dmd_entropy(&dsa.fit(t)?)))
@@ -190,7 +212,9 @@ pub fn cross_layer_matrices(
         if !metrics.iter().any(|m| m.is_dsa()) {
             return Ok(vec![None; systems.len()]);
         }
-        let components = components.min(max_components(dsa, time));
+        // Multi-trial systems embed every trial: their Hankel has trials times the rows.
+        let rows = a.iter().chain(b).map(|x| x.trials()).min().unwrap_or(1);
+        let components = components.min(rows * max_components(dsa, time)).max(1);
         parallel_map(systems.len(), threads, |i| {
             Ok(Some(dsa.fit(&principal_components(&systems[i], components)?)?))
         })
@@ -200,11 +224,20 @@ pub fn cross_layer_matrices(
         systems.iter().map(|x| truncate(x, time)).collect()
     };
     let (cut_a, cut_b) = (cut(a)?, cut(b)?);
+    let compact_all = |systems: &[Trajectories]| -> Result<Vec<Trajectories>> {
+        match metrics.iter().any(|m| m.rotation_invariant()) {
+            true => parallel_map(systems.len(), threads, |i| compact(&systems[i])),
+            false => Ok(systems.to_vec()),
+        }
+    };
+    let (compact_a, compact_b) = (compact_all(&cut_a)?, compact_all(&cut_b)?);
     let columns = b.len();
     let values = parallel_map(a.len() * columns, threads, |k| {
         let (i, j) = (k / columns, k % columns);
         let fitted = fits_a[i].as_ref().zip(fits_b[j].as_ref());
-        pair_metrics(dsa, metrics, fitted, &cut_a[i], &cut_b[j])
+        let x = View { full: &cut_a[i], compact: &compact_a[i] };
+        let y = View { full: &cut_b[j], compact: &compact_b[j] };
+        pair_metrics(dsa, metrics, fitted, x, y)
     })?;
     Ok(metrics
         .iter()
@@ -305,6 +338,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn wide_states_give_the_same_geometry_in_their_compact_basis() {
+        // 12 samples x 40 features: the compact basis has 12 columns.
+        let mut seed = 1u64;
+        let mut noise = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        let x = Trajectories::from_2d(12, 40, (0..480).map(|_| noise()).collect()).unwrap();
+        let y = Trajectories::from_2d(12, 30, (0..360).map(|_| noise()).collect()).unwrap();
+        let (cx, cy) = (compact(&x).unwrap(), compact(&y).unwrap());
+        assert_eq!(cx.features(), 12);
+        let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} vs {b}");
+        close(procrustes_angular(&x, &y).unwrap(), procrustes_angular(&cx, &cy).unwrap());
+        close(cka_linear(&x, &y).unwrap(), cka_linear(&cx, &cy).unwrap());
+        let rsa_e = |a: &Trajectories, b: &Trajectories| {
+            rsa(a, b, RdmDistance::Euclidean, RdmComparison::Spearman).unwrap()
+        };
+        close(rsa_e(&x, &y), rsa_e(&cx, &cy));
+        assert!(Metric::ALL
+            .iter()
+            .filter(|m| m.rotation_invariant())
+            .all(|m| !m.is_dsa()));
     }
 
     #[test]

@@ -62,6 +62,16 @@ impl Metric {
         )
     }
 
+    /// Whether the metric is blind to rotations and shifts of the feature space (Procrustes,
+    /// CKA, Euclidean RSA), so it can be computed in any orthonormal basis of the centred
+    /// states: for wide states, their principal components, a far smaller matrix.
+    pub fn rotation_invariant(self) -> bool {
+        matches!(
+            self,
+            Metric::ProcrustesAngular | Metric::CkaLinear | Metric::RsaSpearmanEuclidean
+        )
+    }
+
     /// The value of a system compared with itself.
     fn self_value(self) -> f64 {
         match self {
@@ -117,7 +127,8 @@ pub fn distance_matrix(
     let values = parallel_map(pairs.len(), threads, |k| {
         let (i, j) = pairs[k];
         let fitted = fits[i].as_ref().zip(fits[j].as_ref());
-        pair_metrics(dsa, metrics, fitted, &systems[i], &systems[j])
+        let (x, y) = (&systems[i], &systems[j]);
+        pair_metrics(dsa, metrics, fitted, View::same(x), View::same(y))
     })?;
     Ok(metrics
         .iter()
@@ -137,14 +148,37 @@ pub fn distance_matrix(
         .collect())
 }
 
+/// A system's states, and the same states in a smaller basis that gives the rotation-blind
+/// metrics the same values ([`Metric::rotation_invariant`]).
+#[derive(Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub full: &'a Trajectories,
+    pub compact: &'a Trajectories,
+}
+
+impl<'a> View<'a> {
+    /// No smaller basis: both are the states themselves.
+    pub fn same(x: &'a Trajectories) -> Self {
+        Self { full: x, compact: x }
+    }
+
+    fn for_metric(self, metric: Metric) -> &'a Trajectories {
+        if metric.rotation_invariant() {
+            self.compact
+        } else {
+            self.full
+        }
+    }
+}
+
 /// Every metric in `metrics` between `x` and `y`, in order; DSA scores from their fitted
 /// models (NaN without them).
 pub(crate) fn pair_metrics(
     dsa: &Dsa,
     metrics: &[Metric],
     fitted: Option<(&Dmd, &Dmd)>,
-    x: &Trajectories,
-    y: &Trajectories,
+    x_view: View,
+    y_view: View,
 ) -> Result<Vec<f64>> {
     let scores: Option<Scores> = match fitted {
         Some((a, b)) => Some(dsa.compare_fitted(a, b)?),
@@ -153,6 +187,7 @@ pub(crate) fn pair_metrics(
     metrics
         .iter()
         .map(|&metric| {
+            let (x, y) = (x_view.for_metric(metric), y_view.for_metric(metric));
             Ok(match metric {
                 Metric::DsaAngular => scores.map_or(f64::NAN, |s| s.angular),
                 Metric::DsaEuclidean => scores.map_or(f64::NAN, |s| s.euclidean),

@@ -37,6 +37,7 @@
 
 pub mod bench;
 pub mod chat;
+pub mod inspect;
 pub mod trace;
 
 use candle_core::Tensor;

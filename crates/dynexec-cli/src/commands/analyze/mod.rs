@@ -8,8 +8,11 @@
 //! comparison. `--trace FILE` reruns the analysis from a saved trace, without the model.
 
 mod compare;
+mod exits;
+mod groups;
 mod report;
 mod settings;
+mod verdicts;
 
 use crate::commands::common::ModelArgs;
 use crate::options::GlobalOptions;
@@ -27,12 +30,16 @@ use std::path::{Path, PathBuf};
 pub enum AnalyzeCommand {
     /// Compare two recordings (.npy, time x features or trials x time x features).
     Compare(compare::CompareArgs),
+    /// Compare the inputs an early-exit classifier lets out early with those it runs to
+    /// full depth, or, under per-token early exit, the tokens that exited at each adapter
+    /// with those that went deeper.
+    Exits(exits::ExitsArgs),
 }
 
 #[derive(Args)]
 #[command(
     args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  dynexec analyze --chat -p \"Explain why the sky is blue.\" -n 64 --out analysis/\n  dynexec analyze --quant f32 --vs-quant q8_0 -p \"The history of the United States\" --out analysis-q8/\n  dynexec analyze --trace analysis/trace.safetensors --metric all --out analysis-all/\n  dynexec analyze compare A.npy B.npy --metric all --json"
+    after_help = "Examples:\n  dynexec analyze --chat -p \"Explain why the sky is blue.\" -n 64 --out analysis/\n  dynexec analyze --quant f32 --vs-quant q8_0 -p \"The history of the United States\" --out analysis-q8/\n  dynexec analyze --trace analysis/trace.safetensors --metric all --out analysis-all/\n  dynexec analyze -m qwen2.5-coder-1.5b-instruct --vs-model qwen2.5-coder-0.5b-instruct --by-verdict --chat -p \"Write a Python function that merges two sorted lists.\" -n 256 --out analysis-draft/\n  dynexec analyze --trace traces/chatcmpl-1733180000-1.safetensors --out served/\n  dynexec analyze exits --model minilm-l6-reviews --out exits-reviews/\n  dynexec analyze compare A.npy B.npy --metric all --json"
 )]
 pub struct AnalyzeArgs {
     #[command(subcommand)]
@@ -81,6 +88,19 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub vs_trace: Option<PathBuf>,
 
+    /// With --vs-model DRAFT: decode speculatively with DRAFT as the draft (greedy, lossless)
+    /// and compare, layer by layer in both models, the positions where the target accepted
+    /// the draft's token with those where it rejected it.
+    #[arg(long, requires = "vs_model", conflicts_with = "trace")]
+    pub by_verdict: bool,
+
+    /// The lookahead of --by-verdict's speculative run (default fixed:4).
+    #[arg(long, requires = "by_verdict")]
+    pub lookahead: Option<String>,
+
+    #[command(flatten)]
+    pub groups: groups::GroupArgs,
+
     /// Include the prompt's positions (by default only generated tokens are analysed: the
     /// prompt's first positions carry outlier activations that dominate every metric).
     #[arg(long)]
@@ -114,6 +134,10 @@ pub struct AnalyzeArgs {
     pub dsa: DsaArgs,
 }
 
+/// `--by-verdict`'s lookahead when none is given: a fixed number of drafts a step, so every
+/// step proposes and the target's verdicts are many.
+pub const DEFAULT_VERDICT_LOOKAHEAD: &str = "fixed:4";
+
 /// The DMD rank for hidden states when no rank flag is given: they have hundreds of features
 /// and tens of positions, so a full-rank fit would be mostly noise.
 const HIDDEN_STATE_RANK: usize = 10;
@@ -125,15 +149,33 @@ pub struct System {
 }
 
 pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
-    if let Some(AnalyzeCommand::Compare(compare_args)) = args.command {
-        return compare::run(global, compare_args);
+    match args.command {
+        Some(AnalyzeCommand::Compare(compare_args)) => return compare::run(global, compare_args),
+        Some(AnalyzeCommand::Exits(exits_args)) => return exits::run(global, exits_args),
+        None => {}
     }
     let dsa = args.dsa.dsa(Rank::Count(HIDDEN_STATE_RANK))?;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating --out {}", args.out.display()))?;
 
+    let verdict_paths = (
+        args.out.join("trace.safetensors"),
+        args.out.join("trace-vs-model.safetensors"),
+    );
+    let verdicts = match (&args.vs_model, args.by_verdict) {
+        (Some(draft), true) => Some(verdicts::decode_and_trace(
+            global,
+            &args,
+            &read_prompt(&args)?,
+            draft,
+            &verdict_paths.0,
+            &verdict_paths.1,
+        )?),
+        _ => None,
+    };
     let primary_path = match &args.trace {
         Some(path) => path.clone(),
+        None if verdicts.is_some() => verdict_paths.0.clone(),
         None => {
             let prompt = read_prompt(&args)?;
             let path = args.out.join("trace.safetensors");
@@ -177,6 +219,7 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
             capture(global, &args, &args.model.model, global.quant, input, &path)?;
             Some(path)
         }
+        (None, None, None, Some(_)) if verdicts.is_some() => Some(verdict_paths.1.clone()),
         (None, None, None, Some(model)) => {
             let path = args.out.join("trace-vs-model.safetensors");
             replay(global, &args, model, global.quant, &primary_path, &path)?;
@@ -188,12 +231,24 @@ pub fn run(global: &GlobalOptions, args: AnalyzeArgs) -> Result<()> {
         .map(|path| load_system(&path, args.include_prompt))
         .transpose()?;
     let label = second_label(&args);
+    let extra = match &verdicts {
+        Some(v) => {
+            let traces = [
+                ("target", verdict_paths.0.as_path()),
+                ("draft", verdict_paths.1.as_path()),
+            ];
+            let (report, files) = verdicts::compare(global, &args, &dsa, v, traces)?;
+            Some(("verdicts", serde_json::to_value(report)?, files))
+        }
+        None => None,
+    };
     report::analyse(
         global,
         &args,
         &dsa,
         &primary,
         second.as_ref().map(|s| (s, label.as_str())),
+        extra,
     )
 }
 

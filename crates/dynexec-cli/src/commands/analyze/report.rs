@@ -6,7 +6,7 @@ use super::settings::library_metrics;
 use super::{AnalyzeArgs, System};
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{Context, Result};
-use dynexec_dsa::layers::{compare_systems, layer_matrices, max_components};
+use dynexec_dsa::layers::{compare_systems, cross_layer_matrices, layer_matrices, max_components};
 use dynexec_dsa::{Dsa, Metric, Trajectories};
 use dynexec_plot::heatmap::{write_png, Heatmap};
 use serde::Serialize;
@@ -29,6 +29,9 @@ struct Analysis<'a> {
     dmd_entropy: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     paired: Option<Paired>,
+    /// Further comparisons by name (`verdicts`).
+    #[serde(flatten)]
+    extra: BTreeMap<&'static str, serde_json::Value>,
     files: Vec<PathBuf>,
 }
 
@@ -37,6 +40,11 @@ struct Paired {
     label: String,
     model: String,
     rows: Vec<PairedRow>,
+    /// The second system's layers (the columns of `cross`).
+    layers: Vec<usize>,
+    /// metric -> every layer of the first system (rows) against every layer of the second
+    /// (columns): all pairs, where `rows` holds those at the same relative depth.
+    cross: BTreeMap<&'static str, Vec<Vec<f64>>>,
 }
 
 #[derive(Serialize)]
@@ -53,6 +61,7 @@ pub fn analyse(
     dsa: &Dsa,
     primary: &System,
     second: Option<(&System, &str)>,
+    extra: Option<(&'static str, serde_json::Value, Vec<PathBuf>)>,
 ) -> Result<()> {
     let metrics = library_metrics(&args.metric);
     let layers: Vec<usize> = primary.layers.iter().map(|(l, _)| *l).collect();
@@ -77,8 +86,13 @@ pub fn analyse(
         vs_final: BTreeMap::new(),
         dmd_entropy,
         paired: None,
+        extra: BTreeMap::new(),
         files: Vec::new(),
     };
+    if let Some((name, value, files)) = extra {
+        analysis.extra.insert(name, value);
+        analysis.files.extend(files);
+    }
     let labels: Vec<String> = layers.iter().map(|l| l.to_string()).collect();
     let mut missing_font = false;
     for matrix in &matrices {
@@ -104,10 +118,6 @@ pub fn analyse(
             .insert(name, (0..n).map(|i| matrix.get(i, n - 1)).collect());
         analysis.matrices.insert(name, rows);
     }
-    if missing_font {
-        eprintln!("note: no TrueType font found (set DYNEXEC_FONT=/path/to/font.ttf): heatmaps have no text");
-    }
-
     if let Some((other, label)) = second {
         let rows: Vec<PairedRow> =
             compare_systems(&primary.layers, &other.layers, dsa, components, &metrics)
@@ -131,13 +141,21 @@ pub fn analyse(
             .collect();
         write_csv_named(&csv, "layer_a/layer_b", &names, &row_labels, &table)?;
         analysis.files.push(csv);
+        let (cross, files) = cross_matrices(global, args, dsa, components, primary, other, &metrics)?;
+        missing_font |= files.iter().any(|(_, drew_text)| !drew_text);
+        analysis.files.extend(files.into_iter().map(|(f, _)| f));
         analysis.paired = Some(Paired {
             label: label.to_string(),
             model: other.info.model.clone(),
             rows,
+            layers: other.layers.iter().map(|(l, _)| *l).collect(),
+            cross,
         });
     }
 
+    if missing_font {
+        eprintln!("note: no TrueType font found (set DYNEXEC_FONT=/path/to/font.ttf): heatmaps have no text");
+    }
     let json_path = args.out.join("analysis.json");
     std::fs::write(&json_path, serde_json::to_string_pretty(&analysis)?)
         .with_context(|| format!("writing {}", json_path.display()))?;
@@ -147,6 +165,67 @@ pub fn analyse(
     }
     print_summary(&analysis, &metrics);
     Ok(())
+}
+
+/// Every layer of `primary` against every layer of `other` per metric: `cross-METRIC.csv`
+/// and, unless `--no-plots`, `cross-METRIC.png` (the files, each with whether its text
+/// could be drawn).
+#[allow(clippy::type_complexity)]
+fn cross_matrices(
+    global: &GlobalOptions,
+    args: &AnalyzeArgs,
+    dsa: &Dsa,
+    components: usize,
+    primary: &System,
+    other: &System,
+    metrics: &[Metric],
+) -> Result<(BTreeMap<&'static str, Vec<Vec<f64>>>, Vec<(PathBuf, bool)>)> {
+    let states = |s: &System| -> Vec<Trajectories> { s.layers.iter().map(|(_, t)| t.clone()).collect() };
+    let matrices = cross_layer_matrices(
+        &states(primary),
+        &states(other),
+        dsa,
+        metrics,
+        components,
+        global.threads,
+    )
+    .context("comparing every layer with every layer of the second system")?;
+    let rows: Vec<String> = primary.layers.iter().map(|(l, _)| l.to_string()).collect();
+    let columns: Vec<String> = other.layers.iter().map(|(l, _)| l.to_string()).collect();
+    let mut out = BTreeMap::new();
+    let mut files = Vec::new();
+    for matrix in &matrices {
+        let name = matrix.metric.name();
+        let table: Vec<Vec<f64>> = (0..matrix.rows)
+            .map(|i| (0..matrix.columns).map(|j| matrix.get(i, j)).collect())
+            .collect();
+        let csv = args.out.join(format!("cross-{name}.csv"));
+        let column_names: Vec<&str> = columns.iter().map(String::as_str).collect();
+        write_csv_named(&csv, "layer_a\\layer_b", &column_names, &rows, &table)?;
+        files.push((csv, true));
+        if !args.no_plots {
+            let png = args.out.join(format!("cross-{name}.png"));
+            let title = format!("{name}: {} vs {}", primary.info.model, other.info.model);
+            let (row_axis, column_axis) = (
+                format!("{} layer", primary.info.model),
+                format!("{} layer", other.info.model),
+            );
+            let drew_text = write_png(
+                &Heatmap {
+                    title: &title,
+                    row_labels: &rows,
+                    column_labels: &columns,
+                    row_axis: &row_axis,
+                    column_axis: &column_axis,
+                    values: &matrix.values,
+                },
+                &png,
+            )?;
+            files.push((png, drew_text));
+        }
+        out.insert(name, table);
+    }
+    Ok((out, files))
 }
 
 /// `--pca`, capped so the delay embedding of `time` positions has at least as many rows as
