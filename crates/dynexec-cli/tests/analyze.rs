@@ -255,6 +255,150 @@ fn analyze_compares_precisions_and_models_layer_by_layer() {
             "{row}"
         );
     }
+    // Every layer against every layer: 31 x 31, the same-depth pairs on the diagonal, and
+    // each layer's state most like its own counterpart's.
+    let cross = &same["paired"]["cross"]["cka_linear"];
+    let cross: Vec<Vec<f64>> = serde_json::from_value(cross.clone()).unwrap();
+    assert_eq!((cross.len(), cross[0].len()), (31, 31));
+    for (i, row) in cross.iter().enumerate() {
+        assert!((row[i] - 1.0).abs() < 1e-6, "layer {i}: {}", row[i]);
+        assert!(row.iter().all(|&v| v <= row[i] + 1e-9), "layer {i}: {row:?}");
+    }
+    assert!(dir.path().join("cross-cka_linear.csv").is_file());
+}
+
+#[test]
+fn analyze_by_verdict_compares_what_the_target_accepted_and_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    let json = stdout_json(&dynexec(&[
+        "--json",
+        "analyze",
+        "-m",
+        "qwen2.5-coder-1.5b-instruct",
+        "--vs-model",
+        "qwen2.5-coder-0.5b-instruct",
+        "--by-verdict",
+        "--chat",
+        "-p",
+        "Tell me a short story about a lighthouse keeper.",
+        "-n",
+        "40",
+        "--metric",
+        "cka",
+        "--permutations",
+        "20",
+        "--out",
+        &out,
+    ]));
+    let verdicts = &json["verdicts"];
+    let (accepted, rejected) = (
+        verdicts["accepted_positions"].as_u64().unwrap(),
+        verdicts["rejected_positions"].as_u64().unwrap(),
+    );
+    assert!(accepted >= 2 && rejected >= 2, "{verdicts}");
+    assert!(accepted + rejected < 40, "the first token and bonus tokens have no verdict");
+    for (report, layers) in [("in_target", 29), ("in_draft", 25)] {
+        let report = &verdicts[report];
+        assert_eq!(report["sizes"], serde_json::json!([accepted, rejected]));
+        let rows = report["layers"].as_array().unwrap();
+        assert_eq!(rows.len(), layers);
+        for row in rows {
+            for field in ["dsa_p", "dsa_q", "centroid_p"] {
+                let p = row[field].as_f64().unwrap();
+                assert!(p > 0.0 && p <= 1.0, "{field}: {row}");
+            }
+            assert!(row["dsa_angular"].as_f64().unwrap() >= 0.0);
+        }
+    }
+    // Draft against target: every layer pair, heatmaps for both comparisons.
+    let cross: Vec<Vec<f64>> =
+        serde_json::from_value(json["paired"]["cross"]["cka_linear"].clone()).unwrap();
+    assert_eq!((cross.len(), cross[0].len()), (29, 25));
+    for file in [
+        "verdicts-target.csv",
+        "verdicts-draft-dsa.png",
+        "cross-cka_linear.png",
+        "trace-vs-model.safetensors",
+    ] {
+        assert!(dir.path().join(file).is_file(), "{file}");
+    }
+    // --by-verdict needs a draft model.
+    let out = dynexec(&["analyze", "-p", "Hi", "--by-verdict"]);
+    assert_clear_error(&out, "--vs-model");
+}
+
+#[test]
+fn analyze_exits_compares_early_with_full_depth_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_string_lossy().into_owned();
+    let json = stdout_json(&dynexec(&[
+        "--json",
+        "analyze",
+        "exits",
+        "--model",
+        "minilm-l6-reviews",
+        "--limit",
+        "400",
+        "--permutations",
+        "10",
+        "--out",
+        &out,
+    ]));
+    let counts: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(json["exit_counts"].clone()).unwrap();
+    assert_eq!(counts.values().sum::<u64>(), 400);
+    let inputs = json["inputs"].as_u64().unwrap();
+    assert_eq!(inputs + json["skipped_short"].as_u64().unwrap(), 400);
+    let comparison = &json["comparison"];
+    let sizes: Vec<u64> = serde_json::from_value(comparison["sizes"].clone()).unwrap();
+    assert_eq!(sizes.iter().sum::<u64>(), inputs);
+    assert_eq!(comparison["layers"].as_array().unwrap().len(), 7, "embeddings and 6 layers");
+    assert!(dir.path().join("exits-classifier-dsa.png").is_file());
+    assert!(dir.path().join("exits.json").is_file());
+
+    // Per-token exit on a decoder: each adapter's exited tokens against those that went on.
+    let json = stdout_json(&dynexec(&[
+        "--json",
+        "analyze",
+        "exits",
+        "--model",
+        "smollm2-135m-instruct",
+        "--early-exit",
+        "classifier:0.8",
+        "--chat",
+        "-p",
+        "Explain photosynthesis.",
+        "-p",
+        "Name three rivers and where they flow.",
+        "-p",
+        "Write a short poem about the sea.",
+        "-n",
+        "64",
+        "--permutations",
+        "10",
+        "--no-plots",
+        "--out",
+        &out,
+    ]));
+    let by_layer = json["by_exit_layer"].as_object().unwrap();
+    assert!(!by_layer.is_empty(), "{json}");
+    for (layer, report) in by_layer {
+        let layer: u64 = layer.parse().unwrap();
+        let exited = report["sizes"][0].as_u64().unwrap();
+        assert_eq!(json["exit_counts"][layer.to_string()].as_u64().unwrap() >= exited, true);
+        assert_eq!(report["layers"].as_array().unwrap().len(), 31);
+    }
+    // Without prompts the decoder analysis says what it needs.
+    let out = dynexec(&[
+        "analyze",
+        "exits",
+        "--model",
+        "smollm2-135m-instruct",
+        "--early-exit",
+        "classifier:0.8",
+    ]);
+    assert_clear_error(&out, "--prompt");
 }
 
 #[test]

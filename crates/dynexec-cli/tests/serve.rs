@@ -937,7 +937,21 @@ fn served_traces_equal_generate_traces_and_never_change_the_answer() {
             "--out",
             analysis.to_str().unwrap(),
         ]);
-        assert_eq!(stdout_json(&out)["layers"], json!([0, 7, 30]));
+        let first = stdout_json(&out);
+        assert_eq!(first["layers"], json!([0, 7, 30]));
+        // And again: the same numbers, from the file alone.
+        let again = stdout_json(&dynexec(&[
+            "--json",
+            "analyze",
+            "--trace",
+            path.to_str().unwrap(),
+            "--metric",
+            "cka",
+            "--no-plots",
+            "--out",
+            analysis.to_str().unwrap(),
+        ]));
+        assert_eq!(first["matrices"], again["matrices"]);
     }
     // Bad requests for a trace are refused by name.
     let mut bad = traced.clone();

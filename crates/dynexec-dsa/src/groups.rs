@@ -14,8 +14,11 @@
 //! Two groups drawn from one population still differ by chance, more so when they are small,
 //! so both distances come with a **permutation test**: the labels are shuffled (group sizes
 //! kept) `permutations` times, and each distance is reported beside the shuffles' mean and the
-//! share of shuffles at least as far apart (`p`, with the usual +1 correction). A layer where
-//! the groups differ has a distance well above its null and a small `p`.
+//! share of shuffles at least as far apart (`p`, with the usual +1 correction), and the
+//! distance in standard deviations of the null (`z`). A layer where the groups differ has a
+//! distance well above its null and a small `p`. Many layers are tested at once, so each `p`
+//! also comes adjusted for the false discovery rate over the layers (`q`, Benjamini and
+//! Hochberg): read "differs" from `q`, not `p`.
 
 use crate::layers::principal_components;
 use crate::matrix::{parallel_map, thread_count};
@@ -55,12 +58,18 @@ pub struct GroupLayer {
     pub dsa_null: f64,
     /// Share of shuffles whose DSA distance is at least the observed one.
     pub dsa_p: f64,
+    /// `dsa_p` adjusted for the false discovery rate over all layers given.
+    pub dsa_q: f64,
+    /// How many null standard deviations the DSA distance lies above the null mean.
+    pub dsa_z: f64,
     /// Cosine distance between the groups' mean last states.
     pub centroid_cosine: f64,
     /// Its mean over label shuffles.
     pub centroid_null: f64,
     /// Share of shuffles whose centroid distance is at least the observed one.
     pub centroid_p: f64,
+    /// `centroid_p` adjusted for the false discovery rate over all layers given.
+    pub centroid_q: f64,
     /// Group A's mean last-state norm.
     pub norm_a: f64,
     /// Group B's mean last-state norm.
@@ -114,7 +123,7 @@ pub fn compare_groups(
         .components
         .min((sizes.0.min(sizes.1) * steps) / settings.n_delays)
         .max(1);
-    parallel_map(layers.len(), thread_count(threads), |i| {
+    let mut rows = parallel_map(layers.len(), thread_count(threads), |i| {
         let (layer, states) = &layers[i];
         let reduced = principal_components(states, components)?;
         let dsa_distance = |labels: &[bool]| -> Result<f64> {
@@ -149,15 +158,50 @@ pub fn compare_groups(
             dsa_angular: observed,
             dsa_null: average(null_dsa.iter().copied()),
             dsa_p: p_value(observed, &null_dsa),
+            dsa_q: f64::NAN,
+            dsa_z: z_score(observed, &null_dsa),
             centroid_cosine: centroid,
             centroid_null: average(null_centroid.iter().copied()),
             centroid_p: p_value(centroid, &null_centroid),
+            centroid_q: f64::NAN,
             norm_a: norm(true),
             norm_b: norm(false),
             update_a: update(true),
             update_b: update(false),
         })
-    })
+    })?;
+    let dsa_q = false_discovery_rate(&rows.iter().map(|r| r.dsa_p).collect::<Vec<_>>());
+    let centroid_q = false_discovery_rate(&rows.iter().map(|r| r.centroid_p).collect::<Vec<_>>());
+    for ((row, dq), cq) in rows.iter_mut().zip(dsa_q).zip(centroid_q) {
+        (row.dsa_q, row.centroid_q) = (dq, cq);
+    }
+    Ok(rows)
+}
+
+/// Benjamini–Hochberg adjusted p-values (`q`): a set of tests with `q < α` holds a share of
+/// false discoveries of at most α in expectation. NaNs stay NaN.
+pub fn false_discovery_rate(p: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..p.len()).filter(|&i| p[i].is_finite()).collect();
+    order.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let m = order.len() as f64;
+    let mut q = vec![f64::NAN; p.len()];
+    let mut smallest = 1.0f64;
+    for (rank, &i) in order.iter().enumerate().rev() {
+        smallest = smallest.min(p[i] * m / (rank + 1) as f64);
+        q[i] = smallest;
+    }
+    q
+}
+
+/// `(observed − null mean) / null standard deviation`; NaN without a spread.
+fn z_score(observed: f64, null: &[f64]) -> f64 {
+    let mean = average(null.iter().copied());
+    let var = average(null.iter().map(|v| (v - mean).powi(2)));
+    if var > 0.0 {
+        (observed - mean) / var.sqrt()
+    } else {
+        f64::NAN
+    }
 }
 
 /// The labels in a uniformly random order (Fisher–Yates).
@@ -325,6 +369,17 @@ mod tests {
         assert!(err.to_string().contains("at least 2"), "{err}");
         let err = compare_groups(&[(0, x)], &[true, false], &dsa(), &config, None).unwrap_err();
         assert!(err.to_string().contains("6 trials for 2 labels"), "{err}");
+    }
+
+    #[test]
+    fn false_discovery_rate_follows_benjamini_hochberg() {
+        let q = false_discovery_rate(&[0.01, 0.04, 0.03, f64::NAN, 0.5]);
+        // Sorted 0.01, 0.03, 0.04, 0.5 of m = 4: 0.04, 0.053.., 0.053.., 0.5.
+        assert!((q[0] - 0.04).abs() < 1e-12);
+        assert!((q[2] - 0.04 * 4.0 / 3.0).abs() < 1e-12);
+        assert!((q[1] - 0.04 * 4.0 / 3.0).abs() < 1e-12);
+        assert!(q[3].is_nan());
+        assert_eq!(q[4], 0.5);
     }
 
     #[test]

@@ -19,8 +19,9 @@ pub struct GroupArgs {
     #[arg(long, default_value_t = 8)]
     pub window: usize,
 
-    /// Label shuffles behind each group distance's null (0: no test).
-    #[arg(long, default_value_t = 50)]
+    /// Label shuffles behind each group distance's null (0: no test). With L layers tested,
+    /// a layer can pass the false-discovery-rate test only with more than L / 0.05 shuffles.
+    #[arg(long, default_value_t = 200)]
     pub permutations: usize,
 }
 
@@ -33,8 +34,11 @@ pub struct GroupReport {
     pub sizes: [usize; 2],
     /// Per layer: the distances, their nulls and p-values, norms and layer updates.
     pub layers: Vec<GroupRow>,
-    /// Layers where the groups' dynamics differ (DSA p < 0.05).
+    /// Layers where the groups' dynamics differ: DSA q < 0.05 (p adjusted for the false
+    /// discovery rate over the layers).
     pub dsa_different_layers: Vec<usize>,
+    /// Layers where the groups' mean states differ: centroid q < 0.05.
+    pub centroid_different_layers: Vec<usize>,
 }
 
 /// One layer of a [`GroupReport`].
@@ -44,9 +48,12 @@ pub struct GroupRow {
     pub dsa_angular: f64,
     pub dsa_null: f64,
     pub dsa_p: f64,
+    pub dsa_q: f64,
+    pub dsa_z: f64,
     pub centroid_cosine: f64,
     pub centroid_null: f64,
     pub centroid_p: f64,
+    pub centroid_q: f64,
     pub norm_a: f64,
     pub norm_b: f64,
     pub update_a: f64,
@@ -60,9 +67,12 @@ impl From<&GroupLayer> for GroupRow {
             dsa_angular: g.dsa_angular,
             dsa_null: g.dsa_null,
             dsa_p: g.dsa_p,
+            dsa_q: g.dsa_q,
+            dsa_z: g.dsa_z,
             centroid_cosine: g.centroid_cosine,
             centroid_null: g.centroid_null,
             centroid_p: g.centroid_p,
+            centroid_q: g.centroid_q,
             norm_a: g.norm_a,
             norm_b: g.norm_b,
             update_a: g.update_a,
@@ -111,7 +121,12 @@ pub fn compare_and_write(
         ],
         dsa_different_layers: rows
             .iter()
-            .filter(|r| r.dsa_p < 0.05)
+            .filter(|r| r.dsa_q < 0.05)
+            .map(|r| r.layer)
+            .collect(),
+        centroid_different_layers: rows
+            .iter()
+            .filter(|r| r.centroid_q < 0.05)
             .map(|r| r.layer)
             .collect(),
         layers: rows.iter().map(GroupRow::from).collect(),
@@ -182,17 +197,20 @@ pub fn stack_trials(parts: Vec<Vec<(usize, Trajectories)>>) -> Result<Vec<(usize
 }
 
 fn write_rows(path: &Path, rows: &[GroupRow]) -> Result<()> {
-    let mut text = String::from("layer,dsa_angular,dsa_null,dsa_p,centroid_cosine,centroid_null,centroid_p,norm_a,norm_b,update_a,update_b\n");
+    let mut text = String::from("layer,dsa_angular,dsa_null,dsa_p,dsa_q,dsa_z,centroid_cosine,centroid_null,centroid_p,centroid_q,norm_a,norm_b,update_a,update_b\n");
     for r in rows {
         text.push_str(&format!(
-            "{},{:.6},{:.6},{:.4},{:.6},{:.6},{:.4},{:.4},{:.4},{:.6},{:.6}\n",
+            "{},{:.6},{:.6},{:.4},{:.4},{:.3},{:.6},{:.6},{:.4},{:.4},{:.4},{:.4},{:.6},{:.6}\n",
             r.layer,
             r.dsa_angular,
             r.dsa_null,
             r.dsa_p,
+            r.dsa_q,
+            r.dsa_z,
             r.centroid_cosine,
             r.centroid_null,
             r.centroid_p,
+            r.centroid_q,
             r.norm_a,
             r.norm_b,
             r.update_a,
@@ -209,25 +227,27 @@ pub fn print_report(title: &str, report: &GroupReport) {
         report.groups[0], report.sizes[0], report.groups[1], report.sizes[1]
     );
     println!(
-        "{:>6} {:>10} {:>10} {:>7} {:>10} {:>10} {:>7} {:>9} {:>9}",
-        "layer", "dsa", "dsa null", "p", "centroid", "null", "p", "update A", "update B"
+        "{:>6} {:>9} {:>9} {:>6} {:>6} {:>6} {:>9} {:>9} {:>6} {:>9} {:>9}",
+        "layer", "dsa", "dsa null", "z", "p", "q", "centroid", "null", "q", "update A", "update B"
     );
     for r in &report.layers {
         println!(
-            "{:>6} {:>10.4} {:>10.4} {:>7.3} {:>10.4} {:>10.4} {:>7.3} {:>9.4} {:>9.4}",
+            "{:>6} {:>9.4} {:>9.4} {:>6.2} {:>6.3} {:>6.3} {:>9.4} {:>9.4} {:>6.3} {:>9.4} {:>9.4}",
             r.layer,
             r.dsa_angular,
             r.dsa_null,
+            r.dsa_z,
             r.dsa_p,
+            r.dsa_q,
             r.centroid_cosine,
             r.centroid_null,
-            r.centroid_p,
+            r.centroid_q,
             r.update_a,
             r.update_b
         );
     }
     println!(
-        "layers whose dynamics differ (DSA p < 0.05): {:?}",
-        report.dsa_different_layers
+        "layers whose dynamics differ (DSA q < 0.05): {:?}; whose mean states differ (centroid q < 0.05): {:?}",
+        report.dsa_different_layers, report.centroid_different_layers
     );
 }
