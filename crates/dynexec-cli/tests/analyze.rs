@@ -262,7 +262,10 @@ fn analyze_compares_precisions_and_models_layer_by_layer() {
     assert_eq!((cross.len(), cross[0].len()), (31, 31));
     for (i, row) in cross.iter().enumerate() {
         assert!((row[i] - 1.0).abs() < 1e-6, "layer {i}: {}", row[i]);
-        assert!(row.iter().all(|&v| v <= row[i] + 1e-9), "layer {i}: {row:?}");
+        assert!(
+            row.iter().all(|&v| v <= row[i] + 1e-9),
+            "layer {i}: {row:?}"
+        );
     }
     assert!(dir.path().join("cross-cka_linear.csv").is_file());
 }
@@ -297,7 +300,10 @@ fn analyze_by_verdict_compares_what_the_target_accepted_and_rejected() {
         verdicts["rejected_positions"].as_u64().unwrap(),
     );
     assert!(accepted >= 2 && rejected >= 2, "{verdicts}");
-    assert!(accepted + rejected < 40, "the first token and bonus tokens have no verdict");
+    assert!(
+        accepted + rejected < 40,
+        "the first token and bonus tokens have no verdict"
+    );
     for (report, layers) in [("in_target", 29), ("in_draft", 25)] {
         let report = &verdicts[report];
         assert_eq!(report["sizes"], serde_json::json!([accepted, rejected]));
@@ -353,7 +359,11 @@ fn analyze_exits_compares_early_with_full_depth_inputs() {
     let comparison = &json["comparison"];
     let sizes: Vec<u64> = serde_json::from_value(comparison["sizes"].clone()).unwrap();
     assert_eq!(sizes.iter().sum::<u64>(), inputs);
-    assert_eq!(comparison["layers"].as_array().unwrap().len(), 7, "embeddings and 6 layers");
+    assert_eq!(
+        comparison["layers"].as_array().unwrap().len(),
+        7,
+        "embeddings and 6 layers"
+    );
     assert!(dir.path().join("exits-classifier-dsa.png").is_file());
     assert!(dir.path().join("exits.json").is_file());
 
@@ -386,7 +396,10 @@ fn analyze_exits_compares_early_with_full_depth_inputs() {
     for (layer, report) in by_layer {
         let layer: u64 = layer.parse().unwrap();
         let exited = report["sizes"][0].as_u64().unwrap();
-        assert_eq!(json["exit_counts"][layer.to_string()].as_u64().unwrap() >= exited, true);
+        assert_eq!(
+            json["exit_counts"][layer.to_string()].as_u64().unwrap() >= exited,
+            true
+        );
         assert_eq!(report["layers"].as_array().unwrap().len(), 31);
     }
     // Without prompts the decoder analysis says what it needs.

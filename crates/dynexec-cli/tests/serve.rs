@@ -841,7 +841,8 @@ fn prefix_reuse_answers_as_a_cold_request_does() {
 fn trace_files(path: &std::path::Path) -> (Vec<u8>, Value) {
     let states = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let sidecar = format!("{}.json", path.display());
-    let mut info: Value = serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
+    let mut info: Value =
+        serde_json::from_str(&std::fs::read_to_string(&sidecar).unwrap()).unwrap();
     info.as_object_mut().unwrap().remove("model");
     (states, info)
 }
@@ -883,7 +884,10 @@ fn served_traces_equal_generate_traces_and_never_change_the_answer() {
         traces.to_str().unwrap(),
     ]);
     let (_, untraced) = server.post("/v1/chat/completions", &chat(question, 10));
-    assert!(traced_files(&traces).is_empty(), "an untraced request saved a trace");
+    assert!(
+        traced_files(&traces).is_empty(),
+        "an untraced request saved a trace"
+    );
     let reference = dir.path().join("generate.safetensors");
     let out = dynexec(&[
         "--json",
@@ -904,7 +908,11 @@ fn served_traces_equal_generate_traces_and_never_change_the_answer() {
         traced["speculative"] = json!(speculative);
         let (code, answer) = server.post("/v1/chat/completions", &traced);
         assert_eq!(code, 200, "{answer}");
-        assert_eq!(text_of(&answer), text_of(&untraced), "tracing changed the answer");
+        assert_eq!(
+            text_of(&answer),
+            text_of(&untraced),
+            "tracing changed the answer"
+        );
         assert_eq!(text_of(&answer), generated["text"].as_str().unwrap());
         assert_eq!(
             answer["dynexec"]["speculative"].is_object(),
@@ -958,9 +966,17 @@ fn served_traces_equal_generate_traces_and_never_change_the_answer() {
     bad["dynexec"] = json!({"trace": {"layers": [31]}});
     assert_api_error(server.post("/v1/chat/completions", &bad), 400, "layer 31");
     bad["dynexec"] = json!({"trace": {"layer": [3]}});
-    assert_api_error(server.post("/v1/chat/completions", &bad), 400, "dynexec.trace.layer");
+    assert_api_error(
+        server.post("/v1/chat/completions", &bad),
+        400,
+        "dynexec.trace.layer",
+    );
     bad["dynexec"] = json!({"trace": "yes"});
-    assert_api_error(server.post("/v1/chat/completions", &bad), 400, "dynexec.trace");
+    assert_api_error(
+        server.post("/v1/chat/completions", &bad),
+        400,
+        "dynexec.trace",
+    );
 }
 
 #[test]
@@ -992,16 +1008,26 @@ fn the_trace_folder_stays_under_its_quota_oldest_first() {
             .unwrap()
             .map(|e| e.unwrap().metadata().unwrap().len())
             .sum();
-        assert!(total <= quota, "{total} bytes in the trace folder, quota {quota}");
+        assert!(
+            total <= quota,
+            "{total} bytes in the trace folder, quota {quota}"
+        );
     }
     // Two traces of ~40 positions x 2 layers x 576 features fit in 400 KiB, not three:
     // the first one went.
     assert_eq!(dropped.first(), Some(&ids[0]), "{dropped:?}");
     let left = traced_files(dir.path());
     assert!(!left.iter().any(|f| f.starts_with(&ids[0])), "{left:?}");
-    assert!(left.contains(&format!("{}.safetensors", ids[2])), "{left:?}");
+    assert!(
+        left.contains(&format!("{}.safetensors", ids[2])),
+        "{left:?}"
+    );
     // A request whose trace could never fit is refused before it runs.
     let mut huge = chat("Name a fish.", 200);
     huge["dynexec"] = json!({"trace": true});
-    assert_api_error(server.post("/v1/chat/completions", &huge), 400, "trace quota");
+    assert_api_error(
+        server.post("/v1/chat/completions", &huge),
+        400,
+        "trace quota",
+    );
 }

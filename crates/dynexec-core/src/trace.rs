@@ -243,11 +243,25 @@ mod tests {
         assert_eq!(trace.positions(), 7);
         trace.truncate(5).unwrap();
         assert_eq!(trace.positions(), 5);
-        let l0: Vec<f32> = trace.layer(0).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let l0: Vec<f32> = trace
+            .layer(0)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(l0, vec![0., 1., 2., 3., 4.]);
         trace.truncate(2).unwrap();
         trace.record(0, &rows(9., 1)).unwrap();
-        let l0: Vec<f32> = trace.layer(0).unwrap().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let l0: Vec<f32> = trace
+            .layer(0)
+            .unwrap()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(l0, vec![0., 1., 9.]);
         assert_eq!(trace.layer(1).unwrap().unwrap().dims(), &[2, 1]);
     }

@@ -133,14 +133,27 @@ pub fn compare_groups(
             );
             Ok(dsa.compare(&a, &b)?.angular)
         };
-        let centroid_distance =
-            |labels: &[bool]| cosine_distance(&mean(&lasts[i], labels, true), &mean(&lasts[i], labels, false));
+        let centroid_distance = |labels: &[bool]| {
+            cosine_distance(
+                &mean(&lasts[i], labels, true),
+                &mean(&lasts[i], labels, false),
+            )
+        };
         let observed = dsa_distance(in_a)?;
         let centroid = centroid_distance(in_a);
-        let null_dsa: Vec<f64> = shuffles.iter().map(|s| dsa_distance(s)).collect::<Result<_>>()?;
+        let null_dsa: Vec<f64> = shuffles
+            .iter()
+            .map(|s| dsa_distance(s))
+            .collect::<Result<_>>()?;
         let null_centroid: Vec<f64> = shuffles.iter().map(|s| centroid_distance(s)).collect();
         let norm = |group: bool| {
-            average(lasts[i].iter().zip(in_a).filter(|(_, &a)| a == group).map(|(h, _)| l2(h)))
+            average(
+                lasts[i]
+                    .iter()
+                    .zip(in_a)
+                    .filter(|(_, &a)| a == group)
+                    .map(|(h, _)| l2(h)),
+            )
         };
         let update = |group: bool| match i {
             0 => f64::NAN,
@@ -261,7 +274,12 @@ fn cosine_distance(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn relative_change(h: &[f64], prev: &[f64]) -> f64 {
-    let diff: f64 = h.iter().zip(prev).map(|(x, y)| (x - y).powi(2)).sum::<f64>().sqrt();
+    let diff: f64 = h
+        .iter()
+        .zip(prev)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let base = l2(prev);
     if base == 0.0 {
         f64::NAN
@@ -343,20 +361,33 @@ mod tests {
         let (same, labels) = layer(&[(12, 0.3), (12, 0.3)], 10);
         let (different, labels_1) = layer(&[(12, 0.9), (12, 0.3)], 10);
         assert_eq!(labels, labels_1);
-        let rows = compare_groups(&[(0, same), (1, different)], &labels, &dsa(), &config, Some(2))
-            .unwrap();
+        let rows = compare_groups(
+            &[(0, same), (1, different)],
+            &labels,
+            &dsa(),
+            &config,
+            Some(2),
+        )
+        .unwrap();
         assert_eq!(rows.len(), 2);
         let (same, different) = (&rows[0], &rows[1]);
         assert!(same.dsa_p > 0.05, "{same:?}");
         assert!(different.dsa_p < 0.05, "{different:?}");
-        assert!(different.dsa_angular > 3.0 * different.dsa_null, "{different:?}");
+        assert!(
+            different.dsa_angular > 3.0 * different.dsa_null,
+            "{different:?}"
+        );
         assert!(same.update_a.is_nan());
         assert!(different.update_a.is_finite());
         // Deterministic for a seed.
         let (again, _) = layer(&[(12, 0.3), (12, 0.3)], 10);
         let rerun = compare_groups(&[(0, again)], &labels, &dsa(), &config, Some(1)).unwrap();
         assert_eq!(
-            (rerun[0].dsa_angular, rerun[0].dsa_p, rerun[0].centroid_cosine),
+            (
+                rerun[0].dsa_angular,
+                rerun[0].dsa_p,
+                rerun[0].centroid_cosine
+            ),
             (rows[0].dsa_angular, rows[0].dsa_p, rows[0].centroid_cosine)
         );
     }

@@ -155,8 +155,9 @@ pub fn layer_matrices(
             .collect::<Result<_>>()?
     };
     let mut matrices = distance_matrix(&reduced, dsa, &dsa_metrics, threads)?;
-    let (invariant, other): (Vec<Metric>, Vec<Metric>) =
-        geometry_metrics.iter().partition(|m| m.rotation_invariant());
+    let (invariant, other): (Vec<Metric>, Vec<Metric>) = geometry_metrics
+        .iter()
+        .partition(|m| m.rotation_invariant());
     if !invariant.is_empty() {
         let compacted: Vec<Trajectories> = layers.iter().map(compact).collect::<Result<_>>()?;
         matrices.extend(distance_matrix(&compacted, dsa, &invariant, threads)?);
@@ -216,7 +217,9 @@ pub fn cross_layer_matrices(
         let rows = a.iter().chain(b).map(|x| x.trials()).min().unwrap_or(1);
         let components = components.min(rows * max_components(dsa, time)).max(1);
         parallel_map(systems.len(), threads, |i| {
-            Ok(Some(dsa.fit(&principal_components(&systems[i], components)?)?))
+            Ok(Some(
+                dsa.fit(&principal_components(&systems[i], components)?)?,
+            ))
         })
     };
     let (fits_a, fits_b) = (fit_all(a)?, fit_all(b)?);
@@ -235,8 +238,14 @@ pub fn cross_layer_matrices(
     let values = parallel_map(a.len() * columns, threads, |k| {
         let (i, j) = (k / columns, k % columns);
         let fitted = fits_a[i].as_ref().zip(fits_b[j].as_ref());
-        let x = View { full: &cut_a[i], compact: &compact_a[i] };
-        let y = View { full: &cut_b[j], compact: &compact_b[j] };
+        let x = View {
+            full: &cut_a[i],
+            compact: &compact_a[i],
+        };
+        let y = View {
+            full: &cut_b[j],
+            compact: &compact_b[j],
+        };
         pair_metrics(dsa, metrics, fitted, x, y)
     })?;
     Ok(metrics
@@ -327,14 +336,21 @@ mod tests {
         });
         let metrics = [Metric::DsaAngular, Metric::CkaLinear];
         let cross = cross_layer_matrices(&a, &b, &dsa, &metrics, 3, Some(2)).unwrap();
-        assert_eq!((cross[0].rows, cross[0].columns, cross[0].values.len()), (2, 3, 6));
+        assert_eq!(
+            (cross[0].rows, cross[0].columns, cross[0].values.len()),
+            (2, 3, 6)
+        );
         let all: Vec<Trajectories> = a.iter().chain(&b).cloned().collect();
         let square = layer_matrices(&all, &dsa, &metrics, 3, Some(1)).unwrap().0;
         for (m, matrix) in square.iter().enumerate() {
             for i in 0..2 {
                 for j in 0..3 {
                     let (x, y) = (cross[m].get(i, j), matrix.get(i, 2 + j));
-                    assert!((x - y).abs() < 1e-9, "{:?} {i},{j}: {x} vs {y}", matrix.metric);
+                    assert!(
+                        (x - y).abs() < 1e-9,
+                        "{:?} {i},{j}: {x} vs {y}",
+                        matrix.metric
+                    );
                 }
             }
         }
@@ -345,7 +361,9 @@ mod tests {
         // 12 samples x 40 features: the compact basis has 12 columns.
         let mut seed = 1u64;
         let mut noise = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 11) as f64 / (1u64 << 53) as f64 - 0.5
         };
         let x = Trajectories::from_2d(12, 40, (0..480).map(|_| noise()).collect()).unwrap();
@@ -353,7 +371,10 @@ mod tests {
         let (cx, cy) = (compact(&x).unwrap(), compact(&y).unwrap());
         assert_eq!(cx.features(), 12);
         let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} vs {b}");
-        close(procrustes_angular(&x, &y).unwrap(), procrustes_angular(&cx, &cy).unwrap());
+        close(
+            procrustes_angular(&x, &y).unwrap(),
+            procrustes_angular(&cx, &cy).unwrap(),
+        );
         close(cka_linear(&x, &y).unwrap(), cka_linear(&cx, &cy).unwrap());
         let rsa_e = |a: &Trajectories, b: &Trajectories| {
             rsa(a, b, RdmDistance::Euclidean, RdmComparison::Spearman).unwrap()

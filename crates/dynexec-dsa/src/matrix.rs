@@ -159,7 +159,10 @@ pub(crate) struct View<'a> {
 impl<'a> View<'a> {
     /// No smaller basis: both are the states themselves.
     pub fn same(x: &'a Trajectories) -> Self {
-        Self { full: x, compact: x }
+        Self {
+            full: x,
+            compact: x,
+        }
     }
 
     fn for_metric(self, metric: Metric) -> &'a Trajectories {

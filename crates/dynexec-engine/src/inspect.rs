@@ -93,7 +93,9 @@ pub fn position_windows(
     window: usize,
 ) -> Result<Vec<(usize, Trajectories)>> {
     if window == 0 {
-        return Err(Error::InvalidArgument("the window must hold at least one position".into()));
+        return Err(Error::InvalidArgument(
+            "the window must hold at least one position".into(),
+        ));
     }
     layers
         .iter()
@@ -126,7 +128,9 @@ mod tests {
     fn windows_end_at_their_positions_and_avoid_the_first() {
         // 6 positions x 2 features: position p holds (p, 10p).
         let states = Tensor::from_vec(
-            (0..6).flat_map(|p| [p as f32, 10.0 * p as f32]).collect::<Vec<_>>(),
+            (0..6)
+                .flat_map(|p| [p as f32, 10.0 * p as f32])
+                .collect::<Vec<_>>(),
             (6, 2),
             &Device::Cpu,
         )
@@ -134,7 +138,10 @@ mod tests {
         let windows = position_windows(&[(3, states.clone())], &[3, 5], 2).unwrap();
         let (layer, trials) = &windows[0];
         assert_eq!(*layer, 3);
-        assert_eq!((trials.trials(), trials.time(), trials.features()), (2, 2, 2));
+        assert_eq!(
+            (trials.trials(), trials.time(), trials.features()),
+            (2, 2, 2)
+        );
         assert_eq!(trials.at(0, 0), &[2.0, 20.0]);
         assert_eq!(trials.at(1, 1), &[5.0, 50.0]);
         let err = position_windows(&[(3, states.clone())], &[1], 2).unwrap_err();

@@ -49,6 +49,31 @@ pub struct LoadConfig {
     pub temperature: f64,
     /// Total requests, spread over the clients.
     pub requests: usize,
+    /// Which requests ask for their hidden-state trace (`"dynexec": {"trace": true}`; the
+    /// server needs `--trace-dir`).
+    pub trace: TraceLoad,
+}
+
+/// Which requests of a load are traced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TraceLoad {
+    /// None.
+    Off,
+    /// All.
+    On,
+    /// Every other one, the rest untraced: one run gives a traced and an untraced row
+    /// measured under the same load ([`Target::load_rows`]).
+    Alternate,
+}
+
+impl TraceLoad {
+    fn traces(self, request: usize) -> bool {
+        match self {
+            TraceLoad::Off => false,
+            TraceLoad::On => true,
+            TraceLoad::Alternate => request % 2 == 1,
+        }
+    }
 }
 
 /// The server under load, as `GET /v1/models` describes it.
@@ -60,6 +85,8 @@ pub struct Target {
     pub has_draft: bool,
     /// The model's vocabulary size, when the server says (dynexec's servers do).
     pub vocab_size: Option<u32>,
+    /// Whether the server saves traces (started with `--trace-dir`).
+    pub traces: bool,
 }
 
 /// Chat questions to cycle through when the user gives none.
@@ -81,6 +108,8 @@ pub struct LoadRow {
     pub concurrency: usize,
     /// Whether requests asked for speculative decoding.
     pub speculative: bool,
+    /// Whether requests asked for a hidden-state trace.
+    pub trace: bool,
     /// Requests sent.
     pub requests: usize,
     /// Requests that failed.
@@ -135,6 +164,7 @@ pub struct InterferenceRow {
 }
 
 /// What one streamed request measured.
+#[derive(Clone)]
 struct Sample {
     ttft: f64,
     /// The text streamed.
@@ -150,8 +180,14 @@ struct Sample {
     drafted: Option<(usize, usize)>,
 }
 
-fn request(model: &str, prompt: &str, config: &LoadConfig, speculative: bool) -> Value {
-    json!({
+fn request(
+    model: &str,
+    prompt: &str,
+    config: &LoadConfig,
+    speculative: bool,
+    trace: bool,
+) -> Value {
+    let mut body = json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": config.max_tokens,
@@ -161,7 +197,11 @@ fn request(model: &str, prompt: &str, config: &LoadConfig, speculative: bool) ->
         "stream_options": {"include_usage": true},
         "ignore_eos": true,
         "speculative": speculative,
-    })
+    });
+    if trace {
+        body["dynexec"] = json!({"trace": true});
+    }
+    body
 }
 
 impl Target {
@@ -181,6 +221,7 @@ impl Target {
             .ok_or_else(|| LoadError::Protocol("GET /v1/models lists no model".into()))?
             .to_string();
         let has_draft = !models["data"][0]["dynexec"]["draft"].is_null();
+        let traces = models["data"][0]["dynexec"]["traces"] == Value::Bool(true);
         let vocab_size = models["data"][0]["dynexec"]["vocab_size"]
             .as_u64()
             .and_then(|v| u32::try_from(v).ok());
@@ -189,6 +230,7 @@ impl Target {
             model,
             has_draft,
             vocab_size,
+            traces,
         })
     }
 
@@ -199,7 +241,11 @@ impl Target {
 
     /// One request, unmeasured: the first touch of the server's caches and pools.
     pub fn warm_up(&self, prompt: &str, config: &LoadConfig) -> Result<(), LoadError> {
-        stream_request(&self.base, &request(&self.model, prompt, config, false)).map(|_| ())
+        stream_request(
+            &self.base,
+            &request(&self.model, prompt, config, false, false),
+        )
+        .map(|_| ())
     }
 
     /// Sends `config.requests` requests over `concurrency` clients, cycling through
@@ -212,6 +258,21 @@ impl Target {
         speculative: bool,
         on_error: impl Fn(usize, &LoadError) + Sync,
     ) -> Result<LoadRow, LoadError> {
+        let mut rows = self.load_rows(prompts, config, concurrency, speculative, on_error)?;
+        Ok(rows.remove(0))
+    }
+
+    /// Like [`Self::load`], with one row per kind of request: with
+    /// [`TraceLoad::Alternate`], the untraced then the traced requests of the same run (each
+    /// row's wall time is its requests' share of the run, by their durations).
+    pub fn load_rows(
+        &self,
+        prompts: &[String],
+        config: &LoadConfig,
+        concurrency: usize,
+        speculative: bool,
+        on_error: impl Fn(usize, &LoadError) + Sync,
+    ) -> Result<Vec<LoadRow>, LoadError> {
         if concurrency == 0 || config.requests == 0 || prompts.is_empty() {
             return Err(LoadError::Request(
                 "a load needs at least one client, one request and one prompt".into(),
@@ -219,6 +280,9 @@ impl Target {
         }
         if speculative && !self.has_draft {
             return Err(LoadError::Request("the server has no draft: start one with a draft model to load it with speculative requests".into()));
+        }
+        if config.trace != TraceLoad::Off && !self.traces {
+            return Err(LoadError::Request("the server saves no traces: start it with `dynexec serve --trace-dir DIR` to load it with traced requests".into()));
         }
         Ok(run_row(
             &self.base,
@@ -252,8 +316,9 @@ impl Target {
             max_tokens: short_tokens,
             temperature: 0.0,
             requests: 1,
+            trace: TraceLoad::Off,
         };
-        let short = request(&self.model, short_prompt, &short, false);
+        let short = request(&self.model, short_prompt, &short, false, false);
         let long_done = std::sync::atomic::AtomicBool::new(false);
         let sent = Instant::now();
         let (long_result, shorts) = std::thread::scope(|s| {
@@ -305,7 +370,7 @@ fn run_row(
     concurrency: usize,
     speculative: bool,
     on_error: &(dyn Fn(usize, &LoadError) + Sync),
-) -> LoadRow {
+) -> Vec<LoadRow> {
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(Vec::new());
     let errors = AtomicUsize::new(0);
@@ -317,12 +382,21 @@ fn run_row(
                 if i >= config.requests {
                     return;
                 }
-                let body = request(model, &prompts[i % prompts.len()], config, speculative);
+                let traced = config.trace.traces(i);
+                let body = request(
+                    model,
+                    &prompts[i % prompts.len()],
+                    config,
+                    speculative,
+                    traced,
+                );
+                let sent = Instant::now();
                 match stream_request(base, &body) {
-                    Ok(sample) => samples
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push(sample),
+                    Ok(sample) => samples.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        traced,
+                        sent.elapsed().as_secs_f64(),
+                        sample,
+                    )),
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
                         on_error(i, &e);
@@ -333,6 +407,57 @@ fn run_row(
     });
     let wall = start.elapsed().as_secs_f64();
     let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
+    let errors = errors.into_inner();
+    if config.trace != TraceLoad::Alternate {
+        let samples: Vec<Sample> = samples.into_iter().map(|(_, _, s)| s).collect();
+        let traced = config.trace == TraceLoad::On;
+        return vec![row_of(
+            &samples,
+            wall,
+            concurrency,
+            speculative,
+            traced,
+            config.requests,
+            errors,
+        )];
+    }
+    let busy: f64 = samples.iter().map(|(_, secs, _)| secs).sum();
+    [false, true]
+        .into_iter()
+        .map(|traced| {
+            let (secs, part): (Vec<f64>, Vec<Sample>) = samples
+                .iter()
+                .filter(|(t, _, _)| *t == traced)
+                .map(|(_, secs, s)| (*secs, s.clone()))
+                .unzip();
+            // The run's wall time, shared in proportion to the requests' durations.
+            let share = wall * secs.iter().sum::<f64>() / busy.max(f64::MIN_POSITIVE);
+            let requests = (0..config.requests)
+                .filter(|&i| config.trace.traces(i) == traced)
+                .count();
+            row_of(
+                &part,
+                share,
+                concurrency,
+                speculative,
+                traced,
+                requests,
+                errors,
+            )
+        })
+        .collect()
+}
+
+/// One row's statistics from its requests' samples.
+fn row_of(
+    samples: &[Sample],
+    wall: f64,
+    concurrency: usize,
+    speculative: bool,
+    traced: bool,
+    requests: usize,
+    errors: usize,
+) -> LoadRow {
     let tokens: usize = samples.iter().map(|s| s.tokens).sum();
     let ttft: Vec<f64> = samples.iter().map(|s| s.ttft * 1000.0).collect();
     let tpot: Vec<f64> = samples
@@ -347,8 +472,9 @@ fn run_row(
     LoadRow {
         concurrency,
         speculative,
-        requests: config.requests,
-        errors: errors.into_inner(),
+        trace: traced,
+        requests,
+        errors,
         generated_tokens: tokens,
         wall_s: wall,
         throughput_tokens_per_s: tokens as f64 / wall,

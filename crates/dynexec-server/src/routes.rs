@@ -602,7 +602,8 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Response {
         "dynexec": {"layers": info.num_layers, "vocab_size": info.tokenizer.vocab_size(),
             "draft": info.draft,
             "lookahead": info.lookahead, "exit_layers": info.exit_layers,
-            "exit_classifiers": info.exit_classifiers},
+            "exit_classifiers": info.exit_classifiers,
+            "traces": state.limits.trace_quota.is_some()},
     })];
     if let Some(embedder) = &state.embedder {
         models.push(json!({

@@ -252,10 +252,7 @@ impl<'m> Scheduler<'m> {
                     queue_secs,
                     first_token_at: None,
                     last_token_at: None,
-                    trace: job
-                        .dynamic
-                        .trace
-                        .map(|t| (Trace::new(t.layers), t.name)),
+                    trace: job.dynamic.trace.map(|t| (Trace::new(t.layers), t.name)),
                 });
                 self.bound_prefixes();
                 self.publish_gauges();

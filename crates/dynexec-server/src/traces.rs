@@ -224,7 +224,11 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
         "M" => 1 << 20,
         "G" => 1 << 30,
         "T" => 1 << 40,
-        _ => return Err(format!("`{text}` is not a size: write e.g. 512M, 2G or 1000000")),
+        _ => {
+            return Err(format!(
+                "`{text}` is not a size: write e.g. 512M, 2G or 1000000"
+            ))
+        }
     };
     match number.trim().parse::<f64>() {
         Ok(n) if n.is_finite() && n > 0.0 => Ok((n * scale as f64) as u64),
@@ -288,7 +292,10 @@ mod tests {
         // A trace bigger than the whole quota is refused, and nothing is deleted for it.
         let report = store.save("cmpl-big", &trace(100), "m", &[1; 100], 4);
         assert!(report.path.is_none());
-        assert!(report.error.unwrap().contains("more than the whole trace quota"));
+        assert!(report
+            .error
+            .unwrap()
+            .contains("more than the whole trace quota"));
         assert_eq!(store.saved().unwrap().len(), 3);
     }
 

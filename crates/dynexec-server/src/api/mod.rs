@@ -9,8 +9,8 @@
 //! are accepted and ignored.
 
 use crate::engine::{Dynamic, ModelInfo, TraceRequest};
-use dynexec_core::trace::Trace;
 use dynexec_core::sampling::{SamplingParams, GREEDY_BELOW};
+use dynexec_core::trace::Trace;
 use dynexec_core::Setting;
 use dynexec_exit::token_exit::{ExitMeasure, TokenExitPolicy};
 use dynexec_models::generation::GenerateOptions;

@@ -211,7 +211,9 @@ fn dynexec_options(options: Option<Value>) -> Result<Option<TraceParams>, ApiErr
         return Ok(None);
     };
     let Value::Object(mut options) = options else {
-        return Err(bad("`dynexec` must be an object, e.g. {\"trace\": {\"layers\": [0, 14, 28]}}"));
+        return Err(bad(
+            "`dynexec` must be an object, e.g. {\"trace\": {\"layers\": [0, 14, 28]}}",
+        ));
     };
     let trace = options.remove("trace");
     if let Some(name) = options.keys().next() {
@@ -220,7 +222,8 @@ fn dynexec_options(options: Option<Value>) -> Result<Option<TraceParams>, ApiErr
             format!("unknown field `dynexec.{name}`: only `trace` is supported"),
         ));
     }
-    let layers_error = "`dynexec.trace.layers` must be a list of layer numbers (0 = embeddings), e.g. [0, 14, 28]";
+    let layers_error =
+        "`dynexec.trace.layers` must be a list of layer numbers (0 = embeddings), e.g. [0, 14, 28]";
     match trace {
         None | Some(Value::Null) | Some(Value::Bool(false)) => Ok(None),
         Some(Value::Bool(true)) => Ok(Some(TraceParams::default())),
@@ -230,7 +233,11 @@ fn dynexec_options(options: Option<Value>) -> Result<Option<TraceParams>, ApiErr
                 Some(Value::Array(items)) if !items.is_empty() => Some(
                     items
                         .iter()
-                        .map(|v| v.as_u64().map(|l| l as usize).ok_or_else(|| bad(layers_error)))
+                        .map(|v| {
+                            v.as_u64()
+                                .map(|l| l as usize)
+                                .ok_or_else(|| bad(layers_error))
+                        })
                         .collect::<Result<Vec<_>, _>>()?,
                 ),
                 Some(_) => return Err(bad(layers_error)),

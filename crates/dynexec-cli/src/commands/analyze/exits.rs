@@ -9,7 +9,9 @@
 //!   with exits, every position is traced at full depth (what deferred layers compute), and at
 //!   each adapter the tokens that exited there are compared with those that went deeper.
 
-use super::groups::{compare_and_write, print_report, stack_trials, GroupArgs, GroupOutput, GroupReport};
+use super::groups::{
+    compare_and_write, print_report, stack_trials, GroupArgs, GroupOutput, GroupReport,
+};
 use super::settings::DsaArgs;
 use crate::commands::common::{
     default_exit_adapters, load_classifier, load_exit_adapters, read_task_splits,
@@ -175,7 +177,10 @@ fn classifier_exits(global: &GlobalOptions, args: &ExitsArgs) -> Result<()> {
     let output = GroupOutput {
         dir: &args.out,
         stem: "exits-classifier".into(),
-        title: format!("DSA, inputs that exit early vs at full depth ({})", args.model),
+        title: format!(
+            "DSA, inputs that exit early vs at full depth ({})",
+            args.model
+        ),
         plots: !args.no_plots,
     };
     let (comparison, files) = compare_and_write(
@@ -209,9 +214,14 @@ fn token_exits(global: &GlobalOptions, args: &ExitsArgs, policy_spec: &str) -> R
     let policy = TokenExitPolicy::parse(policy_spec)?;
     let prompts = read_prompts(args)?;
     let (hub, device) = (global.hub()?, global.open_device()?);
-    let loaded = load(&hub, &args.model, &device, &global.load_options(global.quant))
-        .with_context(|| format!("loading {}", args.model))?
-        .decoder;
+    let loaded = load(
+        &hub,
+        &args.model,
+        &device,
+        &global.load_options(global.quant),
+    )
+    .with_context(|| format!("loading {}", args.model))?
+    .decoder;
     let adapters_ref = match &args.exit_adapters {
         Some(name) => name.clone(),
         None => default_exit_adapters(global, &args.model)?,
@@ -228,8 +238,14 @@ fn token_exits(global: &GlobalOptions, args: &ExitsArgs, policy_spec: &str) -> R
             false => prompt.clone(),
         };
         let prompt_ids = tokenizer.encode(&text)?;
-        let (tokens, exits) =
-            token_exit_layers(model, tokenizer, &adapters, policy, &prompt_ids, args.max_tokens)?;
+        let (tokens, exits) = token_exit_layers(
+            model,
+            tokenizer,
+            &adapters,
+            policy,
+            &prompt_ids,
+            args.max_tokens,
+        )?;
         let trace = trace_tokens(model, &tokens)?;
         let mut layers = Vec::new();
         for layer in trace.layers() {
@@ -258,7 +274,11 @@ fn token_exits(global: &GlobalOptions, args: &ExitsArgs, policy_spec: &str) -> R
     for &k in &adapters.card.layers {
         // Tokens that reached adapter k: those that exited there against those that went on.
         let reached: Vec<bool> = exit_of_trial.iter().map(|&e| e >= k).collect();
-        let exited: Vec<bool> = exit_of_trial.iter().filter(|&&e| e >= k).map(|&e| e == k).collect();
+        let exited: Vec<bool> = exit_of_trial
+            .iter()
+            .filter(|&&e| e >= k)
+            .map(|&e| e == k)
+            .collect();
         let (n_exit, n_deeper) = (
             exited.iter().filter(|&&x| x).count(),
             exited.iter().filter(|&&x| !x).count(),
@@ -331,7 +351,11 @@ fn summary_heatmap(args: &ExitsArgs, by_exit: &BTreeMap<usize, GroupReport>) -> 
         .flat_map(|report| report.layers.iter().map(|r| r.dsa_angular / r.dsa_null))
         .collect();
     let png = args.out.join("exits-dsa-vs-null.png");
-    let title = format!("DSA exited vs deeper / null ({}, {})", args.model, args.early_exit.as_deref().unwrap_or(""));
+    let title = format!(
+        "DSA exited vs deeper / null ({}, {})",
+        args.model,
+        args.early_exit.as_deref().unwrap_or("")
+    );
     write_png(
         &Heatmap {
             title: &title,
@@ -351,7 +375,12 @@ fn read_prompts(args: &ExitsArgs) -> Result<Vec<String>> {
     if let Some(path) = &args.prompt_file {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading --prompt-file {}", path.display()))?;
-        prompts.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from));
+        prompts.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
     }
     if prompts.is_empty() {
         bail!("give the decoder prompts with --prompt TEXT (repeat it) or --prompt-file PATH (one per line)");

@@ -151,10 +151,8 @@ pub fn compare_and_write(
         .context("DSA between the groups' layers")?;
         let labels: Vec<String> = layers.iter().map(|(l, _)| l.to_string()).collect();
         let png = output.dir.join(format!("{}-dsa.png", output.stem));
-        let (rows_axis, columns_axis) = (
-            format!("{} layer", names[0]),
-            format!("{} layer", names[1]),
-        );
+        let (rows_axis, columns_axis) =
+            (format!("{} layer", names[0]), format!("{} layer", names[1]));
         write_png(
             &Heatmap {
                 title: &output.title,
@@ -183,7 +181,10 @@ pub fn stack_trials(parts: Vec<Vec<(usize, Trajectories)>>) -> Result<Vec<(usize
         .collect();
     for part in parts {
         for (slot, (layer, t)) in stacked.iter_mut().zip(part) {
-            anyhow::ensure!(slot.0 == layer, "traces with different layers cannot be stacked");
+            anyhow::ensure!(
+                slot.0 == layer,
+                "traces with different layers cannot be stacked"
+            );
             slot.1 += t.trials();
             slot.2.extend_from_slice(t.data());
         }

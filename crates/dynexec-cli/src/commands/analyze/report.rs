@@ -141,7 +141,8 @@ pub fn analyse(
             .collect();
         write_csv_named(&csv, "layer_a/layer_b", &names, &row_labels, &table)?;
         analysis.files.push(csv);
-        let (cross, files) = cross_matrices(global, args, dsa, components, primary, other, &metrics)?;
+        let (cross, files) =
+            cross_matrices(global, args, dsa, components, primary, other, &metrics)?;
         missing_font |= files.iter().any(|(_, drew_text)| !drew_text);
         analysis.files.extend(files.into_iter().map(|(f, _)| f));
         analysis.paired = Some(Paired {
@@ -180,7 +181,8 @@ fn cross_matrices(
     other: &System,
     metrics: &[Metric],
 ) -> Result<(BTreeMap<&'static str, Vec<Vec<f64>>>, Vec<(PathBuf, bool)>)> {
-    let states = |s: &System| -> Vec<Trajectories> { s.layers.iter().map(|(_, t)| t.clone()).collect() };
+    let states =
+        |s: &System| -> Vec<Trajectories> { s.layers.iter().map(|(_, t)| t.clone()).collect() };
     let matrices = cross_layer_matrices(
         &states(primary),
         &states(other),

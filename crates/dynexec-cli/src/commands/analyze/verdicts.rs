@@ -71,9 +71,15 @@ pub fn decode_and_trace(
     };
     let prompt_ids = tokenizer.encode(&text)?;
     let mut drafter = ModelDrafter::new(draft.model.clone(), draft_name);
-    let lookahead_spec = args.lookahead.as_deref().unwrap_or(DEFAULT_VERDICT_LOOKAHEAD);
+    let lookahead_spec = args
+        .lookahead
+        .as_deref()
+        .unwrap_or(DEFAULT_VERDICT_LOOKAHEAD);
     let mut lookahead = dynexec_spec::lookahead::parse(lookahead_spec)?;
-    eprintln!("decoding {} tokens speculatively ({lookahead_spec})...", args.max_tokens);
+    eprintln!(
+        "decoding {} tokens speculatively ({lookahead_spec})...",
+        args.max_tokens
+    );
     let (tokens, origins) = speculative_verdicts(
         &target.model,
         &mut drafter,

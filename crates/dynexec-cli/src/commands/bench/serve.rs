@@ -3,7 +3,7 @@
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use dynexec_server::loadgen::{LoadConfig, LoadRow, Target, BUILTIN_PROMPTS};
+use dynexec_server::loadgen::{LoadConfig, LoadRow, Target, TraceLoad, BUILTIN_PROMPTS};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -37,6 +37,12 @@ pub struct BenchServeArgs {
     /// when the server has a draft, `off` otherwise).
     #[arg(long)]
     pub speculative: Option<String>,
+
+    /// Hidden-state traces per request: `off` (default), `on`, or `both` (every other
+    /// request traced, in one run, reported as an untraced and a traced row: what tracing
+    /// costs under the same load). The server needs `--trace-dir`.
+    #[arg(long, default_value = "off")]
+    pub trace: String,
 
     /// Tokens generated per request (end-of-sequence is ignored, so every request costs the
     /// same).
@@ -83,6 +89,15 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     if modes.contains(&true) && !has_draft {
         bail!("the server has no draft: start it with `dynexec serve --draft ...` to benchmark speculative decoding");
     }
+    let trace = match args.trace.as_str() {
+        "off" => TraceLoad::Off,
+        "on" => TraceLoad::On,
+        "both" => TraceLoad::Alternate,
+        other => bail!("--trace {other}: use off, on or both"),
+    };
+    if trace != TraceLoad::Off && !target.traces {
+        bail!("the server saves no traces: start it with `dynexec serve --trace-dir DIR` to benchmark traced requests");
+    }
     if args.concurrency.contains(&0) || args.requests == 0 {
         bail!("--concurrency values and --requests must be at least 1");
     }
@@ -102,6 +117,7 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         requests: args.requests,
+        trace,
     };
     // A warm-up request, so no row pays for first-touch costs.
     target.warm_up(&prompts[0], &config)?;
@@ -157,22 +173,26 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     let mut rows = Vec::new();
     for &speculative in &modes {
         for &concurrency in &args.concurrency {
-            let row = target.load(&prompts, &config, concurrency, speculative, |i, e| {
-                eprintln!("request {i} failed: {e}")
-            })?;
-            if !global.json {
-                eprintln!(
-                    "concurrency {:>3} speculative {:<5}: {:>7.1} tok/s, TTFT p50 {:>7.0} ms, TPOT p50 {:>6.1} ms, batch {:.1}, {} errors",
+            let measured =
+                target.load_rows(&prompts, &config, concurrency, speculative, |i, e| {
+                    eprintln!("request {i} failed: {e}")
+                })?;
+            for row in measured {
+                if !global.json {
+                    eprintln!(
+                    "concurrency {:>3} speculative {:<5} trace {:<5}: {:>7.1} tok/s, TTFT p50 {:>7.0} ms, TPOT p50 {:>6.1} ms, batch {:.1}, {} errors",
                     row.concurrency,
                     row.speculative,
+                    row.trace,
                     row.throughput_tokens_per_s,
                     row.ttft_ms_p50,
                     row.tpot_ms_p50,
                     row.mean_batch_size,
                     row.errors
                 );
+                }
+                rows.push(row);
             }
-            rows.push(row);
         }
     }
     let report = Report {
@@ -186,14 +206,15 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
         return print_json(&report);
     }
     println!(
-        "| clients | speculative | requests | errors | tok/s | TTFT p50 / p95 / p99 ms | TPOT p50 / p95 / p99 ms | mean batch |"
+        "| clients | speculative | traced | requests | errors | tok/s | TTFT p50 / p95 / p99 ms | TPOT p50 / p95 / p99 ms | mean batch |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in &report.rows {
         println!(
-            "| {} | {} | {} | {} | {:.1} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {:.0} / {:.0} / {:.0} | {:.1} / {:.1} / {:.1} | {:.1} |",
             r.concurrency,
             if r.speculative { "on" } else { "off" },
+            if r.trace { "yes" } else { "no" },
             r.requests,
             r.errors,
             r.throughput_tokens_per_s,
