@@ -103,7 +103,8 @@ impl Trace {
                 }
                 let rows = chunk.dim(0)?;
                 if kept + rows > positions {
-                    *chunk = chunk.narrow(0, 0, positions - kept)?;
+                    // A copy: a view would keep the dropped rows' memory.
+                    *chunk = chunk.narrow(0, 0, positions - kept)?.copy()?;
                 }
                 kept += chunk.dim(0)?;
                 keep_chunks += 1;
@@ -113,10 +114,15 @@ impl Trace {
         Ok(())
     }
 
-    /// Bytes a saved trace of `positions` positions of `features` each takes for `layers`
-    /// layers (f32 states; the JSON sidecar is not counted).
+    /// Bytes the states of `positions` positions of `features` each take for `layers`
+    /// layers (f32; the file's header and the JSON sidecar are not counted).
     pub fn size_for(layers: usize, positions: usize, features: usize) -> u64 {
-        (layers * positions * features * std::mem::size_of::<f32>()) as u64
+        layers as u64 * positions as u64 * features as u64 * std::mem::size_of::<f32>() as u64
+    }
+
+    /// The JSON sidecar [`Self::save`] writes beside `path`.
+    pub fn sidecar_path(path: &Path) -> PathBuf {
+        sidecar(path)
     }
 
     /// The states of one layer as `(positions, features)`, on the CPU.

@@ -12,10 +12,14 @@
 //!   ([`GroupLayer::update_a`]).
 //!
 //! Two groups drawn from one population still differ by chance, more so when they are small,
-//! so both distances come with a **permutation test**: the labels are shuffled (group sizes
-//! kept) `permutations` times, and each distance is reported beside the shuffles' mean and the
-//! share of shuffles at least as far apart (`p`, with the usual +1 correction), and the
-//! distance in standard deviations of the null (`z`). A layer where the groups differ has a
+//! so both distances come with a **permutation test**: the labels are permuted (group sizes
+//! kept) `permutations` times, and each distance is reported beside the permutations' mean
+//! and the share at least as far apart (`p`, with the usual +1 correction); the DSA distance
+//! also in standard deviations of its null (`z`). Independent inputs are shuffled
+//! ([`Null::Shuffle`]). Positions of one text are not independent — neighbouring windows
+//! overlap, and labels come in runs — so for them the labels are instead rotated along the
+//! sequence by a random offset ([`Null::Rotate`]), which keeps both the runs and the overlap
+//! and only breaks the alignment between labels and states. A layer where the groups differ has a
 //! distance well above its null and a small `p`. Many layers are tested at once, so each `p`
 //! also comes adjusted for the false discovery rate over the layers (`q`, Benjamini and
 //! Hochberg): read "differs" from `q`, not `p`.
@@ -25,6 +29,16 @@ use crate::matrix::{parallel_map, thread_count};
 use crate::small::SplitMix64;
 use crate::{Dsa, Error, Result, Trajectories};
 
+/// How the labels are permuted for the null distribution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Null {
+    /// Uniformly random permutations: for independent inputs.
+    Shuffle,
+    /// The label sequence rotated by a random offset: for trials in sequence order (the
+    /// positions of a text), whose neighbours are related.
+    Rotate,
+}
+
 /// How [`compare_groups`] runs.
 #[derive(Debug, Clone)]
 pub struct GroupConfig {
@@ -33,28 +47,31 @@ pub struct GroupConfig {
     pub components: usize,
     /// Label shuffles for the null distribution (0: no test; `p` is then NaN).
     pub permutations: usize,
-    /// Seed of the shuffles.
+    /// Seed of the permutations.
     pub seed: u64,
+    /// How labels are permuted.
+    pub null: Null,
 }
 
 impl Default for GroupConfig {
     fn default() -> Self {
         Self {
             components: 10,
-            permutations: 50,
+            permutations: 200,
             seed: 0,
+            null: Null::Shuffle,
         }
     }
 }
 
 /// One layer's comparison of the two groups.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct GroupLayer {
     /// The layer.
     pub layer: usize,
     /// DSA angular distance (radians) between the groups' fitted dynamics.
     pub dsa_angular: f64,
-    /// Its mean over label shuffles.
+    /// Its mean over the label permutations.
     pub dsa_null: f64,
     /// Share of shuffles whose DSA distance is at least the observed one.
     pub dsa_p: f64,
@@ -111,7 +128,10 @@ pub fn compare_groups(
     // The same shuffles at every layer, so layers are compared on equal terms.
     let mut rng = SplitMix64::new(config.seed);
     let shuffles: Vec<Vec<bool>> = (0..config.permutations)
-        .map(|_| shuffled(in_a, &mut rng))
+        .map(|_| match config.null {
+            Null::Shuffle => shuffled(in_a, &mut rng),
+            Null::Rotate => rotated(in_a, &mut rng),
+        })
         .collect();
     let lasts: Vec<Vec<Vec<f64>>> = layers.iter().map(|(_, t)| last_states(t)).collect();
     // The smaller group's delay embedding must stay tall: rows (trials × embedded steps per
@@ -225,6 +245,13 @@ fn shuffled(labels: &[bool], rng: &mut SplitMix64) -> Vec<bool> {
         out.swap(i, j);
     }
     out
+}
+
+/// The labels rotated by a random offset from 1 to `len - 1`.
+fn rotated(labels: &[bool], rng: &mut SplitMix64) -> Vec<bool> {
+    let n = labels.len();
+    let offset = 1 + (rng.next_u64() % (n as u64 - 1).max(1)) as usize;
+    (0..n).map(|i| labels[(i + offset) % n]).collect()
 }
 
 /// The trials of `x` whose label is `group`, as one multi-trial trajectory.
@@ -356,6 +383,7 @@ mod tests {
             components: 3,
             permutations: 30,
             seed: 1,
+            null: Null::Shuffle,
         };
         // Layer 0: both groups rotate alike; layer 1: group A rotates three times as fast.
         let (same, labels) = layer(&[(12, 0.3), (12, 0.3)], 10);
@@ -422,5 +450,12 @@ mod tests {
         let labels = [true, true, false, false, false];
         let s = shuffled(&labels, &mut rng);
         assert_eq!(s.iter().filter(|&&l| l).count(), 2);
+        // A rotation keeps the runs: the two true labels stay neighbours (cyclically).
+        for _ in 0..10 {
+            let r = rotated(&labels, &mut rng);
+            assert_ne!(r, labels.to_vec());
+            let at: Vec<usize> = (0..5).filter(|&i| r[i]).collect();
+            assert!(at[1] - at[0] == 1 || (at[0] == 0 && at[1] == 4), "{r:?}");
+        }
     }
 }

@@ -63,13 +63,11 @@ impl Metric {
     }
 
     /// Whether the metric is blind to rotations and shifts of the feature space (Procrustes,
-    /// CKA, Euclidean RSA), so it can be computed in any orthonormal basis of the centred
-    /// states: for wide states, their principal components, a far smaller matrix.
+    /// CKA), so it can be computed in any orthonormal basis of the centred states: for wide
+    /// states, their principal components, a far smaller matrix. (Euclidean RSA is blind to
+    /// them too, but its ranks would see rounding break exact ties, e.g. repeated tokens.)
     pub fn rotation_invariant(self) -> bool {
-        matches!(
-            self,
-            Metric::ProcrustesAngular | Metric::CkaLinear | Metric::RsaSpearmanEuclidean
-        )
+        matches!(self, Metric::ProcrustesAngular | Metric::CkaLinear)
     }
 
     /// The value of a system compared with itself.

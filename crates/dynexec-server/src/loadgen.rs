@@ -374,6 +374,7 @@ fn run_row(
     let next = AtomicUsize::new(0);
     let samples = Mutex::new(Vec::new());
     let errors = AtomicUsize::new(0);
+    let traced_errors = AtomicUsize::new(0);
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..concurrency {
@@ -399,6 +400,9 @@ fn run_row(
                     )),
                     Err(e) => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        if traced {
+                            traced_errors.fetch_add(1, Ordering::Relaxed);
+                        }
                         on_error(i, &e);
                     }
                 }
@@ -407,7 +411,7 @@ fn run_row(
     });
     let wall = start.elapsed().as_secs_f64();
     let samples = samples.into_inner().unwrap_or_else(|e| e.into_inner());
-    let errors = errors.into_inner();
+    let (errors, traced_errors) = (errors.into_inner(), traced_errors.into_inner());
     if config.trace != TraceLoad::Alternate {
         let samples: Vec<Sample> = samples.into_iter().map(|(_, _, s)| s).collect();
         let traced = config.trace == TraceLoad::On;
@@ -435,6 +439,10 @@ fn run_row(
             let requests = (0..config.requests)
                 .filter(|&i| config.trace.traces(i) == traced)
                 .count();
+            let errors = match traced {
+                true => traced_errors,
+                false => errors - traced_errors,
+            };
             row_of(
                 &part,
                 share,

@@ -246,16 +246,17 @@ async fn generate(
             .with_code(503, "shutting_down")
             .into_response();
     }
-    // Unique across restarts too (the server's start time is in it), so a trace folder
-    // reused by a later server never has a trace overwritten.
+    // Unique across restarts and servers too (start time and process id are in it), so a
+    // trace folder reused by a later server never has a trace overwritten.
     let id = format!(
-        "{}-{}-{}",
+        "{}-{}-{}-{}",
         if endpoint == Endpoint::Chat {
             "chatcmpl"
         } else {
             "cmpl"
         },
         state.started,
+        std::process::id(),
         state.next_id.fetch_add(1, Ordering::Relaxed)
     );
     // A trace is named by the response it belongs to.

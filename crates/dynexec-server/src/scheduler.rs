@@ -20,7 +20,7 @@ use crate::engine::{
 use crate::metrics::{add, Metrics};
 use crate::prefill::PieceCost;
 use crate::stop::{StopCheck, StopMatcher};
-use crate::traces::{TraceReport, TraceStore};
+use crate::traces::{bytes_needed, Reservation, TraceReport, TraceStore};
 use candle_core::Tensor;
 use dynexec_core::tokenizer::{TextTokenizer, TokenStream};
 use dynexec_core::trace::Trace;
@@ -62,8 +62,16 @@ struct Active<'m> {
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
     /// The residual stream of every position the cache holds, when the request asked for it
-    /// ([`crate::traces`]), and the name its files get.
-    trace: Option<(Trace, String)>,
+    /// ([`crate::traces`]).
+    trace: Option<Recording>,
+}
+
+/// A trace being recorded: the states, the name its files get, and the memory reserved for
+/// it under the server's trace quota (given back when it is saved or dropped).
+struct Recording {
+    trace: Trace,
+    name: String,
+    _reserved: Reservation,
 }
 
 impl Active<'_> {
@@ -225,8 +233,12 @@ impl<'m> Scheduler<'m> {
         }
         let queue_secs = job.received.elapsed().as_secs_f64();
         self.metrics.queue_wait.observe(queue_secs);
-        match self.sequence(&job) {
-            Ok((decoder, reuse)) => {
+        let started = self.recording(&job).and_then(|recording| {
+            self.sequence(&job)
+                .map(|(decoder, reuse)| (decoder, reuse, recording))
+        });
+        match started {
+            Ok((decoder, reuse, recording)) => {
                 let served = self.served;
                 let cached_tokens = reuse.unwrap_or(0);
                 if reuse.is_some() {
@@ -252,7 +264,7 @@ impl<'m> Scheduler<'m> {
                     queue_secs,
                     first_token_at: None,
                     last_token_at: None,
-                    trace: job.dynamic.trace.map(|t| (Trace::new(t.layers), t.name)),
+                    trace: recording,
                 });
                 self.bound_prefixes();
                 self.publish_gauges();
@@ -262,6 +274,27 @@ impl<'m> Scheduler<'m> {
                 let _ = job.events.send(Event::Failed(e));
             }
         }
+    }
+
+    /// The trace a job asked for, with memory reserved for it under the server's trace quota
+    /// (which bounds what traces being recorded hold, as it bounds the folder).
+    fn recording(&self, job: &Job) -> Result<Option<Recording>> {
+        let Some(request) = &job.dynamic.trace else {
+            return Ok(None);
+        };
+        let store = self.config.traces.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(
+                "this server saves no traces: start it with `dynexec serve --trace-dir DIR`".into(),
+            )
+        })?;
+        let positions = job.prompt_ids.len() + job.options.max_tokens;
+        let hidden = self.served.model.config().hidden_size;
+        let reserved = store.reserve(bytes_needed(request.layers.len(), positions, hidden))?;
+        Ok(Some(Recording {
+            trace: Trace::new(request.layers.iter().copied()),
+            name: request.name.clone(),
+            _reserved: reserved,
+        }))
     }
 
     /// Drops the oldest cached prefixes while they and the active sequences would hold
@@ -447,7 +480,7 @@ impl<'m> Scheduler<'m> {
                         let start = seq.prefilled;
                         segments.push(seq.tokens[start..start + len].to_vec());
                         caches.push(seq.decoder.prompt_cache());
-                        traces.push(seq.trace.as_mut().map(|(t, _)| t));
+                        traces.push(seq.trace.as_mut().map(|r| &mut r.trace));
                         plans.push(Plan::Prefill {
                             len,
                             last: start + len == seq.prompt_tokens,
@@ -463,7 +496,7 @@ impl<'m> Scheduler<'m> {
                         plans.push(Plan::Batched(rows.len()));
                         segments.push(rows);
                         caches.push(cache);
-                        traces.push(seq.trace.as_mut().map(|(t, _)| t));
+                        traces.push(seq.trace.as_mut().map(|r| &mut r.trace));
                     }
                     None => plans.push(Plan::Own),
                 },
@@ -560,8 +593,11 @@ impl<'m> Scheduler<'m> {
                     .and_then(|tokens| {
                         // The cache now holds the history and the new tokens but the last;
                         // rows for rejected drafts leave the trace as they left the cache.
-                        if let Some((trace, _)) = &mut seq.trace {
-                            trace.truncate(seq.tokens.len() + tokens.len() - 1)?;
+                        if let Some(recording) = &mut seq.trace {
+                            let held = seq.tokens.len() + tokens.len() - 1;
+                            if recording.trace.positions() > held {
+                                recording.trace.truncate(held)?;
+                            }
                         }
                         Ok(tokens)
                     }),
@@ -728,15 +764,8 @@ fn finish(
             e.exit_layers.iter().sum::<usize>() as u64,
         );
     }
-    // Every position fed through the model: the history but a last token no forward read.
-    let trace = match (seq.trace.take(), traces) {
-        (Some((mut trace, name)), Some(store)) => Some(match trace.truncate(seq.tokens.len()) {
-            Ok(()) => store.save(&name, &trace, model_name, &seq.tokens, seq.prompt_tokens),
-            Err(e) => TraceReport::failed(&trace, e.to_string()),
-        }),
-        _ => None,
-    };
-    let summary = Summary {
+    let recording = seq.trace.take();
+    let mut summary = Summary {
         finish_reason,
         usage: Usage {
             prompt_tokens: seq.prompt_tokens,
@@ -752,15 +781,49 @@ fn finish(
             ttft_ms: ttft * 1000.0,
             speculative,
             early_exit,
-            trace,
+            trace: None,
         },
     };
     // Counted before sending, so a client that reads /metrics after its answer sees it.
     if seq.events.is_closed() {
         add(&metrics.requests_cancelled, 1);
-    } else {
-        add(&metrics.requests_ok, 1);
-        let _ = seq.events.send(Event::Finished(summary));
+        return seq.decoder.into_prefix(&seq.tokens);
+    }
+    add(&metrics.requests_ok, 1);
+    match (recording, traces) {
+        (Some(recording), Some(store)) => {
+            // Writing a trace takes a while: a thread of its own does it and then answers,
+            // so the other sequences keep decoding meanwhile.
+            let (store, model, tokens) =
+                (store.clone(), model_name.to_string(), seq.tokens.clone());
+            let (events, prompt_tokens) = (seq.events.clone(), seq.prompt_tokens);
+            let writer = move || {
+                let Recording {
+                    mut trace,
+                    name,
+                    _reserved,
+                } = recording;
+                // The positions of the tokens handed out: a speculative step may have run
+                // rows past an end-of-sequence or a stop string.
+                let report = match trace.truncate(tokens.len()) {
+                    Ok(()) => store.save(&name, &trace, &model, &tokens, prompt_tokens),
+                    Err(e) => TraceReport::failed(&trace, e.to_string()),
+                };
+                summary.report.trace = Some(report);
+                let _ = events.send(Event::Finished(summary));
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("dynexec-trace-writer".into())
+                .spawn(writer)
+            {
+                let _ = seq.events.send(Event::Failed(internal(format!(
+                    "starting the thread that saves the trace: {e}"
+                ))));
+            }
+        }
+        _ => {
+            let _ = seq.events.send(Event::Finished(summary));
+        }
     }
     seq.decoder.into_prefix(&seq.tokens)
 }

@@ -618,8 +618,8 @@ impl Llama {
 
     /// [`Self::hidden_segments`] that also records each segment's rows in its trace:
     /// `traces[i]`, when present, continues segment `i`'s sequence (missing entries trace
-    /// nothing). The rows are the same bits [`Self::forward`] would record for that sequence
-    /// alone, so a server's trace equals a lone generation's.
+    /// nothing). Each row is the same bits [`Self::forward`] would record for that sequence
+    /// alone (the kernels give every row the same arithmetic whatever the batch).
     pub fn hidden_segments_traced(
         &self,
         segments: &[&[u32]],
@@ -627,13 +627,15 @@ impl Llama {
         traces: &mut [Option<&mut Trace>],
     ) -> Result<Tensor> {
         if segments.len() != caches.len()
+            || traces.len() > segments.len()
             || segments.is_empty()
             || segments.iter().any(|s| s.is_empty())
         {
             return Err(Error::InvalidArgument(format!(
-                "a batched pass needs one non-empty run of tokens per sequence: {} runs for {} sequences",
+                "a batched pass needs one non-empty run of tokens per sequence (and at most one trace each): {} runs for {} sequences, {} traces",
                 segments.len(),
-                caches.len()
+                caches.len(),
+                traces.len()
             )));
         }
         let ids: Vec<u32> = segments.concat();
@@ -657,7 +659,15 @@ impl Llama {
             let mut start = 0;
             for (len, trace) in lens.iter().zip(traces.iter_mut()) {
                 if let Some(trace) = trace.as_deref_mut().filter(|t| t.wants(layer)) {
-                    trace.record(layer, &x.narrow(1, start, *len)?)?;
+                    // A copy of the segment's rows: a view would keep every sequence's rows
+                    // of this step alive for as long as the trace lives (`record` copies
+                    // already when it converts the dtype).
+                    let rows = x.narrow(1, start, *len)?;
+                    let rows = match rows.dtype() {
+                        DType::F32 => rows.copy()?,
+                        _ => rows,
+                    };
+                    trace.record(layer, &rows)?;
                 }
                 start += len;
             }

@@ -9,8 +9,8 @@
 //! are accepted and ignored.
 
 use crate::engine::{Dynamic, ModelInfo, TraceRequest};
+use crate::traces::bytes_needed;
 use dynexec_core::sampling::{SamplingParams, GREEDY_BELOW};
-use dynexec_core::trace::Trace;
 use dynexec_core::Setting;
 use dynexec_exit::token_exit::{ExitMeasure, TokenExitPolicy};
 use dynexec_models::generation::GenerateOptions;
@@ -401,8 +401,9 @@ fn dynamic_options(
     })
 }
 
-/// The trace a request asked for, checked against the model and the server's quota (which
-/// also bounds the memory a trace holds while it is recorded). The name is set later.
+/// The trace a request asked for, checked against the model and the server's quota: one
+/// that could never fit is refused before it runs. (The engine reserves its memory under the
+/// same quota when it starts.) The name is set later.
 fn trace_request(
     params: &Params,
     info: &ModelInfo,
@@ -432,7 +433,7 @@ fn trace_request(
     }
     layers.sort_unstable();
     layers.dedup();
-    let bytes = Trace::size_for(layers.len(), positions, info.hidden_size);
+    let bytes = bytes_needed(layers.len(), positions, info.hidden_size);
     if bytes > quota {
         return Err(invalid(format!(
             "a trace of {} layers over up to {positions} positions would take {bytes} bytes, more than the server's trace quota of {quota}: trace fewer layers (`dynexec.trace.layers`) or lower `max_tokens`",

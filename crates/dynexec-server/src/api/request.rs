@@ -207,7 +207,7 @@ impl Params {
 /// dynexec's own options object: `{"trace": true | false | {"layers": [...]}}`.
 fn dynexec_options(options: Option<Value>) -> Result<Option<TraceParams>, ApiError> {
     let bad = |m: &str| ApiError::invalid(Some("dynexec"), m);
-    let Some(options) = options else {
+    let Some(options) = options.filter(|o| !o.is_null()) else {
         return Ok(None);
     };
     let Value::Object(mut options) = options else {

@@ -19,8 +19,10 @@ use crate::commands::common::{
 };
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
 use clap::Args;
-use dynexec_dsa::groups::select_trials;
+use dynexec_core::trace::Trace;
+use dynexec_dsa::groups::{select_trials, Null};
 use dynexec_dsa::{Rank, Trajectories};
 use dynexec_engine::inspect::{position_windows, token_exit_layers};
 use dynexec_engine::trace::{trace_encoder, trace_tokens};
@@ -105,7 +107,7 @@ struct ClassifierExits {
     policy: String,
     inputs: usize,
     skipped_short: usize,
-    /// Inputs per exit layer (1-based: exited after that layer).
+    /// Inputs per exit layer (1-based: exited after that layer), short ones included.
     exit_counts: BTreeMap<usize, usize>,
     comparison: GroupReport,
     files: Vec<PathBuf>,
@@ -117,7 +119,8 @@ struct TokenExits {
     policy: String,
     prompts: usize,
     positions: usize,
-    /// Positions per exit layer (the model's depth: did not exit).
+    /// Decoding steps per exit layer (the model's depth: did not exit), those too close to
+    /// the start for a window included.
     exit_counts: BTreeMap<usize, usize>,
     /// Per adapter layer: the tokens that exited there against those that went deeper.
     by_exit_layer: BTreeMap<usize, GroupReport>,
@@ -163,13 +166,7 @@ fn classifier_exits(global: &GlobalOptions, args: &ExitsArgs) -> Result<()> {
             skipped_short += 1;
             continue;
         }
-        let trace = trace_encoder(bert, &ids)?;
-        let mut layers = Vec::new();
-        for layer in trace.layers() {
-            if let Some(states) = trace.layer(layer)? {
-                layers.push((layer, states));
-            }
-        }
+        let layers = layer_states(&trace_encoder(bert, &ids)?)?;
         parts.push(position_windows(&layers, &[window], window)?);
         early.push(answer.exit_layer < depth);
     }
@@ -189,6 +186,8 @@ fn classifier_exits(global: &GlobalOptions, args: &ExitsArgs) -> Result<()> {
         ["exit early", "full depth"],
         &dsa,
         &args.groups,
+        // Separate inputs: shuffled.
+        Null::Shuffle,
         args.pca,
         global.threads,
         &output,
@@ -246,13 +245,7 @@ fn token_exits(global: &GlobalOptions, args: &ExitsArgs, policy_spec: &str) -> R
             &prompt_ids,
             args.max_tokens,
         )?;
-        let trace = trace_tokens(model, &tokens)?;
-        let mut layers = Vec::new();
-        for layer in trace.layers() {
-            if let Some(states) = trace.layer(layer)? {
-                layers.push((layer, states));
-            }
-        }
+        let layers = layer_states(&trace_tokens(model, &tokens)?)?;
         // Step i ran position prompt_ids.len() + i and exited after exits[i] layers.
         let mut ends = Vec::new();
         for (i, &exit) in exits.iter().enumerate() {
@@ -303,6 +296,8 @@ fn token_exits(global: &GlobalOptions, args: &ExitsArgs, policy_spec: &str) -> R
             ["exited", "went deeper"],
             &dsa,
             &args.groups,
+            // Positions of texts, in order: labels are rotated, not shuffled.
+            Null::Rotate,
             args.pca,
             global.threads,
             &output,
@@ -368,6 +363,17 @@ fn summary_heatmap(args: &ExitsArgs, by_exit: &BTreeMap<usize, GroupReport>) -> 
         &png,
     )?;
     Ok(png)
+}
+
+/// Every traced layer's states, `(layer, positions × features)`.
+fn layer_states(trace: &Trace) -> Result<Vec<(usize, Tensor)>> {
+    let mut layers = Vec::new();
+    for layer in trace.layers() {
+        if let Some(states) = trace.layer(layer)? {
+            layers.push((layer, states));
+        }
+    }
+    Ok(layers)
 }
 
 fn read_prompts(args: &ExitsArgs) -> Result<Vec<String>> {

@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dynexec_dsa::groups::{compare_groups, select_trials, GroupConfig, GroupLayer};
+use dynexec_dsa::groups::{compare_groups, select_trials, GroupConfig, GroupLayer, Null};
 use dynexec_dsa::layers::cross_layer_matrices;
 use dynexec_dsa::{Dsa, Metric, Trajectories};
 use dynexec_plot::heatmap::{write_png, Heatmap};
@@ -19,8 +19,10 @@ pub struct GroupArgs {
     #[arg(long, default_value_t = 8)]
     pub window: usize,
 
-    /// Label shuffles behind each group distance's null (0: no test). With L layers tested,
-    /// a layer can pass the false-discovery-rate test only with more than L / 0.05 shuffles.
+    /// Label permutations behind each group distance's null (0: no test). Each p is at least
+    /// 1 / (permutations + 1), so with L layers tested a layer that differs alone passes the
+    /// false-discovery-rate test only with more than 20 L permutations; several together
+    /// need fewer.
     #[arg(long, default_value_t = 200)]
     pub permutations: usize,
 }
@@ -33,52 +35,12 @@ pub struct GroupReport {
     /// Trajectories in each group.
     pub sizes: [usize; 2],
     /// Per layer: the distances, their nulls and p-values, norms and layer updates.
-    pub layers: Vec<GroupRow>,
+    pub layers: Vec<GroupLayer>,
     /// Layers where the groups' dynamics differ: DSA q < 0.05 (p adjusted for the false
     /// discovery rate over the layers).
     pub dsa_different_layers: Vec<usize>,
     /// Layers where the groups' mean states differ: centroid q < 0.05.
     pub centroid_different_layers: Vec<usize>,
-}
-
-/// One layer of a [`GroupReport`].
-#[derive(Serialize)]
-pub struct GroupRow {
-    pub layer: usize,
-    pub dsa_angular: f64,
-    pub dsa_null: f64,
-    pub dsa_p: f64,
-    pub dsa_q: f64,
-    pub dsa_z: f64,
-    pub centroid_cosine: f64,
-    pub centroid_null: f64,
-    pub centroid_p: f64,
-    pub centroid_q: f64,
-    pub norm_a: f64,
-    pub norm_b: f64,
-    pub update_a: f64,
-    pub update_b: f64,
-}
-
-impl From<&GroupLayer> for GroupRow {
-    fn from(g: &GroupLayer) -> Self {
-        Self {
-            layer: g.layer,
-            dsa_angular: g.dsa_angular,
-            dsa_null: g.dsa_null,
-            dsa_p: g.dsa_p,
-            dsa_q: g.dsa_q,
-            dsa_z: g.dsa_z,
-            centroid_cosine: g.centroid_cosine,
-            centroid_null: g.centroid_null,
-            centroid_p: g.centroid_p,
-            centroid_q: g.centroid_q,
-            norm_a: g.norm_a,
-            norm_b: g.norm_b,
-            update_a: g.update_a,
-            update_b: g.update_b,
-        }
-    }
 }
 
 /// Where a comparison's files go and what they are called.
@@ -93,15 +55,17 @@ pub struct GroupOutput<'a> {
     pub plots: bool,
 }
 
-/// Compares group A (`in_a`) with group B at every layer, writes `STEM.csv` and — with plots —
-/// `STEM-dsa.png` (DSA between group A at every layer and group B at every layer: the
-/// diagonal is the layer-by-layer comparison), and returns the report and the files.
+/// Compares group A (`in_a`) with group B at every layer (`null`: how labels are permuted),
+/// writes `STEM.csv` and — with plots — `STEM-dsa.png` (DSA between group A at every layer and
+/// group B at every layer, each group in its own principal components, so its diagonal is
+/// close to, not equal to, the CSV's `dsa_angular`), and returns the report and the files.
 pub fn compare_and_write(
     layers: &[(usize, Trajectories)],
     in_a: &[bool],
     names: [&str; 2],
     dsa: &Dsa,
     args: &GroupArgs,
+    null: Null,
     components: usize,
     threads: Option<usize>,
     output: &GroupOutput,
@@ -110,6 +74,7 @@ pub fn compare_and_write(
         components,
         permutations: args.permutations,
         seed: 0,
+        null,
     };
     let rows = compare_groups(layers, in_a, dsa, &config, threads)
         .with_context(|| format!("comparing {} with {}", names[0], names[1]))?;
@@ -129,7 +94,7 @@ pub fn compare_and_write(
             .filter(|r| r.centroid_q < 0.05)
             .map(|r| r.layer)
             .collect(),
-        layers: rows.iter().map(GroupRow::from).collect(),
+        layers: rows,
     };
     let mut files = vec![output.dir.join(format!("{}.csv", output.stem))];
     write_rows(&files[0], &report.layers)?;
@@ -180,10 +145,14 @@ pub fn stack_trials(parts: Vec<Vec<(usize, Trajectories)>>) -> Result<Vec<(usize
         .map(|(l, t)| (l, t.trials(), t.data().to_vec(), t.time(), t.features()))
         .collect();
     for part in parts {
+        anyhow::ensure!(
+            part.len() == stacked.len(),
+            "traces with different layers cannot be stacked"
+        );
         for (slot, (layer, t)) in stacked.iter_mut().zip(part) {
             anyhow::ensure!(
-                slot.0 == layer,
-                "traces with different layers cannot be stacked"
+                slot.0 == layer && slot.3 == t.time() && slot.4 == t.features(),
+                "traces with different layers or shapes cannot be stacked"
             );
             slot.1 += t.trials();
             slot.2.extend_from_slice(t.data());
@@ -197,7 +166,7 @@ pub fn stack_trials(parts: Vec<Vec<(usize, Trajectories)>>) -> Result<Vec<(usize
         .collect()
 }
 
-fn write_rows(path: &Path, rows: &[GroupRow]) -> Result<()> {
+fn write_rows(path: &Path, rows: &[GroupLayer]) -> Result<()> {
     let mut text = String::from("layer,dsa_angular,dsa_null,dsa_p,dsa_q,dsa_z,centroid_cosine,centroid_null,centroid_p,centroid_q,norm_a,norm_b,update_a,update_b\n");
     for r in rows {
         text.push_str(&format!(

@@ -13,6 +13,7 @@ use super::{AnalyzeArgs, DEFAULT_VERDICT_LOOKAHEAD};
 use crate::options::GlobalOptions;
 use anyhow::{bail, Context, Result};
 use dynexec_core::trace::Trace;
+use dynexec_dsa::groups::Null;
 use dynexec_dsa::Dsa;
 use dynexec_engine::inspect::{position_windows, speculative_verdicts};
 use dynexec_engine::trace::trace_tokens;
@@ -159,6 +160,8 @@ pub fn compare(
             ["accepted", "rejected"],
             dsa,
             &args.groups,
+            // Positions of one text, in order: labels are rotated, not shuffled.
+            Null::Rotate,
             args.pca,
             global.threads,
             &output,

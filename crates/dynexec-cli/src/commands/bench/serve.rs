@@ -98,6 +98,9 @@ pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     if trace != TraceLoad::Off && !target.traces {
         bail!("the server saves no traces: start it with `dynexec serve --trace-dir DIR` to benchmark traced requests");
     }
+    if trace == TraceLoad::Alternate && args.requests < 2 {
+        bail!("--trace both alternates traced and untraced requests: give --requests 2 or more");
+    }
     if args.concurrency.contains(&0) || args.requests == 0 {
         bail!("--concurrency values and --requests must be at least 1");
     }
