@@ -291,6 +291,8 @@ fn analyze_by_verdict_compares_what_the_target_accepted_and_rejected() {
         "cka",
         "--permutations",
         "20",
+        "--null",
+        "shuffle",
         "--out",
         &out,
     ]));
@@ -307,6 +309,7 @@ fn analyze_by_verdict_compares_what_the_target_accepted_and_rejected() {
     for (report, layers) in [("in_target", 29), ("in_draft", 25)] {
         let report = &verdicts[report];
         assert_eq!(report["sizes"], serde_json::json!([accepted, rejected]));
+        assert_eq!(report["null"], "shuffle", "--null overrides the rotation");
         let rows = report["layers"].as_array().unwrap();
         assert_eq!(rows.len(), layers);
         for row in rows {
@@ -360,6 +363,10 @@ fn analyze_exits_compares_early_with_full_depth_inputs() {
     let sizes: Vec<u64> = serde_json::from_value(comparison["sizes"].clone()).unwrap();
     assert_eq!(sizes.iter().sum::<u64>(), inputs);
     assert_eq!(
+        comparison["null"], "shuffle",
+        "independent reviews are shuffled"
+    );
+    assert_eq!(
         comparison["layers"].as_array().unwrap().len(),
         7,
         "embeddings and 6 layers"
@@ -401,6 +408,7 @@ fn analyze_exits_compares_early_with_full_depth_inputs() {
             true
         );
         assert_eq!(report["layers"].as_array().unwrap().len(), 31);
+        assert_eq!(report["null"], "rotate", "positions of a text are rotated");
     }
     // Without prompts the decoder analysis says what it needs.
     let out = dynexec(&[

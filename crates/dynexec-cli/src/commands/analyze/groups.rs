@@ -3,7 +3,7 @@
 //! `analyze --by-verdict` and `analyze exits` report.
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use dynexec_dsa::groups::{compare_groups, select_trials, GroupConfig, GroupLayer, Null};
 use dynexec_dsa::layers::cross_layer_matrices;
 use dynexec_dsa::{Dsa, Metric, Trajectories};
@@ -19,12 +19,34 @@ pub struct GroupArgs {
     #[arg(long, default_value_t = 8)]
     pub window: usize,
 
-    /// Label permutations behind each group distance's null (0: no test). Each p is at least
+    /// Relabellings behind each group distance's null (0: no test). Each p is at least
     /// 1 / (permutations + 1), so with L layers tested a layer that differs alone passes the
     /// false-discovery-rate test only with more than 20 L permutations; several together
     /// need fewer.
     #[arg(long, default_value_t = 200)]
     pub permutations: usize,
+
+    /// How the null relabels: `rotate` (along the text, keeping runs of labels and overlapping
+    /// windows: right for the positions of one text) or `shuffle` (right for independent
+    /// inputs). Default: whichever fits what is compared.
+    #[arg(long, value_enum)]
+    pub null: Option<NullChoice>,
+}
+
+/// `--null`'s values.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum NullChoice {
+    Rotate,
+    Shuffle,
+}
+
+impl From<NullChoice> for Null {
+    fn from(choice: NullChoice) -> Self {
+        match choice {
+            NullChoice::Rotate => Null::Rotate,
+            NullChoice::Shuffle => Null::Shuffle,
+        }
+    }
 }
 
 /// One group comparison, as JSON reports it.
@@ -34,6 +56,8 @@ pub struct GroupReport {
     pub groups: [String; 2],
     /// Trajectories in each group.
     pub sizes: [usize; 2],
+    /// How the null relabelled: `rotate` or `shuffle`.
+    pub null: &'static str,
     /// Per layer: the distances, their nulls and p-values, norms and layer updates.
     pub layers: Vec<GroupLayer>,
     /// Layers where the groups' dynamics differ: DSA q < 0.05 (p adjusted for the false
@@ -55,7 +79,8 @@ pub struct GroupOutput<'a> {
     pub plots: bool,
 }
 
-/// Compares group A (`in_a`) with group B at every layer (`null`: how labels are permuted),
+/// Compares group A (`in_a`) with group B at every layer (`null`: how labels are permuted
+/// unless `--null` says otherwise),
 /// writes `STEM.csv` and — with plots — `STEM-dsa.png` (DSA between group A at every layer and
 /// group B at every layer, each group in its own principal components, so its diagonal is
 /// close to, not equal to, the CSV's `dsa_angular`), and returns the report and the files.
@@ -74,7 +99,11 @@ pub fn compare_and_write(
         components,
         permutations: args.permutations,
         seed: 0,
-        null,
+        null: args.null.map_or(null, Null::from),
+    };
+    let null_name = match config.null {
+        Null::Rotate => "rotate",
+        Null::Shuffle => "shuffle",
     };
     let rows = compare_groups(layers, in_a, dsa, &config, threads)
         .with_context(|| format!("comparing {} with {}", names[0], names[1]))?;
@@ -84,6 +113,7 @@ pub fn compare_and_write(
             in_a.iter().filter(|&&a| a).count(),
             in_a.iter().filter(|&&a| !a).count(),
         ],
+        null: null_name,
         dsa_different_layers: rows
             .iter()
             .filter(|r| r.dsa_q < 0.05)
