@@ -29,8 +29,10 @@ use crate::matrix::{parallel_map, thread_count};
 use crate::small::SplitMix64;
 use crate::{Dsa, Error, Result, Trajectories};
 
-/// How the labels are permuted for the null distribution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the labels are permuted for the null distribution; serialised as `shuffle` or
+/// `rotate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Null {
     /// Uniformly random permutations: for independent inputs.
     Shuffle,

@@ -57,7 +57,7 @@ pub struct GroupReport {
     /// Trajectories in each group.
     pub sizes: [usize; 2],
     /// How the null relabelled: `rotate` or `shuffle`.
-    pub null: &'static str,
+    pub null: Null,
     /// Per layer: the distances, their nulls and p-values, norms and layer updates.
     pub layers: Vec<GroupLayer>,
     /// Layers where the groups' dynamics differ: DSA q < 0.05 (p adjusted for the false
@@ -101,10 +101,6 @@ pub fn compare_and_write(
         seed: 0,
         null: args.null.map_or(null, Null::from),
     };
-    let null_name = match config.null {
-        Null::Rotate => "rotate",
-        Null::Shuffle => "shuffle",
-    };
     let rows = compare_groups(layers, in_a, dsa, &config, threads)
         .with_context(|| format!("comparing {} with {}", names[0], names[1]))?;
     let report = GroupReport {
@@ -113,7 +109,7 @@ pub fn compare_and_write(
             in_a.iter().filter(|&&a| a).count(),
             in_a.iter().filter(|&&a| !a).count(),
         ],
-        null: null_name,
+        null: config.null,
         dsa_different_layers: rows
             .iter()
             .filter(|r| r.dsa_q < 0.05)
