@@ -288,6 +288,17 @@ fn bench_generate_writes_llama_bench_records() {
     );
 }
 
+/// bench serve's switches are checked before any server is contacted.
+#[test]
+fn bench_serve_refuses_bad_switches_before_contacting_a_server() {
+    for flag in ["--trace", "--speculative"] {
+        assert_clear_error(
+            &dynexec(&["bench", "serve", flag, "maybe"]),
+            "possible values: off, on, both",
+        );
+    }
+}
+
 /// Every instruction set's kernels give the same bits, so the same greedy tokens; the bench
 /// names the one it ran and measures the other in the same run; a bad name is a clear error.
 #[test]

@@ -2,7 +2,7 @@
 
 use crate::options::{print_json, GlobalOptions};
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use dynexec_server::loadgen::{LoadConfig, LoadRow, Target, TraceLoad, BUILTIN_PROMPTS};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -35,14 +35,14 @@ pub struct BenchServeArgs {
 
     /// Speculative decoding per request: `off`, `on`, or `both` (a row each; the default
     /// when the server has a draft, `off` otherwise).
-    #[arg(long)]
-    pub speculative: Option<String>,
+    #[arg(long, value_enum)]
+    pub speculative: Option<OffOnBoth>,
 
     /// Hidden-state traces per request: `off` (default), `on`, or `both` (every other
     /// request traced, in one run, reported as an untraced and a traced row: what tracing
     /// costs under the same load). The server needs `--trace-dir`.
-    #[arg(long, default_value = "off")]
-    pub trace: String,
+    #[arg(long, value_enum, default_value = "off")]
+    pub trace: OffOnBoth,
 
     /// Tokens generated per request (end-of-sequence is ignored, so every request costs the
     /// same).
@@ -76,24 +76,30 @@ pub struct BenchServeArgs {
     pub conversations: u16,
 }
 
+/// The values of `--speculative` and `--trace`.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffOnBoth {
+    Off,
+    On,
+    Both,
+}
+
 pub fn run(global: &GlobalOptions, args: BenchServeArgs) -> Result<()> {
     let target = Target::probe(&args.url)?;
     let has_draft = target.has_draft;
-    let modes: Vec<bool> = match args.speculative.as_deref() {
+    let modes: Vec<bool> = match args.speculative {
         None if has_draft => vec![false, true],
-        None | Some("off") => vec![false],
-        Some("on") => vec![true],
-        Some("both") => vec![false, true],
-        Some(other) => bail!("--speculative {other}: use off, on or both"),
+        None | Some(OffOnBoth::Off) => vec![false],
+        Some(OffOnBoth::On) => vec![true],
+        Some(OffOnBoth::Both) => vec![false, true],
     };
     if modes.contains(&true) && !has_draft {
         bail!("the server has no draft: start it with `dynexec serve --draft ...` to benchmark speculative decoding");
     }
-    let trace = match args.trace.as_str() {
-        "off" => TraceLoad::Off,
-        "on" => TraceLoad::On,
-        "both" => TraceLoad::Alternate,
-        other => bail!("--trace {other}: use off, on or both"),
+    let trace = match args.trace {
+        OffOnBoth::Off => TraceLoad::Off,
+        OffOnBoth::On => TraceLoad::On,
+        OffOnBoth::Both => TraceLoad::Alternate,
     };
     if trace != TraceLoad::Off && !target.traces {
         bail!("the server saves no traces: start it with `dynexec serve --trace-dir DIR` to benchmark traced requests");
